@@ -1,0 +1,1 @@
+"""Quality metrics: FID, CLIP score, fidelity, perplexity."""

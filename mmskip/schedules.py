@@ -1,0 +1,309 @@
+"""The shared skip scheduler: decides *what* to skip; techniques decide *how*.
+
+A schedule maps ``n`` items (layers, diffusion steps, MuE exits) to a keep ratio each:
+``1.0`` = compute, ``0.0`` = skip, in between = the fraction of tokens a layer keeps
+(Mixture-of-Depths).  ``adaptive`` decides at run time from a measured signal.
+
+Every schedule is a frozen dataclass: deterministic, hashable and JSON round-trippable
+(``to_dict`` / ``from_dict``).  ``n`` may be fixed in the schedule or supplied by the
+technique when it applies the schedule to a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+__all__ = [
+    "Schedule",
+    "UnifiedSchedule",
+    "IntervalSchedule",
+    "ExplicitSchedule",
+    "ProgressiveSchedule",
+    "AdaptiveSchedule",
+    "unified",
+    "interval",
+    "explicit",
+    "progressive",
+    "adaptive",
+    "from_dict",
+]
+
+_KINDS: dict[str, type[Schedule]] = {}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Base class. Subclasses implement :meth:`ratios`."""
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _KINDS[cls.kind] = cls
+
+    # -- what a technique asks -------------------------------------------------------------
+    def ratios(self, n: int | None = None) -> tuple[float, ...]:
+        """Keep ratio per item (1.0 compute, 0.0 skip)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement ratios()")
+
+    def keep(self, n: int | None = None) -> tuple[int, ...]:
+        """Indices that are computed (ratio > 0)."""
+        return tuple(i for i, r in enumerate(self.ratios(n)) if r > 0)
+
+    def skip(self, n: int | None = None) -> tuple[int, ...]:
+        """Indices that are skipped entirely (ratio == 0)."""
+        return tuple(i for i, r in enumerate(self.ratios(n)) if r == 0)
+
+    def kept_fraction(self, n: int | None = None) -> float:
+        r = self.ratios(n)
+        return sum(r) / len(r)
+
+    # -- serialization ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def _n(self, n: int | None, own: int | None) -> int:
+        if own is not None and n is not None and own != n:
+            raise ValueError(f"{type(self).__name__} was built for {own} items but is applied to {n}.")
+        value = own if own is not None else n
+        if value is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the number of items: pass num=... when building it, "
+                "or apply it through a technique that knows the model's depth."
+            )
+        if value < 1:
+            raise ValueError(f"number of items must be >= 1, got {value}")
+        return value
+
+
+def from_dict(d: dict[str, Any] | str) -> Schedule:
+    """Rebuild a schedule from :meth:`Schedule.to_dict` output (or its JSON string)."""
+    if isinstance(d, str):
+        d = json.loads(d)
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in _KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(_KINDS)}")
+    cls = _KINDS[kind]
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class UnifiedSchedule(Schedule):
+    """Unified Layer Skipping (Liu et al., 2024): the keep set depends only on the target speedup.
+
+    Keep ``k = int(L / s)`` layers, always the first and the last; the rest at a fixed integer
+    interval ``int(L / (k - 1))`` from the bottom, so the skipped layers are spread through the
+    middle rather than cut off at the top or bottom. L=30, s=5 keeps [0, 6, 12, 18, 24, 29].
+    Note the paper's integer interval: for s < 2 it is 1, so the skipped layers then sit in
+    one block just below the last layer.
+    """
+
+    kind: ClassVar[str] = "unified"
+    speedup: float = 2.0
+    num: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.speedup, (int, float)) or math.isnan(self.speedup) or self.speedup < 1:
+            raise ValueError(f"unified(): speedup must be >= 1 (1 = skip nothing), got {self.speedup!r}")
+        if self.num is not None and self.speedup > self.num:
+            raise ValueError(f"unified(): speedup {self.speedup} exceeds the number of layers {self.num}")
+
+    def ratios(self, n: int | None = None) -> tuple[float, ...]:
+        L = self._n(n, self.num)
+        if self.speedup > L:
+            raise ValueError(f"unified(): speedup {self.speedup} exceeds the number of layers {L}")
+        k = int(L / self.speedup)
+        if k >= L:
+            return (1.0,) * L
+        if k == 1:
+            kept = {0}
+        else:
+            step = int(L / (k - 1))
+            kept = {i * step for i in range(k - 1)} | {L - 1}
+        return tuple(1.0 if i in kept else 0.0 for i in range(L))
+
+
+@dataclass(frozen=True)
+class IntervalSchedule(Schedule):
+    """Compute every ``every``-th item starting at ``offset`` (items before ``offset`` are computed).
+
+    For diffusion steps this is DeepCache-style uniform refresh: step 0, k, 2k, ... recompute.
+    """
+
+    kind: ClassVar[str] = "interval"
+    every: int = 2
+    offset: int = 0
+    num: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"interval(): every must be an integer >= 1, got {self.every!r}")
+        if not isinstance(self.offset, int) or self.offset < 0:
+            raise ValueError(f"interval(): offset must be an integer >= 0, got {self.offset!r}")
+
+    def ratios(self, n: int | None = None) -> tuple[float, ...]:
+        N = self._n(n, self.num)
+        return tuple(1.0 if i < self.offset or (i - self.offset) % self.every == 0 else 0.0 for i in range(N))
+
+
+@dataclass(frozen=True)
+class ExplicitSchedule(Schedule):
+    """A hand-picked set: give ``skip`` (indices to skip) or ``keep`` (indices to compute), not both.
+
+    ``ratios`` may instead give a per-item keep ratio directly (e.g. measured MoD ratios).
+    """
+
+    kind: ClassVar[str] = "explicit"
+    skip_idx: tuple[int, ...] | None = None
+    keep_idx: tuple[int, ...] | None = None
+    ratio_list: tuple[float, ...] | None = None
+    num: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [x is not None for x in (self.skip_idx, self.keep_idx, self.ratio_list)]
+        if sum(given) != 1:
+            raise ValueError("explicit(): give exactly one of skip=..., keep=... or ratios=...")
+        for name in ("skip_idx", "keep_idx"):
+            idx = getattr(self, name)
+            if idx is not None:
+                if any((not isinstance(i, int)) or i < 0 for i in idx):
+                    raise ValueError(f"explicit(): indices must be non-negative integers, got {idx!r}")
+                if len(set(idx)) != len(idx):
+                    raise ValueError(f"explicit(): duplicate indices in {idx!r}")
+        if self.keep_idx is not None and len(self.keep_idx) == 0:
+            raise ValueError("explicit(): keep=() would skip everything; keep at least one item")
+        if self.ratio_list is not None and any(not 0.0 <= r <= 1.0 for r in self.ratio_list):
+            raise ValueError(f"explicit(): ratios must lie in [0, 1], got {self.ratio_list!r}")
+
+    def ratios(self, n: int | None = None) -> tuple[float, ...]:
+        own = self.num if self.ratio_list is None else len(self.ratio_list)
+        N = self._n(n, own)
+        if self.ratio_list is not None:
+            return tuple(float(r) for r in self.ratio_list)
+        idx = self.skip_idx if self.skip_idx is not None else self.keep_idx
+        bad = [i for i in idx if i >= N]
+        if bad:
+            raise ValueError(f"explicit(): indices {bad} out of range for {N} items")
+        s = set(idx)
+        if self.skip_idx is not None:
+            return tuple(0.0 if i in s else 1.0 for i in range(N))
+        return tuple(1.0 if i in s else 0.0 for i in range(N))
+
+
+@dataclass(frozen=True)
+class ProgressiveSchedule(Schedule):
+    """p-MoD's progressive ratio decay: a shifted cosine keep ratio per layer.
+
+    ``R_l = cos(pi * l / (L - 1)) / 2 + 1/2``; layers with ``R_l > ceiling`` keep every token
+    (no MoD there), the rest keep ``max(R_l, floor)`` of their vision tokens.
+    """
+
+    kind: ClassVar[str] = "progressive"
+    ceiling: float = 0.85
+    floor: float = 0.15
+    num: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.floor <= self.ceiling <= 1.0:
+            raise ValueError(f"progressive(): need 0 <= floor <= ceiling <= 1, got floor={self.floor}, ceiling={self.ceiling}")
+
+    def ratios(self, n: int | None = None) -> tuple[float, ...]:
+        L = self._n(n, self.num)
+        if L == 1:
+            return (1.0,)
+        out = []
+        for layer in range(L):
+            r = math.cos(math.pi * layer / (L - 1)) / 2 + 0.5
+            out.append(1.0 if r > self.ceiling else max(r, self.floor))
+        return tuple(out)
+
+
+Signal = Literal["cosine", "relative_change", "router", "l2_change"]
+
+
+@dataclass(frozen=True)
+class AdaptiveSchedule(Schedule):
+    """Decide at run time by thresholding a measured signal.
+
+    ``signal`` names what the technique measures: ``cosine`` similarity of a block's input and
+    output (skip when >= threshold), ``relative_change`` of a cheap probe between steps
+    (recompute when > threshold), ``router`` score (compute when >= threshold) or
+    ``l2_change`` (LAC: a layer is active when its L2-norm change is >= threshold x the
+    token's largest change). ``warmup`` leading items are always computed and ``max_skip``
+    caps the skipped fraction.
+    """
+
+    kind: ClassVar[str] = "adaptive"
+    threshold: float = 0.95
+    signal: str = "cosine"
+    warmup: int = 0
+    max_skip: float = 1.0
+    num: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.signal not in ("cosine", "relative_change", "router", "l2_change"):
+            raise ValueError(f"adaptive(): unknown signal {self.signal!r}; use cosine, relative_change, router or l2_change")
+        if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
+            raise ValueError(f"adaptive(): threshold must be a number, got {self.threshold!r}")
+        if self.warmup < 0:
+            raise ValueError(f"adaptive(): warmup must be >= 0, got {self.warmup}")
+        if not 0.0 <= self.max_skip <= 1.0:
+            raise ValueError(f"adaptive(): max_skip must lie in [0, 1], got {self.max_skip}")
+
+    def ratios(self, n: int | None = None) -> tuple[float, ...]:
+        # Nothing is skipped ahead of time; the technique calls compute() with its signal.
+        return (1.0,) * self._n(n, self.num)
+
+    def compute(self, value: float) -> bool:
+        """True when the measured ``value`` says: compute this item."""
+        if self.signal == "cosine":
+            return value < self.threshold
+        if self.signal == "relative_change":
+            return value > self.threshold
+        return value >= self.threshold  # router score, l2_change ratio
+
+
+# -- the public constructors ------------------------------------------------------------------
+
+
+def unified(speedup: float = 2.0, num_layers: int | None = None) -> UnifiedSchedule:
+    """Unified Layer Skipping keep set for a target ``speedup`` (see :class:`UnifiedSchedule`)."""
+    return UnifiedSchedule(speedup=speedup, num=num_layers)
+
+
+def interval(every: int, offset: int = 0, num: int | None = None) -> IntervalSchedule:
+    """Compute every ``every``-th item (see :class:`IntervalSchedule`)."""
+    return IntervalSchedule(every=every, offset=offset, num=num)
+
+
+def explicit(
+    skip: list[int] | tuple[int, ...] | None = None,
+    keep: list[int] | tuple[int, ...] | None = None,
+    ratios: list[float] | tuple[float, ...] | None = None,
+    num: int | None = None,
+) -> ExplicitSchedule:
+    """A hand-picked skip set, keep set, or per-item keep ratios (see :class:`ExplicitSchedule`)."""
+    tup = (lambda x: None if x is None else tuple(x))
+    return ExplicitSchedule(skip_idx=tup(skip), keep_idx=tup(keep), ratio_list=tup(ratios), num=num)
+
+
+def progressive(ceiling: float = 0.85, floor: float = 0.15, num_layers: int | None = None) -> ProgressiveSchedule:
+    """p-MoD progressive ratio decay (see :class:`ProgressiveSchedule`)."""
+    return ProgressiveSchedule(ceiling=ceiling, floor=floor, num=num_layers)
+
+
+def adaptive(
+    threshold: float, signal: Signal = "cosine", warmup: int = 0, max_skip: float = 1.0, num: int | None = None
+) -> AdaptiveSchedule:
+    """Threshold a measured signal at run time (see :class:`AdaptiveSchedule`)."""
+    return AdaptiveSchedule(threshold=threshold, signal=signal, warmup=warmup, max_skip=max_skip, num=num)
+

@@ -1,0 +1,1 @@
+"""Reference models trained by mmskip's own recipes."""
