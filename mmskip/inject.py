@@ -75,48 +75,51 @@ class SkipConfig:
 
 
 class SkipStats:
-    """Counts of executed and skipped work, filled in by a technique's hooks.
+    """Counts of seen and skipped work, filled in by a technique's hooks.
 
-    ``executed[name][unit]`` / ``skipped[name][unit]`` count units (tokens for layers, calls
-    for diffusion blocks) per hooked item; ``cost[name]`` is the item's FLOPs per unit, used to
-    estimate the fraction of FLOPs actually spent (``fixed_cost`` per unit covers parts that
-    never skip, e.g. the LM head).
+    ``seen[name]`` counts the units (tokens for layers, calls for diffusion blocks) that
+    reached a hooked item and ``skipped[name]`` those it did not compute; ``cost[name]`` is the
+    item's FLOPs per unit, used to estimate the fraction of FLOPs actually spent.
+    ``fixed_cost`` per ``fixed_units`` covers parts that never skip (the LM head, the VAE).
     """
 
     def __init__(self) -> None:
-        self.executed: dict[str, float] = defaultdict(float)
+        self.seen: dict[str, float] = defaultdict(float)
         self.skipped: dict[str, float] = defaultdict(float)
         self.cost: dict[str, float] = {}
         self.fixed_cost: float = 0.0
         self.fixed_units: float = 0.0
 
-    def record(self, name: str, executed: float = 0.0, skipped: float = 0.0) -> None:
-        if executed:
-            self.executed[name] += executed
+    def record(self, name: str, units: float = 1.0, skipped: float = 0.0) -> None:
+        """``units`` reached item ``name``; ``skipped`` of them were not computed."""
+        self.seen[name] += units
         if skipped:
             self.skipped[name] += skipped
 
     def reset(self) -> None:
-        self.executed.clear()
+        self.seen.clear()
         self.skipped.clear()
         self.fixed_units = 0.0
 
     def flops_fraction(self) -> float:
         """Estimated FLOPs spent / FLOPs the unmodified model would spend on the same work."""
-        spent = self.fixed_cost * self.fixed_units
         full = self.fixed_cost * self.fixed_units
+        saved = 0.0
         for name, c in self.cost.items():
-            ex, sk = self.executed.get(name, 0.0), self.skipped.get(name, 0.0)
-            spent += c * ex
-            full += c * (ex + sk)
-        return spent / full if full else 1.0
+            full += c * self.seen.get(name, 0.0)
+            saved += c * self.skipped.get(name, 0.0)
+        return (full - saved) / full if full else 1.0
 
     def as_dict(self) -> dict[str, Any]:
-        names = sorted(set(self.executed) | set(self.skipped) | set(self.cost), key=_natural_key)
+        names = sorted(set(self.seen) | set(self.skipped), key=_natural_key)
+        items = {}
+        for n in names:
+            seen, skipped = self.seen.get(n, 0.0), self.skipped.get(n, 0.0)
+            items[n] = {"executed": seen - skipped, "skipped": skipped}
         return {
-            "items": {n: {"executed": self.executed.get(n, 0.0), "skipped": self.skipped.get(n, 0.0)} for n in names},
-            "executed": sum(self.executed.values()),
-            "skipped": sum(self.skipped.values()),
+            "items": items,
+            "executed": sum(v["executed"] for v in items.values()),
+            "skipped": sum(v["skipped"] for v in items.values()),
             "flops_fraction": self.flops_fraction(),
         }
 

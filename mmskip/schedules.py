@@ -292,8 +292,11 @@ def explicit(
     num: int | None = None,
 ) -> ExplicitSchedule:
     """A hand-picked skip set, keep set, or per-item keep ratios (see :class:`ExplicitSchedule`)."""
-    tup = (lambda x: None if x is None else tuple(x))
-    return ExplicitSchedule(skip_idx=tup(skip), keep_idx=tup(keep), ratio_list=tup(ratios), num=num)
+    return ExplicitSchedule(skip_idx=_tuple(skip), keep_idx=_tuple(keep), ratio_list=_tuple(ratios), num=num)
+
+
+def _tuple(x: list | tuple | None) -> tuple | None:
+    return None if x is None else tuple(x)
 
 
 def progressive(ceiling: float = 0.85, floor: float = 0.15, num_layers: int | None = None) -> ProgressiveSchedule:

@@ -1,0 +1,153 @@
+"""Architecture registry: model class -> adapter that knows where layers, attention, MLP and norms are.
+
+Adding a family is one adapter registered here (or from an extension package such as
+``mmskip.diffusion``), not edits across techniques. Lookup walks the model's class MRO by
+class name, so transformers need not be imported to register a family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["UnsupportedModelError", "register", "get_adapter", "supported", "DecoderAdapter"]
+
+_REGISTRY: dict[str, tuple[str, Callable[[nn.Module], Any]]] = {}
+
+
+class UnsupportedModelError(TypeError):
+    """Raised when no adapter knows the model's class."""
+
+    def __init__(self, model: Any, kind: str | None = None) -> None:
+        names = supported(kind)
+        what = f"{kind} " if kind else ""
+        super().__init__(
+            f"mmskip has no {what}adapter for {type(model).__name__}. Supported {what}model classes: "
+            f"{', '.join(names) or '(none)'}. Register one with mmskip.registry.register()."
+        )
+
+
+def register(*class_names: str, kind: str = "decoder") -> Callable:
+    """Decorator: ``@register("LlamaForCausalLM", ...)`` on a factory ``f(model) -> adapter``."""
+
+    def wrap(factory: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+        for name in class_names:
+            _REGISTRY[name] = (kind, factory)
+        return factory
+
+    return wrap
+
+
+def supported(kind: str | None = None) -> list[str]:
+    """Names of supported model classes (optionally of one adapter kind)."""
+    return sorted(n for n, (k, _) in _REGISTRY.items() if kind is None or k == kind)
+
+
+def get_adapter(model: nn.Module, kind: str | None = None) -> Any:
+    """The adapter for ``model`` (walking its MRO), or ``UnsupportedModelError``."""
+    for cls in type(model).__mro__:
+        entry = _REGISTRY.get(cls.__name__)
+        if entry is not None and (kind is None or entry[0] == kind):
+            return entry[1](model)
+    raise UnsupportedModelError(model, kind)
+
+
+# -- decoder-only language models ------------------------------------------------------------
+
+
+@dataclass
+class DecoderAdapter:
+    """Where things are in a decoder-only LM (transformers). One instance per model."""
+
+    model: nn.Module
+    decoder: nn.Module  # the module whose forward runs the layer stack (receives the cache)
+    layers: nn.ModuleList
+    head: nn.Module | None
+    attn_name: str
+    mlp_name: str
+    mlp_norm_name: str
+    gated_mlp: bool = True
+    layer_returns_tuple: bool = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def attention(self, i: int) -> nn.Module:
+        return getattr(self.layers[i], self.attn_name)
+
+    def mlp(self, i: int) -> nn.Module:
+        return getattr(self.layers[i], self.mlp_name)
+
+    def mlp_norm(self, i: int) -> nn.Module:
+        return getattr(self.layers[i], self.mlp_norm_name)
+
+    def layer_index(self, layer: nn.Module) -> int:
+        for i, m in enumerate(self.layers):
+            if m is layer:
+                return i
+        raise ValueError("module is not one of this model's decoder layers")
+
+    def skip_output(self, hidden_states: torch.Tensor) -> Any:
+        """What a skipped layer returns: its input, in the layer's output format."""
+        return (hidden_states,) if self.layer_returns_tuple else hidden_states
+
+    # -- FLOPs per token (2 x multiply-adds of the weight matmuls; attention scores excluded) --
+    def _linear_flops(self, module: nn.Module) -> float:
+        return float(sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
+
+    def attn_flops(self, i: int = 0) -> float:
+        return self._linear_flops(self.attention(i))
+
+    def mlp_flops(self, i: int = 0) -> float:
+        return self._linear_flops(self.mlp(i))
+
+    def layer_flops(self, i: int = 0) -> float:
+        return self.attn_flops(i) + self.mlp_flops(i)
+
+    def head_flops(self) -> float:
+        return self._linear_flops(self.head) if self.head is not None else 0.0
+
+
+def _llama_like(model: nn.Module) -> DecoderAdapter:
+    base = getattr(model, "model", model)  # *ForCausalLM wraps *Model in .model
+    return DecoderAdapter(
+        model=model,
+        decoder=base,
+        layers=base.layers,
+        head=getattr(model, "lm_head", None),
+        attn_name="self_attn",
+        mlp_name="mlp",
+        mlp_norm_name="post_attention_layernorm",
+    )
+
+
+register(
+    *[
+        f"{family}{suffix}"
+        for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Phi3")
+        for suffix in ("ForCausalLM", "Model")
+    ]
+)(_llama_like)
+
+
+def _gpt2(model: nn.Module) -> DecoderAdapter:
+    base = getattr(model, "transformer", model)
+    return DecoderAdapter(
+        model=model,
+        decoder=base,
+        layers=base.h,
+        head=getattr(model, "lm_head", None),
+        attn_name="attn",
+        mlp_name="mlp",
+        mlp_norm_name="ln_2",
+        gated_mlp=False,
+        layer_returns_tuple=True,
+    )
+
+
+register("GPT2LMHeadModel", "GPT2Model")(_gpt2)
