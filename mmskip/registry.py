@@ -98,7 +98,8 @@ class DecoderAdapter:
 
     # -- FLOPs per token (2 x multiply-adds of the weight matmuls; attention scores excluded) --
     def _linear_flops(self, module: nn.Module) -> float:
-        return float(sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
+        # nn.Linear and GPT-2's Conv1D: one multiply-add per weight per token
+        return float(sum(2 * m.weight.numel() for m in module.modules() if type(m).__name__ in ("Linear", "Conv1D")))
 
     def attn_flops(self, i: int = 0) -> float:
         return self._linear_flops(self.attention(i))
@@ -146,7 +147,6 @@ def _gpt2(model: nn.Module) -> DecoderAdapter:
         mlp_name="mlp",
         mlp_norm_name="ln_2",
         gated_mlp=False,
-        layer_returns_tuple=True,
     )
 
 

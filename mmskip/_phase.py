@@ -1,0 +1,97 @@
+"""Per-forward bookkeeping shared by the LLM techniques: prefill vs decode, token counts, cache.
+
+A ``ModelHook`` on the decoder stack reads the KV cache before any layer runs: an empty (or
+absent) cache means *prefill*, otherwise *decode*. Without a cache every forward is a
+prefill, so decode-only skipping never triggers with ``use_cache=False``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .inject import SkipHandle
+from .registry import DecoderAdapter
+
+
+@dataclass
+class ForwardState:
+    phase: str = "prefill"  # "prefill" | "decode"
+    batch: int = 0
+    q_len: int = 0
+    past_len: int = 0
+    decode_step: int = 0  # decode forwards since the last prefill
+    attention_mask: torch.Tensor | None = None  # 2-D padding mask of the call, if given
+    listeners: list[Callable[[ForwardState], None]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.q_len
+
+
+def get_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache passed to a decoder layer or stack (``cache`` in transformers >= 5)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+class _PhaseHook(ModelHook):
+    def __init__(self, state: ForwardState, handle: SkipHandle, layer_names: list[str], forward: Callable) -> None:
+        super().__init__()
+        self.state = state
+        self.handle = handle
+        self.layer_names = layer_names
+        self.signature = inspect.signature(forward)
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.get("kwargs", {})
+        x = bound.get("input_ids")
+        if x is None:
+            x = bound.get("inputs_embeds")
+        if x is None:
+            raise ValueError("mmskip: the decoder was called without input_ids or inputs_embeds")
+        cache = bound.get("cache", bound.get("past_key_values", extra.get("past_key_values")))
+        past = cache.get_seq_length() if cache is not None else 0
+        s = self.state
+        s.batch, s.q_len, s.past_len = int(x.shape[0]), int(x.shape[1]), int(past)
+        if past == 0:
+            s.phase, s.decode_step = "prefill", 0
+            s.attention_mask = bound.get("attention_mask")
+        else:
+            s.phase = "decode"
+            s.decode_step += 1
+        for name in self.layer_names:
+            self.handle.stats_.record(name, s.tokens)
+        for fn in s.listeners:
+            fn(s)
+        return args, kwargs
+
+
+class _HeadCounter(ModelHook):
+    """Counts the rows the LM head sees (generate only projects the last position)."""
+
+    def __init__(self, handle: SkipHandle) -> None:
+        super().__init__()
+        self.handle = handle
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.handle.stats_.fixed_units += x.shape[:-1].numel()
+        return args, kwargs
+
+
+def track_forwards(adapter: DecoderAdapter, handle: SkipHandle, costs: dict[str, float]) -> ForwardState:
+    """Attach the phase tracker (and FLOPs bookkeeping for ``costs`` items) to ``adapter``'s model."""
+    state = ForwardState()
+    handle.stats_.cost.update(costs)
+    handle.stats_.fixed_cost = adapter.head_flops()
+    handle.add_hook(adapter.decoder, _PhaseHook(state, handle, list(costs), adapter.decoder.forward), ".phase")
+    if adapter.head is not None:
+        handle.add_hook(adapter.head, _HeadCounter(handle), ".head")
+    return state

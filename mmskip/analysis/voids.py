@@ -1,0 +1,59 @@
+"""Void-layer report: which layers LAC finds unactivated during the prompt and the response."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..inject import SkipHandle
+from ..schedules import adaptive
+from ..void_layers import VoidLayerConfig, _choose, lac_voids
+
+
+@dataclass
+class VoidReport:
+    """Per-layer void fractions for prompt processing (PP) and response generation (RG)."""
+
+    alpha: float
+    prompt: list[float]  # fraction of (non-pad) prompt tokens for which each layer is void
+    response: list[float]  # same over generated tokens
+    suggested_skip: list[int]  # what VoidLayerConfig(min_void_fraction) would skip for these prompts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def void_layers(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    alpha: float = 0.8,
+    max_new_tokens: int = 16,
+    min_void_fraction: float = 0.5,
+    max_skip: float = 0.5,
+) -> VoidReport:
+    """Trace LAC voids while ``model`` greedily generates ``max_new_tokens`` after the prompts."""
+    config = VoidLayerConfig(schedule=adaptive(alpha, "l2_change", max_skip=0.0), min_void_fraction=min_void_fraction)
+    handle = SkipHandle(model, config)
+    try:
+        config._attach(model, handle, trace_decode=True)
+        model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
+        )
+        records = handle.state["lac"].records
+    finally:
+        handle.remove()
+    prompt = [r for r in records if r["phase"] == "prefill"][0]
+    L = prompt["norms"].shape[0] - 1
+    pp = _fractions([prompt], alpha)
+    rg = _fractions([r for r in records if r["phase"] == "decode"], alpha) if len(records) > 1 else [0.0] * L
+    suggested = _choose(prompt, alpha, min_void_fraction, int(max_skip * L))
+    return VoidReport(alpha=alpha, prompt=pp, response=rg, suggested_skip=sorted(suggested))
+
+
+def _fractions(records: list[dict], alpha: float) -> list[float]:
+    void = sum((lac_voids(r["norms"], alpha) & r["valid"]).flatten(1).sum(1).float() for r in records)
+    total = sum(float(r["valid"].sum()) for r in records)
+    return [float(v) / max(total, 1.0) for v in void]

@@ -1,0 +1,146 @@
+"""FFN-SkipLLM: input-adaptive skipping of feed-forward sublayers during decoding.
+
+FFN-SkipLLM (Jaiswal et al., 2024) observes that FFN blocks in the middle ("hot") layers
+saturate: the residual stream barely turns across them. While decoding each token we measure
+the cosine similarity of the residual stream before and after every computed hot FFN; when it
+is at or above the threshold the next ``span`` hot FFNs are skipped (for that sequence), then
+one is computed again to re-check. The first and last layers ("cold" regions) and the first
+``warmup`` generated tokens always run in full, and ``max_skip`` caps the fraction of a
+token's FFNs that may be skipped. Attention always runs, so the KV cache needs no handling.
+
+Decisions are per sequence: in a batch, the FFN runs only on the rows that do not skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ._phase import ForwardState, track_forwards
+from .inject import SkipConfig, SkipHandle
+from .registry import get_adapter
+from .schedules import AdaptiveSchedule
+
+__all__ = ["FFNSkipConfig"]
+
+
+class _TokenState:
+    """Per-forward decision state, reset by the phase tracker before the first layer runs."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget_per_token = budget
+        self.active = False
+        self.residual: torch.Tensor | None = None
+        self.run: torch.Tensor | None = None  # skips still owed per row
+        self.budget: torch.Tensor | None = None
+        self.log: list[tuple[int, int, torch.Tensor]] = []  # (decode_step, layer, skipped rows)
+
+    def reset(self, s: ForwardState, warmup: int) -> None:
+        self.active = s.phase == "decode" and s.decode_step > warmup
+        self.run = self.budget = None  # made on the hidden states' device by the first hot FFN
+        self.batch = s.batch
+        self.step = s.decode_step
+
+    def ensure(self, device: torch.device) -> None:
+        if self.run is None:
+            self.run = torch.zeros(self.batch, dtype=torch.long, device=device)
+            self.budget = torch.full((self.batch,), self.budget_per_token, dtype=torch.long, device=device)
+
+
+class _ResidualCapture(ModelHook):
+    """Stores the residual stream entering the FFN (the input of its pre-norm)."""
+
+    def __init__(self, tok: _TokenState) -> None:
+        super().__init__()
+        self.tok = tok
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self.tok.residual = args[0] if args else next(iter(kwargs.values()))
+        return args, kwargs
+
+
+class _FFNSkipHook(ModelHook):
+    def __init__(self, index: int, tok: _TokenState, schedule: AdaptiveSchedule, span: int, handle: SkipHandle) -> None:
+        super().__init__()
+        self.index = index
+        self.tok = tok
+        self.schedule = schedule
+        self.span = span
+        self.handle = handle
+        self.name = f"mlp.{index}"
+
+    def new_forward(self, module: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        tok, forward = self.tok, self.fn_ref.original_forward
+        if not tok.active:
+            return forward(x, *args, **kwargs)
+        tok.ensure(x.device)
+        skip = (tok.run > 0) & (tok.budget > 0)
+        n_skip = int(skip.sum())
+        if n_skip == 0:
+            out = forward(x, *args, **kwargs)
+        elif n_skip == x.shape[0]:
+            out = torch.zeros_like(x)
+        else:
+            out = torch.zeros_like(x)
+            keep = (~skip).nonzero().squeeze(1)
+            out[keep] = forward(x[keep], *args, **kwargs)
+        if n_skip:
+            tok.log.append((tok.step, self.index, skip.clone()))
+            self.handle.stats_.record(self.name, 0, n_skip * x.shape[1])
+        tok.run = torch.where(skip, tok.run - 1, tok.run)
+        tok.budget = torch.where(skip, tok.budget - 1, tok.budget)
+        # Re-measure saturation on the rows that computed this FFN (FFN-SkipLLM's cosine test).
+        h = tok.residual[:, -1].float()
+        cos = torch.nn.functional.cosine_similarity(h, h + out[:, -1].float(), dim=-1)
+        saturated = cos >= self.schedule.threshold  # adaptive("cosine"): skip when similar enough
+        tok.run = torch.where(~skip & saturated, torch.full_like(tok.run, self.span), tok.run)
+        return out
+
+
+@dataclass(frozen=True)
+class FFNSkipConfig(SkipConfig):
+    """Input-adaptive FFN skipping (FFN-SkipLLM).
+
+    ``schedule``: ``adaptive(threshold, "cosine", warmup, max_skip)`` — skip after a hot FFN
+    whose input/output cosine similarity is >= ``threshold``; the first ``warmup`` generated
+    tokens run in full; at most ``max_skip`` of a token's FFN blocks are skipped (the paper's
+    operating point is 25-30 %). ``cold``: (first, last) layer counts never skipped; default
+    about 15 % at the bottom and 10 % at the top. ``span``: hot FFNs skipped per saturation.
+    """
+
+    technique: ClassVar[str] = "ffn_skip"
+    schedule: AdaptiveSchedule = AdaptiveSchedule(threshold=0.95, signal="cosine", warmup=4, max_skip=0.25)
+    cold: tuple[int, int] | None = None
+    span: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, AdaptiveSchedule) or self.schedule.signal != "cosine":
+            raise ValueError("FFNSkipConfig.schedule must be schedules.adaptive(threshold, signal='cosine', ...)")
+        if self.span < 1:
+            raise ValueError(f"FFNSkipConfig.span must be >= 1, got {self.span}")
+        if self.cold is not None and (len(self.cold) != 2 or min(self.cold) < 0):
+            raise ValueError(f"FFNSkipConfig.cold must be (first, last) non-negative layer counts, got {self.cold}")
+
+    def hot_layers(self, num_layers: int) -> range:
+        first, last = self.cold if self.cold is not None else (round(0.15 * num_layers), round(0.10 * num_layers))
+        if first + last >= num_layers:
+            raise ValueError(f"cold={first, last} leaves no hot layer in a {num_layers}-layer model")
+        return range(first, num_layers - last)
+
+    def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
+        adapter = get_adapter(model, "decoder")
+        L = adapter.num_layers
+        hot = self.hot_layers(L)
+        costs = {f"attn.{i}": adapter.attn_flops(i) for i in range(L)}
+        costs.update({f"mlp.{i}": adapter.mlp_flops(i) for i in range(L)})
+        state = track_forwards(adapter, handle, costs)
+        tok = _TokenState(budget=int(self.schedule.max_skip * L))
+        state.listeners.append(lambda s: tok.reset(s, self.schedule.warmup))
+        for i in hot:
+            handle.add_hook(adapter.mlp_norm(i), _ResidualCapture(tok), ".residual")
+            handle.add_hook(adapter.mlp(i), _FFNSkipHook(i, tok, self.schedule, self.span, handle), ".mlp")
+        handle.state["ffn_log"] = tok.log
+        handle.state["stats_extra"] = lambda: {"hot_layers": [hot.start, hot.stop - 1]}

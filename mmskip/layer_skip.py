@@ -1,0 +1,140 @@
+"""Whole-layer skipping in decoder LMs: Unified Layer Skipping and its KV-cache rule.
+
+Unified Layer Skipping (Liu et al., 2024) picks the skipped layers from the target speedup
+alone, so every sample in a batch skips the same layers and KV caching keeps working. With
+``phase="decode"`` the prompt runs through every layer and only generated tokens skip; a
+skipped layer still gets a cache entry for each new token, copied from the nearest lower
+kept layer (whose output is exactly the hidden state the skipped layer passes on), so every
+layer's cache keeps the sequence length that masks and later calls expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers.hooks import ModelHook
+from transformers.cache_utils import DynamicLayer
+
+from ._phase import ForwardState, get_cache, track_forwards
+from .inject import SkipConfig, SkipHandle
+from .registry import DecoderAdapter, get_adapter
+from .schedules import AdaptiveSchedule, Schedule, UnifiedSchedule
+
+__all__ = ["LayerSkipConfig"]
+
+_PHASES = ("decode", "all")
+
+
+class SkipPlan:
+    """Which layers the current forward skips; shared by all layer hooks of one handle."""
+
+    def __init__(self, adapter: DecoderAdapter, state: ForwardState, phase: str, skip: set[int]) -> None:
+        self.state = state
+        self.phase = phase
+        self.skip = frozenset(skip)
+        self.cache_idx = [getattr(adapter.attention(i), "layer_idx", i) for i in range(adapter.num_layers)]
+
+    def skips(self, i: int) -> bool:
+        if self.phase == "decode" and self.state.phase != "decode":
+            return False
+        return i in self.skip
+
+    def source(self, i: int) -> int | None:
+        """Nearest lower kept layer: the one whose KV a skipped layer ``i`` copies."""
+        for j in range(i - 1, -1, -1):
+            if j not in self.skip:
+                return j
+        return None
+
+
+def fill_skipped_kv(cache: Any, plan: SkipPlan, i: int, q_len: int) -> None:
+    """Append the nearest lower kept layer's K/V for the last ``q_len`` tokens to layer ``i``'s cache."""
+    src = plan.source(i)
+    if src is None:
+        raise ValueError(
+            f"layer {i} is skipped and no lower layer is kept, so its KV cache cannot be filled. "
+            "Keep layer 0 (unified schedules always do) or generate with use_cache=False."
+        )
+    layer = cache.layers[plan.cache_idx[src]]
+    if not isinstance(layer, DynamicLayer):
+        raise TypeError(
+            f"mmskip layer skipping supports DynamicCache layers, got {type(layer).__name__}; "
+            "generate with the default cache (no cache_implementation='static')."
+        )
+    cache.update(layer.keys[:, :, -q_len:], layer.values[:, :, -q_len:], plan.cache_idx[i])
+
+
+class LayerSkipHook(ModelHook):
+    """Replaces a decoder layer's forward by the identity when the plan says so."""
+
+    def __init__(self, index: int, plan: SkipPlan, handle: SkipHandle, adapter: DecoderAdapter) -> None:
+        super().__init__()
+        self.index = index
+        self.plan = plan
+        self.handle = handle
+        self.adapter = adapter
+        self.name = f"layer.{index}"
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.plan.skips(self.index):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = get_cache(kwargs)
+        if cache is not None and kwargs.get("use_cache", True) is not False:
+            fill_skipped_kv(cache, self.plan, self.index, hidden.shape[1])
+        self.handle.stats_.record(self.name, 0, hidden.shape[0] * hidden.shape[1])
+        return self.adapter.skip_output(hidden)
+
+
+def attach_layer_skipping(
+    model: torch.nn.Module, handle: SkipHandle, phase: str, skip: set[int], hooked: range | set[int] | None = None
+) -> tuple[DecoderAdapter, ForwardState, SkipPlan]:
+    """Shared by the layer-level techniques: phase tracking, FLOPs costs and one hook per layer
+    in ``hooked`` (default: the layers in ``skip``)."""
+    adapter = get_adapter(model, "decoder")
+    costs = {f"layer.{i}": adapter.layer_flops(i) for i in range(adapter.num_layers)}
+    state = track_forwards(adapter, handle, costs)
+    plan = SkipPlan(adapter, state, phase, skip)
+    for i in sorted(skip if hooked is None else hooked):
+        handle.add_hook(adapter.layers[i], LayerSkipHook(i, plan, handle, adapter), ".layer")
+    handle.state["plan"] = plan
+    return adapter, state, plan
+
+
+@dataclass(frozen=True)
+class LayerSkipConfig(SkipConfig):
+    """Skip whole decoder layers chosen by a static schedule.
+
+    ``schedule``: which layers to skip; default ``unified(speedup=2.0)`` (Unified Layer
+    Skipping). ``phase="decode"`` (default): the prompt runs through every layer, generated
+    tokens skip, and a skipped layer's KV for new tokens is copied from the nearest lower kept
+    layer. ``phase="all"``: skip the layers for every token, prompt included.
+    """
+
+    technique: ClassVar[str] = "layer_skip"
+    schedule: Schedule = UnifiedSchedule(speedup=2.0)
+    phase: str = "decode"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"LayerSkipConfig.schedule must be an mmskip schedule, got {type(self.schedule).__name__}")
+        if isinstance(self.schedule, AdaptiveSchedule):
+            raise ValueError(
+                "LayerSkipConfig takes a static schedule (unified, interval, explicit); for input-adaptive "
+                "skipping use FFNSkipConfig or VoidLayerConfig"
+            )
+        if self.phase not in _PHASES:
+            raise ValueError(f"LayerSkipConfig.phase must be one of {_PHASES}, got {self.phase!r}")
+
+    def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
+        num_layers = get_adapter(model, "decoder").num_layers
+        ratios = self.schedule.ratios(num_layers)
+        if any(0.0 < r < 1.0 for r in ratios):
+            raise ValueError("LayerSkipConfig skips whole layers; this schedule has fractional (token) keep ratios")
+        skip = {i for i, r in enumerate(ratios) if r == 0.0}
+        if len(skip) == num_layers:
+            raise ValueError("the schedule skips every layer; keep at least one")
+        attach_layer_skipping(model, handle, self.phase, skip)
+        handle.state["stats_extra"] = lambda: {"skipped_layers": sorted(skip), "phase": self.phase}

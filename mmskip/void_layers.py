@@ -1,0 +1,138 @@
+"""Void layers (Shemiranifar, 2025): detect unactivated layers with L2 Adaptive Computation (LAC).
+
+LAC watches the L2 norm of each token's residual stream as it leaves every layer. A layer is
+*active* for a token when the change it makes to that norm is at least ``alpha`` times the
+largest change any layer makes for the same token (a per-token, dynamic threshold); otherwise
+it is a *void* for that token.
+
+``VoidLayerConfig`` traces the prompt (prompt processing, PP) through the full model, then
+skips during response generation (RG) the layers that were void for at least
+``min_void_fraction`` of every sequence's prompt tokens. The prompt decides, decoding
+follows: the skip set is fixed for the whole generation, so the KV cache is filled exactly as
+in Unified Layer Skipping (copy from the nearest lower kept layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ._phase import ForwardState
+from .inject import SkipConfig, SkipHandle
+from .layer_skip import SkipPlan, attach_layer_skipping
+from .registry import get_adapter
+from .schedules import AdaptiveSchedule
+
+__all__ = ["VoidLayerConfig", "lac_voids"]
+
+
+def lac_voids(norms: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LAC void mask. ``norms``: (L + 1, ...) residual L2 norms entering layer 0 and leaving each
+    layer. Returns (L, ...) booleans: True where the layer is void for that token."""
+    change = (norms[1:] - norms[:-1]).abs()
+    return change < alpha * change.amax(dim=0, keepdim=True)
+
+
+class _Tracer:
+    """Collects per-token residual norms of one forward, layer by layer."""
+
+    def __init__(self, num_layers: int, state: ForwardState, trace_decode: bool) -> None:
+        self.num_layers = num_layers
+        self.state = state
+        self.trace_decode = trace_decode
+        self.norms: list[torch.Tensor] = []
+        self.records: list[dict[str, Any]] = []  # one per traced forward
+        self.on_complete: list = []
+
+    @property
+    def tracing(self) -> bool:
+        return self.state.phase == "prefill" or self.trace_decode
+
+    def add(self, hidden: torch.Tensor) -> None:
+        self.norms.append(hidden.float().norm(dim=-1))
+        if len(self.norms) == self.num_layers + 1:
+            norms = torch.stack(self.norms)
+            self.norms = []
+            mask = self.state.attention_mask if self.state.phase == "prefill" else None
+            rec = {"phase": self.state.phase, "norms": norms, "valid": _valid(mask, norms)}
+            self.records.append(rec)
+            for fn in self.on_complete:
+                fn(rec)
+
+
+def _valid(mask: torch.Tensor | None, norms: torch.Tensor) -> torch.Tensor:
+    shape = norms.shape[1:]
+    if mask is None or mask.dim() != 2 or tuple(mask.shape) != tuple(shape):
+        return torch.ones(shape, dtype=torch.bool, device=norms.device)
+    return mask.bool().to(norms.device)
+
+
+class _NormHook(ModelHook):
+    def __init__(self, tracer: _Tracer, first: bool) -> None:
+        super().__init__()
+        self.tracer = tracer
+        self.first = first
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        if self.first and self.tracer.tracing:
+            self.tracer.norms = []
+            self.tracer.add(args[0] if args else kwargs["hidden_states"])
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.tracer.tracing:
+            self.tracer.add(output[0] if isinstance(output, tuple) else output)
+        return output
+
+
+def _choose(rec: dict[str, Any], alpha: float, min_fraction: float, max_layers: int) -> set[int]:
+    void = lac_voids(rec["norms"], alpha)  # (L, B, T)
+    valid = rec["valid"].unsqueeze(0)
+    frac = (void & valid).sum(-1).float() / valid.sum(-1).clamp(min=1).float()  # (L, B)
+    worst = frac.amin(dim=1)  # a layer is skipped only if void for every sequence in the batch
+    worst[0] = -1.0  # layer 0 always runs: skipped layers copy their KV from a lower kept layer
+    order = torch.argsort(worst, descending=True, stable=True)
+    return {int(i) for i in order[:max_layers] if worst[i] >= min_fraction}
+
+
+@dataclass(frozen=True)
+class VoidLayerConfig(SkipConfig):
+    """Skip the prompt's void layers while generating (LAC, "Void in Language Models").
+
+    ``schedule``: ``adaptive(alpha, "l2_change", max_skip=...)`` — ``alpha`` is LAC's threshold
+    factor (a layer is active for a token when its L2-norm change >= alpha x the token's largest
+    change); ``max_skip`` caps the fraction of layers skipped. ``min_void_fraction``: a layer is
+    skipped when it is void for at least this fraction of every sequence's prompt tokens.
+    """
+
+    technique: ClassVar[str] = "void_layers"
+    schedule: AdaptiveSchedule = AdaptiveSchedule(threshold=0.8, signal="l2_change", max_skip=0.5)
+    min_void_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, AdaptiveSchedule) or self.schedule.signal != "l2_change":
+            raise ValueError("VoidLayerConfig.schedule must be schedules.adaptive(alpha, signal='l2_change', ...)")
+        if not 0.0 <= self.schedule.threshold <= 1.0:
+            raise ValueError(f"LAC alpha must lie in [0, 1], got {self.schedule.threshold}")
+        if not 0.0 < self.min_void_fraction <= 1.0:
+            raise ValueError(f"min_void_fraction must lie in (0, 1], got {self.min_void_fraction}")
+
+    def _attach(self, model: torch.nn.Module, handle: SkipHandle, trace_decode: bool = False) -> None:
+        L = get_adapter(model, "decoder").num_layers
+        adapter, state, plan = attach_layer_skipping(model, handle, "decode", set(), hooked=range(1, L))
+        tracer = _Tracer(L, state, trace_decode)
+        for i in range(L):
+            handle.add_hook(adapter.layers[i], _NormHook(tracer, first=i == 0), ".lac")
+        max_layers = int(self.schedule.max_skip * L)
+        alpha, min_fraction = self.schedule.threshold, self.min_void_fraction
+
+        def decide(rec: dict[str, Any], plan: SkipPlan = plan) -> None:
+            if rec["phase"] == "prefill":
+                plan.skip = frozenset(_choose(rec, alpha, min_fraction, max_layers))
+
+        tracer.on_complete.append(decide)
+        handle.state["lac"] = tracer
+        handle.state["stats_extra"] = lambda: {"skipped_layers": sorted(plan.skip)}

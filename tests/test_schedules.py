@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from mmskip import schedules
+
+
+@pytest.mark.parametrize(
+    "L,s,keep",
+    [(30, 5, (0, 6, 12, 18, 24, 29)), (32, 5, (0, 6, 12, 18, 24, 31)), (24, 2, (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 23))],
+)
+def test_unified_paper_vectors(L, s, keep):
+    assert schedules.unified(s, L).keep() == keep
+    assert schedules.unified(s).keep(L) == keep
+
+
+def test_unified_speedup_one_keeps_everything():
+    assert schedules.unified(1.0, 12).skip() == ()
+
+
+@pytest.mark.parametrize("bad", [0.5, 0.0, -2, float("nan")])
+def test_unified_rejects_speedup_below_one(bad):
+    with pytest.raises(ValueError, match="speedup must be >= 1"):
+        schedules.unified(bad)
+
+
+def test_unified_rejects_speedup_above_depth():
+    with pytest.raises(ValueError, match="exceeds the number of layers"):
+        schedules.unified(40, 32)
+    with pytest.raises(ValueError, match="exceeds the number of layers"):
+        schedules.unified(40).keep(32)
+
+
+def test_progressive_matches_p_mod():
+    r = schedules.progressive().ratios(32)
+    assert sum(r) / 32 == pytest.approx(0.5375)
+    assert r[0] == 1.0 and r[-1] == 0.15
+    assert all(a >= b for a, b in zip(r, r[1:]))
+
+
+def test_interval_and_explicit():
+    assert schedules.interval(3).keep(10) == (0, 3, 6, 9)
+    assert schedules.interval(2, offset=3).keep(8) == (0, 1, 2, 3, 5, 7)
+    assert schedules.explicit(skip=[1, 4]).skip(6) == (1, 4)
+    assert schedules.explicit(keep=[0, 5]).keep(6) == (0, 5)
+    assert schedules.explicit(ratios=[1.0, 0.5, 0.0]).ratios() == (1.0, 0.5, 0.0)
+
+
+@pytest.mark.parametrize(
+    "make,msg",
+    [
+        (lambda: schedules.interval(0), "every must be"),
+        (lambda: schedules.explicit(keep=[]), "keep at least one"),
+        (lambda: schedules.explicit(skip=[1], keep=[2]), "exactly one"),
+        (lambda: schedules.explicit(skip=[9]).skip(4), "out of range"),
+        (lambda: schedules.progressive(ceiling=0.1, floor=0.5), "floor <= ceiling"),
+        (lambda: schedules.adaptive(0.9, signal="nope"), "unknown signal"),
+        (lambda: schedules.unified(2.0).keep(), "needs the number of items"),
+    ],
+)
+def test_bad_schedules_raise_clear_errors(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+@pytest.mark.parametrize(
+    "sched",
+    [
+        schedules.unified(3.0, 24),
+        schedules.interval(4, 1),
+        schedules.explicit(skip=[2, 3]),
+        schedules.explicit(ratios=[1.0, 0.25]),
+        schedules.progressive(num_layers=16),
+        schedules.adaptive(0.9, "relative_change", warmup=2, max_skip=0.3),
+    ],
+)
+def test_json_round_trip(sched):
+    again = schedules.from_dict(json.loads(sched.to_json()))
+    assert again == sched
+    n = None if getattr(sched, "num", None) or getattr(sched, "ratio_list", None) else 16
+    assert again.ratios(n) == sched.ratios(n)
+
+
+def test_adaptive_decisions():
+    assert schedules.adaptive(0.9, "cosine").compute(0.5) and not schedules.adaptive(0.9, "cosine").compute(0.95)
+    assert schedules.adaptive(0.1, "relative_change").compute(0.2)
+    assert not schedules.adaptive(0.1, "relative_change").compute(0.05)
