@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+import mmskip
+from mmskip import registry, schedules
+from mmskip.void_layers import lac_voids
+
+from ._reference import recompute_logits
+from .conftest import tiny_lm
+
+
+def test_lac_known_case():
+    # norms entering layer 0 and leaving layers 0..3 for one token: changes 5, 0.5, 4, 1
+    norms = torch.tensor([1.0, 6.0, 6.5, 10.5, 11.5]).view(5, 1)
+    assert lac_voids(norms, 0.5).flatten().tolist() == [False, True, False, True]
+    assert lac_voids(norms, 0.0).flatten().tolist() == [False, False, False, False]
+
+
+def make_identity(model, i):
+    layer = model.model.layers[i]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+
+
+def test_void_skipping_is_cache_consistent_and_keeps_layer_zero(padded_batch):
+    ids, mask = padded_batch
+    model = tiny_lm("llama", layers=8)
+    make_identity(model, 4)
+    cfg = mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.5, "l2_change", max_skip=0.5), min_void_fraction=0.5)
+    with mmskip.applied(model, cfg) as handle, torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+        skipped = handle.stats()["skipped_layers"]
+    assert 4 in skipped and 0 not in skipped and len(skipped) <= 4
+    P = ids.shape[1]
+    ref = recompute_logits(model, registry.get_adapter(model), out.sequences, mask, P, skip_layers=skipped)
+    for t, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, ref[:, P - 1 + t], atol=1e-4, rtol=1e-4)
+
+
+def test_analysis_reports_identity_layer_as_void(padded_batch):
+    ids, mask = padded_batch
+    model = tiny_lm("llama", layers=6)
+    make_identity(model, 2)
+    report = mmskip.analysis.void_layers(model, ids, mask, alpha=0.3, max_new_tokens=5)
+    assert len(report.prompt) == len(report.response) == 6
+    assert report.prompt[2] == 1.0 and report.response[2] == 1.0
+    assert all(0.0 <= f <= 1.0 for f in report.prompt + report.response)
+    assert 2 in report.suggested_skip
+    assert not hasattr(model, "_mmskip_handle") and not hasattr(model.model, "_diffusers_hook")
+
+
+def test_bad_void_configs():
+    with pytest.raises(ValueError, match="l2_change"):
+        mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.5, "cosine"))
+    with pytest.raises(ValueError, match="alpha"):
+        mmskip.VoidLayerConfig(schedule=schedules.adaptive(1.5, "l2_change"))
+    with pytest.raises(ValueError, match="min_void_fraction"):
+        mmskip.VoidLayerConfig(min_void_fraction=0.0)
