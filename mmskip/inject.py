@@ -101,14 +101,19 @@ class SkipStats:
         self.skipped.clear()
         self.fixed_units = 0.0
 
-    def flops_fraction(self) -> float:
-        """Estimated FLOPs spent / FLOPs the unmodified model would spend on the same work."""
+    def flops(self) -> tuple[float, float]:
+        """(FLOPs spent, FLOPs the unmodified model would spend on the same work), estimated."""
         full = self.fixed_cost * self.fixed_units
         saved = 0.0
         for name, c in self.cost.items():
             full += c * self.seen.get(name, 0.0)
             saved += c * self.skipped.get(name, 0.0)
-        return (full - saved) / full if full else 1.0
+        return full - saved, full
+
+    def flops_fraction(self) -> float:
+        """Estimated FLOPs spent / FLOPs the unmodified model would spend on the same work."""
+        spent, full = self.flops()
+        return spent / full if full else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         names = sorted(set(self.seen) | set(self.skipped), key=_natural_key)
@@ -121,6 +126,7 @@ class SkipStats:
             "executed": sum(v["executed"] for v in items.values()),
             "skipped": sum(v["skipped"] for v in items.values()),
             "flops_fraction": self.flops_fraction(),
+            "flops": dict(zip(("spent", "full"), self.flops())),
         }
 
 

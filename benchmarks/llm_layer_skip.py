@@ -1,0 +1,150 @@
+"""Layer skipping in decoder LMs: measured decode tokens/s vs the unmodified model, with the FLOPs bound.
+
+    python benchmarks/llm_layer_skip.py                      # 24-layer d=512 Llama, random weights
+    python benchmarks/llm_layer_skip.py --model stdlib-lm     # the zoo's trained LM
+
+All configs run in one process, round-robin over ``--repeats`` rounds (median), after a
+warm-up of each. Each round times ``generate`` twice, for 1 and for N new tokens; the
+difference is the decode time of N - 1 tokens, which is what decode-time skipping speeds
+up (the prompt always runs through every layer in decode mode). "bound" is 1 / (decode FLOPs
+spent / decode FLOPs of the full model) from ``handle.stats()`` on the same calls, counting
+the LM head, which never skips. Quality beside speed: agreement of the greedy tokens with the
+unmodified model's, position by position (on random weights this only shows divergence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mmskip
+from mmskip import schedules
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def build_model(name: str) -> torch.nn.Module:
+    if name == "random-24x512":
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=24,
+            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+            pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        )
+        return LlamaForCausalLM(cfg).eval()
+    from mmskip import zoo
+
+    return zoo.load(name).eval()
+
+
+def configs(num_layers: int) -> dict[str, mmskip.SkipConfig | None]:
+    return {
+        "baseline": None,
+        "zero-skip config": mmskip.LayerSkipConfig(schedule=schedules.unified(1.0)),
+        "unified s=1.5": mmskip.LayerSkipConfig(schedule=schedules.unified(1.5)),
+        "unified s=2": mmskip.LayerSkipConfig(schedule=schedules.unified(2.0)),
+        "unified s=3": mmskip.LayerSkipConfig(schedule=schedules.unified(3.0)),
+        # threshold -1: every hot FFN counts as saturated, so exactly the 25 % budget is skipped
+        "ffn-skip 25% (forced)": mmskip.FFNSkipConfig(
+            schedule=schedules.adaptive(-1.0, "cosine", warmup=0, max_skip=0.25)
+        ),
+        "ffn-skip 25% (cos>=0.95)": mmskip.FFNSkipConfig(
+            schedule=schedules.adaptive(0.95, "cosine", warmup=4, max_skip=0.25)
+        ),
+    }
+
+
+@torch.no_grad()
+def run_once(model, ids, mask, new_tokens, config):
+    """Decode seconds for new_tokens - 1 tokens, decode FLOPs fraction, generated tokens."""
+    handle = mmskip.apply(model, config) if config is not None else None
+    seconds, flops = [], []
+    try:
+        for n in (1, new_tokens):
+            if handle:
+                handle.reset_stats()
+            start = time.perf_counter()
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
+            seconds.append(time.perf_counter() - start)
+            flops.append(handle.stats_.flops() if handle else (1.0, 1.0))
+    finally:
+        if handle:
+            handle.remove()
+    (s1, f1), (sn, fn) = flops
+    frac = (sn - s1) / (fn - f1) if handle else 1.0
+    return seconds[1] - seconds[0], frac, out[:, ids.shape[1]:]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random-24x512")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = build_model(args.model)
+    L = mmskip.registry.get_adapter(model).num_layers
+    cfgs = configs(L)
+    rows = []
+    for batch in args.batch:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=g)
+        mask = torch.ones_like(ids)
+        for cfg in cfgs.values():  # warm-up
+            run_once(model, ids, mask, 4, cfg)
+        times = {name: [] for name in cfgs}
+        fracs, tokens = {}, {}
+        for _ in range(args.repeats):
+            for name, cfg in cfgs.items():
+                t, f, toks = run_once(model, ids, mask, args.new_tokens, cfg)
+                times[name].append(t)
+                fracs[name], tokens[name] = f, toks
+        base_t = statistics.median(times["baseline"])
+        for name in cfgs:
+            t = statistics.median(times[name])
+            speedup, bound = base_t / t, 1.0 / fracs[name]
+            rows.append({
+                "model": args.model, "batch": batch, "config": name,
+                "decode_tokens_per_s": batch * (args.new_tokens - 1) / t, "speedup": speedup, "bound": bound,
+                "speedup_over_bound": speedup / bound, "flops_fraction": fracs[name],
+                "token_agreement": float((tokens[name] == tokens["baseline"]).float().mean()),
+                "times_s": times[name],
+            })
+    _print(rows, args)
+    meta = {
+        "model": args.model, "threads": args.threads, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+        "repeats": args.repeats, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out = Path(args.out) if args.out else RESULTS / f"llm_layer_skip_{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
+    return {"meta": meta, "rows": rows}
+
+
+def _print(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"\n{args.model}: {args.new_tokens} new tokens after {args.prompt_len}-token prompts, "
+          f"CPU, {args.threads} thread(s), median of {args.repeats}")
+    print("| batch | config | decode tokens/s | speedup | bound | speedup/bound | token agreement |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['config']} | {r['decode_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['bound']:.2f}x | {r['speedup_over_bound']:.2f} | {r['token_agreement']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
