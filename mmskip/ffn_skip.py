@@ -28,26 +28,26 @@ __all__ = ["FFNSkipConfig"]
 
 
 class _TokenState:
-    """Per-forward decision state, reset by the phase tracker before the first layer runs."""
+    """Per-forward decision state, reset by the phase tracker before the first layer runs.
+
+    Per-row counters are plain Python lists: one small list update per hot layer costs less
+    than the handful of tiny tensor ops it would take otherwise.
+    """
 
     def __init__(self, budget: int) -> None:
         self.budget_per_token = budget
         self.active = False
         self.residual: torch.Tensor | None = None
-        self.run: torch.Tensor | None = None  # skips still owed per row
-        self.budget: torch.Tensor | None = None
+        self.run: list[int] = []  # skips still owed per row
+        self.budget: list[int] = []
+        self.step = 0
         self.log: list[tuple[int, int, torch.Tensor]] = []  # (decode_step, layer, skipped rows)
 
     def reset(self, s: ForwardState, warmup: int) -> None:
         self.active = s.phase == "decode" and s.decode_step > warmup
-        self.run = self.budget = None  # made on the hidden states' device by the first hot FFN
-        self.batch = s.batch
+        self.run = [0] * s.batch
+        self.budget = [self.budget_per_token] * s.batch
         self.step = s.decode_step
-
-    def ensure(self, device: torch.device) -> None:
-        if self.run is None:
-            self.run = torch.zeros(self.batch, dtype=torch.long, device=device)
-            self.budget = torch.full((self.batch,), self.budget_per_token, dtype=torch.long, device=device)
 
 
 class _ResidualCapture(ModelHook):
@@ -76,27 +76,28 @@ class _FFNSkipHook(ModelHook):
         tok, forward = self.tok, self.fn_ref.original_forward
         if not tok.active:
             return forward(x, *args, **kwargs)
-        tok.ensure(x.device)
-        skip = (tok.run > 0) & (tok.budget > 0)
-        n_skip = int(skip.sum())
+        skip = [r > 0 and b > 0 for r, b in zip(tok.run, tok.budget)]
+        n_skip = sum(skip)
         if n_skip == 0:
             out = forward(x, *args, **kwargs)
-        elif n_skip == x.shape[0]:
-            out = torch.zeros_like(x)
         else:
             out = torch.zeros_like(x)
-            keep = (~skip).nonzero().squeeze(1)
-            out[keep] = forward(x[keep], *args, **kwargs)
-        if n_skip:
-            tok.log.append((tok.step, self.index, skip.clone()))
+            if n_skip < len(skip):
+                keep = torch.tensor([i for i, s in enumerate(skip) if not s], device=x.device)
+                out[keep] = forward(x[keep], *args, **kwargs)
+            tok.log.append((tok.step, self.index, torch.tensor(skip)))
             self.handle.stats_.record(self.name, 0, n_skip * x.shape[1])
-        tok.run = torch.where(skip, tok.run - 1, tok.run)
-        tok.budget = torch.where(skip, tok.budget - 1, tok.budget)
-        # Re-measure saturation on the rows that computed this FFN (FFN-SkipLLM's cosine test).
-        h = tok.residual[:, -1].float()
-        cos = torch.nn.functional.cosine_similarity(h, h + out[:, -1].float(), dim=-1)
-        saturated = cos >= self.schedule.threshold  # adaptive("cosine"): skip when similar enough
-        tok.run = torch.where(~skip & saturated, torch.full_like(tok.run, self.span), tok.run)
+            for i, s in enumerate(skip):
+                if s:
+                    tok.run[i] -= 1
+                    tok.budget[i] -= 1
+        if n_skip < len(skip):
+            # FFN-SkipLLM's saturation test on the rows that computed this FFN
+            h = tok.residual[:, -1].float()
+            cos = torch.nn.functional.cosine_similarity(h, h + out[:, -1].float(), dim=-1).tolist()
+            for i, s in enumerate(skip):
+                if not s and cos[i] >= self.schedule.threshold:
+                    tok.run[i] = self.span
         return out
 
 
