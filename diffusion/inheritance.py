@@ -1,0 +1,421 @@
+"""Feature inheritance (A-SDM, Zhu et al., 2024): reuse features computed at an earlier denoising step.
+
+On a *recompute* step every target runs and its features are cached; on an *inherit* step a
+target does not run and its cached features stand in. Granularities (A-SDM's block / layer /
+unit, see :mod:`mmskip.diffusion.adapters`):
+
+* ``block``: UNet ``down_blocks.i`` / ``mid_block`` / ``up_blocks.i`` return their cached
+  outputs (with the default targets this is DeepCache's shallow/deep split); for DiT, PixArt
+  and SD3 a range ``transformer_blocks.a:b`` adds its cached residual ``out - in`` to the fresh
+  input, and the blocks inside it do not run.
+* ``layer``: attention and feed-forward modules inside blocks return their cached outputs,
+  which their block adds to its fresh residual stream.
+* ``unit``: residual units (UNet ResNet / Transformer2D layers, single transformer blocks) add
+  their cached residual contribution to their fresh input.
+
+The shared scheduler picks the recompute steps: ``interval(k)`` (uniform), ``explicit(keep=...)``
+or :func:`mmskip.diffusion.step_schedules.nonuniform` (denser where the trajectory moves fast),
+or ``adaptive(threshold, signal="relative_change")``: a cheap probe (the first block, always
+computed) is compared with its value at the last recompute step and the step recomputes when
+its relative change exceeds the threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmskip.inject import SkipConfig, SkipHandle
+from mmskip.registry import get_adapter
+from mmskip.schedules import AdaptiveSchedule, ExplicitSchedule, Schedule, interval
+
+from .adapters import GRANULARITIES, DiffusionAdapter, ResidualIO
+from .tracker import StepTracker, TrackerHook
+
+__all__ = ["FeatureInheritanceConfig", "step_computes"]
+
+
+@dataclass(frozen=True)
+class FeatureInheritanceConfig(SkipConfig):
+    """Inherit features of ``targets`` at ``granularity`` on the steps ``schedule`` does not compute.
+
+    ``targets=None`` uses the adapter's deep region (all blocks but the first and the last).
+    ``probe`` (adaptive schedules only) names the module whose output is the cheap probe;
+    default: the first block. ``measure_flops`` counts FLOPs once on the first call so that
+    ``handle.stats()["flops_fraction"]`` is the fraction actually spent.
+    """
+
+    technique: ClassVar[str] = "feature_inheritance"
+    schedule: Schedule = field(default_factory=lambda: interval(3))
+    granularity: str = "block"
+    targets: tuple[str, ...] | None = None
+    probe: str | None = None
+    measure_flops: bool = True
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"schedule must be an mmskip.schedules schedule, got {type(self.schedule).__name__}")
+        if isinstance(self.schedule, AdaptiveSchedule) and self.schedule.signal not in ("relative_change", "cosine"):
+            raise ValueError(
+                f"feature inheritance measures the probe's 'relative_change' or 'cosine' similarity between "
+                f"steps; adaptive signal {self.schedule.signal!r} is not supported"
+            )
+        if isinstance(self.targets, str):
+            raise TypeError("targets must be a tuple of module names, not a single string")
+        if self.targets is not None and len(self.targets) == 0:
+            raise ValueError("targets=() inherits nothing; pass None for the default targets")
+        if self.probe is not None and not isinstance(self.schedule, AdaptiveSchedule):
+            raise ValueError("probe= is only used by adaptive schedules")
+
+    def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
+        adapter: DiffusionAdapter = get_adapter(model, "diffusion")
+        _Inheritance(self, adapter, handle).attach()
+
+
+def step_computes(schedule: Schedule, step: int, num_steps: int | None) -> bool:
+    """Whether a static ``schedule`` recomputes denoising ``step`` (of ``num_steps`` if known)."""
+    n = num_steps if num_steps is not None else getattr(schedule, "num", None)
+    if n is None:
+        n = step + 1
+        if isinstance(schedule, ExplicitSchedule) and schedule.ratio_list is None:
+            idx = schedule.keep_idx if schedule.keep_idx is not None else schedule.skip_idx
+            n = max(n, max(idx, default=0) + 1)
+        elif isinstance(schedule, ExplicitSchedule):
+            n = len(schedule.ratio_list)
+    if step >= n:
+        return True
+    r = schedule.ratios(n)[step]
+    if 0.0 < r < 1.0:
+        raise ValueError(f"a step schedule must give 0 (inherit) or 1 (recompute) per step, got {r}")
+    return r > 0
+
+
+# -- the technique ---------------------------------------------------------------------------------
+
+
+class _Range:
+    """A contiguous run of residual modules inherited as one residual ``out - in``."""
+
+    def __init__(self, name: str, modules: list[nn.Module], io: ResidualIO) -> None:
+        self.name = name
+        self.modules = modules
+        self.io = io
+        self.computing = True
+        self.inputs: tuple[torch.Tensor | None, ...] = ()
+        self.flops0 = 0.0
+
+
+class _Inheritance:
+    def __init__(self, config: FeatureInheritanceConfig, adapter: DiffusionAdapter, handle: SkipHandle) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.handle = handle
+        self.stats = handle.stats_
+        self.tracker = StepTracker()
+        self.decision: bool | None = None
+        self.cache: dict[int, dict[str, Any]] = {}
+        self.probe_ref: dict[int, torch.Tensor] = {}
+        self.computed_steps: list[int] = []
+        self.skipped_steps = 0
+        self.costs_known = not config.measure_flops
+        self.names: list[str] = []  # stats names of targets, for FLOPs accounting
+        self.fc: FlopCounterMode | None = None  # set during the one measured call
+
+    # -- target resolution -------------------------------------------------------------------
+    def attach(self) -> None:
+        cfg, ad = self.config, self.adapter
+        targets = list(cfg.targets) if cfg.targets is not None else ad.defaults(cfg.granularity)
+        if not targets:
+            raise ValueError(f"{type(ad.model).__name__} has no default {cfg.granularity} targets; pass targets=")
+        claimed: list[str] = []
+        for name in targets:
+            self._add_target(name, claimed)
+        if isinstance(cfg.schedule, AdaptiveSchedule):
+            probe = cfg.probe or ad.probe
+            mod = ad.module(probe)
+            clash = [c for c in claimed if c == probe or c.startswith(probe + ".") or probe.startswith(c + ".")]
+            if clash:
+                raise ValueError(
+                    f"the adaptive probe {probe!r} must run before every target, but it overlaps {clash}; "
+                    "choose another probe= or other targets"
+                )
+            self.handle.add_hook(mod, _ProbeHook(self), ".probe")
+        root = _RootHook(self.tracker, ad.timestep, self._on_call, self._on_new_trajectory, self)
+        self.handle.add_hook(ad.model, root, ".root")
+        self.handle.state["tracker"] = self.tracker
+        self.handle.state["stats_extra"] = self._stats_extra
+
+    def _add_target(self, name: str, claimed: list[str]) -> None:
+        ad = self.adapter
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"target names must be non-empty strings, got {name!r}")
+        if ":" in name:
+            self._add_range(name, claimed)
+            return
+        try:
+            module = ad.model.get_submodule(name)
+        except AttributeError:
+            valid = ad.candidates(self.config.granularity)
+            shown = ", ".join(valid[:12]) + (" ..." if len(valid) > 12 else "")
+            raise ValueError(
+                f"{type(ad.model).__name__} has no module {name!r}; valid {self.config.granularity} targets "
+                f"include: {shown}"
+            ) from None
+        if module is ad.model:
+            raise ValueError("the whole model cannot be a target")
+        self._claim(name, claimed)
+        io = ad.io(module)
+        residual = io is not None and (self.config.granularity != "block" or not ad.is_unet)
+        if residual:
+            rng = _Range(name, [module], io)
+            self.handle.add_hook(module, _RangeHook(self, rng, 0), "")
+        else:
+            self.handle.add_hook(module, _OutputHook(self, name), "")
+        self.names.append(name)
+
+    def _add_range(self, name: str, claimed: list[str]) -> None:
+        ad = self.adapter
+        if ad.is_unet:
+            raise ValueError(f"block ranges like {name!r} apply to transformer models; a UNet's blocks are named")
+        prefix, _, span = name.rpartition(".")
+        blocks = ad.module(ad.transformer_blocks)
+        if prefix != ad.transformer_blocks:
+            raise ValueError(f"a block range must look like '{ad.transformer_blocks}.a:b', got {name!r}")
+        try:
+            a, b = (int(x) for x in span.split(":"))
+        except ValueError:
+            raise ValueError(f"a block range must look like '{ad.transformer_blocks}.a:b', got {name!r}") from None
+        if not 0 <= a < b <= len(blocks):
+            raise ValueError(f"block range {name!r} is empty or outside 0..{len(blocks)}")
+        modules = [blocks[i] for i in range(a, b)]
+        io = ad.io(modules[0])
+        if io is None:
+            raise ValueError(f"{type(modules[0]).__name__} blocks are not residual; cannot inherit range {name!r}")
+        members = [f"{prefix}.{i}" for i in range(a, b)]
+        for m in members:
+            self._claim(m, claimed)
+        rng = _Range(name, modules, io)
+        for k, mod in enumerate(modules):
+            self.handle.add_hook(mod, _RangeHook(self, rng, k), "")
+        self.names.append(name)
+
+    @staticmethod
+    def _claim(name: str, claimed: list[str]) -> None:
+        for c in claimed:
+            if c == name or name.startswith(c + ".") or c.startswith(name + "."):
+                raise ValueError(f"targets {c!r} and {name!r} overlap; give each module once")
+        claimed.append(name)
+
+    # -- decisions ---------------------------------------------------------------------------
+    def _on_new_trajectory(self) -> None:
+        self.cache.clear()
+        self.probe_ref.clear()
+        self.computed_steps = []
+        self.skipped_steps = 0
+
+    def _on_call(self, args: tuple, kwargs: dict) -> None:
+        tr = self.tracker
+        if tr.slot not in self.cache:
+            self.decision = True  # nothing to inherit yet
+        elif isinstance(self.config.schedule, AdaptiveSchedule):
+            self.decision = None  # the probe decides
+        else:
+            self.decision = step_computes(self.config.schedule, tr.step, tr.num_steps)
+        if self.decision is not None:
+            self._note(self.decision)
+
+    def _note(self, compute: bool) -> None:
+        if self.tracker.slot == 0:
+            if compute:
+                self.computed_steps.append(self.tracker.step)
+            else:
+                self.skipped_steps += 1
+
+    def probe(self, value: torch.Tensor) -> None:
+        slot, sched = self.tracker.slot, self.config.schedule
+        assert isinstance(sched, AdaptiveSchedule)
+        ref = self.probe_ref.get(slot)
+        if self.decision is None:
+            step = self.tracker.step
+            if ref is None or ref.shape != value.shape or step < sched.warmup:
+                compute = True
+            else:
+                compute = sched.compute(_signal(sched.signal, value, ref))
+                if not compute and (self.skipped_steps + 1) > sched.max_skip * (step + 1):
+                    compute = True
+            self.decision = compute
+            self._note(compute)
+        if self.decision:
+            self.probe_ref[slot] = value.detach()
+
+    def computes(self, who: str) -> bool:
+        if self.decision is None:
+            raise RuntimeError(
+                f"target {who!r} ran before the adaptive probe decided this step; the probe must run first"
+            )
+        return self.decision
+
+    def slot_cache(self) -> dict[str, Any]:
+        return self.cache.setdefault(self.tracker.slot, {})
+
+    def flops_now(self) -> float:
+        return float(self.fc.get_total_flops()) if self.fc is not None else 0.0
+
+    def add_cost(self, name: str, flops: float) -> None:
+        if self.fc is not None:
+            self.stats.cost[name] = self.stats.cost.get(name, 0.0) + flops
+
+    def measure(self, fc: FlopCounterMode) -> None:
+        total = float(fc.get_total_flops())
+        spent = sum(self.stats.cost.get(n, 0.0) for n in self.names)
+        self.stats.fixed_cost = max(total - spent, 0.0)
+        self.costs_known = True
+        self.fc = None
+
+    def _stats_extra(self) -> dict[str, Any]:
+        return {
+            "recomputed_steps": list(self.computed_steps),
+            "inherited_steps": self.skipped_steps,
+            "granularity": self.config.granularity,
+            "targets": list(self.names),
+        }
+
+
+def _signal(kind: str, value: torch.Tensor, ref: torch.Tensor) -> float:
+    v, r = value.float(), ref.float()
+    if kind == "cosine":
+        return float(torch.nn.functional.cosine_similarity(v.flatten(), r.flatten(), dim=0))
+    return float((v - r).abs().mean() / r.abs().mean().clamp_min(1e-12))
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"cannot use {type(out).__name__} as an adaptive probe")
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_clone(v) for v in x)
+    if isinstance(x, list):
+        return [_clone(v) for v in x]
+    return x
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_detach(v) for v in x)
+    if isinstance(x, list):
+        return [_detach(v) for v in x]
+    return x
+
+
+# -- hooks -------------------------------------------------------------------------------------
+
+
+class _RootHook(TrackerHook):
+    """Tracks steps and measures per-target FLOPs on the first call."""
+
+    def __init__(self, tracker: StepTracker, timestep: Any, on_call: Any, on_new: Any, owner: _Inheritance) -> None:
+        super().__init__(tracker, timestep, on_call, on_new)
+        self.owner = owner
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        owner = self.owner
+        owner.stats.fixed_units += 1
+        if not owner.costs_known and owner.decision:
+            with FlopCounterMode(display=False) as fc:
+                owner.fc = fc
+                out = self.fn_ref.original_forward(*args, **kwargs)
+            owner.measure(fc)
+            return out
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class _ProbeHook(ModelHook):
+    def __init__(self, owner: _Inheritance) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.owner.probe(_first_tensor(output))
+        return output
+
+
+class _OutputHook(ModelHook):
+    """Inherit a module's whole output (UNet blocks; attention / feed-forward layers)."""
+
+    def __init__(self, owner: _Inheritance, name: str) -> None:
+        super().__init__()
+        self.owner = owner
+        self.name = name
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        owner = self.owner
+        cache = owner.slot_cache()
+        if owner.computes(self.name) or self.name not in cache:
+            before = owner.flops_now()
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            owner.add_cost(self.name, owner.flops_now() - before)
+            cache[self.name] = _detach(out)
+            owner.stats.record(self.name, 1.0, 0.0)
+            return out
+        owner.stats.record(self.name, 1.0, 1.0)
+        return _clone(cache[self.name])
+
+
+class _RangeHook(ModelHook):
+    """Member ``index`` of a residual range: the first adds the cached residual, the rest pass through."""
+
+    def __init__(self, owner: _Inheritance, rng: _Range, index: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.rng = rng
+        self.index = index
+        self.last = index == len(rng.modules) - 1
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        owner, rng = self.owner, self.rng
+        if self.index == 0:
+            ins = rng.io.inputs(args, kwargs)
+            residual = owner.slot_cache().get(rng.name)
+            usable = residual is not None and all(
+                (r is None) or (i is not None and i.shape == r.shape) for i, r in zip(ins, residual, strict=True)
+            )
+            rng.computing = owner.computes(rng.name) or not usable
+            owner.stats.record(rng.name, 1.0, 0.0 if rng.computing else 1.0)
+            if rng.computing:
+                rng.inputs = ins
+                rng.flops0 = owner.flops_now()
+            else:
+                out = tuple(None if r is None else i + r for i, r in zip(ins, residual, strict=True))
+                return rng.io.build(out, args, kwargs)
+        elif not rng.computing:
+            return rng.io.build(rng.io.inputs(args, kwargs), args, kwargs)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.last:
+            owner.add_cost(rng.name, owner.flops_now() - rng.flops0)
+            outs = rng.io.outputs(out)
+            owner.slot_cache()[rng.name] = tuple(
+                None if (o is None or i is None) else (o - i).detach() for o, i in zip(outs, rng.inputs, strict=True)
+            )
+            rng.inputs = ()
+        return out
