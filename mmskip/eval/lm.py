@@ -1,0 +1,73 @@
+"""Evaluate a causal LM (zoo name or local folder), optionally with an mmskip config, against its baseline."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .language import agreement, greedy_generate, perplexity
+
+__all__ = ["load_lm", "heldout_ids", "evaluate_lm"]
+
+
+def load_lm(spec: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a zoo name (``stdlib-lm``) or a local ``from_pretrained`` folder."""
+    from mmskip import zoo
+
+    if spec in zoo.NAMES:
+        return zoo.load(spec)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(spec)
+
+
+def heldout_ids(tokenizer: Any, text_file: str | None = None) -> torch.Tensor:
+    """Token stream of ``text_file``, or of the held-out stdlib modules (files joined by EOS)."""
+    if text_file:
+        texts = [open(text_file, encoding="utf-8").read()]
+    else:
+        from mmskip.zoo.stdlib_data import read_texts
+
+        texts = read_texts("test")
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def evaluate_lm(model: Any, tokenizer: Any, config: Any = None, n_prompts: int = 32, prompt_len: int = 64,
+                max_new_tokens: int = 32, seq_len: int = 256, max_windows: int = 32,
+                text_file: str | None = None) -> dict[str, Any]:
+    """Perplexity and greedy generation time of the baseline, and of ``config`` with agreement metrics."""
+    ids = heldout_ids(tokenizer, text_file)
+    stride = max(prompt_len, (len(ids) - prompt_len) // max(1, n_prompts))
+    prompts = [ids[i:i + prompt_len] for i in range(0, len(ids) - prompt_len, stride)][:n_prompts]
+    greedy_generate(model, prompts[:1], 2)  # warm-up
+    t0 = time.perf_counter()
+    base = greedy_generate(model, prompts, max_new_tokens)
+    base_s = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "heldout_tokens": len(ids),
+        "baseline": {"perplexity": perplexity(model, ids, seq_len, max_windows), "seconds": base_s,
+                     "tokens_per_s": len(prompts) * max_new_tokens / base_s}}
+    if config is not None:
+        from mmskip.inject import apply
+
+        handle = apply(model, config)
+        try:
+            t0 = time.perf_counter()
+            cand = greedy_generate(model, prompts, max_new_tokens)
+            secs = time.perf_counter() - t0
+            row = {"seconds": secs, "tokens_per_s": len(prompts) * max_new_tokens / secs,
+                   "speedup": base_s / secs, "perplexity": perplexity(model, ids, seq_len, max_windows)}
+            row.update(agreement(model, prompts, base, cand))
+            result["config"] = config.to_dict()
+            result["accelerated"] = row
+            result["stats"] = handle.stats()
+        finally:
+            handle.remove()
+    return result

@@ -1,0 +1,66 @@
+"""How each zoo folder is loaded (used by :func:`mmskip.zoo.load`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["LOADERS"]
+
+
+def _dtype(kwargs: dict[str, Any]) -> torch.dtype:
+    return kwargs.pop("torch_dtype", torch.float32)
+
+
+def load_classifier(folder: Path, **kwargs: Any) -> Any:
+    from .classifier import DigitsClassifier
+
+    return DigitsClassifier.from_pretrained(folder, torch_dtype=_dtype(kwargs), **kwargs).eval()
+
+
+def load_vae(folder: Path, **kwargs: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=_dtype(kwargs), **kwargs).eval()
+
+
+def load_dit(folder: Path, **kwargs: Any) -> Any:
+    from diffusers import DiTPipeline
+
+    id2label = {int(k): v for k, v in json.loads((folder / "id2label.json").read_text()).items()}
+    return DiTPipeline.from_pretrained(folder, id2label=id2label, torch_dtype=_dtype(kwargs), **kwargs)
+
+
+def load_sd(folder: Path, **kwargs: Any) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    kwargs.setdefault("safety_checker", None)
+    kwargs.setdefault("requires_safety_checker", False)
+    return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=_dtype(kwargs), **kwargs)
+
+
+def load_clip(folder: Path, **kwargs: Any) -> Any:
+    from .clip_model import create
+
+    return create(folder, **kwargs)
+
+
+def load_lm(folder: Path, **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+LOADERS: dict[str, Callable[..., Any]] = {
+    "digits-classifier": load_classifier,
+    "digits-vae": load_vae,
+    "digits-dit": load_dit,
+    "digits-sd": load_sd,
+    "digits-clip": load_clip,
+    "stdlib-lm": load_lm,
+}
