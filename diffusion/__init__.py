@@ -1,6 +1,21 @@
 """mmskip.diffusion: feature inheritance, step skipping and analytic early steps for diffusion models."""
 
 from . import adapters as adapters  # registers the diffusion adapters
+from .gaussian import GaussianStats, GaussianTeleportConfig, teleport
 from .inheritance import FeatureInheritanceConfig, step_computes
+from .sampler import SUPPORTED_SAMPLERS, plan_sampler
+from .step_schedules import from_changes, nonuniform
+from .step_skip import StepSkipConfig
 
-__all__ = ["FeatureInheritanceConfig", "step_computes"]
+__all__ = [
+    "FeatureInheritanceConfig",
+    "StepSkipConfig",
+    "GaussianTeleportConfig",
+    "GaussianStats",
+    "teleport",
+    "plan_sampler",
+    "SUPPORTED_SAMPLERS",
+    "nonuniform",
+    "from_changes",
+    "step_computes",
+]

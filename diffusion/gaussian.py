@@ -1,0 +1,223 @@
+"""Analytic early steps: the closed-form probability-flow ODE solution for Gaussian data.
+
+Wang & Vastola (2023), "Diffusion Models Generate Images Like Painters": for data
+``x0 ~ N(mu, U diag(lam) U^T)`` and the variance-exploding form ``y = x0 + sigma * eps``, the
+probability-flow ODE ``dy/dsigma = (y - D(y, sigma)) / sigma`` with the exact denoiser
+``D = mu + Sigma (Sigma + sigma^2 I)^-1 (y - mu)`` solves, along each eigenvector, to
+
+    y_k(sigma) - mu_k = sqrt((lam_k + sigma^2) / (lam_k + sigma0^2)) * (y_k(sigma0) - mu_k).
+
+The early, high-noise phase of real models follows this solution closely (outline first), so
+the first 15-30 % of steps can be replaced by one closed-form jump from the initial noise to a
+chosen noise level; the normal sampler then takes over. Mean and a PCA of the covariance are
+estimated once from data (the zoo's training set or a folder of a user's samples) and cached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mmskip.inject import SkipConfig, SkipHandle
+
+from .sampler import sampler_kind, sigma_ve
+
+__all__ = ["GaussianStats", "GaussianTeleportConfig", "teleport", "teleport_step"]
+
+
+@dataclass
+class GaussianStats:
+    """Mean, top principal directions, their variances and the mean variance of the rest.
+
+    Shapes: ``mean`` (D,), ``components`` (D, r) orthonormal columns, ``variances`` (r,),
+    ``residual`` a float (variance per remaining direction); ``shape`` the per-sample shape.
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    variances: torch.Tensor
+    residual: float
+    shape: tuple[int, ...]
+
+    @classmethod
+    def fit(cls, samples: torch.Tensor, rank: int | None = None) -> GaussianStats:
+        """Estimate from ``samples`` (N, *shape) in the sampler's x0 space (e.g. scaled latents)."""
+        if samples.ndim < 2 or samples.shape[0] < 2:
+            raise ValueError("fit() needs at least two samples of shape (N, ...)")
+        x = samples.detach().reshape(samples.shape[0], -1).double()
+        n, d = x.shape
+        r = min(rank if rank is not None else d, n - 1, d)
+        if r < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        mean = x.mean(0)
+        xc = x - mean
+        _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+        var = s**2 / (n - 1)
+        total = float(xc.pow(2).sum() / (n - 1))
+        kept = float(var[:r].sum())
+        residual = max(total - kept, 0.0) / max(d - r, 1) if d > r else 0.0
+        return cls(mean.float(), vh[:r].T.contiguous().float(), var[:r].float(), residual, tuple(samples.shape[1:]))
+
+    @classmethod
+    def exact(cls, mean: torch.Tensor, cov: torch.Tensor, shape: tuple[int, ...] | None = None) -> GaussianStats:
+        """From a known mean (D,) and covariance (D, D)."""
+        lam, u = torch.linalg.eigh(cov.double())
+        lam = lam.clamp_min(0)
+        order = torch.argsort(lam, descending=True)
+        return cls(mean.float(), u[:, order].float(), lam[order].float(), 0.0, shape or (mean.numel(),))
+
+    @classmethod
+    def from_images(
+        cls, images: torch.Tensor, vae: nn.Module | None = None, rank: int | None = 256, batch_size: int = 64
+    ) -> GaussianStats:
+        """From images in [-1, 1] (N, C, H, W); with a ``vae`` the stats are of its scaled latents."""
+        if vae is None:
+            return cls.fit(images, rank)
+        lat = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = images[i : i + batch_size].to(vae.device, vae.dtype)
+                z = vae.encode(x).latent_dist.mean
+                shift = getattr(vae.config, "shift_factor", None) or 0.0
+                lat.append(((z - shift) * vae.config.scaling_factor).float().cpu())
+        return cls.fit(torch.cat(lat), rank)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, size: int, vae: nn.Module | None = None, rank: int | None = 256) -> GaussianStats:
+        """From every image file in ``folder``, resized to ``size`` x ``size``."""
+        import numpy as np
+        from PIL import Image
+
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if len(files) < 2:
+            raise ValueError(f"{folder} holds fewer than two images")
+        arr = [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in files]
+        x = torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return cls.from_images(x, vae, rank)
+
+    @classmethod
+    def cached(cls, path: str | Path, build: Callable[[], GaussianStats]) -> GaussianStats:
+        """Load ``path`` if it exists, else ``build()`` and save it there."""
+        path = Path(path)
+        if path.exists():
+            return cls.load(path)
+        stats = build()
+        stats.save(path)
+        return stats
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "mean": self.mean,
+                "components": self.components,
+                "variances": self.variances,
+                "residual": self.residual,
+                "shape": list(self.shape),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> GaussianStats:
+        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+        return cls(d["mean"], d["components"], d["variances"], float(d["residual"]), tuple(d["shape"]))
+
+
+def teleport(y0: torch.Tensor, stats: GaussianStats, sigma0: float, sigma: float) -> torch.Tensor:
+    """Closed-form PF-ODE solution from noise level ``sigma0`` to ``sigma`` (VE form, per sample).
+
+    ``y0`` is (B, *shape) with ``y = x0 + sigma0 * eps``. ``sigma0 = inf`` takes the limit: ``y0``
+    is then the unit noise ``eps`` itself (flow matching starts at pure noise).
+    """
+    b = y0.shape[0]
+    dt = y0.dtype
+    y = y0.reshape(b, -1).double()
+    if y.shape[1] != stats.mean.numel():
+        raise ValueError(f"stats are for {tuple(stats.shape)} samples, got {tuple(y0.shape[1:])}")
+    mu = stats.mean.to(y.device).double()
+    u = stats.components.to(y.device).double()
+    lam = stats.variances.to(y.device).double()
+    rest = stats.residual
+    d = y if math.isinf(sigma0) else y - mu
+    coef = u.T @ d.T  # (r, B)
+    outside = d - (u @ coef).T
+    if math.isinf(sigma0):
+        g, g_rest = (lam + sigma**2).sqrt(), math.sqrt(rest + sigma**2)
+    else:
+        g = ((lam + sigma**2) / (lam + sigma0**2)).sqrt()
+        g_rest = math.sqrt((rest + sigma**2) / (rest + sigma0**2))
+    out = mu + (u @ (g[:, None] * coef)).T + g_rest * outside
+    return out.reshape(y0.shape).to(dt)
+
+
+def teleport_step(stats: GaussianStats, start: int) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The sampler hook mapping the pipeline's initial noise to the closed-form state at grid ``start``.
+
+    The pipeline scaled its unit noise by the *planned* sampler's ``init_noise_sigma``; the full
+    sampler would have started from that noise at grid step 0. The state is converted to the VE
+    form, jumped with :func:`teleport`, and converted back for the sampler.
+    """
+
+    def first_step(sample: torch.Tensor, sched: Any) -> torch.Tensor:
+        kind = sampler_kind(sched)
+        full_t = getattr(sched, "full_timesteps", None)
+        full_s = getattr(sched, "full_sigmas", None)
+        if full_t is None:
+            raise RuntimeError("teleport needs a sampler planned by mmskip.diffusion.sampler.plan_sampler")
+        s0 = sigma_ve(sched, 0, full_t, full_s)
+        sk = sigma_ve(sched, start, full_t, full_s)
+        eps = sample / float(sched.init_noise_sigma)
+        if kind == "ve":
+            y0 = eps * math.sqrt(s0**2 + 1) if _sqrt_init(sched) else eps * s0
+            return teleport(y0, stats, s0, sk)
+        if kind == "flow":
+            y0 = eps if math.isinf(s0) else eps / (1 - float(full_s[0]))
+            yk = teleport(y0, stats, s0, sk)
+            return yk * (1 - float(full_s[start]))
+        # vp: x = sqrt(a) * y
+        a0 = 1 / (1 + s0**2)
+        ak = 1 / (1 + sk**2)
+        return teleport(eps / math.sqrt(a0), stats, s0, sk) * math.sqrt(ak)
+
+    return first_step
+
+
+def _sqrt_init(sched: Any) -> bool:
+    return sched.config.timestep_spacing not in ("linspace", "trailing")
+
+
+@dataclass(frozen=True)
+class GaussianTeleportConfig(SkipConfig):
+    """Skip the first ``skip_fraction`` of the steps with the closed-form Gaussian jump.
+
+    ``stats_path`` is a file written by :meth:`GaussianStats.save`. A pipeline-level technique:
+    enable it with ``pipe.enable_skip(config)`` on an ``mmskip.pipelines`` pipeline.
+    """
+
+    technique: ClassVar[str] = "gaussian_teleport"
+    stats_path: str = ""
+    skip_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.skip_fraction < 1.0:
+            raise ValueError(f"skip_fraction must lie in [0, 1), got {self.skip_fraction}")
+        if not self.stats_path:
+            raise ValueError("stats_path= is required: build it with GaussianStats.fit(...).save(path)")
+
+    def start(self, num_steps: int) -> int:
+        """The first grid step the sampler runs."""
+        return min(int(round(self.skip_fraction * num_steps)), num_steps - 1)
+
+    def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
+        raise TypeError(
+            "GaussianTeleportConfig changes the sampler, not the model: use pipe.enable_skip(config) on an "
+            "mmskip.pipelines pipeline"
+        )
