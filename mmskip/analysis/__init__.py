@@ -1,5 +1,14 @@
 """Analysis tools: where a model's depth goes and what can be skipped."""
 
+from .depth import DepthReport, depth_report, skip_curve, skip_effects, sublayer_contributions
 from .voids import VoidReport, void_layers
 
-__all__ = ["VoidReport", "void_layers"]
+__all__ = [
+    "VoidReport",
+    "void_layers",
+    "DepthReport",
+    "depth_report",
+    "sublayer_contributions",
+    "skip_effects",
+    "skip_curve",
+]

@@ -1,0 +1,93 @@
+"""``mmskip analyze``: depth-efficiency analysis of a language model on a text file.
+
+    mmskip analyze --model stdlib-lm --text some.py --out analysis/
+    mmskip analyze --model /path/to/llama --text notes.txt --out analysis/ --chunks 8 --chunk-tokens 128
+
+``--model`` is a zoo name or a ``from_pretrained`` folder (model and tokenizer). The text is
+tokenized and cut into ``--chunks`` windows of ``--chunk-tokens`` tokens, analysed as one batch.
+Writes ``depth.json`` and PNG plots into ``--out`` and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .depth import DepthReport, depth_report
+
+
+def load_lm(name: str) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) for a zoo name or a local ``from_pretrained`` folder."""
+    from .. import zoo
+
+    if name in zoo.NAMES:
+        loaded = zoo.load(name)
+        if not isinstance(loaded, tuple):
+            raise ValueError(f"zoo model {name!r} is not a language model")
+        return loaded
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"--model {name!r} is neither a zoo name ({', '.join(zoo.NAMES)}) nor a folder")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def chunk_text(tokenizer: Any, text: str, chunks: int, chunk_tokens: int) -> torch.Tensor:
+    """Up to ``chunks`` consecutive windows of exactly ``chunk_tokens`` tokens, as a (n, chunk_tokens) batch."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n = min(chunks, len(ids) // chunk_tokens)
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one chunk of {chunk_tokens}; "
+                         "use a longer text or a smaller --chunk-tokens")
+    return ids[: n * chunk_tokens].view(n, chunk_tokens)
+
+
+def summary(report: DepthReport) -> str:
+    c, e = report.contributions, report.skip_effect
+    half = report.num_layers // 2
+    first = sum(c["layer"][:half]) / max(half, 1)
+    second = sum(c["layer"][half:]) / max(report.num_layers - half, 1)
+    lines = [
+        f"{report.model}: {report.num_layers} layers, {report.tokens} tokens",
+        f"mean relative layer contribution: first half {first:.3f}, second half {second:.3f}",
+        "layer  attn   mlp    layer  skip-KL  skip-agree  void(PP) void(RG)",
+    ]
+    for i in range(report.num_layers):
+        lines.append(
+            f"{i:5d}  {c['attn'][i]:.3f}  {c['mlp'][i]:.3f}  {c['layer'][i]:.3f}  {e['output_kl'][i]:7.4f}  "
+            f"{e['output_agreement'][i]:10.3f}  {report.voids['prompt'][i]:8.2f} {report.voids['response'][i]:8.2f}"
+        )
+    lines.append("joint skip curve (least-effect layers first): n_skipped -> top-1 agreement, KL")
+    for p in report.curve:
+        lines.append(f"  {len(p['skipped']):3d}  {p['output_agreement']:.3f}  {p['output_kl']:.4f}  {p['skipped']}")
+    lines.append(f"suggested skip (agreement >= {report.min_agreement}): {report.suggested_skip}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mmskip analyze", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="zoo name (e.g. stdlib-lm) or from_pretrained folder")
+    ap.add_argument("--text", required=True, help="a text file to analyse the model on")
+    ap.add_argument("--out", default="mmskip-analysis", help="folder for depth.json and the PNG plots")
+    ap.add_argument("--chunks", type=int, default=8, help="number of text windows (batch size)")
+    ap.add_argument("--chunk-tokens", type=int, default=128, help="tokens per window")
+    ap.add_argument("--min-agreement", type=float, default=0.9, help="top-1 agreement the suggested skip set keeps")
+    ap.add_argument("--max-skip", type=float, default=0.5, help="most layers (fraction) the suggestion skips")
+    ap.add_argument("--void-alpha", type=float, default=0.8, help="LAC threshold factor for void layers")
+    ap.add_argument("--no-plots", action="store_true", help="write JSON only")
+    args = ap.parse_args(argv)
+
+    model, tokenizer = load_lm(args.model)
+    ids = chunk_text(tokenizer, Path(args.text).read_text(errors="replace"), args.chunks, args.chunk_tokens)
+    report = depth_report(model, ids, min_agreement=args.min_agreement, max_skip=args.max_skip,
+                          void_alpha=args.void_alpha)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.to_json(out / "depth.json")
+    written = [] if args.no_plots else report.plot(out)
+    print(summary(report))
+    print(f"wrote {out / 'depth.json'}" + "".join(f", {p.name}" for p in written))
+    return 0
