@@ -174,7 +174,7 @@ def teleport_step(stats: GaussianStats, start: int) -> Callable[[torch.Tensor, A
             raise RuntimeError("teleport needs a sampler planned by mmskip.diffusion.sampler.plan_sampler")
         s0 = sigma_ve(sched, 0, full_t, full_s)
         sk = sigma_ve(sched, start, full_t, full_s)
-        eps = sample / float(sched.init_noise_sigma)
+        eps = sample / float(getattr(sched, "init_noise_sigma", 1.0))
         if kind == "ve":
             y0 = eps * math.sqrt(s0**2 + 1) if _sqrt_init(sched) else eps * s0
             return teleport(y0, stats, s0, sk)
