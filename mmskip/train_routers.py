@@ -1,0 +1,232 @@
+"""Train FiRST layer routers on a frozen LM (optionally with LoRA adapters), then measure the
+quality vs layers-skipped curve.
+
+    python -m mmskip.train_routers --model stdlib-lm --out runs/stdlib-routers.pt --steps 300 --sparsity 0.5
+    python -m mmskip.train_routers --model stdlib-lm --out runs/r.pt --lora      # routers + LoRA (peft)
+
+Training (FiRST, Jain et al., 2024): each routed layer's output is gated softly by its router's
+mean keep probability over the sequence, ``h + p * (layer(h) - h)``; the loss is the KL
+divergence from the unmodified model's next-token distribution (quality) plus ``sparsity`` x
+the mean keep probability over layers (latency). Only the routers (and LoRA adapters, if asked)
+train. ``--sparsity`` is the training-time knob; ``RouterConfig.threshold`` the inference-time one.
+
+Evaluation: each held-out window's first half is the prompt (the routers decide on it, with
+hard decisions, exactly as ``RouterConfig`` does at prefill), the second half is scored through
+the KV cache with that skip set: perplexity and top-1 agreement with the full model, per
+threshold, beside the full model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .inject import applied
+from .registry import get_adapter
+from .routers import RouterConfig, Routers
+
+__all__ = ["soft_gates", "train_routers", "evaluate_routers", "windows"]
+
+
+@contextmanager
+def soft_gates(model: torch.nn.Module, routers: Routers, mask: torch.Tensor | None = None) -> Iterator[list]:
+    """Gate every routed layer by its router's sequence keep probability (differentiable).
+    Yields the list that collects each layer's (batch,) keep probabilities during a forward."""
+    adapter = get_adapter(model, "decoder")
+    probs: list[torch.Tensor] = []
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = []
+
+    def pre(i: int):
+        def fn(module, args, kwargs):
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+        return fn
+
+    def post(i: int):
+        def fn(module, args, kwargs, output):
+            h = inputs.pop(i)
+            out = output[0] if isinstance(output, tuple) else output
+            p = routers[i].sequence_keep(h, mask)
+            probs.append(p)
+            gated = h + p.to(h.dtype)[:, None, None] * (out - h)
+            return (gated, *output[1:]) if isinstance(output, tuple) else gated
+        return fn
+
+    for i in routers.routed:
+        hooks.append(adapter.layers[i].register_forward_pre_hook(pre(i), with_kwargs=True))
+        hooks.append(adapter.layers[i].register_forward_hook(post(i), with_kwargs=True, prepend=True))
+    try:
+        yield probs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def windows(token_ids: torch.Tensor, seq_len: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random windows of ``seq_len`` tokens from a 1-D token stream."""
+    if len(token_ids) <= seq_len:
+        raise ValueError(f"need more than {seq_len} tokens, got {len(token_ids)}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(token_ids) - seq_len, (n,), generator=g)
+    return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def train_routers(
+    model: torch.nn.Module,
+    routers: Routers,
+    data: torch.Tensor,
+    steps: int = 300,
+    batch: int = 8,
+    lr: float = 1e-3,
+    sparsity: float = 0.5,
+    lora: bool = False,
+    log_every: int = 25,
+) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Train ``routers`` (and LoRA adapters if ``lora``) on windows ``data`` (n, seq_len).
+    Returns the model (a peft model when ``lora``) and the loss history."""
+    if steps < 1 or batch < 1:
+        raise ValueError("steps and batch must be >= 1")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    teacher = model
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [n for n in ("q_proj", "v_proj", "c_attn") if any(m.endswith(n) for m, _ in model.named_modules())]
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    base = model.get_base_model() if lora else model
+    params = list(routers.parameters()) + [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    history = []
+    routers.train()
+    model.train(False)
+    for step in range(steps):
+        ids = data[torch.randint(0, len(data), (batch,), generator=g)]
+        with torch.no_grad():
+            if lora:
+                with model.disable_adapter():
+                    ref = teacher(input_ids=ids).logits
+            else:
+                ref = model(input_ids=ids).logits
+        with soft_gates(base, routers) as probs:
+            logits = model(input_ids=ids).logits
+        kl = F.kl_div(logits.float().log_softmax(-1), ref.float().log_softmax(-1), log_target=True,
+                      reduction="none").sum(-1).mean()
+        keep = torch.stack(probs).mean()
+        loss = kl + sparsity * keep
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == steps - 1:
+            history.append({"step": step, "kl": kl.item(), "keep": keep.item(), "loss": loss.item()})
+    routers.eval()
+    return model, history
+
+
+@torch.no_grad()
+def evaluate_routers(
+    model: torch.nn.Module, routers_path: str | Path, data: torch.Tensor, thresholds: list[float]
+) -> list[dict[str, Any]]:
+    """Quality vs layers skipped: per threshold, mean layers skipped, perplexity of the second half
+    of each window and top-1 agreement with the full model there (first half = the prompt)."""
+    half = data.shape[1] // 2
+    rows = []
+    full = [_score(model, ids[None], half) for ids in data]
+    rows.append(_summary("full model", None, full, full))
+    for t in thresholds:
+        with applied(model, RouterConfig(path=str(routers_path), threshold=t)) as handle:
+            runs = [_score(model, ids[None], half) for ids in data]
+            skipped = handle.state["decisions"].log
+        row = _summary(f"routers t={t}", t, runs, full)
+        row["skipped_layers"] = sum(len(s) for s in skipped) / max(len(skipped), 1)
+        rows.append(row)
+    return rows
+
+
+def _score(model: torch.nn.Module, ids: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for positions half..end-1 computed through the cache after a prefill of ``ids[:, :half]``."""
+    out = model(input_ids=ids[:, :half], use_cache=True)
+    cont = model(input_ids=ids[:, half:-1], cache=out.past_key_values, use_cache=True)
+    logits = torch.cat([out.logits[:, -1:], cont.logits], 1)[0]
+    return logits, ids[0, half:]
+
+
+def _summary(name: str, threshold: float | None, runs: list, full: list) -> dict[str, Any]:
+    nll, agree, n = 0.0, 0.0, 0
+    for (logits, target), (ref, _) in zip(runs, full):
+        nll += float(F.cross_entropy(logits.float(), target, reduction="sum"))
+        agree += float((logits.argmax(-1) == ref.argmax(-1)).sum())
+        n += len(target)
+    return {"name": name, "threshold": threshold, "perplexity": math.exp(nll / n), "agreement": agree / n,
+            "skipped_layers": 0.0}
+
+
+def _corpus(tokenizer: Any, split: str, text: str | None) -> torch.Tensor:
+    if text is not None:
+        texts = [Path(text).read_text(errors="replace")]
+    else:
+        from .zoo.stdlib_data import read_texts
+
+        texts = read_texts(split)
+    eos = tokenizer.eos_token or ""
+    ids = tokenizer(eos.join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mmskip.train_routers", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="stdlib-lm", help="zoo name or from_pretrained folder")
+    ap.add_argument("--out", required=True, help="where to save the routers (.pt); results JSON goes beside it")
+    ap.add_argument("--text", help="train/eval text file (default for stdlib-lm: the stdlib train / held-out split)")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--sparsity", type=float, default=0.5, help="weight of the mean keep probability in the loss")
+    ap.add_argument("--width", type=int, default=64, help="router hidden width")
+    ap.add_argument("--lora", action="store_true", help="also train LoRA adapters (peft); saved beside the routers")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.5, 0.7, 0.9])
+    ap.add_argument("--eval-windows", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from .analysis.cli import load_lm
+
+    model, tokenizer = load_lm(args.model)
+    train_ids = _corpus(tokenizer, "train", args.text)
+    eval_ids = train_ids if args.text else _corpus(tokenizer, "test", None)
+    data = windows(train_ids, args.seq_len, max(64, args.steps * args.batch // 4), seed=0)
+    routers = Routers.for_model(model, width=args.width)
+    t0 = time.time()
+    trained, history = train_routers(model, routers, data, args.steps, args.batch, args.lr, args.sparsity, args.lora)
+    seconds = time.time() - t0
+    out = Path(args.out)
+    routers.save(out, model=args.model, sparsity=args.sparsity, steps=args.steps, lora=args.lora)
+    if args.lora:
+        trained.save_pretrained(out.with_suffix(".lora"))
+        model = trained.merge_and_unload()
+    curve = evaluate_routers(model, out, windows(eval_ids, args.seq_len, args.eval_windows, seed=1), args.thresholds)
+    result = {"model": args.model, "args": vars(args), "train_seconds": seconds, "history": history, "curve": curve}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print(f"trained {len(routers.routed)} routers in {seconds:.0f}s; final {history[-1]}")
+    print(f"{'config':<18} {'layers skipped':>14} {'perplexity':>10} {'agreement':>9}")
+    for r in curve:
+        print(f"{r['name']:<18} {r['skipped_layers']:14.2f} {r['perplexity']:10.2f} {r['agreement']:9.3f}")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
