@@ -31,6 +31,8 @@ import copy
 import functools
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -107,41 +109,57 @@ def _probs(logits: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
     return x.softmax(-1)
 
 
-# -- the draft: sublayers skipped by hooks ------------------------------------------------------
+# -- the draft: sublayers skipped for the duration of a draft forward ----------------------------
+
+
+_MISSING = object()
 
 
 @dataclass
 class _Draft:
-    """What the draft skips now; read by every sublayer hook."""
+    """What the draft skips now. ``drafting()`` swaps the skipped modules' instance ``forward``
+    for the duration of one draft forward and restores it in ``finally``: verification
+    forwards run the untouched model, with no per-module hook overhead."""
 
-    active: bool = False
+    adapter: DecoderAdapter
     attn: frozenset[int] = frozenset()
     mlp: frozenset[int] = frozenset()
+    both: frozenset[int] = frozenset()  # layers whose two sublayers are skipped: the whole layer is
+
+    def set(self, attn: frozenset[int], mlp: frozenset[int]) -> None:
+        self.attn, self.mlp, self.both = frozenset(attn), frozenset(mlp), frozenset(attn) & frozenset(mlp)
+
+    @contextmanager
+    def drafting(self) -> Iterator[None]:
+        a = self.adapter
+        swaps = [(a.layers[i], self._skip_layer) for i in self.both]
+        swaps += [(a.attention(i), _zero_attention) for i in self.attn - self.both]
+        swaps += [(a.mlp(i), _zero_mlp) for i in self.mlp - self.both]
+        saved = []
+        try:
+            for module, fn in swaps:
+                saved.append((module, module.__dict__.get("forward", _MISSING)))
+                module.forward = fn
+            yield
+        finally:
+            for module, old in reversed(saved):
+                if old is _MISSING:
+                    del module.__dict__["forward"]
+                else:
+                    module.forward = old
+
+    def _skip_layer(self, *args: Any, **kwargs: Any) -> Any:
+        # a skipped layer passes the residual on and writes no KV: drafting never reads its cache
+        return self.adapter.skip_output(args[0] if args else kwargs["hidden_states"])
 
 
-class _AttentionSkip(ModelHook):
-    """While drafting, a skipped attention sublayer adds nothing to the residual (and writes no KV)."""
-
-    def __init__(self, index: int, draft: _Draft) -> None:
-        super().__init__()
-        self.index, self.draft = index, draft
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.draft.active and self.index in self.draft.attn:
-            h = args[0] if args else kwargs["hidden_states"]
-            return torch.zeros_like(h), None
-        return self.fn_ref.original_forward(*args, **kwargs)
+def _zero_attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    h = args[0] if args else kwargs["hidden_states"]
+    return torch.zeros_like(h), None
 
 
-class _MLPSkip(ModelHook):
-    def __init__(self, index: int, draft: _Draft) -> None:
-        super().__init__()
-        self.index, self.draft = index, draft
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.draft.active and self.index in self.draft.mlp:
-            return torch.zeros_like(args[0] if args else next(iter(kwargs.values())))
-        return self.fn_ref.original_forward(*args, **kwargs)
+def _zero_mlp(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.zeros_like(args[0] if args else next(iter(kwargs.values())))
 
 
 class _GenerateHook(ModelHook):
@@ -317,16 +335,9 @@ class SelfSpeculativeConfig(SkipConfig):
                 raise ValueError(f"SelfSpeculativeConfig skips layers {bad}, but the model has {L} layers (0..{L - 1})")
             if 0 in attn:
                 raise ValueError("the draft must run layer 0's attention: its KV length is the cache length")
-            hooked_attn, hooked_mlp = sorted(attn), sorted(mlp)
-        else:
-            if L < 3:
-                raise ValueError(f"SWIFT searches layers 1..L-2; a {L}-layer model has none to skip")
-            hooked_attn = hooked_mlp = list(range(1, L - 1))
+        elif L < 3:
+            raise ValueError(f"SWIFT searches layers 1..L-2; a {L}-layer model has none to skip")
         runner = _Swift(self, adapter, handle)
-        for i in hooked_attn:
-            handle.add_hook(adapter.attention(i), _AttentionSkip(i, runner.draft), ".attn")
-        for i in hooked_mlp:
-            handle.add_hook(adapter.mlp(i), _MLPSkip(i, runner.draft), ".mlp")
         handle.stats_.cost.update({f"attn.{i}": adapter.attn_flops(i) for i in range(L)})
         handle.stats_.cost.update({f"mlp.{i}": adapter.mlp_flops(i) for i in range(L)})
         handle.stats_.fixed_cost = adapter.head_flops()
@@ -357,7 +368,7 @@ class _Swift:
         self.config = config
         self.adapter = adapter
         self.handle = handle
-        self.draft = _Draft()
+        self.draft = _Draft(adapter)
         L = adapter.num_layers
         self.units = [(kind, i) for i in range(1, L - 1) for kind in ("attn", "mlp")]
         self.n_skip = min(len(self.units), max(1, round(config.skip_ratio * 2 * L)))
@@ -397,12 +408,9 @@ class _Swift:
         pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
         if mask is not None:
             pos = pos - int((mask[0] == 0).sum())
-        self.draft.active = draft
-        try:
+        with self.draft.drafting() if draft else nullcontext():
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                         logits_to_keep=keep)
-        finally:
-            self.draft.active = False
         rows = ids.shape[1]
         st = self.handle.stats_
         for i in range(self.adapter.num_layers):
@@ -416,13 +424,12 @@ class _Swift:
                sets: tuple[frozenset[int], frozenset[int]]) -> float:
         """Matchness: fraction of context positions where the draft's top-1 equals the full model's."""
         saved = (self.draft.attn, self.draft.mlp)
-        self.draft.attn, self.draft.mlp = sets
-        self.draft.active = True
+        self.draft.set(*sets)
         try:
-            pred = model(input_ids=window, use_cache=False).logits[0].argmax(-1)
+            with self.draft.drafting():
+                pred = model(input_ids=window, use_cache=False).logits[0].argmax(-1)
         finally:
-            self.draft.active = False
-            self.draft.attn, self.draft.mlp = saved
+            self.draft.set(*saved)
         return float((pred == target).float().mean())
 
     def _search(self, model: torch.nn.Module, search: _LayerSetSearch, context: torch.Tensor, trials: int) -> None:
@@ -441,7 +448,7 @@ class _Swift:
             self.counters.search_evals += 1
         best, self.score = search.best()
         self.layer_set = search.to_sets(best)
-        self.draft.attn, self.draft.mlp = self.layer_set
+        self.draft.set(*self.layer_set)
         self.counters.search_seconds += time.perf_counter() - t0
 
     def _generation_config(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> GenerationConfig:
@@ -505,7 +512,7 @@ class _Swift:
         if self.layer_set is None or not cfg.reuse and not cfg.fixed and c.calls > 1:
             search = _LayerSetSearch(self.units, self.n_skip, cfg.random_trials, cfg.seed + c.calls)
             self._search(model, search, input_ids, cfg.random_trials)
-        self.draft.attn, self.draft.mlp = self.layer_set
+        self.draft.set(*self.layer_set)
 
         device = input_ids.device
         while len(tokens) < max_new and tokens[-1] not in eos:

@@ -1,0 +1,223 @@
+"""Self-speculative decoding (SWIFT) vs plain greedy generate and its peers, batch 1, CPU.
+
+    python benchmarks/llm_speculative.py                         # the zoo's stdlib-lm, held-out prompts
+    python benchmarks/llm_speculative.py --model random-16x128    # random weights (script check only)
+
+Configs, each timed on the same held-out prompts (``--prompts`` prompts of ``--prompt-len``
+tokens from held-out stdlib modules, ``--new-tokens`` greedy tokens each), round-robin over
+``--repeats`` rounds after a warm-up, with ``torch.set_num_threads(--threads)``:
+
+- ``plain``: ``model.generate`` (greedy), the reference for speed and output.
+- ``swift``: ``mmskip.apply(model, SelfSpeculativeConfig(...))`` then ``model.generate``.
+  Applied afresh each round, so every round pays one on-the-fly layer-set search (in its first
+  prompt) and reuses the found set for the other prompts, as SWIFT does across a task's inputs.
+- ``swift (found set)``: the layer set found by the first round, given explicitly (no search).
+- ``early-exit k``: transformers' ``generate(assistant_early_exit=k)`` (draft = first k layers +
+  the LM head, verify with the full model; the same cache).
+- ``layer-skip ...``: the foundation's static ``LayerSkipConfig`` (lossy: compare equality).
+
+Reported per config: tokens/s over all prompts (median round), ratio to plain in the same run,
+output equality (prompts whose tokens equal plain's) and token agreement, and for speculative
+configs the acceptance rate (accepted / drafted tokens) and mean accepted length (tokens
+produced per full-model verification forward, accepted drafts + 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mmskip
+from mmskip import schedules
+from mmskip.speculative import SelfSpeculativeConfig
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def build(name: str) -> tuple[torch.nn.Module, Any]:
+    if name.startswith("random-"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        layers, d = (int(x) for x in name.split("-")[1].split("x"))
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=4096, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
+                          num_attention_heads=max(1, d // 32), num_key_value_heads=max(1, d // 32),
+                          max_position_embeddings=1024, pad_token_id=0, bos_token_id=0, eos_token_id=None)
+        return LlamaForCausalLM(cfg).eval(), None
+    from mmskip import zoo
+
+    model, tok = zoo.load(name)
+    return model.float().eval(), tok
+
+
+def held_out_prompts(tok: Any, n: int, length: int, vocab: int) -> list[torch.Tensor]:
+    if tok is None:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(3, vocab, (1, length), generator=g) for _ in range(n)]
+    from mmskip.zoo.stdlib_data import read_texts
+
+    prompts = []
+    for text in read_texts("test"):
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.shape[1] >= 2 * length:
+            start = ids.shape[1] // 3  # from inside the module, not its licence header
+            prompts.append(ids[:, start : start + length])
+        if len(prompts) == n:
+            break
+    if len(prompts) < n:
+        raise ValueError(f"only {len(prompts)} held-out modules have {2 * length} tokens")
+    return prompts
+
+
+class LayerCalls:
+    """Counts tokens through the first and last decoder layer: draft vs verify work of early exit."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        layers = mmskip.registry.get_adapter(model).layers
+        self.first = self.last = self.first_calls = self.last_calls = 0
+        self.hooks = [
+            layers[0].register_forward_pre_hook(self._count("first"), with_kwargs=True),
+            layers[-1].register_forward_pre_hook(self._count("last"), with_kwargs=True),
+        ]
+
+    def _count(self, which: str):
+        def fn(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            setattr(self, which, getattr(self, which) + h.shape[1])
+            setattr(self, which + "_calls", getattr(self, which + "_calls") + 1)
+        return fn
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def run(model, prompts, new_tokens, kind, arg) -> dict[str, Any]:
+    """Generate for every prompt with one config; seconds, outputs and speculative counters."""
+    handle = mmskip.apply(model, arg) if kind == "apply" else None
+    extra = {"assistant_early_exit": arg} if kind == "early_exit" else {}
+    calls = LayerCalls(model) if kind == "early_exit" else None
+    outs = []
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for ids in prompts:
+                out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, **extra)
+                outs.append(out[0, ids.shape[1]:])
+        seconds = time.perf_counter() - start
+        stats = handle.stats() if handle else {}
+    finally:
+        if handle:
+            handle.remove()
+        if calls:
+            calls.remove()
+    res: dict[str, Any] = {"seconds": seconds, "tokens": outs}
+    if "verify_forwards" in stats:
+        res.update({k: stats[k] for k in ("acceptance_rate", "tokens_per_verify", "search_seconds", "search_evals",
+                                          "layer_set", "matchness", "drafted_tokens", "verify_forwards")})
+    if calls:
+        generated = sum(len(o) for o in outs)
+        verifies = calls.last_calls - len(prompts)  # one prefill per prompt
+        drafted = calls.first - calls.last  # tokens that went through layer 0 only for drafting
+        accepted = generated - len(prompts) - verifies  # each verify adds one non-draft token
+        res.update({"acceptance_rate": accepted / drafted if drafted else 0.0,
+                    "tokens_per_verify": (generated - len(prompts)) / verifies if verifies else 0.0})
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="stdlib-lm")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
+    p.add_argument("--early-exit", type=int, nargs="*", default=None, help="k values (default L/4, L/2, 3L/4)")
+    p.add_argument("--skip-ratio", type=float, nargs="*", default=[0.45], help="SWIFT skip ratios to run")
+    p.add_argument("--max-draft", type=int, default=10)
+    p.add_argument("--confidence", type=float, default=0.6)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = build(args.model)
+    L = mmskip.registry.get_adapter(model).num_layers
+    prompts = held_out_prompts(tok, args.prompts, args.prompt_len, model.config.vocab_size)
+    ks = args.early_exit if args.early_exit is not None else sorted({max(1, L // 4), L // 2, 3 * L // 4})
+
+    configs: dict[str, tuple[str, Any]] = {"plain": ("plain", None)}
+    for r in args.skip_ratio:
+        configs[f"swift r={r}"] = ("apply", SelfSpeculativeConfig(skip_ratio=r, max_draft=args.max_draft,
+                                                                   confidence=args.confidence))
+    for k in ks:
+        configs[f"early-exit k={k}"] = ("early_exit", k)
+    configs["layer-skip unified 1.25x"] = ("apply", mmskip.LayerSkipConfig(schedule=schedules.unified(1.25)))
+    configs["layer-skip unified 1.5x"] = ("apply", mmskip.LayerSkipConfig(schedule=schedules.unified(1.5)))
+
+    warm = [prompts[0][:, : args.prompt_len // 2]]
+    for kind, arg in configs.values():
+        run(model, warm, 8, kind, arg)
+    first = {}  # a first SWIFT pass over the prompts; its layer set is the "found set" row
+    for name in [n for n in configs if n.startswith("swift r=")]:
+        res = run(model, prompts, args.new_tokens, *configs[name])
+        first[name] = res["layer_set"]
+        configs[name + " (found set)"] = ("apply", SelfSpeculativeConfig(
+            attn_skip=tuple(res["layer_set"]["attn_skip"]), mlp_skip=tuple(res["layer_set"]["mlp_skip"]),
+            max_draft=args.max_draft, confidence=args.confidence))
+
+    results: dict[str, list[dict]] = {name: [] for name in configs}
+    for _ in range(args.repeats):
+        for name, (kind, arg) in configs.items():
+            results[name].append(run(model, prompts, args.new_tokens, kind, arg))
+    rows = []
+    base = statistics.median(r["seconds"] for r in results["plain"])
+    ref = results["plain"][0]["tokens"]
+    for name, runs in results.items():
+        t = statistics.median(r["seconds"] for r in runs)
+        last = runs[-1]
+        n_tok = sum(len(o) for o in last["tokens"])
+        equal = sum(torch.equal(a, b) for a, b in zip(last["tokens"], ref))
+        agree = sum(int((a[: len(b)] == b[: len(a)]).sum()) for a, b in zip(last["tokens"], ref)) / sum(map(len, ref))
+        row = {"config": name, "tokens_per_s": n_tok / t, "ratio_vs_plain": base / t, "seconds": t,
+               "equal_outputs": f"{equal}/{len(ref)}", "token_agreement": agree,
+               "times_s": [r["seconds"] for r in runs]}
+        for key in ("acceptance_rate", "tokens_per_verify", "search_seconds", "search_evals", "layer_set",
+                    "matchness"):
+            if key in last:
+                vals = [r[key] for r in runs]
+                row[key] = statistics.mean(vals) if isinstance(vals[0], float) else last[key]
+        rows.append(row)
+    meta = {"model": args.model, "layers": L, "threads": args.threads, "prompts": args.prompts,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "batch": 1, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "first_search_layer_set": first}
+    _print(rows, meta)
+    out = Path(args.out) if args.out else RESULTS / f"llm_speculative_{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
+    return {"meta": meta, "rows": rows}
+
+
+def _print(rows: list[dict], meta: dict) -> None:
+    print(f"\n{meta['model']} ({meta['layers']} layers): {meta['prompts']} held-out prompts x {meta['new_tokens']} "
+          f"greedy tokens, batch 1, CPU, torch.set_num_threads({meta['threads']}), median of {meta['repeats']} rounds")
+    print("| config | tokens/s | ratio vs plain | equal outputs | token agreement | acceptance | mean accepted "
+          "length (tokens/verify) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        acc = f"{r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "-"
+        tpv = f"{r['tokens_per_verify']:.2f}" if "tokens_per_verify" in r else "-"
+        print(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.2f}x | {r['equal_outputs']} | "
+              f"{r['token_agreement']:.3f} | {acc} | {tpv} |")
+
+
+if __name__ == "__main__":
+    main()
