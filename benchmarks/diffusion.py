@@ -1,0 +1,492 @@
+"""Diffusion acceleration benchmark: mmskip vs DeepCache, diffusers' caches, cache-dit and fewer steps.
+
+On the zoo's ``digits-dit`` (DiTPipeline) and ``digits-sd`` (StableDiffusionPipeline), DDIM-50,
+classifier-free guidance 4, CPU. Every method generates the same labels with the same seeds;
+for each we report
+
+* speedup: the baseline's median wall time / the method's, measured in this run (warm-up,
+  ``--repeats`` timed runs of ``--time-batch`` images, baseline timed before and after);
+* bound: 1 / (FLOPs spent / baseline FLOPs), whole pipeline (text encoder, VAE included),
+  counted with ``torch.utils.flop_counter`` on a 2-image run;
+* PSNR / SSIM of the images vs the baseline's images (fidelity);
+* FID vs the held-out digits (zoo classifier features), CLIP score (zoo CLIP), conditional
+  accuracy (zoo classifier).
+
+Writes ``benchmarks/results/diffusion.json`` and ``benchmarks/results/diffusion_pareto.png``.
+``--smoke`` runs every code path on tiny random pipelines in seconds (numbers meaningless).
+
+    python benchmarks/diffusion.py                 # both zoo pipelines
+    python benchmarks/diffusion.py --models digits-dit --n 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Method:
+    name: str
+    family: str  # baseline | fewer-steps | mmskip | deepcache | diffusers-fbc | diffusers-taylorseer | cache-dit
+    setup: Callable[[Any], Callable[[], None] | None]  # returns a teardown
+    steps: int | None = None
+    note: str = ""
+
+
+# -- pipelines -------------------------------------------------------------------------------------
+
+
+def load_pipe(name: str, smoke: bool) -> Any:
+    """The zoo pipeline as its mmskip drop-in class (same module objects); ``smoke``: random init."""
+    from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
+
+    if smoke:
+        from mmskip.diffusion.testing import tiny_pipeline_components
+
+        comps, _ = tiny_pipeline_components("dit" if "dit" in name else "sd")
+        if "dit" in name:
+            return SkipDiTPipeline(**comps)
+        import tempfile
+
+        from mmskip.zoo.sd_tokenizer import build_clip_tokenizer
+        from mmskip.zoo.train_sd import make_text_encoder, make_unet
+
+        tok = build_clip_tokenizer(Path(tempfile.mkdtemp()))
+        comps.update(unet=make_unet().eval(), tokenizer=tok,
+                     text_encoder=make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).eval())
+        return SkipStableDiffusionPipeline(**comps)
+    from mmskip import zoo
+
+    pipe = zoo.load(name)
+    if "dit" in name:
+        return SkipDiTPipeline(**pipe.components)
+    return SkipStableDiffusionPipeline(**pipe.components)
+
+
+def is_dit(pipe: Any) -> bool:
+    return hasattr(pipe, "transformer") and not hasattr(pipe, "tokenizer")
+
+
+def denoiser(pipe: Any) -> torch.nn.Module:
+    return pipe.transformer if is_dit(pipe) else pipe.unet
+
+
+@torch.no_grad()
+def generate(pipe: Any, labels: list[int], steps: int, guidance: float, seed: int, batch: int,
+             before: Callable[[], None] | None = None) -> torch.Tensor:
+    from mmskip.zoo.data import caption
+
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for b, i in enumerate(range(0, len(labels), batch)):
+        g = torch.Generator().manual_seed(seed + b)
+        if before is not None:
+            before()
+        chunk = labels[i : i + batch]
+        if is_dit(pipe):
+            res = pipe(class_labels=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                       output_type="np")
+            imgs = torch.as_tensor(res.images).permute(0, 3, 1, 2)
+        else:
+            res = pipe(prompt=[caption(c) for c in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=g, output_type="pt")
+            imgs = res.images
+        out.append(imgs.float().cpu())
+    return torch.cat(out)
+
+
+# -- methods -----------------------------------------------------------------------------------------
+
+
+def _mmskip(configs: list[Any]) -> Callable[[Any], Callable[[], None]]:
+    def setup(pipe: Any) -> Callable[[], None]:
+        pipe.enable_skip(configs)
+        return pipe.disable_skip
+
+    return setup
+
+
+def _reset_hooks(model: torch.nn.Module) -> Callable[[], None]:
+    from diffusers.hooks import HookRegistry
+
+    def reset() -> None:
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
+
+    return reset
+
+
+def _with_cache_context(model: torch.nn.Module) -> Callable[[], None]:
+    """DiT/UNet pipelines do not open diffusers' cache_context; open one around every denoiser call."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    def pre(mod: Any, args: Any) -> None:
+        _set_cache_context(mod, CacheContext("cond"))
+
+    h = model.register_forward_pre_hook(pre)
+    return h.remove
+
+
+def _diffusers_cache(kind: str, **params: Any) -> Callable[[Any], Callable[[], None]]:
+    def setup(pipe: Any) -> Callable[[], None]:
+        from diffusers.hooks import (
+            FirstBlockCacheConfig,
+            HookRegistry,
+            TaylorSeerCacheConfig,
+            apply_first_block_cache,
+            apply_taylorseer_cache,
+        )
+
+        model = denoiser(pipe)
+        if kind == "fbc":
+            apply_first_block_cache(model, FirstBlockCacheConfig(**params))
+            names = ("fbc_leader_block_hook", "fbc_block_hook")
+        else:
+            apply_taylorseer_cache(model, TaylorSeerCacheConfig(**params))
+            names = ("taylorseer_cache",)
+        reg = HookRegistry.check_if_exists_or_initialize(model)
+        reg.invalidate_child_registries_cache()
+        undo_ctx = _with_cache_context(model)
+        pipe.__dict__["_bench_before"] = _reset_hooks(model)
+
+        def teardown() -> None:
+            undo_ctx()
+            for n in names:
+                reg.remove_hook(n, recurse=True)
+            reg.invalidate_child_registries_cache()
+            pipe.__dict__.pop("_bench_before", None)
+
+        return teardown
+
+    return setup
+
+
+def _deepcache(interval: int, branch: int = 0) -> Callable[[Any], Callable[[], None]]:
+    def setup(pipe: Any) -> Callable[[], None]:
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=branch)
+        helper.enable()
+
+        def before() -> None:  # a new generation starts at step 0
+            helper.start_timestep = None
+            helper.cached_output = {}
+
+        pipe.__dict__["_bench_before"] = before
+
+        def teardown() -> None:
+            helper.disable()
+            pipe.__dict__.pop("_bench_before", None)
+
+        return teardown
+
+    return setup
+
+
+def _cache_dit(threshold: float, taylorseer: bool = False) -> Callable[[Any], Callable[[], None]]:
+    def setup(pipe: Any) -> Callable[[], None]:
+        import cache_dit
+        from diffusers import DiTPipeline
+
+        parent = DiTPipeline(**pipe.components)  # cache-dit refuses subclasses it does not know
+        # the default Fn_compute_blocks=8 exceeds the 6-block zoo DiT: F1B0 (first block as probe)
+        cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold)
+        cal = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
+        cache_dit.enable_cache(parent, cache_config=cfg, calibrator_config=cal)
+        pipe.__dict__["_bench_pipe"] = parent
+
+        def teardown() -> None:
+            cache_dit.disable_cache(parent)
+            pipe.__dict__.pop("_bench_pipe", None)
+
+        return teardown
+
+    return setup
+
+
+TAYLOR_DIT = [r"^transformer_blocks\.\d+\.attn1$", r"^transformer_blocks\.\d+\.ff$"]
+
+
+def methods_for(pipe: Any, steps: int, stats_path: str) -> list[Method]:
+    from mmskip.diffusion import FeatureInheritanceConfig as FI
+    from mmskip.diffusion import GaussianTeleportConfig, StepSkipConfig, nonuniform
+
+    from mmskip.schedules import adaptive, interval
+
+    none: Callable[[Any], None] = lambda pipe: None  # noqa: E731
+    ms: list[Method] = [Method("baseline DDIM-50", "baseline", none)]
+    for s in (25, 17, 12):
+        ms.append(Method(f"DDIM-{s}", "fewer-steps", none, steps=s))
+    tele = lambda f: GaussianTeleportConfig(stats_path=stats_path, skip_fraction=f)  # noqa: E731
+    if is_dit(pipe):
+        n = len(pipe.transformer.transformer_blocks)
+        deep = (f"transformer_blocks.1:{n}",)
+        for k in (2, 3, 4):
+            ms.append(Method(f"mmskip FI blocks 1:{n} every {k}", "mmskip", _mmskip([FI(interval(k), targets=deep)])))
+        ms.append(Method(f"mmskip FI blocks 1:{n - 1} every 3", "mmskip", _mmskip([FI(interval(3))])))
+        for c in (round(0.4 * steps), round(0.28 * steps)):
+            ms.append(Method(f"mmskip FI blocks 1:{n} nonuniform {c}/{steps}", "mmskip",
+                             _mmskip([FI(nonuniform(steps, c, power=1.5), targets=deep)])))
+        for th in (0.1, 0.2, 0.3):
+            ms.append(Method(f"mmskip FI blocks 1:{n} adaptive {th}", "mmskip",
+                             _mmskip([FI(adaptive(th, "relative_change", warmup=2), targets=deep)])))
+        ms.append(Method("mmskip FI unit every 3", "mmskip", _mmskip([FI(interval(3), granularity="unit")])))
+        ms.append(Method("mmskip FI layer every 3", "mmskip", _mmskip([FI(interval(3), granularity="layer")])))
+        ms.append(Method("mmskip step-skip every 2", "mmskip", _mmskip([StepSkipConfig(interval(2))])))
+        ms.append(Method("mmskip teleport 20%", "mmskip", _mmskip([tele(0.2)])))
+        ms.append(Method(f"mmskip teleport 20% + FI 1:{n} every 2", "mmskip",
+                         _mmskip([tele(0.2), FI(interval(2), targets=deep)])))
+        ms.append(Method(f"mmskip teleport 20% + FI 1:{n} every 3", "mmskip",
+                         _mmskip([tele(0.2), FI(interval(3), targets=deep)])))
+        for th in (0.05, 0.1, 0.2):
+            ms.append(Method(f"diffusers FirstBlockCache {th}", "diffusers-fbc", _diffusers_cache("fbc", threshold=th)))
+        for k in (3, 5):
+            ms.append(Method(f"diffusers TaylorSeerCache interval {k}", "diffusers-taylorseer",
+                             _diffusers_cache("taylorseer", cache_interval=k, disable_cache_before_step=3,
+                                              taylor_factors_dtype=torch.float32, cache_identifiers=TAYLOR_DIT),
+                             note="default identifiers fullmatch '^transformer_blocks.*attn', which misses DiT's "
+                                  "attn1; we pass attn1 and ff"))
+        for th in (0.08, 0.16):
+            ms.append(Method(f"cache-dit DBCache F1B0 {th}", "cache-dit", _cache_dit(th)))
+        ms.append(Method("cache-dit DBCache F1B0 0.16 + TaylorSeer", "cache-dit", _cache_dit(0.16, True)))
+    else:
+        for k in (2, 3, 4, 5):
+            ms.append(Method(f"mmskip FI blocks every {k}", "mmskip", _mmskip([FI(interval(k))])))
+        for c in (round(0.4 * steps), round(0.28 * steps), round(0.22 * steps)):
+            ms.append(Method(f"mmskip FI blocks nonuniform {c}/{steps}", "mmskip",
+                             _mmskip([FI(nonuniform(steps, c, power=1.5))])))
+        for th in (0.1, 0.2, 0.3):
+            ms.append(Method(f"mmskip FI blocks adaptive {th}", "mmskip",
+                             _mmskip([FI(adaptive(th, "relative_change", warmup=2))])))
+        ms.append(Method("mmskip FI unit every 3", "mmskip", _mmskip([FI(interval(3), granularity="unit")])))
+        ms.append(Method("mmskip step-skip every 2", "mmskip", _mmskip([StepSkipConfig(interval(2))])))
+        ms.append(Method("mmskip teleport 20%", "mmskip", _mmskip([tele(0.2)])))
+        ms.append(Method("mmskip teleport 20% + FI every 3", "mmskip", _mmskip([tele(0.2), FI(interval(3))])))
+        for k in (2, 3, 5):
+            ms.append(Method(f"DeepCache interval {k}", "deepcache", _deepcache(k)))
+        ms.append(Method("diffusers FirstBlockCache 0.1", "diffusers-fbc", _diffusers_cache("fbc", threshold=0.1)))
+    return ms
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+
+def gaussian_stats(pipe: Any, name: str, smoke: bool) -> str:
+    """The latent Gaussian (mean + PCA) of the training digits, cached next to the results."""
+    from mmskip.diffusion import GaussianStats
+
+    path = RESULTS / f"diffusion_gaussian_{name}{'_smoke' if smoke else ''}.pt"
+
+    def build() -> GaussianStats:
+        if smoke:
+            return GaussianStats.fit(torch.randn(64, 4, 8, 8), rank=16)
+        from mmskip.zoo.data import load_split
+
+        x = load_split("train")[0]
+        if x.shape[1] != pipe.vae.config.in_channels:
+            x = x.repeat(1, pipe.vae.config.in_channels, 1, 1)
+        return GaussianStats.from_images(x, vae=pipe.vae, rank=64)
+
+    GaussianStats.cached(path, build)
+    return str(path)
+
+
+def pipeline_flops(pipe: Any, steps: int, guidance: float, before: Callable[[], None] | None) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        generate(pipe, [0, 1], steps, guidance, 1234, 2, before)
+    return float(fc.get_total_flops())
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    from mmskip.eval import clip_score, conditional_accuracy, fid, psnr, ssim
+    from mmskip.zoo.data import caption
+
+    pipe = load_pipe(name, args.smoke)
+    stats_path = gaussian_stats(pipe, name, args.smoke)
+    labels = [i % 10 for i in range(args.n)]
+    captions = [caption(c) for c in labels]
+    time_labels = labels[: args.time_batch]
+    if args.smoke:
+        real, clip = None, None
+    else:
+        from mmskip.eval.clip_score import load_clip
+        from mmskip.eval.images import reference_images
+
+        real = reference_images("test")
+        clip = load_clip("digits-clip")
+    rows: list[dict[str, Any]] = []
+    methods = methods_for(pipe, args.steps, stats_path)
+    if args.only:
+        methods = [m for m in methods if m.family == "baseline" or any(s in m.name for s in args.only)]
+    base_imgs: torch.Tensor | None = None
+    base_times: list[float] = []
+    base_flops = 1.0
+
+    def timed(runner: Any, method: Method, before: Callable[[], None] | None) -> list[float]:
+        steps = method.steps or args.steps
+        generate(runner, time_labels[:2], steps, args.guidance, 99, 2, before)  # warm-up
+        out = []
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            generate(runner, time_labels, steps, args.guidance, 100 + r, args.time_batch, before)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    for method in methods:
+        print(f"[{name}] {method.name} ...", flush=True)
+        row: dict[str, Any] = {"method": method.name, "family": method.family, "steps": method.steps or args.steps}
+        if method.note:
+            row["note"] = method.note
+        teardown = None
+        try:
+            teardown = method.setup(pipe)
+            before = pipe.__dict__.get("_bench_before")
+            runner = pipe.__dict__.get("_bench_pipe", pipe)
+            steps = method.steps or args.steps
+            t0 = time.perf_counter()
+            imgs = generate(runner, labels, steps, args.guidance, args.seed, args.batch, before)
+            row["quality_run_s"] = time.perf_counter() - t0
+            if pipe.skip_enabled:
+                row["skip_stats"] = {k: v for k, v in pipe.skip_stats().items() if k != "items"}
+            row["times_s"] = timed(runner, method, before)
+            row["flops"] = pipeline_flops(runner, steps, args.guidance, before)
+        except Exception as err:  # a peer that does not apply to this model
+            row["error"] = f"{type(err).__name__}: {err}"
+            traceback.print_exc(limit=3)
+            rows.append(row)
+            continue
+        finally:
+            if teardown is not None:
+                teardown()
+        if method.family == "baseline":
+            base_imgs, base_flops = imgs, row["flops"]
+            base_times += row["times_s"]
+        assert base_imgs is not None
+        row["psnr"] = psnr(imgs, base_imgs) if method.family != "baseline" else float("inf")
+        row["ssim"] = ssim(imgs, base_imgs)
+        row["flops_fraction"] = row["flops"] / base_flops
+        row["bound"] = 1 / row["flops_fraction"]
+        if real is not None:
+            row["fid"] = fid(real, imgs)
+            row["clip_score"] = clip_score(imgs, captions, clip)
+            row["accuracy"] = conditional_accuracy(imgs, labels)
+        rows.append(row)
+    # the baseline again at the end: drift of the machine's speed shows here
+    print(f"[{name}] baseline (again) ...", flush=True)
+    base_times += timed(pipe, methods[0], None)
+    base_med = statistics.median(base_times)
+    for row in rows:
+        if "times_s" in row:
+            row["median_s"] = statistics.median(row["times_s"])
+            row["speedup"] = base_med / row["median_s"]
+    return {"pipeline": type(pipe).__mro__[2].__name__, "baseline_times_s": base_times, "rows": rows}
+
+
+def print_table(name: str, res: dict[str, Any]) -> str:
+    head = f"{'method':42s} {'speedup':>7s} {'bound':>6s} {'PSNR':>6s} {'SSIM':>5s} {'FID':>7s} {'CLIP':>6s} {'acc':>5s}"
+    lines = [f"## {name} ({res['pipeline']})", "", "```", head]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"{r['method']:42s} n/a: {r['error'][:70]}")
+            continue
+        def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
+            return format(r[k], fmt) if k in r else "-"
+
+        psnr_s = "inf" if r.get("psnr") == float("inf") else f("psnr", "6.2f")
+        lines.append(f"{r['method']:42s} {f('speedup', '7.2f')} {f('bound', '6.2f')} {psnr_s:>6s} {f('ssim', '5.3f')} "
+                     f"{f('fid', '7.2f')} {f('clip_score', '6.2f')} {f('accuracy', '5.3f')}")
+    lines.append("```")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    colors = {"baseline": "black", "fewer-steps": "tab:gray", "mmskip": "tab:red", "deepcache": "tab:blue",
+              "diffusers-fbc": "tab:green", "diffusers-taylorseer": "tab:olive", "cache-dit": "tab:purple"}
+    for ax, name in zip(axes[0], models, strict=True):
+        rows = [r for r in results["models"][name]["rows"] if "speedup" in r]
+        ykey = "fid" if rows and "fid" in rows[0] else "ssim"
+        for fam, color in colors.items():
+            pts = [(r["speedup"], r[ykey], r["method"]) for r in rows if r["family"] == fam]
+            if not pts:
+                continue
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, label=fam, s=36)
+            for x, y, label in pts:
+                ax.annotate(label.replace("mmskip ", "").replace("diffusers ", ""), (x, y), fontsize=5.5,
+                            xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel("speedup vs DDIM-50 (wall time, same run)")
+        ax.set_ylabel(ykey.upper() + (" (lower is better)" if ykey == "fid" else ""))
+        ax.set_title(f"{name}: speed vs quality")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=140)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["digits-dit", "digits-sd"])
+    ap.add_argument("--n", type=int, default=500, help="images per method for the quality metrics")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--time-batch", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
+    ap.add_argument("--smoke", action="store_true", help="tiny random pipelines, every code path, seconds")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / ("diffusion_smoke.json" if args.smoke else "diffusion.json")
+    results: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+        "torch": torch.__version__,
+        "n": args.n,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "repeats": args.repeats,
+        "time_batch": args.time_batch,
+        "models": {},
+    }
+    print(f"torch.set_num_threads({torch.get_num_threads()}); CPU; {args.steps} steps; n={args.n}", flush=True)
+    tables = []
+    for name in args.models:
+        results["models"][name] = run_model(name, args)
+        out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        tables.append(print_table(name, results["models"][name]))
+    (out.with_suffix(".md")).write_text("\n\n".join(tables) + "\n")
+    plot(results, out.with_name(out.stem + "_pareto.png"))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
