@@ -124,6 +124,7 @@ class _Inheritance:
         self.probe_ref: dict[int, torch.Tensor] = {}
         self.computed_steps: list[int] = []
         self.skipped_steps = 0
+        self.changes: list[float] = []  # the adaptive signal per step (slot 0), for from_changes()
         self.costs_known = not config.measure_flops
         self.names: list[str] = []  # stats names of targets, for FLOPs accounting
         self.fc: FlopCounterMode | None = None  # set during the one measured call
@@ -219,6 +220,7 @@ class _Inheritance:
         self.probe_ref.clear()
         self.computed_steps = []
         self.skipped_steps = 0
+        self.changes = []
 
     def _on_call(self, args: tuple, kwargs: dict) -> None:
         tr = self.tracker
@@ -242,12 +244,15 @@ class _Inheritance:
         slot, sched = self.tracker.slot, self.config.schedule
         assert isinstance(sched, AdaptiveSchedule)
         ref = self.probe_ref.get(slot)
+        signal = None if ref is None or ref.shape != value.shape else _signal(sched.signal, value, ref)
+        if slot == 0:
+            self.changes.append(0.0 if signal is None else signal)
         if self.decision is None:
             step = self.tracker.step
-            if ref is None or ref.shape != value.shape or step < sched.warmup:
+            if signal is None or step < sched.warmup:
                 compute = True
             else:
-                compute = sched.compute(_signal(sched.signal, value, ref))
+                compute = sched.compute(signal)
                 if not compute and (self.skipped_steps + 1) > sched.max_skip * (step + 1):
                     compute = True
             self.decision = compute
@@ -283,6 +288,7 @@ class _Inheritance:
         return {
             "recomputed_steps": list(self.computed_steps),
             "inherited_steps": self.skipped_steps,
+            "probe_changes": list(self.changes),
             "granularity": self.config.granularity,
             "targets": list(self.names),
         }

@@ -164,6 +164,19 @@ def test_nonuniform_schedules():
         assert h.stats()["recomputed_steps"] == [0, 1]
 
 
+def test_calibrated_schedule_from_probe_changes():
+    """A calibration run (adaptive, threshold 0 = always recompute) measures per-step changes for from_changes()."""
+    m = tiny_dit()
+    with applied(m, FeatureInheritanceConfig(schedule=adaptive(0.0, signal="relative_change"))) as h:
+        _run(m)
+        changes = h.stats()["probe_changes"]
+    assert len(changes) == 4 and changes[0] == 0.0 and all(c > 0 for c in changes[1:])
+    sched = from_changes(changes, 2)
+    with applied(m, FeatureInheritanceConfig(schedule=sched)) as h:
+        _run(m)
+        assert h.stats()["recomputed_steps"] == list(sched.keep())
+
+
 def test_pipeline_step_count_drives_schedule():
     m = tiny_sd3()
     with applied(m, FeatureInheritanceConfig(schedule=nonuniform(4, 2, power=1.0))) as h:
