@@ -458,15 +458,22 @@ class _Swift:
                 f"SelfSpeculativeConfig's generate does not support {unknown}; it supports "
                 f"{sorted(_SUPPORTED_KWARGS)}. Remove the handle to use the model's own generate for these."
             )
+        # resolved as transformers' generate does: given config, then the model's, then global defaults
         gen = copy.deepcopy(kwargs.pop("generation_config", None) or model.generation_config)
+        gen.update(**model.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+        gen.update(**gen._get_default_generation_params(), defaults_only=True)
         gen.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
         unsupported = {
             "num_beams": (gen.num_beams or 1) != 1,
             "num_return_sequences": (gen.num_return_sequences or 1) != 1,
             "repetition_penalty": (gen.repetition_penalty or 1.0) != 1.0,
             "no_repeat_ngram_size": bool(gen.no_repeat_ngram_size),
-            "min_new_tokens": bool(gen.min_new_tokens),
+            "min_new_tokens": bool(gen.min_new_tokens) or bool(gen.min_length),
             "bad_words_ids": bool(gen.bad_words_ids),
+            "typical_p": gen.typical_p is not None and gen.typical_p != 1.0,
+            "min_p": bool(gen.min_p),
+            "epsilon_cutoff": bool(gen.epsilon_cutoff),
+            "eta_cutoff": bool(gen.eta_cutoff),
         }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
@@ -500,6 +507,8 @@ class _Swift:
         eos = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
         cfg, c = self.config, self.counters
         c.calls += 1
+        if max_new <= 0:
+            return GenerateDecoderOnlyOutput(sequences=input_ids) if gen.return_dict_in_generate else input_ids
 
         cache = DynamicCache(config=model.config)
         logits = self._forward(model, input_ids, cache, mask, 0, 1, draft=False)

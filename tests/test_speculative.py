@@ -197,3 +197,49 @@ def test_bad_input():
         mmskip.apply(model, SelfSpeculativeConfig(mlp_skip=(9,)))
     cfg = SelfSpeculativeConfig(attn_skip=[2], mlp_skip=(3, 4))
     assert mmskip.SkipConfig.from_dict(cfg.to_json()) == cfg
+
+
+def test_zoo_lm_greedy_equality_on_20_held_out_prompts():
+    from mmskip import zoo
+
+    try:
+        zoo.path("stdlib-lm")
+    except FileNotFoundError:
+        pytest.skip("the zoo's stdlib-lm is not trained here (python -m mmskip.zoo.train stdlib-lm)")
+    from mmskip.zoo.stdlib_data import read_texts
+
+    model, tok = zoo.load("stdlib-lm")
+    model = model.float()
+    ps = []
+    for text in read_texts("test"):
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.shape[1] >= 96:
+            ps.append(ids[:, ids.shape[1] // 3 : ids.shape[1] // 3 + 32])
+        if len(ps) == 20:
+            break
+    ref = [plain(model, p) for p in ps]
+    with mmskip.applied(model, SelfSpeculativeConfig(search_trials=12, random_trials=6)) as handle:
+        out = [plain(model, p) for p in ps]
+        stats = handle.stats()
+    assert len(ps) == 20 and stats["accepted_tokens"] > 0
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+
+
+def test_sampling_warpers_match_transformers_defaults():
+    """With the model's default generation config (top_k=50 from transformers' global defaults),
+    the sampling distribution equals the one transformers' generate samples from."""
+    from mmskip.speculative import _probs
+
+    model = tiny_lm("llama", layers=4)
+    ids = prompts(1)[0]
+    for kw in ({}, {"temperature": 0.7, "top_p": 0.8}, {"top_k": 5}):
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=1, do_sample=True, return_dict_in_generate=True,
+                                 output_scores=True, output_logits=True, **kw)
+        warped = out.scores[0].float().softmax(-1)
+        handle = mmskip.apply(model, SelfSpeculativeConfig(**EAGER))
+        gen = handle.state["swift"]._generation_config(model, {"do_sample": True, **kw})
+        handle.remove()
+        torch.testing.assert_close(_probs(out.logits[0], gen), warped, atol=1e-6, rtol=1e-5)
+        assert gen.top_k == kw.get("top_k", 50)
