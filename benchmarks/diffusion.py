@@ -217,10 +217,27 @@ def _cache_dit(threshold: float, taylorseer: bool = False) -> Callable[[Any], Ca
     return setup
 
 
+def _calibrated(targets: tuple[str, ...] | None, num_compute: int, steps: int, guidance: float) -> Callable[[Any], Callable[[], None]]:
+    """Measure the probe's per-step change on 20 images once, then recompute where it is largest."""
+
+    def setup(pipe: Any) -> Callable[[], None]:
+        from mmskip.diffusion import FeatureInheritanceConfig, from_changes
+
+        from mmskip.schedules import adaptive
+
+        pipe.enable_skip(FeatureInheritanceConfig(adaptive(0.0, "relative_change"), targets=targets))
+        generate(pipe, [i % 10 for i in range(20)], steps, guidance, 777, 20)
+        changes = pipe.skip_stats()["probe_changes"]
+        pipe.enable_skip(FeatureInheritanceConfig(from_changes(changes, num_compute), targets=targets))
+        return pipe.disable_skip
+
+    return setup
+
+
 TAYLOR_DIT = [r"^transformer_blocks\.\d+\.attn1$", r"^transformer_blocks\.\d+\.ff$"]
 
 
-def methods_for(pipe: Any, steps: int, stats_path: str) -> list[Method]:
+def methods_for(pipe: Any, steps: int, stats_path: str, guidance: float = 4.0) -> list[Method]:
     from mmskip.diffusion import FeatureInheritanceConfig as FI
     from mmskip.diffusion import GaussianTeleportConfig, StepSkipConfig, nonuniform
 
@@ -243,6 +260,11 @@ def methods_for(pipe: Any, steps: int, stats_path: str) -> list[Method]:
         for th in (0.1, 0.2, 0.3):
             ms.append(Method(f"mmskip FI blocks 1:{n} adaptive {th}", "mmskip",
                              _mmskip([FI(adaptive(th, "relative_change", warmup=2), targets=deep)])))
+        for c in (round(0.34 * steps), round(0.28 * steps)):
+            ms.append(Method(f"mmskip FI blocks 1:{n} calibrated {c}/{steps}", "mmskip",
+                             _calibrated(deep, c, steps, guidance)))
+        ms.append(Method(f"mmskip FI blocks 0:{n} every 2", "mmskip",
+                         _mmskip([FI(interval(2), targets=(f"transformer_blocks.0:{n}",))])))
         ms.append(Method("mmskip FI unit every 3", "mmskip", _mmskip([FI(interval(3), granularity="unit")])))
         ms.append(Method("mmskip FI layer every 3", "mmskip", _mmskip([FI(interval(3), granularity="layer")])))
         ms.append(Method("mmskip step-skip every 2", "mmskip", _mmskip([StepSkipConfig(interval(2))])))
@@ -272,6 +294,20 @@ def methods_for(pipe: Any, steps: int, stats_path: str) -> list[Method]:
             ms.append(Method(f"mmskip FI blocks adaptive {th}", "mmskip",
                              _mmskip([FI(adaptive(th, "relative_change", warmup=2))])))
         ms.append(Method("mmskip FI unit every 3", "mmskip", _mmskip([FI(interval(3), granularity="unit")])))
+        c = round(0.28 * steps)
+        ms.append(Method(f"mmskip FI blocks calibrated {c}/{steps}", "mmskip", _calibrated(None, c, steps, guidance)))
+        # DeepCache's branch-0 split: only conv_in and the last up block's last layer recompute
+        up = len(pipe.unet.up_blocks) - 1
+        last = pipe.unet.up_blocks[up]
+        shallow = tuple(f"down_blocks.{i}" for i in range(len(pipe.unet.down_blocks))) + ("mid_block",)
+        shallow += tuple(f"up_blocks.{i}" for i in range(up))
+        shallow += tuple(f"up_blocks.{up}.resnets.{j}" for j in range(len(last.resnets) - 1))
+        shallow += tuple(f"up_blocks.{up}.attentions.{j}" for j in range(len(getattr(last, "attentions", None) or []) - 1))
+        for k in (3, 5):
+            ms.append(Method(f"mmskip FI DeepCache-shape every {k}", "mmskip", _mmskip([FI(interval(k), targets=shallow)])))
+        for c in (round(0.28 * steps), round(0.2 * steps)):
+            ms.append(Method(f"mmskip FI DeepCache-shape nonuniform {c}/{steps}", "mmskip",
+                             _mmskip([FI(nonuniform(steps, c, power=1.5), targets=shallow)])))
         ms.append(Method("mmskip step-skip every 2", "mmskip", _mmskip([StepSkipConfig(interval(2))])))
         ms.append(Method("mmskip teleport 20%", "mmskip", _mmskip([tele(0.2)])))
         ms.append(Method("mmskip teleport 20% + FI every 3", "mmskip", _mmskip([tele(0.2), FI(interval(3))])))
@@ -330,7 +366,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         real = reference_images("test")
         clip = load_clip("digits-clip")
     rows: list[dict[str, Any]] = []
-    methods = methods_for(pipe, args.steps, stats_path)
+    methods = methods_for(pipe, args.steps, stats_path, args.guidance)
     if args.only:
         methods = [m for m in methods if m.family == "baseline" or any(s in m.name for s in args.only)]
     base_imgs: torch.Tensor | None = None
