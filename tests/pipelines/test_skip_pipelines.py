@@ -135,3 +135,15 @@ def test_bad_inputs():
     skip.enable_skip(StepSkipConfig())
     with pytest.raises(ValueError, match="DDIM, Euler and DPM-Solver"):
         _call(skip, kw)
+
+
+def test_num_images_per_prompt_and_nothing_to_skip_is_exact():
+    parent, skip, kw = _pipes("sd")
+    kw = dict(kw, num_images_per_prompt=2)
+    ref = _call(parent, kw)
+    assert ref.shape[0] == 4
+    skip.enable_skip(FeatureInheritanceConfig(schedule=interval(1)))  # recompute every step
+    assert torch.equal(_call(skip, kw), ref)
+    skip.enable_skip(FeatureInheritanceConfig(schedule=interval(2), granularity="layer"))
+    out = _call(skip, kw)
+    assert out.shape == ref.shape and skip.skip_stats()["recomputed_steps"] == [0, 2, 4]
