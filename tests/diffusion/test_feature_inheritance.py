@@ -210,3 +210,21 @@ def test_config_json_round_trip():
     cfg = FeatureInheritanceConfig(schedule=nonuniform(50, 20), granularity="layer", targets=("transformer_blocks.1",))
     back = SkipConfig.from_dict(cfg.to_json())
     assert back == cfg
+
+
+def test_bfloat16_model():
+    m = tiny_dit().to(torch.bfloat16)
+    ref = []
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            kw = example_inputs(m, t)
+            kw["hidden_states"] = kw["hidden_states"].to(torch.bfloat16)
+            ref.append(m(**kw)[0])
+        with applied(m, FeatureInheritanceConfig(schedule=interval(2))) as h:
+            out = []
+            for t in TIMESTEPS:
+                kw = example_inputs(m, t)
+                kw["hidden_states"] = kw["hidden_states"].to(torch.bfloat16)
+                out.append(m(**kw)[0])
+            assert h.stats()["recomputed_steps"] == [0, 2]
+    assert out[1].dtype == torch.bfloat16 and torch.equal(out[0], ref[0])
