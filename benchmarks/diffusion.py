@@ -45,6 +45,7 @@ class Method:
     setup: Callable[[Any], Callable[[], None] | None]  # returns a teardown
     steps: int | None = None
     note: str = ""
+    seed_offset: int = 0
 
 
 # -- pipelines -------------------------------------------------------------------------------------
@@ -245,7 +246,11 @@ def methods_for(pipe: Any, steps: int, stats_path: str, guidance: float = 4.0) -
     from mmskip.schedules import adaptive, interval
 
     none: Callable[[Any], None] = lambda pipe: None  # noqa: E731
-    ms: list[Method] = [Method("baseline DDIM-50", "baseline", none)]
+    ms: list[Method] = [
+        Method("baseline DDIM-50", "baseline", none),
+        Method("baseline DDIM-50, other seeds", "noise-floor", none, seed_offset=1000,
+               note="the baseline on different seeds: FID/accuracy/CLIP sampling noise"),
+    ]
     for s in (25, 17, 12):
         ms.append(Method(f"DDIM-{s}", "fewer-steps", none, steps=s))
     tele = lambda f: GaussianTeleportConfig(stats_path=stats_path, skip_fraction=f)  # noqa: E731
@@ -396,7 +401,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             steps = method.steps or args.steps
             generate(runner, labels[:2], steps, args.guidance, 99, 2, before)  # warm-up
             t0 = time.perf_counter()
-            imgs = generate(runner, labels, steps, args.guidance, args.seed, args.batch, before)
+            imgs = generate(runner, labels, steps, args.guidance, args.seed + method.seed_offset, args.batch, before)
             row["quality_run_s"] = time.perf_counter() - t0
             if pipe.skip_enabled:
                 row["skip_stats"] = {k: v for k, v in pipe.skip_stats().items() if k != "items"}
@@ -465,7 +470,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     models = list(results["models"])
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    colors = {"baseline": "black", "fewer-steps": "tab:gray", "mmskip": "tab:red", "deepcache": "tab:blue",
+    colors = {"baseline": "black", "noise-floor": "lightgray", "fewer-steps": "tab:gray", "mmskip": "tab:red", "deepcache": "tab:blue",
               "diffusers-fbc": "tab:green", "diffusers-taylorseer": "tab:olive", "cache-dit": "tab:purple"}
     for ax, name in zip(axes[0], models, strict=True):
         rows = [r for r in results["models"][name]["rows"] if "speedup" in r]
