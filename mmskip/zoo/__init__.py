@@ -33,7 +33,7 @@ def available() -> list[str]:
 
 
 def load(name: str, **kwargs: Any) -> Any:
-    """Load zoo model ``name`` ready for inference (eval mode, float32 unless ``torch_dtype`` given).
+    """Load zoo model ``name`` ready for inference (eval mode, float32 unless ``dtype`` given).
 
     Returns: ``digits-classifier`` -> :class:`~mmskip.zoo.classifier.DigitsClassifier`;
     ``digits-vae`` -> ``AutoencoderKL``; ``digits-dit`` -> ``DiTPipeline``; ``digits-sd`` ->

@@ -13,26 +13,26 @@ __all__ = ["LOADERS"]
 
 
 def _dtype(kwargs: dict[str, Any]) -> torch.dtype:
-    return kwargs.pop("torch_dtype", torch.float32)
+    return kwargs.pop("dtype", kwargs.pop("torch_dtype", torch.float32))
 
 
 def load_classifier(folder: Path, **kwargs: Any) -> Any:
     from .classifier import DigitsClassifier
 
-    return DigitsClassifier.from_pretrained(folder, torch_dtype=_dtype(kwargs), **kwargs).eval()
+    return DigitsClassifier.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
 
 
 def load_vae(folder: Path, **kwargs: Any) -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(folder, torch_dtype=_dtype(kwargs), **kwargs).eval()
+    return AutoencoderKL.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
 
 
 def load_dit(folder: Path, **kwargs: Any) -> Any:
     from diffusers import DiTPipeline
 
     id2label = {int(k): v for k, v in json.loads((folder / "id2label.json").read_text()).items()}
-    return DiTPipeline.from_pretrained(folder, id2label=id2label, torch_dtype=_dtype(kwargs), **kwargs)
+    return DiTPipeline.from_pretrained(folder, id2label=id2label, dtype=_dtype(kwargs), **kwargs)
 
 
 def load_sd(folder: Path, **kwargs: Any) -> Any:
@@ -40,7 +40,7 @@ def load_sd(folder: Path, **kwargs: Any) -> Any:
 
     kwargs.setdefault("safety_checker", None)
     kwargs.setdefault("requires_safety_checker", False)
-    return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=_dtype(kwargs), **kwargs)
+    return StableDiffusionPipeline.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs)
 
 
 def load_clip(folder: Path, **kwargs: Any) -> Any:

@@ -53,7 +53,7 @@ def train_sd(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_clip_tokenizer(out / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(path("digits-vae"), torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(path("digits-vae"), dtype=torch.float32).eval()
     x, y = load_split("train")
     g = torch.Generator().manual_seed(seed)
     lat = encode_augmented(vae, x, COPIES, g)
@@ -105,18 +105,24 @@ def train_sd(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     return finish_card(out, wall, steps)
 
 
-def finish_card(out: Path, wall: float, steps: int, n: int = 500) -> dict:
+def finish_card(out: Path, wall: float, steps: int, n: int = 300) -> dict:
     """Measure the saved pipeline via prompts (accuracy, FID, CLIP score) and write its model card."""
+    from mmskip.eval import conditional_accuracy, fid
     from mmskip.eval.clip_score import clip_score, load_clip
-    from mmskip.eval.images import evaluate_class_pipeline, generate, labels_for
+    from mmskip.eval.images import evaluate_class_pipeline, generate, labels_for, reference_images
 
-    from . import available, load
+    from . import available
     from .data import caption
+    from .loaders import LOADERS
 
-    pipe = load("digits-sd")
-    m50 = evaluate_class_pipeline(pipe, n=n, steps=50, guidance_scale=4.0, seed=0)
-    labels = labels_for(200)
+    pipe = LOADERS["digits-sd"](out)
+    labels = labels_for(n)
+    t0 = time.perf_counter()
     imgs = generate(pipe, labels, steps=50, guidance_scale=4.0, seed=0)
+    sample_s = time.perf_counter() - t0
+    real = reference_images("test")
+    m50 = {"accuracy": conditional_accuracy(imgs, labels), "fid": fid(real, imgs),
+           "fid_real_floor": fid(real, reference_images("train"))}
     caps = [caption(c) for c in labels]
     wrong = [caption((c + 1) % 10) for c in labels]
     clip_metrics = {}
@@ -132,6 +138,7 @@ def finish_card(out: Path, wall: float, steps: int, n: int = 500) -> dict:
                "DDIM-10 CFG 4 accuracy (200 samples)": m10["accuracy"], "DDIM-10 FID": m10["fid"],
                **clip_metrics,
                "FID of held-out vs train digits (reference floor)": m50["fid_real_floor"],
+               f"seconds to sample {n} images with DDIM-50 + CFG": sample_s,
                "unet parameters": unet_p, "text encoder parameters": text_p}
     write_card(out, "digits-sd",
                "Text-conditioned `StableDiffusionPipeline` for prompts like \"a handwritten digit seven\": "

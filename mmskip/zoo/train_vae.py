@@ -14,7 +14,7 @@ from .data import augment, load_split
 
 __all__ = ["make_vae", "train_vae", "psnr_unit"]
 
-STEPS = 2000
+STEPS = 900
 BATCH = 32
 KL_WEIGHT = 1e-3
 
