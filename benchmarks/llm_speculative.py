@@ -18,8 +18,8 @@ tokens from held-out stdlib modules, ``--new-tokens`` greedy tokens each), round
 
 Reported per config: tokens/s over all prompts (median round), ratio to plain in the same run,
 output equality (prompts whose tokens equal plain's) and token agreement, and for speculative
-configs the acceptance rate (accepted / drafted tokens) and mean accepted length (tokens
-produced per full-model verification forward, accepted drafts + 1).
+configs the acceptance rate (accepted / drafted tokens) and the mean accepted length (drafted
+tokens accepted per full-model verification forward; each verification adds one more token).
 """
 
 from __future__ import annotations
@@ -51,10 +51,9 @@ def build(name: str) -> tuple[torch.nn.Module, Any]:
                           num_attention_heads=max(1, d // 32), num_key_value_heads=max(1, d // 32),
                           max_position_embeddings=1024, pad_token_id=0, bos_token_id=0, eos_token_id=None)
         return LlamaForCausalLM(cfg).eval(), None
-    from mmskip import zoo
+    from mmskip.analysis.cli import load_lm
 
-    model, tok = zoo.load(name)
-    return model.float().eval(), tok
+    return load_lm(name)  # a zoo name or a from_pretrained folder, as float32
 
 
 def held_out_prompts(tok: Any, n: int, length: int, vocab: int) -> list[torch.Tensor]:
@@ -76,34 +75,32 @@ def held_out_prompts(tok: Any, n: int, length: int, vocab: int) -> list[torch.Te
     return prompts
 
 
-class LayerCalls:
-    """Counts tokens through the first and last decoder layer: draft vs verify work of early exit."""
+class DraftCounter:
+    """Counts the candidates transformers' early-exit assistant proposes (wraps its get_candidates)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        layers = mmskip.registry.get_adapter(model).layers
-        self.first = self.last = self.first_calls = self.last_calls = 0
-        self.hooks = [
-            layers[0].register_forward_pre_hook(self._count("first"), with_kwargs=True),
-            layers[-1].register_forward_pre_hook(self._count("last"), with_kwargs=True),
-        ]
+    def __init__(self) -> None:
+        from transformers.generation import candidate_generator as cg
 
-    def _count(self, which: str):
-        def fn(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            setattr(self, which, getattr(self, which) + h.shape[1])
-            setattr(self, which + "_calls", getattr(self, which + "_calls") + 1)
-        return fn
+        self.cls, self.original = cg.EarlyExitCandidateGenerator, cg.EarlyExitCandidateGenerator.get_candidates
+        self.rounds = self.drafted = 0
+
+        def counted(gen_self, input_ids, **kwargs):
+            ids, logits = self.original(gen_self, input_ids, **kwargs)
+            self.rounds += 1
+            self.drafted += ids.shape[1] - input_ids.shape[1]
+            return ids, logits
+
+        self.cls.get_candidates = counted
 
     def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
+        self.cls.get_candidates = self.original
 
 
 def run(model, prompts, new_tokens, kind, arg) -> dict[str, Any]:
     """Generate for every prompt with one config; seconds, outputs and speculative counters."""
     handle = mmskip.apply(model, arg) if kind == "apply" else None
     extra = {"assistant_early_exit": arg} if kind == "early_exit" else {}
-    calls = LayerCalls(model) if kind == "early_exit" else None
+    calls = DraftCounter() if kind == "early_exit" else None
     outs = []
     try:
         start = time.perf_counter()
@@ -120,15 +117,14 @@ def run(model, prompts, new_tokens, kind, arg) -> dict[str, Any]:
             calls.remove()
     res: dict[str, Any] = {"seconds": seconds, "tokens": outs}
     if "verify_forwards" in stats:
-        res.update({k: stats[k] for k in ("acceptance_rate", "tokens_per_verify", "search_seconds", "search_evals",
+        res.update({k: stats[k] for k in ("acceptance_rate", "mean_accepted_length", "search_seconds", "search_evals",
                                           "layer_set", "matchness", "drafted_tokens", "verify_forwards")})
     if calls:
-        generated = sum(len(o) for o in outs)
-        verifies = calls.last_calls - len(prompts)  # one prefill per prompt
-        drafted = calls.first - calls.last  # tokens that went through layer 0 only for drafting
-        accepted = generated - len(prompts) - verifies  # each verify adds one non-draft token
-        res.update({"acceptance_rate": accepted / drafted if drafted else 0.0,
-                    "tokens_per_verify": (generated - len(prompts)) / verifies if verifies else 0.0})
+        # every round is one full-model forward over the candidates and adds accepted + 1 tokens
+        accepted = sum(len(o) for o in outs) - calls.rounds
+        res.update({"acceptance_rate": accepted / calls.drafted if calls.drafted else 0.0,
+                    "mean_accepted_length": accepted / calls.rounds if calls.rounds else 0.0,
+                    "drafted_tokens": calls.drafted, "verify_forwards": calls.rounds})
     return res
 
 
@@ -188,8 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"config": name, "tokens_per_s": n_tok / t, "ratio_vs_plain": base / t, "seconds": t,
                "equal_outputs": f"{equal}/{len(ref)}", "token_agreement": agree,
                "times_s": [r["seconds"] for r in runs]}
-        for key in ("acceptance_rate", "tokens_per_verify", "search_seconds", "search_evals", "layer_set",
-                    "matchness"):
+        for key in ("acceptance_rate", "mean_accepted_length", "search_seconds", "search_evals", "layer_set",
+                    "matchness", "drafted_tokens", "verify_forwards"):
             if key in last:
                 vals = [r[key] for r in runs]
                 row[key] = statistics.mean(vals) if isinstance(vals[0], float) else last[key]
@@ -209,12 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['model']} ({meta['layers']} layers): {meta['prompts']} held-out prompts x {meta['new_tokens']} "
           f"greedy tokens, batch 1, CPU, torch.set_num_threads({meta['threads']}), median of {meta['repeats']} rounds")
-    print("| config | tokens/s | ratio vs plain | equal outputs | token agreement | acceptance | mean accepted "
-          "length (tokens/verify) |")
+    print("| config | tokens/s | ratio vs plain | equal outputs | token agreement | acceptance rate | mean accepted "
+          "length |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         acc = f"{r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "-"
-        tpv = f"{r['tokens_per_verify']:.2f}" if "tokens_per_verify" in r else "-"
+        tpv = f"{r['mean_accepted_length']:.2f}" if "mean_accepted_length" in r else "-"
         print(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.2f}x | {r['equal_outputs']} | "
               f"{r['token_agreement']:.3f} | {acc} | {tpv} |")
 

@@ -9,7 +9,8 @@ the drafted tokens with the full model in one forward: no extra model, no traini
   improvement) of the *matchness*: how often the draft's top-1 token equals the full model's
   on the context (prompt + generated tokens so far, teacher-forced in one forward).
 - **Confidence-aware drafting**: drafting stops when the draft's top-1 probability falls below
-  ``confidence`` (or after ``max_draft`` tokens).
+  ``confidence`` (or after ``max_draft`` tokens). The unconfident token itself is still
+  proposed: its draft forward is already paid for and verifying one more token is nearly free.
 - **Reuse**: the layer set found in one call is kept on the handle and reused by later calls.
 - **Lossless**: greedy output is the full model's greedy output token for token; sampling uses
   the speculative-sampling acceptance rule (Leviathan et al., 2023; Chen et al., 2023), so the
@@ -537,16 +538,16 @@ class _Swift:
                 lg = self._forward(model, torch.tensor([[cur]], device=device), cache, dmask, n + len(drafts), 1, True)
                 if gen.do_sample:
                     q = _probs(lg, gen)[0]
-                    if float(q.max()) < cfg.confidence:
-                        break
+                    confident = float(q.max()) >= cfg.confidence
                     cur = int(torch.multinomial(q, 1))
                     q_rows.append(q)
                 else:
                     top = lg[0].float().softmax(-1).max(-1)
-                    if float(top.values) < cfg.confidence:
-                        break
+                    confident = float(top.values) >= cfg.confidence
                     cur = int(top.indices)
-                drafts.append(cur)
+                drafts.append(cur)  # already paid for: proposed even when unconfident, drafting stops after it
+                if not confident:
+                    break
             _crop(cache, n)
             ids = torch.tensor([[tokens[-1], *drafts]], device=device)
             vmask = None if mask is None else torch.cat([mask, mask.new_ones(1, len(drafts))], 1)

@@ -161,7 +161,9 @@ def test_layer_set_is_reused_across_calls_and_confidence_stops_drafts():
     ref = plain(model, ps[2])
     with mmskip.applied(model, SelfSpeculativeConfig(confidence=1.0, search_trials=2, random_trials=2)) as handle:
         assert torch.equal(plain(model, ps[2]), ref)
-        assert handle.stats()["drafted_tokens"] == 0
+        stats = handle.stats()
+        # one (unconfident) draft per round, none in a last round with room for one token only
+        assert stats["verify_forwards"] - 1 <= stats["drafted_tokens"] <= stats["verify_forwards"]
 
 
 def test_remove_restores_generate_and_outputs():

@@ -27,12 +27,14 @@ def load_lm(name: str) -> tuple[torch.nn.Module, Any]:
         loaded = zoo.load(name)
         if not isinstance(loaded, tuple):
             raise ValueError(f"zoo model {name!r} is not a language model")
-        return loaded
-    if not Path(name).is_dir():
-        raise FileNotFoundError(f"--model {name!r} is neither a zoo name ({', '.join(zoo.NAMES)}) nor a folder")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        model, tokenizer = loaded
+    elif Path(name).is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    else:
+        raise FileNotFoundError(f"--model {name!r} is neither a zoo name ({', '.join(zoo.NAMES)}) nor a folder")
+    return model.float().eval(), tokenizer  # float32: analysis on CPU
 
 
 def chunk_text(tokenizer: Any, text: str, chunks: int, chunk_tokens: int) -> torch.Tensor:
