@@ -150,7 +150,8 @@ def skip_effects(
 ) -> dict[str, Any]:
     """Skip each layer alone. ``residual[i][j]``: relative change of the residual stream leaving
     layer ``j`` (0 for ``j < i``, which skipping ``i`` cannot change); ``output_kl[i]`` and
-    ``output_agreement[i]``: effect on the next-token distribution and top-1 token."""
+    ``output_agreement[i]``: effect on the next-token distribution and top-1 token. The residual
+    leaving the last layer is read after the final norm (what transformers' hidden_states hold)."""
     adapter = get_adapter(model, "decoder")
     L = adapter.num_layers
     valid = _valid(attention_mask, input_ids.shape)
@@ -245,8 +246,8 @@ class DepthReport:
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [4, 1]})
         eff = np.array(self.skip_effect["residual"], dtype=float)
-        eff[np.tril_indices(L, -1)[::-1]] = np.nan  # j < i: not reachable
-        im = axes[0].imshow(eff, cmap="viridis", origin="upper")
+        eff[np.tril_indices(L, -1)] = np.nan  # row i, column j < i: skipping i cannot change it
+        im = axes[0].imshow(eff, cmap="viridis", origin="upper", aspect="auto")
         axes[0].set(xlabel="layer j (later)", ylabel="skipped layer i", title="relative residual change at j")
         fig.colorbar(im, ax=axes[0])
         axes[1].barh(x, self.skip_effect["output_kl"])
