@@ -575,7 +575,7 @@ class _Swift:
         c.generated += len(tokens)
         seq = torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype, device=device)], 1)
         if gen.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=seq, past_key_values=cache)
+            return GenerateDecoderOnlyOutput(sequences=seq, cache=cache)
         return seq
 
 

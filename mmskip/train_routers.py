@@ -7,8 +7,9 @@ quality vs layers-skipped curve.
 Training (FiRST, Jain et al., 2024): each routed layer's output is gated softly by its router's
 mean keep probability over the sequence, ``h + p * (layer(h) - h)``; the loss is the KL
 divergence from the unmodified model's next-token distribution (quality) plus ``sparsity`` x
-the mean keep probability over layers (latency). Only the routers (and LoRA adapters, if asked)
-train. ``--sparsity`` is the training-time knob; ``RouterConfig.threshold`` the inference-time one.
+the mean keep probability over layers (latency). ``--straight-through`` makes the forward use the
+hard decisions inference uses (gradients still flow through p). Only the routers (and LoRA
+adapters, if asked) train. ``--sparsity`` is the training-time knob; ``RouterConfig.threshold`` the inference-time one.
 
 Evaluation: each held-out window's first half is the prompt (the routers decide on it, with
 hard decisions, exactly as ``RouterConfig`` does at prefill), the second half is scored through
@@ -38,8 +39,12 @@ __all__ = ["soft_gates", "train_routers", "evaluate_routers", "windows"]
 
 
 @contextmanager
-def soft_gates(model: torch.nn.Module, routers: Routers, mask: torch.Tensor | None = None) -> Iterator[list]:
+def soft_gates(
+    model: torch.nn.Module, routers: Routers, mask: torch.Tensor | None = None, straight_through: bool = False
+) -> Iterator[list]:
     """Gate every routed layer by its router's sequence keep probability (differentiable).
+    ``straight_through``: the forward uses the hard decision (keep iff p >= 0.5, as
+    ``RouterConfig(threshold=0.5)`` does) and gradients flow through p.
     Yields the list that collects each layer's (batch,) keep probabilities during a forward."""
     adapter = get_adapter(model, "decoder")
     probs: list[torch.Tensor] = []
@@ -57,7 +62,8 @@ def soft_gates(model: torch.nn.Module, routers: Routers, mask: torch.Tensor | No
             out = output[0] if isinstance(output, tuple) else output
             p = routers[i].sequence_keep(h, mask)
             probs.append(p)
-            gated = h + p.to(h.dtype)[:, None, None] * (out - h)
+            gate = p + ((p >= 0.5).to(p.dtype) - p).detach() if straight_through else p
+            gated = h + gate.to(h.dtype)[:, None, None] * (out - h)
             return (gated, *output[1:]) if isinstance(output, tuple) else gated
         return fn
 
@@ -90,6 +96,7 @@ def train_routers(
     sparsity: float = 0.5,
     lora: bool = False,
     log_every: int = 25,
+    straight_through: bool = False,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train ``routers`` (and LoRA adapters if ``lora``) on windows ``data`` (n, seq_len).
     Returns the model (a peft model when ``lora``) and the loss history."""
@@ -118,7 +125,7 @@ def train_routers(
                     ref = teacher(input_ids=ids).logits
             else:
                 ref = model(input_ids=ids).logits
-        with soft_gates(base, routers) as probs:
+        with soft_gates(base, routers, straight_through=straight_through) as probs:
             logits = model(input_ids=ids).logits
         kl = F.kl_div(logits.float().log_softmax(-1), ref.float().log_softmax(-1), log_target=True,
                       reduction="none").sum(-1).mean()
@@ -156,7 +163,7 @@ def evaluate_routers(
 def _score(model: torch.nn.Module, ids: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits for positions half..end-1 computed through the cache after a prefill of ``ids[:, :half]``."""
     out = model(input_ids=ids[:, :half], use_cache=True)
-    cont = model(input_ids=ids[:, half:-1], cache=out.past_key_values, use_cache=True)
+    cont = model(input_ids=ids[:, half:-1], cache=out.cache, use_cache=True)
     logits = torch.cat([out.logits[:, -1:], cont.logits], 1)[0]
     return logits, ids[0, half:]
 
@@ -195,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsity", type=float, default=0.5, help="weight of the mean keep probability in the loss")
     ap.add_argument("--width", type=int, default=64, help="router hidden width")
     ap.add_argument("--lora", action="store_true", help="also train LoRA adapters (peft); saved beside the routers")
+    ap.add_argument("--straight-through", action="store_true",
+                    help="train with hard keep/skip decisions in the forward (gradients through p)")
     ap.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--eval-windows", type=int, default=24)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -210,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     data = windows(train_ids, args.seq_len, max(64, args.steps * args.batch // 4), seed=0)
     routers = Routers.for_model(model, width=args.width)
     t0 = time.time()
-    trained, history = train_routers(model, routers, data, args.steps, args.batch, args.lr, args.sparsity, args.lora)
+    trained, history = train_routers(model, routers, data, args.steps, args.batch, args.lr, args.sparsity, args.lora,
+                                     straight_through=args.straight_through)
     seconds = time.time() - t0
     out = Path(args.out)
     routers.save(out, model=args.model, sparsity=args.sparsity, steps=args.steps, lora=args.lora)

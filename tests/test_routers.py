@@ -157,3 +157,20 @@ def test_training_with_lora(tmp_path):
     assert len(hist) == 3
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_straight_through_gates_are_hard_in_forward():
+    model = tiny_lm("llama", layers=6)
+    ids = torch.randint(3, 128, (2, 10))
+    routers = Routers.for_model(model, width=8)
+    with torch.no_grad():
+        for i in routers.routed:
+            routers[i].fc2.weight.zero_()
+            routers[i].fc2.bias.fill_(1.0 if i != 2 else -1.0)  # p = 0.73 (kept) / 0.27 (skipped)
+    with soft_gates(model, routers, straight_through=True) as probs:
+        hard = model(input_ids=ids).logits
+    ref = recompute_logits(model, registry.get_adapter(model), ids, torch.ones_like(ids), 0, skip_layers=[2])
+    torch.testing.assert_close(hard, ref, atol=1e-4, rtol=1e-4)
+    hard.sum().backward()
+    assert routers[2].fc2.bias.grad is not None and routers[2].fc2.bias.grad.abs() > 0
+    assert len(probs) == 5

@@ -88,9 +88,9 @@ def test_cache_holds_full_model_kv_for_accepted_tokens():
     with mmskip.applied(model, cfg) as handle:
         out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
         assert handle.stats()["drafted_tokens"] > 0
-    seq, cache = out.sequences, out.past_key_values
+    seq, cache = out.sequences, out.cache
     with torch.no_grad():
-        full = model(input_ids=seq[:, :-1], use_cache=True).past_key_values
+        full = model(input_ids=seq[:, :-1], use_cache=True).cache
     assert all(layer.keys.shape[2] == seq.shape[1] - 1 for layer in cache.layers)
     for mine, ref in zip(cache.layers, full.layers):
         torch.testing.assert_close(mine.keys, ref.keys, atol=1e-5, rtol=1e-4)
