@@ -118,7 +118,10 @@ def run(model, prompts, new_tokens, kind, arg) -> dict[str, Any]:
     res: dict[str, Any] = {"seconds": seconds, "tokens": outs}
     if "verify_forwards" in stats:
         res.update({k: stats[k] for k in ("acceptance_rate", "mean_accepted_length", "search_seconds", "search_evals",
-                                          "layer_set", "matchness", "drafted_tokens", "verify_forwards")})
+                                          "layer_set", "matchness", "drafted_tokens", "verify_forwards",
+                                          "draft_forwards", "draft_seconds", "verify_seconds")})
+        res["draft_ms"] = 1e3 * stats["draft_seconds"] / max(stats["draft_forwards"], 1)
+        res["verify_ms"] = 1e3 * stats["verify_seconds"] / max(stats["verify_forwards"], 1)
     if calls:
         # every round is one full-model forward over the candidates and adds accepted + 1 tokens
         accepted = sum(len(o) for o in outs) - calls.rounds
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                "equal_outputs": f"{equal}/{len(ref)}", "token_agreement": agree,
                "times_s": [r["seconds"] for r in runs]}
         for key in ("acceptance_rate", "mean_accepted_length", "search_seconds", "search_evals", "layer_set",
-                    "matchness", "drafted_tokens", "verify_forwards"):
+                    "matchness", "drafted_tokens", "verify_forwards", "draft_forwards", "draft_ms", "verify_ms"):
             if key in last:
                 vals = [r[key] for r in runs]
                 row[key] = statistics.mean(vals) if isinstance(vals[0], float) else last[key]
@@ -194,25 +197,41 @@ def main(argv: list[str] | None = None) -> dict:
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "batch": 1, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "first_search_layer_set": first}
-    _print(rows, meta)
+    meta["plain_ms_per_token"] = 1e3 * base / sum(len(o) for o in ref)
+    text = _print(rows, meta)
     out = Path(args.out) if args.out else RESULTS / f"llm_speculative_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
     return {"meta": meta, "rows": rows}
 
 
-def _print(rows: list[dict], meta: dict) -> None:
-    print(f"\n{meta['model']} ({meta['layers']} layers): {meta['prompts']} held-out prompts x {meta['new_tokens']} "
-          f"greedy tokens, batch 1, CPU, torch.set_num_threads({meta['threads']}), median of {meta['repeats']} rounds")
-    print("| config | tokens/s | ratio vs plain | equal outputs | token agreement | acceptance rate | mean accepted "
-          "length |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+def _print(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"{meta['model']} ({meta['layers']} layers): {meta['prompts']} held-out prompts x {meta['new_tokens']} greedy "
+        f"tokens, batch 1, CPU, torch.set_num_threads({meta['threads']}), median of {meta['repeats']} rounds; "
+        f"plain generate {meta['plain_ms_per_token']:.1f} ms/token",
+        "",
+        "| config | tokens/s | ratio vs plain | equal outputs | token agreement | acceptance rate | mean accepted "
+        "length | draft / verify forward ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         acc = f"{r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "-"
-        tpv = f"{r['mean_accepted_length']:.2f}" if "mean_accepted_length" in r else "-"
-        print(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.2f}x | {r['equal_outputs']} | "
-              f"{r['token_agreement']:.3f} | {acc} | {tpv} |")
+        mal = f"{r['mean_accepted_length']:.2f}" if "mean_accepted_length" in r else "-"
+        ms = f"{r['draft_ms']:.1f} / {r['verify_ms']:.1f}" if "draft_ms" in r else "-"
+        lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.2f}x | {r['equal_outputs']} | "
+                     f"{r['token_agreement']:.3f} | {acc} | {mal} | {ms} |")
+    for r in rows:
+        if r.get("layer_set"):
+            ls = r["layer_set"]
+            lines.append(f"\n{r['config']}: draft skips attention {ls['attn_skip']} and MLP {ls['mlp_skip']}"
+                         + (f" (matchness {r['matchness']:.2f}, search {r['search_seconds']:.2f} s / round)"
+                            if r.get("matchness") is not None else ""))
+    text = "\n".join(lines)
+    print("\n" + text)
+    return text
 
 
 if __name__ == "__main__":

@@ -359,6 +359,9 @@ class _Counters:
     accepted: int = 0
     search_evals: int = 0
     search_seconds: float = 0.0
+    draft_forwards: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
     accepted_per_round: list[int] = field(default_factory=list)
 
 
@@ -396,6 +399,9 @@ class _Swift:
             "tokens_per_verify": c.generated / c.rounds if c.rounds else 0.0,
             "search_evals": c.search_evals,
             "search_seconds": c.search_seconds,
+            "draft_forwards": c.draft_forwards,
+            "draft_seconds": c.draft_seconds,  # wall time in draft forwards
+            "verify_seconds": c.verify_seconds,  # wall time in verification forwards
         }
 
     def reset_layer_set(self) -> None:
@@ -535,7 +541,10 @@ class _Swift:
             cur = tokens[-1]
             while len(drafts) < budget:
                 dmask = None if mask is None else torch.cat([mask, mask.new_ones(1, len(drafts))], 1)
+                t0 = time.perf_counter()
                 lg = self._forward(model, torch.tensor([[cur]], device=device), cache, dmask, n + len(drafts), 1, True)
+                c.draft_seconds += time.perf_counter() - t0
+                c.draft_forwards += 1
                 if gen.do_sample:
                     q = _probs(lg, gen)[0]
                     confident = float(q.max()) >= cfg.confidence
@@ -551,7 +560,9 @@ class _Swift:
             _crop(cache, n)
             ids = torch.tensor([[tokens[-1], *drafts]], device=device)
             vmask = None if mask is None else torch.cat([mask, mask.new_ones(1, len(drafts))], 1)
+            t0 = time.perf_counter()
             lg = self._forward(model, ids, cache, vmask, n, 0, draft=False)
+            c.verify_seconds += time.perf_counter() - t0
             d = torch.tensor(drafts, dtype=torch.long, device=device)
             if gen.do_sample:
                 q = torch.stack(q_rows) if q_rows else lg.new_zeros(0, lg.shape[-1])
