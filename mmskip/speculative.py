@@ -11,7 +11,9 @@ the drafted tokens with the full model in one forward: no extra model, no traini
 - **Confidence-aware drafting**: drafting stops when the draft's top-1 probability falls below
   ``confidence`` (or after ``max_draft`` tokens). The unconfident token itself is still
   proposed: its draft forward is already paid for and verifying one more token is nearly free.
-- **Reuse**: the layer set found in one call is kept on the handle and reused by later calls.
+- **Reuse**: the layer set found in one call is kept on the handle and reused by later calls;
+  a call whose acceptance rate falls below ``reoptimize_below`` makes the next call search again
+  (SWIFT re-optimises when the input distribution shifts).
 - **Lossless**: greedy output is the full model's greedy output token for token; sampling uses
   the speculative-sampling acceptance rule (Leviathan et al., 2023; Chen et al., 2023), so the
   sampled tokens follow the full model's distribution.
@@ -289,7 +291,8 @@ class SelfSpeculativeConfig(SkipConfig):
     ``search_trials``: layer sets evaluated in all (the first ``random_trials`` at random, the
     rest by Bayesian optimisation), ``trials_per_round`` of them after each verification,
     until one reaches matchness ``target_score``. ``search_window``: context tokens (the most
-    recent) scored per trial. ``reuse``: keep the best layer set for later ``generate`` calls.
+    recent) scored per trial. ``reuse``: keep the best layer set for later ``generate`` calls;
+    ``reoptimize_below``: forget it after a call whose acceptance rate is below this (0: never).
     """
 
     technique: ClassVar[str] = "self_speculative"
@@ -304,6 +307,7 @@ class SelfSpeculativeConfig(SkipConfig):
     target_score: float = 0.95
     search_window: int = 96
     reuse: bool = True
+    reoptimize_below: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -315,6 +319,8 @@ class SelfSpeculativeConfig(SkipConfig):
             raise ValueError(f"SelfSpeculativeConfig.confidence must lie in [0, 1], got {self.confidence}")
         if self.search_trials < 1 or self.random_trials < 1 or self.trials_per_round < 1:
             raise ValueError("search_trials, random_trials and trials_per_round must be >= 1")
+        if not 0.0 <= self.reoptimize_below <= 1.0:
+            raise ValueError(f"SelfSpeculativeConfig.reoptimize_below must lie in [0, 1], got {self.reoptimize_below}")
         if self.search_window < 2:
             raise ValueError(f"SelfSpeculativeConfig.search_window must be >= 2, got {self.search_window}")
         for name in ("attn_skip", "mlp_skip"):
@@ -525,6 +531,7 @@ class _Swift:
             nxt = int(logits[-1].argmax())
         tokens = [nxt]
         search = None
+        drafted0, accepted0 = c.drafted, c.accepted
         if self.layer_set is None or not cfg.reuse and not cfg.fixed and c.calls > 1:
             search = _LayerSetSearch(self.units, self.n_skip, cfg.random_trials, cfg.seed + c.calls)
             self._search(model, search, input_ids, cfg.random_trials)
@@ -584,6 +591,9 @@ class _Swift:
                 self._search(model, search, context, cfg.trials_per_round)
         tokens = tokens[:max_new]
         c.generated += len(tokens)
+        drafted = c.drafted - drafted0
+        if drafted and (c.accepted - accepted0) / drafted < cfg.reoptimize_below:
+            self.reset_layer_set()
         seq = torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype, device=device)], 1)
         if gen.return_dict_in_generate:
             return GenerateDecoderOnlyOutput(sequences=seq, cache=cache)

@@ -158,6 +158,11 @@ def test_layer_set_is_reused_across_calls_and_confidence_stops_drafts():
         second = handle.stats()
     assert first["search_evals"] > 0 and second["search_evals"] == first["search_evals"]
     assert second["layer_set"] == first["layer_set"]
+    with mmskip.applied(model, SelfSpeculativeConfig(**EAGER, reoptimize_below=1.0)) as handle:
+        plain(model, ps[1])
+        assert handle.stats()["acceptance_rate"] < 1.0  # so the next call searches again
+        plain(model, ps[2])
+        assert handle.stats()["search_evals"] == 2 * first["search_evals"]
     ref = plain(model, ps[2])
     with mmskip.applied(model, SelfSpeculativeConfig(confidence=1.0, search_trials=2, random_trials=2)) as handle:
         assert torch.equal(plain(model, ps[2]), ref)
