@@ -48,19 +48,23 @@ def chunk_text(tokenizer: Any, text: str, chunks: int, chunk_tokens: int) -> tor
 
 
 def summary(report: DepthReport) -> str:
+    import statistics
+
     c, e = report.contributions, report.skip_effect
     half = report.num_layers // 2
-    first = sum(c["layer"][:half]) / max(half, 1)
-    second = sum(c["layer"][half:]) / max(report.num_layers - half, 1)
+    first = statistics.median(c["layer"][:half])
+    second = statistics.median(c["layer"][half:])
     lines = [
         f"{report.model}: {report.num_layers} layers, {report.tokens} tokens",
-        f"mean relative layer contribution: first half {first:.3f}, second half {second:.3f}",
-        "layer  attn   mlp    layer  skip-KL  skip-agree  void(PP) void(RG)",
+        f"median relative layer contribution: first half {first:.3f}, second half {second:.3f}",
+        "relative contribution (||out||/||residual||) | skip -> output KL, top-1 agreement (layer, attn, MLP) | voids",
+        "layer   attn    mlp  layer |  KL     agree  attn-agree mlp-agree | PP   RG",
     ]
     for i in range(report.num_layers):
         lines.append(
-            f"{i:5d}  {c['attn'][i]:.3f}  {c['mlp'][i]:.3f}  {c['layer'][i]:.3f}  {e['output_kl'][i]:7.4f}  "
-            f"{e['output_agreement'][i]:10.3f}  {report.voids['prompt'][i]:8.2f} {report.voids['response'][i]:8.2f}"
+            f"{i:5d} {c['attn'][i]:6.3f} {c['mlp'][i]:6.3f} {c['layer'][i]:6.3f} | {e['output_kl'][i]:6.4f} "
+            f"{e['output_agreement'][i]:6.3f} {e['attn_output_agreement'][i]:9.3f} {e['mlp_output_agreement'][i]:9.3f} |"
+            f" {report.voids['prompt'][i]:.2f} {report.voids['response'][i]:.2f}"
         )
     lines.append("joint skip curve (least-effect layers first): n_skipped -> top-1 agreement, KL")
     for p in report.curve:

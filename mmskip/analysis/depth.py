@@ -76,6 +76,23 @@ def _skipping(adapter: DecoderAdapter, layers: set[int] | list[int]) -> Iterator
             h.remove()
 
 
+@contextmanager
+def _zeroing(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Temporarily make attention / MLP sublayers add nothing to the residual stream."""
+
+    def zero(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    hooks = [m.register_forward_hook(zero, with_kwargs=True, prepend=True) for m in modules]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def sublayer_contributions(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -151,7 +168,9 @@ def skip_effects(
     """Skip each layer alone. ``residual[i][j]``: relative change of the residual stream leaving
     layer ``j`` (0 for ``j < i``, which skipping ``i`` cannot change); ``output_kl[i]`` and
     ``output_agreement[i]``: effect on the next-token distribution and top-1 token. The residual
-    leaving the last layer is read after the final norm (what transformers' hidden_states hold)."""
+    leaving the last layer is read after the final norm (what transformers' hidden_states hold).
+    ``attn_output_kl`` / ``attn_output_agreement`` and ``mlp_...``: the same output effects when
+    only layer ``i``'s attention or MLP sublayer is skipped (the units SWIFT's draft skips)."""
     adapter = get_adapter(model, "decoder")
     L = adapter.num_layers
     valid = _valid(attention_mask, input_ids.shape)
@@ -166,7 +185,15 @@ def skip_effects(
             a, b = ref_h[j + 1], out.hidden_states[j + 1]
             residual[i][j] = _mean((b - a).norm(dim=-1) / a.norm(dim=-1).clamp(min=1e-12), valid)
         kl[i], agree[i] = _output_effect(ref.logits, out.logits, valid)
-    return {"residual": residual, "output_kl": kl, "output_agreement": agree}
+    result = {"residual": residual, "output_kl": kl, "output_agreement": agree}
+    for kind, get in (("attn", adapter.attention), ("mlp", adapter.mlp)):  # sublayers: what SWIFT's draft skips
+        kl_s, agree_s = [0.0] * L, [0.0] * L
+        for i in range(L):
+            with _zeroing([get(i)]):
+                logits = _forward(model, input_ids, attention_mask).logits
+            kl_s[i], agree_s[i] = _output_effect(ref.logits, logits, valid)
+        result[f"{kind}_output_kl"], result[f"{kind}_output_agreement"] = kl_s, agree_s
+    return result
 
 
 @torch.no_grad()
@@ -250,9 +277,14 @@ class DepthReport:
         im = axes[0].imshow(eff, cmap="viridis", origin="upper", aspect="auto")
         axes[0].set(xlabel="layer j (later)", ylabel="skipped layer i", title="relative residual change at j")
         fig.colorbar(im, ax=axes[0])
-        axes[1].barh(x, self.skip_effect["output_kl"])
+        e = self.skip_effect
+        axes[1].plot(e["output_agreement"], x, "ko-", label="layer")
+        if "attn_output_agreement" in e:
+            axes[1].plot(e["attn_output_agreement"], x, "s--", label="attention only")
+            axes[1].plot(e["mlp_output_agreement"], x, "^--", label="MLP only")
         axes[1].invert_yaxis()
-        axes[1].set(xlabel="output KL", title="at the output")
+        axes[1].set(xlabel="top-1 agreement", title="at the output")
+        axes[1].legend(fontsize=7)
         paths.append(_save(fig, folder / "skip_effect.png"))
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -307,7 +339,7 @@ def depth_report(
     effects = skip_effects(model, input_ids, attention_mask)
     vp = slice(0, void_prompts)
     voids = void_layers(
-        model, input_ids[vp], None if attention_mask is None else attention_mask[vp],
+        model, input_ids[vp], torch.ones_like(input_ids[vp]) if attention_mask is None else attention_mask[vp],
         alpha=void_alpha, max_new_tokens=void_new_tokens, max_skip=max_skip,
     ).to_dict()
     budget = int(max_skip * L)

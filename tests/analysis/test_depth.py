@@ -122,3 +122,12 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "skip_effect.png").exists()
     with pytest.raises(ValueError, match="fewer than one chunk"):
         cli.chunk_text(_CharTokenizer(), "abc", 2, 24)
+
+
+def test_sublayer_skip_effects_known_case():
+    model = tiny_lm("llama", layers=4)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.zero_()  # MLP 2 adds nothing; attention 2 still does
+    e = depth.skip_effects(model, batch())
+    assert e["mlp_output_agreement"][2] == 1.0 and e["mlp_output_kl"][2] == pytest.approx(0.0, abs=1e-6)
+    assert e["attn_output_kl"][2] > 0 and len(e["attn_output_agreement"]) == 4
