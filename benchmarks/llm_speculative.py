@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
     p.add_argument("--early-exit", type=int, nargs="*", default=None, help="k values (default L/4, L/2, 3L/4)")
-    p.add_argument("--skip-ratio", type=float, nargs="*", default=[0.45], help="SWIFT skip ratios to run")
-    p.add_argument("--max-draft", type=int, default=10)
+    p.add_argument("--skip-ratio", type=float, nargs="*", default=[0.1, 0.2, 0.45],
+                   help="SWIFT skip ratios to run (0.45: the paper's; lower suits a small model)")
+    p.add_argument("--max-draft", type=int, default=6)
     p.add_argument("--confidence", type=float, default=0.6)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -301,11 +301,11 @@ class SelfSpeculativeConfig(SkipConfig):
     mlp_skip: tuple[int, ...] | None = None
     max_draft: int = 10
     confidence: float = 0.6
-    search_trials: int = 40
-    random_trials: int = 10
+    search_trials: int = 24
+    random_trials: int = 8
     trials_per_round: int = 2
     target_score: float = 0.95
-    search_window: int = 96
+    search_window: int = 64
     reuse: bool = True
     reoptimize_below: float = 0.0
     seed: int = 0
