@@ -493,6 +493,27 @@ def plot(results: dict[str, Any], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def merge(parts: list[Path], out: Path) -> int:
+    """One JSON, table and plot from per-model runs (each run keeps its own settings)."""
+    results: dict[str, Any] = {"runs": {}, "models": {}}
+    for p in parts:
+        d = json.loads(p.read_text())
+        for name, res in d["models"].items():
+            results["models"][name] = res
+            results["runs"][name] = {k: v for k, v in d.items() if k != "models"}
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    tables = []
+    for name, res in results["models"].items():
+        run = results["runs"][name]
+        head = (f"torch.set_num_threads({run['torch_threads']}), CPU, {run['steps']} steps, n={run['n']} images, "
+                f"CFG {run['guidance_scale']}")
+        tables.append(head + "\n\n" + print_table(name, res))
+    out.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
+    plot(results, out.with_name(out.stem + "_pareto.png"))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["digits-dit", "digits-sd"])
@@ -507,7 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
     ap.add_argument("--smoke", action="store_true", help="tiny random pipelines, every code path, seconds")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--merge", nargs="+", type=Path, help="combine earlier result JSONs (one per model) into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out or RESULTS / "diffusion.json")
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / ("diffusion_smoke.json" if args.smoke else "diffusion.json")
