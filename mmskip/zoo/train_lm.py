@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ __all__ = ["train_tokenizer", "train_stdlib_lm", "perplexity", "skip_agreement"]
 VOCAB = 4096
 SEQ = 256
 BATCH = 12
-STEPS = 800
+STAGES = ((800, 3e-3), (900, 2e-3))  # (steps, peak lr) per stage
 LR = 3e-3
 EOS = "<|endoftext|>"
 
@@ -68,21 +69,15 @@ def perplexity(model, stream: torch.Tensor, seq: int = SEQ, max_windows: int = 2
     return math.exp(tot / cnt)
 
 
-def train_stdlib_lm(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    t0 = time.time()
-    train_texts, test_texts = read_texts("train"), read_texts("test")
-    tok = train_tokenizer(train_texts)
-    train_ids, test_ids = _stream(tok, train_texts), _stream(tok, test_texts)
-    model = make_model(len(tok))
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+def _train_stage(model, train_ids: torch.Tensor, steps: int, lr: float, seed: int, desc: str) -> None:
+    """AdamW (fresh state) with 50 warm-up steps and a cosine decay to 10 % over ``steps``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = 50
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="stdlib-lm")
     model.train()
-    for _ in bar:
+    for _ in (bar := tqdm(range(steps), desc=desc)):
         starts = torch.randint(0, len(train_ids) - SEQ - 1, (BATCH,), generator=g)
         x = torch.stack([train_ids[s:s + SEQ] for s in starts])
         loss = model(input_ids=x, labels=x).loss
@@ -92,7 +87,32 @@ def train_stdlib_lm(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    wall = time.time() - t0
+
+
+def train_stdlib_lm(out: Path, steps: int | None = None, seed: int = 0, start_stage: int = 0) -> dict:
+    """Train in ``STAGES`` (warm restarts: fresh AdamW + cosine each, weights rounded to fp16 between
+    stages exactly as when a stage's checkpoint is saved). ``start_stage=k`` resumes from the fp16
+    checkpoint in ``out`` written after stage ``k - 1``. ``steps`` (smoke tests) runs one stage."""
+    from .loaders import LOADERS
+
+    torch.manual_seed(seed)
+    t0 = time.time()
+    train_texts, test_texts = read_texts("train"), read_texts("test")
+    stages = ((steps, LR),) if steps is not None else STAGES
+    prev_wall = 0.0
+    if start_stage == 0:
+        tok = train_tokenizer(train_texts)
+        model = make_model(len(tok))
+    else:
+        model, tok = LOADERS["stdlib-lm"](Path(out))
+        prev_wall = json.loads((Path(out) / "metrics.json").read_text())["wall_time_s"]
+    train_ids, test_ids = _stream(tok, train_texts), _stream(tok, test_texts)
+    for k in range(start_stage, len(stages)):
+        n, lr = stages[k]
+        _train_stage(model, train_ids, n, lr, seed + k, f"stdlib-lm stage {k + 1}/{len(stages)}")
+        model.to(torch.float16).float()
+    steps = sum(n for n, _ in stages)
+    wall = time.time() - t0 + prev_wall
     ppl = perplexity(model, test_ids)
     train_ppl = perplexity(model, train_ids[: len(test_ids)])
     prompt = "def read_file(path):\n"
@@ -112,8 +132,9 @@ def train_stdlib_lm(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
                f"path CRC32 % 20 == 0 are held out ({len(test_texts)} files, {len(test_ids)} tokens). "
                f"Byte-level BPE tokenizer ({len(tok)} tokens) trained with `tokenizers` on the train files.",
                f"`LlamaForCausalLM`, {c.num_hidden_layers} layers, d={c.hidden_size}, {c.num_attention_heads} heads, "
-               f"SwiGLU {c.intermediate_size}, tied embeddings, {n_params / 1e6:.2f}M parameters. AdamW lr {LR} "
-               f"(warm-up 50, cosine to 10 %), batch {BATCH}×{SEQ} tokens, {steps} steps, grad clip 1. Saved in fp16.",
+               f"SwiGLU {c.intermediate_size}, tied embeddings, {n_params / 1e6:.2f}M parameters. Stages (steps, peak lr): "
+               f"{list(stages)}; each a fresh AdamW (β 0.9/0.95, wd 0.1) with 50 warm-up steps and cosine decay to "
+               f"10 % (warm restarts); batch {BATCH}×{SEQ} tokens, {steps} steps in all, grad clip 1. Saved in fp16.",
                metrics, wall, extra=f"\n## Greedy sample\n```python\n{sample}\n```\n")
     skip_agreement(out)
     return metrics

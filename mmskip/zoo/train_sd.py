@@ -18,7 +18,7 @@ from .train_dit import encode_augmented, make_scheduler
 
 __all__ = ["make_unet", "make_text_encoder", "train_sd"]
 
-STEPS = 2000
+STEPS = 2500
 BATCH = 64
 LR = 1e-3
 EMA = 0.999
