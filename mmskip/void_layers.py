@@ -1,9 +1,15 @@
 """Void layers (Shemiranifar, 2025): detect unactivated layers with L2 Adaptive Computation (LAC).
 
-LAC watches the L2 norm of each token's residual stream as it leaves every layer. A layer is
-*active* for a token when the change it makes to that norm is at least ``alpha`` times the
-largest change any layer makes for the same token (a per-token, dynamic threshold); otherwise
-it is a *void* for that token.
+LAC watches the L2 norm of each token's residual stream as it leaves every layer. Layer ``l``'s
+progress is ``d_l = ||h_l|| - ||h_(l-1)||``; its dynamic, per-token threshold is ``alpha`` times
+the range (max - min) of the progress values of layers ``0..l``. A layer whose progress falls
+below its threshold is a *void* for that token; the others are *active*.
+
+One deviation, on by default (``lift_layers=1``): Llama-style models lift the tiny embedding
+norm into the residual stream's scale in their first layer (0.8 -> 62 on the zoo's stdlib-lm),
+and that single jump would set every later layer's threshold, marking all of them void. The
+first ``lift_layers`` layers are therefore left out of the threshold and never count as void;
+``lift_layers=0`` gives the literal rule.
 
 ``VoidLayerConfig`` traces the prompt (prompt processing, PP) through the full model, then
 skips during response generation (RG) the layers that were void for at least
@@ -29,11 +35,15 @@ from .schedules import AdaptiveSchedule
 __all__ = ["VoidLayerConfig", "lac_voids"]
 
 
-def lac_voids(norms: torch.Tensor, alpha: float) -> torch.Tensor:
+def lac_voids(norms: torch.Tensor, alpha: float, lift_layers: int = 0) -> torch.Tensor:
     """LAC void mask. ``norms``: (L + 1, ...) residual L2 norms entering layer 0 and leaving each
-    layer. Returns (L, ...) booleans: True where the layer is void for that token."""
-    change = (norms[1:] - norms[:-1]).abs()
-    return change < alpha * change.amax(dim=0, keepdim=True)
+    layer. Returns (L, ...) booleans: True where the layer is void for that token. The first
+    ``lift_layers`` layers are never void and stay out of the threshold."""
+    progress = (norms[1:] - norms[:-1])[lift_layers:]
+    spread = progress.cummax(dim=0).values - progress.cummin(dim=0).values
+    void = torch.zeros(norms.shape[0] - 1, *norms.shape[1:], dtype=torch.bool, device=norms.device)
+    void[lift_layers:] = progress < alpha * spread
+    return void
 
 
 class _Tracer:
@@ -88,8 +98,8 @@ class _NormHook(ModelHook):
         return output
 
 
-def _choose(rec: dict[str, Any], alpha: float, min_fraction: float, max_layers: int) -> set[int]:
-    void = lac_voids(rec["norms"], alpha)  # (L, B, T)
+def _choose(rec: dict[str, Any], alpha: float, lift: int, min_fraction: float, max_layers: int) -> set[int]:
+    void = lac_voids(rec["norms"], alpha, lift)  # (L, B, T)
     valid = rec["valid"].unsqueeze(0)
     frac = (void & valid).sum(-1).float() / valid.sum(-1).clamp(min=1).float()  # (L, B)
     worst = frac.amin(dim=1)  # a layer is skipped only if void for every sequence in the batch
@@ -103,14 +113,15 @@ class VoidLayerConfig(SkipConfig):
     """Skip the prompt's void layers while generating (LAC, "Void in Language Models").
 
     ``schedule``: ``adaptive(alpha, "l2_change", max_skip=...)`` — ``alpha`` is LAC's threshold
-    factor (a layer is active for a token when its L2-norm change >= alpha x the token's largest
-    change); ``max_skip`` caps the fraction of layers skipped. ``min_void_fraction``: a layer is
+    factor (see the module docstring); ``max_skip`` caps the fraction of layers skipped. ``min_void_fraction``: a layer is
     skipped when it is void for at least this fraction of every sequence's prompt tokens.
+    ``lift_layers``: leading layers left out of LAC's threshold (see the module docstring).
     """
 
     technique: ClassVar[str] = "void_layers"
-    schedule: AdaptiveSchedule = AdaptiveSchedule(threshold=0.8, signal="l2_change", max_skip=0.5)
+    schedule: AdaptiveSchedule = AdaptiveSchedule(threshold=0.5, signal="l2_change", max_skip=0.25)
     min_void_fraction: float = 0.5
+    lift_layers: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, AdaptiveSchedule) or self.schedule.signal != "l2_change":
@@ -119,6 +130,8 @@ class VoidLayerConfig(SkipConfig):
             raise ValueError(f"LAC alpha must lie in [0, 1], got {self.schedule.threshold}")
         if not 0.0 < self.min_void_fraction <= 1.0:
             raise ValueError(f"min_void_fraction must lie in (0, 1], got {self.min_void_fraction}")
+        if self.lift_layers < 0:
+            raise ValueError(f"lift_layers must be >= 0, got {self.lift_layers}")
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle, trace_decode: bool = False) -> None:
         L = get_adapter(model, "decoder").num_layers
@@ -127,11 +140,11 @@ class VoidLayerConfig(SkipConfig):
         for i in range(L):
             handle.add_hook(adapter.layers[i], _NormHook(tracer, first=i == 0), ".lac")
         max_layers = int(self.schedule.max_skip * L)
-        alpha, min_fraction = self.schedule.threshold, self.min_void_fraction
+        alpha, lift, min_fraction = self.schedule.threshold, self.lift_layers, self.min_void_fraction
 
         def decide(rec: dict[str, Any], plan: SkipPlan = plan) -> None:
             if rec["phase"] == "prefill":
-                plan.skip = frozenset(_choose(rec, alpha, min_fraction, max_layers))
+                plan.skip = frozenset(_choose(rec, alpha, lift, min_fraction, max_layers))
 
         tracer.on_complete.append(decide)
         handle.state["lac"] = tracer

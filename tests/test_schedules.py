@@ -14,6 +14,21 @@ def test_unified_paper_vectors(L, s, keep):
     assert schedules.unified(s).keep(L) == keep
 
 
+@pytest.mark.parametrize("L,s", [(24, 1.5), (16, 1.5), (32, 1.2), (12, 1.9)])
+def test_unified_below_two_spreads_skips_over_the_middle(L, s):
+    sched = schedules.unified(s, L)
+    skipped = sched.skip()
+    assert len(sched.keep()) == int(L / s)
+    assert 0 not in skipped and L - 1 not in skipped
+    gaps = [b - a for a, b in zip(skipped, skipped[1:])]
+    assert not gaps or min(gaps) >= 2 or len(skipped) > (L - 2) // 2  # no contiguous block unless forced
+    assert skipped[0] < L // 2 < skipped[-1] or len(skipped) == 1
+
+
+def test_unified_1_5_on_24_layers():
+    assert schedules.unified(1.5, 24).skip() == (2, 5, 7, 10, 13, 16, 18, 21)
+
+
 def test_unified_speedup_one_keeps_everything():
     assert schedules.unified(1.0, 12).skip() == ()
 

@@ -14,6 +14,8 @@ def test_lac_known_case():
     norms = torch.tensor([1.0, 6.0, 6.5, 10.5, 11.5]).view(5, 1)
     assert lac_voids(norms, 0.5).flatten().tolist() == [False, True, False, True]
     assert lac_voids(norms, 0.0).flatten().tolist() == [False, False, False, False]
+    # leaving layer 0's lift out: changes 0.5, 4, 1 -> spread 0, 3.5, 3.5
+    assert lac_voids(norms, 0.5, lift_layers=1).flatten().tolist() == [False, False, False, True]
 
 
 def make_identity(model, i):

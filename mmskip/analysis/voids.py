@@ -29,13 +29,18 @@ def void_layers(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    alpha: float = 0.8,
+    alpha: float = 0.5,
     max_new_tokens: int = 16,
     min_void_fraction: float = 0.5,
-    max_skip: float = 0.5,
+    max_skip: float = 0.25,
+    lift_layers: int = 1,
 ) -> VoidReport:
-    """Trace LAC voids while ``model`` greedily generates ``max_new_tokens`` after the prompts."""
-    config = VoidLayerConfig(schedule=adaptive(alpha, "l2_change", max_skip=0.0), min_void_fraction=min_void_fraction)
+    """Trace LAC voids while ``model`` greedily generates ``max_new_tokens`` after the prompts.
+
+    Arguments as in :class:`~mmskip.void_layers.VoidLayerConfig`.
+    """
+    config = VoidLayerConfig(schedule=adaptive(alpha, "l2_change", max_skip=0.0), min_void_fraction=min_void_fraction,
+                             lift_layers=lift_layers)
     handle = SkipHandle(model, config)
     try:
         config._attach(model, handle, trace_decode=True)
@@ -47,13 +52,14 @@ def void_layers(
         handle.remove()
     prompt = [r for r in records if r["phase"] == "prefill"][0]
     L = prompt["norms"].shape[0] - 1
-    pp = _fractions([prompt], alpha)
-    rg = _fractions([r for r in records if r["phase"] == "decode"], alpha) if len(records) > 1 else [0.0] * L
-    suggested = _choose(prompt, alpha, min_void_fraction, int(max_skip * L))
+    pp = _fractions([prompt], alpha, lift_layers)
+    decode = [r for r in records if r["phase"] == "decode"]
+    rg = _fractions(decode, alpha, lift_layers) if decode else [0.0] * L
+    suggested = _choose(prompt, alpha, lift_layers, min_void_fraction, int(max_skip * L))
     return VoidReport(alpha=alpha, prompt=pp, response=rg, suggested_skip=sorted(suggested))
 
 
-def _fractions(records: list[dict], alpha: float) -> list[float]:
-    void = sum((lac_voids(r["norms"], alpha) & r["valid"]).flatten(1).sum(1).float() for r in records)
+def _fractions(records: list[dict], alpha: float, lift_layers: int) -> list[float]:
+    void = sum((lac_voids(r["norms"], alpha, lift_layers) & r["valid"]).flatten(1).sum(1).float() for r in records)
     total = sum(float(r["valid"].sum()) for r in records)
     return [float(v) / max(total, 1.0) for v in void]
