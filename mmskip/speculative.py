@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -368,7 +368,6 @@ class _Counters:
     draft_forwards: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-    accepted_per_round: list[int] = field(default_factory=list)
 
 
 class _Swift:
@@ -402,7 +401,8 @@ class _Swift:
             "accepted_tokens": c.accepted,
             "acceptance_rate": c.accepted / c.drafted if c.drafted else 0.0,
             "mean_accepted_length": c.accepted / c.rounds if c.rounds else 0.0,
-            "tokens_per_verify": c.generated / c.rounds if c.rounds else 0.0,
+            # tokens per verification forward (accepted drafts + 1); the prefill's token is not counted
+            "tokens_per_verify": (c.generated - c.calls) / c.rounds if c.rounds else 0.0,
             "search_evals": c.search_evals,
             "search_seconds": c.search_seconds,
             "draft_forwards": c.draft_forwards,
@@ -580,7 +580,6 @@ class _Swift:
             c.rounds += 1
             c.drafted += len(drafts)
             c.accepted += m
-            c.accepted_per_round.append(m)
             new = [*drafts[:m], nxt]
             for t in new:
                 tokens.append(t)

@@ -14,7 +14,8 @@ adapters, if asked) train. ``--sparsity`` is the training-time knob; ``RouterCon
 Evaluation: each held-out window's first half is the prompt (the routers decide on it, with
 hard decisions, exactly as ``RouterConfig`` does at prefill), the second half is scored through
 the KV cache with that skip set: perplexity and top-1 agreement with the full model, per
-threshold, beside the full model.
+threshold, beside the full model and beside a static schedule skipping as many layers (those
+whose single skip changes the output least, measured on training windows).
 """
 
 from __future__ import annotations
@@ -142,10 +143,19 @@ def train_routers(
 
 @torch.no_grad()
 def evaluate_routers(
-    model: torch.nn.Module, routers_path: str | Path, data: torch.Tensor, thresholds: list[float]
+    model: torch.nn.Module,
+    routers_path: str | Path,
+    data: torch.Tensor,
+    thresholds: list[float],
+    static_order: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Quality vs layers skipped: per threshold, mean layers skipped, perplexity of the second half
-    of each window and top-1 agreement with the full model there (first half = the prompt)."""
+    of each window and top-1 agreement with the full model there (first half = the prompt).
+    ``static_order``: layers in the order a static (input-agnostic) schedule would skip them; for
+    each threshold the same number of layers is also skipped statically, for comparison."""
+    from .layer_skip import LayerSkipConfig
+    from .schedules import explicit
+
     half = data.shape[1] // 2
     rows = []
     full = [_score(model, ids[None], half) for ids in data]
@@ -156,7 +166,16 @@ def evaluate_routers(
             skipped = handle.state["decisions"].log
         row = _summary(f"routers t={t}", t, runs, full)
         row["skipped_layers"] = sum(len(s) for s in skipped) / max(len(skipped), 1)
+        row["distinct_skip_sets"] = len({tuple(s) for s in skipped})
         rows.append(row)
+        k = round(row["skipped_layers"])
+        if static_order is not None and k > 0:
+            cfg = LayerSkipConfig(schedule=explicit(skip=sorted(static_order[:k])), phase="all")
+            with applied(model, cfg):
+                runs = [_score(model, ids[None], half) for ids in data]
+            static = _summary(f"static {k} layers", None, runs, full)
+            static["skipped_layers"] = float(k)
+            rows.append(static)
     return rows
 
 
@@ -227,13 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora:
         trained.save_pretrained(out.with_suffix(".lora"))
         model = trained.merge_and_unload()
-    curve = evaluate_routers(model, out, windows(eval_ids, args.seq_len, args.eval_windows, seed=1), args.thresholds)
+    from .analysis.depth import skip_effects
+
+    eval_data = windows(eval_ids, args.seq_len, args.eval_windows, seed=1)
+    kl = skip_effects(model, windows(train_ids, args.seq_len, 8, seed=2))["output_kl"]
+    order = sorted(range(1, len(kl)), key=kl.__getitem__)  # static peer: least single-skip effect first
+    curve = evaluate_routers(model, out, eval_data, args.thresholds, static_order=order)
     result = {"model": args.model, "args": vars(args), "train_seconds": seconds, "history": history, "curve": curve}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     print(f"trained {len(routers.routed)} routers in {seconds:.0f}s; final {history[-1]}")
-    print(f"{'config':<18} {'layers skipped':>14} {'perplexity':>10} {'agreement':>9}")
+    print(f"| {'config':<18} | {'layers skipped':>14} | {'perplexity':>10} | {'agreement':>9} | distinct skip sets |")
+    print("|---|---:|---:|---:|---:|")
     for r in curve:
-        print(f"{r['name']:<18} {r['skipped_layers']:14.2f} {r['perplexity']:10.2f} {r['agreement']:9.3f}")
+        print(f"| {r['name']:<18} | {r['skipped_layers']:14.2f} | {r['perplexity']:10.2f} | {r['agreement']:9.3f} | "
+              f"{r.get('distinct_skip_sets', '-')} |")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

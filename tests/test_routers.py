@@ -174,3 +174,14 @@ def test_straight_through_gates_are_hard_in_forward():
     hard.sum().backward()
     assert routers[2].fc2.bias.grad is not None and routers[2].fc2.bias.grad.abs() > 0
     assert len(probs) == 5
+
+
+def test_evaluation_compares_with_a_static_schedule(tmp_path):
+    model = tiny_lm("llama", layers=6)
+    path = fixed_routers(model, {2, 4}, tmp_path)
+    data = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    rows = evaluate_routers(model, path, data, [0.5], static_order=[2, 4, 1])
+    routed, static = rows[1], rows[2]
+    assert routed["skipped_layers"] == 2.0 and routed["distinct_skip_sets"] == 1
+    assert static["name"] == "static 2 layers"  # same layers, decided statically: same numbers
+    assert static["perplexity"] == pytest.approx(routed["perplexity"]) and static["agreement"] == routed["agreement"]
