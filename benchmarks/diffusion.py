@@ -4,9 +4,9 @@ On the zoo's ``digits-dit`` (DiTPipeline) and ``digits-sd`` (StableDiffusionPipe
 classifier-free guidance 4, CPU. Every method generates the same labels with the same seeds;
 for each we report
 
-* speedup: the baseline's median wall time / the method's for the same ``--n`` images, in this
-  run (warm-up call first; the baseline is timed first and again last; ``--repeats`` adds
-  timed runs of ``--time-batch`` images);
+* speedup: median over ``--repeats`` pairs of (baseline seconds / method seconds), each pair
+  timed back to back on the same ``--time-batch`` images, so the drift of a shared machine
+  cancels (warm-up call first);
 * bound: 1 / (FLOPs spent / baseline FLOPs), whole pipeline (text encoder, VAE included),
   counted with ``torch.utils.flop_counter`` on a 2-image run;
 * PSNR / SSIM of the images vs the baseline's images (fidelity);
@@ -274,6 +274,9 @@ def methods_for(pipe: Any, steps: int, stats_path: str, guidance: float = 4.0) -
         ms.append(Method("mmskip FI unit every 3", "mmskip", _mmskip([FI(interval(3), granularity="unit")])))
         ms.append(Method("mmskip FI layer every 3", "mmskip", _mmskip([FI(interval(3), granularity="layer")])))
         ms.append(Method("mmskip step-skip every 2", "mmskip", _mmskip([StepSkipConfig(interval(2))])))
+        ms.append(Method(f"DDIM-25 + mmskip FI 1:{n} every 2", "mmskip", _mmskip([FI(interval(2), targets=deep)]), steps=25))
+        ms.append(Method(f"DDIM-17 + mmskip FI 1:{n} every 2", "mmskip", _mmskip([FI(interval(2), targets=deep)]), steps=17))
+        ms.append(Method("DDIM-25 + mmskip teleport 20%", "mmskip", _mmskip([tele(0.2)]), steps=25))
         ms.append(Method("mmskip teleport 20%", "mmskip", _mmskip([tele(0.2)])))
         ms.append(Method(f"mmskip teleport 20% + FI 1:{n} every 2", "mmskip",
                          _mmskip([tele(0.2), FI(interval(2), targets=deep)])))
@@ -315,6 +318,8 @@ def methods_for(pipe: Any, steps: int, stats_path: str, guidance: float = 4.0) -
             ms.append(Method(f"mmskip FI DeepCache-shape nonuniform {c}/{steps}", "mmskip",
                              _mmskip([FI(nonuniform(steps, c, power=1.5), targets=shallow)])))
         ms.append(Method("mmskip step-skip every 2", "mmskip", _mmskip([StepSkipConfig(interval(2))])))
+        ms.append(Method("DDIM-25 + mmskip FI DeepCache-shape every 2", "mmskip",
+                         _mmskip([FI(interval(2), targets=shallow)]), steps=25))
         ms.append(Method("mmskip teleport 20%", "mmskip", _mmskip([tele(0.2)])))
         ms.append(Method("mmskip teleport 20% + FI every 3", "mmskip", _mmskip([tele(0.2), FI(interval(3))])))
         for k in (2, 3, 5):
@@ -383,14 +388,30 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     base_times: list[float] = []
     base_flops = 1.0
 
-    def timed(runner: Any, method: Method, before: Callable[[], None] | None) -> list[float]:
+    def paired(method: Method, teardown: Callable[[], None] | None) -> tuple[list[float], list[float]]:
+        """Alternate timed runs of the baseline and the method on the same images (drift cancels).
+
+        Returns (baseline seconds, method seconds); the method is set up again after each
+        baseline run and left set up.
+        """
         steps = method.steps or args.steps
-        out = []
+        tb, tm = [], []
         for r in range(args.repeats):
+            if teardown is not None:
+                teardown()
+            t0 = time.perf_counter()
+            generate(pipe, time_labels, args.steps, args.guidance, 100 + r, args.time_batch)
+            tb.append(time.perf_counter() - t0)
+            teardown = method.setup(pipe)
+            runner = pipe.__dict__.get("_bench_pipe", pipe)
+            before = pipe.__dict__.get("_bench_before")
             t0 = time.perf_counter()
             generate(runner, time_labels, steps, args.guidance, 100 + r, args.time_batch, before)
-            out.append(time.perf_counter() - t0)
-        return out
+            tm.append(time.perf_counter() - t0)
+        held["teardown"] = teardown
+        return tb, tm
+
+    held: dict[str, Any] = {}
 
     for method in methods:
         print(f"[{name}] {method.name} ...", flush=True)
@@ -409,8 +430,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             row["quality_run_s"] = time.perf_counter() - t0
             if pipe.skip_enabled:
                 row["skip_stats"] = {k: v for k, v in pipe.skip_stats().items() if k != "items"}
-            row["times_s"] = [row["quality_run_s"]] + (timed(runner, method, before) if args.repeats else [])
             row["flops"] = pipeline_flops(runner, steps, args.guidance, before)
+            if args.repeats and method.family != "baseline":
+                row["paired_baseline_s"], row["paired_method_s"] = paired(method, teardown)
+                teardown = held.pop("teardown")
         except Exception as err:  # a peer that does not apply to this model
             row["error"] = f"{type(err).__name__}: {err}"
             traceback.print_exc(limit=3)
@@ -421,7 +444,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 teardown()
         if method.family == "baseline":
             base_imgs, base_flops = imgs, row["flops"]
-            base_times += row["times_s"]
+            base_times.append(row["quality_run_s"])
         assert base_imgs is not None
         row["psnr"] = psnr(imgs, base_imgs) if method.family != "baseline" else float("inf")
         row["ssim"] = ssim(imgs, base_imgs)
@@ -438,13 +461,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     generate(pipe, labels, args.steps, args.guidance, args.seed, args.batch)
     base_times.append(time.perf_counter() - t0)
-    if args.repeats:
-        base_times += timed(pipe, methods[0], None)
-    base_med = statistics.median(base_times)
     for row in rows:
-        if "times_s" in row:
-            row["median_s"] = statistics.median(row["times_s"])
-            row["speedup"] = base_med / row["median_s"]
+        if "paired_method_s" in row:
+            ratios = [b / m for b, m in zip(row["paired_baseline_s"], row["paired_method_s"], strict=True)]
+            row["speedup"] = statistics.median(ratios)
+            row["speedup_spread"] = [min(ratios), max(ratios)]
+        elif "quality_run_s" in row:
+            row["speedup"] = statistics.median(base_times) / row["quality_run_s"]
     return {"pipeline": type(pipe).__mro__[2].__name__, "baseline_times_s": base_times, "rows": rows}
 
 
@@ -527,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=0, help="extra timed runs of --time-batch images per method")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="paired timings per method: baseline then method on --time-batch images, alternating")
     ap.add_argument("--time-batch", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
