@@ -59,7 +59,7 @@ def test_lm_cli_on_a_local_folder_with_and_without_config(tiny_llama_dir, tmp_pa
 @pytest.mark.skipif("digits-dit" not in zoo.available(), reason="zoo model digits-dit not trained")
 def test_images_cli_baseline_on_zoo_dit(tmp_path):
     out = tmp_path / "images.json"
-    res = main(["images", "--pipeline", "digits-dit", "--steps", "5", "--n", "20", "--clip", "none",
+    res = main(["images", "--pipeline", "digits-dit", "--steps", "4", "--n", "10", "--clip", "none",
                 "--out", str(out)])
     row = res["baseline"]
     assert row["accuracy"] > 0.3 and row["fid"] > 0 and row["seconds"] > 0

@@ -30,11 +30,11 @@ def test_psnr_ssim_known_cases(digits):
 
 @needs("digits-classifier")
 def test_fid_self_is_zero_and_noise_is_far(digits):
-    x, _ = digits
+    x = digits[0][:150]
     assert abs(fid(x, x)) < 1e-3
-    train = to_unit(load_split("train")[0])
-    noise = torch.rand(300, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert fid(x, train) < fid(x, noise)
+    train = to_unit(load_split("train")[0][:150])
+    noise = torch.rand(150, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert fid(x, train) < fid(x, noise) / 10
 
 
 @needs("digits-classifier")
