@@ -285,7 +285,9 @@ class _Inheritance:
         self.fc = None
 
     def _stats_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {} if self.costs_known and self.config.measure_flops else {"flops_fraction": None}
         return {
+            **extra,
             "recomputed_steps": list(self.computed_steps),
             "inherited_steps": self.skipped_steps,
             "probe_changes": list(self.changes),
