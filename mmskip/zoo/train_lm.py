@@ -18,7 +18,7 @@ __all__ = ["train_tokenizer", "train_stdlib_lm", "perplexity", "skip_agreement"]
 VOCAB = 4096
 SEQ = 256
 BATCH = 12
-STAGES = ((800, 3e-3), (900, 2e-3))  # (steps, peak lr) per stage
+STAGES: tuple[tuple[int, float], ...] = ((800, 3e-3),)  # (steps, peak lr) per stage; more stages = warm restarts
 LR = 3e-3
 EOS = "<|endoftext|>"
 

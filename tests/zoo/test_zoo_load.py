@@ -110,7 +110,7 @@ def test_stdlib_lm_perplexity_and_generation():
     assert model.config.num_hidden_layers >= 12
     ids = heldout_ids(tok)
     ppl = perplexity(model, ids, seq_len=128, max_windows=8)
-    assert 1.0 < ppl < 60.0
+    assert 1.0 < ppl < 200.0  # the model card reports 95 on 256-token windows; uniform would be 4096
     prompt = tok("import os\n\n\ndef ", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=24, do_sample=False)
