@@ -501,33 +501,45 @@ def print_table(name: str, res: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Speedup vs FID (top) and vs PSNR to the baseline's images (bottom), one column per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(results["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    colors = {"baseline": "black", "noise-floor": "lightgray", "fewer-steps": "tab:gray", "mmskip": "tab:red", "deepcache": "tab:blue",
-              "diffusers-fbc": "tab:green", "diffusers-taylorseer": "tab:olive", "cache-dit": "tab:purple"}
-    for ax, name in zip(axes[0], models, strict=True):
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False)
+    colors = {"baseline": "black", "noise-floor": "lightgray", "fewer-steps": "tab:gray", "mmskip": "tab:red",
+              "deepcache": "tab:blue", "diffusers-fbc": "tab:green", "diffusers-taylorseer": "tab:olive",
+              "cache-dit": "tab:purple"}
+    for col, name in enumerate(models):
         rows = [r for r in results["models"][name]["rows"] if "speedup" in r]
-        ykey = "fid" if rows and "fid" in rows[0] else "ssim"
-        for fam, color in colors.items():
-            pts = [(r["speedup"], r[ykey], r["method"]) for r in rows if r["family"] == fam]
-            if not pts:
-                continue
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, label=fam, s=36)
-            for x, y, label in pts:
-                ax.annotate(label.replace("mmskip ", "").replace("diffusers ", ""), (x, y), fontsize=5.5,
-                            xytext=(3, 2), textcoords="offset points")
-        ax.set_xlabel("speedup vs DDIM-50 (wall time, same run)")
-        ax.set_ylabel(ykey.upper() + (" (lower is better)" if ykey == "fid" else ""))
-        ax.set_title(f"{name}: speed vs quality")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        for row_i, ykey in enumerate(("fid", "psnr")):
+            ax = axes[row_i][col]
+            if ykey == "fid" and not any("fid" in r for r in rows):
+                ykey = "ssim"
+            for fam, color in colors.items():
+                pts = [(r["speedup"], r[ykey], r["method"]) for r in rows
+                       if r["family"] == fam and ykey in r and r[ykey] != float("inf")]
+                if not pts:
+                    continue
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, label=fam, s=30)
+                for x, y, label in pts:
+                    ax.annotate(label.replace("mmskip ", "").replace("diffusers ", ""), (x, y), fontsize=5,
+                                xytext=(3, 2), textcoords="offset points")
+            if ykey == "fid":
+                floor = [r["fid"] for r in rows if r["family"] in ("baseline", "noise-floor") and "fid" in r]
+                if len(floor) == 2:
+                    ax.axhspan(min(floor), max(floor), color="lightgray", alpha=0.4, label="baseline seed noise")
+            ax.set_xlabel("speedup vs DDIM-50 (paired wall time, same run)")
+            ax.set_ylabel({"fid": "FID vs held-out digits (lower is better)",
+                           "psnr": "PSNR to the DDIM-50 images, dB (higher is better)",
+                           "ssim": "SSIM"}[ykey])
+            ax.set_title(f"{name}: speedup vs {ykey.upper()}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=140)
+    fig.savefig(path, dpi=130)
     print(f"wrote {path}")
 
 
