@@ -53,6 +53,10 @@ def agreement(model: Any, prompts: list[torch.Tensor], baseline: list[torch.Tens
     - ``exact_match``: fraction of prompts whose free-running greedy continuation (``candidate``,
       generated if not given) equals the baseline's token for token.
     - ``prefix_match``: mean fraction of the continuation matched before the first divergence.
+
+    The teacher-forced pass is one prefill-style forward: a technique that skips only while
+    decoding (e.g. ``LayerSkipConfig(phase="decode")``) skips nothing there and scores 1.0; judge it
+    by ``exact_match``/``prefix_match`` (or apply it with ``phase="all"`` to measure draft agreement).
     """
     device = next(model.parameters()).device
     agree = total = 0
