@@ -9,6 +9,7 @@ registry added, leaving the model exactly as it was.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -44,7 +45,7 @@ class SkipConfig:
         raise NotImplementedError(f"{type(self).__name__} must implement _attach()")
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"technique": self.technique}
+        out: dict[str, Any] = {"technique": self.technique, "module": type(self).__module__}
         for key, value in asdict(self).items():
             sched = getattr(self, key)
             out[key] = sched.to_dict() if hasattr(sched, "to_dict") else value
@@ -62,6 +63,9 @@ class SkipConfig:
             d = json.loads(d)
         d = dict(d)
         name = d.pop("technique", None)
+        module = d.pop("module", None)
+        if name not in _CONFIGS and isinstance(module, str) and module.split(".")[0] == "mmskip":
+            importlib.import_module(module)  # techniques register when their module is imported
         if name not in _CONFIGS:
             raise ValueError(f"unknown technique {name!r}; known: {sorted(_CONFIGS)}")
         kwargs = {}

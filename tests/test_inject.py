@@ -68,3 +68,13 @@ def test_apply_rejects_non_config(llama):
 )
 def test_config_json_round_trip(config):
     assert mmskip.SkipConfig.from_dict(config.to_json()) == config
+
+
+def test_config_json_names_its_module_and_only_mmskip_modules_are_imported():
+    d = mmskip.LayerSkipConfig().to_dict()
+    assert d["module"] == "mmskip.layer_skip"
+    with pytest.raises(ValueError, match="unknown technique 'nope'"):
+        mmskip.SkipConfig.from_dict({"technique": "nope", "module": "antigravity"})
+    import sys
+
+    assert "antigravity" not in sys.modules

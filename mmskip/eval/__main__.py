@@ -24,22 +24,10 @@ def load_config(spec: str | None) -> Any:
     """Rebuild an mmskip config from a JSON file path or inline JSON (``None`` -> ``None``)."""
     if not spec:
         return None
-    import importlib
-
     from mmskip.inject import SkipConfig
 
     text = Path(spec).read_text() if os.path.exists(spec) else spec
-    data = json.loads(text)
-    try:
-        return SkipConfig.from_dict(data)
-    except ValueError:
-        # techniques register on import: load the optional plugin namespaces, then retry
-        for mod in ("mmskip", "mmskip.diffusion", "mmskip.vision"):
-            try:
-                importlib.import_module(mod)
-            except ImportError:
-                pass
-        return SkipConfig.from_dict(data)
+    return SkipConfig.from_dict(json.loads(text))  # imports the technique's module (e.g. mmskip.diffusion)
 
 
 def format_table(result: dict[str, Any]) -> str:
