@@ -18,7 +18,7 @@ setup() {
 }
 
 case "${1:-}" in
-  demo) setup; shift; exec "$VENV/bin/python" -m mmskip.cli demo "$@" ;;
+  demo) setup; shift; exec "$VENV/bin/python" apps/demo.py "$@" ;;
   test) setup; shift; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh {demo|test} [args]" >&2; exit 2 ;;
 esac

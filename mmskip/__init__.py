@@ -11,6 +11,8 @@ from .ffn_skip import FFNSkipConfig
 from .inject import SkipConfig, SkipHandle, applied, apply
 from .layer_skip import LayerSkipConfig
 from .registry import UnsupportedModelError
+from .routers import RouterConfig
+from .speculative import SelfSpeculativeConfig
 from .void_layers import VoidLayerConfig
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "LayerSkipConfig",
     "FFNSkipConfig",
     "VoidLayerConfig",
+    "SelfSpeculativeConfig",
+    "RouterConfig",
     "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""``mmskip`` command line: ``mmskip demo``, ``mmskip analyze ...``.
+"""``mmskip`` command line: ``mmskip analyze ...`` (the demo is ``bash run.sh demo``).
 
 Each subcommand lives in its own module with a ``main(argv)``; this file only dispatches.
 """
@@ -9,7 +9,6 @@ import importlib
 import sys
 
 _COMMANDS = {
-    "demo": ("mmskip.demo", "run the demo on the zoo's models"),
     "analyze": ("mmskip.analysis.cli", "depth-efficiency analysis of a language model on a text file"),
 }
 

@@ -1,4 +1,5 @@
-"""``mmskip demo``: each technique applied to the zoo's trained models, speed beside quality.
+"""Language part of the demo (``bash run.sh demo`` runs ``apps/demo.py``): each LLM technique on
+the zoo's ``stdlib-lm``, speed beside quality.
 
 Runs in a couple of minutes on a laptop CPU. Speed figures are ratios measured in this run
 against the unmodified model (best of two round-robin runs after a warm-up; the scripts in
@@ -7,7 +8,6 @@ against the unmodified model (best of two round-robin runs after a warm-up; the 
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -104,13 +104,3 @@ def _load_local(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mmskip demo", description=__doc__.splitlines()[0])
-    p.add_argument("--lm", default="stdlib-lm", help="zoo name or local from_pretrained folder of a causal LM")
-    p.add_argument("--new-tokens", type=int, default=48)
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
-    language_demo(args.lm, args.new_tokens)
-    return 0

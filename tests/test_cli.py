@@ -10,7 +10,7 @@ from .conftest import tiny_lm
 def test_help_lists_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "analyze" in out
+    assert "analyze" in out
 
 
 def test_unknown_command_fails(capsys):
