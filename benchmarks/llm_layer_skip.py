@@ -1,7 +1,7 @@
 """Layer skipping in decoder LMs: measured decode tokens/s vs the unmodified model, with the FLOPs bound.
 
     python benchmarks/llm_layer_skip.py                      # 24-layer d=512 Llama, random weights
-    python benchmarks/llm_layer_skip.py --model stdlib-lm     # the zoo's trained LM
+    python benchmarks/llm_layer_skip.py --model stdlib-lm     # the zoo's trained LM, held-out prompts
 
 All configs run in one process, round-robin over ``--repeats`` rounds (median), after a
 warm-up of each. Each round times ``generate`` twice, for 1 and for N new tokens; the
@@ -34,7 +34,8 @@ from mmskip.eval.decode_agreement import decode_agreement
 RESULTS = Path(__file__).parent / "results"
 
 
-def build_model(name: str) -> torch.nn.Module:
+def build_model(name: str) -> tuple[torch.nn.Module, object | None]:
+    """The model and, for a trained zoo/local model, its tokenizer."""
     if name == "random-24x512":
         torch.manual_seed(0)
         cfg = LlamaConfig(
@@ -42,10 +43,22 @@ def build_model(name: str) -> torch.nn.Module:
             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
             pad_token_id=0, bos_token_id=None, eos_token_id=None,
         )
-        return LlamaForCausalLM(cfg).eval()
+        return LlamaForCausalLM(cfg).eval(), None
     from mmskip import zoo
 
-    return zoo.load(name).eval()
+    model, tok = zoo.load(name)
+    return model.eval(), tok
+
+
+def prompts(model, tok, batch: int, length: int) -> torch.Tensor:
+    """Random token ids for a random model; the openings of held-out stdlib modules for the zoo LM."""
+    if tok is None:
+        g = torch.Generator().manual_seed(batch)
+        return torch.randint(3, model.config.vocab_size, (batch, length), generator=g)
+    from mmskip.zoo.stdlib_data import read_texts
+
+    rows = [ids[:length] for ids in (tok(t).input_ids for t in read_texts("test")) if len(ids) >= length]
+    return torch.tensor(rows[:batch])
 
 
 def configs(num_layers: int) -> dict[str, mmskip.SkipConfig | None]:
@@ -104,13 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = build_model(args.model)
+    model, tok = build_model(args.model)
     L = mmskip.registry.get_adapter(model).num_layers
     cfgs = configs(L)
     rows = []
     for batch in args.batch:
-        g = torch.Generator().manual_seed(batch)
-        ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=g)
+        ids = prompts(model, tok, batch, args.prompt_len)
         mask = torch.ones_like(ids)
         for cfg in cfgs.values():  # warm-up
             run_once(model, ids, mask, 4, cfg)
