@@ -40,3 +40,9 @@ def recompute_logits(model, adapter, seq, prompt_mask, skip_from, skip_layers=()
     finally:
         for h in handles:
             h.remove()
+
+
+def assert_steps_match(step_logits, ref, prompt_len: int) -> None:
+    """Each generate step's logits (``output_logits``) equal the recompute's at the same position."""
+    for t, logits in enumerate(step_logits):
+        torch.testing.assert_close(logits, ref[:, prompt_len - 1 + t], atol=1e-4, rtol=1e-4)

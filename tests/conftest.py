@@ -34,6 +34,15 @@ def tiny_lm(family: str = "llama", layers: int = 8, seed: int = 0) -> torch.nn.M
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The suite's models are tiny: one thread is fastest and does not oversubscribe CI's cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def llama() -> torch.nn.Module:
     return tiny_lm("llama")

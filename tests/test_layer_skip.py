@@ -4,7 +4,7 @@ import torch
 import mmskip
 from mmskip import registry, schedules
 
-from ._reference import recompute_logits
+from ._reference import assert_steps_match, recompute_logits
 from .conftest import tiny_lm
 
 NEW = 6
@@ -31,8 +31,7 @@ def test_cached_generation_equals_full_recompute(family, phase, padded_batch):
     assert skipped == [1, 3, 5, 6]
     P = ids.shape[1]
     ref = recompute_logits(model, adapter, out.sequences, mask, 0 if phase == "all" else P, skip_layers=skipped)
-    for t, logits in enumerate(out.logits):
-        torch.testing.assert_close(logits, ref[:, P - 1 + t], atol=1e-4, rtol=1e-4)
+    assert_steps_match(out.logits, ref, P)
     assert torch.equal(out.sequences[:, P:], torch.stack([lg.argmax(-1) for lg in out.logits], 1))
 
 

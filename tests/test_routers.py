@@ -6,18 +6,10 @@ from mmskip import registry
 from mmskip.routers import RouterConfig, Routers
 from mmskip.train_routers import evaluate_routers, soft_gates, train_routers
 
-from ._reference import recompute_logits
+from ._reference import assert_steps_match, recompute_logits
 from .conftest import tiny_lm
 
 NEW = 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fixed_routers(model, skip, tmp_path, name="r.pt"):
@@ -51,8 +43,7 @@ def test_decisions_fixed_for_the_whole_generation_and_cache_consistent(padded_ba
     assert calls == [0 if i in (2, 5, 6) else NEW for i in range(8)]  # skipped in prefill and every decode step
     ref = recompute_logits(model, registry.get_adapter(model), out.sequences, mask, 0, skip_layers=[2, 5, 6])
     P = ids.shape[1]
-    for t, logits in enumerate(out.logits):
-        torch.testing.assert_close(logits, ref[:, P - 1 + t], atol=1e-4, rtol=1e-4)
+    assert_steps_match(out.logits, ref, P)
 
 
 def test_routers_are_input_adaptive_and_decide_again_per_prompt(tmp_path):

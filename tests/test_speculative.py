@@ -9,15 +9,6 @@ from .conftest import tiny_lm
 NEW = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids oversubscribing the shared CPU cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def prompts(n, length=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 128, (1, length + i % 5), generator=g) for i in range(n)]

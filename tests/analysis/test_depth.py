@@ -9,14 +9,6 @@ from mmskip.analysis import cli, depth
 from ..conftest import tiny_lm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_identity(model, i):
     adapter = registry.get_adapter(model)
     with torch.no_grad():

@@ -22,15 +22,6 @@ BUILDERS = {
 TIMESTEPS = (900.0, 700.0, 500.0, 300.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI box is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def model(request):
     return BUILDERS[request.param]()

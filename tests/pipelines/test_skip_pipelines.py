@@ -34,14 +34,6 @@ PAIRS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _call(pipe, kw, seed=0):
     return torch.as_tensor(np.asarray(pipe(generator=torch.Generator().manual_seed(seed), **kw)[0]))
 
