@@ -52,6 +52,8 @@ def test_lm_cli_on_a_local_folder_with_and_without_config(tiny_llama_dir, tmp_pa
     res = main(base_args + ["--config", cfg.to_json(), "--out", str(out)])
     acc = res["accelerated"]
     assert 0.0 <= acc["token_agreement"] <= 1.0 and 0.0 <= acc["exact_match"] <= 1.0
+    # skipping every token's layers (phase="all"): the cached decode and the plain forward agree
+    assert acc["decode_agreement"] == pytest.approx(acc["token_agreement"])
     assert json.loads(out.read_text())["config"]["technique"] == "layer_skip"
     assert "| accelerated |" in capsys.readouterr().out
 
