@@ -51,7 +51,7 @@ def build(name: str) -> tuple[torch.nn.Module, Any]:
                           num_attention_heads=max(1, d // 32), num_key_value_heads=max(1, d // 32),
                           max_position_embeddings=1024, pad_token_id=0, bos_token_id=0, eos_token_id=None)
         return LlamaForCausalLM(cfg).eval(), None
-    from mmskip.analysis.cli import load_lm
+    from mmskip.eval.lm import load_lm
 
     return load_lm(name)  # a zoo name or a from_pretrained folder, as float32
 

@@ -16,6 +16,7 @@ import torch
 import mmskip
 from mmskip import schedules
 from mmskip.eval.decode_agreement import decode_agreement
+from mmskip.eval.lm import load_lm
 
 _PROMPTS = [
     "import os\n\n\ndef read_lines(path):\n",
@@ -45,9 +46,7 @@ def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 @torch.no_grad()
 def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: int = 2) -> list[dict]:
     """Greedy completions of Python prompts under each LLM technique."""
-    from mmskip import zoo
-
-    model, tok = zoo.load(model_name) if model_name in zoo.NAMES else _load_local(model_name)
+    model, tok = load_lm(model_name)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -98,9 +97,3 @@ def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: 
     print(f"\nprompt:\n{_PROMPTS[0]}full model continues:\n{base_text}\n")
     print(f"Unified s=1.5 continues:\n{rows[1]['sample']}")
     return rows
-
-
-def _load_local(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

@@ -89,18 +89,17 @@ class LayerSkipHook(ModelHook):
 
 
 def attach_layer_skipping(
-    model: torch.nn.Module, handle: SkipHandle, phase: str, skip: set[int], hooked: range | set[int] | None = None
-) -> tuple[DecoderAdapter, ForwardState, SkipPlan]:
+    adapter: DecoderAdapter, handle: SkipHandle, phase: str, skip: set[int], hooked: range | set[int] | None = None
+) -> tuple[ForwardState, SkipPlan]:
     """Shared by the layer-level techniques: phase tracking, FLOPs costs and one hook per layer
     in ``hooked`` (default: the layers in ``skip``)."""
-    adapter = get_adapter(model, "decoder")
     costs = {f"layer.{i}": adapter.layer_flops(i) for i in range(adapter.num_layers)}
     state = track_forwards(adapter, handle, costs)
     plan = SkipPlan(adapter, state, phase, skip)
     for i in sorted(skip if hooked is None else hooked):
         handle.add_hook(adapter.layers[i], LayerSkipHook(i, plan, handle, adapter), ".layer")
     handle.state["plan"] = plan
-    return adapter, state, plan
+    return state, plan
 
 
 @dataclass(frozen=True)
@@ -129,12 +128,13 @@ class LayerSkipConfig(SkipConfig):
             raise ValueError(f"LayerSkipConfig.phase must be one of {_PHASES}, got {self.phase!r}")
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
-        num_layers = get_adapter(model, "decoder").num_layers
+        adapter = get_adapter(model, "decoder")
+        num_layers = adapter.num_layers
         ratios = self.schedule.ratios(num_layers)
         if any(0.0 < r < 1.0 for r in ratios):
             raise ValueError("LayerSkipConfig skips whole layers; this schedule has fractional (token) keep ratios")
         skip = {i for i, r in enumerate(ratios) if r == 0.0}
         if len(skip) == num_layers:
             raise ValueError("the schedule skips every layer; keep at least one")
-        attach_layer_skipping(model, handle, self.phase, skip)
+        attach_layer_skipping(adapter, handle, self.phase, skip)
         handle.state["stats_extra"] = lambda: {"skipped_layers": sorted(skip), "phase": self.phase}

@@ -160,12 +160,13 @@ class RouterConfig(SkipConfig):
 
     def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
         routers = self.load_routers()
-        L = get_adapter(model, "decoder").num_layers
+        adapter = get_adapter(model, "decoder")
+        L = adapter.num_layers
         if routers.num_layers != L:
             raise ValueError(f"these routers were trained for {routers.num_layers} layers; the model has {L}")
         ref = next(model.parameters())
         routers = routers.to(ref.device).eval()
-        adapter, state, plan = attach_layer_skipping(model, handle, "all", set(), hooked=range(1, L))
+        state, plan = attach_layer_skipping(adapter, handle, "all", set(), hooked=range(1, L))
 
         def reset(s: ForwardState) -> None:  # a new prompt: the routers decide again
             if s.phase == "prefill":

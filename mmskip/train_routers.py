@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from .analysis.cli import load_lm
+    from .eval.lm import load_lm
 
     model, tokenizer = load_lm(args.model)
     train_ids = _corpus(tokenizer, "train", args.text)

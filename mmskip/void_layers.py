@@ -134,8 +134,9 @@ class VoidLayerConfig(SkipConfig):
             raise ValueError(f"lift_layers must be >= 0, got {self.lift_layers}")
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle, trace_decode: bool = False) -> None:
-        L = get_adapter(model, "decoder").num_layers
-        adapter, state, plan = attach_layer_skipping(model, handle, "decode", set(), hooked=range(1, L))
+        adapter = get_adapter(model, "decoder")
+        L = adapter.num_layers
+        state, plan = attach_layer_skipping(adapter, handle, "decode", set(), hooked=range(1, L))
         tracer = _Tracer(L, state, trace_decode)
         for i in range(L):
             handle.add_hook(adapter.layers[i], _NormHook(tracer, first=i == 0), ".lac")

@@ -16,25 +16,8 @@ from typing import Any
 
 import torch
 
+from ..eval.lm import load_lm
 from .depth import DepthReport, depth_report
-
-
-def load_lm(name: str) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) for a zoo name or a local ``from_pretrained`` folder."""
-    from .. import zoo
-
-    if name in zoo.NAMES:
-        loaded = zoo.load(name)
-        if not isinstance(loaded, tuple):
-            raise ValueError(f"zoo model {name!r} is not a language model")
-        model, tokenizer = loaded
-    elif Path(name).is_dir():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-    else:
-        raise FileNotFoundError(f"--model {name!r} is neither a zoo name ({', '.join(zoo.NAMES)}) nor a folder")
-    return model.float().eval(), tokenizer  # float32: analysis on CPU
 
 
 def chunk_text(tokenizer: Any, text: str, chunks: int, chunk_tokens: int) -> torch.Tensor:

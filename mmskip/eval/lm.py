@@ -14,14 +14,24 @@ __all__ = ["load_lm", "heldout_ids", "evaluate_lm"]
 
 
 def load_lm(spec: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a zoo name (``stdlib-lm``) or a local ``from_pretrained`` folder."""
+    """``(model, tokenizer)``, float32 and in eval mode, for a zoo name (``stdlib-lm``) or a local
+    ``from_pretrained`` folder; anything else raises ``FileNotFoundError`` saying what is accepted."""
+    from pathlib import Path
+
     from mmskip import zoo
 
     if spec in zoo.NAMES:
-        return zoo.load(spec)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        loaded = zoo.load(spec)
+        if not isinstance(loaded, tuple):
+            raise ValueError(f"zoo model {spec!r} is not a language model")
+        model, tokenizer = loaded
+    elif Path(spec).is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(spec)
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
+    else:
+        raise FileNotFoundError(f"{spec!r} is neither a zoo name ({', '.join(zoo.NAMES)}) nor a folder")
+    return model.float().eval(), tokenizer
 
 
 def heldout_ids(tokenizer: Any, text_file: str | None = None) -> torch.Tensor:
