@@ -92,7 +92,7 @@ def run_once(model, ids, mask, new_tokens, config):
                 input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
             )
             seconds.append(time.perf_counter() - start)
-            flops.append(handle.stats_.flops() if handle else (1.0, 1.0))
+            flops.append(handle.counts.flops() if handle else (1.0, 1.0))
     finally:
         if handle:
             handle.remove()

@@ -30,7 +30,7 @@ from diffusers.hooks import ModelHook
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmskip.inject import SkipConfig, SkipHandle
+from mmskip.inject import SkipConfig, SkipHandle, TechniqueState
 from mmskip.registry import get_adapter
 from mmskip.schedules import AdaptiveSchedule, ExplicitSchedule, Schedule, interval
 
@@ -112,12 +112,12 @@ class _Range:
         self.flops0 = 0.0
 
 
-class _Inheritance:
+class _Inheritance(TechniqueState):
     def __init__(self, config: FeatureInheritanceConfig, adapter: DiffusionAdapter, handle: SkipHandle) -> None:
         self.config = config
         self.adapter = adapter
         self.handle = handle
-        self.stats = handle.stats_
+        self.counts = handle.counts
         self.tracker = StepTracker()
         self.decision: bool | None = None
         self.cache: dict[int, dict[str, Any]] = {}
@@ -150,8 +150,7 @@ class _Inheritance:
             self.handle.add_hook(mod, _ProbeHook(self), ".probe")
         root = _RootHook(self.tracker, ad.timestep, self._on_call, self._on_new_trajectory, self)
         self.handle.add_hook(ad.model, root, ".root")
-        self.handle.state["tracker"] = self.tracker
-        self.handle.state["stats_extra"] = self._stats_extra
+        self.handle.state = self
 
     def _add_target(self, name: str, claimed: list[str]) -> None:
         ad = self.adapter
@@ -275,16 +274,16 @@ class _Inheritance:
 
     def add_cost(self, name: str, flops: float) -> None:
         if self.fc is not None:
-            self.stats.cost[name] = self.stats.cost.get(name, 0.0) + flops
+            self.counts.cost[name] = self.counts.cost.get(name, 0.0) + flops
 
     def measure(self, fc: FlopCounterMode) -> None:
         total = float(fc.get_total_flops())
-        spent = sum(self.stats.cost.get(n, 0.0) for n in self.names)
-        self.stats.fixed_cost = max(total - spent, 0.0)
+        spent = sum(self.counts.cost.get(n, 0.0) for n in self.names)
+        self.counts.fixed_cost = max(total - spent, 0.0)
         self.costs_known = True
         self.fc = None
 
-    def _stats_extra(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         extra: dict[str, Any] = {} if self.costs_known and self.config.measure_flops else {"flops_fraction": None}
         return {
             **extra,
@@ -348,7 +347,7 @@ class _RootHook(TrackerHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
-        owner.stats.fixed_units += 1
+        owner.counts.fixed_units += 1
         if not owner.costs_known and owner.decision:
             with FlopCounterMode(display=False) as fc:
                 owner.fc = fc
@@ -384,9 +383,9 @@ class _OutputHook(ModelHook):
             out = self.fn_ref.original_forward(*args, **kwargs)
             owner.add_cost(self.name, owner.flops_now() - before)
             cache[self.name] = _detach(out)
-            owner.stats.record(self.name, 1.0, 0.0)
+            owner.counts.record(self.name, 1.0, 0.0)
             return out
-        owner.stats.record(self.name, 1.0, 1.0)
+        owner.counts.record(self.name, 1.0, 1.0)
         return _clone(cache[self.name])
 
 
@@ -409,7 +408,7 @@ class _RangeHook(ModelHook):
                 (r is None) or (i is not None and i.shape == r.shape) for i, r in zip(ins, residual, strict=True)
             )
             rng.computing = owner.computes(rng.name) or not usable
-            owner.stats.record(rng.name, 1.0, 0.0 if rng.computing else 1.0)
+            owner.counts.record(rng.name, 1.0, 0.0 if rng.computing else 1.0)
             if rng.computing:
                 rng.inputs = ins
                 rng.flops0 = owner.flops_now()

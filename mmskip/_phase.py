@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from .inject import SkipHandle
+from .inject import CallGuard, SkipHandle
 from .registry import DecoderAdapter
 
 
@@ -47,8 +47,9 @@ class _PhaseHook(ModelHook):
         self.handle = handle
         self.layer_names = layer_names
         self.signature = inspect.signature(forward)
+        self.guard = CallGuard(handle.config.technique)
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         extra = bound.get("kwargs", {})
         x = bound.get("input_ids")
@@ -58,19 +59,20 @@ class _PhaseHook(ModelHook):
             raise ValueError("mmskip: the decoder was called without input_ids or inputs_embeds")
         cache = bound.get("cache", bound.get("past_key_values", extra.get("past_key_values")))
         past = cache.get_seq_length() if cache is not None else 0
-        s = self.state
-        s.batch, s.q_len, s.past_len = int(x.shape[0]), int(x.shape[1]), int(past)
-        if past == 0:
-            s.phase, s.decode_step = "prefill", 0
-            s.attention_mask = bound.get("attention_mask")
-        else:
-            s.phase = "decode"
-            s.decode_step += 1
-        for name in self.layer_names:
-            self.handle.stats_.record(name, s.tokens)
-        for fn in s.listeners:
-            fn(s)
-        return args, kwargs
+        with self.guard.call(starts=past == 0):  # refuses a second thread before any state changes
+            s = self.state
+            s.batch, s.q_len, s.past_len = int(x.shape[0]), int(x.shape[1]), int(past)
+            if past == 0:
+                s.phase, s.decode_step = "prefill", 0
+                s.attention_mask = bound.get("attention_mask")
+            else:
+                s.phase = "decode"
+                s.decode_step += 1
+            for name in self.layer_names:
+                self.handle.counts.record(name, s.tokens)
+            for fn in s.listeners:
+                fn(s)
+            return self.fn_ref.original_forward(*args, **kwargs)
 
 
 class _HeadCounter(ModelHook):
@@ -82,15 +84,15 @@ class _HeadCounter(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         x = args[0] if args else next(iter(kwargs.values()))
-        self.handle.stats_.fixed_units += x.shape[:-1].numel()
+        self.handle.counts.fixed_units += x.shape[:-1].numel()
         return args, kwargs
 
 
 def track_forwards(adapter: DecoderAdapter, handle: SkipHandle, costs: dict[str, float]) -> ForwardState:
     """Attach the phase tracker (and FLOPs bookkeeping for ``costs`` items) to ``adapter``'s model."""
     state = ForwardState()
-    handle.stats_.cost.update(costs)
-    handle.stats_.fixed_cost = adapter.head_flops()
+    handle.counts.cost.update(costs)
+    handle.counts.fixed_cost = adapter.head_flops()
     handle.add_hook(adapter.decoder, _PhaseHook(state, handle, list(costs), adapter.decoder.forward), ".phase")
     if adapter.head is not None:
         handle.add_hook(adapter.head, _HeadCounter(handle), ".head")

@@ -13,6 +13,7 @@ Decisions are per sequence: in a batch, the FFN runs only on the rows that do no
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,11 +21,13 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ._phase import ForwardState, track_forwards
-from .inject import SkipConfig, SkipHandle
+from .inject import SkipConfig, SkipHandle, TechniqueState
 from .registry import get_adapter
 from .schedules import AdaptiveSchedule
 
-__all__ = ["FFNSkipConfig"]
+__all__ = ["FFNSkipConfig", "FFNSkipState"]
+
+logger = logging.getLogger(__name__)
 
 
 class _TokenState:
@@ -86,7 +89,7 @@ class _FFNSkipHook(ModelHook):
                 keep = torch.tensor([i for i, s in enumerate(skip) if not s], device=x.device)
                 out[keep] = forward(x[keep], *args, **kwargs)
             tok.log.append((tok.step, self.index, torch.tensor(skip)))
-            self.handle.stats_.record(self.name, 0, n_skip * x.shape[1])
+            self.handle.counts.record(self.name, 0, n_skip * x.shape[1])
             for i, s in enumerate(skip):
                 if s:
                     tok.run[i] -= 1
@@ -101,15 +104,45 @@ class _FFNSkipHook(ModelHook):
         return out
 
 
+@dataclass
+class FFNSkipState(TechniqueState):
+    """State of an applied :class:`FFNSkipConfig`.
+
+    ``log`` lists every skip decision as ``(decode_step, layer, skipped rows)``; ``reset()``
+    empties it.
+    """
+
+    forward: ForwardState
+    tokens: _TokenState
+    hot: range
+
+    @property
+    def log(self) -> list[tuple[int, int, torch.Tensor]]:
+        return self.tokens.log
+
+    def reset(self) -> None:
+        self.tokens.log.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"hot_layers": [self.hot.start, self.hot.stop - 1]}
+
+
 @dataclass(frozen=True)
 class FFNSkipConfig(SkipConfig):
-    """Input-adaptive FFN skipping (FFN-SkipLLM).
+    """Input-adaptive FFN skipping during decoding (FFN-SkipLLM).
 
-    ``schedule``: ``adaptive(threshold, "cosine", warmup, max_skip)`` — skip after a hot FFN
-    whose input/output cosine similarity is >= ``threshold``; the first ``warmup`` generated
-    tokens run in full; at most ``max_skip`` of a token's FFN blocks are skipped (the paper's
-    operating point is 25-30 %). ``cold``: (first, last) layer counts never skipped; default
-    about 15 % at the bottom and 10 % at the top. ``span``: hot FFNs skipped per saturation.
+    Paper: Jaiswal et al., 2024, "FFN-SkipLLM: A Hidden Gem for Autoregressive Decoding with
+    Adaptive Feed Forward Skipping", https://arxiv.org/abs/2404.03865.
+
+    Args:
+        schedule: ``schedules.adaptive(threshold, "cosine", warmup, max_skip)``; default
+            ``adaptive(0.95, "cosine", warmup=4, max_skip=0.25)``. After a hot FFN whose
+            input/output cosine similarity is >= ``threshold`` the next ``span`` hot FFNs are
+            skipped; the first ``warmup`` generated tokens run in full; at most ``max_skip`` of a
+            token's FFN blocks are skipped (the paper's operating point is 25-30 %).
+        cold: ``(first, last)`` numbers of layers at the bottom and top whose FFNs never skip;
+            default ``None``: about 15 % at the bottom and 10 % at the top.
+        span: hot FFNs skipped after each saturated one; default 2.
     """
 
     technique: ClassVar[str] = "ffn_skip"
@@ -118,11 +151,11 @@ class FFNSkipConfig(SkipConfig):
     span: int = 2
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, AdaptiveSchedule) or self.schedule.signal != "cosine":
+        if self.schedule.signal != "cosine":
             raise ValueError("FFNSkipConfig.schedule must be schedules.adaptive(threshold, signal='cosine', ...)")
         if self.span < 1:
             raise ValueError(f"FFNSkipConfig.span must be >= 1, got {self.span}")
-        if self.cold is not None and (len(self.cold) != 2 or min(self.cold) < 0):
+        if self.cold is not None and min(self.cold) < 0:
             raise ValueError(f"FFNSkipConfig.cold must be (first, last) non-negative layer counts, got {self.cold}")
 
     def hot_layers(self, num_layers: int) -> range:
@@ -143,5 +176,5 @@ class FFNSkipConfig(SkipConfig):
         for i in hot:
             handle.add_hook(adapter.mlp_norm(i), _ResidualCapture(tok), ".residual")
             handle.add_hook(adapter.mlp(i), _FFNSkipHook(i, tok, self.schedule, self.span, handle), ".mlp")
-        handle.state["ffn_log"] = tok.log
-        handle.state["stats_extra"] = lambda: {"hot_layers": [hot.start, hot.stop - 1]}
+        handle.state = FFNSkipState(state, tok, hot)
+        logger.debug("FFN skipping on hot layers %d..%d of %d", hot.start, hot.stop - 1, L)

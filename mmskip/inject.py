@@ -9,20 +9,39 @@ registry added, leaving the model exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
+import logging
+import threading
+import types
+import typing
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-__all__ = ["SkipConfig", "SkipHandle", "SkipStats", "apply", "applied"]
+__all__ = [
+    "SkipConfig",
+    "SkipHandle",
+    "SkipStats",
+    "TechniqueState",
+    "CallGuard",
+    "ConcurrentUseError",
+    "apply",
+    "applied",
+]
+
+logger = logging.getLogger(__name__)
 
 _HANDLE_ATTR = "_mmskip_handle"
+_HOOK_PREFIX = "mmskip."
+CONFIG_NAME = "mmskip_config.json"
 _CONFIGS: dict[str, type[SkipConfig]] = {}
 
 
@@ -30,8 +49,27 @@ _CONFIGS: dict[str, type[SkipConfig]] = {}
 class SkipConfig:
     """Base class of every technique's config: a frozen, JSON-serializable dataclass.
 
-    Subclasses set ``technique`` and implement ``_attach(model, handle)``, registering their
-    hooks with :meth:`SkipHandle.add_hook`.
+    The technique contract (DESIGN.md) every technique implements, model-level or sampler-level:
+
+    1. **Config**: a frozen dataclass subclass with a ``technique`` id, a docstring with ``Args:``
+       (each field, its default, what it means) and the paper's arXiv link, and validation in
+       ``__post_init__`` whose messages say what to change. Field types are checked against the
+       annotations before ``__post_init__`` runs (``bool`` fields take only booleans, ``int``
+       fields only integers, ...).
+    2. **State**: one :class:`TechniqueState` subclass per application, holding what the
+       technique remembers between calls, with ``reset()`` and its ``stats()`` contribution.
+       Set it as ``handle.state`` in ``_attach``; no technique reads another's state.
+    3. **Hooks**: ``diffusers.hooks.ModelHook`` objects on the modules the registry's adapter
+       names, registered with :meth:`SkipHandle.add_hook`. State shared by calls is guarded
+       with a :class:`CallGuard` (concurrent use from two threads raises
+       :class:`ConcurrentUseError`; it never corrupts the model).
+    4. **Attach**: ``_attach(model, handle)``; :func:`apply` returns the handle and
+       ``handle.remove()`` restores the model exactly. Sampler-level techniques (which
+       diffusion steps run) do not hook modules; they implement ``plan()`` for the drop-in
+       pipelines instead (see ``mmskip.diffusion``).
+
+    Configs round-trip through ``to_dict()`` / ``to_json()`` / :meth:`from_dict` and
+    ``save_pretrained(dir)`` / :meth:`from_pretrained` (``mmskip_config.json``).
     """
 
     technique: ClassVar[str] = ""
@@ -40,10 +78,25 @@ class SkipConfig:
         super().__init_subclass__(**kwargs)
         if cls.technique:
             _CONFIGS[cls.technique] = cls
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self: SkipConfig) -> None:
+            _check_field_types(self)
+            if own is not None:
+                own(self)
+            elif type(self).__mro__[1] is not SkipConfig:  # inherit a parent's validation
+                parent = super(cls, self)
+                if hasattr(parent, "__post_init__"):
+                    parent.__post_init__()
+
+        cls.__post_init__ = __post_init__
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _attach()")
+        raise TypeError(
+            f"{type(self).__name__} is not a model-level technique and cannot be applied with mmskip.apply()"
+        )
 
+    # -- serialization ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"technique": self.technique, "module": type(self).__module__}
         for key, value in asdict(self).items():
@@ -60,14 +113,30 @@ class SkipConfig:
         from . import schedules
 
         if isinstance(d, str):
-            d = json.loads(d)
+            try:
+                d = json.loads(d)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"SkipConfig.from_dict(): not valid JSON ({err.msg}): {d[:60]!r}") from None
+        if not isinstance(d, dict):
+            raise TypeError(
+                f"SkipConfig.from_dict() takes a dict or JSON object as written by config.to_dict() / to_json(), "
+                f"got {type(d).__name__}"
+            )
         d = dict(d)
         name = d.pop("technique", None)
         module = d.pop("module", None)
         if name not in _CONFIGS and isinstance(module, str) and module.split(".")[0] == "mmskip":
-            importlib.import_module(module)  # techniques register when their module is imported
+            try:
+                importlib.import_module(module)  # techniques register when their module is imported
+            except ImportError:
+                pass
         if name not in _CONFIGS:
             raise ValueError(f"unknown technique {name!r}; known: {sorted(_CONFIGS)}")
+        cls = _CONFIGS[name]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; its fields are {sorted(names)}")
         kwargs = {}
         for key, value in d.items():
             if isinstance(value, dict) and "kind" in value:
@@ -75,7 +144,172 @@ class SkipConfig:
             elif isinstance(value, list):
                 value = tuple(value)
             kwargs[key] = value
-        return _CONFIGS[name](**kwargs)
+        return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write the config as ``mmskip_config.json`` in ``save_directory`` (created if needed)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> SkipConfig:
+        """Load a config written by :meth:`save_pretrained` (a folder or the JSON file itself)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / CONFIG_NAME
+        if not p.is_file():
+            raise FileNotFoundError(f"no mmskip config at {p}; write one with config.save_pretrained(folder)")
+        config = SkipConfig.from_dict(p.read_text())
+        if cls is not SkipConfig and not isinstance(config, cls):
+            raise TypeError(f"{p} holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
+
+
+def _check_field_types(config: SkipConfig) -> None:
+    """Check (and normalise lists to tuples in) a config's fields against their annotations."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        ok, fixed = _conforms(value, hints.get(f.name, Any))
+        if not ok:
+            raise TypeError(
+                f"{type(config).__name__}.{f.name} must be {_describe(hints.get(f.name, Any))}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+        if fixed is not value:
+            object.__setattr__(config, f.name, fixed)
+
+
+def _conforms(value: Any, tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, fixed = _conforms(value, arg)
+            if ok:
+                return True, fixed
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok and isinstance(value, int) else value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False, value
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [_conforms(v, args[0]) for v in value]
+        elif len(args) == len(value):
+            items = [_conforms(v, a) for v, a in zip(value, args)]
+        else:
+            return False, value
+        if not all(ok for ok, _ in items):
+            return False, value
+        return True, tuple(v for _, v in items)
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_describe(args[0])}"
+        return f"a tuple ({', '.join(_describe(a) for a in args)})"
+    if tp is bool:
+        return "a bool (True/False)"
+    if tp is int:
+        return "an int"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a str"
+    return getattr(tp, "__name__", str(tp))
+
+
+class TechniqueState:
+    """What one applied technique remembers between calls (the diffusers ``BaseState`` idea).
+
+    Subclasses hold typed fields, forget per-call memory in :meth:`reset` and add their
+    entries to ``handle.stats()`` through :meth:`stats`.
+    """
+
+    def reset(self) -> None:
+        """Forget what the last generation / trajectory left behind (counters stay)."""
+
+    def stats(self) -> dict[str, Any]:
+        """This technique's entries in ``handle.stats()``."""
+        return {}
+
+
+class ConcurrentUseError(RuntimeError):
+    """Two threads ran a model with one applied mmskip technique at the same time."""
+
+
+class CallGuard:
+    """Detects concurrent use of one technique's per-model state from two threads.
+
+    A technique's state (the current prompt's skip set, the trajectory's cached features) is
+    per model, so two threads generating with one model would mix their calls. ``enter()`` at
+    the start of each forward (``starts=True`` when the forward starts a new generation or
+    trajectory) raises :class:`ConcurrentUseError` when another thread is inside a forward, or
+    when this thread continues a generation that another thread has since started. The model
+    is never left modified: the error is raised before the forward changes any state.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread of the generation / trajectory in progress
+        self._inside: dict[int, int] = {}  # thread -> nesting depth of forwards in flight
+
+    def enter(self, starts: bool) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            others = [t for t, n in self._inside.items() if n and t != me]
+            if others or (not starts and self._owner not in (None, me)):
+                raise ConcurrentUseError(
+                    f"two threads are running a model with mmskip {self.what!r} applied at the same time; its "
+                    "state is per model. Serialize the calls (e.g. a lock around generate) or give each thread "
+                    "its own model copy."
+                )
+            if starts:
+                self._owner = me
+            self._inside[me] = self._inside.get(me, 0) + 1
+
+    def exit(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            n = self._inside.get(me, 0) - 1
+            if n > 0:
+                self._inside[me] = n
+            else:
+                self._inside.pop(me, None)
+
+    @contextmanager
+    def call(self, starts: bool) -> Iterator[None]:
+        self.enter(starts)
+        try:
+            yield
+        finally:
+            self.exit()
 
 
 class SkipStats:
@@ -140,15 +374,20 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
+
 class SkipHandle:
-    """What :func:`apply` returns: ``stats()``, ``remove()``, and the config it applied."""
+    """What :func:`apply` returns: ``stats()``, ``remove()``, the config it applied and its state.
+
+    ``counts`` (:class:`SkipStats`) holds the executed / skipped work the hooks record; ``state``
+    (a :class:`TechniqueState`) is what the technique remembers between calls.
+    """
 
     def __init__(self, model: torch.nn.Module, config: SkipConfig) -> None:
         self.model = model
         self.config = config
-        self.hook_name = f"mmskip.{config.technique}"
-        self.stats_ = SkipStats()
-        self.state: dict[str, Any] = {}  # technique-private state shared by its hooks
+        self.hook_name = f"{_HOOK_PREFIX}{config.technique}"
+        self.counts = SkipStats()
+        self.state: TechniqueState = TechniqueState()
         self._hooked: list[tuple[torch.nn.Module, bool, bool, str]] = []
         self._removed = False
 
@@ -160,19 +399,20 @@ class SkipHandle:
         registry = HookRegistry.check_if_exists_or_initialize(module)
         registry.register_hook(hook, self.hook_name + suffix)
         self._hooked.append((module, had_registry, had_forward, self.hook_name + suffix))
+        logger.debug("attached %s%s (%s) to %s", self.hook_name, suffix, type(hook).__name__, type(module).__name__)
 
     # -- public ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Executed vs skipped work per hooked item and the estimated FLOPs fraction spent."""
-        out = self.stats_.as_dict()
+        """Executed vs skipped work per hooked item, the estimated FLOPs fraction spent, and the
+        technique's own entries (its state's ``stats()``)."""
+        out = self.counts.as_dict()
         out["technique"] = self.config.technique
-        extra = self.state.get("stats_extra")
-        if callable(extra):
-            out.update(extra())
+        out.update(self.state.stats())
         return out
 
     def reset_stats(self) -> None:
-        self.stats_.reset()
+        """Zero the executed / skipped counts (the technique's learned state is kept)."""
+        self.counts.reset()
 
     def remove(self) -> None:
         """Unregister every hook; the model computes exactly what it computed before ``apply``."""
@@ -189,6 +429,7 @@ class SkipHandle:
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
         self._removed = True
+        logger.debug("removed %s", self.hook_name)
 
     @property
     def removed(self) -> bool:
@@ -199,19 +440,40 @@ class SkipHandle:
         return f"SkipHandle({self.config!r}, {state})"
 
 
+def _applied_technique(model: torch.nn.Module) -> tuple[str, str] | None:
+    """(module path, hook name) of an mmskip hook already on ``model`` or any submodule."""
+    for path, module in model.named_modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is None:
+            continue
+        for name in registry.hooks:
+            if name.startswith(_HOOK_PREFIX):
+                return path or "(the model itself)", name
+    return None
+
+
 def apply(model: torch.nn.Module, config: SkipConfig) -> SkipHandle:
     """Attach ``config``'s technique to ``model`` and return the handle that removes it.
 
-    Raises ``RuntimeError`` if an mmskip config is already applied (remove it first) and
-    :class:`mmskip.registry.UnsupportedModelError` for a model no adapter knows.
+    One mmskip technique per model: applying a second one (to the model, one of its
+    submodules, or a module that contains it) raises ``RuntimeError``; remove the first
+    handle before applying another. Raises :class:`mmskip.registry.UnsupportedModelError` for a
+    model no adapter knows.
     """
     if not isinstance(config, SkipConfig):
-        raise TypeError(f"apply() takes an mmskip config (e.g. LayerSkipConfig), got {type(config).__name__}")
+        raise TypeError(f"apply() takes an mmskip config (e.g. mmskip.LayerSkipConfig), got {type(config).__name__}")
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None:
         raise RuntimeError(
             f"{type(model).__name__} already has {existing.config.technique!r} applied; "
             "call handle.remove() before applying another config"
+        )
+    found = _applied_technique(model)
+    if found is not None:
+        path, name = found
+        raise RuntimeError(
+            f"{type(model).__name__} already has mmskip technique {name.split('.')[1]!r} applied on {path}; mmskip "
+            "applies one technique per model (techniques do not compose). Remove that handle first."
         )
     handle = SkipHandle(model, config)
     try:
@@ -220,6 +482,7 @@ def apply(model: torch.nn.Module, config: SkipConfig) -> SkipHandle:
         handle.remove()
         raise
     model.__dict__[_HANDLE_ATTR] = handle
+    logger.debug("applied %s to %s (%d hooks)", config.technique, type(model).__name__, len(handle._hooked))
     return handle
 
 
@@ -230,4 +493,5 @@ def applied(model: torch.nn.Module, config: SkipConfig) -> Iterator[SkipHandle]:
     try:
         yield handle
     finally:
-        handle.remove()
+        if not handle.removed:
+            handle.remove()

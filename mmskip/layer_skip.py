@@ -10,6 +10,7 @@ layer's cache keeps the sequence length that masks and later calls expect.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,11 +19,13 @@ from diffusers.hooks import ModelHook
 from transformers.cache_utils import DynamicLayer
 
 from ._phase import ForwardState, get_cache, track_forwards
-from .inject import SkipConfig, SkipHandle
+from .inject import SkipConfig, SkipHandle, TechniqueState
 from .registry import DecoderAdapter, get_adapter
 from .schedules import AdaptiveSchedule, Schedule, UnifiedSchedule
 
-__all__ = ["LayerSkipConfig"]
+__all__ = ["LayerSkipConfig", "LayerSkipState"]
+
+logger = logging.getLogger(__name__)
 
 _PHASES = ("decode", "all")
 
@@ -84,8 +87,8 @@ class LayerSkipHook(ModelHook):
         cache = get_cache(kwargs)
         if cache is not None and kwargs.get("use_cache", True) is not False:
             fill_skipped_kv(cache, self.plan, self.index, hidden.shape[1])
-        self.handle.stats_.record(self.name, 0, hidden.shape[0] * hidden.shape[1])
-        return self.adapter.skip_output(hidden)
+        self.handle.counts.record(self.name, 0, hidden.shape[0] * hidden.shape[1])
+        return self.adapter.skipped("layer", args, kwargs)
 
 
 def attach_layer_skipping(
@@ -98,18 +101,34 @@ def attach_layer_skipping(
     plan = SkipPlan(adapter, state, phase, skip)
     for i in sorted(skip if hooked is None else hooked):
         handle.add_hook(adapter.layers[i], LayerSkipHook(i, plan, handle, adapter), ".layer")
-    handle.state["plan"] = plan
     return state, plan
+
+
+@dataclass
+class LayerSkipState(TechniqueState):
+    """State of an applied :class:`LayerSkipConfig`: the forward tracker and the skip plan."""
+
+    forward: ForwardState
+    plan: SkipPlan
+
+    def stats(self) -> dict[str, Any]:
+        return {"skipped_layers": sorted(self.plan.skip), "phase": self.plan.phase}
 
 
 @dataclass(frozen=True)
 class LayerSkipConfig(SkipConfig):
-    """Skip whole decoder layers chosen by a static schedule.
+    """Skip whole decoder layers chosen by a static schedule (Unified Layer Skipping).
 
-    ``schedule``: which layers to skip; default ``unified(speedup=2.0)`` (Unified Layer
-    Skipping). ``phase="decode"`` (default): the prompt runs through every layer, generated
-    tokens skip, and a skipped layer's KV for new tokens is copied from the nearest lower kept
-    layer. ``phase="all"``: skip the layers for every token, prompt included.
+    Paper: Liu et al., 2024, "Accelerating Inference in Large Language Models with a Unified
+    Layer Skipping Strategy", https://arxiv.org/abs/2404.06954. Not the same as diffusers'
+    ``diffusers.hooks.LayerSkipConfig`` (which skips blocks of diffusion transformers).
+
+    Args:
+        schedule: which layers to skip; default ``schedules.unified(speedup=2.0)``. Any static
+            schedule (``unified``, ``interval``, ``explicit``) giving 0 or 1 per layer.
+        phase: ``"decode"`` (default): the prompt runs through every layer, generated tokens
+            skip, and a skipped layer's KV for new tokens is copied from the nearest lower kept
+            layer. ``"all"``: skip the layers for every token, prompt included.
     """
 
     technique: ClassVar[str] = "layer_skip"
@@ -117,24 +136,25 @@ class LayerSkipConfig(SkipConfig):
     phase: str = "decode"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, Schedule):
-            raise TypeError(f"LayerSkipConfig.schedule must be an mmskip schedule, got {type(self.schedule).__name__}")
         if isinstance(self.schedule, AdaptiveSchedule):
             raise ValueError(
-                "LayerSkipConfig takes a static schedule (unified, interval, explicit); for input-adaptive "
-                "skipping use FFNSkipConfig or VoidLayerConfig"
+                "mmskip.LayerSkipConfig takes a static schedule (unified, interval, explicit); for input-adaptive "
+                "skipping use mmskip.FFNSkipConfig or mmskip.VoidLayerConfig"
             )
         if self.phase not in _PHASES:
-            raise ValueError(f"LayerSkipConfig.phase must be one of {_PHASES}, got {self.phase!r}")
+            raise ValueError(f"mmskip.LayerSkipConfig.phase must be one of {_PHASES}, got {self.phase!r}")
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         adapter = get_adapter(model, "decoder")
         num_layers = adapter.num_layers
         ratios = self.schedule.ratios(num_layers)
         if any(0.0 < r < 1.0 for r in ratios):
-            raise ValueError("LayerSkipConfig skips whole layers; this schedule has fractional (token) keep ratios")
+            raise ValueError(
+                "mmskip.LayerSkipConfig skips whole layers; this schedule has fractional (token) keep ratios"
+            )
         skip = {i for i, r in enumerate(ratios) if r == 0.0}
         if len(skip) == num_layers:
             raise ValueError("the schedule skips every layer; keep at least one")
-        attach_layer_skipping(adapter, handle, self.phase, skip)
-        handle.state["stats_extra"] = lambda: {"skipped_layers": sorted(skip), "phase": self.phase}
+        forward, plan = attach_layer_skipping(adapter, handle, self.phase, skip)
+        handle.state = LayerSkipState(forward, plan)
+        logger.debug("layer skipping: %d of %d layers skipped (%s)", len(skip), num_layers, self.phase)

@@ -96,6 +96,31 @@ class DecoderAdapter:
         """What a skipped layer returns: its input, in the layer's output format."""
         return (hidden_states,) if self.layer_returns_tuple else hidden_states
 
+    def unit(self, kind: str, i: int) -> nn.Module:
+        """Layer ``i``'s skippable unit: ``"layer"``, ``"attn"`` or ``"mlp"``."""
+        if kind == "layer":
+            return self.layers[i]
+        if kind == "attn":
+            return self.attention(i)
+        if kind == "mlp":
+            return self.mlp(i)
+        raise ValueError(f"unit kind must be 'layer', 'attn' or 'mlp', got {kind!r}")
+
+    def skipped(self, kind: str, args: tuple, kwargs: dict) -> Any:
+        """What a skipped unit returns for a call with ``args`` / ``kwargs``: a layer passes its
+        input on; an attention or MLP sublayer adds nothing to the residual stream (zeros).
+
+        The one rule every skipping technique uses (layer skipping, the SWIFT draft, the depth
+        analysis), so "skip" means the same thing everywhere."""
+        h = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        if kind == "layer":
+            return self.skip_output(h)
+        if kind == "attn":
+            return torch.zeros_like(h), None
+        if kind == "mlp":
+            return torch.zeros_like(h)
+        raise ValueError(f"unit kind must be 'layer', 'attn' or 'mlp', got {kind!r}")
+
     # -- FLOPs per token (2 x multiply-adds of the weight matmuls; attention scores excluded) --
     def _linear_flops(self, module: nn.Module) -> float:
         # nn.Linear and GPT-2's Conv1D: one multiply-add per weight per token

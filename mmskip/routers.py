@@ -10,13 +10,16 @@ rule); a skipped layer's cache entries are copied from the nearest lower kept la
 :mod:`mmskip.layer_skip`. In a batch a layer is skipped only if every sequence's router skips it.
 
 Routers are trained with :mod:`mmskip.train_routers` (routers only, optionally with LoRA) and
-saved with :meth:`Routers.save`; ``RouterConfig(path=...)`` loads them. ``threshold`` is the
+saved with :meth:`Routers.save` as a folder (``routers.safetensors`` + ``routers.json``);
+``RouterConfig(path=folder)`` loads them. ``threshold`` is the
 inference-time sparsity/quality knob (training's is the sparsity weight).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,11 +28,16 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from ._phase import ForwardState
-from .inject import SkipConfig, SkipHandle
+from .inject import SkipConfig, SkipHandle, TechniqueState
 from .layer_skip import SkipPlan, attach_layer_skipping
 from .registry import get_adapter
 
-__all__ = ["Router", "Routers", "RouterConfig"]
+__all__ = ["Router", "Routers", "RouterConfig", "RouterState"]
+
+logger = logging.getLogger(__name__)
+
+_WEIGHTS = "routers.safetensors"
+_META = "routers.json"
 
 
 class Router(nn.Module):
@@ -80,19 +88,33 @@ class Routers(nn.Module):
     def routed(self) -> list[int]:
         return sorted(int(k) for k in self.routers)
 
-    def save(self, path: str | Path, **meta: Any) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"hidden_size": self.hidden_size, "num_layers": self.num_layers, "width": self.width,
-                    "state_dict": self.state_dict(), "meta": meta}, path)
-        return path
+    def save(self, folder: str | Path, **meta: Any) -> Path:
+        """Write ``routers.safetensors`` and ``routers.json`` (sizes and ``meta``) into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / _WEIGHTS))
+        info = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "width": self.width, "meta": meta}
+        (folder / _META).write_text(json.dumps(info, indent=1, default=str) + "\n")
+        return folder
 
     @classmethod
-    def load(cls, path: str | Path, map_location: Any = "cpu") -> Routers:
-        d = torch.load(path, map_location=map_location, weights_only=True)
-        routers = cls(d["hidden_size"], d["num_layers"], d["width"])
-        routers.load_state_dict(d["state_dict"])
-        routers.meta = d.get("meta", {})
+    def load(cls, folder: str | Path, map_location: Any = "cpu") -> Routers:
+        """Routers written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / _WEIGHTS).is_file() or not (folder / _META).is_file():
+            raise FileNotFoundError(
+                f"no routers in {str(folder)!r} (expected {_WEIGHTS} and {_META}); train them with "
+                "`python -m mmskip.train_routers --out FOLDER`"
+            )
+        info = json.loads((folder / _META).read_text())
+        routers = cls(info["hidden_size"], info["num_layers"], info["width"])
+        routers.load_state_dict(load_file(str(folder / _WEIGHTS), device=str(map_location)))
+        routers.meta = info.get("meta", {})
         return routers.eval()
 
 
@@ -130,14 +152,44 @@ class _RouterHook(ModelHook):
         return args, kwargs
 
 
+@dataclass
+class RouterState(TechniqueState):
+    """State of an applied :class:`RouterConfig`: the routers, the plan and their decisions.
+
+    ``decisions.log`` lists the skip set of every prefill in call order; ``reset()`` empties it.
+    """
+
+    forward: ForwardState
+    plan: SkipPlan
+    routers: Routers
+    decisions: _Decisions = field(default_factory=_Decisions)
+
+    def reset(self) -> None:
+        self.decisions.log.clear()
+        self.decisions.keep_prob.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "skipped_layers": sorted(self.plan.skip),
+            "keep_prob": {i: [float(x) for x in p] for i, p in sorted(self.decisions.keep_prob.items())},
+        }
+
+
 @dataclass(frozen=True)
 class RouterConfig(SkipConfig):
     """FiRST layer routing with trained routers.
 
-    ``path``: a file written by :meth:`Routers.save` (e.g. by ``python -m mmskip.train_routers``).
-    ``threshold``: a layer is skipped when its router's mean keep probability over the prompt is
-    below it (higher: more skipping; the inference-time sparsity/quality knob). ``max_skip``:
-    cap on the fraction of layers skipped (the lowest layers that ask to skip get the budget).
+    Paper: Jain et al., 2024, "FiRST: Finetuning Router-Selective Transformers for
+    Input-Adaptive Latency Reduction", https://arxiv.org/abs/2410.12513.
+
+    Args:
+        path: a folder written by :meth:`Routers.save` (e.g. by ``python -m mmskip.train_routers
+            --out FOLDER``); required.
+        threshold: a layer is skipped when its router's mean keep probability over the prompt
+            is below it (higher: more skipping; the inference-time sparsity/quality knob);
+            default 0.5.
+        max_skip: cap on the fraction of layers skipped (the lowest layers that ask to skip get
+            the budget); default 1.0.
     """
 
     technique: ClassVar[str] = "first_routers"
@@ -154,16 +206,19 @@ class RouterConfig(SkipConfig):
     def load_routers(self) -> Routers:
         if not self.path:
             raise ValueError("RouterConfig needs path= to routers saved by Routers.save / mmskip.train_routers")
-        if not Path(self.path).is_file():
-            raise FileNotFoundError(f"no routers at {self.path!r}; train them with `python -m mmskip.train_routers`")
         return Routers.load(self.path)
 
     def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
         routers = self.load_routers()
         adapter = get_adapter(model, "decoder")
         L = adapter.num_layers
-        if routers.num_layers != L:
-            raise ValueError(f"these routers were trained for {routers.num_layers} layers; the model has {L}")
+        hidden = model.config.get_text_config(decoder=True).hidden_size
+        if routers.num_layers != L or routers.hidden_size != hidden:
+            raise ValueError(
+                f"the routers in {self.path!r} were trained for a model with {routers.num_layers} layers and hidden "
+                f"size {routers.hidden_size}; {type(model).__name__} has {L} layers and hidden size {hidden}. Train "
+                "routers for this model with `python -m mmskip.train_routers`."
+            )
         ref = next(model.parameters())
         routers = routers.to(ref.device).eval()
         state, plan = attach_layer_skipping(adapter, handle, "all", set(), hooked=range(1, L))
@@ -173,15 +228,10 @@ class RouterConfig(SkipConfig):
                 plan.skip = frozenset()
 
         state.listeners.append(reset)
-        decisions = _Decisions()
+        tstate = RouterState(state, plan, routers)
         budget = int(self.max_skip * L)
         routed = routers.routed
         for i in routed:  # registered after the skip hooks, so each router runs before its layer's skip hook
-            hook = _RouterHook(i, routers[i], plan, state, self, budget, i == routed[-1], decisions)
+            hook = _RouterHook(i, routers[i], plan, state, self, budget, i == routed[-1], tstate.decisions)
             handle.add_hook(adapter.layers[i], hook, ".router")
-        handle.state["routers"] = routers
-        handle.state["decisions"] = decisions
-        handle.state["stats_extra"] = lambda: {
-            "skipped_layers": sorted(plan.skip),
-            "keep_prob": {i: [float(x) for x in p] for i, p in sorted(decisions.keep_prob.items())},
-        }
+        handle.state = tstate

@@ -45,7 +45,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .inject import SkipConfig, SkipHandle
+from .inject import SkipConfig, SkipHandle, TechniqueState
 from .registry import DecoderAdapter, get_adapter
 
 __all__ = ["SelfSpeculativeConfig", "speculative_accept", "greedy_accept"]
@@ -345,12 +345,11 @@ class SelfSpeculativeConfig(SkipConfig):
         elif L < 3:
             raise ValueError(f"SWIFT searches layers 1..L-2; a {L}-layer model has none to skip")
         runner = _Swift(self, adapter, handle)
-        handle.stats_.cost.update({f"attn.{i}": adapter.attn_flops(i) for i in range(L)})
-        handle.stats_.cost.update({f"mlp.{i}": adapter.mlp_flops(i) for i in range(L)})
-        handle.stats_.fixed_cost = adapter.head_flops()
+        handle.counts.cost.update({f"attn.{i}": adapter.attn_flops(i) for i in range(L)})
+        handle.counts.cost.update({f"mlp.{i}": adapter.mlp_flops(i) for i in range(L)})
+        handle.counts.fixed_cost = adapter.head_flops()
         handle.add_hook(adapter.model, _GenerateHook(runner), ".generate")
-        handle.state["swift"] = runner
-        handle.state["stats_extra"] = runner.stats
+        handle.state = runner
 
 
 # -- the decoding loop --------------------------------------------------------------------------
@@ -370,7 +369,7 @@ class _Counters:
     verify_seconds: float = 0.0
 
 
-class _Swift:
+class _Swift(TechniqueState):
     """State of one applied SelfSpeculativeConfig: the draft, the layer set, counters."""
 
     def __init__(self, config: SelfSpeculativeConfig, adapter: DecoderAdapter, handle: SkipHandle) -> None:
@@ -425,7 +424,7 @@ class _Swift:
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                         logits_to_keep=keep)
         rows = ids.shape[1]
-        st = self.handle.stats_
+        st = self.handle.counts
         for i in range(self.adapter.num_layers):
             st.record(f"attn.{i}", rows, rows if draft and i in self.draft.attn else 0)
             st.record(f"mlp.{i}", rows, rows if draft and i in self.draft.mlp else 0)

@@ -1,8 +1,8 @@
 """Train FiRST layer routers on a frozen LM (optionally with LoRA adapters), then measure the
 quality vs layers-skipped curve.
 
-    python -m mmskip.train_routers --model stdlib-lm --out runs/stdlib-routers.pt --steps 300 --sparsity 0.5
-    python -m mmskip.train_routers --model stdlib-lm --out runs/r.pt --lora      # routers + LoRA (peft)
+    python -m mmskip.train_routers --model stdlib-lm --out runs/stdlib-routers --steps 300 --sparsity 0.5
+    python -m mmskip.train_routers --model stdlib-lm --out runs/r --lora      # routers + LoRA (peft)
 
 Training (FiRST, Jain et al., 2024): each routed layer's output is gated softly by its router's
 mean keep probability over the sequence, ``h + p * (layer(h) - h)``; the loss is the KL
@@ -163,7 +163,7 @@ def evaluate_routers(
     for t in thresholds:
         with applied(model, RouterConfig(path=str(routers_path), threshold=t)) as handle:
             runs = [_score(model, ids[None], half) for ids in data]
-            skipped = handle.state["decisions"].log
+            skipped = list(handle.state.decisions.log)
         row = _summary(f"routers t={t}", t, runs, full)
         row["skipped_layers"] = sum(len(s) for s in skipped) / max(len(skipped), 1)
         row["distinct_skip_sets"] = len({tuple(s) for s in skipped})
@@ -212,7 +212,7 @@ def _corpus(tokenizer: Any, split: str, text: str | None) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mmskip.train_routers", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="stdlib-lm", help="zoo name or from_pretrained folder")
-    ap.add_argument("--out", required=True, help="where to save the routers (.pt); results JSON goes beside it")
+    ap.add_argument("--out", required=True, help="folder for the routers (routers.safetensors + routers.json), results.json and any LoRA")
     ap.add_argument("--text", help="train/eval text file (default for stdlib-lm: the stdlib train / held-out split)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     routers.save(out, model=args.model, sparsity=args.sparsity, steps=args.steps, lora=args.lora)
     if args.lora:
-        trained.save_pretrained(out.with_suffix(".lora"))
+        trained.save_pretrained(out / "lora")
         model = trained.merge_and_unload()
     from .analysis.depth import skip_effects
 
@@ -253,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     order = sorted(range(1, len(kl)), key=kl.__getitem__)  # static peer: least single-skip effect first
     curve = evaluate_routers(model, out, eval_data, args.thresholds, static_order=order)
     result = {"model": args.model, "args": vars(args), "train_seconds": seconds, "history": history, "curve": curve}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    (out / "results.json").write_text(json.dumps(result, indent=1))
     print(f"trained {len(routers.routed)} routers in {seconds:.0f}s; final {history[-1]}")
     print(f"| {'config':<18} | {'layers skipped':>14} | {'perplexity':>10} | {'agreement':>9} | distinct skip sets |")
     print("|---|---:|---:|---:|---:|")
     for r in curve:
         print(f"| {r['name']:<18} | {r['skipped_layers']:14.2f} | {r['perplexity']:10.2f} | {r['agreement']:9.3f} | "
               f"{r.get('distinct_skip_sets', '-')} |")
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    print(f"wrote routers and results.json to {out}")
     return 0
 
 

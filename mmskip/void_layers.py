@@ -20,6 +20,7 @@ in Unified Layer Skipping (copy from the nearest lower kept layer).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,12 +28,14 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ._phase import ForwardState
-from .inject import SkipConfig, SkipHandle
+from .inject import SkipConfig, SkipHandle, TechniqueState
 from .layer_skip import SkipPlan, attach_layer_skipping
 from .registry import get_adapter
 from .schedules import AdaptiveSchedule
 
-__all__ = ["VoidLayerConfig", "lac_voids"]
+__all__ = ["VoidLayerConfig", "VoidLayerState", "lac_voids", "void_skip_set"]
+
+logger = logging.getLogger(__name__)
 
 
 def lac_voids(norms: torch.Tensor, alpha: float, lift_layers: int = 0) -> torch.Tensor:
@@ -98,7 +101,10 @@ class _NormHook(ModelHook):
         return output
 
 
-def _choose(rec: dict[str, Any], alpha: float, lift: int, min_fraction: float, max_layers: int) -> set[int]:
+def void_skip_set(rec: dict[str, Any], alpha: float, lift: int, min_fraction: float, max_layers: int) -> set[int]:
+    """The layers a traced prompt ``rec`` (``{"norms", "valid"}``) lets generation skip: void for
+    at least ``min_fraction`` of every sequence's valid tokens, most void first, at most
+    ``max_layers``, never layer 0."""
     void = lac_voids(rec["norms"], alpha, lift)  # (L, B, T)
     valid = rec["valid"].unsqueeze(0)
     frac = (void & valid).sum(-1).float() / valid.sum(-1).clamp(min=1).float()  # (L, B)
@@ -108,23 +114,55 @@ def _choose(rec: dict[str, Any], alpha: float, lift: int, min_fraction: float, m
     return {int(i) for i in order[:max_layers] if worst[i] >= min_fraction}
 
 
+@dataclass
+class VoidLayerState(TechniqueState):
+    """State of an applied :class:`VoidLayerConfig`: the plan the prompt decided and the traces.
+
+    ``records`` holds one entry per traced forward (``phase``, per-token ``norms`` of shape
+    (L + 1, B, T), ``valid`` mask); ``reset()`` empties it.
+    """
+
+    forward: ForwardState
+    plan: SkipPlan
+    tracer: _Tracer
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.tracer.records
+
+    def reset(self) -> None:
+        self.tracer.records.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"skipped_layers": sorted(self.plan.skip)}
+
+
 @dataclass(frozen=True)
 class VoidLayerConfig(SkipConfig):
     """Skip the prompt's void layers while generating (LAC, "Void in Language Models").
 
-    ``schedule``: ``adaptive(alpha, "l2_change", max_skip=...)`` — ``alpha`` is LAC's threshold
-    factor (see the module docstring); ``max_skip`` caps the fraction of layers skipped. ``min_void_fraction``: a layer is
-    skipped when it is void for at least this fraction of every sequence's prompt tokens.
-    ``lift_layers``: leading layers left out of LAC's threshold (see the module docstring).
+    Paper: Shemiranifar, 2025, "Void in Language Models", https://arxiv.org/abs/2505.14467.
+
+    Args:
+        schedule: ``schedules.adaptive(alpha, "l2_change", max_skip=...)``; default
+            ``adaptive(0.5, "l2_change", max_skip=0.25)``. ``alpha`` is LAC's threshold factor
+            (see the module docstring); ``max_skip`` caps the fraction of layers skipped.
+        min_void_fraction: a layer is skipped when it is void for at least this fraction of
+            every sequence's prompt tokens; default 0.5.
+        lift_layers: leading layers left out of LAC's threshold and never void; default 1 (see
+            the module docstring; 0 gives the paper's literal rule).
+        trace_decode: also record LAC norms for generated tokens (``handle.state.records``), as
+            :func:`mmskip.analysis.void_layers` does; default False.
     """
 
     technique: ClassVar[str] = "void_layers"
     schedule: AdaptiveSchedule = AdaptiveSchedule(threshold=0.5, signal="l2_change", max_skip=0.25)
     min_void_fraction: float = 0.5
     lift_layers: int = 1
+    trace_decode: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, AdaptiveSchedule) or self.schedule.signal != "l2_change":
+        if self.schedule.signal != "l2_change":
             raise ValueError("VoidLayerConfig.schedule must be schedules.adaptive(alpha, signal='l2_change', ...)")
         if not 0.0 <= self.schedule.threshold <= 1.0:
             raise ValueError(f"LAC alpha must lie in [0, 1], got {self.schedule.threshold}")
@@ -133,11 +171,11 @@ class VoidLayerConfig(SkipConfig):
         if self.lift_layers < 0:
             raise ValueError(f"lift_layers must be >= 0, got {self.lift_layers}")
 
-    def _attach(self, model: torch.nn.Module, handle: SkipHandle, trace_decode: bool = False) -> None:
+    def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         adapter = get_adapter(model, "decoder")
         L = adapter.num_layers
         state, plan = attach_layer_skipping(adapter, handle, "decode", set(), hooked=range(1, L))
-        tracer = _Tracer(L, state, trace_decode)
+        tracer = _Tracer(L, state, self.trace_decode)
         for i in range(L):
             handle.add_hook(adapter.layers[i], _NormHook(tracer, first=i == 0), ".lac")
         max_layers = int(self.schedule.max_skip * L)
@@ -145,8 +183,8 @@ class VoidLayerConfig(SkipConfig):
 
         def decide(rec: dict[str, Any], plan: SkipPlan = plan) -> None:
             if rec["phase"] == "prefill":
-                plan.skip = frozenset(_choose(rec, alpha, lift, min_fraction, max_layers))
+                plan.skip = frozenset(void_skip_set(rec, alpha, lift, min_fraction, max_layers))
+                logger.debug("void layers for this prompt: %s", sorted(plan.skip))
 
         tracer.on_complete.append(decide)
-        handle.state["lac"] = tracer
-        handle.state["stats_extra"] = lambda: {"skipped_layers": sorted(plan.skip)}
+        handle.state = VoidLayerState(state, plan, tracer)

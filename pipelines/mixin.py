@@ -106,7 +106,7 @@ class SkipPipelineMixin:
         state["last_keep"] = keep
         if state["handle"] is not None:
             state["handle"].reset_stats()
-            state["handle"].state["tracker"].begin(len(keep))
+            state["handle"].state.tracker.begin(len(keep))
         if keep == list(range(n)):
             return super().__call__(*args, **kwargs)
         original = self.scheduler

@@ -28,7 +28,7 @@ def test_cached_generation_equals_recompute_with_same_decisions(family, padded_b
     cfg = mmskip.FFNSkipConfig(schedule=schedules.adaptive(0.0, "cosine", warmup=1, max_skip=0.3), cold=(1, 1), span=1)
     with mmskip.applied(model, cfg) as handle:
         out = generate(model, ids, mask)
-        log = list(handle.state["ffn_log"])
+        log = list(handle.state.log)
     assert log, "the test needs some skipped FFNs"
     P = ids.shape[1]
     mlp_skips = [(P + step - 1, layer, rows) for step, layer, rows in log]
@@ -44,7 +44,7 @@ def test_budget_cold_layers_and_warmup(padded_batch):
     assert (hot.start, hot.stop) == (3, 18)
     with mmskip.applied(model, cfg) as handle:
         generate(model, ids, mask)
-        log = handle.state["ffn_log"]
+        log = handle.state.log
         stats = handle.stats()
     per_token = {}
     for step, layer, rows in log:
@@ -65,7 +65,7 @@ def test_threshold_above_one_never_skips_and_matches_baseline(llama, padded_batc
     cfg = mmskip.FFNSkipConfig(schedule=schedules.adaptive(1.01, "cosine", warmup=0, max_skip=0.5))
     with mmskip.applied(llama, cfg) as handle:
         out = generate(llama, ids, mask)
-        assert handle.state["ffn_log"] == []
+        assert handle.state.log == []
     assert torch.equal(base.sequences, out.sequences)
 
 
@@ -76,7 +76,7 @@ def test_skipped_ffn_does_not_run():
         layer.mlp.down_proj.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
     with mmskip.applied(model, always(max_skip=0.5, warmup=0, span=1)) as handle:
         generate(model, torch.randint(3, 128, (1, 5)), torch.ones(1, 5, dtype=torch.long))
-        log = handle.state["ffn_log"]
+        log = handle.state.log
     skipped_per_layer = [sum(1 for _, layer, _ in log if layer == i) for i in range(10)]
     assert sum(skipped_per_layer) > 0
     assert [c + s for c, s in zip(calls, skipped_per_layer)] == [NEW] * 10

@@ -12,7 +12,7 @@ from .conftest import tiny_lm
 NEW = 6
 
 
-def fixed_routers(model, skip, tmp_path, name="r.pt"):
+def fixed_routers(model, skip, tmp_path, name="r"):
     """Routers whose decision ignores the input: keep probability 0.1 for ``skip``, 0.9 otherwise."""
     routers = Routers.for_model(model, width=8)
     with torch.no_grad():
@@ -38,7 +38,7 @@ def test_decisions_fixed_for_the_whole_generation_and_cache_consistent(padded_ba
     with mmskip.applied(model, RouterConfig(path=path)) as handle:
         out = generate(model, ids, mask)
         stats = handle.stats()
-        log = handle.state["decisions"].log
+        log = handle.state.decisions.log
     assert stats["skipped_layers"] == [2, 5, 6] and log == [[2, 5, 6]]  # decided once, at prefill
     assert calls == [0 if i in (2, 5, 6) else NEW for i in range(8)]  # skipped in prefill and every decode step
     ref = recompute_logits(model, registry.get_adapter(model), out.sequences, mask, 0, skip_layers=[2, 5, 6])
@@ -61,7 +61,7 @@ def test_routers_are_input_adaptive_and_decide_again_per_prompt(tmp_path):
         r.fc1.weight[0] = d / d.norm() ** 2
         r.fc2.weight[0, 0] = -40.0
         r.fc2.bias.fill_(20.0)
-    path = str(routers.save(tmp_path / "r.pt"))
+    path = str(routers.save(tmp_path / "r"))
     # layer 1 sees the residual after layer 0; use a model whose layer 0 is identity so it sees embeddings
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight.zero_()
@@ -70,7 +70,7 @@ def test_routers_are_input_adaptive_and_decide_again_per_prompt(tmp_path):
         for prompt in ([7] * 8, [9, 10, 11, 12, 13, 14, 15, 16], [7] * 8):
             with torch.no_grad():
                 model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=3, do_sample=False)
-        log = handle.state["decisions"].log
+        log = handle.state.decisions.log
     assert log == [[1], [], [1]]
 
 
@@ -92,7 +92,7 @@ def test_threshold_and_budget_knobs(tmp_path):
 def test_save_load_round_trip_and_bad_input(tmp_path):
     model = tiny_lm("llama", layers=6)
     routers = Routers.for_model(model, width=8)
-    path = routers.save(tmp_path / "r.pt", note="x")
+    path = routers.save(tmp_path / "r", note="x")
     loaded = Routers.load(path)
     assert loaded.meta == {"note": "x"} and loaded.routed == [1, 2, 3, 4, 5]
     for a, b in zip(routers.parameters(), loaded.parameters()):
@@ -103,9 +103,13 @@ def test_save_load_round_trip_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="needs path"):
         mmskip.apply(model, RouterConfig())
     with pytest.raises(FileNotFoundError, match="train_routers"):
-        mmskip.apply(model, RouterConfig(path=str(tmp_path / "missing.pt")))
-    with pytest.raises(ValueError, match="trained for 6 layers"):
+        mmskip.apply(model, RouterConfig(path=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="trained for a model with 6 layers and hidden size 64"):
         mmskip.apply(tiny_lm("llama", layers=4), RouterConfig(path=str(path)))
+    other = Routers(hidden_size=32, num_layers=6, width=8).save(tmp_path / "r32")
+    with pytest.raises(ValueError, match="hidden size 32"):  # not a raw matmul error at the first forward
+        mmskip.apply(model, RouterConfig(path=str(other)))
+    assert not hasattr(model, "_mmskip_handle")
 
 
 def test_soft_gates_are_exact_at_the_extremes(tmp_path):
@@ -133,7 +137,7 @@ def test_training_moves_only_routers_and_sparsity_lowers_keep(tmp_path):
     _, hist = train_routers(model, routers, data, steps=30, batch=4, lr=2e-2, sparsity=5.0, log_every=29)
     assert hist[-1]["keep"] < hist[0]["keep"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    path = routers.save(tmp_path / "r.pt")
+    path = routers.save(tmp_path / "r")
     rows = evaluate_routers(model, path, data[:3], [0.5])
     assert rows[0]["name"] == "full model" and rows[0]["agreement"] == 1.0
     assert rows[1]["threshold"] == 0.5 and 0 <= rows[1]["skipped_layers"] <= 3 and rows[1]["perplexity"] > 0

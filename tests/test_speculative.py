@@ -237,7 +237,7 @@ def test_sampling_warpers_match_transformers_defaults():
                                  output_scores=True, output_logits=True, **kw)
         warped = out.scores[0].float().softmax(-1)
         handle = mmskip.apply(model, SelfSpeculativeConfig(**EAGER))
-        gen = handle.state["swift"]._generation_config(model, {"do_sample": True, **kw})
+        gen = handle.state._generation_config(model, {"do_sample": True, **kw})
         handle.remove()
         torch.testing.assert_close(_probs(out.logits[0], gen), warped, atol=1e-6, rtol=1e-5)
         assert gen.top_k == kw.get("top_k", 50)

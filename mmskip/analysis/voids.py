@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..inject import SkipHandle
+from ..inject import applied
 from ..schedules import adaptive
-from ..void_layers import VoidLayerConfig, _choose, lac_voids
+from ..void_layers import VoidLayerConfig, lac_voids, void_skip_set
 
 
 @dataclass
@@ -39,23 +39,20 @@ def void_layers(
 
     Arguments as in :class:`~mmskip.void_layers.VoidLayerConfig`.
     """
+    # max_skip=0: trace only, so the response's norms are the full model's
     config = VoidLayerConfig(schedule=adaptive(alpha, "l2_change", max_skip=0.0), min_void_fraction=min_void_fraction,
-                             lift_layers=lift_layers)
-    handle = SkipHandle(model, config)
-    try:
-        config._attach(model, handle, trace_decode=True)
+                             lift_layers=lift_layers, trace_decode=True)
+    with applied(model, config) as handle:
         model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
         )
-        records = handle.state["lac"].records
-    finally:
-        handle.remove()
+        records = list(handle.state.records)
     prompt = [r for r in records if r["phase"] == "prefill"][0]
     L = prompt["norms"].shape[0] - 1
     pp = _fractions([prompt], alpha, lift_layers)
     decode = [r for r in records if r["phase"] == "decode"]
     rg = _fractions(decode, alpha, lift_layers) if decode else [0.0] * L
-    suggested = _choose(prompt, alpha, lift_layers, min_void_fraction, int(max_skip * L))
+    suggested = void_skip_set(prompt, alpha, lift_layers, min_void_fraction, int(max_skip * L))
     return VoidReport(alpha=alpha, prompt=pp, response=rg, suggested_skip=sorted(suggested))
 
 

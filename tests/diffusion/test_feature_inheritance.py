@@ -171,7 +171,7 @@ def test_calibrated_schedule_from_probe_changes():
 def test_pipeline_step_count_drives_schedule():
     m = tiny_sd3()
     with applied(m, FeatureInheritanceConfig(schedule=nonuniform(4, 2, power=1.0))) as h:
-        h.state["tracker"].begin(4)
+        h.state.tracker.begin(4)
         _run(m)
         assert h.stats()["recomputed_steps"] == [0, 3]
 
