@@ -14,8 +14,6 @@ import importlib
 import json
 import logging
 import threading
-import types
-import typing
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+
+from ._fields import check_field_types
 
 __all__ = [
     "SkipConfig",
@@ -81,7 +81,7 @@ class SkipConfig:
         own = cls.__dict__.get("__post_init__")
 
         def __post_init__(self: SkipConfig) -> None:
-            _check_field_types(self)
+            check_field_types(self)
             if own is not None:
                 own(self)
             elif type(self).__mro__[1] is not SkipConfig:  # inherit a parent's validation
@@ -166,82 +166,6 @@ class SkipConfig:
         if cls is not SkipConfig and not isinstance(config, cls):
             raise TypeError(f"{p} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
-
-
-def _check_field_types(config: SkipConfig) -> None:
-    """Check (and normalise lists to tuples in) a config's fields against their annotations."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        ok, fixed = _conforms(value, hints.get(f.name, Any))
-        if not ok:
-            raise TypeError(
-                f"{type(config).__name__}.{f.name} must be {_describe(hints.get(f.name, Any))}, "
-                f"got {value!r} ({type(value).__name__})"
-            )
-        if fixed is not value:
-            object.__setattr__(config, f.name, fixed)
-
-
-def _conforms(value: Any, tp: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, fixed = _conforms(value, arg)
-            if ok:
-                return True, fixed
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok and isinstance(value, int) else value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
-            return False, value
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            items = [_conforms(v, args[0]) for v in value]
-        elif len(args) == len(value):
-            items = [_conforms(v, a) for v, a in zip(value, args)]
-        else:
-            return False, value
-        if not all(ok for ok, _ in items):
-            return False, value
-        return True, tuple(v for _, v in items)
-    if isinstance(tp, type):
-        return isinstance(value, tp), value
-    return True, value
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "None"
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a tuple of {_describe(args[0])}"
-        return f"a tuple ({', '.join(_describe(a) for a in args)})"
-    if tp is bool:
-        return "a bool (True/False)"
-    if tp is int:
-        return "an int"
-    if tp is float:
-        return "a number"
-    if tp is str:
-        return "a str"
-    return getattr(tp, "__name__", str(tp))
 
 
 class TechniqueState:

@@ -16,6 +16,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
+from ._fields import check_field_types
+
 __all__ = [
     "Schedule",
     "UnifiedSchedule",
@@ -44,6 +46,14 @@ class Schedule:
         super().__init_subclass__(**kwargs)
         if cls.kind:
             _KINDS[cls.kind] = cls
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self: Schedule) -> None:
+            check_field_types(self, f"{cls.kind}(): ")
+            if own is not None:
+                own(self)
+
+        cls.__post_init__ = __post_init__
 
     # -- what a technique asks -------------------------------------------------------------
     def ratios(self, n: int | None = None) -> tuple[float, ...]:
@@ -282,9 +292,9 @@ class AdaptiveSchedule(Schedule):
 # -- the public constructors ------------------------------------------------------------------
 
 
-def unified(speedup: float = 2.0, num_layers: int | None = None) -> UnifiedSchedule:
+def unified(speedup: float = 2.0, num: int | None = None) -> UnifiedSchedule:
     """Unified Layer Skipping keep set for a target ``speedup`` (see :class:`UnifiedSchedule`)."""
-    return UnifiedSchedule(speedup=speedup, num=num_layers)
+    return UnifiedSchedule(speedup=speedup, num=num)
 
 
 def interval(every: int, offset: int = 0, num: int | None = None) -> IntervalSchedule:
@@ -306,9 +316,9 @@ def _tuple(x: list | tuple | None) -> tuple | None:
     return None if x is None else tuple(x)
 
 
-def progressive(ceiling: float = 0.85, floor: float = 0.15, num_layers: int | None = None) -> ProgressiveSchedule:
+def progressive(ceiling: float = 0.85, floor: float = 0.15, num: int | None = None) -> ProgressiveSchedule:
     """p-MoD progressive ratio decay (see :class:`ProgressiveSchedule`)."""
-    return ProgressiveSchedule(ceiling=ceiling, floor=floor, num=num_layers)
+    return ProgressiveSchedule(ceiling=ceiling, floor=floor, num=num)
 
 
 def adaptive(

@@ -78,3 +78,109 @@ def test_config_json_names_its_module_and_only_mmskip_modules_are_imported():
     import sys
 
     assert "antigravity" not in sys.modules
+
+
+def test_one_technique_per_model_across_submodules(llama, padded_batch):
+    ids, mask = padded_batch
+    with torch.no_grad():
+        ref = llama(input_ids=ids, attention_mask=mask).logits
+    h = mmskip.apply(llama, mmskip.LayerSkipConfig(schedule=schedules.unified(2.0), phase="all"))
+    with pytest.raises(RuntimeError, match="already has mmskip technique 'layer_skip' applied"):
+        mmskip.apply(llama.model, mmskip.FFNSkipConfig())  # a submodule of a model with a technique
+    h.remove()
+    inner = mmskip.apply(llama.model, mmskip.FFNSkipConfig())
+    with pytest.raises(RuntimeError, match="'ffn_skip' applied on model.layers"):
+        mmskip.apply(llama, mmskip.LayerSkipConfig())  # a model containing a module with a technique
+    inner.remove()
+    with torch.no_grad():
+        assert torch.equal(ref, llama(input_ids=ids, attention_mask=mask).logits)
+    assert not any(hasattr(m, "_diffusers_hook") for m in llama.modules())
+
+
+def test_applied_lets_the_users_exception_through(llama):
+    with pytest.raises(KeyError, match="mine"):
+        with mmskip.applied(llama, mmskip.LayerSkipConfig()) as h:
+            h.remove()
+            raise KeyError("mine")
+    assert h.removed and not hasattr(llama, "_mmskip_handle")
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (None, TypeError, "takes a dict or JSON object"),
+        ("abc", ValueError, "not valid JSON"),
+        ("[1, 2]", TypeError, "got list"),
+        (3, TypeError, "got int"),
+        ({"technique": "layer_skip", "phase": 1}, TypeError, "phase must be a str"),
+        ({"technique": "layer_skip", "speed": 2}, ValueError, r"no field\(s\) \['speed'\]"),
+        ({"technique": "self_speculative", "reuse": "no"}, TypeError, r"reuse must be a bool"),
+        ({"technique": "self_speculative", "seed": 1.5}, TypeError, "seed must be an int"),
+        ({"technique": "ffn_skip", "span": True}, TypeError, "span must be an int"),
+    ],
+)
+def test_from_dict_rejects_bad_input_clearly(bad, error, match):
+    with pytest.raises(error, match=match):
+        mmskip.SkipConfig.from_dict(bad)
+
+
+def test_schedules_reject_bools_and_wrong_types():
+    with pytest.raises(TypeError, match=r"interval\(\): every must be an int"):
+        schedules.interval(True)
+    with pytest.raises(TypeError, match=r"explicit\(\): skip_idx must be a tuple/list of int"):
+        schedules.explicit(skip=[True])
+    with pytest.raises(TypeError, match=r"unified\(\): speedup must be a number"):
+        schedules.unified("2")
+    assert schedules.explicit(skip=[1, 2]) == schedules.explicit(skip=(1, 2))  # lists are stored as tuples
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    config = mmskip.FFNSkipConfig(schedule=schedules.adaptive(0.9, warmup=2, max_skip=0.3), cold=(1, 1), span=1)
+    path = config.save_pretrained(tmp_path / "cfg")
+    assert path.name == "mmskip_config.json"
+    assert mmskip.SkipConfig.from_pretrained(tmp_path / "cfg") == config
+    assert mmskip.FFNSkipConfig.from_pretrained(path) == config
+    with pytest.raises(TypeError, match="holds a FFNSkipConfig, not a LayerSkipConfig"):
+        mmskip.LayerSkipConfig.from_pretrained(tmp_path / "cfg")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        mmskip.SkipConfig.from_pretrained(tmp_path / "nothing")
+
+
+def _registered_configs() -> dict:
+    import mmskip.diffusion  # noqa: F401  (registers the diffusion techniques)
+    from mmskip.inject import _CONFIGS
+
+    return dict(_CONFIGS)
+
+
+_NO_PAPER = {"step_skip"}  # fewer sampler steps: no paper to cite
+
+
+@pytest.mark.parametrize("technique", sorted(_registered_configs()))
+def test_every_config_documents_its_fields_and_paper(technique):
+    import dataclasses
+
+    cls = _registered_configs()[technique]
+    doc = cls.__doc__ or ""
+    assert "Args:" in doc, f"{cls.__name__} docstring has no Args: section"
+    args = doc.split("Args:", 1)[1]
+    missing = [f.name for f in dataclasses.fields(cls) if f"{f.name}:" not in args]
+    assert not missing, f"{cls.__name__} docstring does not document {missing}"
+    if technique not in _NO_PAPER:
+        assert "arxiv.org/abs/" in doc, f"{cls.__name__} docstring has no arXiv link"
+
+
+def test_import_is_lazy_and_subpackages_are_attributes():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmskip; loaded = [m for m in ('mmskip.zoo', 'mmskip.diffusion', 'mmskip.pipelines', "
+        "'mmskip.eval', 'mmskip.analysis') if m in sys.modules]; print(loaded); "
+        "print(mmskip.zoo.NAMES[0], mmskip.diffusion.__name__, mmskip.eval.__name__, 'zoo' in dir(mmskip))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "digits-classifier mmskip.diffusion mmskip.eval True"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mmskip.nope  # noqa: B018

@@ -85,7 +85,7 @@ def test_bad_schedules_raise_clear_errors(make, msg):
         schedules.interval(4, 1),
         schedules.explicit(skip=[2, 3]),
         schedules.explicit(ratios=[1.0, 0.25]),
-        schedules.progressive(num_layers=16),
+        schedules.progressive(num=16),
         schedules.adaptive(0.9, "relative_change", warmup=2, max_skip=0.3),
     ],
 )
