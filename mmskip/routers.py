@@ -140,7 +140,12 @@ class _RouterHook(ModelHook):
             return args, kwargs
         h = args[0] if args else kwargs["hidden_states"]
         mask = self.state.attention_mask
-        if mask is None or mask.dim() != 2 or tuple(mask.shape) != tuple(h.shape[:2]):
+        if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(h.shape[:2])):
+            logger.warning(
+                "FiRST router of layer %d: attention_mask of shape %s does not match the prompt %s; averaging "
+                "keep probabilities over every position, padding included", self.index, tuple(mask.shape),
+                tuple(h.shape[:2]),
+            )
             mask = None
         with torch.no_grad():
             p = self.router.sequence_keep(h, mask)

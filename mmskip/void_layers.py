@@ -78,7 +78,11 @@ class _Tracer:
 
 def _valid(mask: torch.Tensor | None, norms: torch.Tensor) -> torch.Tensor:
     shape = norms.shape[1:]
-    if mask is None or mask.dim() != 2 or tuple(mask.shape) != tuple(shape):
+    if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(shape)):
+        logger.warning("LAC: attention_mask of shape %s does not match the prompt %s; counting every position, "
+                       "padding included", tuple(mask.shape), tuple(shape))
+        mask = None
+    if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=norms.device)
     return mask.bool().to(norms.device)
 
