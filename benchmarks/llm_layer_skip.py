@@ -2,6 +2,7 @@
 
     python benchmarks/llm_layer_skip.py                      # 24-layer d=512 Llama, random weights
     python benchmarks/llm_layer_skip.py --model stdlib-lm     # the zoo's trained LM, held-out prompts
+    python benchmarks/llm_layer_skip.py --smoke               # seconds: tiny random model, one round
 
 All configs run in one process, round-robin over ``--repeats`` rounds (median), after a
 warm-up of each. Each round times ``generate`` twice, for 1 and for N new tokens; the
@@ -32,6 +33,7 @@ from mmskip import schedules
 from mmskip.eval.decode_agreement import decode_agreement
 
 RESULTS = Path(__file__).parent / "results"
+SMOKE_MODEL = "random-8x64"
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, object | None]:
@@ -41,6 +43,14 @@ def build_model(name: str) -> tuple[torch.nn.Module, object | None]:
         cfg = LlamaConfig(
             vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=24,
             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+            pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        )
+        return LlamaForCausalLM(cfg).eval(), None
+    if name == SMOKE_MODEL:  # --smoke: every code path in seconds, numbers meaningless
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
             pad_token_id=0, bos_token_id=None, eos_token_id=None,
         )
         return LlamaForCausalLM(cfg).eval(), None
@@ -114,8 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path (default: results/llm_layer_skip_MODEL.json; "
+                   "with --smoke nothing is written unless given)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"seconds-long run that exercises every path: {SMOKE_MODEL} random model, batch 1, "
+                        "6 new tokens, 1 round")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.batch, args.new_tokens, args.prompt_len, args.repeats = SMOKE_MODEL, [1], 6, 8, 1
     torch.set_num_threads(args.threads)
     model, tok = build_model(args.model)
     L = mmskip.registry.get_adapter(model).num_layers
@@ -155,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.smoke and not args.out:
+        return {"meta": meta, "rows": rows}
     out = Path(args.out) if args.out else RESULTS / f"llm_layer_skip_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -13,12 +13,22 @@ _COMMANDS = {
 }
 
 
+def usage() -> str:
+    lines = [f"  {name:<10} {help_}" for name, (_, help_) in _COMMANDS.items()]
+    return "usage: mmskip COMMAND [args]\n\ncommands:\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
-        lines = [f"  {name:<10} {help_}" for name, (_, help_) in _COMMANDS.items()]
-        print("usage: mmskip COMMAND [args]\n\ncommands:\n" + "\n".join(lines))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in _COMMANDS:
+        print(usage(), file=sys.stderr)
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"mmskip: error: {what}; choose one of: {', '.join(_COMMANDS)} "
+              "(`mmskip COMMAND --help` for its options)", file=sys.stderr)
+        return 2
     module = importlib.import_module(_COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 

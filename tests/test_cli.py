@@ -1,10 +1,24 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mmskip import cli, demo
+from mmskip import cli
 
 from .conftest import tiny_lm
+
+APPS_DEMO = Path(__file__).resolve().parents[1] / "apps" / "demo.py"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """``apps/demo.py`` (what ``bash run.sh demo`` runs), imported from its path: apps/ is no package."""
+    spec = importlib.util.spec_from_file_location("apps_demo", APPS_DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_help_lists_commands(capsys):
@@ -14,7 +28,48 @@ def test_help_lists_commands(capsys):
 
 
 def test_unknown_command_fails(capsys):
-    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["bogus"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert cap.err.startswith("usage: mmskip COMMAND")
+    last = cap.err.strip().splitlines()[-1]
+    assert last.startswith("mmskip: error: unknown command 'bogus'") and "analyze" in last
+
+
+def test_no_command_prints_usage_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "usage: mmskip COMMAND" in capsys.readouterr().err
+
+
+def _one_error_line(capsys) -> str:
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.strip().splitlines() if "Loading weights" not in ln]  # transformers' progress bar
+    assert cap.out == "" and len(lines) == 1 and "Traceback" not in cap.err, cap.err
+    assert lines[0].startswith("mmskip analyze: error: ")
+    return lines[0]
+
+
+def test_analyze_missing_text_file_is_one_clear_line(tmp_path, capsys):
+    missing = tmp_path / "missing.py"
+    assert cli.main(["analyze", "--model", "stdlib-lm", "--text", str(missing)]) == 2
+    line = _one_error_line(capsys)
+    assert f"--text {missing}: no such file" in line and "pass a text file" in line
+
+
+def test_analyze_unknown_model_is_one_clear_line(tmp_path, capsys):
+    text = tmp_path / "t.py"
+    text.write_text("def f(x):\n    return x\n" * 50)
+    assert cli.main(["analyze", "--model", "nope", "--text", str(text)]) == 2
+    line = _one_error_line(capsys)
+    assert "--model nope: 'nope' is neither a zoo name (" in line and "stdlib-lm" in line
+    assert "from_pretrained folder" in line
+
+
+def test_analyze_text_shorter_than_a_chunk_is_one_clear_line(tiny_lm_folder, tmp_path, capsys):
+    text = tmp_path / "short.py"
+    text.write_text("x = 1\n")
+    assert cli.main(["analyze", "--model", str(tiny_lm_folder), "--text", str(text)]) == 2
+    assert "smaller --chunk-tokens" in _one_error_line(capsys)
 
 
 @pytest.fixture
@@ -32,10 +87,23 @@ def tiny_lm_folder(tmp_path):
     return tmp_path
 
 
-def test_language_demo_runs_every_technique(tiny_lm_folder, capsys):
+def test_language_demo_runs_every_technique(demo, tiny_lm_folder, capsys):
     rows = demo.language_demo(str(tiny_lm_folder), new_tokens=6)
     assert [r["config"] for r in rows][0] == "full model"
     assert len(rows) == 5
     assert rows[0]["agreement"] == 1.0 and rows[0]["flops_bound"] == 1.0
     assert rows[2]["skipped_layers"] == [1, 3, 5, 6] and rows[2]["flops_bound"] > 1.0
     assert "Unified" in capsys.readouterr().out
+
+
+def test_demo_quick_language_only_option(demo, tiny_lm_folder, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(demo, "language_demo", lambda **kw: seen.update(kw) or [])
+    monkeypatch.setattr(demo, "diffusion_demo", lambda *a, **kw: pytest.fail("--only language ran diffusion"))
+    assert demo.main(["--only", "language", "--new-tokens", "4", "--repeats", "1"]) == 0
+    assert seen == {"new_tokens": 4, "repeats": 1}
+
+
+def test_mmskip_demo_module_is_gone():
+    """One demo, in apps/: the library no longer ships a ``mmskip.demo`` beside it."""
+    assert importlib.util.find_spec("mmskip.demo") is None

@@ -11,6 +11,7 @@ Writes ``depth.json`` and PNG plots into ``--out`` and prints a summary.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,12 @@ def summary(report: DepthReport) -> str:
     return "\n".join(lines)
 
 
+def _error(message: str) -> int:
+    """One line on stderr (what is wrong and what to do) and exit status 2, like argparse's errors."""
+    print(f"mmskip analyze: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mmskip analyze", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="zoo name (e.g. stdlib-lm) or from_pretrained folder")
@@ -69,14 +76,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plots", action="store_true", help="write JSON only")
     args = ap.parse_args(argv)
 
-    model, tokenizer = load_lm(args.model)
-    ids = chunk_text(tokenizer, Path(args.text).read_text(errors="replace"), args.chunks, args.chunk_tokens)
+    text = Path(args.text)
+    if not text.is_file():
+        return _error(f"--text {args.text}: no such file; pass a text file to analyse the model on "
+                      "(e.g. --text some_module.py)")
+    try:
+        model, tokenizer = load_lm(args.model)
+    except (FileNotFoundError, ValueError) as e:  # unknown name, untrained zoo model, not a language model
+        return _error(f"--model {args.model}: {e}")
+    try:
+        ids = chunk_text(tokenizer, text.read_text(errors="replace"), args.chunks, args.chunk_tokens)
+    except ValueError as e:
+        return _error(f"--text {args.text}: {e}")
     report = depth_report(model, ids, min_agreement=args.min_agreement, max_skip=args.max_skip,
                           void_alpha=args.void_alpha)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "depth.json")
-    written = [] if args.no_plots else report.plot(out)
+    try:
+        written = [] if args.no_plots else report.plot(out)
+    except ImportError as e:  # matplotlib is the optional 'analysis' extra
+        return _error(f"{e} (or pass --no-plots); {out / 'depth.json'} is written")
     print(summary(report))
     print(f"wrote {out / 'depth.json'}" + "".join(f", {p.name}" for p in written))
     return 0

@@ -42,6 +42,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from .lm import MAX_WINDOWS, SEQ_LEN
+
     p = argparse.ArgumentParser(prog="python -m mmskip.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pl.add_argument("--prompt-len", type=int, default=64)
     pl.add_argument("--max-new-tokens", type=int, default=32)
     pl.add_argument("--text-file", default=None, help="held-out text (default: held-out stdlib modules)")
+    pl.add_argument("--seq-len", type=int, default=SEQ_LEN, help="perplexity window length in tokens")
+    pl.add_argument("--max-windows", type=int, default=MAX_WINDOWS,
+                    help=f"perplexity on the first N windows (default {MAX_WINDOWS} x {SEQ_LEN}: the stdlib-lm "
+                         "card's set)")
     pl.add_argument("--out", type=Path, default=None)
     for sp in (pi, pl):
         sp.add_argument("--threads", type=int, default=None)
@@ -84,9 +90,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         model, tok = load_lm(a.model)
         res = evaluate_lm(model, tok, config, n_prompts=a.n_prompts, prompt_len=a.prompt_len,
-                          max_new_tokens=a.max_new_tokens, text_file=a.text_file)
+                          max_new_tokens=a.max_new_tokens, seq_len=a.seq_len, max_windows=a.max_windows,
+                          text_file=a.text_file)
         res["model"] = a.model
     print(format_table(res))
+    if "perplexity_set" in res:
+        print(f"perplexity on the {res['perplexity_set']}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=2, default=str) + "\n")

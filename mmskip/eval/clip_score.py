@@ -16,8 +16,9 @@ def load_clip(spec: str = "digits-clip") -> tuple[Any, Any, Any]:
         from mmskip.zoo import load
 
         return load("digits-clip")
-    import open_clip
+    from ._optional import require
 
+    open_clip = require("open_clip", "CLIP score")
     arch, _, ckpt = spec.partition(":")
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=ckpt or None)
     return model.eval(), preprocess, open_clip.get_tokenizer(arch)

@@ -36,8 +36,9 @@ def make_fid(feature: nn.Module | str = "digits-classifier"):
     or an Inception feature size (``"2048"``) when torchmetrics' Inception weights are available
     locally.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from ._optional import require
 
+    FrechetInceptionDistance = require("torchmetrics.image.fid", "FID").FrechetInceptionDistance
     if isinstance(feature, str) and feature.isdigit():
         return FrechetInceptionDistance(feature=int(feature), normalize=True)
     module = ClassifierFeatures() if feature == "digits-classifier" else feature

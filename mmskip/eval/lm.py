@@ -10,7 +10,7 @@ import torch
 from .decode_agreement import decode_agreement
 from .language import agreement, greedy_generate, perplexity
 
-__all__ = ["load_lm", "heldout_ids", "evaluate_lm"]
+__all__ = ["load_lm", "heldout_ids", "evaluate_lm", "perplexity_set", "SEQ_LEN", "MAX_WINDOWS"]
 
 
 def load_lm(spec: str) -> tuple[Any, Any]:
@@ -30,7 +30,8 @@ def load_lm(spec: str) -> tuple[Any, Any]:
 
         model, tokenizer = AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
     else:
-        raise FileNotFoundError(f"{spec!r} is neither a zoo name ({', '.join(zoo.NAMES)}) nor a folder")
+        raise FileNotFoundError(f"{spec!r} is neither a zoo name ({', '.join(zoo.NAMES)}) nor an existing folder; "
+                                "pass a zoo name or a transformers from_pretrained folder")
     return model.float().eval(), tokenizer
 
 
@@ -50,13 +51,32 @@ def heldout_ids(tokenizer: Any, text_file: str | None = None) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+# The perplexity set: the first MAX_WINDOWS non-overlapping SEQ_LEN-token windows of the held-out
+# stream, the same set the zoo recipe measures for the model card (mmskip.zoo.train_lm.perplexity).
+SEQ_LEN = 256
+MAX_WINDOWS = 200
+
+
+def perplexity_set(n_tokens: int, seq_len: int = SEQ_LEN, max_windows: int = MAX_WINDOWS,
+                   text_file: str | None = None) -> str:
+    """Which tokens ``evaluate_lm``'s perplexity is on, in words (printed by the CLI, stored in the result)."""
+    n = min(max_windows, (n_tokens - 1) // seq_len)
+    source = text_file or "held-out stdlib modules (mmskip.zoo.stdlib_data test split)"
+    return (f"first {n} windows x {seq_len} tokens = {n * seq_len} of the {n_tokens} tokens of {source}"
+            + ("; the stdlib-lm model card's perplexity is on this same set" if text_file is None and (seq_len, max_windows)
+               == (SEQ_LEN, MAX_WINDOWS) else ""))
+
+
 def evaluate_lm(model: Any, tokenizer: Any, config: Any = None, n_prompts: int = 32, prompt_len: int = 64,
-                max_new_tokens: int = 32, seq_len: int = 256, max_windows: int = 32,
+                max_new_tokens: int = 32, seq_len: int = SEQ_LEN, max_windows: int = MAX_WINDOWS,
                 text_file: str | None = None) -> dict[str, Any]:
     """Perplexity and greedy generation time of the baseline, and of ``config`` with agreement metrics.
 
-    ``perplexity`` and ``token_agreement`` come from plain forwards, which decode-only techniques
-    treat as a prefill (nothing skipped); ``decode_agreement`` measures them as deployed.
+    Perplexity is over the first ``max_windows`` non-overlapping ``seq_len``-token windows of the
+    held-out stream (``result["perplexity_set"]`` says which); the defaults are the set the zoo
+    recipe reports on the model card. ``perplexity`` and ``token_agreement`` come from plain
+    forwards, which decode-only techniques treat as a prefill (nothing skipped);
+    ``decode_agreement`` measures them as deployed.
     """
     ids = heldout_ids(tokenizer, text_file)
     stride = max(prompt_len, (len(ids) - prompt_len) // max(1, n_prompts))
@@ -67,6 +87,7 @@ def evaluate_lm(model: Any, tokenizer: Any, config: Any = None, n_prompts: int =
     base_s = time.perf_counter() - t0
     result: dict[str, Any] = {
         "n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "heldout_tokens": len(ids),
+        "perplexity_set": perplexity_set(len(ids), seq_len, max_windows, text_file),
         "baseline": {"perplexity": perplexity(model, ids, seq_len, max_windows), "seconds": base_s,
                      "tokens_per_s": len(prompts) * max_new_tokens / base_s}}
     if config is not None:

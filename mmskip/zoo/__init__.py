@@ -1,7 +1,8 @@
 """Reference models trained by mmskip's own recipes (see each folder's README.md model card).
 
 ``path(name)`` returns a model's ``from_pretrained`` folder; ``load(name)`` returns the ready
-model or pipeline. Missing models are reproduced with ``python -m mmskip.zoo.train NAME``.
+model or pipeline. Missing models are reproduced with ``python -m mmskip.zoo.train NAME --overwrite-shipped``
+(without the flag the recipe writes to ``runs/zoo/NAME``).
 """
 
 from __future__ import annotations
@@ -9,21 +10,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODELS_DIR", "NAMES", "path", "load", "available"]
+__all__ = ["MODELS_DIR", "NAMES", "UnknownModelError", "path", "load", "available"]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm")
 
 
+class UnknownModelError(ValueError):
+    """A name that is not one of the zoo's :data:`NAMES`."""
+
+    def __init__(self, name: object) -> None:
+        self.name = name
+        super().__init__(f"unknown zoo model {name!r}; the zoo has: {', '.join(NAMES)}")
+
+
 def path(name: str) -> Path:
-    """The folder of zoo model ``name``; raises ``FileNotFoundError`` saying how to train it."""
+    """The folder of zoo model ``name``; raises :class:`UnknownModelError` (a ``ValueError``) for a
+    name not in :data:`NAMES` and ``FileNotFoundError`` saying how to train a missing one."""
     if name not in NAMES:
-        raise KeyError(f"unknown zoo model {name!r}; the zoo has {list(NAMES)}")
+        raise UnknownModelError(name)
     folder = MODELS_DIR / name
     if not (folder / "README.md").exists():
         raise FileNotFoundError(
-            f"zoo model {name!r} is not in {folder}. Train it with `python -m mmskip.zoo.train {name}` "
-            f"(CPU, minutes; see mmskip/zoo/train.py).")
+            f"zoo model {name!r} is not in {folder}. Train it there with "
+            f"`python -m mmskip.zoo.train {name} --overwrite-shipped` (CPU, minutes; see mmskip/zoo/train.py).")
     return folder
 
 
@@ -40,6 +50,15 @@ def load(name: str, **kwargs: Any) -> Any:
     ``StableDiffusionPipeline``; ``digits-clip`` -> ``(model, preprocess, tokenizer)`` from
     open_clip; ``stdlib-lm`` -> ``(LlamaForCausalLM, tokenizer)``.
     """
+    folder = path(name)  # UnknownModelError / FileNotFoundError with what to do
     from . import loaders
 
-    return loaders.LOADERS[name](path(name), **kwargs)
+    try:
+        return loaders.LOADERS[name](folder, **kwargs)
+    except ModuleNotFoundError as e:  # e.g. digits-clip without open_clip: name the extra to install
+        from mmskip.eval._optional import missing_extra
+
+        err = missing_extra(e, f"zoo model {name!r}")
+        if err is None:
+            raise
+        raise err from e

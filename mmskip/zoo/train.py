@@ -1,4 +1,9 @@
-"""``python -m mmskip.zoo.train NAME [--steps N]``: reproduce a zoo model into ``mmskip/zoo/models/NAME``."""
+"""``python -m mmskip.zoo.train NAME [--steps N] [--out DIR | --overwrite-shipped]``: reproduce a zoo model.
+
+By default the model is written to a new folder, ``runs/zoo/NAME`` (under the current directory),
+so a rerun never replaces the models shipped in the package. To refresh the shipped model in
+``mmskip/zoo/models/NAME`` pass ``--overwrite-shipped`` (or name that folder with ``--out``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,7 @@ import importlib
 import json
 from pathlib import Path
 
-import torch
-
-__all__ = ["RECIPES", "train", "main"]
+__all__ = ["RECIPES", "DEFAULT_RUNS_DIR", "train", "output_folder", "parse_args", "main"]
 
 # name -> (module, function)
 RECIPES: dict[str, tuple[str, str]] = {
@@ -20,29 +23,64 @@ RECIPES: dict[str, tuple[str, str]] = {
     "digits-clip": ("mmskip.zoo.train_clip", "train_clip"),
     "stdlib-lm": ("mmskip.zoo.train_lm", "train_stdlib_lm"),
 }
+DEFAULT_RUNS_DIR = Path("runs") / "zoo"
 
 
-def train(name: str, out: Path | None = None, steps: int | None = None) -> dict:
-    """Run the recipe for ``name`` and write the model folder; returns the measured metrics."""
+def output_folder(name: str, out: str | Path | None = None, overwrite_shipped: bool = False) -> Path:
+    """Where ``train`` writes ``name``: ``out`` if given, the package's ``models/NAME`` with
+    ``overwrite_shipped``, else ``runs/zoo/NAME``."""
     from . import MODELS_DIR
 
+    if out is not None and overwrite_shipped:
+        raise ValueError("give either out or overwrite_shipped, not both")
+    if out is not None:
+        return Path(out)
+    return MODELS_DIR / name if overwrite_shipped else DEFAULT_RUNS_DIR / name
+
+
+def train(name: str, out: Path | None = None, steps: int | None = None, overwrite_shipped: bool = False) -> dict:
+    """Run the recipe for ``name`` and write the model folder (see :func:`output_folder`);
+    returns the measured metrics."""
     if name not in RECIPES:
-        raise KeyError(f"unknown zoo model {name!r}; known: {sorted(RECIPES)}")
+        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(sorted(RECIPES))}")
+    folder = output_folder(name, out, overwrite_shipped)
     mod, fn = RECIPES[name]
-    recipe = getattr(importlib.import_module(mod), fn)
-    kwargs = {} if steps is None else {"steps": steps}
-    return recipe(Path(out) if out else MODELS_DIR / name, **kwargs)
+    try:
+        recipe = getattr(importlib.import_module(mod), fn)
+        kwargs = {} if steps is None else {"steps": steps}
+        return recipe(folder, **kwargs)
+    except ModuleNotFoundError as e:  # the recipes use the digits data, open_clip, torchmetrics
+        from mmskip.eval._optional import missing_extra
+
+        err = missing_extra(e, f"training {name!r}")
+        if err is None:
+            raise
+        raise err from e
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mmskip.zoo.train", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("name", choices=sorted(RECIPES))
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: the package's models/NAME)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help=f"output folder (default: {DEFAULT_RUNS_DIR}/NAME, never the shipped model)")
+    where.add_argument("--overwrite-shipped", action="store_true",
+                       help="write into the package's mmskip/zoo/models/NAME, replacing the shipped model")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count (for smoke tests)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    a.folder = output_folder(a.name, a.out, a.overwrite_shipped)
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    import torch
+
     torch.set_num_threads(a.threads)
-    print(json.dumps(train(a.name, a.out, a.steps), indent=2))
+    print(f"training {a.name} into {a.folder}")
+    print(json.dumps(train(a.name, a.folder, a.steps), indent=2))
 
 
 if __name__ == "__main__":
