@@ -89,7 +89,7 @@ def test_one_technique_per_model_across_submodules(llama, padded_batch):
         mmskip.apply(llama.model, mmskip.FFNSkipConfig())  # a submodule of a model with a technique
     h.remove()
     inner = mmskip.apply(llama.model, mmskip.FFNSkipConfig())
-    with pytest.raises(RuntimeError, match="'ffn_skip' applied on model.layers"):
+    with pytest.raises(RuntimeError, match="already has mmskip technique 'ffn_skip' applied on model"):
         mmskip.apply(llama, mmskip.LayerSkipConfig())  # a model containing a module with a technique
     inner.remove()
     with torch.no_grad():
@@ -148,6 +148,7 @@ def test_save_pretrained_round_trip(tmp_path):
 
 def _registered_configs() -> dict:
     import mmskip.diffusion  # noqa: F401  (registers the diffusion techniques)
+
     from mmskip.inject import _CONFIGS
 
     return dict(_CONFIGS)

@@ -1,8 +1,11 @@
+import threading
+
 import pytest
 import torch
 
 import mmskip
-from mmskip.speculative import SelfSpeculativeConfig, greedy_accept, speculative_accept
+from mmskip._skip_unit import SkipUnitHook
+from mmskip.speculative import SelfSpeculativeConfig, greedy_accept, speculative_accept, swift_decode
 
 from .conftest import tiny_lm
 
@@ -20,6 +23,11 @@ def plain(model, ids, **kw):
         return model.generate(input_ids=ids, max_new_tokens=NEW, **kw)
 
 
+def verified(stats):
+    """Each verification forward adds its accepted drafts + 1 token; the prefill adds one per call."""
+    return stats["accepted_tokens"] + stats["verify_forwards"] + stats["calls"]
+
+
 # Aggressive drafting (no confidence stop, long drafts) so verification does real work on random weights.
 EAGER = dict(confidence=0.0, max_draft=5, search_trials=10, random_trials=4)
 
@@ -34,7 +42,7 @@ def test_greedy_equals_plain_generate_on_24_prompts():
     for a, b in zip(ref, out):
         assert torch.equal(a, b)
     assert stats["drafted_tokens"] > 0 and 0 < stats["accepted_tokens"] < stats["drafted_tokens"]
-    assert stats["generated_tokens"] == 24 * NEW
+    assert stats["generated_tokens"] == 24 * NEW == verified(stats)
     assert stats["calls"] == 24
     skipped = len(stats["layer_set"]["attn_skip"]) + len(stats["layer_set"]["mlp_skip"])
     assert skipped == round(0.45 * 16)
@@ -109,9 +117,20 @@ def test_sampling_with_top_k_1_is_greedy_and_sampling_runs():
     with mmskip.applied(model, SelfSpeculativeConfig(**EAGER)) as handle:
         assert torch.equal(plain(model, ids, do_sample=True, top_k=1), ref)
         torch.manual_seed(0)
-        out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=True, temperature=0.8, top_p=0.9)
-        assert handle.stats()["drafted_tokens"] > 0
-    assert out.shape == (1, ids.shape[1] + NEW) and torch.equal(out[:, : ids.shape[1]], ids)
+        out = model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=True, temperature=0.8, top_p=0.9,
+                             return_dict_in_generate=True, output_scores=True, output_logits=True)
+        stats = handle.stats()  # both calls: every token is a prefill token or a verified one
+        assert stats["drafted_tokens"] > stats["accepted_tokens"]
+        assert verified(stats) == stats["generated_tokens"] == 2 * NEW
+    seq, P = out.sequences, ids.shape[1]
+    assert seq.shape == (1, P + NEW) and torch.equal(seq[:, :P], ids)
+    # every token was drawn from the full model's distribution at its position: the logits it was
+    # sampled from are a full recompute's, and it lies in the top-p support of the warped scores
+    with torch.no_grad():
+        full = model(input_ids=seq[:, :-1]).logits[0, P - 1 :]
+    torch.testing.assert_close(torch.cat(out.logits), full, atol=1e-4, rtol=1e-4)
+    chosen = torch.cat(out.scores).gather(1, seq[0, P:, None])
+    assert torch.isfinite(chosen).all()
 
 
 def test_speculative_accept_keeps_target_distribution():
@@ -171,7 +190,9 @@ def test_remove_restores_generate_and_outputs():
     assert "generate" in model.__dict__
     plain(model, ids)
     handle.remove()
-    assert "generate" not in model.__dict__ and "forward" not in model.__dict__
+    assert "generate" not in model.__dict__
+    for module in model.modules():
+        assert "forward" not in module.__dict__ and "_diffusers_hook" not in module.__dict__
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
 
@@ -184,7 +205,8 @@ def test_bad_input():
         with pytest.raises(ValueError, match="num_beams"):
             model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, num_beams=2)
         with pytest.raises(ValueError, match="does not support"):
-            model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, output_scores=True)
+            model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, output_attentions=True,
+                           return_dict_in_generate=True)
     with pytest.raises(ValueError, match="skip_ratio"):
         SelfSpeculativeConfig(skip_ratio=1.0)
     with pytest.raises(ValueError, match="confidence"):
@@ -219,25 +241,180 @@ def test_zoo_lm_greedy_equality_on_20_held_out_prompts():
     with mmskip.applied(model, SelfSpeculativeConfig(search_trials=12, random_trials=6)) as handle:
         out = [plain(model, p) for p in ps]
         stats = handle.stats()
-    assert len(ps) == 20 and stats["accepted_tokens"] > 0
+    assert len(ps) == 20 and stats["generated_tokens"] == 20 * NEW == verified(stats)
     for a, b in zip(ref, out):
         assert torch.equal(a, b)
 
 
-def test_sampling_warpers_match_transformers_defaults():
-    """With the model's default generation config (top_k=50 from transformers' global defaults),
-    the sampling distribution equals the one transformers' generate samples from."""
-    from mmskip.speculative import _probs
 
-    model = tiny_lm("llama", layers=4)
+
+def test_scores_and_logits_processors_are_transformers():
+    """Sampling warpers and processors are transformers' own: the distribution SWIFT samples the
+    first token from is plain generate's, and greedy decoding with processors that read the prefix
+    (repetition penalty, n-gram ban, minimum length) keeps plain's tokens and scores."""
+    model = tiny_lm("llama", layers=6)
     ids = prompts(1)[0]
     for kw in ({}, {"temperature": 0.7, "top_p": 0.8}, {"top_k": 5}):
+        args = dict(input_ids=ids, max_new_tokens=1, do_sample=True, return_dict_in_generate=True, output_scores=True,
+                    **kw)
+        ref = model.generate(**args)
+        with mmskip.applied(model, SelfSpeculativeConfig(**EAGER)):
+            out = model.generate(**args)
+        torch.testing.assert_close(out.scores[0], ref.scores[0], atol=1e-5, rtol=1e-5)
+    kw = dict(input_ids=ids, max_new_tokens=NEW, do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2,
+              min_new_tokens=4, return_dict_in_generate=True, output_scores=True)
+    ref = model.generate(**kw)
+    with mmskip.applied(model, SelfSpeculativeConfig(attn_skip=(2,), mlp_skip=(1, 3), confidence=0.0, max_draft=4)) as h:
+        out = model.generate(**kw)
+        assert h.stats()["drafted_tokens"] > 0
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.scores) == len(ref.scores) == NEW
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_draft_skips_through_the_shared_skip_unit_hook():
+    """The draft is the shared SkipUnitHook on each candidate unit; inside a draft forward the model
+    computes what independent torch hooks compute (attention / MLP adding nothing, a layer with
+    both skipped passing its input on), outside it the untouched model."""
+    model = tiny_lm("llama", layers=6)
+    ids = prompts(1)[0]
+    attn, mlp = (2, 3), (3, 4)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        hooks = [model.model.layers[3].register_forward_hook(lambda m, a, out: a[0]),
+                 model.model.layers[2].self_attn.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), None)),
+                 model.model.layers[4].mlp.register_forward_hook(lambda m, a, out: torch.zeros_like(out))]
+        ref = model(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+    with mmskip.applied(model, SelfSpeculativeConfig(attn_skip=attn, mlp_skip=mlp)) as handle:
+        draft = handle.state.draft
+        for i in {2, 3, 4}:
+            for unit in (model.model.layers[i], model.model.layers[i].self_attn, model.model.layers[i].mlp):
+                assert isinstance(unit._diffusers_hook.get_hook("mmskip.self_speculative.draft"), SkipUnitHook)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=1, do_sample=True, return_dict_in_generate=True,
-                                 output_scores=True, output_logits=True, **kw)
-        warped = out.scores[0].float().softmax(-1)
-        handle = mmskip.apply(model, SelfSpeculativeConfig(**EAGER))
-        gen = handle.state._generation_config(model, {"do_sample": True, **kw})
-        handle.remove()
-        torch.testing.assert_close(_probs(out.logits[0], gen), warped, atol=1e-6, rtol=1e-5)
-        assert gen.top_k == kw.get("top_k", 50)
+            with draft.drafting():
+                drafted = model(input_ids=ids).logits
+            after = model(input_ids=ids).logits
+    torch.testing.assert_close(drafted, ref)
+    assert not torch.allclose(drafted, full)
+    assert torch.equal(after, full)
+
+
+def test_concurrent_generate_is_refused_and_never_corrupts_the_model():
+    """Thread A is paused inside a draft forward: a plain forward from another thread computes the
+    full model, a second generate raises ConcurrentUseError, A's output is still plain generate's,
+    and after remove() the model is exactly what it was."""
+    model = tiny_lm("llama", layers=6)
+    ids = prompts(1, seed=4)[0]
+    ref = plain(model, ids)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    handle = mmskip.apply(model, SelfSpeculativeConfig(attn_skip=(2,), mlp_skip=(3, 4), confidence=0.0, max_draft=4))
+    inside, release = threading.Event(), threading.Event()
+    calls = []
+    result = {}
+
+    def pause(module, args, kwargs):
+        if threading.current_thread() is worker:
+            calls.append(args[0].shape[1])
+            if len(calls) == 2:  # the first draft forward (the first call is the prefill)
+                inside.set()
+                release.wait(30)
+
+    def run():
+        try:
+            result["out"] = plain(model, ids)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            result["err"] = err
+
+    hook = model.model.layers[0].register_forward_pre_hook(pause, with_kwargs=True)
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, before)
+        with pytest.raises(mmskip.ConcurrentUseError):
+            plain(model, ids)
+    finally:
+        release.set()
+        worker.join(60)
+        hook.remove()
+    assert "err" not in result, result.get("err")
+    assert calls[1] == 1 and torch.equal(result["out"], ref)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    assert torch.equal(plain(model, ids), ref)
+    for module in model.modules():
+        assert "forward" not in module.__dict__ and "generate" not in module.__dict__
+
+
+def tiny_mistral(window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=window, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    model = MistralForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def test_sliding_window_cache_mistral():
+    """Mistral's sliding-window cache layers (window 8, shorter than prompt + generated length) are
+    rolled back and trimmed correctly: greedy output equals plain generate's."""
+    model = tiny_mistral(window=8)
+    ps = prompts(4, seed=6)
+    ref = [plain(model, p) for p in ps]
+    with mmskip.applied(model, SelfSpeculativeConfig(**EAGER)) as handle:
+        out = [plain(model, p, return_dict_in_generate=True) for p in ps]
+        stats = handle.stats()
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b.sequences)
+    assert type(out[0].cache.layers[0]).__name__ == "DynamicSlidingWindowLayer"
+    assert stats["drafted_tokens"] > stats["accepted_tokens"] > 0
+    assert verified(stats) == stats["generated_tokens"] == 4 * NEW
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(max_length=5), dict(do_sample=True, temperature=0.0, max_new_tokens=3)], ids=["max_length", "temp0"]
+)
+def test_invalid_generation_arguments_raise_as_plain_generate_does(kw):
+    model = tiny_lm("llama", layers=4)
+    ids = prompts(1)[0]
+    with pytest.raises(ValueError) as plain_err:
+        model.generate(input_ids=ids, **kw)
+    with mmskip.applied(model, SelfSpeculativeConfig(**EAGER)):
+        with pytest.raises(ValueError) as swift_err:
+            model.generate(input_ids=ids, **kw)
+    assert str(swift_err.value) == str(plain_err.value)
+
+
+def test_explicit_custom_generate_and_streamer():
+    """``custom_generate=swift_decode`` is the same loop; a streamer sees the prompt, then every token."""
+    model = tiny_lm("llama", layers=6)
+    ids = prompts(1, seed=8)[0]
+    ref = plain(model, ids)
+
+    class Collect:
+        def __init__(self):
+            self.parts, self.ended = [], False
+
+        def put(self, value):
+            self.parts.append(value.reshape(-1))
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    with mmskip.applied(model, SelfSpeculativeConfig(attn_skip=(2,), mlp_skip=(3,), confidence=0.0)) as handle:
+        out = type(model).generate(model, input_ids=ids, max_new_tokens=NEW, do_sample=False,
+                                   custom_generate=swift_decode)
+        streamed = plain(model, ids, streamer=streamer)
+        assert handle.stats()["calls"] == 2
+    assert torch.equal(out, ref) and torch.equal(streamed, ref)
+    assert streamer.ended and torch.equal(torch.cat(streamer.parts), ref[0])

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry
 
+from .._skip_unit import SkipUnitHook
 from ..registry import DecoderAdapter, get_adapter
 from ..schedules import ExplicitSchedule, explicit
 from .voids import void_layers
@@ -59,38 +61,33 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | Non
                  output_hidden_states=hidden)
 
 
-@contextmanager
-def _skipping(adapter: DecoderAdapter, layers: set[int] | list[int]) -> Iterator[None]:
-    """Temporarily make ``layers`` return their input (no cache is used by the analysis)."""
-
-    def identity(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        h = args[0] if args else kwargs["hidden_states"]
-        return adapter.skip_output(h)
-
-    # prepend: run before transformers' own output-capturing hooks, so hidden_states see the skip
-    hooks = [adapter.layers[i].register_forward_hook(identity, with_kwargs=True, prepend=True) for i in layers]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+_SKIP_HOOK = "mmskip.analysis.skip"
 
 
 @contextmanager
-def _zeroing(modules: list[torch.nn.Module]) -> Iterator[None]:
-    """Temporarily make attention / MLP sublayers add nothing to the residual stream."""
-
-    def zero(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (torch.zeros_like(output[0]), *output[1:])
-        return torch.zeros_like(output)
-
-    hooks = [m.register_forward_hook(zero, with_kwargs=True, prepend=True) for m in modules]
+def _skipping(adapter: DecoderAdapter, indices: set[int] | list[int], kind: str = "layer") -> Iterator[None]:
+    """Temporarily skip ``adapter.unit(kind, i)`` for each ``i`` (a layer returns its input, an
+    attention / MLP sublayer adds nothing) with the shared :class:`~mmskip._skip_unit.SkipUnitHook`,
+    so "skip" here is what it is for every technique. No cache is used by the analysis. The hook
+    replaces the unit's forward, so transformers' output-capturing hooks (``hidden_states``) see
+    the skip; on exit the modules are exactly as they were."""
+    added: list[tuple[torch.nn.Module, bool, bool]] = []
     try:
+        for i in indices:
+            module = adapter.unit(kind, i)
+            had_registry, had_forward = "_diffusers_hook" in module.__dict__, "forward" in module.__dict__
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(SkipUnitHook(adapter, kind, i, lambda: True), _SKIP_HOOK)
+            added.append((module, had_registry, had_forward))
         yield
     finally:
-        for h in hooks:
-            h.remove()
+        for module, had_registry, had_forward in reversed(added):
+            registry = module._diffusers_hook
+            registry.remove_hook(_SKIP_HOOK, recurse=False)
+            if not registry.hooks and not had_registry:
+                del module._diffusers_hook
+                if not had_forward:
+                    module.__dict__.pop("forward", None)
 
 
 @torch.no_grad()
@@ -186,10 +183,10 @@ def skip_effects(
             residual[i][j] = _mean((b - a).norm(dim=-1) / a.norm(dim=-1).clamp(min=1e-12), valid)
         kl[i], agree[i] = _output_effect(ref.logits, out.logits, valid)
     result = {"residual": residual, "output_kl": kl, "output_agreement": agree}
-    for kind, get in (("attn", adapter.attention), ("mlp", adapter.mlp)):  # sublayers: what SWIFT's draft skips
+    for kind in ("attn", "mlp"):  # sublayers: what SWIFT's draft skips
         kl_s, agree_s = [0.0] * L, [0.0] * L
         for i in range(L):
-            with _zeroing([get(i)]):
+            with _skipping(adapter, [i], kind):
                 logits = _forward(model, input_ids, attention_mask).logits
             kl_s[i], agree_s[i] = _output_effect(ref.logits, logits, valid)
         result[f"{kind}_output_kl"], result[f"{kind}_output_agreement"] = kl_s, agree_s
@@ -245,19 +242,29 @@ class DepthReport:
         return text
 
     def plot(self, folder: str | Path) -> list[Path]:
-        """Write contributions.png, skip_effect.png, voids.png and skip_curve.png; return their paths."""
-        import matplotlib
+        """Write contributions.png, skip_effect.png, voids.png and skip_curve.png; return their paths.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Draws on standalone Agg figures (matplotlib's object-oriented API): pyplot's global
+        backend and figure list are left as they are."""
         import numpy as np
+
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as e:
+            raise ImportError("DepthReport.plot needs matplotlib: pip install 'mmskip[analysis]'") from e
+
+        def subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+            fig = Figure(figsize=figsize)
+            FigureCanvasAgg(fig)
+            return fig, fig.subplots(*args, **kwargs)
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         L, x = self.num_layers, np.arange(self.num_layers)
         paths = []
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, axes = subplots(1, 2, figsize=(11, 3.8))
         c = self.contributions
         axes[0].bar(x - 0.2, c["attn"], 0.4, label="attention")
         axes[0].bar(x + 0.2, c["mlp"], 0.4, label="MLP")
@@ -271,7 +278,7 @@ class DepthReport:
         axes[1].legend()
         paths.append(_save(fig, folder / "contributions.png"))
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [4, 1]})
+        fig, axes = subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [4, 1]})
         eff = np.array(self.skip_effect["residual"], dtype=float)
         eff[np.tril_indices(L, -1)] = np.nan  # row i, column j < i: skipping i cannot change it
         im = axes[0].imshow(eff, cmap="viridis", origin="upper", aspect="auto")
@@ -287,14 +294,14 @@ class DepthReport:
         axes[1].legend(fontsize=7)
         paths.append(_save(fig, folder / "skip_effect.png"))
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = subplots(figsize=(6, 3.5))
         ax.bar(x - 0.2, self.voids.get("prompt", [0] * L), 0.4, label="prompt (PP)")
         ax.bar(x + 0.2, self.voids.get("response", [0] * L), 0.4, label="response (RG)")
         ax.set(xlabel="layer", ylabel="void fraction", title=f"LAC void layers (alpha={self.voids.get('alpha')})")
         ax.legend()
         paths.append(_save(fig, folder / "voids.png"))
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = subplots(figsize=(6, 3.5))
         n = [len(p["skipped"]) for p in self.curve]
         ax.plot(n, [p["output_agreement"] for p in self.curve], "o-", label="top-1 agreement")
         ax.axhline(self.min_agreement, color="grey", ls="--", lw=0.8)
@@ -309,9 +316,6 @@ class DepthReport:
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return path
 
 

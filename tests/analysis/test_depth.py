@@ -61,6 +61,37 @@ def test_skip_effects_see_the_skipped_layer_in_hidden_states():
     assert len(adapter.layers[1]._forward_hooks) == before
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sublayer_skip_is_the_shared_skip_unit_hook(family):
+    """The analysis skips sublayers with the shared SkipUnitHook: the attention / MLP skip effects
+    equal those of independent torch hooks zeroing that sublayer's output, and the modules are
+    exactly as before afterwards."""
+    from mmskip._skip_unit import SkipUnitHook
+
+    model = tiny_lm(family, layers=4)
+    adapter = registry.get_adapter(model)
+    ids = batch()
+    e = depth.skip_effects(model, ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    valid = torch.ones(ids.shape, dtype=torch.bool)
+    for kind in ("attn", "mlp"):
+        for i in range(4):
+            unit = adapter.unit(kind, i)
+            zero = unit.register_forward_hook(
+                lambda m, a, out: (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out))
+            with torch.no_grad():
+                logits = model(input_ids=ids, use_cache=False).logits
+            zero.remove()
+            kl, agree = depth._output_effect(ref, logits, valid)
+            assert e[f"{kind}_output_kl"][i] == pytest.approx(kl, rel=1e-5, abs=1e-7)
+            assert e[f"{kind}_output_agreement"][i] == agree
+    with depth._skipping(adapter, [1, 2], "mlp"):
+        assert all(isinstance(adapter.mlp(i)._diffusers_hook.get_hook(depth._SKIP_HOOK), SkipUnitHook) for i in (1, 2))
+    for module in model.modules():
+        assert "_diffusers_hook" not in module.__dict__ and "forward" not in module.__dict__
+
+
 def test_depth_report_suggests_identity_layers_and_writes_outputs(tmp_path):
     model = tiny_lm("llama", layers=8)
     for i in (3, 5):

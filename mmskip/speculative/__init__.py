@@ -1,0 +1,61 @@
+"""SWIFT: on-the-fly self-speculative decoding (Xia et al., 2024, https://arxiv.org/abs/2410.06916).
+
+The model drafts with a subset of its own attention and MLP sublayers skipped, then verifies
+the drafted tokens with the full model in one forward: no extra model, no training.
+
+- **Layer-set search on the fly** (SWIFT's context-based layer-set optimisation): the skipped
+  sublayers are chosen during the first tokens of a generation, by random search followed by
+  Bayesian optimisation (a Gaussian process over the binary sublayer mask, expected
+  improvement) of the *matchness*: how often the draft's top-1 token equals the full model's
+  on the context (prompt + generated tokens so far, teacher-forced in one forward).
+- **Confidence-aware drafting**: drafting stops when the draft's top-1 probability falls below
+  ``confidence`` (or after ``max_draft`` tokens). The unconfident token itself is still
+  proposed: its draft forward is already paid for and verifying one more token is nearly free.
+- **Reuse**: the layer set found in one call is kept on the handle and reused by later calls;
+  a call whose acceptance rate falls below ``reoptimize_below`` makes the next call search again.
+- **Lossless**: greedy output is the full model's greedy output token for token; sampling uses
+  the speculative-sampling acceptance rule (Leviathan et al., 2023; Chen et al., 2023) on the
+  distributions transformers' own logits processors and warpers produce, so the sampled tokens
+  follow the full model's distribution.
+- **KV cache**: the cache ``generate`` prepared (full or sliding-window ``DynamicCache`` layers).
+  Past tokens always hold the full model's K/V; the draft reads them and appends its own K/V
+  for drafted tokens at the layers whose attention it runs. Before verification the cache is
+  cut back to the verified length, the full model writes the K/V of the drafted tokens at
+  every layer, and after acceptance the rejected tail is cut off; accepted tokens are never
+  recomputed.
+
+How it plugs into ``generate`` (the seam, chosen deliberately): transformers 5 lets a caller
+replace the decoding loop with ``generate(custom_generate=callable)``: ``generate`` still
+resolves and validates the generation config (raising its own errors, e.g. for ``max_length``
+below the prompt or ``do_sample=True, temperature=0``), builds the logits processors, warpers
+and stopping criteria and the model's cache, then calls the callable instead of its greedy /
+sampling loop. The SWIFT loop is that callable (:func:`swift_decode`), so everything but the
+loop is transformers' own. The other seam, a ``CandidateGenerator`` for assisted decoding (as
+``assistant_early_exit`` uses), was rejected: ``generate`` offers no way to pass one in, and its
+assistant generates through its own ``generate`` call with its own cache, so the draft could not
+reuse the full model's K/V, and SWIFT's per-round layer-set search would have nowhere to run.
+
+The user call is unchanged: ``mmskip.apply(model, SelfSpeculativeConfig())``, then the usual
+``model.generate(...)`` (batch size 1, greedy or sampling). While applied, ``model.generate`` is
+bound to transformers' ``generate`` with ``custom_generate=swift_decode`` added, the way
+transformers itself binds a model's own custom generate in ``from_pretrained``; the explicit
+form ``model.generate(..., custom_generate=mmskip.speculative.swift_decode)`` does the same.
+``handle.remove()`` restores the model's own ``generate`` and takes off the draft's hooks
+(the shared ``SkipUnitHook`` on the candidate layers, attention and MLP modules, which skip
+only inside a draft forward of the generating thread). Two threads generating with one model at
+once raise :class:`mmskip.ConcurrentUseError`; the model is never left modified.
+
+Modules: ``config`` (the config and its attach), ``acceptance`` (greedy and speculative-sampling
+rules), ``search`` (the layer-set search), ``draft`` (the skipping hooks), ``cache`` (crop rules
+for full and sliding-window cache layers), ``generate`` (the loop and its state),
+``route`` (the seam into ``generate``).
+"""
+
+from __future__ import annotations
+
+from .acceptance import greedy_accept, speculative_accept
+from .config import SelfSpeculativeConfig
+from .generate import SwiftState
+from .route import swift_decode
+
+__all__ = ["SelfSpeculativeConfig", "speculative_accept", "greedy_accept", "swift_decode", "SwiftState"]
