@@ -14,7 +14,8 @@ for each we report
   accuracy (zoo classifier).
 
 Writes ``benchmarks/results/diffusion.json`` and ``benchmarks/results/diffusion_pareto.png``.
-``--smoke`` runs every code path on tiny random pipelines in seconds (numbers meaningless).
+``--smoke`` runs every code path on tiny random pipelines in seconds (numbers meaningless; 4
+images, 4 steps, one timing pair; results and stats go beside ``--out``).
 
     python benchmarks/diffusion.py                 # both zoo pipelines
     python benchmarks/diffusion.py --models digits-dit --n 200
@@ -63,12 +64,15 @@ def load_pipe(name: str, smoke: bool) -> Any:
             return SkipDiTPipeline(**comps)
         import tempfile
 
+        from mmskip.diffusion.testing import tiny_unet
+
         from mmskip.zoo.sd_tokenizer import build_clip_tokenizer
-        from mmskip.zoo.train_sd import make_text_encoder, make_unet
+        from mmskip.zoo.train_sd import make_text_encoder
 
         tok = build_clip_tokenizer(Path(tempfile.mkdtemp()))
-        comps.update(unet=make_unet().eval(), tokenizer=tok,
-                     text_encoder=make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).eval())
+        text_encoder = make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).eval()
+        comps.update(unet=tiny_unet(cross_attention_dim=text_encoder.config.hidden_size), tokenizer=tok,
+                     text_encoder=text_encoder)
         return SkipStableDiffusionPipeline(**comps)
     from mmskip import zoo
 
@@ -337,11 +341,11 @@ def methods_for(pipe: Any, steps: int, stats_path: str, guidance: float = 4.0) -
 # -- measuring ---------------------------------------------------------------------------------------
 
 
-def gaussian_stats(pipe: Any, name: str, smoke: bool) -> str:
-    """The latent Gaussian (mean + PCA) of the training digits, cached next to the results."""
+def gaussian_stats(pipe: Any, name: str, smoke: bool, folder: Path = RESULTS) -> str:
+    """The latent Gaussian (mean + PCA) of the training digits, cached in ``folder`` (safetensors)."""
     from mmskip.diffusion import GaussianStats
 
-    path = RESULTS / f"diffusion_gaussian_{name}{'_smoke' if smoke else ''}.pt"
+    path = folder / f"diffusion_gaussian_{name}{'_smoke' if smoke else ''}.safetensors"
 
     def build() -> GaussianStats:
         if smoke:
@@ -365,12 +369,18 @@ def pipeline_flops(pipe: Any, steps: int, guidance: float, before: Callable[[], 
     return float(fc.get_total_flops())
 
 
+def method_steps(method: Method, args: argparse.Namespace) -> int:
+    """The method's step count (``--smoke`` caps fewer-step methods at ``--steps``)."""
+    steps = method.steps or args.steps
+    return min(steps, args.steps) if args.smoke else steps
+
+
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from mmskip.eval import clip_score, conditional_accuracy, fid, psnr, ssim
     from mmskip.zoo.data import caption
 
     pipe = load_pipe(name, args.smoke)
-    stats_path = gaussian_stats(pipe, name, args.smoke)
+    stats_path = gaussian_stats(pipe, name, args.smoke, args.out.parent if args.smoke else RESULTS)
     labels = [i % 10 for i in range(args.n)]
     captions = [caption(c) for c in labels]
     time_labels = labels[: args.time_batch]
@@ -400,7 +410,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         Returns (baseline seconds, method seconds); the method is set up again after each
         baseline run and left set up.
         """
-        steps = method.steps or args.steps
+        steps = method_steps(method, args)
         tb, tm = [], []
         for r in range(args.repeats):
             if teardown is not None:
@@ -421,7 +431,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     for method in methods:
         print(f"[{name}] {method.name} ...", flush=True)
-        row: dict[str, Any] = {"method": method.name, "family": method.family, "steps": method.steps or args.steps}
+        row: dict[str, Any] = {"method": method.name, "family": method.family, "steps": method_steps(method, args)}
         if method.note:
             row["note"] = method.note
         teardown = None
@@ -429,7 +439,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             teardown = method.setup(pipe)
             before = pipe.__dict__.get("_bench_before")
             runner = pipe.__dict__.get("_bench_pipe", pipe)
-            steps = method.steps or args.steps
+            steps = method_steps(method, args)
             generate(runner, labels[:2], steps, args.guidance, 99, 2, before)  # warm-up
             t0 = time.perf_counter()
             imgs = generate(runner, labels, steps, args.guidance, args.seed + method.seed_offset, args.batch, before)
@@ -588,8 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge(args.merge, args.out or RESULTS / "diffusion.json")
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.smoke:  # every code path, as little work as possible
+        args.n, args.steps, args.repeats = min(args.n, 2), min(args.steps, 4), min(args.repeats, 1)
+        args.batch, args.time_batch = min(args.batch, 2), min(args.time_batch, 2)
     out = args.out or RESULTS / ("diffusion_smoke.json" if args.smoke else "diffusion.json")
+    args.out = out
+    out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "torch_threads": torch.get_num_threads(),
         "device": "cpu",

@@ -2,13 +2,18 @@
 
 from . import adapters as adapters  # registers the diffusion adapters
 from .gaussian import GaussianStats, GaussianTeleportConfig, teleport
-from .inheritance import FeatureInheritanceConfig, step_computes
+from .inheritance import FeatureInheritanceConfig, InheritanceState, step_computes
+from .plan import SamplerConfig, SamplerPlan, check_step_schedule
 from .sampler import SUPPORTED_SAMPLERS, plan_sampler
 from .step_schedules import from_changes, nonuniform
 from .step_skip import StepSkipConfig
 
 __all__ = [
     "FeatureInheritanceConfig",
+    "InheritanceState",
+    "SamplerConfig",
+    "SamplerPlan",
+    "check_step_schedule",
     "StepSkipConfig",
     "GaussianTeleportConfig",
     "GaussianStats",

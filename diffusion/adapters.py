@@ -10,6 +10,7 @@ transformer block).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from torch import nn
 from mmskip.registry import register
 
 __all__ = ["DiffusionAdapter", "ResidualIO", "GRANULARITIES"]
+
+logger = logging.getLogger(__name__)
 
 GRANULARITIES = ("block", "layer", "unit")
 

@@ -15,6 +15,9 @@ estimated once from data (the zoo's training set or a folder of a user's samples
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +27,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mmskip.inject import SkipConfig, SkipHandle
-
+from .plan import SamplerConfig, SamplerPlan
 from .sampler import sampler_kind, sigma_ve
 
 __all__ = ["GaussianStats", "GaussianTeleportConfig", "teleport", "teleport_step"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "mmskip.gaussian_stats/1"
 
 
 @dataclass
@@ -89,16 +95,33 @@ class GaussianStats:
         return cls.fit(torch.cat(lat), rank)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, size: int, vae: nn.Module | None = None, rank: int | None = 256) -> GaussianStats:
-        """From every image file in ``folder``, resized to ``size`` x ``size``."""
+    def from_folder(
+        cls,
+        folder: str | Path,
+        size: int,
+        vae: nn.Module | None = None,
+        rank: int | None = 256,
+        channels: int | None = None,
+    ) -> GaussianStats:
+        """From every image file in ``folder``, resized to ``size`` x ``size``.
+
+        Images are read with ``channels`` channels (1: grayscale, 3: RGB, 4: RGBA); default: the
+        ``vae``'s ``in_channels``, else 3.
+        """
         import numpy as np
         from PIL import Image
 
+        if channels is None:
+            channels = int(vae.config.in_channels) if vae is not None else 3
+        modes = {1: "L", 3: "RGB", 4: "RGBA"}
+        if channels not in modes:
+            raise ValueError(f"from_folder(): channels must be 1, 3 or 4, got {channels}")
         files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if len(files) < 2:
             raise ValueError(f"{folder} holds fewer than two images")
-        arr = [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in files]
-        x = torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        arr = [np.asarray(Image.open(p).convert(modes[channels]).resize((size, size))) for p in files]
+        x = torch.from_numpy(np.stack(arr)).float() / 127.5 - 1
+        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
         return cls.from_images(x, vae, rank)
 
     @classmethod
@@ -111,24 +134,40 @@ class GaussianStats:
         stats.save(path)
         return stats
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.safetensors`` file: the tensors, plus ``residual`` and ``shape`` as JSON metadata."""
+        from safetensors.torch import save_file
+
         path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"GaussianStats are saved as .safetensors files, got {path.name!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "mean": self.mean,
-                "components": self.components,
-                "variances": self.variances,
-                "residual": self.residual,
-                "shape": list(self.shape),
-            },
-            path,
-        )
+        tensors = {"mean": self.mean, "components": self.components, "variances": self.variances}
+        meta = {"format": _FORMAT, "residual": float(self.residual), "shape": list(self.shape)}
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata={"mmskip": json.dumps(meta)})
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianStats:
-        d = torch.load(Path(path), map_location="cpu", weights_only=True)
-        return cls(d["mean"], d["components"], d["variances"], float(d["residual"]), tuple(d["shape"]))
+        """Read a file written by :meth:`save` (``.safetensors``; a legacy ``torch.save`` ``.pt`` file
+        is read with ``weights_only=True`` and a warning)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no Gaussian stats at {path}; build them with GaussianStats.fit(...).save(path)")
+        if path.suffix != ".safetensors":
+            logger.warning("%s is a legacy torch.save file; re-save it with GaussianStats.load(p).save('x.safetensors')", path)
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            return cls(d["mean"], d["components"], d["variances"], float(d["residual"]), tuple(d["shape"]))
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("mmskip")
+            if raw is None:
+                raise ValueError(f"{path} is not a GaussianStats file (no 'mmskip' metadata)")
+            meta = json.loads(raw)
+            t = {k: f.get_tensor(k) for k in ("mean", "components", "variances")}
+        return cls(t["mean"], t["components"], t["variances"], float(meta["residual"]), tuple(meta["shape"]))
 
 
 def teleport(y0: torch.Tensor, stats: GaussianStats, sigma0: float, sigma: float) -> torch.Tensor:
@@ -195,11 +234,20 @@ def _sqrt_init(sched: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class GaussianTeleportConfig(SkipConfig):
-    """Skip the first ``skip_fraction`` of the steps with the closed-form Gaussian jump.
+class GaussianTeleportConfig(SamplerConfig):
+    """Replace the first ``skip_fraction`` of the steps by the closed-form Gaussian jump.
 
-    ``stats_path`` is a file written by :meth:`GaussianStats.save`. A pipeline-level technique:
-    enable it with ``pipe.enable_skip(config)`` on an ``mmskip.pipelines`` pipeline.
+    Wang & Vastola (2023), "Diffusion Models Generate Images Like Painters: an Analytical Theory
+    of Outline First, Details Later", https://arxiv.org/abs/2303.02490. A sampler-level
+    technique: enable it with ``pipe.enable_skip(config)`` on an ``mmskip.pipelines`` pipeline.
+
+    Args:
+        stats_path: a ``.safetensors`` file written by :meth:`GaussianStats.save` (mean and PCA of
+            the data in the sampler's x0 space, e.g. scaled latents). Required (default ``""`` is
+            refused); it is read when the config is enabled.
+        skip_fraction: the fraction of the ``num_inference_steps`` grid replaced by the jump
+            (default 0.2; must lie in [0, 1)). The sampler starts at grid step
+            ``round(skip_fraction * num_inference_steps)``.
     """
 
     technique: ClassVar[str] = "gaussian_teleport"
@@ -216,8 +264,34 @@ class GaussianTeleportConfig(SkipConfig):
         """The first grid step the sampler runs."""
         return min(int(round(self.skip_fraction * num_steps)), num_steps - 1)
 
-    def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
-        raise TypeError(
-            "GaussianTeleportConfig changes the sampler, not the model: use pipe.enable_skip(config) on an "
-            "mmskip.pipelines pipeline"
-        )
+    def load_stats(self) -> GaussianStats:
+        """The statistics in ``stats_path`` (read once per file version)."""
+        p = Path(self.stats_path)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"GaussianTeleportConfig: no stats file at {p}; build it with GaussianStats.fit(...).save(path)"
+            )
+        st = p.stat()
+        return _load_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+    def validate(self, num_steps: int | None = None) -> None:
+        self.load_stats()
+
+    def plan(self, scheduler: Any, plan: SamplerPlan) -> SamplerPlan:
+        start = self.start(plan.num_steps)
+        if start == 0:
+            logger.warning(
+                "GaussianTeleportConfig: skip_fraction=%s of %d steps rounds to 0 steps; sampling without the teleport",
+                self.skip_fraction, plan.num_steps,
+            )
+            return plan
+        if plan.first_step is not None:
+            raise ValueError("GaussianTeleportConfig cannot follow another technique that sets the first step")
+        sampler_kind(scheduler)  # refuses unsupported samplers before sampling
+        keep = tuple(sorted({start} | {k for k in plan.keep if k >= start}))
+        return SamplerPlan(plan.num_steps, keep, teleport_step(self.load_stats(), start))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, size: int) -> GaussianStats:
+    return GaussianStats.load(path)

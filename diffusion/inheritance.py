@@ -13,7 +13,8 @@ unit, see :mod:`mmskip.diffusion.adapters`):
 * ``unit``: residual units (UNet ResNet / Transformer2D layers, single transformer blocks) add
   their cached residual contribution to their fresh input.
 
-The shared scheduler picks the recompute steps: ``interval(k)`` (uniform), ``explicit(keep=...)``
+Steps are indices of the pipeline's ``num_inference_steps`` grid (see :mod:`.tracker`). The
+shared scheduler picks the recompute steps: ``interval(k)`` (uniform), ``explicit(keep=...)``
 or :func:`mmskip.diffusion.step_schedules.nonuniform` (denser where the trajectory moves fast),
 or ``adaptive(threshold, signal="relative_change")``: a cheap probe (the first block, always
 computed) is compared with its value at the last recompute step and the step recomputes when
@@ -22,6 +23,9 @@ its relative change exceeds the threshold.
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,24 +34,46 @@ from diffusers.hooks import ModelHook
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmskip.inject import SkipConfig, SkipHandle, TechniqueState
+from mmskip.inject import CallGuard, SkipConfig, SkipHandle, TechniqueState
 from mmskip.registry import get_adapter
 from mmskip.schedules import AdaptiveSchedule, ExplicitSchedule, Schedule, interval
 
 from .adapters import GRANULARITIES, DiffusionAdapter, ResidualIO
-from .tracker import StepTracker, TrackerHook
+from .plan import check_step_schedule
+from .tracker import StepTracker, call_key
 
-__all__ = ["FeatureInheritanceConfig", "step_computes"]
+__all__ = ["FeatureInheritanceConfig", "InheritanceState", "step_computes"]
+
+logger = logging.getLogger(__name__)
+
+MAX_SLOTS = 8  # calls per step with distinct conditioning whose features are cached
 
 
 @dataclass(frozen=True)
 class FeatureInheritanceConfig(SkipConfig):
     """Inherit features of ``targets`` at ``granularity`` on the steps ``schedule`` does not compute.
 
-    ``targets=None`` uses the adapter's deep region (all blocks but the first and the last).
-    ``probe`` (adaptive schedules only) names the module whose output is the cheap probe;
-    default: the first block. ``measure_flops`` counts FLOPs once on the first call so that
-    ``handle.stats()["flops_fraction"]`` is the fraction actually spent.
+    Feature inheritance from A-SDM (Zhu et al., 2024, "A-SDM: Accelerating Stable Diffusion
+    through Model Assembly and Feature Inheritance Strategies"), https://arxiv.org/abs/2406.00210.
+    A model-level technique: ``mmskip.apply(denoiser, config)``, or ``pipe.enable_skip(config)``
+    on an ``mmskip.pipelines`` pipeline.
+
+    Args:
+        schedule: which denoising steps recompute (default ``interval(3)``: every third step).
+            Static schedules index the pipeline's ``num_inference_steps`` grid (the user's step
+            numbers, also when step skipping or the teleport visit only some of them); one built
+            with ``num=`` must match ``num_inference_steps``. ``adaptive(threshold,
+            "relative_change" | "cosine")`` recomputes when the probe moved more than
+            ``threshold`` since the last recompute.
+        granularity: ``"block"`` (default), ``"layer"`` or ``"unit"``: what a target is (UNet
+            blocks / transformer block ranges; attention and feed-forward modules; residual units).
+        targets: module names (or transformer ranges ``"transformer_blocks.a:b"``) whose features
+            are inherited; default ``None``: the adapter's deep region (all blocks but the first
+            and the last).
+        probe: adaptive schedules only: the module whose output is the cheap probe; default
+            ``None``: the first block.
+        measure_flops: count FLOPs once on the first call so that
+            ``handle.stats()["flops_fraction"]`` is the fraction actually spent (default True).
     """
 
     technique: ClassVar[str] = "feature_inheritance"
@@ -74,9 +100,15 @@ class FeatureInheritanceConfig(SkipConfig):
         if self.probe is not None and not isinstance(self.schedule, AdaptiveSchedule):
             raise ValueError("probe= is only used by adaptive schedules")
 
+    def validate(self, num_steps: int | None = None) -> None:
+        """Raise ``ValueError`` if a static schedule does not fit a ``num_steps`` grid (pipelines
+        call this at the start of each call, before anything changes)."""
+        if num_steps is not None:
+            check_step_schedule(self.schedule, num_steps, "FeatureInheritanceConfig")
+
     def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
         adapter: DiffusionAdapter = get_adapter(model, "diffusion")
-        _Inheritance(self, adapter, handle).attach()
+        InheritanceState(self, adapter, handle).attach()
 
 
 def step_computes(schedule: Schedule, step: int, num_steps: int | None) -> bool:
@@ -112,16 +144,27 @@ class _Range:
         self.flops0 = 0.0
 
 
-class _Inheritance(TechniqueState):
+class InheritanceState(TechniqueState):
+    """Feature inheritance's state on one denoiser (``handle.state``).
+
+    ``tracker`` (the trajectory's grid step and call slot), ``cache`` (per slot: the features of
+    each target at the last recompute step; at most :data:`MAX_SLOTS` slots), the adaptive
+    probe's references, and the recomputed / inherited steps of the current trajectory.
+    ``begin(num_steps, visited)`` starts a trajectory on a known grid (drop-in pipelines call
+    it); ``reset()`` forgets the trajectory in progress. One thread at a time: a forward from a
+    second thread while one is in flight raises :class:`mmskip.inject.ConcurrentUseError`.
+    """
+
     def __init__(self, config: FeatureInheritanceConfig, adapter: DiffusionAdapter, handle: SkipHandle) -> None:
         self.config = config
         self.adapter = adapter
         self.handle = handle
         self.counts = handle.counts
         self.tracker = StepTracker()
+        self.guard = CallGuard(config.technique)
         self.decision: bool | None = None
-        self.cache: dict[int, dict[str, Any]] = {}
-        self.probe_ref: dict[int, torch.Tensor] = {}
+        self.cache: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
+        self.probe_ref: dict[Hashable, torch.Tensor] = {}
         self.computed_steps: list[int] = []
         self.skipped_steps = 0
         self.changes: list[float] = []  # the adaptive signal per step (slot 0), for from_changes()
@@ -148,8 +191,7 @@ class _Inheritance(TechniqueState):
                     "choose another probe= or other targets"
                 )
             self.handle.add_hook(mod, _ProbeHook(self), ".probe")
-        root = _RootHook(self.tracker, ad.timestep, self._on_call, self._on_new_trajectory, self)
-        self.handle.add_hook(ad.model, root, ".root")
+        self.handle.add_hook(ad.model, _RootHook(self), ".root")
         self.handle.state = self
 
     def _add_target(self, name: str, claimed: list[str]) -> None:
@@ -177,6 +219,8 @@ class _Inheritance(TechniqueState):
             rng = _Range(name, [module], io)
             self.handle.add_hook(module, _RangeHook(self, rng, 0), "")
         else:
+            if self.config.granularity != "block" or not ad.is_unet:
+                logger.debug("%s (%s) is not a residual unit; its whole output is inherited", name, type(module).__name__)
             self.handle.add_hook(module, _OutputHook(self, name), "")
         self.names.append(name)
 
@@ -213,16 +257,41 @@ class _Inheritance(TechniqueState):
                 raise ValueError(f"targets {c!r} and {name!r} overlap; give each module once")
         claimed.append(name)
 
-    # -- decisions ---------------------------------------------------------------------------
-    def _on_new_trajectory(self) -> None:
+    # -- trajectories --------------------------------------------------------------------------
+    def begin(self, num_steps: int | None = None, visited: Any = None) -> None:
+        """Start a trajectory on a ``num_steps`` grid of which the sampler visits ``visited``."""
+        self.tracker.begin(num_steps, visited)
+
+    def reset(self) -> None:
+        """Forget the trajectory in progress (cached features, probe references, step record)."""
+        self.tracker.reset()
+        self._clear()
+
+    def _clear(self) -> None:
         self.cache.clear()
         self.probe_ref.clear()
         self.computed_steps = []
         self.skipped_steps = 0
         self.changes = []
 
-    def _on_call(self, args: tuple, kwargs: dict) -> None:
+    def key(self, args: tuple, kwargs: dict) -> Hashable:
+        ti = self.adapter.timestep_index
+        return call_key(args, kwargs, (0, ti), ("sample", "hidden_states", "timestep"))
+
+    # -- decisions ---------------------------------------------------------------------------
+    def on_call(self, t: float | None, key: Hashable) -> None:
         tr = self.tracker
+        if tr.observe(t, key):
+            self._clear()
+        if tr.slot in self.cache:
+            self.cache.move_to_end(tr.slot)
+        elif len(self.cache) >= MAX_SLOTS:
+            old, _ = self.cache.popitem(last=False)
+            self.probe_ref.pop(old, None)
+            logger.warning(
+                "feature inheritance: more than %d calls with different conditioning in one step; dropping the "
+                "oldest one's cached features (it will recompute)", MAX_SLOTS
+            )
         if tr.slot not in self.cache:
             self.decision = True  # nothing to inherit yet
         elif isinstance(self.config.schedule, AdaptiveSchedule):
@@ -233,7 +302,7 @@ class _Inheritance(TechniqueState):
             self._note(self.decision)
 
     def _note(self, compute: bool) -> None:
-        if self.tracker.slot == 0:
+        if self.tracker.first_call_of_step:
             if compute:
                 self.computed_steps.append(self.tracker.step)
             else:
@@ -244,7 +313,7 @@ class _Inheritance(TechniqueState):
         assert isinstance(sched, AdaptiveSchedule)
         ref = self.probe_ref.get(slot)
         signal = None if ref is None or ref.shape != value.shape else _signal(sched.signal, value, ref)
-        if slot == 0:
+        if self.tracker.first_call_of_step:
             self.changes.append(0.0 if signal is None else signal)
         if self.decision is None:
             step = self.tracker.step
@@ -315,6 +384,13 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot use {type(out).__name__} as an adaptive probe")
 
 
+def _input_shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, torch.Tensor):
+            return tuple(x.shape)
+    return None
+
+
 def _clone(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.clone()
@@ -338,27 +414,44 @@ def _detach(x: Any) -> Any:
 # -- hooks -------------------------------------------------------------------------------------
 
 
-class _RootHook(TrackerHook):
-    """Tracks steps and measures per-target FLOPs on the first call."""
+class _RootHook(ModelHook):
+    """On the denoiser: refuses concurrent use, tracks steps, decides, measures FLOPs once.
 
-    def __init__(self, tracker: StepTracker, timestep: Any, on_call: Any, on_new: Any, owner: _Inheritance) -> None:
-        super().__init__(tracker, timestep, on_call, on_new)
+    Stateful in diffusers' sense: ``HookRegistry.reset_stateful_hooks()`` (which diffusers
+    pipelines run at the end of each call for cache-capable denoisers) resets the state.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, owner: InheritanceState) -> None:
+        super().__init__()
         self.owner = owner
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.owner.reset()
+        return module
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
-        owner.counts.fixed_units += 1
-        if not owner.costs_known and owner.decision:
-            with FlopCounterMode(display=False) as fc:
-                owner.fc = fc
-                out = self.fn_ref.original_forward(*args, **kwargs)
-            owner.measure(fc)
-            return out
-        return self.fn_ref.original_forward(*args, **kwargs)
+        t = owner.adapter.timestep(args, kwargs)
+        key = owner.key(args, kwargs)
+        with owner.guard.call(starts=owner.tracker.starts_new(t, key)):
+            owner.on_call(t, key)
+            owner.counts.fixed_units += 1
+            if not owner.costs_known and owner.decision:
+                with FlopCounterMode(display=False) as fc:
+                    owner.fc = fc
+                    try:
+                        out = self.fn_ref.original_forward(*args, **kwargs)
+                    finally:
+                        owner.fc = None
+                owner.measure(fc)
+                return out
+            return self.fn_ref.original_forward(*args, **kwargs)
 
 
 class _ProbeHook(ModelHook):
-    def __init__(self, owner: _Inheritance) -> None:
+    def __init__(self, owner: InheritanceState) -> None:
         super().__init__()
         self.owner = owner
 
@@ -370,7 +463,7 @@ class _ProbeHook(ModelHook):
 class _OutputHook(ModelHook):
     """Inherit a module's whole output (UNet blocks; attention / feed-forward layers)."""
 
-    def __init__(self, owner: _Inheritance, name: str) -> None:
+    def __init__(self, owner: InheritanceState, name: str) -> None:
         super().__init__()
         self.owner = owner
         self.name = name
@@ -378,21 +471,29 @@ class _OutputHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
         cache = owner.slot_cache()
-        if owner.computes(self.name) or self.name not in cache:
+        shape = _input_shape(args, kwargs)
+        compute = owner.computes(self.name)
+        if not compute and (self.name not in cache or cache[self.name][0] != shape):
+            logger.warning(
+                "feature inheritance: %s has no cached output for input shape %s in this trajectory; recomputing "
+                "it on step %d", self.name, shape, owner.tracker.step
+            )
+            compute = True
+        if compute:
             before = owner.flops_now()
             out = self.fn_ref.original_forward(*args, **kwargs)
             owner.add_cost(self.name, owner.flops_now() - before)
-            cache[self.name] = _detach(out)
+            cache[self.name] = (shape, _detach(out))
             owner.counts.record(self.name, 1.0, 0.0)
             return out
         owner.counts.record(self.name, 1.0, 1.0)
-        return _clone(cache[self.name])
+        return _clone(cache[self.name][1])
 
 
 class _RangeHook(ModelHook):
     """Member ``index`` of a residual range: the first adds the cached residual, the rest pass through."""
 
-    def __init__(self, owner: _Inheritance, rng: _Range, index: int) -> None:
+    def __init__(self, owner: InheritanceState, rng: _Range, index: int) -> None:
         super().__init__()
         self.owner = owner
         self.rng = rng
@@ -407,7 +508,14 @@ class _RangeHook(ModelHook):
             usable = residual is not None and all(
                 (r is None) or (i is not None and i.shape == r.shape) for i, r in zip(ins, residual, strict=True)
             )
-            rng.computing = owner.computes(rng.name) or not usable
+            rng.computing = owner.computes(rng.name)
+            if not rng.computing and not usable:
+                logger.warning(
+                    "feature inheritance: %s has no cached residual matching input shapes %s in this trajectory; "
+                    "recomputing it on step %d", rng.name, [None if i is None else tuple(i.shape) for i in ins],
+                    owner.tracker.step,
+                )
+                rng.computing = True
             owner.counts.record(rng.name, 1.0, 0.0 if rng.computing else 1.0)
             if rng.computing:
                 rng.inputs = ins

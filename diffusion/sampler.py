@@ -15,12 +15,15 @@ step to ``final_alpha_cumprod``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 __all__ = ["SUPPORTED_SAMPLERS", "plan_sampler", "sampler_kind", "sigma_ve"]
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_SAMPLERS = {
     "DDIMScheduler": "vp",
@@ -81,6 +84,7 @@ def plan_sampler(
     name = type(scheduler).__name__
     contiguous = keep == list(range(keep[0], n))
     if name == "DDIMScheduler" and not contiguous:
+        logger.debug("DDIM on %d of %d grid steps runs as first-order DPM-Solver++ (the same method)", len(keep), n)
         return _ddim_as_dpm(scheduler, n, keep, first_step)
     copy = type(scheduler).from_config(scheduler.config)
     original = copy.set_timesteps

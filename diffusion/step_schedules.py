@@ -2,6 +2,9 @@
 
 Early denoising steps commit to the layout and change the sample fastest ("outline first,
 details later", Wang & Vastola, 2023), so recomputes are placed more densely there.
+
+Step indices are those of the pipeline's ``num_inference_steps`` grid: ``nonuniform(50, 14)`` is for
+50-step calls (also when step skipping or the teleport make the sampler visit fewer of them).
 """
 
 from __future__ import annotations

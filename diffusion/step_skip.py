@@ -9,42 +9,58 @@ Euler, DPM-Solver++; others are refused). The keep set is static (``interval``, 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from torch import nn
-
-from mmskip.inject import SkipConfig, SkipHandle
 from mmskip.schedules import AdaptiveSchedule, Schedule, interval
 
-from .inheritance import step_computes
+from .plan import SamplerConfig, SamplerPlan, check_step_schedule
 
 __all__ = ["StepSkipConfig"]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
-class StepSkipConfig(SkipConfig):
-    """Visit only the steps ``schedule`` keeps (step 0 always runs). A pipeline-level technique."""
+class StepSkipConfig(SamplerConfig):
+    """Visit only the grid steps ``schedule`` keeps; the sampler steps straight between them.
+
+    A sampler-level technique: enable it with ``pipe.enable_skip(config)`` on an
+    ``mmskip.pipelines`` pipeline (``mmskip.apply`` refuses it). No paper: this is the
+    sampler run on a coarser subset of its own grid.
+
+    Args:
+        schedule: which of the pipeline's ``num_inference_steps`` grid steps run (default
+            ``interval(2)``: every other step). A static ``mmskip.schedules`` schedule indexed by
+            grid step; one built with ``num=`` must match ``num_inference_steps`` (checked at the
+            start of each call). Grid step 0 always runs.
+    """
 
     technique: ClassVar[str] = "step_skip"
     schedule: Schedule = field(default_factory=lambda: interval(2))
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, Schedule):
-            raise TypeError(f"schedule must be an mmskip.schedules schedule, got {type(self.schedule).__name__}")
         if isinstance(self.schedule, AdaptiveSchedule):
             raise ValueError(
                 "step skipping needs a static schedule (the sampler's grid is fixed before sampling); "
                 "measure changes once and use mmskip.diffusion.step_schedules.from_changes(...)"
             )
+        own = getattr(self.schedule, "num", None)
+        if own is not None:
+            self.validate(own)
+
+    def validate(self, num_steps: int | None = None) -> None:
+        if num_steps is not None:
+            check_step_schedule(self.schedule, num_steps, "StepSkipConfig")
 
     def keep(self, num_steps: int) -> list[int]:
-        """The grid steps the sampler visits."""
-        kept = [i for i in range(num_steps) if step_computes(self.schedule, i, num_steps)]
-        return sorted(set(kept) | {0})
+        """The grid steps the sampler visits (of ``num_steps``)."""
+        runs = check_step_schedule(self.schedule, num_steps, "StepSkipConfig")
+        return sorted({i for i, r in enumerate(runs) if r} | {0})
 
-    def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
-        raise TypeError(
-            "StepSkipConfig changes the sampler, not the model: use pipe.enable_skip(config) on an "
-            "mmskip.pipelines pipeline"
-        )
+    def plan(self, scheduler: Any, plan: SamplerPlan) -> SamplerPlan:
+        runs = check_step_schedule(self.schedule, plan.num_steps, "StepSkipConfig")
+        first = plan.keep[0]
+        keep = tuple(k for k in plan.keep if k == first or runs[k])
+        return SamplerPlan(plan.num_steps, keep, plan.first_step)

@@ -1,69 +1,144 @@
 """Which denoising step a denoiser call belongs to, seen from inside the model.
 
-A root hook on the denoiser reads each call's ``timestep``: a smaller timestep than the last
-one starts the next step, an equal one is another call of the same step (pipelines that run
-the conditional and unconditional branches separately), a larger one starts a new trajectory.
-Drop-in pipelines also call :meth:`StepTracker.begin` with the number of inference steps.
+Step indices always live in ONE index space: the pipeline's ``num_inference_steps`` grid (the
+user's step numbers, 0 = the noisiest step). A drop-in pipeline calls
+:meth:`StepTracker.begin` with the grid size and the grid steps the sampler will visit (step
+skipping and the Gaussian teleport visit a subset), so the k-th visited step is grid step
+``visited[k]``. Without a pipeline the tracker counts steps itself from each call's timestep
+and conditioning:
+
+* every call carries a *key*, a fingerprint of its conditioning inputs (prompt embeddings,
+  class labels, ...: every tensor input but the latent and the timestep); calls of one step
+  with different conditioning (a pipeline running the conditional and unconditional branches
+  separately) are separate *slots* with separate caches;
+* a larger timestep than the last call's starts a new trajectory; so does a call at the same
+  timestep whose key this step has already seen (a new generation restarted at the same first
+  timestep, e.g. after a 1-step or an interrupted call); a smaller timestep is the next step.
+
+A restart that the rules cannot see (the same conditioning, at a timestep below the
+interrupted call's last one) continues the old trajectory's step count; its features are
+still never reused across different conditioning. Call ``handle.state.reset()`` between such
+calls, or use a drop-in pipeline (``mmskip.pipelines``), which marks every call's start.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Hashable, Sequence
 from typing import Any
 
-from diffusers.hooks import ModelHook
+import torch
 
-__all__ = ["StepTracker", "TrackerHook"]
+__all__ = ["StepTracker", "call_key"]
+
+logger = logging.getLogger(__name__)
 
 
 class StepTracker:
-    """Step index, call slot within the step, and the number of steps when known."""
+    """Grid step index, call slot within the step, and the number of grid steps when known."""
 
     def __init__(self) -> None:
-        self.step = -1
-        self.slot = 0
+        self.visit = -1  # index of the visited step in this trajectory
+        self.slot: Hashable = 0
         self.last_t: float | None = None
         self.num_steps: int | None = None
+        self.visited: tuple[int, ...] | None = None
         self.trajectory = 0
+        self.first_call_of_step = True
+        self._keys_this_step: list[Hashable] = []
         self._pending_begin = False
 
-    def begin(self, num_steps: int | None = None) -> None:
-        """Start a new trajectory of ``num_steps`` denoising steps (called by pipelines)."""
+    @property
+    def step(self) -> int:
+        """The grid step of the current call (``visited[visit]`` when the pipeline said)."""
+        if self.visited is not None and 0 <= self.visit < len(self.visited):
+            return self.visited[self.visit]
+        return self.visit
+
+    def begin(self, num_steps: int | None = None, visited: Sequence[int] | None = None) -> None:
+        """Start a new trajectory on a ``num_steps`` grid that visits grid steps ``visited`` (sorted).
+
+        Called by pipelines before sampling; ``visited=None`` means every grid step.
+        """
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+        if visited is not None:
+            visited = tuple(int(v) for v in visited)
+            if num_steps is not None and any(not 0 <= v < num_steps for v in visited):
+                raise ValueError(f"visited steps {visited} must lie in 0..{num_steps - 1}")
         self.num_steps = num_steps
+        self.visited = visited
         self.last_t = None
-        self.step = -1
         self._pending_begin = True
 
-    def observe(self, t: float | None) -> bool:
+    def reset(self) -> None:
+        """Forget the trajectory in progress: the next call starts a new one."""
+        self.num_steps = None
+        self.visited = None
+        self.last_t = None
+        self._pending_begin = True
+
+    def starts_new(self, t: float | None, key: Hashable) -> bool:
+        """Whether a call at timestep ``t`` with conditioning ``key`` would start a new trajectory."""
+        if self._pending_begin or self.last_t is None:
+            return True
+        if t is not None and t > self.last_t:
+            return True
+        same_step = t is None or t == self.last_t
+        return same_step and key in self._keys_this_step and t is not None
+
+    def observe(self, t: float | None, key: Hashable = 0) -> bool:
         """Advance on a call at timestep ``t``; returns True when a new trajectory starts."""
-        new_traj = False
-        if self._pending_begin or self.last_t is None or (t is not None and t > self.last_t):
-            new_traj = True
+        new_traj = self.starts_new(t, key)
+        if new_traj:
+            if not self._pending_begin:
+                self.num_steps, self.visited = None, None  # a restart the pipeline did not announce
             self._pending_begin = False
             self.trajectory += 1
-            self.step, self.slot = 0, 0
+            self.visit = 0
+            self._keys_this_step = []
         elif t is None or t < self.last_t:
-            self.step += 1
-            self.slot = 0
-        else:  # same timestep: another call within the same step
-            self.slot += 1
+            self.visit += 1
+            self._keys_this_step = []
+        self.first_call_of_step = not self._keys_this_step
+        if key not in self._keys_this_step:
+            self._keys_this_step.append(key)
+        self.slot = key
         self.last_t = t
         return new_traj
 
 
-class TrackerHook(ModelHook):
-    """Root hook: updates the tracker and lets the technique decide before any block runs."""
+def call_key(args: tuple, kwargs: dict, skip_args: Sequence[int], skip_kwargs: Sequence[str]) -> Hashable:
+    """A fingerprint of a call's conditioning: every input except the positional ``skip_args``
+    and the keyword ``skip_kwargs`` (the latent and the timestep).
 
-    def __init__(self, tracker: StepTracker, timestep: Any, on_call: Any, on_new: Any) -> None:
-        super().__init__()
-        self.tracker = tracker
-        self._timestep = timestep
-        self._on_call = on_call
-        self._on_new = on_new
+    Shapes, dtypes and three value sums per tensor (one device sync per call); two calls with
+    the same conditioning get the same key, different prompts / labels get different keys.
+    """
+    tensors: list[torch.Tensor] = []
+    meta: list[Any] = []
 
-    def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.tracker.observe(self._timestep(args, kwargs)):
-            self._on_new()
-        self._on_call(args, kwargs)
-        return args, kwargs
+    def visit(x: Any, name: str) -> None:
+        if isinstance(x, torch.Tensor):
+            meta.append((name, tuple(x.shape), str(x.dtype)))
+            if x.numel():
+                v = x.detach().flatten().double()
+                w = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype).remainder_(7).add_(1)
+                tensors.append(torch.stack([v.sum(), v.abs().sum(), (v * w).sum()]))
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                visit(x[k], f"{name}.{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                visit(v, f"{name}.{i}")
+        elif isinstance(x, (int, float, str, bool)) or x is None:
+            meta.append((name, x))
+
+    for i, a in enumerate(args):
+        if i not in skip_args:
+            visit(a, str(i))
+    for k in sorted(kwargs):
+        if k not in skip_kwargs:
+            visit(kwargs[k], k)
+    values = tuple(torch.cat(tensors).tolist()) if tensors else ()
+    return (tuple(meta), values)

@@ -1,7 +1,7 @@
 """mmskip.pipelines: drop-in diffusers pipelines with feature inheritance, step skipping and analytic early steps."""
 
-from .mixin import SkipPipelineMixin
-from .pipelines import (
+from .mixin import SKIP_CONFIG_NAME, SkipPipelineMixin, load_skip_configs
+from .skip_pipelines import (
     SkipDiTPipeline,
     SkipPixArtAlphaPipeline,
     SkipStableDiffusion3Pipeline,
@@ -11,6 +11,8 @@ from .pipelines import (
 
 __all__ = [
     "SkipPipelineMixin",
+    "SKIP_CONFIG_NAME",
+    "load_skip_configs",
     "SkipStableDiffusionPipeline",
     "SkipStableDiffusionXLPipeline",
     "SkipDiTPipeline",

@@ -99,3 +99,44 @@ def test_teleport_then_sampler_matches_full_sampler(cls):
     plain = plan_sampler(cls(**kw), n, range(start, n))
     late = _sample(plain, model, n, noise)
     assert (late - full).abs().max() / full.abs().max() > 5 * err
+
+
+def test_stats_round_trip_as_safetensors_and_legacy_files(tmp_path, caplog):
+    import json
+
+    from safetensors import safe_open
+
+    stats = GaussianStats.fit(torch.randn(40, 2, 3, 3, generator=torch.Generator().manual_seed(0)), rank=5)
+    path = stats.save(tmp_path / "s.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["mmskip"])["shape"] == [2, 3, 3]
+    back = GaussianStats.load(path)
+    for k in ("mean", "components", "variances"):
+        assert torch.equal(getattr(back, k), getattr(stats, k))
+    assert back.residual == stats.residual and back.shape == stats.shape
+    with pytest.raises(ValueError, match="safetensors"):
+        stats.save(tmp_path / "s.pt")
+    legacy = tmp_path / "old.pt"
+    torch.save({"mean": stats.mean, "components": stats.components, "variances": stats.variances,
+                "residual": stats.residual, "shape": list(stats.shape)}, legacy)
+    with caplog.at_level("WARNING", logger="mmskip.diffusion.gaussian"):
+        assert torch.equal(GaussianStats.load(legacy).mean, stats.mean)
+    assert "legacy" in caplog.text
+
+
+def test_from_folder_reads_the_channels_the_vae_takes(tmp_path):
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8), mode="L").save(tmp_path / f"{i}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    stats = GaussianStats.from_folder(tmp_path, 16, vae=vae, rank=4)
+    assert stats.shape == (4, 8, 8)
+    pixels = GaussianStats.from_folder(tmp_path, 16, rank=4, channels=1)
+    ref = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / f"{i}.png"))) for i in range(6)])
+    torch.testing.assert_close(pixels.mean.reshape(1, 16, 16), (ref.double() / 127.5 - 1).mean(0, keepdim=True).float())
+    assert GaussianStats.from_folder(tmp_path, 16, rank=4).shape == (3, 16, 16)  # no VAE: RGB by default

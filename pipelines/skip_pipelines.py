@@ -1,6 +1,11 @@
-"""The drop-in pipelines: each is its diffusers parent plus :class:`SkipPipelineMixin`."""
+"""The drop-in pipelines: each is its diffusers parent plus :class:`SkipPipelineMixin`.
+
+``save_pretrained`` writes the parent's class name, so plain diffusers loads the folder.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from diffusers import (
     DiTPipeline,
@@ -11,6 +16,8 @@ from diffusers import (
 )
 
 from .mixin import SkipPipelineMixin
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SkipStableDiffusionPipeline",

@@ -1,0 +1,102 @@
+"""Sampler-level techniques: configs that decide which steps the sampler runs, not what the model computes.
+
+A :class:`SamplerConfig` does not hook modules (``mmskip.apply`` refuses it). The drop-in
+pipelines (``mmskip.pipelines``) loop over their sampler configs at the start of every call:
+``validate(num_steps)`` on each (before anything changes), then ``plan(scheduler, plan)`` on
+each in turn, starting from :meth:`SamplerPlan.full`. The resulting :class:`SamplerPlan` says
+which grid steps the sampler visits and, optionally, how the state is mapped to the first
+visited step (the Gaussian teleport). A new sampler technique is one ``SamplerConfig``
+subclass; no pipeline code changes.
+
+Step numbers are always indices of the pipeline's ``num_inference_steps`` grid (the user's
+step numbers, 0 = the noisiest step), for sampler-level and model-level configs alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmskip.inject import SkipConfig, SkipHandle
+from mmskip.schedules import AdaptiveSchedule, Schedule
+
+__all__ = ["SamplerConfig", "SamplerPlan", "check_step_schedule"]
+
+logger = logging.getLogger(__name__)
+
+FirstStep = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """What a pipeline call runs: ``keep`` (sorted grid steps of a ``num_steps`` grid) and
+    ``first_step(sample, scheduler)``, which maps the sample before ``keep[0]`` to the state the
+    sampler should hold there (``None``: the sample is used as it is)."""
+
+    num_steps: int
+    keep: tuple[int, ...]
+    first_step: FirstStep | None = None
+
+    def __post_init__(self) -> None:
+        keep = tuple(int(k) for k in self.keep)
+        if not keep or list(keep) != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= self.num_steps:
+            raise ValueError(f"a plan's kept steps must be sorted, distinct indices in 0..{self.num_steps - 1}, got {keep}")
+        object.__setattr__(self, "keep", keep)
+
+    @classmethod
+    def full(cls, num_steps: int) -> SamplerPlan:
+        """Every step of the grid, from the pipeline's own initial noise."""
+        return cls(num_steps, tuple(range(num_steps)))
+
+    @property
+    def is_full(self) -> bool:
+        return self.first_step is None and self.keep == tuple(range(self.num_steps))
+
+
+@dataclass(frozen=True)
+class SamplerConfig(SkipConfig):
+    """Base class of sampler-level configs (which steps run); see the module docstring.
+
+    Subclasses implement :meth:`plan` and, where a config can be wrong for some step counts or
+    needs a resource (a statistics file), :meth:`validate`.
+    """
+
+    def validate(self, num_steps: int | None = None) -> None:
+        """Raise ``ValueError`` if the config cannot run; ``num_steps=None``: the checks that do
+        not need the step count (``enable_skip`` time), else the checks for that grid (call start)."""
+
+    def plan(self, scheduler: Any, plan: SamplerPlan) -> SamplerPlan:
+        """``plan`` refined by this technique (the pipeline's ``scheduler`` is read, never modified)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement plan()")
+
+    def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
+        raise TypeError(
+            f"{type(self).__name__} changes the sampler, not the model: use pipe.enable_skip(config) on an "
+            "mmskip.pipelines pipeline"
+        )
+
+
+def check_step_schedule(schedule: Schedule, num_steps: int, what: str) -> tuple[bool, ...]:
+    """Which of ``num_steps`` grid steps a static step ``schedule`` runs (True) or not (False).
+
+    Raises ``ValueError`` naming ``what`` if the schedule was built for another step count,
+    names steps outside the grid, or gives fractional ratios.
+    """
+    if isinstance(schedule, AdaptiveSchedule):
+        return (True,) * num_steps
+    try:
+        ratios = schedule.ratios(num_steps)
+    except ValueError as err:
+        raise ValueError(
+            f"{what}: its schedule does not fit num_inference_steps={num_steps} ({err}) Schedules over steps "
+            "index the pipeline's num_inference_steps grid; build it for that many steps."
+        ) from None
+    bad = sorted({r for r in ratios if 0.0 < r < 1.0})
+    if bad:
+        raise ValueError(f"{what}: a step schedule must give 0 (skip) or 1 (run) per step, got {bad}")
+    return tuple(r > 0 for r in ratios)
