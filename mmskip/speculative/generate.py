@@ -8,6 +8,8 @@ its greedy / sampling loop (``mmskip.speculative.route`` wires it in).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -106,13 +108,14 @@ class SwiftState(TechniqueState):
     # -- forwards -----------------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None,
                  pos: torch.Tensor, keep: int, draft: bool) -> torch.Tensor:
+        kwargs = {_cache_kwarg(model): cache}  # `cache` in transformers >= 5.2x, `past_key_values` before
         if draft:
             with self.draft.drafting():
-                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                            logits_to_keep=keep)
+                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                            logits_to_keep=keep, **kwargs)
         else:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                        logits_to_keep=keep)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                        logits_to_keep=keep, **kwargs)
         rows = ids.shape[1]
         st = self.handle.counts
         attn, mlp = self.draft.sets if draft else ((), ())
@@ -155,6 +158,8 @@ class SwiftState(TechniqueState):
                streamer: Any = None, **model_kwargs: Any) -> Any:
         """Self-speculative decoding of one sequence; ``generate`` calls it with what it prepared."""
         gen = generation_config
+        if model_kwargs.get("cache") is None and "past_key_values" in model_kwargs:  # older transformers' name
+            model_kwargs["cache"] = model_kwargs.pop("past_key_values")
         _check(input_ids, gen, model_kwargs)
         with self.guard.call(starts=True), torch.no_grad():
             return self._decode(model, input_ids, logits_processor, stopping_criteria, gen, streamer, model_kwargs)
@@ -276,7 +281,7 @@ class SwiftState(TechniqueState):
                 sequences=ids,
                 scores=tuple(scores) if want_scores else None,
                 logits=tuple(raw) if want_logits else None,
-                cache=cache,
+                **{_OUTPUT_CACHE: cache},
             )
         return ids
 
@@ -311,3 +316,16 @@ def _check(input_ids: torch.Tensor, gen: GenerationConfig, model_kwargs: dict[st
     mask = model_kwargs.get("attention_mask")
     if mask is not None and bool((mask[0, 1:] < mask[0, :-1]).any()):
         raise ValueError("attention_mask must be left padding (zeros before the prompt) or all ones")
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` takes the KV cache under."""
+    return _forward_cache_name(type(model))
+
+
+@functools.cache
+def _forward_cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+_OUTPUT_CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
