@@ -18,13 +18,22 @@ def loaded() -> dict[str, list[str]]:
     importing the eval and analysis packages (one subprocess: importing torch & co. takes seconds)."""
     probe = f"""import sys, json
 seen = lambda: sorted(m for m in {OPTIONAL!r} if m in sys.modules)
-import mmskip, mmskip.zoo, mmskip.diffusion, mmskip.pipelines
+import mmskip
+lazy = sorted(m for m in ("mmskip.zoo", "mmskip.diffusion", "mmskip.pipelines", "mmskip.eval", "mmskip.analysis")
+              if m in sys.modules)
+attrs = [mmskip.zoo.NAMES[0], mmskip.diffusion.__name__, mmskip.pipelines.__name__, "zoo" in dir(mmskip)]
+import mmskip.zoo, mmskip.diffusion, mmskip.pipelines
 core = seen()
 import mmskip.eval, mmskip.eval.images, mmskip.eval.lm, mmskip.analysis, mmskip.analysis.cli, mmskip.zoo.train
-print(json.dumps({{"core": core, "eval_analysis": seen()}}))
+print(json.dumps({{"core": core, "eval_analysis": seen(), "lazy": lazy, "attrs": attrs}}))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=240, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_mmskip_loads_subpackages_lazily_as_attributes(loaded):
+    assert loaded["lazy"] == []
+    assert loaded["attrs"] == ["digits-classifier", "mmskip.diffusion", "mmskip.pipelines", True]
 
 
 def test_core_imports_pull_in_no_optional_dependency(loaded):
