@@ -257,6 +257,19 @@ class InheritanceState(TechniqueState):
                 raise ValueError(f"targets {c!r} and {name!r} overlap; give each module once")
         claimed.append(name)
 
+    # -- measured costs ------------------------------------------------------------------------
+    def measured_costs(self) -> tuple[dict[str, float], float] | None:
+        """(FLOPs per target call, FLOPs of the rest of a denoiser call) once measured, else None."""
+        if not (self.costs_known and self.config.measure_flops):
+            return None
+        return {n: self.counts.cost[n] for n in self.names if n in self.counts.cost}, self.counts.fixed_cost
+
+    def adopt_costs(self, costs: dict[str, float], fixed: float) -> None:
+        """Use costs measured by an earlier application to the same denoiser (no measuring call)."""
+        self.counts.cost.update(costs)
+        self.counts.fixed_cost = fixed
+        self.costs_known = True
+
     # -- trajectories --------------------------------------------------------------------------
     def begin(self, num_steps: int | None = None, visited: Any = None) -> None:
         """Start a trajectory on a ``num_steps`` grid of which the sampler visits ``visited``."""

@@ -13,10 +13,22 @@ Configs come in two kinds:
 
 Every step number (in any schedule) is an index of the call's ``num_inference_steps`` grid.
 With skipping disabled, ``__call__`` is the parent's, unchanged.
+
+**Who owns the skipping: the pipeline, per call.** ``enable_skip`` only validates and stores the
+configs; each call of an enabled pipeline applies its model-level technique to the denoiser
+for that call and removes it when the call ends (FLOPs are measured on the first call and
+reused). Between calls the denoiser carries no hooks, so pipelines that share it
+(``Skip*Pipeline(**pipe.components)``, ``from_pipe``, a plain diffusers pipeline) compute
+exactly what their own settings say: a disabled or plain pipeline never skips. Two pipelines
+running the same denoiser at the same time are refused.
+
+The drop-ins expose their parent's ``__call__`` signature and docstring (``inspect.signature``,
+``from_pipe`` and UIs see every argument: ``timesteps``, ``callback_on_step_end``, ...).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -28,7 +40,7 @@ from typing import Any, ClassVar
 from mmskip.diffusion.plan import SamplerConfig, SamplerPlan
 from mmskip.diffusion.sampler import plan_sampler
 
-from mmskip.inject import CallGuard, SkipConfig, SkipHandle, apply
+from mmskip.inject import CallGuard, SkipConfig, SkipHandle, applied, apply
 
 __all__ = ["SkipPipelineMixin", "SKIP_CONFIG_NAME"]
 
@@ -39,18 +51,30 @@ SKIP_CONFIG_NAME = "mmskip_skip_config.json"
 
 @dataclass
 class _SkipState:
-    """What an enabled pipeline holds: its configs, the denoiser's handle, the last call's plan."""
+    """What an enabled pipeline holds: its configs, the last call's handle and plan, measured costs."""
 
     configs: tuple[SkipConfig, ...]
-    handle: SkipHandle | None
+    model: SkipConfig | None
     samplers: tuple[SamplerConfig, ...]
     last_plan: SamplerPlan | None = None
+    last_handle: SkipHandle | None = None
+    costs: tuple[dict[str, float], float] | None = None
 
 
 class SkipPipelineMixin:
     """Mixed in before a diffusers pipeline class: ``class X(SkipPipelineMixin, StableDiffusionPipeline)``."""
 
     _mmskip_denoiser: ClassVar[str] = "unet"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        parent_call = _diffusers_parent(cls).__call__
+
+        @functools.wraps(parent_call)  # the parent's signature and docstring, for users and tools
+        def __call__(self: SkipPipelineMixin, *args: Any, **kwargs: Any) -> Any:
+            return self._skip_dispatch(args, kwargs)
+
+        cls.__call__ = __call__
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, skip_config: Any = None, **kwargs: Any) -> Any:
@@ -89,7 +113,8 @@ class SkipPipelineMixin:
         """Enable one config or a list of them (one per technique), replacing the enabled ones.
 
         Atomic: a config that is invalid (wrong type, two of a kind, an unknown target, a
-        missing stats file) raises and leaves the previously enabled configs in place.
+        missing stats file) raises and leaves the previously enabled configs in place. Nothing
+        is attached to the denoiser until a call runs (see the module docstring).
         """
         configs = tuple(config) if isinstance(config, (list, tuple)) else (config,)
         if not configs:
@@ -113,29 +138,16 @@ class SkipPipelineMixin:
             validate = getattr(c, "validate", None)
             if validate is not None:
                 validate(None)
-        denoiser = self._denoiser()
-        old = self._skip_state()
-        handle = None
-        if models:
-            if old is not None and old.handle is not None and not old.handle.removed:
-                old.handle.remove()
-            try:
-                handle = apply(denoiser, models[0])
-            except BaseException:
-                if old is not None and old.handle is not None:
-                    old.handle = apply(denoiser, old.handle.config)  # put the previous technique back
-                raise
-        elif old is not None and old.handle is not None and not old.handle.removed:
-            old.handle.remove()
-        self.__dict__["_mmskip"] = _SkipState(configs=configs, handle=handle, samplers=samplers)
+        if models:  # attach once to check targets and adapter now, not at the first call
+            with applied(self._denoiser(), models[0]):
+                pass
+        self.__dict__["_mmskip"] = _SkipState(configs=configs, model=models[0] if models else None, samplers=samplers)
         self.__dict__.setdefault("_mmskip_guard", CallGuard("pipeline"))
         logger.debug("%s: enabled %s", type(self).__name__, [c.technique for c in configs])
 
     def disable_skip(self) -> None:
-        """Remove every mmskip technique; the pipeline then computes exactly what its parent does."""
-        state = self.__dict__.pop("_mmskip", None)
-        if state is not None and state.handle is not None and not state.handle.removed:
-            state.handle.remove()
+        """Forget the enabled configs; the pipeline then computes exactly what its parent does."""
+        self.__dict__.pop("_mmskip", None)
 
     @property
     def skip_enabled(self) -> bool:
@@ -149,21 +161,22 @@ class SkipPipelineMixin:
 
     @property
     def skip_handle(self) -> SkipHandle | None:
+        """The model-level technique's handle of the last call (removed when the call ended)."""
         state = self._skip_state()
-        return state.handle if state is not None else None
+        return state.last_handle if state is not None else None
 
     def skip_stats(self) -> dict[str, Any]:
         """The model-level technique's stats of the last call plus the grid steps the sampler visited."""
         state = self._skip_state()
         if state is None:
             return {}
-        out = state.handle.stats() if state.handle is not None else {}
+        out = state.last_handle.stats() if state.last_handle is not None else {}
         if state.last_plan is not None:
             out["visited_steps"] = list(state.last_plan.keep)
         return out
 
     # -- the call -------------------------------------------------------------------------------
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _skip_dispatch(self, args: tuple, kwargs: dict) -> Any:
         state = self._skip_state()
         if state is None:
             return super().__call__(*args, **kwargs)
@@ -195,11 +208,25 @@ class SkipPipelineMixin:
                         f" could not build it without pipeline arguments ({err})"
                     ) from err
         state.last_plan = plan
-        if state.handle is not None:
-            state.handle.reset_stats()
-            begin = getattr(state.handle.state, "begin", None)
+        handle = None
+        if state.model is not None:
+            handle = apply(self._denoiser(), state.model)  # for this call only
+            if state.costs is not None and hasattr(handle.state, "adopt_costs"):
+                handle.state.adopt_costs(*state.costs)
+            begin = getattr(handle.state, "begin", None)
             if begin is not None:
                 begin(n, plan.keep)
+            state.last_handle = handle
+        try:
+            return self._run(planned, plan, args, kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+                measured = getattr(handle.state, "measured_costs", None)
+                if state.costs is None and measured is not None:
+                    state.costs = measured()
+
+    def _run(self, planned: Any, plan: SamplerPlan, args: tuple, kwargs: dict) -> Any:
         if planned is None:
             return super().__call__(*args, **kwargs)
         original = self.scheduler
