@@ -13,7 +13,7 @@ from typing import Any
 __all__ = ["MODELS_DIR", "NAMES", "UnknownModelError", "path", "load", "available"]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm")
+NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "digits-llava")
 
 
 class UnknownModelError(ValueError):
@@ -48,7 +48,9 @@ def load(name: str, **kwargs: Any) -> Any:
     Returns: ``digits-classifier`` -> :class:`~mmskip.zoo.classifier.DigitsClassifier`;
     ``digits-vae`` -> ``AutoencoderKL``; ``digits-dit`` -> ``DiTPipeline``; ``digits-sd`` ->
     ``StableDiffusionPipeline``; ``digits-clip`` -> ``(model, preprocess, tokenizer)`` from
-    open_clip; ``stdlib-lm`` -> ``(LlamaForCausalLM, tokenizer)``.
+    open_clip; ``stdlib-lm`` -> ``(LlamaForCausalLM, tokenizer)``; ``digits-llava`` ->
+    ``(LlavaForConditionalGeneration, tokenizer)`` (inputs: :func:`mmskip.zoo.llava_data.encode`, answers:
+    :func:`mmskip.zoo.llava_data.answer`).
     """
     folder = path(name)  # UnknownModelError / FileNotFoundError with what to do
     from . import loaders

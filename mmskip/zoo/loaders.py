@@ -56,6 +56,14 @@ def load_lm(folder: Path, **kwargs: Any) -> Any:
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+def load_llava(folder: Path, **kwargs: Any) -> Any:
+    """``(LlavaForConditionalGeneration, tokenizer)``; see :mod:`mmskip.zoo.llava_data` for prompts."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
 LOADERS: dict[str, Callable[..., Any]] = {
     "digits-classifier": load_classifier,
     "digits-vae": load_vae,
@@ -63,4 +71,5 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "digits-sd": load_sd,
     "digits-clip": load_clip,
     "stdlib-lm": load_lm,
+    "digits-llava": load_llava,
 }

@@ -1,5 +1,7 @@
 """``python -m mmskip.zoo.train NAME [--steps N] [--out DIR | --overwrite-shipped]``: reproduce a zoo model.
 
+Recipes that support it (``digits-llava``) also take ``--device cuda`` and ``--batch N``.
+
 By default the model is written to a new folder, ``runs/zoo/NAME`` (under the current directory),
 so a rerun never replaces the models shipped in the package. To refresh the shipped model in
 ``mmskip/zoo/models/NAME`` pass ``--overwrite-shipped`` (or name that folder with ``--out``).
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -22,6 +25,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "digits-sd": ("mmskip.zoo.train_sd", "train_sd"),
     "digits-clip": ("mmskip.zoo.train_clip", "train_clip"),
     "stdlib-lm": ("mmskip.zoo.train_lm", "train_stdlib_lm"),
+    "digits-llava": ("mmskip.zoo.train_llava", "train_llava"),
 }
 DEFAULT_RUNS_DIR = Path("runs") / "zoo"
 
@@ -38,16 +42,23 @@ def output_folder(name: str, out: str | Path | None = None, overwrite_shipped: b
     return MODELS_DIR / name if overwrite_shipped else DEFAULT_RUNS_DIR / name
 
 
-def train(name: str, out: Path | None = None, steps: int | None = None, overwrite_shipped: bool = False) -> dict:
+def train(name: str, out: Path | None = None, steps: int | None = None, overwrite_shipped: bool = False,
+          device: str | None = None, batch: int | None = None) -> dict:
     """Run the recipe for ``name`` and write the model folder (see :func:`output_folder`);
-    returns the measured metrics."""
+    returns the measured metrics. ``device``/``batch`` are passed only to recipes that take them."""
     if name not in RECIPES:
         raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(sorted(RECIPES))}")
     folder = output_folder(name, out, overwrite_shipped)
     mod, fn = RECIPES[name]
     try:
         recipe = getattr(importlib.import_module(mod), fn)
-        kwargs = {} if steps is None else {"steps": steps}
+        given = {"steps": steps, "device": device, "batch": batch}
+        kwargs = {k: v for k, v in given.items() if v is not None}
+        params = inspect.signature(recipe).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        unsupported = [k for k in kwargs if k not in params and not takes_any]
+        if unsupported:
+            raise ValueError(f"the {name!r} recipe does not take {', '.join('--' + k for k in unsupported)}")
         return recipe(folder, **kwargs)
     except ModuleNotFoundError as e:  # the recipes use the digits data, open_clip, torchmetrics
         from mmskip.eval._optional import missing_extra
@@ -68,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--overwrite-shipped", action="store_true",
                        help="write into the package's mmskip/zoo/models/NAME, replacing the shipped model")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count (for smoke tests)")
+    p.add_argument("--device", default=None, help="e.g. cuda (recipes that support it; default: the recipe's, CPU)")
+    p.add_argument("--batch", type=int, default=None, help="override the recipe's batch size (recipes that support it)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     a.folder = output_folder(a.name, a.out, a.overwrite_shipped)
@@ -80,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(a.threads)
     print(f"training {a.name} into {a.folder}")
-    print(json.dumps(train(a.name, a.folder, a.steps), indent=2))
+    print(json.dumps(train(a.name, a.folder, a.steps, device=a.device, batch=a.batch), indent=2))
 
 
 if __name__ == "__main__":
