@@ -19,6 +19,7 @@ setup() {
 
 case "${1:-}" in
   demo) setup; shift; exec "$VENV/bin/python" apps/demo.py "$@" ;;
-  test) setup; shift; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  # one worker per core (each test runs torch on one thread)
+  test) setup; shift; exec "$VENV/bin/python" -m pytest -q -n auto "$@" ;;
   *) echo "usage: bash run.sh {demo|test} [args]" >&2; exit 2 ;;
 esac
