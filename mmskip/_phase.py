@@ -75,7 +75,7 @@ class _PhaseHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
 
 
-class _HeadCounter(ModelHook):
+class HeadCounter(ModelHook):
     """Counts the rows the LM head sees (generate only projects the last position)."""
 
     def __init__(self, handle: SkipHandle) -> None:
@@ -95,5 +95,5 @@ def track_forwards(adapter: DecoderAdapter, handle: SkipHandle, costs: dict[str,
     handle.counts.fixed_cost = adapter.head_flops()
     handle.add_hook(adapter.decoder, _PhaseHook(state, handle, list(costs), adapter.decoder.forward), ".phase")
     if adapter.head is not None:
-        handle.add_hook(adapter.head, _HeadCounter(handle), ".head")
+        handle.add_hook(adapter.head, HeadCounter(handle), ".head")
     return state

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers.hooks import ModelHook
 
+from mmskip._phase import HeadCounter
 from mmskip.inject import CallGuard, SkipConfig, SkipHandle, TechniqueState
 from mmskip.registry import get_adapter
 from mmskip.schedules import AdaptiveSchedule, ProgressiveSchedule, Schedule
@@ -124,7 +125,7 @@ class MoDConfig(SkipConfig):
         handle.counts.cost.update({f"layer.{i}": c for i, c in enumerate(state.costs)})
         if adapter.head is not None:
             handle.counts.fixed_cost = text._linear_flops(adapter.head)
-            handle.add_hook(adapter.head, _HeadCounter(handle), ".head")
+            handle.add_hook(adapter.head, HeadCounter(handle), ".head")
         handle.add_hook(adapter.mm_model, _InputHook(state, handle), ".input")
         for i, ratio in sorted(ratios.items()):
             layer = text.layers[i]
@@ -245,17 +246,6 @@ class MoDState(TechniqueState):
 
 
 # -- hooks ---------------------------------------------------------------------------------
-
-
-class _HeadCounter(ModelHook):
-    def __init__(self, handle: SkipHandle) -> None:
-        super().__init__()
-        self.handle = handle
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        x = args[0] if args else next(iter(kwargs.values()))
-        self.handle.counts.fixed_units += x.shape[:-1].numel()
-        return args, kwargs
 
 
 class _MlpScaleHook(ModelHook):
