@@ -137,13 +137,13 @@ def _methods(steps: int) -> dict[str, tuple[int, object]]:
 def diffusion_demo(name: str, out_dir: Path, steps: int = 50) -> list[dict]:
     labels = list(range(10))
     if name == "digits-dit":
-        pipe = SkipDiTPipeline.from_pretrained(zoo.path(name), torch_dtype=torch.float32)
+        pipe = SkipDiTPipeline.from_pretrained(zoo.path(name), dtype=torch.float32)
 
         def run(n_steps: int):
             return pipe(class_labels=labels, num_inference_steps=n_steps, guidance_scale=4.0,
                         generator=torch.Generator().manual_seed(0), output_type="np")
     else:
-        pipe = SkipStableDiffusionPipeline.from_pretrained(zoo.path(name), torch_dtype=torch.float32)
+        pipe = SkipStableDiffusionPipeline.from_pretrained(zoo.path(name), dtype=torch.float32)
         prompts = [f"a handwritten digit {w}" for w in _WORDS]
 
         def run(n_steps: int):
