@@ -1,0 +1,204 @@
+"""The hooks of feature inheritance (:mod:`mmskip.diffusion.inheritance`) and what they share.
+
+``RootHook`` on the denoiser tracks steps and measures FLOPs on the first call; ``ProbeHook``
+feeds the adaptive schedule; ``OutputHook`` inherits a module's whole output; ``RangeHook``
+makes a run of residual modules (a :class:`Range`) add its cached residual ``out - in``. Each
+hook asks its owner, the technique's :class:`~mmskip.diffusion.inheritance.InheritanceState`,
+whether this step computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters import ResidualIO
+
+if TYPE_CHECKING:
+    from .inheritance import InheritanceState
+
+__all__ = ["Range", "RootHook", "ProbeHook", "OutputHook", "RangeHook"]
+
+logger = logging.getLogger(__name__)
+
+
+class Range:
+    """A contiguous run of residual modules inherited as one residual ``out - in``."""
+
+    def __init__(self, name: str, modules: list[nn.Module], io: ResidualIO) -> None:
+        self.name = name
+        self.modules = modules
+        self.io = io
+        self.computing = True
+        self.inputs: tuple[torch.Tensor | None, ...] = ()
+        self.flops0 = 0.0
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"cannot use {type(out).__name__} as an adaptive probe")
+
+
+def input_shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, torch.Tensor):
+            return tuple(x.shape)
+    return None
+
+
+def clone_tree(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(clone_tree(v) for v in x)
+    if isinstance(x, list):
+        return [clone_tree(v) for v in x]
+    return x
+
+
+def detach_tree(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(detach_tree(v) for v in x)
+    if isinstance(x, list):
+        return [detach_tree(v) for v in x]
+    return x
+
+
+# -- hooks -------------------------------------------------------------------------------------
+
+
+class RootHook(ModelHook):
+    """On the denoiser: refuses concurrent use, tracks steps, decides, measures FLOPs once.
+
+    Stateful in diffusers' sense: ``HookRegistry.reset_stateful_hooks()`` (which diffusers
+    pipelines run at the end of each call for cache-capable denoisers) resets the state.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, owner: InheritanceState) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.owner.reset()
+        return module
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        owner = self.owner
+        t = owner.adapter.timestep(args, kwargs)
+        key = owner.key(args, kwargs)
+        with owner.guard.call(starts=owner.tracker.starts_new(t, key)):
+            owner.on_call(t, key)
+            owner.counts.fixed_units += 1
+            if not owner.costs_known and owner.decision:
+                with FlopCounterMode(display=False) as fc:
+                    owner.fc = fc
+                    try:
+                        out = self.fn_ref.original_forward(*args, **kwargs)
+                    finally:
+                        owner.fc = None
+                owner.measure(fc)
+                return out
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class ProbeHook(ModelHook):
+    def __init__(self, owner: InheritanceState) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.owner.probe(first_tensor(output))
+        return output
+
+
+class OutputHook(ModelHook):
+    """Inherit a module's whole output (UNet blocks; attention / feed-forward layers)."""
+
+    def __init__(self, owner: InheritanceState, name: str) -> None:
+        super().__init__()
+        self.owner = owner
+        self.name = name
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        owner = self.owner
+        cache = owner.slot_cache()
+        shape = input_shape(args, kwargs)
+        compute = owner.computes(self.name)
+        if not compute and (self.name not in cache or cache[self.name][0] != shape):
+            logger.warning(
+                "feature inheritance: %s has no cached output for input shape %s in this trajectory; recomputing "
+                "it on step %d", self.name, shape, owner.tracker.step
+            )
+            compute = True
+        if compute:
+            before = owner.flops_now()
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            owner.add_cost(self.name, owner.flops_now() - before)
+            cache[self.name] = (shape, detach_tree(out))
+            owner.counts.record(self.name, 1.0, 0.0)
+            return out
+        owner.counts.record(self.name, 1.0, 1.0)
+        return clone_tree(cache[self.name][1])
+
+
+class RangeHook(ModelHook):
+    """Member ``index`` of a residual range: the first adds the cached residual, the rest pass through."""
+
+    def __init__(self, owner: InheritanceState, rng: Range, index: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.rng = rng
+        self.index = index
+        self.last = index == len(rng.modules) - 1
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        owner, rng = self.owner, self.rng
+        if self.index == 0:
+            ins = rng.io.inputs(args, kwargs)
+            residual = owner.slot_cache().get(rng.name)
+            usable = residual is not None and all(
+                (r is None) or (i is not None and i.shape == r.shape) for i, r in zip(ins, residual, strict=True)
+            )
+            rng.computing = owner.computes(rng.name)
+            if not rng.computing and not usable:
+                logger.warning(
+                    "feature inheritance: %s has no cached residual matching input shapes %s in this trajectory; "
+                    "recomputing it on step %d", rng.name, [None if i is None else tuple(i.shape) for i in ins],
+                    owner.tracker.step,
+                )
+                rng.computing = True
+            owner.counts.record(rng.name, 1.0, 0.0 if rng.computing else 1.0)
+            if rng.computing:
+                rng.inputs = ins
+                rng.flops0 = owner.flops_now()
+            else:
+                out = tuple(None if r is None else i + r for i, r in zip(ins, residual, strict=True))
+                return rng.io.build(out, args, kwargs)
+        elif not rng.computing:
+            return rng.io.build(rng.io.inputs(args, kwargs), args, kwargs)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.last:
+            owner.add_cost(rng.name, owner.flops_now() - rng.flops0)
+            outs = rng.io.outputs(out)
+            owner.slot_cache()[rng.name] = tuple(
+                None if (o is None or i is None) else (o - i).detach() for o, i in zip(outs, rng.inputs, strict=True)
+            )
+            rng.inputs = ()
+        return out
