@@ -219,29 +219,16 @@ _WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _clip_vocab(size: int = 1000) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP-style byte-level BPE (``</w>`` word ends) learnt on a small word list, ``size`` ids."""
-    chars = list(_bytes_to_unicode().values())
+    from mmskip.zoo.sd_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    chars = list(table.values())
     vocab = chars + [c + "</w>" for c in chars]
     words = Counter()
     for w in _WORDS:
-        symbols = [_bytes_to_unicode()[b] for b in w.encode()]
+        symbols = [table[b] for b in w.encode()]
         symbols[-1] += "</w>"
         words[tuple(symbols)] += 1
     merges: list[tuple[str, str]] = []

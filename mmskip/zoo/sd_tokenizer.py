@@ -25,7 +25,8 @@ def caption_corpus() -> list[str]:
         "a handwritten digit", "a digit", "a number", "handwritten digits zero to nine"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level BPE alphabet: each byte maps to a printable unicode character."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -43,7 +44,7 @@ def build_clip_tokenizer(out: Path, texts: list[str] | None = None, merges_budge
     from transformers import CLIPTokenizer
 
     texts = texts or caption_corpus()
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -33,12 +33,7 @@ def padded_prompts(text_lens: tuple[int, ...] = (6, 3, 1), seed: int = 1) -> dic
         pre = torch.randint(3, 120, (n,), generator=g).tolist()
         post = torch.randint(3, 120, (2,), generator=g).tolist()
         rows.append(pre + [IMAGE_TOKEN] * N_IMAGE + post)
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids, mask = _left_pad(rows)
     pixels = torch.randn(len(rows), 3, 16, 16, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
@@ -71,11 +66,17 @@ def onevision_prompts(text_lens: tuple[int, ...] = (5, 2), seed: int = 2) -> dic
     g = torch.Generator().manual_seed(seed)
     n_image = 36
     rows = [torch.randint(3, 120, (n,), generator=g).tolist() + [IMAGE_TOKEN] * n_image + [7, 8] for n in text_lens]
+    ids, mask = _left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(len(rows), 2, 3, 16, 16, generator=g),
+            "image_sizes": torch.tensor([[16, 16]] * len(rows))}
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows with 0 to one width: (input_ids, attention_mask)."""
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(len(rows), 2, 3, 16, 16, generator=g),
-            "image_sizes": torch.tensor([[16, 16]] * len(rows))}
+    return ids, mask
