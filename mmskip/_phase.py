@@ -7,6 +7,7 @@ prefill, so decode-only skipping never triggers with ``use_cache=False``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,17 @@ class ForwardState:
     @property
     def tokens(self) -> int:
         return self.batch * self.q_len
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` takes the KV cache under (``cache`` in transformers >= 5.2x,
+    ``past_key_values`` before)."""
+    return _forward_cache_name(type(model))
+
+
+@functools.cache
+def _forward_cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def get_cache(kwargs: dict[str, Any]) -> Any:

@@ -157,7 +157,9 @@ register(
         f"{family}{suffix}"
         for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Phi3")
         for suffix in ("ForCausalLM", "Model")
-    ]
+    ],
+    "Qwen2VLTextModel",  # the language models inside Qwen2-VL / Qwen2.5-VL
+    "Qwen2_5_VLTextModel",
 )(_llama_like)
 
 

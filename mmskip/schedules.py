@@ -25,10 +25,12 @@ __all__ = [
     "ExplicitSchedule",
     "ProgressiveSchedule",
     "AdaptiveSchedule",
+    "ConstantSchedule",
     "unified",
     "interval",
     "explicit",
     "progressive",
+    "constant",
     "adaptive",
     "from_dict",
 ]
@@ -244,6 +246,32 @@ class ProgressiveSchedule(Schedule):
         return tuple(out)
 
 
+@dataclass(frozen=True)
+class ConstantSchedule(Schedule):
+    """One keep ratio for every item from ``first`` on; items before ``first`` keep 1.0.
+
+    VideoLLM-MoD's schedule: each decoder layer after the first runs ~20 % of a frame's vision
+    tokens (``constant(0.2)``).
+    """
+
+    kind: ClassVar[str] = "constant"
+    ratio: float = 0.2
+    first: int = 1
+    num: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"constant(): ratio must lie in [0, 1], got {self.ratio}")
+        if self.first < 0:
+            raise ValueError(f"constant(): first must be >= 0, got {self.first}")
+
+    def ratios(self, n: int | None = None) -> tuple[float, ...]:
+        N = self._n(n, self.num)
+        if self.first >= N:
+            raise ValueError(f"constant(): first={self.first} leaves no item of {N} to apply ratio {self.ratio} to")
+        return tuple(1.0 if i < self.first else float(self.ratio) for i in range(N))
+
+
 Signal = Literal["cosine", "relative_change", "router", "l2_change"]
 
 
@@ -319,6 +347,11 @@ def _tuple(x: list | tuple | None) -> tuple | None:
 def progressive(ceiling: float = 0.85, floor: float = 0.15, num: int | None = None) -> ProgressiveSchedule:
     """p-MoD progressive ratio decay (see :class:`ProgressiveSchedule`)."""
     return ProgressiveSchedule(ceiling=ceiling, floor=floor, num=num)
+
+
+def constant(ratio: float = 0.2, first: int = 1, num: int | None = None) -> ConstantSchedule:
+    """The same keep ``ratio`` for every item from ``first`` on (see :class:`ConstantSchedule`)."""
+    return ConstantSchedule(ratio=ratio, first=first, num=num)
 
 
 def adaptive(

@@ -25,13 +25,13 @@ import torch
 from mmskip._phase import HeadCounter
 from mmskip.inject import SkipConfig, SkipHandle, TechniqueState
 from mmskip.registry import get_adapter
-from mmskip.schedules import AdaptiveSchedule, ProgressiveSchedule, Schedule
+from mmskip.schedules import AdaptiveSchedule, ConstantSchedule, ProgressiveSchedule, Schedule
 
 from .adapters import VLMAdapter
 from .mod_routers import MoDRouters
 from .pmod_hooks import CaptureHook, InputHook, MlpScaleHook, MoDLayerHook
 
-__all__ = ["MoDConfig", "MoDState", "LayerRecord", "mod_layers"]
+__all__ = ["MoDConfig", "VideoMoDConfig", "MoDState", "LayerRecord", "mod_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +41,21 @@ SIGNALS = ("router", "attention", "norm")
 def mod_layers(config: MoDConfig, num_layers: int | None, what: str = "the model") -> dict[int, float]:
     """``{layer: keep ratio}`` of the MoD layers (ratio < 1) of ``config`` on a ``num_layers``-deep
     decoder; ``ValueError`` when the schedule does not fit or a ratio is outside (0, 1]."""
+    name = type(config).__name__
     try:
         ratios = config.schedule.ratios(num_layers)
     except ValueError as err:
         depth = f"{num_layers}-layer " if num_layers else ""
-        raise ValueError(f"MoDConfig.schedule does not fit {what}'s {depth}language model: {err}") from None
+        raise ValueError(f"{name}.schedule does not fit {what}'s {depth}language model: {err}") from None
     bad = [(i, r) for i, r in enumerate(ratios) if not 0.0 < r <= 1.0]
     if bad:
         raise ValueError(
-            f"MoDConfig: keep ratios must lie in (0, 1] (1 = every vision token runs the layer); got {bad} as "
-            "(layer, ratio). A layer cannot skip all vision tokens: use progressive(floor=...) > 0"
+            f"{name}: keep ratios must lie in (0, 1] (1 = every vision token runs the layer); got {bad} as "
+            "(layer, ratio). A layer cannot skip all vision tokens: use a ratio (or progressive floor) > 0"
         )
     if ratios[0] < 1.0:
         raise ValueError(
-            f"MoDConfig: layer 0 must keep every token (its schedule ratio is {ratios[0]}); MoD starts at layer 1"
+            f"{name}: layer 0 must keep every token (its schedule ratio is {ratios[0]}); MoD starts at layer 1"
         )
     return {i: float(r) for i, r in enumerate(ratios) if r < 1.0}
 
@@ -84,32 +85,40 @@ class MoDConfig(SkipConfig):
     """
 
     technique: ClassVar[str] = "pmod"
+    routing: ClassVar[str] = "all"  # one routing group per row: all of its vision tokens
     schedule: Schedule = ProgressiveSchedule()
     signal: str = "attention"
     routers: str | None = None
     tanh_scale: float = 0.2
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         if isinstance(self.schedule, AdaptiveSchedule):
             raise ValueError(
-                "MoDConfig takes a static schedule of keep ratios (progressive, explicit(ratios=...)), not adaptive"
+                f"{name} takes a static schedule of keep ratios (progressive, constant, explicit(ratios=...)), "
+                "not adaptive"
             )
         if self.signal not in SIGNALS:
-            raise ValueError(f"MoDConfig.signal must be one of {SIGNALS}, got {self.signal!r}")
+            raise ValueError(f"{name}.signal must be one of {SIGNALS}, got {self.signal!r}")
         if self.signal == "router" and self.routers is None:
             raise ValueError(
-                "MoDConfig(signal='router') needs trained routers: pass routers=<folder written by "
+                f"{name}(signal='router') needs trained routers: pass routers=<folder written by "
                 "MoDRouters.save>, or use a training-free signal ('attention' or 'norm')"
             )
         if self.signal != "router" and self.routers is not None:
-            raise ValueError(f"MoDConfig.routers is only used with signal='router' (signal is {self.signal!r})")
+            raise ValueError(f"{name}.routers is only used with signal='router' (signal is {self.signal!r})")
         if not 0.0 <= self.tanh_scale < 1.0:
-            raise ValueError(f"MoDConfig.tanh_scale must lie in [0, 1) so weights stay positive, got {self.tanh_scale}")
+            raise ValueError(f"{name}.tanh_scale must lie in [0, 1) so weights stay positive, got {self.tanh_scale}")
         if getattr(self.schedule, "num", None) is not None or getattr(self.schedule, "ratio_list", None) is not None:
             mod_layers(self, None)  # the ratios are known now: validate them early
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         adapter: VLMAdapter = get_adapter(model, "vlm")
+        if self.routing == "frames" and not adapter.takes_video:
+            raise ValueError(
+                f"{type(self).__name__} routes video frames, and {type(model).__name__} takes images only; use "
+                "mmskip.vision.MoDConfig (p-MoD) for images, or a video model (LlavaOnevision, Qwen2-VL, Qwen2.5-VL)"
+            )
         ratios = mod_layers(self, adapter.num_layers, type(model).__name__)
         routers = None
         if self.signal == "router":
@@ -137,12 +146,40 @@ class MoDConfig(SkipConfig):
             for i in sorted({i - 1 for i in ratios}):
                 handle.add_hook(text.layers[i], CaptureHook(i, state), ".capture")
         handle.state = state
-        logger.debug("p-MoD: MoD layers %s, signal %s", ratios, self.signal)
+        logger.debug("%s: MoD layers %s, signal %s", self.technique, ratios, self.signal)
+
+
+@dataclass(frozen=True)
+class VideoMoDConfig(MoDConfig):
+    """VideoLLM-MoD: Mixture-of-Depths over video tokens, decided frame by frame.
+
+    Paper: Wu et al., 2024, "VideoLLM-MoD: Efficient Video-Language Streaming with
+    Mixture-of-Depths Vision Computation", https://arxiv.org/abs/2408.16730. In each MoD layer
+    every video *frame* keeps its top ``trunc(n_frame * R_l)`` tokens (the paper's per-frame
+    LayerExpert, ~20 % kept); the rest skip the layer; text, image tokens and a video's trailing
+    separator always run. Works in one pass and in a stream (``mmskip.vision.VideoStream``:
+    clips appended to the cache, each routed as it arrives). Same mechanics as :class:`MoDConfig`
+    (packed kept tokens, per-layer KV cache). See ``vision/README.md``.
+
+    Args:
+        schedule: per-layer keep ratios; default ``schedules.constant(0.2)`` (every layer after
+            the first keeps 20 % of each frame's tokens). Ratios in (0, 1]; layer 0 keeps 1.0.
+        signal: ``"attention"`` (default, training-free: attention from the chunk's last token),
+            ``"norm"`` (training-free: relative change over the previous layer) or ``"router"``
+            (learned per-layer scorer with TanhNorm weights, needs ``routers``).
+        routers: folder written by ``MoDRouters.save`` (``signal="router"`` only); default None.
+        tanh_scale: TanhNorm's ``alpha`` for router weights, default 0.2; in [0, 1).
+    """
+
+    technique: ClassVar[str] = "videomod"
+    routing: ClassVar[str] = "frames"  # one routing group per video frame
+    schedule: Schedule = ConstantSchedule(ratio=0.2)
 
 
 @dataclass
 class LayerRecord:
-    """One MoD layer's routing in the last prefill (summed over the batch)."""
+    """One MoD layer's routing since the last prefill started (summed over the batch and over
+    the prefill chunks of a stream), and which positions its KV cache holds."""
 
     ratio: float
     n_vision: int = 0
@@ -150,11 +187,13 @@ class LayerRecord:
     tokens: int = 0  # positions that reached the layer (batch x prompt length)
     run: int = 0  # positions that ran it
     kv_bytes_per_token: int = 0
-    kept_idx: torch.Tensor | None = None  # (batch, P) positions that ran; None: all of them
+    kept_idx: torch.Tensor | None = None  # (batch, P) positions of the last chunk that ran; None: all
+    cols: torch.Tensor | None = None  # (batch, C) cache positions the layer's KV holds below tail_from
+    tail_from: int = 0  # ... and every position from here on (None cols: every position)
 
     def forget(self) -> None:
-        self.n_vision = self.kept_vision = self.tokens = self.run = 0
-        self.kept_idx = None
+        self.n_vision = self.kept_vision = self.tokens = self.run = self.tail_from = 0
+        self.kept_idx = self.cols = None
 
 
 @dataclass
@@ -168,15 +207,17 @@ class MoDState(TechniqueState):
     routers: MoDRouters | None = None
     costs: list[float] = field(default_factory=list)
     records: dict[int, LayerRecord] = field(default_factory=dict)
-    mode: str = "none"  # the last prefill: "mod" (vision tokens routed), "plain" (no vision tokens), "none"
+    mode: str = "none"  # since the last prefill: "mod" (tokens routed), "plain" (none to route), "none"
     phase: str = "idle"  # "prefill" | "decode" while a forward runs
     batch: int = 0
-    prompt_len: int = 0
+    tokens: int = 0  # prefill positions since the last prefill started (batch x length, over chunks)
     past: int = 0  # cache length when the current forward started
-    vision: torch.Tensor | None = None  # (batch, prompt) bool
-    n_vision: list[int] = field(default_factory=list)  # per row (read once per prefill: no per-layer syncs)
-    last: torch.Tensor | None = None  # (batch,) index of each row's last prompt token
-    pad: torch.Tensor | None = None  # (batch, prompt) 2-D padding mask, if one was given
+    q: int = 0  # the current forward's length
+    vision: torch.Tensor | None = None  # (batch, chunk) bool: the routed tokens of the last prefill chunk
+    groups: torch.Tensor | None = None  # (batch, chunk) long: their routing group, -1 = always runs
+    group_sizes: list[list[int]] = field(default_factory=list)  # per row (read once per chunk: no per-layer syncs)
+    last: torch.Tensor | None = None  # (batch,) index of each row's last token in the chunk
+    pad: torch.Tensor | None = None  # (batch, chunk) 2-D padding mask, if one was given
     prev_input: dict[int, torch.Tensor] = field(default_factory=dict)  # "norm": layer inputs, prefill only
     signal_flops: float = 0.0  # the last prefill's cost of computing the signals
     pinned: dict[int, torch.Tensor] | None = None
@@ -185,9 +226,9 @@ class MoDState(TechniqueState):
         """Forget the last prefill (a later decode step must start with a new prefill); counts stay."""
         for rec in self.records.values():
             rec.forget()
-        self.mode, self.phase, self.batch, self.prompt_len, self.past = "none", "idle", 0, 0, 0
-        self.vision = self.last = self.pad = None
-        self.n_vision = []
+        self.mode, self.phase, self.batch, self.tokens, self.past, self.q = "none", "idle", 0, 0, 0, 0
+        self.vision = self.groups = self.last = self.pad = None
+        self.group_sizes = []
         self.prev_input.clear()
         self.signal_flops = 0.0
 
@@ -215,7 +256,7 @@ class MoDState(TechniqueState):
     # -- statistics -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         L = self.adapter.num_layers
-        tokens = self.batch * self.prompt_len
+        tokens = self.tokens
         full = sum(self.costs) * tokens
         saved = sum(self.costs[i] * (r.tokens - r.run) for i, r in self.records.items())
         kv_per_token = [self._kv_per_token(i) for i in range(L)]

@@ -50,7 +50,11 @@ class CaptureHook(ModelHook):
 
 
 class InputHook(ModelHook):
-    """On the module that receives ``input_ids``: prefill vs decode, the vision mask, the guard."""
+    """On the module that receives ``input_ids``: prefill vs decode, the routed tokens, the guard.
+
+    A forward with routed (vision) tokens is a *prefill chunk*: the first forward of a
+    generation, or a later one that appends a video clip to the cache (streaming). A forward
+    without routed tokens that continues a cache is a *decode* step (any length)."""
 
     def __init__(self, state: MoDState, handle: SkipHandle) -> None:
         super().__init__()
@@ -62,40 +66,39 @@ class InputHook(ModelHook):
         if self.signature is None:
             self.signature = inspect.signature(self.fn_ref.original_forward)
         bound = self.signature.bind_partial(*args, **kwargs).arguments
-        extra = bound.get("kwargs", {})
-        cache = bound.get("cache", bound.get("past_key_values", extra.get("past_key_values")))
+        bound = {**bound.pop("kwargs", {}), **bound}
+        cache = bound.get("cache", bound.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None else 0
         st = self.state
-        vision = st.adapter.vision_mask(bound.get("input_ids"), bound.get("inputs_embeds"))
-        if past > 0 and bool(vision.any()):
-            raise ValueError(
-                "mmskip p-MoD: vision tokens arrived in a forward that continues a cache; images must be in the "
-                "first forward (the prefill) of a generation. Start a new generation with the whole prompt."
-            )
+        routed, groups = self._routed(bound)
         if past == 0 and cache is not None:
             self._check_cache(cache)
-        if past > 0 and st.mode != "none" and vision.shape[0] != st.batch:
+        if past > 0 and st.mode != "none" and routed.shape[0] != st.batch:
             raise ValueError(
-                f"mmskip p-MoD: this decode step has batch {vision.shape[0]} but the prefill had {st.batch}"
+                f"mmskip p-MoD: this forward has batch {routed.shape[0]} but the prefill had {st.batch}"
             )
+        has_routed = bool(routed.any())
         with self.guard.call(starts=past == 0):  # refuses a second thread before any state changes
-            B, q = vision.shape
+            B, q = routed.shape
             if past == 0:
                 st.reset()
-                st.batch, st.prompt_len = B, q
-                st.mode = "mod" if bool(vision.any()) else "plain"
-                st.vision = vision
-                st.n_vision = vision.sum(1).tolist()
+                st.batch = B
+                st.mode = "plain"
+            if past == 0 or has_routed:
+                st.phase = "prefill"
+                st.mode = "mod" if has_routed or st.mode == "mod" else "plain"
+                st.tokens += B * q
+                st.vision, st.groups = routed, groups
+                st.group_sizes = _group_sizes(groups) if has_routed else [[] for _ in range(B)]
                 pad = bound.get("attention_mask")
-                st.pad = pad.bool() if isinstance(pad, torch.Tensor) and pad.dim() == 2 else None
+                st.pad = pad[:, -q:].bool() if isinstance(pad, torch.Tensor) and pad.dim() == 2 else None
                 if st.pad is not None:
                     st.last = (q - 1) - st.pad.flip(1).to(torch.int64).argmax(1)
                 else:
-                    st.last = torch.full((B,), q - 1, dtype=torch.long, device=vision.device)
-                st.phase = "prefill"
+                    st.last = torch.full((B,), q - 1, dtype=torch.long, device=routed.device)
             else:
                 st.phase = "decode"
-            st.past = past
+            st.past, st.q = past, q
             for i in range(st.adapter.num_layers):
                 self.handle.counts.record(f"layer.{i}", B * q)
             try:
@@ -103,6 +106,19 @@ class InputHook(ModelHook):
             finally:
                 st.phase = "idle"
                 st.prev_input.clear()
+
+    def _routed(self, bound: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens MoD routes ((batch, seq) bool) and their routing groups ((batch, seq) long,
+        -1 = always runs): every vision token in one group per row (p-MoD), or each video frame's
+        tokens in a group of their own (VideoLLM-MoD)."""
+        st = self.state
+        ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+        if st.config.routing == "frames":
+            video = st.adapter.vision_mask(ids, embeds, video_only=True)
+            groups = st.adapter.frame_groups(bound, video)
+            return groups >= 0, groups
+        vision = st.adapter.vision_mask(ids, embeds)
+        return vision, torch.where(vision, 0, -1)
 
     def _check_cache(self, cache: Any) -> None:
         layers = getattr(cache, "layers", None)
@@ -116,6 +132,32 @@ class InputHook(ModelHook):
                     f"layers; layer {idx} is a {type(layers[idx]).__name__}. Generate with the default cache "
                     "(no cache_implementation='static', no sliding-window layers)."
                 )
+
+
+def _group_sizes(groups: torch.Tensor) -> list[list[int]]:
+    """Per row, the sizes of its routing groups (one host read per prefill chunk)."""
+    out = []
+    for row in groups.cpu():
+        ids = row[row >= 0]
+        out.append(torch.unique(ids, return_counts=True)[1].tolist() if ids.numel() else [])
+    return out
+
+
+def _select(score: torch.Tensor, groups: torch.Tensor, ratio: float, P: int) -> torch.Tensor:
+    """(B, P) sorted positions that run a MoD layer: every token of group -1, the top
+    ``trunc(n_g * ratio)`` of each group ``g`` by ``score``, and (in rows that keep fewer than
+    ``P``) the best of the rest, so every row packs to ``P`` tokens."""
+    B, L = score.shape
+    by_score = score.argsort(dim=1, descending=True, stable=True)
+    order = by_score.gather(1, groups.gather(1, by_score).argsort(dim=1, stable=True))
+    sorted_groups = groups.gather(1, order).contiguous()  # ascending; within a group, best first
+    start = torch.searchsorted(sorted_groups, sorted_groups, right=False)
+    size = torch.searchsorted(sorted_groups, sorted_groups, right=True) - start
+    rank = torch.arange(L, device=score.device) - start
+    quota = torch.floor(size.double() * ratio).long()  # == int(n * ratio) in Python
+    keep = torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, (rank < quota) | (sorted_groups < 0))
+    priority = torch.where(keep, math.inf, score.float())
+    return priority.topk(P, dim=1).indices.sort(dim=1).values
 
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -176,6 +218,7 @@ class MoDLayerHook(ModelHook):
                 self.names = list(inspect.signature(self.fn_ref.original_forward).parameters)
             kwargs = {**dict(zip(self.names, args)), **kwargs}
             args = (kwargs.pop(self.names[0]),)
+        self._check_cache(module, kwargs)
         if st.phase == "decode":
             return self._decode(module, args[0], kwargs)
         if st.mode != "mod":
@@ -189,7 +232,7 @@ class MoDLayerHook(ModelHook):
         vis = st.vision.to(h.device)  # layers may sit on another device than the ids (device_map)
         if vis.shape != (B, L):
             raise RuntimeError(f"mmskip p-MoD: layer input {tuple(h.shape)} does not match the prompt {tuple(vis.shape)}")
-        n_vis = st.n_vision
+        n_vis = [sum(sizes) for sizes in st.group_sizes]
         weight = None
         if st.pinned is not None:
             pin = st.pinned.get(self.index)
@@ -206,30 +249,37 @@ class MoDLayerHook(ModelHook):
             if self.state.config.signal == "router":
                 weight = self._weight(self._score(layer, h, kwargs))
         else:
-            keep_vis = [int(n * rec.ratio) for n in n_vis]  # p-MoD: k = trunc(n_vision * R_l)
-            P = max(L - n + k for n, k in zip(n_vis, keep_vis))  # rows with fewer vision tokens keep more
+            # p-MoD: k = trunc(n * R_l) per group (all of a row's vision tokens, or one video frame)
+            kept = [L - sum(sizes) + sum(int(n * rec.ratio) for n in sizes) for sizes in st.group_sizes]
+            P = max(kept)  # rows that keep fewer fill up with their best remaining tokens
             if P == L and self.state.config.signal != "router":  # nothing to skip in this batch
                 idx = torch.arange(L, device=h.device).expand(B, L)
             else:
                 score = self._score(layer, h, kwargs)
                 if self.state.config.signal == "router":
                     weight = self._weight(score)
-                idx = score.masked_fill(~vis, math.inf).topk(P, dim=1).indices.sort(dim=1).values
+                idx = _select(score, st.groups.to(h.device), rec.ratio, P)
         gidx = idx.unsqueeze(-1).expand(B, P, D)
-        rec.n_vision, rec.kept_vision = sum(n_vis), sum(P - L + n for n in n_vis)  # no device sync
-        rec.tokens, rec.run = B * L, B * P
+        rec.n_vision += sum(n_vis)
+        rec.kept_vision += sum(P - L + n for n in n_vis)  # no device sync
+        rec.tokens += B * L
+        rec.run += B * P
         rec.kept_idx = idx if P < L else None
         self.handle.counts.record(self.name, 0, B * (L - P))
         w_eff = None if weight is None else torch.where(vis, weight, torch.ones_like(weight))
         if P == L:
-            return self._run(h, kwargs, w_eff)
+            out = self._run(h, {**kwargs, "attention_mask": self._mask(kwargs, None, h.device)}, w_eff)
+            return out
         packed = dict(kwargs)
         cos, sin = kwargs["position_embeddings"]
         packed["position_embeddings"] = (_take(cos, idx), _take(sin, idx))
         if kwargs.get("position_ids") is not None:
             packed["position_ids"] = _take(kwargs["position_ids"], idx)
-        packed["attention_mask"] = _pack_mask(kwargs.get("attention_mask"), idx, idx)
+        packed["attention_mask"] = self._mask(kwargs, idx, h.device)
         out_p = self._run(h.gather(1, gidx), packed, None if w_eff is None else w_eff.gather(1, idx))
+        # the layer's cache now holds the positions it held before plus this chunk's kept ones
+        rec.cols = torch.cat([self._held(B, h.device), st.past + idx], dim=1)
+        rec.tail_from = st.past + L
         base = h if w_eff is None else h * w_eff.unsqueeze(-1).to(h.dtype)  # STRing: skipped tokens -> w * h
         return base.scatter(1, gidx, out_p.to(base.dtype))
 
@@ -290,27 +340,50 @@ class MoDLayerHook(ModelHook):
         st.signal_flops += 2.0 * D * (attn.k_proj.out_features * B * L + attn.q_proj.out_features * B)
         return probs
 
+    # -- the layer's own cache --------------------------------------------------------------
+    def _held(self, B: int, device: torch.device) -> torch.Tensor:
+        """(B, C) absolute positions this layer's KV cache holds before the current forward."""
+        rec, past = self.state.records[self.index], self.state.past
+        tail = torch.arange(rec.tail_from, past, device=device).expand(B, -1)
+        if rec.cols is None:
+            return tail
+        return torch.cat([rec.cols.to(device), tail], dim=1)
+
+    def _mask(self, kwargs: dict[str, Any], rows: torch.Tensor | None, device: torch.device) -> Any:
+        """The attention mask for this layer's queries (``rows`` of the chunk, None: all) over
+        the keys it has: the cached positions it kept plus this forward's queries."""
+        st, rec = self.state, self.state.records[self.index]
+        mask = kwargs.get("attention_mask")
+        if rec.cols is None and rows is None:
+            return mask  # the layer holds every position: the model's mask fits as it is
+        B = st.batch
+        new = rows if rows is not None else torch.arange(st.q, device=device).expand(B, st.q)
+        if mask is None:
+            if st.past == 0 or new.shape[1] == 1:
+                return None  # causal over the packed order (it keeps positions in order) is right
+            raise RuntimeError(
+                "mmskip p-MoD: a multi-token forward that continues a cache came without an attention mask; "
+                "use attn_implementation='sdpa' or 'eager' (transformers builds the mask then)"
+            )
+        return _pack_mask(mask, rows, torch.cat([self._held(B, device), st.past + new.to(device)], dim=1))
+
+    def _check_cache(self, layer: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+        st, rec = self.state, self.state.records[self.index]
+        cache = get_cache(kwargs)
+        if st.past == 0 or cache is None or kwargs.get("use_cache", True) is False or not hasattr(cache, "layers"):
+            return
+        li = getattr(layer.self_attn, "layer_idx", self.index)
+        have = int(cache.layers[li].get_seq_length()) if li < len(cache.layers) else 0
+        want = (rec.tail_from if rec.cols is None else rec.cols.shape[1]) + st.past - rec.tail_from
+        if have != want or st.mode == "none":
+            raise RuntimeError(
+                f"mmskip p-MoD: layer {self.index}'s KV cache holds {have} tokens, this application expects "
+                f"{want}; the cache was not built by this model's last p-MoD prefill (reset or another "
+                "generation ran since). Start a new generation."
+            )
+
     # -- decode ---------------------------------------------------------------------------
     def _decode(self, layer: torch.nn.Module, h: torch.Tensor, kwargs: dict[str, Any]) -> Any:
-        st, rec = self.state, self.state.records[self.index]
-        idx = rec.kept_idx if st.mode == "mod" else None
-        idx = None if idx is None else idx.to(h.device)
-        cache = get_cache(kwargs)
-        if cache is not None and kwargs.get("use_cache", True) is not False and hasattr(cache, "layers"):
-            li = getattr(layer.self_attn, "layer_idx", self.index)
-            have = int(cache.layers[li].get_seq_length()) if li < len(cache.layers) else 0
-            want = st.past - (0 if idx is None else st.prompt_len - idx.shape[1])
-            if have != want or st.mode == "none":
-                raise RuntimeError(
-                    f"mmskip p-MoD: layer {self.index}'s KV cache holds {have} tokens, this application expects "
-                    f"{want}; the cache was not built by this model's last p-MoD prefill (reset or another "
-                    "generation ran since). Start a new generation."
-                )
-        if idx is None:
+        if self.state.records[self.index].cols is None:
             return self.fn_ref.original_forward(h, **kwargs)
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            total = mask.shape[-1]
-            tail = torch.arange(st.prompt_len, total, device=idx.device).expand(idx.shape[0], -1)
-            kwargs = {**kwargs, "attention_mask": _pack_mask(mask, None, torch.cat([idx, tail], dim=1))}
-        return self.fn_ref.original_forward(h, **kwargs)
+        return self.fn_ref.original_forward(h, **{**kwargs, "attention_mask": self._mask(kwargs, None, h.device)})

@@ -8,8 +8,6 @@ its greedy / sampling loop (``mmskip.speculative.route`` wires it in).
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .._phase import cache_kwarg
 from ..inject import CallGuard, SkipHandle, TechniqueState
 from ..registry import DecoderAdapter
 from . import cache as kv
@@ -108,7 +107,7 @@ class SwiftState(TechniqueState):
     # -- forwards -----------------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None,
                  pos: torch.Tensor, keep: int, draft: bool) -> torch.Tensor:
-        kwargs = {_cache_kwarg(model): cache}  # `cache` in transformers >= 5.2x, `past_key_values` before
+        kwargs = {cache_kwarg(model): cache}  # `cache` in transformers >= 5.2x, `past_key_values` before
         if draft:
             with self.draft.drafting():
                 out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -316,16 +315,6 @@ def _check(input_ids: torch.Tensor, gen: GenerationConfig, model_kwargs: dict[st
     mask = model_kwargs.get("attention_mask")
     if mask is not None and bool((mask[0, 1:] < mask[0, :-1]).any()):
         raise ValueError("attention_mask must be left padding (zeros before the prompt) or all ones")
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The name ``model.forward`` takes the KV cache under."""
-    return _forward_cache_name(type(model))
-
-
-@functools.cache
-def _forward_cache_name(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 _OUTPUT_CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"

@@ -362,14 +362,24 @@ def test_config_errors():
         MoDConfig(tanh_scale=1.0)
 
 
-def test_images_in_a_decode_step_refused(llava, batch):
-    with mmskip.applied(llava, MoDConfig()):
+def test_images_in_a_later_forward_are_a_routed_chunk(llava, batch):
+    """A forward that brings images to an existing cache is routed like a prefill; each MoD
+    layer's cache grows by the tokens it ran, the others by the whole chunk."""
+    with mmskip.applied(llava, MoDConfig()) as h:
         with torch.no_grad():
             out = llava(**batch, use_cache=True)
-            n = out.past_key_values.get_seq_length()
-            with pytest.raises(ValueError, match="first forward"):
-                llava(**batch, cache=out.past_key_values)
-        assert out.past_key_values.get_seq_length() == n  # refused before anything ran
+            cache = out.past_key_values
+            before = [layer.get_seq_length() for layer in cache.layers]
+            B, L = batch["input_ids"].shape
+            mask = torch.cat([batch["attention_mask"], torch.ones(B, L, dtype=torch.long)], 1)
+            llava(input_ids=batch["input_ids"].clamp(min=3), pixel_values=batch["pixel_values"], attention_mask=mask,
+                  cache=cache, use_cache=True)
+        grown = [layer.get_seq_length() - n for layer, n in zip(cache.layers, before)]
+        n_vis = int(batch["input_ids"].clamp(min=3).eq(IMAGE_TOKEN).sum(1)[0])
+        for i in range(4):
+            ratio = h.state.ratios.get(i, 1.0)
+            assert grown[i] == L - n_vis + int(n_vis * ratio)
+        assert h.state.records[3].tokens == 2 * B * L  # both chunks counted
 
 
 # -- config, state, concurrency ------------------------------------------------------------------
