@@ -221,6 +221,7 @@ class MoDState(TechniqueState):
     prev_input: dict[int, torch.Tensor] = field(default_factory=dict)  # "norm": layer inputs, prefill only
     signal_flops: float = 0.0  # the last prefill's cost of computing the signals
     pinned: dict[int, torch.Tensor] | None = None
+    warned_plain: bool = False  # told the user once that a prompt had nothing to route
 
     def reset(self) -> None:
         """Forget the last prefill (a later decode step must start with a new prefill); counts stay."""

@@ -10,6 +10,7 @@ the ``"norm"`` signal of the next layer.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from .pmod import MoDState
 
 __all__ = ["InputHook", "MoDLayerHook", "MlpScaleHook", "CaptureHook"]
+
+logger = logging.getLogger("mmskip.vision.pmod")
 
 
 class MlpScaleHook(ModelHook):
@@ -84,6 +87,11 @@ class InputHook(ModelHook):
                 st.reset()
                 st.batch = B
                 st.mode = "plain"
+                if not has_routed and not st.warned_plain:
+                    st.warned_plain = True
+                    what = "video frames" if st.config.routing == "frames" else "vision tokens"
+                    logger.warning("mmskip %s: a prompt with no %s: the plain model runs (nothing to skip); "
+                                   "stats()['mode'] == 'plain'", st.config.technique, what)
             if past == 0 or has_routed:
                 st.phase = "prefill"
                 st.mode = "mod" if has_routed or st.mode == "mod" else "plain"

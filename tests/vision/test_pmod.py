@@ -278,16 +278,19 @@ def test_decode_after_reset_or_foreign_cache_is_refused(llava, batch):
 # -- bad input -----------------------------------------------------------------------------------
 
 
-def test_text_only_batch_runs_the_plain_model(llava):
+def test_text_only_batch_runs_the_plain_model(llava, caplog):
     ids = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(3))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     ref = _logits(llava, batch)
     ref_gen = llava.generate(**batch, max_new_tokens=3, do_sample=False)
-    with mmskip.applied(llava, MoDConfig()) as h:
+    with caplog.at_level("WARNING", logger="mmskip.vision.pmod"), mmskip.applied(llava, MoDConfig()) as h:
         assert torch.equal(_logits(llava, batch), ref)
         assert torch.equal(llava.generate(**batch, max_new_tokens=3, do_sample=False), ref_gen)
         assert h.stats()["mode"] == "plain"
         assert h.stats()["skipped"] == 0
+    assert [r.message for r in caplog.records].count(
+        "mmskip pmod: a prompt with no vision tokens: the plain model runs (nothing to skip); "
+        "stats()['mode'] == 'plain'") == 1  # told once, not per call
 
 
 def test_mixed_batch_keeps_rows_aligned(llava, batch):
