@@ -9,6 +9,8 @@ and Qwen2.5-VL) and the techniques p-MoD (images) and VideoLLM-MoD (video, frame
     handle = mmskip.apply(onevision, VideoMoDConfig())   # 20 % of each frame's tokens per layer
     stream = VideoStream(onevision, prefix=ids)          # clips into one cache, questions any time
 
+Routers are trained by ``python -m mmskip.vision.train_routers`` (``mmskip.vision.train_routers.train_mod_routers``).
+
 See ``vision/README.md``. MuE early exits are not built yet.
 """
 

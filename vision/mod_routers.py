@@ -2,10 +2,9 @@
 
 ``MoDRouters.save(folder)`` writes ``mod_routers.safetensors`` and ``mod_routers.json`` (the
 routed layers and the language model's shape, so routers of another model are refused with a
-clear error); ``MoDConfig(signal="router", routers=folder)`` loads them. Training is not part
-of this module: a trainer builds ``MoDRouters.for_model(model, config)``, optimises its
-parameters (they are read live by the applied hooks through ``handle.state.routers``) and
-saves them.
+clear error); ``MoDConfig(signal="router", routers=folder)`` loads them. Training lives in
+:mod:`mmskip.vision.train_routers`: it builds ``MoDRouters.for_model(model, config)``, optimises
+its parameters (read live by the applied hooks through ``handle.state.routers``) and saves them.
 """
 
 from __future__ import annotations
