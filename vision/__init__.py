@@ -11,13 +11,15 @@ and Qwen2.5-VL) and the techniques p-MoD (images) and VideoLLM-MoD (video, frame
 
 Routers are trained by ``python -m mmskip.vision.train_routers`` (``mmskip.vision.train_routers.train_mod_routers``).
 
-See ``vision/README.md``. MuE early exits are not built yet.
+MuE early exits for Florence-2: ``MuEConfig`` (see ``vision/MUE.md``). See ``vision/README.md``.
 """
 
 from __future__ import annotations
 
 from .adapters import UnsupportedTextModelError, VLMAdapter
 from .mod_routers import MoDRouters
+from .mue import EncoderRecord, MuEConfig, MuEState
+from .mue_adapters import EncDecVLMAdapter, UnsupportedLanguageModelError
 from .pmod import LayerRecord, MoDConfig, MoDState, VideoMoDConfig, mod_layers
 from .stream import VideoStream
 
@@ -31,4 +33,9 @@ __all__ = [
     "LayerRecord",
     "MoDRouters",
     "mod_layers",
+    "MuEConfig",
+    "MuEState",
+    "EncoderRecord",
+    "EncDecVLMAdapter",
+    "UnsupportedLanguageModelError",
 ]
