@@ -13,7 +13,8 @@ from typing import Any
 __all__ = ["MODELS_DIR", "NAMES", "UnknownModelError", "path", "load", "available"]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "digits-llava")
+NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "digits-llava",
+         "digits-video", "digits-florence")
 
 
 class UnknownModelError(ValueError):
@@ -50,7 +51,12 @@ def load(name: str, **kwargs: Any) -> Any:
     ``StableDiffusionPipeline``; ``digits-clip`` -> ``(model, preprocess, tokenizer)`` from
     open_clip; ``stdlib-lm`` -> ``(LlamaForCausalLM, tokenizer)``; ``digits-llava`` ->
     ``(LlavaForConditionalGeneration, tokenizer)`` (inputs: :func:`mmskip.zoo.llava_data.encode`, answers:
-    :func:`mmskip.zoo.llava_data.answer`).
+    :func:`mmskip.zoo.llava_data.answer`); ``digits-video`` -> ``(LlavaOnevisionForConditionalGeneration,
+    tokenizer)`` (inputs: :func:`mmskip.zoo.video_data.encode`, answers: :func:`mmskip.zoo.video_data.answer`;
+    the prompt layout for streaming: :func:`~mmskip.zoo.video_data.prefix_ids`,
+    :func:`~mmskip.zoo.video_data.clip_ids`, :func:`~mmskip.zoo.video_data.question_ids`);
+    ``digits-florence`` -> ``(Florence2ForConditionalGeneration, tokenizer)`` (inputs:
+    :func:`mmskip.zoo.florence_data.encode`, answers: :func:`mmskip.zoo.florence_data.generate`).
     """
     folder = path(name)  # UnknownModelError / FileNotFoundError with what to do
     from . import loaders

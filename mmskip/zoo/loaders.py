@@ -64,6 +64,22 @@ def load_llava(folder: Path, **kwargs: Any) -> Any:
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+def load_video(folder: Path, **kwargs: Any) -> Any:
+    """``(LlavaOnevisionForConditionalGeneration, tokenizer)``; see :mod:`mmskip.zoo.video_data` for prompts."""
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def load_florence(folder: Path, **kwargs: Any) -> Any:
+    """``(Florence2ForConditionalGeneration, tokenizer)``; see :mod:`mmskip.zoo.florence_data` for prompts."""
+    from transformers import AutoTokenizer, Florence2ForConditionalGeneration
+
+    model = Florence2ForConditionalGeneration.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
 LOADERS: dict[str, Callable[..., Any]] = {
     "digits-classifier": load_classifier,
     "digits-vae": load_vae,
@@ -72,4 +88,6 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "digits-clip": load_clip,
     "stdlib-lm": load_lm,
     "digits-llava": load_llava,
+    "digits-video": load_video,
+    "digits-florence": load_florence,
 }

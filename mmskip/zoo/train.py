@@ -1,6 +1,7 @@
 """``python -m mmskip.zoo.train NAME [--steps N] [--out DIR | --overwrite-shipped]``: reproduce a zoo model.
 
-Recipes that support it (``digits-llava``) also take ``--device cuda`` and ``--batch N``.
+Recipes that support it (``digits-llava``, ``digits-video``) also take ``--device cuda`` and ``--batch N``
+(``digits-florence`` takes ``--batch N``; it trains on the CPU).
 
 By default the model is written to a new folder, ``runs/zoo/NAME`` (under the current directory),
 so a rerun never replaces the models shipped in the package. To refresh the shipped model in
@@ -26,6 +27,8 @@ RECIPES: dict[str, tuple[str, str]] = {
     "digits-clip": ("mmskip.zoo.train_clip", "train_clip"),
     "stdlib-lm": ("mmskip.zoo.train_lm", "train_stdlib_lm"),
     "digits-llava": ("mmskip.zoo.train_llava", "train_llava"),
+    "digits-video": ("mmskip.zoo.train_video", "train_video"),
+    "digits-florence": ("mmskip.zoo.train_florence", "train_florence"),
 }
 DEFAULT_RUNS_DIR = Path("runs") / "zoo"
 

@@ -1,0 +1,355 @@
+"""Recipe for ``digits-video``: a tiny video LLaVA (``LlavaOnevisionForConditionalGeneration``) answering
+questions about 1-2-clip videos of digits (see :mod:`mmskip.zoo.video_data`), trained from scratch.
+
+``python -m mmskip.zoo.train digits-video --threads 2`` trains the shipped model on a 2-core CPU in about
+half an hour; ``--device cuda`` (bf16 autocast, a larger batch) trains a better one on a GPU in minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import re
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import video_data as D
+from .card import write_card
+from .train_llava import _autocast
+
+__all__ = ["SIZES", "STEPS", "VISION_STEPS", "BATCH", "make_model", "evaluate", "majority_baseline", "patch_labels", "train_video"]
+
+# (vision layers, vision width, text layers, text width)
+SIZES: dict[str, tuple[int, int, int, int]] = {"base": (2, 64, 6, 128), "tiny": (1, 32, 1, 32)}
+STEPS = {"cuda": 4000, "cpu": 1500}  # steps of the whole model
+VISION_STEPS = {"cuda": 2000, "cpu": 1500}  # vision warm-up steps before them (see train_video)
+BATCH = {"cuda": 256, "cpu": 16}  # videos a step (a vision warm-up step: 2 × BATCH one-clip videos)
+LR = 1e-3
+PALETTE = (1, 5)  # training videos use 1-5 digit classes: 1-class videos teach recognition before lookup
+AUX = 0.5  # weight of the probe's digit losses on the projector's output (a training-only linear probe)
+WARMUP = 200
+COPIES = 8  # train digits: the originals + 7 augmented copies
+BACKGROUND = 10  # the probe's class for a patch without the digit
+
+
+def make_model(size: str | tuple[int, int, int, int] = "base"):
+    """CLIP vision tower (patch 4 on 32×32 -> 64 tokens, CLS dropped) + LLaVA MLP projector + 2×2 pooling
+    (16 tokens a frame) + Llama (vocabulary: the tokenizer's, rounded up to a multiple of 8), sdpa attention."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+    )
+
+    tok = D.build_tokenizer()
+    vocab_size = -(-len(tok) // 8) * 8
+    v_layers, dv, t_layers, d = SIZES[size] if isinstance(size, str) else size  # or (vision layers, dv, text layers, d)
+    vision = CLIPVisionConfig(hidden_size=dv, intermediate_size=4 * dv, num_hidden_layers=v_layers,
+                              num_attention_heads=max(1, dv // 32), image_size=D.FRAME_SIZE, patch_size=D.PATCH,
+                              num_channels=3, projection_dim=dv, hidden_act="gelu")
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=t_layers,
+                       num_attention_heads=max(1, d // 32), num_key_value_heads=max(1, d // 32),
+                       max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                               image_token_index=tok.convert_tokens_to_ids(D.IMAGE_TOKEN),
+                               video_token_index=tok.convert_tokens_to_ids(D.VIDEO_TOKEN),
+                               vision_feature_select_strategy="default", vision_feature_layer=-1,
+                               projector_hidden_act="gelu", image_grid_pinpoints=[[D.FRAME_SIZE, D.FRAME_SIZE]],
+                               tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, batch: D.Batch, device: torch.device | str = "cpu", chunk: int = 100) -> dict[str, float]:
+    """Teacher-forced accuracy of the answer token (= greedy first token), overall and per question type."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    correct = []
+    for i in range(0, len(batch), chunk):
+        b = batch[i:i + chunk]
+        ids = b.input_ids.to(device)
+        rows = torch.arange(len(ids), device=device)
+        with _autocast(device):
+            logits = model(input_ids=ids, attention_mask=b.attention_mask.to(device),
+                           pixel_values_videos=b.pixel_values_videos.to(device, dtype)).logits
+        pos = b.answer_pos.to(device)
+        correct.append((logits[rows, pos - 1].argmax(-1) == ids[rows, pos]).cpu())
+    correct = torch.cat(correct).float()
+    model.train(was_training)
+    res = {"all": correct.mean().item()}
+    for t in D.QTYPES:
+        m = torch.tensor([q == t for q in batch.qtypes])
+        if m.any():
+            res[t] = correct[m].mean().item()
+    return res
+
+
+def majority_baseline(batch: D.Batch) -> dict[str, float]:
+    """Accuracy of always giving the most frequent answer of each question type (the chance level)."""
+    res = {}
+    for t in D.QTYPES:
+        answers = [a for a, q in zip(batch.answers, batch.qtypes, strict=True) if q == t]
+        if answers:
+            res[t] = Counter(answers).most_common(1)[0][1] / len(answers)
+    return res
+
+
+def patch_labels(videos: D.Videos) -> torch.Tensor:
+    """The probe's target for each of the 64 patches of each frame of ``videos``' clips, in
+    ``pixel_values_videos`` order: ``(frames, 64)``, the frame's digit where the patch's centre lies on the
+    16×16 digit, :data:`BACKGROUND` elsewhere."""
+    used = torch.arange(D.MAX_CLIPS)[None] < videos.n_clips[:, None]  # (n, MAX_CLIPS)
+    labels = videos.labels[used].flatten()  # (frames,)
+    pos = videos.positions[used].flatten(0, 1)  # (frames, 2)
+    side = D.FRAME_SIZE // D.PATCH
+    centre = torch.arange(side) * D.PATCH + D.PATCH // 2
+    inside_r = (centre[None] >= pos[:, :1]) & (centre[None] < pos[:, :1] + D.DIGIT_SIZE)  # (frames, 8)
+    inside_c = (centre[None] >= pos[:, 1:]) & (centre[None] < pos[:, 1:] + D.DIGIT_SIZE)
+    inside = (inside_r[:, :, None] & inside_c[:, None, :]).flatten(1)  # (frames, 64)
+    return torch.where(inside, labels[:, None], torch.full_like(inside, BACKGROUND, dtype=torch.long))
+
+
+def probe_loss(probe: torch.nn.Module, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """The vision side's training signal: ``probe`` (linear, 11 classes) on the projector's output ``feats``
+    ``(frames, 64, d)``: each patch -> its :func:`patch_labels` class, plus the mean of a frame's patches -> the
+    frame's digit (this frame-level term makes the tokens carry the digit much sooner than the per-patch one
+    alone)."""
+    frame_digit = cells.masked_fill(cells == BACKGROUND, -1).amax(1)  # every frame shows one digit
+    per_patch = F.cross_entropy(probe(feats).flatten(0, 1).float(), cells.flatten())
+    per_frame = F.cross_entropy(probe(feats.mean(1))[:, :BACKGROUND].float(), frame_digit)
+    return per_patch + per_frame
+
+
+@torch.no_grad()
+def _probe_accuracy(model, probe, captured: dict, batch: D.Batch, device: torch.device, chunk: int = 100) -> float:
+    """How often the probe reads a frame's digit from the mean of its projected patches (held-out frames)."""
+    was_training = model.training
+    model.eval()
+    hits = []
+    for i in range(0, len(batch), chunk):
+        b = batch[i:i + chunk]
+        with _autocast(device):
+            model.model.get_video_features(pixel_values_videos=b.pixel_values_videos.to(device))
+            pred = probe(captured["feats"].mean(1))[:, :BACKGROUND].argmax(-1).cpu()
+        used = torch.arange(D.MAX_CLIPS)[None] < b.videos.n_clips[:, None]
+        hits.append(pred == b.videos.labels[used].flatten())
+    model.train(was_training)
+    return torch.cat(hits).float().mean().item()
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
+def _batches(tok, bank, batch: int, steps: int, seed: int, pin: bool, palette: tuple[int, int] = PALETTE,
+             vision_steps: int = 0):
+    """Training batches (with their pixel values and patch labels) made by a background thread (fixed seed,
+    so the same stream on any device): first ``vision_steps`` batches of ``2 * batch`` one-clip videos (pixel
+    values and patch labels only), then ``steps`` question batches. All videos of a question batch have the
+    same number of clips (1 or 2, drawn per batch), so no step pays for padding a 1-clip prompt to a 2-clip one."""
+    q: queue.Queue = queue.Queue(maxsize=8)
+
+    def work():
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(vision_steps):
+            videos = D.make_videos(bank, 2 * batch, g, palette=(10, 10), clips=(1, 1))
+            t = [D.pixel_values_videos(videos), patch_labels(videos)]
+            q.put([x.pin_memory() for x in t] if pin else t)
+        for _ in range(steps):
+            c = int(torch.randint(1, D.MAX_CLIPS + 1, (), generator=g))
+            videos = D.make_videos(bank, batch, g, palette=palette, clips=(c, c))
+            b = D.make_batch(tok, videos, *D.sample_questions(videos, g))
+            t = [b.pixel_values_videos, b.input_ids, b.attention_mask, b.labels, patch_labels(videos)]
+            q.put([x.pin_memory() for x in t] if pin else t)
+
+    threading.Thread(target=work, daemon=True).start()
+    for _ in range(vision_steps + steps):
+        yield q.get()
+
+
+def train_video(out: Path, steps: int | None = None, batch: int | None = None, device: str | None = None,
+                seed: int = 0, size: str = "base", n_eval: int = 500, lr: float = LR,
+                palette: tuple[int, int] = PALETTE, aux: float = AUX, vision_steps: int | None = None) -> dict:
+    """Train ``digits-video`` into ``out`` and write its model card; returns the metrics.
+
+    Two stages: ``vision_steps`` steps of the vision tower and projector alone on the probe's digit losses
+    (:func:`probe_loss`; standing in for the pretrained vision encoder a real video LLM starts from), then
+    ``steps`` steps of the whole model on the answers (+ ``aux`` × the probe's losses).
+
+    ``device`` defaults to ``cpu``; ``steps``/``batch`` default to :data:`STEPS`/:data:`BATCH` of that
+    device type; ``vision_steps`` to :data:`VISION_STEPS`, scaled by ``steps / STEPS`` when ``steps`` is
+    given. ``size="tiny"`` and a small ``n_eval`` (questions per type) are for tests."""
+    dev = torch.device(device or "cpu")
+    kind = dev.type if dev.type in STEPS else "cpu"
+    if vision_steps is None:
+        vision_steps = VISION_STEPS[kind] if steps is None else round(steps * VISION_STEPS[kind] / STEPS[kind])
+    steps = steps if steps is not None else STEPS[kind]
+    batch = batch if batch is not None else BATCH[kind]
+    torch.manual_seed(seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    t0 = time.time()
+    tok = D.build_tokenizer()
+    bank = D.digit_bank("train", copies=COPIES, seed=seed)
+    heldout = D.heldout_set(tok, n_per_type=n_eval, seed=1234, split="test")
+    train_probe = D.heldout_set(tok, n_per_type=max(1, n_eval // 2), seed=4321, split="train")
+    model = make_model(size).to(dev)
+    model.train()
+    # Real video LLMs start from a pretrained vision encoder; here a linear probe on the projector's output
+    # (64 tokens a frame -> the digit under each token, or background) gives the vision side that signal from
+    # step one. The probe is dropped after training: the saved model is a plain LlavaOnevision model.
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, BACKGROUND + 1).to(dev)
+    captured: dict[str, torch.Tensor] = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(
+        lambda mod, args, output: captured.__setitem__("feats", output))
+    named = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), fused=dev.type == "cuda")
+    warm, warm_v = min(WARMUP, max(1, steps // 10)), min(WARMUP, max(1, vision_steps // 10))
+
+    def lr_at(s: int) -> float:  # vision stage: warm-up, then flat; whole model: warm-up, cosine to 5 %
+        if s < vision_steps:
+            return min(1.0, (s + 1) / warm_v)
+        s -= vision_steps
+        return min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    curve: list[tuple[int, float]] = []
+    vision_curve: list[tuple[int, float]] = []
+    every, every_v = max(1, steps // 20), max(1, vision_steps // 10)
+    run_loss = None
+    t_train = time.time()
+    stream = _batches(tok, bank, batch, steps, seed, dev.type == "cuda", palette, vision_steps)
+    probe_acc: dict[str, float] = {}
+    t_vision = 0.0
+    for step, b in enumerate(bar := tqdm(stream, total=vision_steps + steps, desc="digits-video", mininterval=2.0)):
+        if step == vision_steps:
+            probe_acc["after the vision warm-up"] = _probe_accuracy(model, probe, captured, heldout, dev)
+            t_vision = time.time() - t_train
+        if step < vision_steps:  # the vision tower and projector alone
+            pv, cells = (x.to(dev, non_blocking=True) for x in b)
+            with _autocast(dev):
+                model.model.get_video_features(pixel_values_videos=pv)
+                aux_loss = probe_loss(probe, captured["feats"], cells)
+            lm_loss, loss = torch.full((), float("nan")), aux_loss
+        else:
+            pv, ids, mask, labels, cells = (x.to(dev, non_blocking=True) for x in b)
+            with _autocast(dev):
+                lm_loss = model(input_ids=ids, attention_mask=mask, pixel_values_videos=pv, labels=labels).loss
+                aux_loss = probe_loss(probe, captured["feats"], cells) if aux else torch.zeros((), device=dev)
+                loss = lm_loss + aux * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        opt.step()
+        sched.step()
+        s = step - vision_steps
+        if step % 10 == 0 or s == steps - 1 or s == -1:
+            v = torch.stack([lm_loss.detach().float().cpu(), aux_loss.detach().float().cpu()]).tolist()
+            run_loss = v if run_loss is None or s == 0 else [0.8 * r + 0.2 * x for r, x in zip(run_loss, v, strict=True)]
+            bar.set_postfix(lm=f"{run_loss[0]:.3f}", probe=f"{run_loss[1]:.3f}")
+        if s < 0 and (step % every_v == 0 or s == -1):
+            vision_curve.append((step + 1, round(aux_loss.item(), 4)))
+        if s >= 0 and (s % every == 0 or s == steps - 1):
+            curve.append((s + 1, round(lm_loss.item(), 4)))
+    probe_acc["at the end"] = _probe_accuracy(model, probe, captured, heldout, dev)
+    train_s = time.time() - t_train
+    hook.remove()
+    model.to(torch.float16).float()  # evaluate the weights exactly as saved
+    acc = evaluate(model, heldout, dev)
+    acc_train = evaluate(model, train_probe, dev)
+    chance = majority_baseline(heldout)
+    wall = time.time() - t0
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True, max_shard_size="16MB")
+    tok.save_pretrained(out)
+    model.float()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    n_text = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({_threads()})"
+    metrics = {f"held-out accuracy, all ({len(heldout)} questions)": acc["all"]}
+    metrics.update({f"held-out accuracy, {t} ({n_eval})": acc[t] for t in D.QTYPES})
+    metrics.update({f"majority-answer baseline, {t}": chance[t] for t in D.QTYPES})
+    metrics.update({f"train-digit videos accuracy, {t}": acc_train[t] for t in D.QTYPES})
+    metrics.update({"parameters": n_params, "vision tower parameters": n_vision, "language model parameters": n_text,
+                    "vision warm-up steps": vision_steps, "steps": steps, "batch": batch, "device": where,
+                    "training seconds": round(train_s, 1), "vision warm-up seconds": round(t_vision, 1),
+                    "seconds per step (whole model)": round((train_s - t_vision) / steps, 4),
+                    "final train loss (language model)": curve[-1][1]})
+    metrics.update({f"probe: held-out frame digit accuracy, {k}": v for k, v in probe_acc.items()})
+    vc, tc = model.config.vision_config, model.config.text_config
+    layout = D.prompt_text("QUESTION", 2).replace(D.VIDEO_TOKEN * D.N_CLIP_TOKENS, f"<video>×{D.N_CLIP_TOKENS}")
+    write_card(out, "digits-video",
+               "Tiny video LLM (`LlavaOnevisionForConditionalGeneration`: CLIP vision tower, MLP projector, 2×2 "
+               "pooling, Llama) that answers questions about short videos of handwritten digits: 16 vision tokens a "
+               f"frame, most of them blank background, {D.N_CLIP_TOKENS} per 4-frame clip, up to 2 clips (for "
+               "VideoLLM-MoD / vision-token skipping research). `mmskip.zoo.load('digits-video')` returns "
+               "`(model, tokenizer)` (float32, eval); build inputs with "
+               "`mmskip.zoo.video_data.encode(tokenizer, clips, questions)` or ask with "
+               "`video_data.answer(model, tokenizer, clips, questions)`; a streaming loop feeds "
+               "`video_data.prefix_ids(tokenizer)`, then `clip_ids(tokenizer)` per clip, then "
+               "`question_ids(tokenizer, question)`.",
+               f"Videos: 1 or 2 clips of {D.FRAMES} frames, 32×32 grey (3 equal channels, [-1, 1]); each frame shows "
+               "one scikit-learn 8×8 digit upscaled ×2 (16×16) at a random position on a blank frame. Each video "
+               f"draws its frames' digits from a random palette of classes ({palette[0]}-{palette[1]} in training, "
+               "2-5 in the held-out set). Train videos use the zoo's train digits "
+               f"(+ {COPIES - 1} lightly augmented copies), held-out videos only the 300 held-out digits (split of "
+               "`mmskip.zoo.data`). Questions (one answer token, then `</s>`; frames count from 1 across clips): "
+               "`what digit is in frameK ?` (0-9), `how many frames show D ?` (0-8; D is in the video 3/4 of the "
+               "time), `which frame shows D first ?` (1-8; D is one of the video's digits); sampled 50/25/25 %. "
+               f"Prompt (2 clips): `{layout}` (after `<s>`); each clip is one video of `pixel_values_videos` "
+               f"(`(clips, {D.FRAMES}, 3, 32, 32)`). Word-level tokenizer ({len(tok)} tokens). Generated from "
+               f"seeds (train stream seed {seed}, held-out seed 1234); nothing is shipped.",
+               f"Vision: CLIP, {vc.num_hidden_layers} layers, d={vc.hidden_size}, patch {vc.patch_size} on "
+               f"{vc.image_size}×{vc.image_size} (64 tokens + CLS, CLS dropped; last layer's features). Projector: "
+               "2-layer GELU MLP, then LlavaOnevision's 2×2 bilinear pooling (16 tokens a frame) and one learnt "
+               f"`image_newline` token per clip. Text: Llama, {tc.num_hidden_layers} layers, d={tc.hidden_size}, "
+               f"{tc.num_attention_heads} heads, SwiGLU {tc.intermediate_size}, sdpa. {n_params / 1e6:.2f}M "
+               f"parameters (vision {n_vision / 1e6:.2f}M, text {n_text / 1e6:.2f}M), all trained from scratch. "
+               "A training-only linear probe on the projector's output (not saved) stands in for the pretrained "
+               "vision encoder a real video LLM starts from: its loss is a per-patch digit loss (each of a frame's 64 "
+               "patch tokens -> the frame's digit if the patch centre lies on the 16×16 digit, else background) plus "
+               "a frame loss (the mean of the frame's 64 tokens -> its digit). Stage 1, vision warm-up: "
+               f"{vision_steps} steps of the vision tower + projector alone on the probe's loss ({2 * batch} one-clip "
+               f"videos a step, {warm_v} warm-up steps, then flat). Stage 2: {steps} steps of the whole model, batch "
+               f"{batch} videos (all 1-clip or all 2-clip in a step), loss on the answer token and `</s>` + {aux} × the "
+               f"probe's loss, {warm} warm-up steps, cosine to 5 %. AdamW lr {lr} (β 0.9/0.98, wd 0.05 on "
+               f"matrices), grad clip 1{', bf16 autocast' if dev.type == 'cuda' else ''}. Saved in fp16.",
+               metrics, wall,
+               extra="\nAccuracy is greedy (argmax) on the answer token. Majority-answer baseline = always giving "
+               "the most frequent answer of that question type (chance level). The probe rows measure the vision "
+               "side alone: how often the training probe reads a held-out frame's digit from its tokens.\n\n"
+               "## Vision warm-up loss (step, probe loss)\n" + ", ".join(f"{s}: {v}" for s, v in vision_curve) + "\n\n"
+               "## Training loss (step, language-model loss on answer + `</s>`; probe loss excluded)\n"
+               + ", ".join(f"{s}: {v}" for s, v in curve) + "\n")
+    card = out / "README.md"
+    text = re.sub(r"^Training wall time: .*$", f"Training wall time: {wall / 60:.1f} min in all ({train_s / 60:.1f} min "
+                  f"of training steps) on {where}.", card.read_text(), flags=re.M)
+    threads = "" if dev.type == "cuda" or torch.get_num_threads() == 1 else f" --threads {torch.get_num_threads()}"
+    cmd = (f"python -m mmskip.zoo.train digits-video{' --device cuda' if dev.type == 'cuda' else ''}"
+           f"{'' if steps == STEPS[kind] else f' --steps {steps}'}{'' if batch == BATCH[kind] else f' --batch {batch}'}"
+           f"{threads}")
+    text = re.sub(r"^Reproduce: .*$", f"Reproduce: `{cmd}` (fixed seeds; bf16 on a GPU, so not bit-exact).",
+                  text, flags=re.M)
+    card.write_text(text)
+    print(f"held-out accuracy: {acc}  (majority baseline {chance})")
+    return metrics

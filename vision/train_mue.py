@@ -1,0 +1,330 @@
+"""Layer-wise training for MuE: make every decoder layer (and every encoder layer) of a Florence-2 exitable.
+
+    python -m mmskip.vision.train_mue --model digits-florence --out runs/mue-ft --steps 300
+    python -m mmskip.vision.train_mue --model digits-florence --out runs/mue-ft --steps 600 --resume
+
+MuE (Tang et al., CVPR 2023, arXiv:2211.11152) exits a token at an intermediate layer and reads the exit
+layer's state as if it were the last one, so the model is trained for that ("layer-wise training"):
+
+* **Decoder:** every decoder layer's output goes through the shared LM head (Florence-2's BART decoder is
+  post-LN and has no final layer norm: the LM head reads a layer's output as is) and gets the
+  teacher-forced cross-entropy; the loss is the mean over the layers (the paper's sum divided by the depth,
+  so the learning rate means the same at any depth).
+* **Encoder:** an encoder token that exits keeps its exit layer's state, so the decoder must read a
+  *mixture* of encoder depths. Each step the decoder is run a second time on a memory where every encoder
+  token's state is taken from a layer drawn uniformly from 1..depth (independently per token, as
+  token-level exits give), with the same layer-wise loss; ``encoder_mix`` weights that term (0 = decoder
+  only). This trains the intermediate encoder states to be usable by the decoder, the property MuE's encoder
+  exits need; the paper's own encoder objective is not reproduced here (see ``vision/MUE.md``).
+
+:func:`layerwise_loss` computes the loss on one batch; :func:`train_mue` trains a model with it (AdamW,
+warm-up + cosine, progress bar, ``checkpoint.pt`` every ``checkpoint_every`` steps, ``resume=True``
+continues it, final weights as safetensors). The CLI fine-tunes an existing Florence-2 (a zoo name or a
+``from_pretrained`` folder with its tokenizer) on the ``digits-florence`` tasks
+(:mod:`mmskip.zoo.florence_data`) and prints held-out exact match per task before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+__all__ = ["CHECKPOINT", "layerwise_loss", "mixed_depth", "train_mue", "main"]
+
+CHECKPOINT = "checkpoint.pt"
+PROG = "python -m mmskip.vision.train_mue"
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels", "decoder_input_ids", "decoder_attention_mask")
+
+
+def _text(model: nn.Module) -> nn.Module:
+    try:
+        return model.model.language_model
+    except AttributeError:
+        raise TypeError(f"layer-wise MuE training needs a Florence2ForConditionalGeneration, got "
+                        f"{type(model).__name__}") from None
+
+
+def _layer_ces(model: nn.Module, hidden: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each layer's output (``hidden[1:]``, the embeddings dropped) through the LM head."""
+    flat = labels.reshape(-1)
+    return torch.stack([F.cross_entropy(model.lm_head(h).float().flatten(0, 1), flat, ignore_index=-100)
+                        for h in hidden[1:]])
+
+
+def mixed_depth(hidden: tuple[torch.Tensor, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Encoder memory where each token's state comes from a layer drawn uniformly from 1..depth
+    (``hidden`` = embeddings + one entry per layer, as ``output_hidden_states`` gives)."""
+    layers = torch.stack(hidden[1:])  # (L, B, N, d)
+    L, B, N, _ = layers.shape
+    pick = torch.randint(0, L, (B, N), generator=generator).to(layers.device)
+    return torch.gather(layers, 0, pick[None, :, :, None].expand(1, B, N, layers.shape[-1]))[0]
+
+
+def layerwise_loss(model: nn.Module, batch: Mapping[str, Any], *, encoder_mix: float = 1.0,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """MuE's layer-wise loss of ``model`` (``Florence2ForConditionalGeneration``) on one batch.
+
+    ``batch`` holds ``input_ids``, ``attention_mask``, ``pixel_values`` and decoder ``labels`` (-100 =
+    ignored; the decoder input is ``labels`` shifted right after ``decoder_start_token_id``, as the model's
+    own loss does). Returns ``(loss, parts)``: ``loss = mean_l CE(lm_head(decoder layer l)) + encoder_mix *
+    mean_l CE(...)`` of the decoder re-run on a mixed-depth encoder memory (:func:`mixed_depth`);
+    ``parts`` has ``decoder`` (per-layer CEs, a list), ``encoder_mix`` (the same on the mixed memory, or
+    ``None``) and ``final`` (the last layer's CE = the model's plain loss), as floats.
+    """
+    from transformers.models.bart.modeling_bart import shift_tokens_right
+
+    text = _text(model)
+    labels = batch["labels"]
+    cfg = text.config
+    dec_in = batch.get("decoder_input_ids")
+    if dec_in is None:
+        dec_in = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                pixel_values=batch.get("pixel_values"), decoder_input_ids=dec_in,
+                decoder_attention_mask=batch.get("decoder_attention_mask"), use_cache=False, output_hidden_states=True)
+    dec = _layer_ces(model, out.decoder_hidden_states, labels)
+    loss = dec.mean()
+    parts: dict[str, Any] = {"decoder": dec.detach().tolist(), "final": float(dec[-1].detach()), "encoder_mix": None}
+    if encoder_mix:
+        memory = mixed_depth(out.encoder_hidden_states, generator)
+        mixed = text.decoder(input_ids=dec_in, attention_mask=batch.get("decoder_attention_mask"),
+                             encoder_hidden_states=memory, encoder_attention_mask=batch.get("attention_mask"),
+                             use_cache=False, output_hidden_states=True)
+        mix = _layer_ces(model, mixed.hidden_states, labels)
+        loss = loss + encoder_mix * mix.mean()
+        parts["encoder_mix"] = mix.detach().tolist()
+    return loss, parts
+
+
+def _stream(batches: Iterable[Mapping[str, Any]], start: int) -> Iterator[Mapping[str, Any]]:
+    it = iter(batches)
+    for i in range(start):
+        if next(it, None) is None:
+            raise ValueError(f"batches ran out after {i} of the {start} batches a resumed run skips")
+    return it
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5 %."""
+    return min(1.0, (step + 1) / max(1, warmup)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+
+
+def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
+    if not losses:
+        return []
+    every = max(1, len(losses) // points)
+    return [[i + 1, round(sum(losses[max(0, i - every + 1): i + 1]) / len(losses[max(0, i - every + 1): i + 1]), 4)]
+            for i in range(every - 1, len(losses), every)]
+
+
+def train_mue(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    steps: int,
+    out: str | Path,
+    lr: float = 1e-3,
+    warmup: int = 100,
+    weight_decay: float = 0.05,
+    encoder_mix: float = 1.0,
+    clip: float | None = 1.0,
+    resume: bool = False,
+    checkpoint_every: int = 100,
+    aux_loss: Callable[[Mapping[str, Any]], torch.Tensor] | None = None,
+    aux_module: nn.Module | None = None,
+    seed: int = 0,
+    save: bool = True,
+    progress: bool = True,
+    desc: str = "MuE layer-wise",
+) -> dict[str, Any]:
+    """Train every parameter of ``model`` (a ``Florence2ForConditionalGeneration``) with
+    :func:`layerwise_loss` for ``steps`` steps in all; returns the training record.
+
+    ``batches`` yields dicts with the model keys (``input_ids``, ``attention_mask``, ``pixel_values``,
+    ``labels``; other keys are left for ``aux_loss``) and must last ``steps`` batches (a resumed run skips
+    the ones already used, so it sees what an uninterrupted run would have). ``aux_loss(batch)`` adds a
+    training-only term computed after the model's forward (e.g. a probe on captured features);
+    ``aux_module``'s parameters are optimised and checkpointed with the model's.
+
+    AdamW (``lr``, betas 0.9/0.98, ``weight_decay`` on matrices other than embeddings), ``warmup`` linear
+    warm-up steps then cosine to 5 %, gradient norm clipped to ``clip``. ``out/checkpoint.pt`` (model, aux
+    module, optimizer, step, losses, seconds) is written every ``checkpoint_every`` steps and at the end;
+    ``resume=True`` continues it (``FileNotFoundError`` without one). The mixed-depth draws use a generator
+    seeded by ``(seed, step)``, so a resumed run is the same run. With ``save`` the final weights go to
+    ``out`` with ``save_pretrained`` (safetensors, the model's dtype). The model is left in eval mode.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    _text(model)
+    out = Path(out)
+    ckpt_path = out / CHECKPOINT
+    state: dict[str, Any] | None = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); start without "
+                                    "resume to train from scratch")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        if aux_module is not None:
+            aux_module.load_state_dict(state["aux"])
+    device = next(model.parameters()).device
+    named = list(model.named_parameters()) + ([(f"aux.{n}", p) for n, p in aux_module.named_parameters()]
+                                              if aux_module is not None else [])
+    params = [p for _, p in named]
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n and "shared" not in n]
+    ids = {id(p) for p in decay}
+    other = [p for p in params if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    start = 0
+    losses: list[float] = []
+    layer_curve: list[list[Any]] = []
+    seconds = 0.0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        start, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
+        layer_curve = list(state.get("layer_curve", []))
+
+    def checkpoint(step: int) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"step": step, "losses": losses, "seconds": seconds, "layer_curve": layer_curve,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "aux": aux_module.state_dict() if aux_module is not None else {},
+                    "optimizer": opt.state_dict()}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    every = max(1, steps // 20)
+    model.train()
+    data = _stream(batches, start) if start < steps else iter(())
+    bar = tqdm(total=steps, initial=min(start, steps), desc=desc, disable=not progress, mininterval=2.0)
+    t0 = time.perf_counter()
+    step = start
+    try:
+        while step < steps:
+            batch = next(data, None)
+            if batch is None:
+                raise ValueError(f"batches ran out after {step} steps; give at least steps={steps} batches")
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            for group in opt.param_groups:
+                group["lr"] = lr * _lr_factor(step, steps, warmup)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            loss, parts = layerwise_loss(model, batch, encoder_mix=encoder_mix, generator=g)
+            aux = aux_loss(batch) if aux_loss is not None else None
+            total = loss + aux if aux is not None else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            losses.append(round(float(loss.detach()), 5))
+            step += 1
+            bar.update(1)
+            if step % every == 0 or step == steps:
+                layer_curve.append([step, [round(v, 4) for v in parts["decoder"]],
+                                    None if parts["encoder_mix"] is None else round(sum(parts["encoder_mix"])
+                                                                                     / len(parts["encoder_mix"]), 4)])
+            if step % 10 == 0 or step == steps:
+                post = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", "last": f"{parts['final']:.3f}"}
+                if aux is not None:
+                    post["aux"] = f"{float(aux.detach()):.3f}"
+                bar.set_postfix(post)
+            if step % checkpoint_every == 0 or step == steps:
+                seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                checkpoint(step)
+    finally:
+        bar.close()
+        model.eval()
+    if save:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+    return {"trainer": "mmskip.vision.train_mue", "steps": len(losses), "lr": lr, "warmup": warmup,
+            "encoder_mix": encoder_mix, "train_seconds": round(seconds, 1),
+            "seconds_per_step": round(seconds / max(1, len(losses) - start), 4) if len(losses) > start else None,
+            "loss_curve": _curve(losses), "layer_curve": layer_curve, "losses": losses}
+
+
+# -- CLI: fine-tune a Florence-2 on the digits-florence tasks --------------------------------------------
+
+
+def _load(name: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoTokenizer, Florence2ForConditionalGeneration
+
+    from mmskip import zoo
+
+    folder = zoo.path(name) if name in zoo.NAMES else Path(name)
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--model {name!r} is neither a zoo name nor a folder")
+    model = Florence2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def digit_batches(tokenizer: Any, batch: int, seed: int) -> Iterator[dict[str, Any]]:
+    """An endless stream of ``digits-florence`` training batches (train digits, fixed seed)."""
+    from mmskip.zoo import florence_data as D
+
+    g = torch.Generator().manual_seed(seed)
+    bank = D.digit_bank("train", copies=4, seed=seed)
+    while True:
+        images, slots = D.make_strips(bank, batch, g)
+        b = D.make_batch(tokenizer, images, *D.sample_tasks(slots, g), slots)
+        yield {**b.model_inputs(), "slots": b.slots}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="digits-florence", help="zoo name or from_pretrained folder (with tokenizer)")
+    ap.add_argument("--out", required=True, help="folder for checkpoint.pt, the weights and eval.json")
+    ap.add_argument("--steps", type=int, default=300, help="training steps in all (a resumed run counts the earlier ones)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--encoder-mix", type=float, default=1.0, help="weight of the mixed-depth encoder term (0: off)")
+    ap.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    ap.add_argument("--checkpoint-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1, help="training data stream seed")
+    ap.add_argument("--eval-n", type=int, default=50, help="held-out strips per task (0: no evaluation)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if (Path(a.out) / CHECKPOINT).exists() and not a.resume:
+        print(f"{PROG}: error: {a.out} already has {CHECKPOINT}; pass --resume to continue it", file=sys.stderr)
+        return 2
+    try:
+        model, tok = _load(a.model)
+    except (FileNotFoundError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    from mmskip.zoo import florence_data as D
+
+    held = D.heldout_set(tok, n_per_task=a.eval_n) if a.eval_n else None
+    before = D.score(D.answers(model, tok, held), held) if held else None
+    rec = train_mue(model, digit_batches(tok, a.batch, a.seed), steps=a.steps, out=a.out, lr=a.lr, warmup=a.warmup,
+                    encoder_mix=a.encoder_mix, resume=a.resume, checkpoint_every=a.checkpoint_every, seed=a.seed)
+    tok.save_pretrained(a.out)
+    after = D.score(D.answers(model, tok, held), held) if held else None
+    rec.pop("losses")
+    result = {"model": a.model, "before": before, "after": after, **rec}
+    (Path(a.out) / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"before": before, "after": after, "train_seconds": rec["train_seconds"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
