@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from .llava_data import digit_bank
+from .word_tokenizer import majority_baseline as _majority
+from .word_tokenizer import word_tokenizer
 
 __all__ = ["SLOTS", "CELL", "IMAGE_HEIGHT", "IMAGE_WIDTH", "N_IMAGE_TOKENS", "TASKS", "IMAGE_TOKEN", "Batch",
            "build_tokenizer", "digit_bank", "make_strips", "pixel_values", "prompt", "target", "sample_tasks",
@@ -49,19 +51,7 @@ PROMPTS = {"caption": "describe the image", "sum": "what is the sum ?"}
 
 def build_tokenizer():
     """The word-level ``PreTrainedTokenizerFast``: ``<s> text </s>`` per sequence, right padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + NUMBERS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.add_special_tokens(SPECIALS)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
-        special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=64, padding_side="right")
+    return word_tokenizer(SPECIALS, WORDS + NUMBERS, eos=True, max_length=64, padding_side="right")
 
 
 def make_strips(bank: tuple[torch.Tensor, torch.Tensor], n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,11 +254,4 @@ def score(preds: list[str], batch: Batch) -> dict[str, float | None]:
 
 def majority_baseline(batch: Batch) -> dict[str, float]:
     """Exact match of always giving each task's most frequent target (the chance level)."""
-    from collections import Counter
-
-    res = {}
-    for t in TASKS:
-        targets = [a for a, k in zip(batch.targets, batch.tasks, strict=True) if k == t]
-        if targets:
-            res[t] = Counter(targets).most_common(1)[0][1] / len(targets)
-    return res
+    return _majority(batch.targets, batch.tasks, TASKS)

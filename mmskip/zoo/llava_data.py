@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .word_tokenizer import word_tokenizer
+
 __all__ = ["GRID", "CELL", "IMAGE_SIZE", "PATCH", "N_IMAGE_TOKENS", "QTYPES", "IMAGE_TOKEN", "Batch",
            "build_tokenizer", "digit_bank", "make_grids", "render", "pixel_values", "prompt_text", "ask",
            "sample_questions", "make_batch", "heldout_set", "encode", "answer"]
@@ -44,18 +46,7 @@ NUMBERS = [str(i) for i in range(9 * GRID + 1)]  # 0..36: the largest row sum
 
 def build_tokenizer():
     """The word-level ``PreTrainedTokenizerFast`` (adds ``<s>``; ``<image>`` is a special token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + NUMBERS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.add_special_tokens(SPECIALS)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=256, padding_side="left")
+    return word_tokenizer(SPECIALS, WORDS + NUMBERS, max_length=256)
 
 
 def digit_bank(split: str, copies: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import llava_data as D
 from .card import write_card
+from .word_tokenizer import majority_baseline as _majority
 
 __all__ = ["SIZES", "STEPS", "BATCH", "make_model", "evaluate", "train_llava"]
 
@@ -92,14 +93,7 @@ def evaluate(model, batch: D.Batch, device: torch.device | str = "cpu", chunk: i
 
 def majority_baseline(batch: D.Batch) -> dict[str, float]:
     """Accuracy of always giving the most frequent answer of each question type (the chance level)."""
-    from collections import Counter
-
-    res = {}
-    for t in D.QTYPES:
-        answers = [a for a, q in zip(batch.answers, batch.qtypes, strict=True) if q == t]
-        if answers:
-            res[t] = Counter(answers).most_common(1)[0][1] / len(answers)
-    return res
+    return _majority(batch.answers, batch.qtypes, D.QTYPES)
 
 
 def _patch_labels(grid: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ import queue
 import re
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from . import video_data as D
 from .card import write_card
 from .train_llava import _autocast
+from .word_tokenizer import majority_baseline as _majority
 
 __all__ = ["SIZES", "STEPS", "VISION_STEPS", "BATCH", "make_model", "evaluate", "majority_baseline", "patch_labels", "train_video"]
 
@@ -99,12 +99,7 @@ def evaluate(model, batch: D.Batch, device: torch.device | str = "cpu", chunk: i
 
 def majority_baseline(batch: D.Batch) -> dict[str, float]:
     """Accuracy of always giving the most frequent answer of each question type (the chance level)."""
-    res = {}
-    for t in D.QTYPES:
-        answers = [a for a, q in zip(batch.answers, batch.qtypes, strict=True) if q == t]
-        if answers:
-            res[t] = Counter(answers).most_common(1)[0][1] / len(answers)
-    return res
+    return _majority(batch.answers, batch.qtypes, D.QTYPES)
 
 
 def patch_labels(videos: D.Videos) -> torch.Tensor:

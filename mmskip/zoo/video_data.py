@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .llava_data import digit_bank
+from .word_tokenizer import word_tokenizer
 
 __all__ = ["FRAMES", "MAX_CLIPS", "FRAME_SIZE", "DIGIT_SIZE", "PATCH", "TOKENS_PER_FRAME", "N_CLIP_TOKENS",
            "QTYPES", "VIDEO_TOKEN", "IMAGE_TOKEN", "Videos", "Batch", "build_tokenizer", "digit_bank", "make_videos",
@@ -53,20 +54,8 @@ NUMBERS = [str(i) for i in range(10)]  # digits 0-9, counts 0-8, frame numbers 1
 
 
 def build_tokenizer():
-    """The word-level ``PreTrainedTokenizerFast`` (adds ``<s>``; ``<video>`` is a special token), built like
-    :func:`mmskip.zoo.llava_data.build_tokenizer`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + NUMBERS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.add_special_tokens(SPECIALS)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=512, padding_side="left")
+    """The word-level ``PreTrainedTokenizerFast`` (adds ``<s>``; ``<video>`` is a special token)."""
+    return word_tokenizer(SPECIALS, WORDS + NUMBERS, max_length=512)
 
 
 @dataclass
