@@ -2,7 +2,8 @@
 
 A schedule maps ``n`` items (layers, diffusion steps, MuE exits) to a keep ratio each:
 ``1.0`` = compute, ``0.0`` = skip, in between = the fraction of tokens a layer keeps
-(Mixture-of-Depths).  ``adaptive`` decides at run time from a measured signal.
+(Mixture-of-Depths).  ``adaptive`` decides at run time from a measured signal; ``decaying`` is a
+run-time exit threshold that decays over generated tokens (MuE's decoder).
 
 Every schedule is a frozen dataclass: deterministic, hashable and JSON round-trippable
 (``to_dict`` / ``from_dict``).  ``n`` may be fixed in the schedule or supplied by the
@@ -26,12 +27,14 @@ __all__ = [
     "ProgressiveSchedule",
     "AdaptiveSchedule",
     "ConstantSchedule",
+    "DecayingThreshold",
     "unified",
     "interval",
     "explicit",
     "progressive",
     "constant",
     "adaptive",
+    "decaying",
     "from_dict",
 ]
 
@@ -317,6 +320,57 @@ class AdaptiveSchedule(Schedule):
         return value >= self.threshold  # router score, l2_change ratio
 
 
+@dataclass(frozen=True)
+class DecayingThreshold(Schedule):
+    """A run-time exit threshold that decays over generated tokens (MuE's decoder exits).
+
+    At generated position ``t`` (0 = the first decoder token) an item exits when its measured
+    similarity is strictly above ``threshold_at(t) = max(floor, threshold * decay**t)``: later
+    tokens exit more easily, never below ``floor``; ``decay=1`` keeps the threshold constant and
+    a threshold of 1.0 on a cosine (at most 1) never exits. ``warmup`` leading items (layers)
+    always run before an exit is allowed.
+
+    :meth:`ratios` decides nothing ahead of time (like :class:`AdaptiveSchedule`): every item
+    has keep ratio 1.0, since which items a token skips depends on what is measured at run time.
+    """
+
+    kind: ClassVar[str] = "decaying"
+    threshold: float = 0.95
+    decay: float = 0.99
+    floor: float = 0.9
+    warmup: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "floor"):
+            value = getattr(self, name)
+            if math.isnan(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"decaying(): {name} must lie in [0, 1] (1.0 = never exit), got {value!r}")
+        if self.floor > self.threshold:
+            raise ValueError(
+                f"decaying(): floor ({self.floor}) must not exceed threshold ({self.threshold}); the threshold "
+                "decays from threshold down to floor"
+            )
+        if math.isnan(self.decay) or not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decaying(): decay must lie in (0, 1] (1 = a constant threshold), got {self.decay!r}")
+        if self.warmup < 0:
+            raise ValueError(f"decaying(): warmup must be >= 0, got {self.warmup}")
+
+    def threshold_at(self, t: int) -> float:
+        """The exit threshold at generated position ``t`` (0-based): ``max(floor, threshold * decay**t)``."""
+        if t < 0:
+            raise ValueError(f"decaying(): position t must be >= 0, got {t}")
+        return max(self.floor, self.threshold * self.decay**t)
+
+    def compute(self, value: float, t: int = 0) -> bool:
+        """True when the measured similarity ``value`` at position ``t`` says: keep computing
+        (``value <= threshold_at(t)``; an exit needs a value strictly above the threshold)."""
+        return not value > self.threshold_at(t)
+
+    def ratios(self, n: int | None = None) -> tuple[float, ...]:
+        # Nothing is skipped ahead of time; the technique thresholds its signal with threshold_at().
+        return (1.0,) * self._n(n, None)
+
+
 # -- the public constructors ------------------------------------------------------------------
 
 
@@ -360,3 +414,8 @@ def adaptive(
     """Threshold a measured signal at run time (see :class:`AdaptiveSchedule`)."""
     return AdaptiveSchedule(threshold=threshold, signal=signal, warmup=warmup, max_skip=max_skip, num=num)
 
+
+
+def decaying(threshold: float, decay: float = 0.99, floor: float = 0.9, warmup: int = 0) -> DecayingThreshold:
+    """An exit threshold decaying over generated tokens (see :class:`DecayingThreshold`)."""
+    return DecayingThreshold(threshold=threshold, decay=decay, floor=floor, warmup=warmup)

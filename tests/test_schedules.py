@@ -100,3 +100,41 @@ def test_adaptive_decisions():
     assert schedules.adaptive(0.9, "cosine").compute(0.5) and not schedules.adaptive(0.9, "cosine").compute(0.95)
     assert schedules.adaptive(0.1, "relative_change").compute(0.2)
     assert not schedules.adaptive(0.1, "relative_change").compute(0.05)
+
+
+def test_decaying_threshold_at():
+    s = schedules.decaying(0.9, decay=0.5, floor=0.3, warmup=2)
+    assert [s.threshold_at(t) for t in range(4)] == [0.9, 0.45, 0.3, 0.3]
+    assert schedules.decaying(0.95, decay=1.0, floor=0.5).threshold_at(100) == 0.95
+    assert s.ratios(6) == (1.0,) * 6 and s.skip(6) == ()  # decided at run time
+    assert s.compute(0.9) and not s.compute(0.91) and not s.compute(0.46, t=1)  # exit: strictly above
+    assert schedules.decaying(1.0, floor=1.0).compute(1.0)  # 1.0 never exits a cosine (at most 1)
+    with pytest.raises(ValueError, match="t must be >= 0"):
+        s.threshold_at(-1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        ({"threshold": 1.5}, ValueError, r"threshold must lie in \[0, 1\]"),
+        ({"threshold": float("nan")}, ValueError, r"threshold must lie in \[0, 1\]"),
+        ({"threshold": 0.9, "floor": -0.1}, ValueError, r"floor must lie in \[0, 1\]"),
+        ({"threshold": 0.8, "floor": 0.9}, ValueError, "must not exceed threshold"),
+        ({"threshold": 0.9, "decay": 0.0}, ValueError, r"decay must lie in \(0, 1\]"),
+        ({"threshold": 0.9, "decay": 1.01}, ValueError, r"decay must lie in \(0, 1\]"),
+        ({"threshold": 0.9, "warmup": -1}, ValueError, "warmup must be >= 0"),
+        ({"threshold": 0.9, "warmup": 1.5}, TypeError, "warmup"),
+        ({"threshold": "high"}, TypeError, "threshold"),
+    ],
+)
+def test_decaying_rejects_bad_fields(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        schedules.decaying(**kwargs)
+
+
+def test_decaying_round_trip():
+    s = schedules.decaying(0.94, decay=0.98, floor=0.85, warmup=2)
+    again = schedules.from_dict(json.loads(s.to_json()))
+    assert again == s and isinstance(again, schedules.DecayingThreshold)
+    assert s.to_dict() == {"kind": "decaying", "threshold": 0.94, "decay": 0.98, "floor": 0.85, "warmup": 2}
+    assert "DecayingThreshold" in schedules.__all__ and "decaying" in schedules.__all__

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +36,7 @@ import torch
 from mmskip._phase import HeadCounter
 from mmskip.inject import CallGuard, SkipConfig, SkipHandle, TechniqueState
 from mmskip.registry import get_adapter
+from mmskip.schedules import AdaptiveSchedule, DecayingThreshold
 
 from .mue_adapters import EncDecVLMAdapter
 from .mue_hooks import (
@@ -55,6 +56,8 @@ __all__ = ["MuEConfig", "MuEState", "EncoderRecord"]
 logger = logging.getLogger(__name__)
 
 GRANULARITIES = ("token", "modality")
+_ENCODER_FIELDS = {"image_schedule": ("image_threshold",), "text_schedule": ("text_threshold",)}
+_DECODER_FIELDS = ("decoder_threshold", "decay", "floor", "min_layers")
 
 
 def _check_unit(name: str, value: float | None) -> None:
@@ -99,6 +102,25 @@ class MuEConfig(SkipConfig):
         min_layers: decoder layers every token runs before it may exit (the first exit is after
             layer ``min_layers``, 1-based); default None = a third of the decoder, rounded up.
             Must be below the decoder depth (the last layer has nothing to skip).
+        image_schedule: the image tokens' encoder threshold from the shared scheduler instead of
+            ``image_threshold``: ``schedules.adaptive(threshold, signal="cosine")`` with the threshold
+            in [0, 1], ``warmup=0``, ``max_skip=1`` and ``num`` None or the encoder depth (MuE's
+            encoder has no warm-up or skip cap). Default None = use ``image_threshold``.
+        text_schedule: the same for text tokens instead of ``text_threshold``.
+        decoder_schedule: the decoder threshold from the shared scheduler instead of
+            ``decoder_threshold``, ``decay``, ``floor`` and ``min_layers``:
+            ``schedules.decaying(threshold, decay, floor, warmup)``, whose ``threshold_at(t)`` is the
+            threshold at decoder position ``t`` and whose ``warmup`` is ``min_layers`` (``warmup=0``
+            means the same as 1: a token can exit after the first layer at the earliest; it is not
+            the "a third of the decoder" default). Default None = use the float fields.
+
+    A schedule and the float fields it replaces are exclusive: with a schedule, those fields must
+    stay at their defaults (a field set to another value raises ``ValueError``; one set explicitly
+    to its default cannot be told apart and is ignored). Comparison: MuE exits when ``cos >
+    threshold`` (strict, the authors' code) for every threshold, scheduled or not; the shared
+    ``AdaptiveSchedule.compute`` skips on ``cos >= threshold`` but MuE reads only its ``threshold``,
+    so a scheduled config behaves exactly like the float config with the same numbers
+    (``DecayingThreshold.compute`` uses the same strict rule).
     """
 
     technique: ClassVar[str] = "mue"
@@ -109,10 +131,38 @@ class MuEConfig(SkipConfig):
     decay: float = 0.99
     floor: float = 0.9
     min_layers: int | None = None
+    image_schedule: AdaptiveSchedule | None = None
+    text_schedule: AdaptiveSchedule | None = None
+    decoder_schedule: DecayingThreshold | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_threshold", "text_threshold", "decoder_threshold", "floor"):
             _check_unit(name, getattr(self, name))
+        defaults = {f.name: f.default for f in fields(self)}
+        given = dict(_ENCODER_FIELDS, decoder_schedule=_DECODER_FIELDS)
+        for sched_name, replaced in given.items():
+            if getattr(self, sched_name) is None:
+                continue
+            clash = [f"{n}={getattr(self, n)!r}" for n in replaced if getattr(self, n) != defaults[n]]
+            if clash:
+                raise ValueError(
+                    f"MuEConfig: {sched_name} supplies {', '.join(replaced)}; give either the schedule or those "
+                    f"fields, not both (got {sched_name} and {', '.join(clash)})"
+                )
+        for name in ("image_schedule", "text_schedule"):
+            sched = getattr(self, name)
+            if sched is None:
+                continue
+            if sched.signal != "cosine":
+                raise ValueError(f"MuEConfig.{name}: MuE exits on the cosine of a layer's input and output; use "
+                                 f"schedules.adaptive(threshold, signal='cosine'), got signal={sched.signal!r}")
+            _check_unit(f"{name}.threshold", sched.threshold)
+            if sched.warmup != 0 or sched.max_skip != 1.0:
+                raise ValueError(
+                    f"MuEConfig.{name}: MuE's encoder exits have no warm-up or skip cap (a token may exit after any "
+                    f"layer but the last); use warmup=0 and max_skip=1.0, got warmup={sched.warmup}, "
+                    f"max_skip={sched.max_skip}"
+                )
         if self.encoder_granularity not in GRANULARITIES:
             raise ValueError(
                 f"MuEConfig.encoder_granularity must be one of {GRANULARITIES}, got {self.encoder_granularity!r}"
@@ -130,24 +180,51 @@ class MuEConfig(SkipConfig):
     # -- thresholds ---------------------------------------------------------------------------
     def decoder_threshold_at(self, position: int) -> float | None:
         """The decoder exit threshold at decoder position ``position`` (None: no exits)."""
+        if self.decoder_schedule is not None:
+            return self.decoder_schedule.threshold_at(position)
         if self.decoder_threshold is None:
             return None
         return max(self.floor, self.decoder_threshold * self.decay**position)
 
+    def decoder_params(self) -> dict[str, Any]:
+        """The decoder's ``threshold``, ``decay``, ``floor`` in force (from the schedule or the fields)."""
+        s = self.decoder_schedule
+        if s is not None:
+            return {"threshold": s.threshold, "decay": s.decay, "floor": s.floor}
+        return {"threshold": self.decoder_threshold, "decay": self.decay, "floor": self.floor}
+
+    def encoder_threshold(self, modality: str) -> float | None:
+        """The encoder exit threshold of ``"image"`` or ``"text"`` tokens (the schedule's, else the field)."""
+        if modality not in ("image", "text"):
+            raise ValueError(f"MuEConfig.encoder_threshold(): modality must be 'image' or 'text', got {modality!r}")
+        sched = getattr(self, f"{modality}_schedule")
+        return float(sched.threshold) if sched is not None else getattr(self, f"{modality}_threshold")
+
     def encoder_active(self) -> bool:
         """True when some encoder threshold can trigger (not None, below 1)."""
-        return any(t is not None and t < 1.0 for t in (self.image_threshold, self.text_threshold))
+        return any(t is not None and t < 1.0 for t in map(self.encoder_threshold, ("image", "text")))
 
     # -- attach -----------------------------------------------------------------------------
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         adapter: EncDecVLMAdapter = get_adapter(model, "encdec-vlm")
         L = adapter.num_decoder_layers
-        if self.min_layers is not None and self.min_layers >= L:
+        if self.decoder_schedule is not None:
+            asked, name = max(1, self.decoder_schedule.warmup), "decoder_schedule.warmup"
+        else:
+            asked, name = self.min_layers, "min_layers"
+        if asked is not None and asked >= L:
             raise ValueError(
-                f"MuEConfig.min_layers={self.min_layers} leaves no decoder layer to exit after: "
+                f"MuEConfig.{name}={asked} leaves no decoder layer to exit after: "
                 f"{type(model).__name__}'s decoder has {L} layers and a token can exit after layers 1..{L - 1}"
             )
-        min_layers = self.min_layers if self.min_layers is not None else max(1, math.ceil(L / 3))
+        for sched_name in ("image_schedule", "text_schedule"):
+            sched = getattr(self, sched_name)
+            if sched is not None and sched.num is not None and sched.num != adapter.num_encoder_layers:
+                raise ValueError(
+                    f"MuEConfig.{sched_name} was built for num={sched.num} layers but {type(model).__name__}'s encoder "
+                    f"has {adapter.num_encoder_layers}; leave num=None"
+                )
+        min_layers = asked if asked is not None else max(1, math.ceil(L / 3))
         state = MuEState(config=self, adapter=adapter, min_layers=min_layers)
         guard = CallGuard(self.technique)
         counts = handle.counts
@@ -237,7 +314,7 @@ class MuEState(TechniqueState):
         c = self.config
         Le, Ld = self.adapter.num_encoder_layers, self.adapter.num_decoder_layers
         encoder: dict[str, Any] = {"layers": Le, "granularity": c.encoder_granularity,
-                                   "thresholds": {"image": c.image_threshold, "text": c.text_threshold}}
+                                   "thresholds": {m: c.encoder_threshold(m) for m in ("image", "text")}}
         rec = self.encoder_record
         for name in ("image", "text"):
             if rec is None:
@@ -250,7 +327,7 @@ class MuEState(TechniqueState):
         tokens, run = (0, 0) if ex is None else (ex.numel(), int(ex.sum()))
         decoder = {"layers": Ld, "min_layers": self.min_layers, **_tally(tokens, run, Ld),
                    "computed_anyway": self.decoder_dense, "complete": self.decoder_complete,
-                   "threshold": c.decoder_threshold, "decay": c.decay, "floor": c.floor}
+                   **c.decoder_params()}
         return {"encoder": encoder, "decoder": decoder,
                 "pinned": self.pinned_encoder is not None or self.pinned_decoder is not None}
 

@@ -199,7 +199,7 @@ class EncoderHook(ModelHook):
                     f"({B}, {N}); unpin_exits() or call with the inputs that were pinned"
                 )
             pinned = pinned.to(dev)
-        thr = torch.where(image, _thr(cfg.image_threshold), _thr(cfg.text_threshold)).float()
+        thr = torch.where(image, _thr(cfg.encoder_threshold("image")), _thr(cfg.encoder_threshold("text"))).float()
         return EncoderPass(
             layers=L, image=image, valid=valid, done=torch.zeros(B, N, dtype=torch.bool, device=dev),
             exit_layer=torch.where(valid, L, 0).long(), thr=thr, measure=cfg.encoder_active(), pinned=pinned,

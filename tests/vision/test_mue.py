@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ from mmskip.vision.mue_adapters import EncDecVLMAdapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmskip
+from mmskip import schedules
 from mmskip.inject import SkipConfig
 from mmskip.registry import get_adapter
 
@@ -488,3 +490,82 @@ def test_concurrent_use_is_refused(florence, batch):
     finally:
         hk.remove()
     assert len(errors) == 1
+
+
+# -- thresholds from the shared scheduler ---------------------------------------------------------
+
+# EXITS with every threshold from a schedule (min_layers None = ceil(4 / 3) = 2 on the tiny model)
+SCHEDULED = MuEConfig(image_schedule=schedules.adaptive(0.965), text_schedule=schedules.adaptive(0.95),
+                      decoder_schedule=schedules.decaying(0.94, decay=0.99, floor=0.85, warmup=2))
+
+
+@pytest.mark.parametrize("granularity", ["token", "modality"])
+def test_scheduled_config_equals_the_float_config(florence, batch, granularity):
+    # a whole modality block is less similar than its most similar tokens: lower encoder thresholds
+    img, txt = (0.96, 0.94) if granularity == "modality" else (EXITS.image_threshold, EXITS.text_threshold)
+    floats = MuEConfig(image_threshold=img, text_threshold=txt, encoder_granularity=granularity,
+                       decoder_threshold=EXITS.decoder_threshold, decay=EXITS.decay, floor=EXITS.floor, min_layers=2)
+    sched = dataclasses.replace(SCHEDULED, encoder_granularity=granularity, image_schedule=schedules.adaptive(img),
+                                text_schedule=schedules.adaptive(txt))
+    runs = []
+    for cfg in (floats, sched):
+        with mmskip.applied(florence, cfg) as h:
+            runs.append((_logits(florence, batch), _generate(florence, batch), h.state.encoder_record.exit_layer,
+                         h.state.decoder_exits, h.stats()))
+    (lf, gf, ef, df, sf), (ls, gs, es, ds, ss) = runs
+    assert torch.equal(lf, ls) and torch.equal(gf, gs) and torch.equal(ef, es) and torch.equal(df, ds)
+    assert sf["encoder"] == ss["encoder"] and sf["decoder"] == ss["decoder"]
+    assert sf["flops_fraction"] == ss["flops_fraction"] < 1.0
+    assert ss["decoder"]["min_layers"] == 2 and ss["decoder"]["threshold"] == 0.94
+    assert [sched.decoder_threshold_at(t) for t in range(4)] == [floats.decoder_threshold_at(t) for t in range(4)]
+
+
+def test_scheduled_warmup_is_min_layers():
+    """warmup=0 and warmup=1 both let a token exit after the first decoder layer (min_layers=1)."""
+    model = tiny_florence()
+    b = row(florence_prompts(), 0)
+    outs = []
+    for cfg in (MuEConfig(image_threshold=None, text_threshold=None, decoder_threshold=1.0, decay=1e-9, floor=0.0,
+                          min_layers=1),
+                MuEConfig(image_threshold=None, text_threshold=None,
+                          decoder_schedule=schedules.decaying(1.0, decay=1e-9, floor=0.0, warmup=0))):
+        with mmskip.applied(model, cfg) as h:
+            outs.append((_generate(model, b), h.state.decoder_exits.tolist(), h.stats()["decoder"]["min_layers"]))
+    assert outs[0][1] == outs[1][1] == [[4] + [1] * (STEPS - 1)]
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[1][2] == 1
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"decoder_schedule": schedules.decaying(0.9), "decoder_threshold": 0.8}, ValueError,
+     "decoder_schedule supplies.*decoder_threshold=0.8"),
+    ({"decoder_schedule": schedules.decaying(0.9), "min_layers": 2}, ValueError, "min_layers=2"),
+    ({"decoder_schedule": schedules.decaying(0.9), "decay": 1.0}, ValueError, "decay=1.0"),
+    ({"image_schedule": schedules.adaptive(0.9), "image_threshold": None}, ValueError, "image_schedule supplies"),
+    ({"text_schedule": schedules.adaptive(0.9), "text_threshold": 0.5}, ValueError, "text_schedule supplies"),
+    ({"image_schedule": schedules.adaptive(0.9, signal="router")}, ValueError, "signal='cosine'"),
+    ({"text_schedule": schedules.adaptive(1.5)}, ValueError, r"text_schedule.threshold.*\[0, 1\]"),
+    ({"image_schedule": schedules.adaptive(0.9, warmup=1)}, ValueError, "no warm-up"),
+    ({"image_schedule": schedules.adaptive(0.9, max_skip=0.5)}, ValueError, "max_skip"),
+    ({"decoder_schedule": schedules.adaptive(0.9)}, TypeError, "decoder_schedule must be DecayingThreshold"),
+    ({"image_schedule": schedules.decaying(0.9)}, TypeError, "image_schedule must be AdaptiveSchedule"),
+    ({"decoder_schedule": {"kind": "decaying", "threshold": 0.9}}, TypeError, "decoder_schedule"),
+])
+def test_bad_schedules(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        MuEConfig(**kwargs)
+
+
+def test_scheduled_depth_checks_at_apply(florence, batch):
+    _refused(florence, batch, MuEConfig(decoder_schedule=schedules.decaying(0.9, warmup=4)), ValueError,
+             "decoder_schedule.warmup=4.*4 layers")
+    _refused(florence, batch, MuEConfig(image_schedule=schedules.adaptive(0.9, num=6)), ValueError,
+             "num=6.*encoder has 4")
+
+
+def test_scheduled_config_round_trip(tmp_path):
+    for cfg in (SCHEDULED, MuEConfig(decoder_schedule=schedules.decaying(0.9, decay=1, floor=0.9)),
+                MuEConfig(text_schedule=schedules.adaptive(0.7, num=4), decoder_threshold=None)):
+        again = SkipConfig.from_dict(cfg.to_json())
+        assert again == cfg and isinstance(again.decoder_schedule, (schedules.DecayingThreshold, type(None)))
+    SCHEDULED.save_pretrained(tmp_path)
+    assert SkipConfig.from_pretrained(tmp_path) == SCHEDULED
