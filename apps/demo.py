@@ -10,6 +10,9 @@
    ``SkipStableDiffusionPipeline`` with feature inheritance (A-SDM), against the same sampler
    with fewer steps, each with speedup, PSNR to the full 50-step output and the accuracy of
    the zoo classifier on the requested digits. A PNG grid per pipeline is written to ``--out``.
+3. Vision (``digits-llava``, ``digits-video``, ``digits-florence``): p-MoD, VideoLLM-MoD (one pass
+   and streamed clip by clip) and MuE early exits, accuracy beside the fraction of the prefill /
+   decoder work that ran and the KV cache kept (``vision_demo``).
 
 Speedups are ratios against the unmodified pipeline in this run (best of two round-robin
 runs); ``benchmarks/`` has the full comparisons with peers, FID and CLIP score.
@@ -197,11 +200,91 @@ def _grid(images: dict[str, torch.Tensor], path: Path) -> None:
     print(f"wrote {path}")
 
 
+@torch.no_grad()
+def vision_demo(n: int = 40) -> list[dict]:
+    """Multimodal techniques on the zoo's VLMs, ``n`` held-out questions per type (about a minute on a
+    CPU): accuracy beside the share of work that ran (``handle.stats()``, predicted = measured in
+    ``benchmarks/vision_tokens.py`` / ``video_tokens.py`` / ``mue.py``, which also time them)."""
+    from mmskip.vision import MoDConfig, MuEConfig, VideoMoDConfig, VideoStream
+
+    from mmskip.zoo import florence_data, llava_data, video_data
+
+    rows: list[dict] = []
+
+    def run(model_name: str, name: str, cfg, fn: Callable[[], float]) -> None:
+        model = models[model_name]
+        handle = mmskip.apply(model, cfg) if cfg else None
+        try:
+            acc = fn()
+            st = handle.stats() if handle else {}
+        finally:
+            if handle:
+                handle.remove()
+        dec = st.get("decoder")
+        rows.append({"model": model_name, "config": name, "accuracy": acc,
+                     "work": dec["run"] / dec["layer_tokens"] if dec else st.get("prefill_flops_fraction", 1.0),
+                     "kv": st.get("kv_fraction", 1.0)})
+
+    models, toks = {}, {}
+    for name in ("digits-llava", "digits-video", "digits-florence"):
+        models[name], toks[name] = zoo.load(name)
+
+    def prefill_acc(model_name: str, inputs: dict, answers: list[str]) -> float:
+        tok = toks[model_name]
+        pred = models[model_name](**inputs, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+        return sum(p == tok.convert_tokens_to_ids(a) for p, a in zip(pred, answers, strict=True)) / len(answers)
+
+    img = llava_data.heldout_set(toks["digits-llava"], n)
+    img_in = llava_data.encode(toks["digits-llava"], img.pixel_values, img.questions)
+    for name, cfg in (("unmodified", None), ("p-MoD PRD, attention", MoDConfig())):
+        run("digits-llava", name, cfg, lambda: prefill_acc("digits-llava", img_in, img.answers))
+
+    vid = video_data.heldout_set(toks["digits-video"], n)
+    one = [i for i in range(len(vid.questions)) if int(vid.videos.n_clips[i]) == 1]  # one packed length per batch
+    vid_in = video_data.encode(toks["digits-video"], [vid.videos.clips()[i] for i in one],
+                               [vid.questions[i] for i in one])
+    for name, cfg in (("unmodified", None), ("VideoLLM-MoD 20 %/frame", VideoMoDConfig())):
+        run("digits-video", name, cfg, lambda: prefill_acc("digits-video", vid_in, [vid.answers[i] for i in one]))
+    tok = toks["digits-video"]
+    two = [i for i in range(len(vid.questions)) if int(vid.videos.n_clips[i]) == 2][: max(4, n // 4)]
+    for name, cfg in (("streamed, unmodified", None), ("streamed, VideoLLM-MoD", VideoMoDConfig())):
+        per_frame: list[float] = []
+
+        def stream_acc(per_frame: list[float] = per_frame) -> float:
+            right = 0
+            for i in two:
+                stream = VideoStream(models["digits-video"], prefix=torch.tensor(video_data.prefix_ids(tok)))
+                for clip in video_data.pixel_values_videos([vid.videos.clips()[i]]):
+                    stream.add_clip(clip)
+                per_frame.append(stream.kv_bytes() / stream.frames)
+                got = stream.ask(torch.tensor(video_data.question_ids(tok, vid.questions[i])))
+                right += int(got[0, 0]) == tok.convert_tokens_to_ids(vid.answers[i])
+            return right / len(two)
+
+        run("digits-video", name, cfg, stream_acc)
+        rows[-1]["kv_bytes_per_frame"] = sum(per_frame) / len(per_frame)
+
+    cap = florence_data.heldout_set(toks["digits-florence"], max(4, n // 4))
+    mue = MuEConfig(image_threshold=None, text_threshold=None, decoder_threshold=0.9, decay=1.0, floor=0.9,
+                    min_layers=1)
+    for name, cfg in (("unmodified", None), ("MuE decoder exits, 0.9", mue)):
+        run("digits-florence", name, cfg, lambda: florence_data.score(
+            florence_data.answers(models["digits-florence"], toks["digits-florence"], cap), cap)["all"])
+
+    print(f"\n== Vision: zoo VLMs, {n} held-out questions per type, CPU ==")
+    print("work = prefill FLOPs fraction (p-MoD, VideoLLM-MoD) or decoder layer-tokens run (MuE); kv = KV cache kept")
+    print(f"{'model':16s} {'config':26s} {'accuracy':>8s} {'work':>6s} {'kv':>6s}")
+    for r in rows:
+        extra = f"  {r['kv_bytes_per_frame'] / 1024:.0f} KiB KV per frame" if "kv_bytes_per_frame" in r else ""
+        print(f"{r['model']:16s} {r['config']:26s} {r['accuracy']:8.3f} {r['work']:6.3f} {r['kv']:6.3f}{extra}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="folder for the image grids")
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the full diffusion run")
-    p.add_argument("--only", choices=("language", "diffusion"), default=None, help="run one part of the demo")
+    p.add_argument("--only", choices=("language", "diffusion", "vision"), default=None, help="run one part of the demo")
     p.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per prompt in the language part")
     p.add_argument("--repeats", type=int, default=2, help="timed round-robin runs in the language part (best of)")
     args = p.parse_args(argv)
@@ -210,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "diffusion"):
         for name in ("digits-dit", "digits-sd"):
             diffusion_demo(name, Path(args.out), args.steps)
+    if args.only in (None, "vision"):
+        vision_demo()
     return 0
 
 

@@ -104,6 +104,25 @@ def test_demo_quick_language_only_option(demo, tiny_lm_folder, monkeypatch, caps
     assert seen == {"new_tokens": 4, "repeats": 1}
 
 
+def test_vision_demo_runs_every_multimodal_technique(demo, capsys):
+    rows = demo.vision_demo(n=3)
+    assert [(r["model"], r["config"]) for r in rows][::2] == [
+        ("digits-llava", "unmodified"), ("digits-video", "unmodified"), ("digits-video", "streamed, unmodified"),
+        ("digits-florence", "unmodified")]
+    for plain, skipped in zip(rows[::2], rows[1::2], strict=True):
+        assert plain["work"] == 1.0 and 0.0 < skipped["work"] < 1.0  # every technique skips some work
+    assert rows[5]["kv_bytes_per_frame"] < rows[4]["kv_bytes_per_frame"]
+    assert "== Vision" in capsys.readouterr().out
+
+
+def test_demo_quick_vision_only_option(demo, monkeypatch):
+    seen = []
+    monkeypatch.setattr(demo, "vision_demo", lambda: seen.append(1) or [])
+    monkeypatch.setattr(demo, "language_demo", lambda **kw: pytest.fail("--only vision ran language"))
+    monkeypatch.setattr(demo, "diffusion_demo", lambda *a, **kw: pytest.fail("--only vision ran diffusion"))
+    assert demo.main(["--only", "vision"]) == 0 and seen == [1]
+
+
 def test_mmskip_demo_module_is_gone():
     """One demo, in apps/: the library no longer ships a ``mmskip.demo`` beside it."""
     assert importlib.util.find_spec("mmskip.demo") is None

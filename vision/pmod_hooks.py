@@ -91,7 +91,7 @@ class InputHook(ModelHook):
                     st.warned_plain = True
                     what = "video frames" if st.config.routing == "frames" else "vision tokens"
                     logger.warning("mmskip %s: a prompt with no %s: the plain model runs (nothing to skip); "
-                                   "stats()['mode'] == 'plain'", st.config.technique, what)
+                                   "stats()['mode'] == 'plain' (expected for a VideoStream's text prefix)", st.config.technique, what)
             if past == 0 or has_routed:
                 st.phase = "prefill"
                 st.mode = "mod" if has_routed or st.mode == "mod" else "plain"
