@@ -46,6 +46,19 @@ def _forward_cache_name(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+class ArgumentsHook(ModelHook):
+    """A hook that reads its module's call by parameter name: :meth:`arguments` binds ``args`` and
+    ``kwargs`` to the original forward's signature (read once), with ``**kwargs`` flattened in."""
+
+    _signature: inspect.Signature | None = None
+
+    def arguments(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self._signature is None:
+            self._signature = inspect.signature(self.fn_ref.original_forward)
+        bound = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        return {**bound.pop("kwargs", {}), **bound}
+
+
 def get_cache(kwargs: dict[str, Any]) -> Any:
     """The KV cache passed to a decoder layer or stack (``cache`` in transformers >= 5)."""
     cache = kwargs.get("cache")

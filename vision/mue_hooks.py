@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.hooks import ModelHook
 
-from mmskip._phase import get_cache
+from mmskip._phase import ArgumentsHook, get_cache
 from mmskip.inject import CallGuard, SkipHandle
 
 if TYPE_CHECKING:
@@ -140,19 +139,15 @@ class PlaceholderHook(ModelHook):
 # -- encoder ----------------------------------------------------------------------------------------
 
 
-class EncoderHook(ModelHook):
+class EncoderHook(ArgumentsHook):
     """On the encoder: opens the :class:`EncoderPass` the layer hooks share, records it when done."""
 
     def __init__(self, state: MuEState, handle: SkipHandle, guard: CallGuard) -> None:
         super().__init__()
         self.state, self.handle, self.guard = state, handle, guard
-        self.signature: inspect.Signature | None = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.signature is None:
-            self.signature = inspect.signature(self.fn_ref.original_forward)
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        bound = {**bound.pop("kwargs", {}), **bound}
+        bound = self.arguments(args, kwargs)
         x = bound.get("inputs_embeds")
         x = bound.get("input_ids") if x is None else x
         st = self.state
@@ -311,19 +306,15 @@ def _rows(mask: Any, idx: torch.Tensor) -> Any:
 # -- decoder ----------------------------------------------------------------------------------------
 
 
-class DecoderHook(ModelHook):
+class DecoderHook(ArgumentsHook):
     """On the decoder: opens a :class:`DecoderPass` per forward and records its exits."""
 
     def __init__(self, state: MuEState, handle: SkipHandle, guard: CallGuard) -> None:
         super().__init__()
         self.state, self.handle, self.guard = state, handle, guard
-        self.signature: inspect.Signature | None = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.signature is None:
-            self.signature = inspect.signature(self.fn_ref.original_forward)
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        bound = {**bound.pop("kwargs", {}), **bound}
+        bound = self.arguments(args, kwargs)
         x = bound.get("inputs_embeds")
         x = bound.get("input_ids") if x is None else x
         if x is None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.hooks import ModelHook
 
-from mmskip._phase import get_cache
+from mmskip._phase import ArgumentsHook, get_cache
 from mmskip.inject import CallGuard, SkipHandle
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class CaptureHook(ModelHook):
         return args, kwargs
 
 
-class InputHook(ModelHook):
+class InputHook(ArgumentsHook):
     """On the module that receives ``input_ids``: prefill vs decode, the routed tokens, the guard.
 
     A forward with routed (vision) tokens is a *prefill chunk*: the first forward of a
@@ -63,13 +63,9 @@ class InputHook(ModelHook):
         super().__init__()
         self.state, self.handle = state, handle
         self.guard = CallGuard(handle.config.technique)
-        self.signature: inspect.Signature | None = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.signature is None:
-            self.signature = inspect.signature(self.fn_ref.original_forward)
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        bound = {**bound.pop("kwargs", {}), **bound}
+        bound = self.arguments(args, kwargs)
         cache = bound.get("cache", bound.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None else 0
         st = self.state
