@@ -91,6 +91,31 @@ def evaluate(model, batch: D.Batch, device: torch.device | str = "cpu", chunk: i
     return res
 
 
+def save_and_score(model, tok, out: Path, dev: torch.device, evaluate_fn, heldout, train_probe, qtypes, chance: dict,
+                   n_eval: int, train_name: str) -> tuple[dict[str, float], dict]:
+    """The end of a zoo VLM recipe: evaluate the weights as they will be saved (fp16), write model and
+    tokenizer to ``out``, and return the held-out accuracy and the card's accuracy and size metrics."""
+    model.to(torch.float16).float()  # evaluate the weights exactly as saved
+    acc = evaluate_fn(model, heldout, dev)
+    acc_train = evaluate_fn(model, train_probe, dev)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True, max_shard_size="16MB")
+    tok.save_pretrained(out)
+    model.float()
+    metrics = {f"held-out accuracy, all ({len(heldout.answers)} questions)": acc["all"]}
+    metrics.update({f"held-out accuracy, {t} ({n_eval})": acc[t] for t in qtypes})
+    metrics.update({f"majority-answer baseline, {t}": chance[t] for t in qtypes})
+    metrics.update({f"{train_name} accuracy, {t}": acc_train[t] for t in qtypes})
+    metrics.update({
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vision tower parameters": sum(p.numel() for p in model.model.vision_tower.parameters()),
+        "language model parameters": sum(p.numel() for p in model.model.language_model.parameters())
+        + model.lm_head.weight.numel(),
+    })
+    return acc, metrics
+
+
 def majority_baseline(batch: D.Batch) -> dict[str, float]:
     """Accuracy of always giving the most frequent answer of each question type (the chance level)."""
     return _majority(batch.answers, batch.qtypes, D.QTYPES)
@@ -186,26 +211,14 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
             curve.append((step + 1, round(lm_loss.item(), 4)))
     train_s = time.time() - t_train
     hook.remove()
-    model.to(torch.float16).float()  # evaluate the weights exactly as saved
-    acc = evaluate(model, heldout, dev)
-    acc_train = evaluate(model, train_probe, dev)
     chance = majority_baseline(heldout)
+    acc, metrics = save_and_score(model, tok, out, dev, evaluate, heldout, train_probe, D.QTYPES, chance, n_eval,
+                                  "train-digit grids")
     wall = time.time() - t0
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True, max_shard_size="16MB")
-    tok.save_pretrained(out)
-    model.float()
-    n_params = sum(p.numel() for p in model.parameters())
-    n_vision = sum(p.numel() for p in model.model.vision_tower.parameters())
-    n_text = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    n_params, n_vision, n_text = (metrics[k] for k in ("parameters", "vision tower parameters", "language model parameters"))
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    metrics = {f"held-out accuracy, all ({len(heldout.answers)} questions)": acc["all"]}
-    metrics.update({f"held-out accuracy, {t} ({n_eval})": acc[t] for t in D.QTYPES})
-    metrics.update({f"majority-answer baseline, {t}": chance[t] for t in D.QTYPES})
-    metrics.update({f"train-digit grids accuracy, {t}": acc_train[t] for t in D.QTYPES})
-    metrics.update({"parameters": n_params, "vision tower parameters": n_vision, "language model parameters": n_text,
-                    "steps": steps, "batch": batch, "device": where, "training seconds": round(train_s, 1),
+    metrics.update({"steps": steps, "batch": batch, "device": where, "training seconds": round(train_s, 1),
                     "seconds per step": round(train_s / steps, 4), "final train loss (language model)": curve[-1][1]})
     vc, tc = model.config.vision_config, model.config.text_config
     write_card(out, "digits-llava",

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import video_data as D
 from .card import write_card
-from .train_llava import _autocast
+from .train_llava import _autocast, save_and_score
 from .word_tokenizer import majority_baseline as _majority
 
 __all__ = ["SIZES", "STEPS", "VISION_STEPS", "BATCH", "make_model", "evaluate", "majority_baseline", "patch_labels", "train_video"]
@@ -267,26 +267,14 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     probe_acc["at the end"] = _probe_accuracy(model, probe, captured, heldout, dev)
     train_s = time.time() - t_train
     hook.remove()
-    model.to(torch.float16).float()  # evaluate the weights exactly as saved
-    acc = evaluate(model, heldout, dev)
-    acc_train = evaluate(model, train_probe, dev)
     chance = majority_baseline(heldout)
+    acc, metrics = save_and_score(model, tok, out, dev, evaluate, heldout, train_probe, D.QTYPES, chance, n_eval,
+                                  "train-digit videos")
     wall = time.time() - t0
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True, max_shard_size="16MB")
-    tok.save_pretrained(out)
-    model.float()
-    n_params = sum(p.numel() for p in model.parameters())
-    n_vision = sum(p.numel() for p in model.model.vision_tower.parameters())
-    n_text = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    n_params, n_vision, n_text = (metrics[k] for k in ("parameters", "vision tower parameters", "language model parameters"))
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({_threads()})"
-    metrics = {f"held-out accuracy, all ({len(heldout)} questions)": acc["all"]}
-    metrics.update({f"held-out accuracy, {t} ({n_eval})": acc[t] for t in D.QTYPES})
-    metrics.update({f"majority-answer baseline, {t}": chance[t] for t in D.QTYPES})
-    metrics.update({f"train-digit videos accuracy, {t}": acc_train[t] for t in D.QTYPES})
-    metrics.update({"parameters": n_params, "vision tower parameters": n_vision, "language model parameters": n_text,
-                    "vision warm-up steps": vision_steps, "steps": steps, "batch": batch, "device": where,
+    metrics.update({"vision warm-up steps": vision_steps, "steps": steps, "batch": batch, "device": where,
                     "training seconds": round(train_s, 1), "vision warm-up seconds": round(t_vision, 1),
                     "seconds per step (whole model)": round((train_s - t_vision) / steps, 4),
                     "final train loss (language model)": curve[-1][1]})
