@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from mmskip._training import save_checkpoint, skip_batches
 
 __all__ = ["CHECKPOINT", "layerwise_loss", "mixed_depth", "train_mue", "main"]
 
@@ -106,14 +107,6 @@ def layerwise_loss(model: nn.Module, batch: Mapping[str, Any], *, encoder_mix: f
         loss = loss + encoder_mix * mix.mean()
         parts["encoder_mix"] = mix.detach().tolist()
     return loss, parts
-
-
-def _stream(batches: Iterable[Mapping[str, Any]], start: int) -> Iterator[Mapping[str, Any]]:
-    it = iter(batches)
-    for i in range(start):
-        if next(it, None) is None:
-            raise ValueError(f"batches ran out after {i} of the {start} batches a resumed run skips")
-    return it
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -201,16 +194,14 @@ def train_mue(
 
     def checkpoint(step: int) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"step": step, "losses": losses, "seconds": seconds, "layer_curve": layer_curve,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "aux": aux_module.state_dict() if aux_module is not None else {},
-                    "optimizer": opt.state_dict()}, tmp)
-        os.replace(tmp, ckpt_path)
+        save_checkpoint(ckpt_path, {"step": step, "losses": losses, "seconds": seconds, "layer_curve": layer_curve,
+                                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                    "aux": aux_module.state_dict() if aux_module is not None else {},
+                                    "optimizer": opt.state_dict()})
 
     every = max(1, steps // 20)
     model.train()
-    data = _stream(batches, start) if start < steps else iter(())
+    data = skip_batches(batches, start) if start < steps else iter(())
     bar = tqdm(total=steps, initial=min(start, steps), desc=desc, disable=not progress, mininterval=2.0)
     t0 = time.perf_counter()
     step = start

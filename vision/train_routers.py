@@ -23,11 +23,9 @@ and any LoRA weights; ``--resume`` continues it), ``lora.safetensors`` + ``lora.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -39,10 +37,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mmskip._training import save_checkpoint, skip_batches
 from mmskip.inject import SkipConfig, apply
 from mmskip.registry import get_adapter
 
 from .mod_routers import MoDRouters
+from .router_eval import digit_batches, evaluate_configs, heldout, load_model, parse_schedule, results_table
+from .router_lora import (
+    LORA_META,
+    LORA_WEIGHTS,
+    _inject_lora,
+    _lora_named,
+    _lora_params,
+    _unwrap_lora,
+    default_lora_config,
+    merged_with_lora,
+)
 
 __all__ = [
     "CHECKPOINT",
@@ -56,100 +66,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
-LORA_WEIGHTS = "lora.safetensors"
-LORA_META = "lora.json"
 PROG = "python -m mmskip.vision.train_routers"
-
-
-# -- LoRA (peft) ---------------------------------------------------------------------------------
-
-
-def _peft() -> Any:
-    try:
-        import peft
-    except ModuleNotFoundError as e:
-        from mmskip.eval._optional import missing_extra
-
-        err = missing_extra(e, "training p-MoD routers with LoRA")
-        if err is None:
-            raise
-        raise err from e
-    return peft
-
-
-def default_lora_config(model: nn.Module, r: int = 8, alpha: int = 16) -> Any:
-    """peft ``LoraConfig`` for the q and v projections of ``model``'s language model (every decoder
-    layer; the vision tower and projector are left alone). Targets are full module names."""
-    names = {id(m): n for n, m in model.named_modules()}
-    text = get_adapter(model, "vlm").text
-    targets = []
-    for i in range(text.num_layers):
-        attn = text.attention(i)
-        targets += [names[id(getattr(attn, p))] for p in ("q_proj", "v_proj") if hasattr(attn, p)]
-    return _peft().LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets)
-
-
-def _inject_lora(model: nn.Module, lora_config: Any) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Put LoRA layers into ``model`` in place (``peft.inject_adapter_in_model``); returns
-    ``(parent, attribute, lora layer)`` per wrapped module, for :func:`_unwrap_lora`."""
-    peft = _peft()
-    from peft.tuners.lora import LoraLayer
-
-    had = set(vars(model))
-    peft.inject_adapter_in_model(lora_config, model)
-    for key in set(vars(model)) - had:  # peft notes its config on the model (peft_config): not ours to keep
-        delattr(model, key)
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
-            parent_name, _, attr = name.rpartition(".")
-            found.append((model.get_submodule(parent_name) if parent_name else model, attr, module))
-    if not found:
-        raise ValueError(f"the LoRA config's target_modules {lora_config.target_modules!r} match no module of the model")
-    return found
-
-
-def _unwrap_lora(layers: list[tuple[nn.Module, str, nn.Module]], merge: bool = False) -> None:
-    """Put every wrapped module back (``merge``: with the LoRA update added to its weight first)."""
-    for parent, attr, module in layers:
-        if merge:
-            module.merge()
-        setattr(parent, attr, module.base_layer)
-
-
-def _lora_params(layers: list[tuple[nn.Module, str, nn.Module]]) -> list[nn.Parameter]:
-    return [p for _, _, m in layers for n, p in m.named_parameters() if "lora_" in n]
-
-
-def _lora_named(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if "lora_" in n}
-
-
-def merged_with_lora(model: nn.Module, folder: str | Path) -> nn.Module:
-    """A copy of ``model`` with the LoRA adapters saved in ``folder`` (``lora.safetensors`` and
-    ``lora.json``, written by :func:`train_mod_routers` with ``lora=``) merged into its weights: a plain
-    model of the same class (``mmskip.apply`` works on it). ``model`` itself is not changed."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / LORA_WEIGHTS).is_file() or not (folder / LORA_META).is_file():
-        raise FileNotFoundError(f"no LoRA adapters in {str(folder)!r} (expected {LORA_WEIGHTS} and {LORA_META})")
-    info = json.loads((folder / LORA_META).read_text())
-    merged = copy.deepcopy(model)
-    cfg = _peft().LoraConfig(r=info["r"], lora_alpha=info["lora_alpha"], lora_dropout=0.0, bias="none",
-                             target_modules=info["target_modules"])
-    layers = _inject_lora(merged, cfg)
-    ref = next(model.parameters())
-    state = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in load_file(str(folder / LORA_WEIGHTS)).items()}
-    missing = set(_lora_named(merged)) ^ set(state)
-    if missing:
-        raise ValueError(f"the LoRA weights in {str(folder)!r} do not fit this model: {sorted(missing)[:4]} ...")
-    merged.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        _unwrap_lora(layers, merge=True)
-    for p in merged.parameters():
-        p.requires_grad_(False)
-    return merged.eval()
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -167,11 +84,7 @@ def _stream(batches: Iterable[Mapping[str, Any]], start: int) -> Iterator[Mappin
         while True:
             yield batches[i % len(batches)]
             i += 1
-    it = iter(batches)
-    for i in range(start):
-        if next(it, None) is None:
-            raise ValueError(f"batches ran out after {i} of the {start} batches a resumed run skips")
-    yield from it
+    yield from skip_batches(batches, start)
 
 
 def _to(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -190,12 +103,6 @@ def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
     size = max(1, math.ceil(len(losses) / points))
     return [[min(s + size, len(losses)), round(sum(losses[s:s + size]) / len(losses[s:s + size]), 4)]
             for s in range(0, len(losses), size)]
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def train_mod_routers(
@@ -325,7 +232,7 @@ def train_mod_routers(
 
         def checkpoint(step: int) -> None:
             out.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(ckpt_path, {
+            save_checkpoint(ckpt_path, {
                 "step": step, "layers": routers.layers, "schedule": schedule, "losses": losses, "seconds": seconds,
                 "routers": {k: v.detach().cpu() for k, v in routers.state_dict().items()},
                 "optimizer": opt.state_dict(), "lora": lora_info is not None,
@@ -403,152 +310,7 @@ def train_mod_routers(
     return routers
 
 
-# -- evaluation on digits-llava ------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_configs(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Any,
-    configs: Sequence[tuple[str, SkipConfig | None, nn.Module | None]],
-    batch: int = 50,
-) -> list[dict[str, Any]]:
-    """Held-out accuracy of ``digits-llava``-style one-token answers under each config.
-
-    ``data`` is a :class:`mmskip.zoo.llava_data.Batch`; each config is ``(name, config or None for the
-    unmodified model, model to use instead of ``model`` or None)``. Prompts are left-padded and the
-    answer is the argmax of the prefill's last logits (the first generated token). Per row: accuracy
-    per question type and ``all``, agreement with the first config, and the token-weighted mean of
-    ``handle.stats()``'s ``prefill_flops_fraction`` and ``kv_fraction`` over the prefills."""
-    from mmskip.zoo import llava_data as D
-
-    vocab = tokenizer.get_vocab()
-    target = [vocab[a] for a in data.answers]
-    rows, first = [], None
-    for name, cfg, other in configs:
-        m = other if other is not None else model
-        dev = next(m.parameters()).device
-        handle = apply(m, cfg) if cfg is not None else None
-        preds, flops, kv, tokens = [], 0.0, 0.0, 0
-        try:
-            for s in range(0, len(data.questions), batch):
-                enc = tokenizer([D.prompt_text(q) for q in data.questions[s:s + batch]], padding=True,
-                                return_tensors="pt")
-                inp = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev),
-                       "pixel_values": data.pixel_values[s:s + batch].to(dev, next(m.parameters()).dtype)}
-                logits = m(**inp, logits_to_keep=1, use_cache=False).logits[:, -1]
-                preds += logits.argmax(-1).tolist()
-                n = inp["input_ids"].numel()
-                tokens += n
-                st = handle.stats() if handle is not None else {}
-                flops += st.get("prefill_flops_fraction", 1.0) * n
-                kv += st.get("kv_fraction", 1.0) * n
-        finally:
-            if handle is not None:
-                handle.remove()
-        right = [p == t for p, t in zip(preds, target, strict=True)]
-        row: dict[str, Any] = {"config": name, "signal": getattr(cfg, "signal", "-") if cfg is not None else "-"}
-        for t in D.QTYPES:
-            sel = [r for r, q in zip(right, data.qtypes, strict=True) if q == t]
-            if sel:
-                row[f"acc_{t}"] = sum(sel) / len(sel)
-        row["acc_all"] = sum(right) / len(right)
-        row["acc_all_se"] = math.sqrt(row["acc_all"] * (1 - row["acc_all"]) / len(right))
-        row["prefill_flops_fraction"] = flops / tokens
-        row["kv_fraction"] = kv / tokens
-        first = preds if first is None else first
-        row["agree_first"] = sum(a == b for a, b in zip(preds, first, strict=True)) / len(preds)
-        rows.append(row)
-    return rows
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| config | signal | prefill FLOPs | KV | acc digit / count / sum / all | agree w/ unmodified |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['signal']} | {r['prefill_flops_fraction']:.3f} | {r['kv_fraction']:.3f} | "
-                     f"{r.get('acc_digit', 0):.3f} / {r.get('acc_count', 0):.3f} / {r.get('acc_sum', 0):.3f} / "
-                     f"{r['acc_all']:.3f} | {r['agree_first']:.3f} |")
-    return "\n".join(lines)
-
-
 # -- command line --------------------------------------------------------------------------------
-
-
-def steep(num_layers: int) -> tuple[float, ...]:
-    """A harsher schedule than PRD (``benchmarks/vision_tokens.py``'s "steep"): layer 0 full, then 0.35
-    decaying by 0.75 per layer, floored at 0.1."""
-    return (1.0,) + tuple(max(0.1, 0.35 * 0.75 ** (i - 1)) for i in range(1, num_layers))
-
-
-def parse_schedule(text: str, num_layers: int) -> Any:
-    """``progressive`` (p-MoD's PRD), ``steep`` or comma-separated keep ratios, one per decoder layer."""
-    from mmskip import schedules
-
-    if text == "progressive":
-        return schedules.progressive()
-    if text == "steep":
-        return schedules.explicit(ratios=steep(num_layers))
-    try:
-        ratios = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"unknown schedule {text!r}; use progressive, steep or {num_layers} comma-separated "
-                         "keep ratios (e.g. 1,1,0.8,0.6,...)") from None
-    if len(ratios) != num_layers:
-        raise ValueError(f"--schedule gives {len(ratios)} ratios, the model has {num_layers} decoder layers")
-    return schedules.explicit(ratios=ratios)
-
-
-def load_model(name: str) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a zoo name (``digits-llava``) or a ``from_pretrained`` folder of a
-    model made by the digits-llava recipe; ``ValueError`` / ``FileNotFoundError`` saying what is wrong."""
-    from mmskip import zoo
-    from mmskip.zoo import llava_data as D
-    from mmskip.zoo.loaders import load_llava
-
-    if Path(name).is_dir():
-        try:
-            model, tok = load_llava(Path(name))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{name} is not a from_pretrained folder of a LLaVA model and its tokenizer ({e})") from None
-    else:
-        zoo.path(name)  # UnknownModelError (ValueError) / FileNotFoundError with what to do
-        if name != "digits-llava":
-            raise ValueError(f"zoo model {name!r} is not a vision-language model; routers train on digits-llava "
-                             "(or a folder with a model trained by its recipe)")
-        model, tok = zoo.load(name)
-    if tok.convert_tokens_to_ids(D.IMAGE_TOKEN) != getattr(model.config, "image_token_id", None):
-        raise ValueError(f"{name}: its tokenizer's {D.IMAGE_TOKEN} is not the model's image token; this trainer "
-                         "uses digits-llava's data and needs a model made by its recipe")
-    return model.eval(), tok
-
-
-def digit_batches(tokenizer: Any, batch: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless training batches of the digits-llava recipe's data (train digits + augmented copies,
-    1-10 class palettes, question mix 50/25/25 %), teacher-forced with labels on the answer and ``</s>``."""
-    from mmskip.zoo import llava_data as D
-    from mmskip.zoo.train_llava import COPIES, PALETTE
-
-    bank = D.digit_bank("train", copies=COPIES, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        images, labels = D.make_grids(bank, batch, g, palette=PALETTE)
-        b = D.make_batch(tokenizer, images, *D.sample_questions(labels, g))
-        yield {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pixel_values": b.pixel_values,
-               "labels": b.labels}
-
-
-def heldout(tokenizer: Any, n_per_type: int) -> Any:
-    """The first ``n_per_type`` questions of each type of the recipe's held-out set (seed 1234, held-out
-    digits; the same questions ``benchmarks/vision_tokens.py`` uses)."""
-    from mmskip.zoo import llava_data as D
-
-    full = D.heldout_set(tokenizer, max(n_per_type, 500))
-    pick = [i for t in D.QTYPES for i in [j for j, q in enumerate(full.qtypes) if q == t][:n_per_type]]
-    return D.Batch(full.pixel_values[pick], full.input_ids[pick], full.attention_mask[pick], full.labels[pick],
-                   full.answer_pos[pick], [full.qtypes[i] for i in pick], [full.questions[i] for i in pick],
-                   [full.answers[i] for i in pick])
 
 
 def _error(message: str) -> int:
@@ -635,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_cfg += [(f"p-MoD {args.schedule}", MoDConfig(schedule=schedule, signal=s), None) for s in ("attention", "norm")]
     t0 = time.perf_counter()
     rows = evaluate_configs(model, tok, data, rows_cfg, batch=args.eval_batch)
-    table = _table(rows)
+    table = results_table(rows)
     result = {
         "model": args.model,
         "n_per_type": args.eval_n,
