@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .word_tokenizer import word_tokenizer
+from .word_tokenizer import answer_batch, word_tokenizer
 
 __all__ = ["GRID", "CELL", "IMAGE_SIZE", "PATCH", "N_IMAGE_TOKENS", "QTYPES", "IMAGE_TOKEN", "Batch",
            "build_tokenizer", "digit_bank", "make_grids", "render", "pixel_values", "prompt_text", "ask",
@@ -172,15 +172,7 @@ def make_batch(tokenizer, images: torch.Tensor, questions: list[str], answers: l
     prompts = [head[:split] + [vocab[w] for w in q.split()] + head[split + 1:] for q in questions]
     ans_ids = [vocab[a] for a in answers]
     seqs = [p + [a, tokenizer.eos_token_id] for p, a in zip(prompts, ans_ids, strict=True)]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    lens = torch.tensor([len(s) for s in seqs])
-    col = torch.arange(width)
-    mask = (col < lens[:, None]).long()
-    tail = (col >= lens[:, None] - 2) & (mask == 1)
-    labels[tail] = ids[tail]
-    pos = lens - 2
+    ids, mask, labels, pos = answer_batch(seqs, tokenizer.pad_token_id)
     return Batch(pixel_values(images), ids, mask, labels, pos, qtypes, questions, answers)
 
 

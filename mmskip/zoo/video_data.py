@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .llava_data import digit_bank
-from .word_tokenizer import word_tokenizer
+from .word_tokenizer import answer_batch, word_tokenizer
 
 __all__ = ["FRAMES", "MAX_CLIPS", "FRAME_SIZE", "DIGIT_SIZE", "PATCH", "TOKENS_PER_FRAME", "N_CLIP_TOKENS",
            "QTYPES", "VIDEO_TOKEN", "IMAGE_TOKEN", "Videos", "Batch", "build_tokenizer", "digit_bank", "make_videos",
@@ -253,15 +253,8 @@ def make_batch(tokenizer, videos: Videos, questions: list[str], answers: list[st
     vocab = tokenizer.get_vocab()
     seqs = [prompt_ids(tokenizer, q, int(c)) + [vocab[a], tokenizer.eos_token_id]
             for q, a, c in zip(questions, answers, videos.n_clips, strict=True)]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    lens = torch.tensor([len(s) for s in seqs])
-    col = torch.arange(width)
-    mask = (col < lens[:, None]).long()
-    tail = (col >= lens[:, None] - 2) & (mask == 1)
-    labels[tail] = ids[tail]
-    return Batch(videos, ids, mask, labels, lens - 2, list(qtypes), list(questions), list(answers))
+    ids, mask, labels, pos = answer_batch(seqs, tokenizer.pad_token_id)
+    return Batch(videos, ids, mask, labels, pos, list(qtypes), list(questions), list(answers))
 
 
 def heldout_set(tokenizer, n_per_type: int = 500, seed: int = 1234, split: str = "test") -> Batch:

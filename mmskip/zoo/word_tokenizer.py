@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["word_tokenizer", "majority_baseline"]
+import torch
+
+__all__ = ["word_tokenizer", "majority_baseline", "answer_batch"]
 
 
 def word_tokenizer(specials: Sequence[str], words: Sequence[str], *, eos: bool = False, max_length: int = 256,
@@ -42,3 +44,17 @@ def majority_baseline(answers: Sequence[str], kinds: Sequence[str], order: Seque
         if picked:
             res[t] = Counter(picked).most_common(1)[0][1] / len(picked)
     return res
+
+
+def answer_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded teacher-forcing tensors for ``prompt + [answer, </s>]`` sequences:
+    ``(input_ids, attention_mask, labels, answer_pos)``, the loss on the answer token and ``</s>``."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    lens = torch.tensor([len(s) for s in seqs])
+    col = torch.arange(width)
+    mask = (col < lens[:, None]).long()
+    tail = (col >= lens[:, None] - 2) & (mask == 1)
+    labels[tail] = ids[tail]
+    return ids, mask, labels, lens - 2
