@@ -1,8 +1,19 @@
-"""Per-forward bookkeeping shared by the LLM techniques: prefill vs decode, token counts, cache.
+"""Per-forward bookkeeping shared by the LLM techniques: prefill, decode or recompute; token counts.
 
-A ``ModelHook`` on the decoder stack reads the KV cache before any layer runs: an empty (or
-absent) cache means *prefill*, otherwise *decode*. Without a cache every forward is a
-prefill, so decode-only skipping never triggers with ``use_cache=False``.
+A ``ModelHook`` on the decoder stack classifies every forward before any layer runs:
+
+* ``"prefill"``: the prompt (an empty or absent KV cache, outside ``generate`` or its first call);
+* ``"decode"``: new tokens on top of a filled cache;
+* ``"recompute"``: a later step of ``generate(use_cache=False)``, which feeds prompt *and*
+  generated tokens again; ``gen_from`` is where the generated ones start, so decode-phase
+  techniques treat exactly those tokens as generated and ``use_cache=False`` gives the same
+  sequences as ``use_cache=True``.
+
+While a technique is applied, ``model.generate`` is bound to record where a generation starts
+(the KV length it was given, read once, eagerly). That keeps the classification free of tensor
+reads, so ``torch.compile(fullgraph=True)`` traces it with a static cache: inside ``generate``
+the first forward is the prompt and every later one is a step. Outside ``generate`` the cache
+length decides (under compilation, a static cache counts as filled once it was written).
 """
 
 from __future__ import annotations
@@ -22,13 +33,19 @@ from .registry import DecoderAdapter
 
 @dataclass
 class ForwardState:
-    phase: str = "prefill"  # "prefill" | "decode"
+    phase: str = "prefill"  # "prefill" | "decode" | "recompute"
     batch: int = 0
     q_len: int = 0
-    past_len: int = 0
-    decode_step: int = 0  # decode forwards since the last prefill
+    past_len: int = 0  # eager forwards only (0 under torch.compile)
+    decode_step: int = 0  # decode forwards since the last prefill (eager forwards only)
+    gen_from: int = 0  # "recompute": index of the first generated token in this forward
     attention_mask: torch.Tensor | None = None  # 2-D padding mask of the call, if given
     listeners: list[Callable[[ForwardState], None]] = field(default_factory=list)
+    # set by the bound ``generate``: inside one, whether its first forward ran, and its start
+    in_generate: bool = False
+    generate_started: bool = False
+    generate_past: int = 0
+    prompt_len: int = 0
 
     @property
     def tokens(self) -> int:
@@ -65,6 +82,25 @@ def get_cache(kwargs: dict[str, Any]) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def cache_length(cache: Any) -> int:
+    """Tokens held by ``cache`` as a Python int, read eagerly (a static cache keeps a tensor)."""
+    if cache is None:
+        return 0
+    n = cache.get_seq_length()
+    return int(n) if isinstance(n, torch.Tensor) else n
+
+
+def _cache_empty(cache: Any) -> bool:
+    if cache is None:
+        return True
+    if not torch.compiler.is_compiling():
+        return cache_length(cache) == 0
+    n = cache.get_seq_length()
+    if isinstance(n, torch.Tensor):  # no data-dependent branch in a graph: has it ever been written?
+        return not all(getattr(layer, "is_initialized", True) for layer in cache.layers)
+    return n == 0
+
+
 class _PhaseHook(ModelHook):
     def __init__(self, state: ForwardState, handle: SkipHandle, layer_names: list[str], forward: Callable) -> None:
         super().__init__()
@@ -83,21 +119,74 @@ class _PhaseHook(ModelHook):
         if x is None:
             raise ValueError("mmskip: the decoder was called without input_ids or inputs_embeds")
         cache = bound.get("cache", bound.get("past_key_values", extra.get("past_key_values")))
-        past = cache.get_seq_length() if cache is not None else 0
-        with self.guard.call(starts=past == 0):  # refuses a second thread before any state changes
-            s = self.state
-            s.batch, s.q_len, s.past_len = int(x.shape[0]), int(x.shape[1]), int(past)
-            if past == 0:
-                s.phase, s.decode_step = "prefill", 0
-                s.attention_mask = bound.get("attention_mask")
-            else:
-                s.phase = "decode"
-                s.decode_step += 1
+        if bound.get("use_cache", extra.get("use_cache")) is False:
+            cache = None  # the model neither reads nor writes it
+        s = self.state
+        if s.in_generate and s.generate_started:
+            phase = "decode" if cache is not None else "recompute"
+        elif s.in_generate:
+            phase = "prefill" if s.generate_past == 0 else "decode"
+        else:
+            phase = "prefill" if _cache_empty(cache) else "decode"
+        if torch.compiler.is_compiling():  # no thread ids, no counters: nothing a graph must guard on
+            self._classify(s, phase, x, bound)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        with self.guard.call(starts=phase == "prefill"):  # refuses a second thread before any state changes
+            s.past_len = cache_length(cache)
+            s.decode_step = 0 if phase == "prefill" else s.decode_step + (phase == "decode")
+            self._classify(s, phase, x, bound)
             for name in self.layer_names:
                 self.handle.counts.record(name, s.tokens)
-            for fn in s.listeners:
-                fn(s)
             return self.fn_ref.original_forward(*args, **kwargs)
+
+    @staticmethod
+    def _classify(s: ForwardState, phase: str, x: torch.Tensor, bound: dict[str, Any]) -> None:
+        s.batch, s.q_len = x.shape[0], x.shape[1]
+        if s.in_generate and not s.generate_started:
+            s.generate_started, s.prompt_len = True, x.shape[1]
+        if phase == "recompute" and s.q_len <= s.prompt_len:
+            phase = "prefill"  # nothing generated yet in this call
+        s.phase, s.gen_from = phase, s.prompt_len if phase == "recompute" else 0
+        if phase == "prefill":
+            s.attention_mask = bound.get("attention_mask")
+        for fn in s.listeners:
+            fn(s)
+
+
+class _GenerateScope(ModelHook):
+    """Binds ``model.generate`` so the phase tracker knows where each generation starts (see the
+    module docstring); a ``generate`` already bound on the instance is wrapped, and restored on removal."""
+
+    def __init__(self, state: ForwardState) -> None:
+        super().__init__()
+        self.state = state
+        self._had_own = False
+        self._own: Any = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._had_own = "generate" in module.__dict__
+        self._own = module.__dict__.get("generate")
+        inner = self._own if self._had_own else functools.partial(type(module).generate, module)
+        module.generate = functools.partial(_scoped_generate, inner=inner, state=self.state)
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' name)
+        if self._had_own:
+            module.generate = self._own
+        else:
+            module.__dict__.pop("generate", None)
+        return module
+
+
+def _scoped_generate(*args: Any, inner: Callable, state: ForwardState, **kwargs: Any) -> Any:
+    outer = (state.in_generate, state.generate_started, state.generate_past, state.prompt_len)
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    state.in_generate, state.generate_started = True, False
+    state.generate_past, state.prompt_len = cache_length(cache) if hasattr(cache, "get_seq_length") else 0, 0
+    try:
+        return inner(*args, **kwargs)
+    finally:
+        state.in_generate, state.generate_started, state.generate_past, state.prompt_len = outer
 
 
 class HeadCounter(ModelHook):
@@ -108,17 +197,21 @@ class HeadCounter(ModelHook):
         self.handle = handle
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        x = args[0] if args else next(iter(kwargs.values()))
-        self.handle.counts.fixed_units += x.shape[:-1].numel()
+        if not torch.compiler.is_compiling():
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.handle.counts.fixed_units += x.shape[:-1].numel()
         return args, kwargs
 
 
 def track_forwards(adapter: DecoderAdapter, handle: SkipHandle, costs: dict[str, float]) -> ForwardState:
-    """Attach the phase tracker (and FLOPs bookkeeping for ``costs`` items) to ``adapter``'s model."""
+    """Attach the phase tracker (and FLOPs bookkeeping for ``costs`` items) to ``adapter``'s model;
+    bind its ``generate`` (when it has one) so generations are tracked from their start."""
     state = ForwardState()
     handle.counts.cost.update(costs)
     handle.counts.fixed_cost = adapter.head_flops()
     handle.add_hook(adapter.decoder, _PhaseHook(state, handle, list(costs), adapter.decoder.forward), ".phase")
     if adapter.head is not None:
         handle.add_hook(adapter.head, HeadCounter(handle), ".head")
+    if callable(getattr(adapter.model, "generate", None)):
+        handle.add_hook(adapter.model, _GenerateScope(state), ".generate")
     return state

@@ -9,6 +9,11 @@ one is computed again to re-check. The first and last layers ("cold" regions) an
 token's FFNs that may be skipped. Attention always runs, so the KV cache needs no handling.
 
 Decisions are per sequence: in a batch, the FFN runs only on the rows that do not skip.
+
+Two cases decide with tensors instead, computing every FFN and zeroing the skipped outputs
+(the same decisions, no saving): a ``generate(use_cache=False)`` step, which recomputes the
+prompt and every generated token (each generated position keeps its own skip state), and a
+``torch.compile``d forward, where a data-dependent skip cannot be part of one graph.
 """
 
 from __future__ import annotations
@@ -33,24 +38,45 @@ logger = logging.getLogger(__name__)
 class _TokenState:
     """Per-forward decision state, reset by the phase tracker before the first layer runs.
 
-    Per-row counters are plain Python lists: one small list update per hot layer costs less
-    than the handful of tiny tensor ops it would take otherwise.
+    Eager decoding keeps per-row counters in plain Python lists: one small list update per hot
+    layer costs less than the handful of tiny tensor ops it would take otherwise. The masked
+    path (``use_cache=False`` steps, ``torch.compile``) keeps them as (batch, positions) tensors.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget_per_token = budget
         self.active = False
+        self.masked = False
         self.residual: torch.Tensor | None = None
         self.run: list[int] = []  # skips still owed per row
         self.budget: list[int] = []
         self.step = 0
         self.log: list[tuple[int, int, torch.Tensor]] = []  # (decode_step, layer, skipped rows)
+        # masked path: positions from ``start`` on decide; ``steps`` counts decode forwards as a tensor
+        self.start = 0
+        self.live: torch.Tensor | bool = True
+        self.run_t: torch.Tensor | None = None
+        self.budget_t: torch.Tensor | None = None
+        self.steps = torch.zeros((), dtype=torch.long)
 
     def reset(self, s: ForwardState, warmup: int) -> None:
-        self.active = s.phase == "decode" and s.decode_step > warmup
-        self.run = [0] * s.batch
-        self.budget = [self.budget_per_token] * s.batch
-        self.step = s.decode_step
+        self.steps = self.steps.zero_() if s.phase == "prefill" else self.steps.add_(int(s.phase == "decode"))
+        self.masked = s.phase == "recompute" or torch.compiler.is_compiling()
+        if not self.masked:
+            self.active = s.phase == "decode" and s.decode_step > warmup
+            self.run = [0] * s.batch
+            self.budget = [self.budget_per_token] * s.batch
+            self.step = s.decode_step
+            return
+        if s.phase == "recompute":  # generated position p is decode step p - gen_from + 1
+            self.start, self.live = min(s.gen_from + warmup, s.q_len), True
+            self.active = self.start < s.q_len
+        else:
+            self.start, self.live = 0, self.steps > warmup
+            self.active = s.phase == "decode"
+        shape = (s.batch, s.q_len - self.start)
+        self.run_t = torch.zeros(shape, dtype=torch.long)
+        self.budget_t = torch.full(shape, self.budget_per_token, dtype=torch.long)
 
 
 class _ResidualCapture(ModelHook):
@@ -79,6 +105,8 @@ class _FFNSkipHook(ModelHook):
         tok, forward = self.tok, self.fn_ref.original_forward
         if not tok.active:
             return forward(x, *args, **kwargs)
+        if tok.masked:
+            return self._masked(forward(x, *args, **kwargs))
         skip = [r > 0 and b > 0 for r, b in zip(tok.run, tok.budget)]
         n_skip = sum(skip)
         if n_skip == 0:
@@ -102,6 +130,21 @@ class _FFNSkipHook(ModelHook):
                 if not s and cos[i] >= self.schedule.threshold:
                     tok.run[i] = self.span
         return out
+
+    def _masked(self, out: torch.Tensor) -> torch.Tensor:
+        """The same rule per (row, position) from ``tok.start`` on, with tensors: zero the skipped
+        outputs, then the saturation test where the FFN counted."""
+        tok, a = self.tok, self.tok.start
+        run, budget = tok.run_t.to(out.device), tok.budget_t.to(out.device)
+        live = tok.live.to(out.device) if isinstance(tok.live, torch.Tensor) else tok.live
+        skip = (run > 0) & (budget > 0) & live
+        seg = out[:, a:].masked_fill(skip.unsqueeze(-1), 0)
+        h = tok.residual[:, a:].float()
+        saturated = torch.nn.functional.cosine_similarity(h, h + seg.float(), dim=-1) >= self.schedule.threshold
+        tok.run_t = torch.where(skip, run - 1, torch.where(live & saturated, self.span, run))
+        tok.budget_t = budget - skip.long()
+        self.handle.counts.record(self.name, 0, int(skip.sum()) if not torch.compiler.is_compiling() else 0)
+        return torch.cat([out[:, :a], seg], dim=1)
 
 
 @dataclass

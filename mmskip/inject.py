@@ -253,7 +253,10 @@ class SkipStats:
         self.fixed_units: float = 0.0
 
     def record(self, name: str, units: float = 1.0, skipped: float = 0.0) -> None:
-        """``units`` reached item ``name``; ``skipped`` of them were not computed."""
+        """``units`` reached item ``name``; ``skipped`` of them were not computed. Not counted
+        inside a ``torch.compile``d graph (a counter there would be a guard on every value)."""
+        if torch.compiler.is_compiling():
+            return
         self.seen[name] += units
         if skipped:
             self.skipped[name] += skipped

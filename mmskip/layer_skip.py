@@ -5,7 +5,14 @@ alone, so every sample in a batch skips the same layers and KV caching keeps wor
 ``phase="decode"`` the prompt runs through every layer and only generated tokens skip; a
 skipped layer still gets a cache entry for each new token, copied from the nearest lower
 kept layer (whose output is exactly the hidden state the skipped layer passes on), so every
-layer's cache keeps the sequence length that masks and later calls expect.
+layer's cache keeps the sequence length that masks and later calls expect. Dynamic and static
+caches are both filled this way, so ``cache_implementation="static"`` and a ``torch.compile``d
+decoding step (``fullgraph=True``) work. ``generate(use_cache=False)`` recomputes the prompt at
+every step: there a skipped layer runs and passes its input on for the generated tokens only,
+which gives the same tokens as the cached run.
+
+A skipped layer computes no attention: with ``output_attentions=True`` its entry is all zeros
+(batch, heads, queries, keys), so the tuple keeps one entry per layer.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers.hooks import ModelHook
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers.utils.output_capturing import _active_collector
 
 from ._phase import ForwardState, get_cache, track_forwards
 from .inject import SkipConfig, SkipHandle, TechniqueState
@@ -40,9 +48,13 @@ class SkipPlan:
         self.cache_idx = [getattr(adapter.attention(i), "layer_idx", i) for i in range(adapter.num_layers)]
 
     def skips(self, i: int) -> bool:
-        if self.phase == "decode" and self.state.phase != "decode":
+        if i not in self.skip:
             return False
-        return i in self.skip
+        return self.phase == "all" or self.state.phase == "decode"
+
+    def splices(self, i: int) -> bool:
+        """A ``generate(use_cache=False)`` step: layer ``i`` runs, but only for the prompt's tokens."""
+        return self.phase == "decode" and self.state.phase == "recompute" and i in self.skip
 
     def source(self, i: int) -> int | None:
         """Nearest lower kept layer: the one whose KV a skipped layer ``i`` copies."""
@@ -61,12 +73,38 @@ def fill_skipped_kv(cache: Any, plan: SkipPlan, i: int, q_len: int) -> None:
             "Keep layer 0 (unified schedules always do) or generate with use_cache=False."
         )
     layer = cache.layers[plan.cache_idx[src]]
-    if not isinstance(layer, DynamicLayer):
+    if isinstance(layer, StaticLayer) and not layer.is_sliding:
+        # the source wrote this forward's tokens just below its (tensor) length: no host sync
+        pos = torch.arange(q_len, device=layer.keys.device) + (layer.cumulative_length - q_len)
+        keys, values = layer.keys.index_select(2, pos), layer.values.index_select(2, pos)
+    elif isinstance(layer, DynamicLayer):
+        keys, values = layer.keys[:, :, -q_len:], layer.values[:, :, -q_len:]
+    else:
         raise TypeError(
-            f"mmskip layer skipping supports DynamicCache layers, got {type(layer).__name__}; "
-            "generate with the default cache (no cache_implementation='static')."
+            f"mmskip layer skipping fills skipped layers' KV in dynamic and static full-attention caches, got "
+            f"{type(layer).__name__}; generate with cache_implementation='dynamic' or 'static'."
         )
-    cache.update(layer.keys[:, :, -q_len:], layer.values[:, :, -q_len:], plan.cache_idx[i])
+    cache.update(keys, values, plan.cache_idx[i])
+
+
+def record_skipped_attention(adapter: DecoderAdapter, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    """With ``output_attentions=True``, give skipped layer ``i`` an all-zero attention map, so the
+    attentions tuple keeps one entry per layer (transformers records them from attention modules)."""
+    collected = _active_collector.get()
+    # an empty list: the kept layers below returned no weights (sdpa / flash attention), neither do we
+    if collected is None or not collected.get("attentions"):
+        return
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        keys = mask.shape[-1]
+    else:
+        cache = get_cache(kwargs)
+        layer = cache.layers[getattr(adapter.attention(i), "layer_idx", i)] if cache is not None else None
+        keys = layer.max_cache_len if isinstance(layer, StaticLayer) else hidden.shape[1]
+        if isinstance(layer, DynamicLayer) and layer.is_initialized:
+            keys = layer.keys.shape[-2]
+    config = adapter.model.config.get_text_config(decoder=True)
+    collected["attentions"].append(hidden.new_zeros(hidden.shape[0], config.num_attention_heads, hidden.shape[1], keys))
 
 
 class LayerSkipHook(ModelHook):
@@ -81,14 +119,26 @@ class LayerSkipHook(ModelHook):
         self.name = f"layer.{index}"
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.plan.splices(self.index):
+            return self._splice(args, kwargs)
         if not self.plan.skips(self.index):
             return self.fn_ref.original_forward(*args, **kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = get_cache(kwargs)
         if cache is not None and kwargs.get("use_cache", True) is not False:
             fill_skipped_kv(cache, self.plan, self.index, hidden.shape[1])
+        record_skipped_attention(self.adapter, self.index, hidden, kwargs)
         self.handle.counts.record(self.name, 0, hidden.shape[0] * hidden.shape[1])
         return self.adapter.skipped("layer", args, kwargs)
+
+    def _splice(self, args: tuple, kwargs: dict) -> Any:
+        """Run the layer, then pass the input on for the generated tokens (``use_cache=False`` steps)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        g = self.plan.state.gen_from
+        first = torch.cat([first[:, :g], hidden[:, g:]], dim=1)
+        return (first, *out[1:]) if isinstance(out, tuple) else first
 
 
 def attach_layer_skipping(
