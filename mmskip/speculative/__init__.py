@@ -36,7 +36,7 @@ assistant generates through its own ``generate`` call with its own cache, so the
 reuse the full model's K/V, and SWIFT's per-round layer-set search would have nowhere to run.
 
 The user call is unchanged: ``mmskip.apply(model, SelfSpeculativeConfig())``, then the usual
-``model.generate(...)`` (batch size 1, greedy or sampling). While applied, ``model.generate`` is
+``model.generate(...)``. While applied, ``model.generate`` is
 bound to transformers' ``generate`` with ``custom_generate=swift_decode`` added, the way
 transformers itself binds a model's own custom generate in ``from_pretrained``; the explicit
 form ``model.generate(..., custom_generate=mmskip.speculative.swift_decode)`` does the same.
@@ -45,10 +45,33 @@ form ``model.generate(..., custom_generate=mmskip.speculative.swift_decode)`` do
 only inside a draft forward of the generating thread). Two threads generating with one model at
 once raise :class:`mmskip.ConcurrentUseError`; the model is never left modified.
 
+What SWIFT serves, and what it hands to transformers: SWIFT decodes one sequence (batch size 1),
+greedily or by sampling, from ``input_ids`` into ``generate``'s default dynamic cache (full or
+sliding-window layers, or an empty ``DynamicCache`` the caller passes). Everything ``generate``
+turns into logits processors and stopping criteria works: the processors run on the full model's
+logits at every verified position with the ids up to it, and the criteria are checked after every
+accepted token with the scores so far, as in transformers' assisted decoding (``repetition_penalty``,
+``bad_words_ids``, ``no_repeat_ngram_size``, min/max length, EOS, ``max_time``, custom
+``LogitsProcessor`` / ``StoppingCriteria``, which must depend on their arguments only), so greedy
+output stays the model's own. ``output_scores`` / ``output_logits`` are served, as is a streamer.
+A call SWIFT cannot serve runs as the model's plain ``generate`` (the full model: the draft's
+hooks act only inside a draft forward) with a ``UserWarning`` once per reason per handle, counted
+in ``handle.stats()["fallbacks"]``: batch size > 1 (``num_return_sequences`` > 1 included), beam
+search and the other decoding modes (``num_beams`` > 1, contrastive, DoLa, constrained),
+``assistant_model`` / ``prompt_lookup_num_tokens`` / ``assistant_early_exit``, ``inputs_embeds``,
+``use_cache=False``, a ``cache_implementation`` other than dynamic or a pre-filled cache,
+``output_attentions`` / ``output_hidden_states``, classifier-free guidance (``guidance_scale``,
+whose processor keeps its own cache), model inputs other than ``attention_mask`` /
+``position_ids`` (e.g. ``token_type_ids``), an attention mask that is not left padding,
+``synced_gpus=True``, and ``stop_strings`` / ``token_healing`` (``generate`` gives a custom loop
+no tokenizer; a ``StopStringCriteria`` in ``stopping_criteria`` is served). Values count, not
+presence: ``streamer=None``, ``output_scores=False`` are the defaults. The explicit
+``custom_generate=swift_decode`` raises ``ValueError`` with the reason instead of falling back.
+
 Modules: ``config`` (the config and its attach), ``acceptance`` (greedy and speculative-sampling
 rules), ``search`` (the layer-set search), ``draft`` (the skipping hooks), ``cache`` (crop rules
 for full and sliding-window cache layers), ``generate`` (the loop and its state),
-``route`` (the seam into ``generate``).
+``fallback`` (what SWIFT cannot serve), ``route`` (the seam into ``generate``).
 """
 
 from __future__ import annotations

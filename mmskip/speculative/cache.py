@@ -12,11 +12,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["prepare", "crop", "length"]
+__all__ = ["unsupported", "prepare", "crop", "length"]
 
 _SUPPORTED = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def unsupported(cache: Any) -> str | None:
+    """Why SWIFT cannot decode into ``cache`` (None when it can): it needs an empty, not offloaded
+    ``DynamicCache`` of full or sliding-window layers (the default cache of ``generate``)."""
+    layers = getattr(cache, "layers", None) or []
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False) \
+            or any(type(layer) not in _SUPPORTED for layer in layers) \
+            or getattr(cache, "layer_class_to_replicate", None) not in (None, *_SUPPORTED):
+        return (f"SWIFT needs the default dynamic cache (no cache_implementation, or 'dynamic'; got "
+                f"{type(cache).__name__}{', offloaded' if getattr(cache, 'offloading', False) else ''})")
+    if cache.get_seq_length() > 0:
+        return "SWIFT starts from an empty cache (got past_key_values that already hold tokens)"
+    return None
 
 
 def prepare(cache: Any) -> None:

@@ -3,13 +3,15 @@
 ``GenerationMixin.generate`` prepares everything (the generation config, with transformers' own
 validation and errors; the logits processors and sampling warpers; the stopping criteria; the
 KV cache, sliding-window layers included) and then calls :meth:`SwiftState.decode` in place of
-its greedy / sampling loop (``mmskip.speculative.route`` wires it in).
+its greedy / sampling loop (``mmskip.speculative.route`` wires it in). What the loop cannot serve
+(:mod:`.fallback`) it refuses before any forward, and the route runs transformers' loop instead.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from . import cache as kv
 from .acceptance import greedy_accept, speculative_accept
 from .config import SelfSpeculativeConfig
 from .draft import Draft
+from .fallback import Fallback, decode_reason
 from .search import LayerSetSearch
 
 __all__ = ["SwiftState"]
@@ -40,10 +43,7 @@ class _Counters:
     draft_forwards: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-
-
-# model kwargs generate() prepares for a decoder-only LM; anything else is refused, not ignored
-_MODEL_KWARGS = {"attention_mask", "position_ids", "cache", "use_cache", "logits_to_keep"}
+    fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> calls served by transformers' generate
 
 
 class SwiftState(TechniqueState):
@@ -71,6 +71,7 @@ class SwiftState(TechniqueState):
             self.draft.set(*self.layer_set)
         self.counters = _Counters()
         self.guard = CallGuard(config.technique)
+        self.warned: set[str] = set()  # fallback reasons already warned about (once per handle)
 
     # -- TechniqueState ----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -97,7 +98,17 @@ class SwiftState(TechniqueState):
             "draft_forwards": c.draft_forwards,
             "draft_seconds": c.draft_seconds,  # wall time in draft forwards
             "verify_seconds": c.verify_seconds,  # wall time in verification forwards
+            "fallback_calls": sum(c.fallbacks.values()),  # calls served by transformers' own generate
+            "fallbacks": dict(c.fallbacks),
         }
+
+    def fell_back(self, fallback: Fallback) -> None:
+        """Count a call served by transformers' ``generate``; warn once per reason per handle."""
+        self.counters.fallbacks[fallback.key] = self.counters.fallbacks.get(fallback.key, 0) + 1
+        if fallback.key not in self.warned:
+            self.warned.add(fallback.key)
+            warnings.warn(f"{fallback.why}; falling back to transformers' generate (mmskip warns once per reason)",
+                          UserWarning, stacklevel=3)
 
     def reset_layer_set(self) -> None:
         """Forget the found layer set; the next ``generate`` searches again."""
@@ -155,12 +166,17 @@ class SwiftState(TechniqueState):
     def decode(self, model: torch.nn.Module, input_ids: torch.Tensor, logits_processor: Any = None,
                stopping_criteria: Any = None, generation_config: GenerationConfig | None = None,
                streamer: Any = None, **model_kwargs: Any) -> Any:
-        """Self-speculative decoding of one sequence; ``generate`` calls it with what it prepared."""
+        """Self-speculative decoding of one sequence; ``generate`` calls it with what it prepared.
+        Raises :class:`Fallback` (before any forward) when SWIFT cannot serve the call."""
         gen = generation_config
         if model_kwargs.get("cache") is None and "past_key_values" in model_kwargs:  # older transformers' name
             model_kwargs["cache"] = model_kwargs.pop("past_key_values")
-        _check(input_ids, gen, model_kwargs)
+        reason = decode_reason(input_ids, gen, logits_processor, model_kwargs)
+        if reason is not None:
+            raise reason
         with self.guard.call(starts=True), torch.no_grad():
+            if streamer is not None:  # generate() puts the prompt only into a streamer it was given itself
+                streamer.put(input_ids.cpu())
             return self._decode(model, input_ids, logits_processor, stopping_criteria, gen, streamer, model_kwargs)
 
     def _decode(self, model: torch.nn.Module, input_ids: torch.Tensor, processor: Any, stopping: Any,
@@ -195,7 +211,8 @@ class SwiftState(TechniqueState):
             return row, row[0].argmax(-1, keepdim=True)
 
         def stopped(ids: torch.Tensor) -> bool:
-            return bool(stopping(ids, None).any()) if stopping is not None else False
+            """Checked after every token, given the scores so far (or None), as transformers' loop does."""
+            return bool(stopping(ids, tuple(scores) if want_scores else None).any()) if stopping is not None else False
 
         c.calls += 1
         pos = model_kwargs.get("position_ids")
@@ -284,37 +301,6 @@ class SwiftState(TechniqueState):
             )
         return ids
 
-
-def _check(input_ids: torch.Tensor, gen: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
-    """Refuse, with what to change, what the SWIFT loop does not do (rather than ignoring it)."""
-    unsupported = {
-        "num_beams": (gen.num_beams or 1) != 1,
-        "output_attentions": bool(gen.output_attentions),
-        "output_hidden_states": bool(gen.output_hidden_states),
-        "assistant_early_exit": gen.assistant_early_exit is not None,
-        "prompt_lookup_num_tokens": gen.prompt_lookup_num_tokens is not None,
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(
-            f"SelfSpeculativeConfig's generate does not support {bad}; remove the handle to use the model's own "
-            "generate for these"
-        )
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(
-            f"SelfSpeculativeConfig decodes one sequence at a time (batch size 1, like transformers' assisted "
-            f"generation); got input_ids of shape {tuple(input_ids.shape)}. Loop over the prompts."
-        )
-    unknown = sorted(k for k, v in model_kwargs.items() if k not in _MODEL_KWARGS and v is not None)
-    if unknown:
-        raise ValueError(f"SelfSpeculativeConfig's generate does not support the model inputs {unknown}")
-    if model_kwargs.get("use_cache") is False or model_kwargs.get("cache") is None:
-        raise ValueError("self-speculative decoding needs the KV cache (use_cache=False was given)")
-    if model_kwargs["cache"].get_seq_length() > 0:
-        raise ValueError("self-speculative decoding starts from an empty cache; pass the whole prompt instead")
-    mask = model_kwargs.get("attention_mask")
-    if mask is not None and bool((mask[0, 1:] < mask[0, :-1]).any()):
-        raise ValueError("attention_mask must be left padding (zeros before the prompt) or all ones")
 
 
 _OUTPUT_CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"

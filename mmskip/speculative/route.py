@@ -4,7 +4,8 @@
 SWIFT loop as its decoding method. While SWIFT is applied, :func:`route_generate` binds
 ``model.generate`` to do that by itself, the way transformers binds a model's own custom
 generate (``model.generate = partial(custom_generate, model=model)`` in ``from_pretrained``), and
-``handle.remove()`` unbinds it.
+``handle.remove()`` unbinds it. A call the loop cannot serve (see :mod:`.fallback`) runs as the
+model's plain ``generate`` instead, with a warning once per reason.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from diffusers.hooks import ModelHook
 from transformers import GenerationConfig
 
 from ..inject import _HANDLE_ATTR, SkipHandle
+from .fallback import Fallback, call_reason
 from .generate import SwiftState
 
 __all__ = ["swift_decode", "route_generate"]
@@ -36,14 +38,21 @@ def swift_decode(model: torch.nn.Module, input_ids: torch.Tensor, logits_process
 
 def _routed_generate(*args: Any, model: torch.nn.Module, **kwargs: Any) -> Any:
     """``model.generate`` while SWIFT is applied: transformers' own ``generate`` with
-    ``custom_generate=swift_decode`` (a ``custom_generate`` the caller passes wins)."""
-    if kwargs.get("assistant_model") is not None:
-        raise ValueError("SelfSpeculativeConfig drafts with the model itself; remove the handle to use assistant_model")
-    if kwargs.get("custom_generate") is None:
-        decode = swift_decode
-        if kwargs.get("streamer") is not None:  # generate() gives a custom_generate no streamer of its own
-            decode = functools.partial(swift_decode, streamer=kwargs["streamer"])
-        kwargs["custom_generate"] = decode
+    ``custom_generate=swift_decode`` (a ``custom_generate`` the caller passes wins). A call SWIFT
+    cannot serve runs as the model's plain ``generate``, with a warning once per reason."""
+    if kwargs.get("custom_generate") is not None:
+        return type(model).generate(model, *args, **kwargs)
+    state = model.__dict__[_HANDLE_ATTR].state
+    reason = call_reason(model, kwargs)
+    if reason is None:
+        swift = dict(kwargs)
+        # generate() gives a custom_generate no streamer: bind it (the loop puts the prompt itself)
+        swift["custom_generate"] = functools.partial(swift_decode, streamer=swift.pop("streamer", None))
+        try:
+            return type(model).generate(model, *args, **swift)
+        except Fallback as err:  # raised before any forward; keep no traceback (it holds the prepared cache)
+            reason = Fallback(err.key, err.why)
+    state.fell_back(reason)
     return type(model).generate(model, *args, **kwargs)
 
 
