@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
+from ._bind_generate import BindGenerate
 from .inject import CallGuard, SkipHandle
 from .registry import DecoderAdapter
 
@@ -153,32 +154,8 @@ class _PhaseHook(ModelHook):
             fn(s)
 
 
-class _GenerateScope(ModelHook):
-    """Binds ``model.generate`` so the phase tracker knows where each generation starts (see the
-    module docstring); a ``generate`` already bound on the instance is wrapped, and restored on removal."""
-
-    def __init__(self, state: ForwardState) -> None:
-        super().__init__()
-        self.state = state
-        self._had_own = False
-        self._own: Any = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._had_own = "generate" in module.__dict__
-        self._own = module.__dict__.get("generate")
-        inner = self._own if self._had_own else functools.partial(type(module).generate, module)
-        module.generate = functools.partial(_scoped_generate, inner=inner, state=self.state)
-        return module
-
-    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' name)
-        if self._had_own:
-            module.generate = self._own
-        else:
-            module.__dict__.pop("generate", None)
-        return module
-
-
 def _scoped_generate(*args: Any, inner: Callable, state: ForwardState, **kwargs: Any) -> Any:
+    """``model.generate`` while a layer technique is applied: notes where the generation starts."""
     outer = (state.in_generate, state.generate_started, state.generate_past, state.prompt_len)
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     state.in_generate, state.generate_started = True, False
@@ -213,5 +190,6 @@ def track_forwards(adapter: DecoderAdapter, handle: SkipHandle, costs: dict[str,
     if adapter.head is not None:
         handle.add_hook(adapter.head, HeadCounter(handle), ".head")
     if callable(getattr(adapter.model, "generate", None)):
-        handle.add_hook(adapter.model, _GenerateScope(state), ".generate")
+        bind = BindGenerate(lambda model, inner: functools.partial(_scoped_generate, inner=inner, state=state))
+        handle.add_hook(adapter.model, bind, ".generate")
     return state

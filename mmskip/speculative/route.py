@@ -14,9 +14,9 @@ import functools
 from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
 from transformers import GenerationConfig
 
+from .._bind_generate import BindGenerate
 from ..inject import _HANDLE_ATTR, SkipHandle
 from .fallback import Fallback, call_reason
 from .generate import SwiftState
@@ -56,29 +56,7 @@ def _routed_generate(*args: Any, model: torch.nn.Module, **kwargs: Any) -> Any:
     return type(model).generate(model, *args, **kwargs)
 
 
-class _RouteGenerate(ModelHook):
-    """Binds ``model.generate`` to :func:`_routed_generate` while applied (transformers binds a
-    model's own ``custom_generate`` the same way) and restores it on removal."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._had_own = False
-        self._own: Any = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._had_own = "generate" in module.__dict__
-        self._own = module.__dict__.get("generate")
-        module.generate = functools.partial(_routed_generate, model=module)
-        return module
-
-    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # (sic: diffusers' name)
-        if self._had_own:
-            module.generate = self._own
-        else:
-            module.__dict__.pop("generate", None)
-        return module
-
-
 def route_generate(model: torch.nn.Module, handle: SkipHandle) -> None:
     """Make ``model.generate(...)`` run SWIFT (through ``custom_generate``) until ``handle.remove()``."""
-    handle.add_hook(model, _RouteGenerate(), ".generate")
+    handle.add_hook(model, BindGenerate(lambda module, inner: functools.partial(_routed_generate, model=module)),
+                    ".generate")
