@@ -226,3 +226,14 @@ def test_streamer_on_both_paths_and_explicit_custom_generate_refuses():
     for streamer in (plain_stream, swift_stream, fallback_stream):
         assert streamer.ended and torch.equal(torch.cat(streamer.parts), ref[0])
         assert torch.equal(streamer.parts[0], ids[0])
+
+
+def test_refuses_a_model_without_generate():
+    """A bare decoder stack (LlamaModel) has nothing to decode with: a clear error, nothing bound."""
+    from transformers import LlamaConfig, LlamaModel
+
+    base = LlamaModel(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(TypeError, match="LlamaForCausalLM, not LlamaModel"):
+        mmskip.apply(base, mmskip.SelfSpeculativeConfig())
+    assert "generate" not in base.__dict__ and not hasattr(base, "_diffusers_hook")

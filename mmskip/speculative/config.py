@@ -84,6 +84,11 @@ class SelfSpeculativeConfig(SkipConfig):
         from .route import route_generate
 
         adapter = get_adapter(model, "decoder")
+        if not callable(getattr(model, "generate", None)) or adapter.head is None:
+            raise TypeError(
+                f"SelfSpeculativeConfig decodes through model.generate; {type(model).__name__} has no LM head or "
+                "generate. Apply it to the causal-LM class (e.g. LlamaForCausalLM, not LlamaModel)."
+            )
         L = adapter.num_layers
         anchors = _anchor_layers(model, L)
         if self.fixed:
