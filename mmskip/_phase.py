@@ -40,7 +40,7 @@ class ForwardState:
     past_len: int = 0  # eager forwards only (0 under torch.compile)
     decode_step: int = 0  # decode forwards since the last prefill (eager forwards only)
     gen_from: int = 0  # "recompute": index of the first generated token in this forward
-    attention_mask: torch.Tensor | None = None  # 2-D padding mask of the call, if given
+    attention_mask: torch.Tensor | None = None  # the prompt's 2-D padding mask, if one is known
     listeners: list[Callable[[ForwardState], None]] = field(default_factory=list)
     # set by the bound ``generate``: inside one, whether its first forward ran, and its start
     in_generate: bool = False
@@ -89,6 +89,20 @@ def cache_length(cache: Any) -> int:
         return 0
     n = cache.get_seq_length()
     return int(n) if isinstance(n, torch.Tensor) else n
+
+
+def padding_mask(mask: Any, q_len: int) -> torch.Tensor | None:
+    """The prompt's (batch, q_len) padding mask from what the decoder was given: the 2-D mask, or
+    what ``generate`` builds for static caches and compilation (a 4-D mask, or a dict of them per
+    attention type): a key is padding when even the last query may not see it."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention")
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
+        return None
+    if mask.dim() == 2:
+        return mask
+    last = mask[:, 0, -1, :q_len]
+    return last if last.dtype == torch.bool else last == 0
 
 
 def _cache_empty(cache: Any) -> bool:
@@ -149,7 +163,7 @@ class _PhaseHook(ModelHook):
             phase = "prefill"  # nothing generated yet in this call
         s.phase, s.gen_from = phase, s.prompt_len if phase == "recompute" else 0
         if phase == "prefill":
-            s.attention_mask = bound.get("attention_mask")
+            s.attention_mask = padding_mask(bound.get("attention_mask"), s.q_len)
         for fn in s.listeners:
             fn(s)
 

@@ -129,3 +129,20 @@ def test_sdpa_attentions_stay_empty(model, prompt):
     with mmskip.applied(model, mmskip.LayerSkipConfig(schedule=schedules.explicit(skip=[2]), phase="all")):
         out = model(prompt, output_attentions=True)
     assert not out.attentions
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_static_cache_prompt_keeps_its_padding_mask(family, padded_batch):
+    """With a static cache generate hands the decoder a 4-D mask (or a dict of them per attention
+    type); the prompt's padding is read back from it, so void layers decide as with a dynamic cache."""
+    ids, mask = padded_batch
+    model = tiny_lm(family, layers=6)
+    config = CONFIGS["void_layers"]()
+    with mmskip.applied(model, config) as handle:
+        dynamic = _generate(model, ids, attention_mask=mask)
+        skipped = handle.stats()["skipped_layers"]
+        static = _generate(model, ids, attention_mask=mask, cache_implementation="static")
+        records = handle.state.records
+        assert handle.stats()["skipped_layers"] == skipped
+    assert torch.equal(static, dynamic)
+    assert torch.equal(records[-1]["valid"], mask.bool()) and torch.equal(records[0]["valid"], mask.bool())
