@@ -47,6 +47,7 @@ class ForwardState:
     generate_started: bool = False
     generate_past: int = 0
     prompt_len: int = 0
+    prompt_left: int = 0  # prompt tokens not yet run (``prefill_chunk_size`` runs the prompt in chunks)
 
     @property
     def tokens(self) -> int:
@@ -138,7 +139,7 @@ class _PhaseHook(ModelHook):
             cache = None  # the model neither reads nor writes it
         s = self.state
         if s.in_generate and s.generate_started:
-            phase = "decode" if cache is not None else "recompute"
+            phase = "recompute" if cache is None else "prefill" if s.prompt_left > 0 else "decode"
         elif s.in_generate:
             phase = "prefill" if s.generate_past == 0 else "decode"
         else:
@@ -159,6 +160,8 @@ class _PhaseHook(ModelHook):
         s.batch, s.q_len = x.shape[0], x.shape[1]
         if s.in_generate and not s.generate_started:
             s.generate_started, s.prompt_len = True, x.shape[1]
+        if s.prompt_left > 0:  # one more chunk of the prompt has run
+            s.prompt_left = max(s.prompt_left - x.shape[1], 0)
         if phase == "recompute" and s.q_len <= s.prompt_len:
             phase = "prefill"  # nothing generated yet in this call
         s.phase, s.gen_from = phase, s.prompt_len if phase == "recompute" else 0
@@ -170,14 +173,22 @@ class _PhaseHook(ModelHook):
 
 def _scoped_generate(*args: Any, inner: Callable, state: ForwardState, **kwargs: Any) -> Any:
     """``model.generate`` while a layer technique is applied: notes where the generation starts."""
-    outer = (state.in_generate, state.generate_started, state.generate_past, state.prompt_len)
+    fields = ("in_generate", "generate_started", "generate_past", "prompt_len", "prompt_left")
+    outer = [getattr(state, f) for f in fields]
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    state.in_generate, state.generate_started = True, False
-    state.generate_past, state.prompt_len = cache_length(cache) if hasattr(cache, "get_seq_length") else 0, 0
+    past = cache_length(cache) if hasattr(cache, "get_seq_length") else 0
+    prompt = next((x for x in (kwargs.get("inputs_embeds"), kwargs.get("input_ids"), kwargs.get("inputs"),
+                               args[0] if args else None) if isinstance(x, torch.Tensor)), None)
+    # a fresh generation's prompt is prefill however many forwards it takes; a continuation's new
+    # tokens count as generated (the rule without generate: a filled cache means decode)
+    left = prompt.shape[1] if prompt is not None and prompt.dim() >= 2 and past == 0 else 0
+    state.in_generate, state.generate_started, state.generate_past, state.prompt_len, state.prompt_left = (
+        True, False, past, 0, left)
     try:
         return inner(*args, **kwargs)
     finally:
-        state.in_generate, state.generate_started, state.generate_past, state.prompt_len = outer
+        for f, v in zip(fields, outer):
+            setattr(state, f, v)
 
 
 class HeadCounter(ModelHook):

@@ -146,3 +146,13 @@ def test_static_cache_prompt_keeps_its_padding_mask(family, padded_batch):
         assert handle.stats()["skipped_layers"] == skipped
     assert torch.equal(static, dynamic)
     assert torch.equal(records[-1]["valid"], mask.bool()) and torch.equal(records[0]["valid"], mask.bool())
+
+
+@pytest.mark.parametrize("name", ["layer_skip_decode", "ffn_skip"])
+def test_chunked_prefill_is_all_prompt(model, prompt, name):
+    """generate(prefill_chunk_size=...) runs the prompt in several forwards; every chunk is prompt
+    (no decode-phase skipping), so the tokens equal an unchunked prefill's."""
+    with mmskip.applied(model, CONFIGS[name]()):
+        whole = _generate(model, prompt)
+        chunked = _generate(model, prompt, prefill_chunk_size=3)
+    assert torch.equal(chunked, whole)
