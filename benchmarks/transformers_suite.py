@@ -434,8 +434,9 @@ def markdown(data: dict) -> str:
             changed = " (**mmskip changed during the run**)" if len(set(run["mmskip_sources"])) > 1 else ""
             lines.append(f"| {key} | {v} | {c['passed']} | {c['failed']} | {c['skipped']} | {inh} | {brk} "
                          f"| {models} | {run['seconds']:.0f} s{changed} |")  # fmt: skip
-    lines += ["", "*Refused*: a class without an LM head whose `mmskip.apply` raised (it stays unmodified); "
-              "*unsupported*: `UnsupportedModelError`. Other notes per run:", ""]  # fmt: skip
+    lines += ["", "Counts are per test from the junit XML (a failing subtest fails its test; pytest's own summary "
+              "also counts subtests). *Refused*: a class without an LM head whose `mmskip.apply` raised (it stays "
+              "unmodified); *unsupported*: `UnsupportedModelError`. Other notes per run:", ""]  # fmt: skip
     for key, suite in data["suites"].items():
         for v, run in suite["runs"].items():
             notes = [f"{st}: {n} models" for st, n in run["built"]["models"].items() if st.startswith("refused")]
