@@ -19,6 +19,7 @@ the warm-up and is reported separately.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_eager, base_comp = statistics.median(base["eager_s"]), statistics.median(base["compiled_s"])
         mask = torch.ones_like(ids)
         for name, r in runs.items():
-            with mmskip.applied(model, r["config"]) if r["config"] is not None else _Plain():
+            with mmskip.applied(model, r["config"]) if r["config"] is not None else contextlib.nullcontext():
                 forced = decode_agreement(model, ids, mask, base["eager_tokens"])
             eager_t, comp_t = statistics.median(r["eager_s"]), statistics.median(r["compiled_s"])
             rows.append({
@@ -164,14 +165,6 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
     return result
-
-
-class _Plain:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _print(rows: list[dict], meta: dict) -> None:

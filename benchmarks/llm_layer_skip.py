@@ -111,11 +111,6 @@ def run_once(model, ids, mask, new_tokens, config):
     return seconds[1] - seconds[0], frac, out[:, ids.shape[1]:]
 
 
-@contextlib.contextmanager
-def _nothing():
-    yield
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random-24x512")
@@ -152,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_t = statistics.median(times["baseline"])
         forced = {}
         for name, cfg in cfgs.items():
-            with mmskip.applied(model, cfg) if cfg else _nothing():
+            with mmskip.applied(model, cfg) if cfg else contextlib.nullcontext():
                 forced[name] = decode_agreement(model, ids, mask, tokens["baseline"])
         for name in cfgs:
             t = statistics.median(times[name])

@@ -37,7 +37,6 @@ class ForwardState:
     phase: str = "prefill"  # "prefill" | "decode" | "recompute"
     batch: int = 0
     q_len: int = 0
-    past_len: int = 0  # eager forwards only (0 under torch.compile)
     decode_step: int = 0  # decode forwards since the last prefill (eager forwards only)
     gen_from: int = 0  # "recompute": index of the first generated token in this forward
     attention_mask: torch.Tensor | None = None  # the prompt's 2-D padding mask, if one is known
@@ -109,12 +108,12 @@ def padding_mask(mask: Any, q_len: int) -> torch.Tensor | None:
 def _cache_empty(cache: Any) -> bool:
     if cache is None:
         return True
-    if not torch.compiler.is_compiling():
-        return cache_length(cache) == 0
     n = cache.get_seq_length()
-    if isinstance(n, torch.Tensor):  # no data-dependent branch in a graph: has it ever been written?
+    if not isinstance(n, torch.Tensor):
+        return n == 0
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: has it ever been written?
         return not all(getattr(layer, "is_initialized", True) for layer in cache.layers)
-    return n == 0
+    return int(n) == 0
 
 
 class _PhaseHook(ModelHook):
@@ -148,7 +147,6 @@ class _PhaseHook(ModelHook):
             self._classify(s, phase, x, bound)
             return self.fn_ref.original_forward(*args, **kwargs)
         with self.guard.call(starts=phase == "prefill"):  # refuses a second thread before any state changes
-            s.past_len = cache_length(cache)
             s.decode_step = 0 if phase == "prefill" else s.decode_step + (phase == "decode")
             self._classify(s, phase, x, bound)
             for name in self.layer_names:

@@ -60,7 +60,10 @@ class _TokenState:
         self.steps = torch.zeros((), dtype=torch.long)
 
     def reset(self, s: ForwardState, warmup: int) -> None:
-        self.steps = self.steps.zero_() if s.phase == "prefill" else self.steps.add_(int(s.phase == "decode"))
+        if s.phase == "prefill":
+            self.steps.zero_()
+        elif s.phase == "decode":
+            self.steps.add_(1)
         self.masked = s.phase == "recompute" or torch.compiler.is_compiling()
         if not self.masked:
             self.active = s.phase == "decode" and s.decode_step > warmup

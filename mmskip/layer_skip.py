@@ -87,9 +87,11 @@ def fill_skipped_kv(cache: Any, plan: SkipPlan, i: int, q_len: int) -> None:
     cache.update(keys, values, plan.cache_idx[i])
 
 
-def record_skipped_attention(adapter: DecoderAdapter, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
-    """With ``output_attentions=True``, give skipped layer ``i`` an all-zero attention map, so the
-    attentions tuple keeps one entry per layer (transformers records them from attention modules)."""
+def record_skipped_attention(adapter: DecoderAdapter, cache_idx: int, hidden: torch.Tensor,
+                             kwargs: dict[str, Any]) -> None:
+    """With ``output_attentions=True``, give a skipped layer (cache slot ``cache_idx``) an all-zero
+    attention map, so the attentions tuple keeps one entry per layer (transformers records them
+    from attention modules)."""
     collected = _active_collector.get()
     # an empty list: the kept layers below returned no weights (sdpa / flash attention), neither do we
     if collected is None or not collected.get("attentions"):
@@ -99,10 +101,13 @@ def record_skipped_attention(adapter: DecoderAdapter, i: int, hidden: torch.Tens
         keys = mask.shape[-1]
     else:
         cache = get_cache(kwargs)
-        layer = cache.layers[getattr(adapter.attention(i), "layer_idx", i)] if cache is not None else None
-        keys = layer.max_cache_len if isinstance(layer, StaticLayer) else hidden.shape[1]
-        if isinstance(layer, DynamicLayer) and layer.is_initialized:
+        layer = cache.layers[cache_idx] if cache is not None else None
+        if isinstance(layer, StaticLayer):
+            keys = layer.max_cache_len
+        elif isinstance(layer, DynamicLayer) and layer.is_initialized:
             keys = layer.keys.shape[-2]
+        else:
+            keys = hidden.shape[1]
     config = adapter.model.config.get_text_config(decoder=True)
     collected["attentions"].append(hidden.new_zeros(hidden.shape[0], config.num_attention_heads, hidden.shape[1], keys))
 
@@ -127,7 +132,7 @@ class LayerSkipHook(ModelHook):
         cache = get_cache(kwargs)
         if cache is not None and kwargs.get("use_cache", True) is not False:
             fill_skipped_kv(cache, self.plan, self.index, hidden.shape[1])
-        record_skipped_attention(self.adapter, self.index, hidden, kwargs)
+        record_skipped_attention(self.adapter, self.plan.cache_idx[self.index], hidden, kwargs)
         self.handle.counts.record(self.name, 0, hidden.shape[0] * hidden.shape[1])
         return self.adapter.skipped("layer", args, kwargs)
 
