@@ -72,6 +72,7 @@ class DecoderAdapter:
     mlp_norm_name: str
     gated_mlp: bool = True
     layer_returns_tuple: bool = False
+    final_norm: nn.Module | None = None  # the norm between the last layer and the head (early exits use it)
 
     @property
     def num_layers(self) -> int:
@@ -149,6 +150,7 @@ def _llama_like(model: nn.Module) -> DecoderAdapter:
         attn_name="self_attn",
         mlp_name="mlp",
         mlp_norm_name="post_attention_layernorm",
+        final_norm=getattr(base, "norm", None),
     )
 
 
@@ -173,6 +175,7 @@ def _gpt2(model: nn.Module) -> DecoderAdapter:
         attn_name="attn",
         mlp_name="mlp",
         mlp_norm_name="ln_2",
+        final_norm=getattr(base, "ln_f", None),
         gated_mlp=False,
     )
 

@@ -9,7 +9,7 @@ fixed for the whole decode, prompt and generated tokens alike (FiRST's KV-cache-
 rule); a skipped layer's cache entries are copied from the nearest lower kept layer, as in
 :mod:`mmskip.layer_skip`. In a batch a layer is skipped only if every sequence's router skips it.
 
-Routers are trained with :mod:`mmskip.train_routers` (routers only, optionally with LoRA) and
+Routers are trained with :mod:`mmskip.train.first` (routers only, optionally with LoRA) and
 saved with :meth:`Routers.save` as a folder (``routers.safetensors`` + ``routers.json``);
 ``RouterConfig(path=folder)`` loads them. ``threshold`` is the
 inference-time sparsity/quality knob (training's is the sparsity weight).
@@ -109,7 +109,7 @@ class Routers(nn.Module):
         if not (folder / _WEIGHTS).is_file() or not (folder / _META).is_file():
             raise FileNotFoundError(
                 f"no routers in {str(folder)!r} (expected {_WEIGHTS} and {_META}); train them with "
-                "`python -m mmskip.train_routers --out FOLDER`"
+                "`python -m mmskip.train.first --out FOLDER`"
             )
         info = json.loads((folder / _META).read_text())
         routers = cls(info["hidden_size"], info["num_layers"], info["width"])
@@ -188,7 +188,7 @@ class RouterConfig(SkipConfig):
     Input-Adaptive Latency Reduction", https://arxiv.org/abs/2410.12513.
 
     Args:
-        path: a folder written by :meth:`Routers.save` (e.g. by ``python -m mmskip.train_routers
+        path: a folder written by :meth:`Routers.save` (e.g. by ``python -m mmskip.train.first
             --out FOLDER``); required.
         threshold: a layer is skipped when its router's mean keep probability over the prompt
             is below it (higher: more skipping; the inference-time sparsity/quality knob);
@@ -210,7 +210,7 @@ class RouterConfig(SkipConfig):
 
     def load_routers(self) -> Routers:
         if not self.path:
-            raise ValueError("RouterConfig needs path= to routers saved by Routers.save / mmskip.train_routers")
+            raise ValueError("RouterConfig needs path= to routers saved by Routers.save / mmskip.train.first")
         return Routers.load(self.path)
 
     def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
@@ -222,7 +222,7 @@ class RouterConfig(SkipConfig):
             raise ValueError(
                 f"the routers in {self.path!r} were trained for a model with {routers.num_layers} layers and hidden "
                 f"size {routers.hidden_size}; {type(model).__name__} has {L} layers and hidden size {hidden}. Train "
-                "routers for this model with `python -m mmskip.train_routers`."
+                "routers for this model with `python -m mmskip.train.first`."
             )
         ref = next(model.parameters())
         routers = routers.to(ref.device).eval()

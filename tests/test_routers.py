@@ -4,7 +4,7 @@ import torch
 import mmskip
 from mmskip import registry
 from mmskip.routers import RouterConfig, Routers
-from mmskip.train_routers import evaluate_routers, soft_gates, train_routers
+from mmskip.train.first import evaluate_routers, soft_gates, train_routers
 
 from ._reference import assert_steps_match, recompute_logits
 from .conftest import tiny_lm
@@ -102,7 +102,7 @@ def test_save_load_round_trip_and_bad_input(tmp_path):
         RouterConfig(threshold=2.0)
     with pytest.raises(ValueError, match="needs path"):
         mmskip.apply(model, RouterConfig())
-    with pytest.raises(FileNotFoundError, match="train_routers"):
+    with pytest.raises(FileNotFoundError, match="mmskip.train.first"):
         mmskip.apply(model, RouterConfig(path=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="trained for a model with 6 layers and hidden size 64"):
         mmskip.apply(tiny_lm("llama", layers=4), RouterConfig(path=str(path)))

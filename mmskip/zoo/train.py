@@ -26,6 +26,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "digits-sd": ("mmskip.zoo.train_sd", "train_sd"),
     "digits-clip": ("mmskip.zoo.train_clip", "train_clip"),
     "stdlib-lm": ("mmskip.zoo.train_lm", "train_stdlib_lm"),
+    "stdlib-lm-skip": ("mmskip.train.zoo_lm_skip", "train_stdlib_lm_skip"),
     "digits-llava": ("mmskip.zoo.train_llava", "train_llava"),
     "digits-video": ("mmskip.zoo.train_video", "train_video"),
     "digits-florence": ("mmskip.zoo.train_florence", "train_florence"),

@@ -1,13 +1,14 @@
 """Train FiRST layer routers on a frozen LM (optionally with LoRA adapters), then measure the
 quality vs layers-skipped curve.
 
-    python -m mmskip.train_routers --model stdlib-lm --out runs/stdlib-routers --steps 300 --sparsity 0.5
-    python -m mmskip.train_routers --model stdlib-lm --out runs/r --lora      # routers + LoRA (peft)
+    python -m mmskip.train.first --model stdlib-lm --out runs/stdlib-routers --steps 300 --sparsity 0.5
+    python -m mmskip.train.first --model stdlib-lm --out runs/r --lora      # routers + LoRA (peft)
 
-Training (FiRST, Jain et al., 2024): each routed layer's output is gated softly by its router's
-mean keep probability over the sequence, ``h + p * (layer(h) - h)``; the loss is the KL
-divergence from the unmodified model's next-token distribution (quality) plus ``sparsity`` x
-the mean keep probability over layers (latency). ``--straight-through`` makes the forward use the
+Training (FiRST, Jain et al., 2024) is :func:`mmskip.train.train` with two objectives:
+:class:`~mmskip.train.RouterGates` (each routed layer's output gated softly by its router's mean
+keep probability over the sequence, ``h + p * (layer(h) - h)``, plus ``sparsity`` x the mean keep
+probability: latency) and :class:`~mmskip.train.Distillation` (KL from the unmodified model's
+next-token distribution: quality). ``--straight-through`` makes the forward use the
 hard decisions inference uses (gradients still flow through p). Only the routers (and LoRA
 adapters, if asked) train. ``--sparsity`` is the training-time knob; ``RouterConfig.threshold`` the inference-time one.
 
@@ -32,50 +33,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .inject import applied
-from .registry import get_adapter
-from .routers import RouterConfig, Routers
+from mmskip.inject import applied
+from mmskip.routers import RouterConfig, Routers
+
+from .config import TrainConfig
+from .data import FixedWindows
+from .objectives import Distillation, RouterGates
+from .trainer import train
 
 __all__ = ["soft_gates", "train_routers", "evaluate_routers", "windows"]
 
 
 @contextmanager
-def soft_gates(
-    model: torch.nn.Module, routers: Routers, mask: torch.Tensor | None = None, straight_through: bool = False
-) -> Iterator[list]:
-    """Gate every routed layer by its router's sequence keep probability (differentiable).
-    ``straight_through``: the forward uses the hard decision (keep iff p >= 0.5, as
-    ``RouterConfig(threshold=0.5)`` does) and gradients flow through p.
-    Yields the list that collects each layer's (batch,) keep probabilities during a forward."""
-    adapter = get_adapter(model, "decoder")
-    probs: list[torch.Tensor] = []
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = []
-
-    def pre(i: int):
-        def fn(module, args, kwargs):
-            inputs[i] = args[0] if args else kwargs["hidden_states"]
-        return fn
-
-    def post(i: int):
-        def fn(module, args, kwargs, output):
-            h = inputs.pop(i)
-            out = output[0] if isinstance(output, tuple) else output
-            p = routers[i].sequence_keep(h, mask)
-            probs.append(p)
-            gate = p + ((p >= 0.5).to(p.dtype) - p).detach() if straight_through else p
-            gated = h + gate.to(h.dtype)[:, None, None] * (out - h)
-            return (gated, *output[1:]) if isinstance(output, tuple) else gated
-        return fn
-
-    for i in routers.routed:
-        hooks.append(adapter.layers[i].register_forward_pre_hook(pre(i), with_kwargs=True))
-        hooks.append(adapter.layers[i].register_forward_hook(post(i), with_kwargs=True, prepend=True))
+def soft_gates(model: torch.nn.Module, routers: Routers, straight_through: bool = False) -> Iterator[list]:
+    """Gate every routed layer by its router's sequence keep probability (differentiable), as
+    :class:`~mmskip.train.RouterGates` does in training. Yields the list that collects each
+    layer's (batch,) keep probabilities during a forward."""
+    gates = RouterGates(routers, straight_through=straight_through)
+    gates.attach(model)
     try:
-        yield probs
+        yield gates.probabilities
     finally:
-        for h in hooks:
-            h.remove()
+        gates.detach()
 
 
 def windows(token_ids: torch.Tensor, seq_len: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -98,47 +77,23 @@ def train_routers(
     lora: bool = False,
     log_every: int = 25,
     straight_through: bool = False,
+    out: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train ``routers`` (and LoRA adapters if ``lora``) on windows ``data`` (n, seq_len).
-    Returns the model (a peft model when ``lora``) and the loss history."""
+    """Train ``routers`` (and LoRA adapters if ``lora``) on windows ``data`` (n, seq_len) with
+    :func:`mmskip.train.train`; the LM's own weights stay frozen. Returns the model (the peft
+    model, adapters not merged, when ``lora``) and the loss history (``kl``, mean ``keep``
+    probability, ``loss``). ``out``/``resume``: the trainer's checkpoints."""
     if steps < 1 or batch < 1:
         raise ValueError("steps and batch must be >= 1")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    teacher = model
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = [n for n in ("q_proj", "v_proj", "c_attn") if any(m.endswith(n) for m, _ in model.named_modules())]
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
-    base = model.get_base_model() if lora else model
-    params = list(routers.parameters()) + [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    history = []
-    routers.train()
-    model.train(False)
-    for step in range(steps):
-        ids = data[torch.randint(0, len(data), (batch,), generator=g)]
-        with torch.no_grad():
-            if lora:
-                with model.disable_adapter():
-                    ref = teacher(input_ids=ids).logits
-            else:
-                ref = model(input_ids=ids).logits
-        with soft_gates(base, routers, straight_through=straight_through) as probs:
-            logits = model(input_ids=ids).logits
-        kl = F.kl_div(logits.float().log_softmax(-1), ref.float().log_softmax(-1), log_target=True,
-                      reduction="none").sum(-1).mean()
-        keep = torch.stack(probs).mean()
-        loss = kl + sparsity * keep
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            history.append({"step": step, "kl": kl.item(), "keep": keep.item(), "loss": loss.item()})
-    routers.eval()
-    return model, history
+    config = TrainConfig(steps=steps, batch_size=batch, seq_len=data.shape[1], lr=lr, min_lr_ratio=1.0,
+                         max_grad_norm=0.0, trainable="lora" if lora else "none", merge_lora=False,
+                         log_every=log_every)
+    objectives = [RouterGates(routers, sparsity, straight_through), Distillation()]
+    result = train(model, objectives, FixedWindows(data), config, out=out, resume=resume, progress=False)
+    history = [{"step": h["step"] - 1, "kl": h["distill"], "keep": h["keep"], "loss": h["loss"]}
+               for h in result.history if "loss" in h]
+    return result.model, history
 
 
 @torch.no_grad()
@@ -153,8 +108,8 @@ def evaluate_routers(
     of each window and top-1 agreement with the full model there (first half = the prompt).
     ``static_order``: layers in the order a static (input-agnostic) schedule would skip them; for
     each threshold the same number of layers is also skipped statically, for comparison."""
-    from .layer_skip import LayerSkipConfig
-    from .schedules import explicit
+    from mmskip.layer_skip import LayerSkipConfig
+    from mmskip.schedules import explicit
 
     half = data.shape[1] // 2
     rows = []
@@ -201,7 +156,7 @@ def _corpus(tokenizer: Any, split: str, text: str | None) -> torch.Tensor:
     if text is not None:
         texts = [Path(text).read_text(errors="replace")]
     else:
-        from .zoo.stdlib_data import read_texts
+        from mmskip.zoo.stdlib_data import read_texts
 
         texts = read_texts(split)
     eos = tokenizer.eos_token or ""
@@ -210,7 +165,7 @@ def _corpus(tokenizer: Any, split: str, text: str | None) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mmskip.train_routers", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mmskip.train.first", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="stdlib-lm", help="zoo name or from_pretrained folder")
     ap.add_argument("--out", required=True, help="folder for the routers (routers.safetensors + routers.json), results.json and any LoRA")
     ap.add_argument("--text", help="train/eval text file (default for stdlib-lm: the stdlib train / held-out split)")
@@ -230,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from .eval.lm import load_lm
+    from mmskip.eval.lm import load_lm
 
     model, tokenizer = load_lm(args.model)
     train_ids = _corpus(tokenizer, "train", args.text)
@@ -246,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora:
         trained.save_pretrained(out / "lora")
         model = trained.merge_and_unload()
-    from .analysis.depth import skip_effects
+    from mmskip.analysis.depth import skip_effects
 
     eval_data = windows(eval_ids, args.seq_len, args.eval_windows, seed=1)
     kl = skip_effects(model, windows(train_ids, args.seq_len, 8, seed=2))["output_kl"]

@@ -1,0 +1,245 @@
+"""Does skip-aware training pay? ``stdlib-lm`` (trained without skipping), its schedule-aware
+fine-tune, and ``stdlib-lm-skip`` (LayerSkip recipe) under every LLM technique, CPU, batch 1.
+
+    python benchmarks/skip_aware.py              # the three models (about 15 min on 2 cores)
+    python benchmarks/skip_aware.py --smoke      # seconds: tiny random models (CI check)
+
+Per model:
+
+- **perplexity**: the full model on the zoo card's held-out set (200 windows of 256 tokens).
+- **lossy techniques** (unified layer skipping s = 1.5 / 2 / 3 in its default decode phase,
+  FFN-SkipLLM, void layers): kept fraction of the decode steps' FLOPs (``handle.stats()``, prompt
+  prefill subtracted), teacher-forced agreement
+  *while decoding* (``mmskip.eval.decode_agreement``: each step's greedy token vs the full model's,
+  the reference context forced) and free-running exact / prefix match of ``--new-tokens``
+  greedy tokens on ``--prompts`` held-out prompts.
+- **lossless speculative decoding** (SWIFT, transformers' ``assistant_early_exit`` at L/4, L/2,
+  3L/4): tokens/s against plain ``generate`` in the same run, acceptance rate, identical outputs
+  (``benchmarks/llm_speculative.py``'s runner; ``--speed-prompts`` x ``--speed-tokens``).
+
+The schedule-aware fine-tune is ``stdlib-lm`` with the LoRA adapter in
+``benchmarks/results/skip_aware_unified1.5_lora`` merged in (trained by ``python -m mmskip.train
+--model stdlib-lm --objective schedule-aware lm --speedup 1.5 --lora --steps 300``; the adapter
+is re-trained there if missing). Writes ``results/skip_aware.json`` / ``.md`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mmskip
+from mmskip import schedules
+from mmskip.eval.decode_agreement import decode_agreement
+from mmskip.eval.language import agreement, greedy_generate, perplexity
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llm_speculative as spec  # noqa: E402  (the SWIFT / early-exit runner and prompts)
+
+RESULTS = Path(__file__).parent / "results"
+LORA = RESULTS / "skip_aware_unified1.5_lora"
+FT_ARGS = ["--model", "stdlib-lm", "--objective", "schedule-aware", "lm", "--speedup", "1.5", "--lora",
+           "--steps", "300", "--batch", "8", "--threads", "1"]
+MODELS = {"stdlib-lm": "trained without skipping", "stdlib-lm + unified-1.5 FT": "schedule-aware LoRA fine-tune",
+          "stdlib-lm-skip": "layer dropout + early-exit loss"}
+
+
+def load(name: str, smoke: bool) -> tuple[torch.nn.Module, Any]:
+    if smoke:
+        model, _ = spec.build({"stdlib-lm": "random-4x64", "stdlib-lm-skip": "random-6x64"}.get(name, "random-4x64"))
+        return model, None
+    from mmskip.eval.lm import load_lm
+
+    if name != "stdlib-lm + unified-1.5 FT":
+        return load_lm(name)
+    model, tok = load_lm("stdlib-lm")
+    if not (LORA / "adapter_model.safetensors").exists():
+        _train_adapter()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(LORA)).merge_and_unload().float().eval(), tok
+
+
+def _train_adapter() -> None:
+    """Re-create the committed adapter (about 6 min on one thread), stored in fp16."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from mmskip.train.__main__ import main as train_main
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmskip-ft-"))
+    train_main([*FT_ARGS, "--out", str(tmp)])
+    LORA.mkdir(parents=True, exist_ok=True)
+    (LORA / "adapter_config.json").write_text((tmp / "lora" / "adapter_config.json").read_text())
+    state = load_file(str(tmp / "lora" / "adapter_model.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(LORA / "adapter_model.safetensors"))
+    (LORA / "train_info.json").write_text((tmp / "train_info.json").read_text())
+
+
+def prompts_for(tok: Any, vocab: int, n: int, length: int) -> list[torch.Tensor]:
+    return [p[0] for p in spec.held_out_prompts(tok, n, length, vocab)]
+
+
+def lossy_configs(smoke: bool) -> dict[str, Any]:
+    speeds = (1.5,) if smoke else (1.5, 2.0, 3.0)
+    configs = {f"unified s={s}": mmskip.LayerSkipConfig(schedule=schedules.unified(s)) for s in speeds}
+    configs["FFN-SkipLLM"] = mmskip.FFNSkipConfig()
+    configs["void layers"] = mmskip.VoidLayerConfig()
+    return configs
+
+
+def lossy_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, smoke: bool) -> list[dict]:
+    base = greedy_generate(model, prompts, new_tokens)
+    rows = []
+    for name, config in lossy_configs(smoke).items():
+        with mmskip.applied(model, config) as handle:
+            cand = greedy_generate(model, prompts, new_tokens)
+            free = agreement(model, prompts, base, cand)
+            handle.reset_stats()
+            tf = sum(decode_agreement(model, p[None], torch.ones_like(p[None]), b[None]) * len(b)
+                     for p, b in zip(prompts, base)) / sum(len(b) for b in base)
+            spent, full = handle.stats()["flops"].values()
+            handle.reset_stats()  # subtract the prompts' prefill: the kept fraction of decode FLOPs
+            with torch.no_grad():
+                for p in prompts:
+                    model(input_ids=p[None], logits_to_keep=1)  # as generate runs its prefill
+            pre_spent, pre_full = handle.stats()["flops"].values()
+            kept = (spent - pre_spent) / (full - pre_full)
+        rows.append({"config": name, "kept_flops": kept, "teacher_forced": tf, "exact_match": free["exact_match"],
+                     "prefix_match": free["prefix_match"]})
+    return rows
+
+
+def speed_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, smoke: bool) -> list[dict]:
+    from mmskip.speculative import SelfSpeculativeConfig
+
+    L = mmskip.registry.get_adapter(model).num_layers
+    configs: dict[str, tuple[str, Any]] = {"plain": ("plain", None)}
+    for r in (0.3,) if smoke else (0.2, 0.45):
+        configs[f"SWIFT r={r}"] = ("apply", SelfSpeculativeConfig(skip_ratio=r))
+    for k in sorted({max(1, L // 4), L // 2, 3 * L // 4}):
+        configs[f"early exit k={k}"] = ("early_exit", k)
+    batch = [p[None] for p in prompts]
+    for kind, arg in configs.values():  # warm-up
+        spec.run(model, batch[:1], 4, kind, arg)
+    res = {name: spec.run(model, batch, new_tokens, kind, arg) for name, (kind, arg) in configs.items()}
+    plain = res["plain"]
+    rows = []
+    for name, r in res.items():
+        same = sum(torch.equal(a, b) for a, b in zip(r["tokens"], plain["tokens"]))
+        rows.append({"config": name, "ratio_vs_plain": plain["seconds"] / r["seconds"],
+                     "tokens_per_s": sum(map(len, r["tokens"])) / r["seconds"],
+                     "acceptance_rate": r.get("acceptance_rate"), "identical": f"{same}/{len(prompts)}"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--speed-prompts", type=int, default=8)
+    p.add_argument("--speed-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny random models, few tokens: checks the script runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.prompts, args.new_tokens, args.speed_prompts, args.speed_tokens = 2, 6, 2, 8
+        args.models = ["stdlib-lm", "stdlib-lm-skip"]
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models:
+        t0 = time.time()
+        model, tok = load(name, args.smoke)
+        L, vocab = mmskip.registry.get_adapter(model).num_layers, model.config.vocab_size
+        if tok is not None:
+            from mmskip.eval.lm import heldout_ids
+
+            ppl = perplexity(model, heldout_ids(tok), 256, 200)
+        else:
+            ppl = perplexity(model, torch.randint(3, vocab, (600,), generator=torch.Generator().manual_seed(0)), 64, 4)
+        prompts = prompts_for(tok, vocab, args.prompts, 64 if tok is not None else 12)
+        entry = {"model": name, "about": MODELS[name], "layers": L,
+                 "parameters": sum(q.numel() for q in model.parameters()), "perplexity": ppl,
+                 "lossy": lossy_rows(model, prompts, args.new_tokens, args.smoke),
+                 "speed": speed_rows(model, prompts[: args.speed_prompts], args.speed_tokens, args.smoke)}
+        entry["seconds"] = time.time() - t0
+        results.append(entry)
+        print(f"{name}: done in {entry['seconds']:.0f}s", flush=True)
+    meta = {"threads": args.threads, "prompts": args.prompts, "new_tokens": args.new_tokens,
+            "speed_prompts": args.speed_prompts, "speed_tokens": args.speed_tokens, "smoke": args.smoke,
+            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+    text = render(results, meta)
+    out = Path(args.out) if args.out else RESULTS / "skip_aware.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"\nwrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return {"meta": meta, "models": results}
+
+
+def render(results: list[dict], meta: dict) -> str:
+    lines = [f"{meta['prompts']} held-out prompts x {meta['new_tokens']} greedy tokens (lossy rows); "
+             f"{meta['speed_prompts']} x {meta['speed_tokens']} (speed rows); batch 1, CPU, "
+             f"torch.set_num_threads({meta['threads']}); one run, {meta['date']}", "",
+             "| model | full-model perplexity | config | kept FLOPs | teacher-forced agreement | exact / prefix match "
+             "| speed vs plain | acceptance | identical outputs |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for m in results:
+        head = f"| {m['model']} ({m['layers']} layers, {m['parameters'] / 1e6:.2f}M) | {m['perplexity']:.1f} "
+        for r in m["lossy"]:
+            lines.append(f"{head}| {r['config']} | {r['kept_flops']:.2f} | {r['teacher_forced']:.3f} | "
+                         f"{r['exact_match']:.2f} / {r['prefix_match']:.2f} | - | - | - |")
+            head = "| | "
+        for r in m["speed"]:
+            acc = f"{r['acceptance_rate']:.2f}" if r["acceptance_rate"] is not None else "-"
+            lines.append(f"{head}| {r['config']} | - | - | - | {r['ratio_vs_plain']:.2f}x | {acc} | {r['identical']} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    return text
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Teacher-forced agreement vs kept-FLOPs fraction, one line per model (and early-exit acceptance vs k/L)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        print("matplotlib missing (pip install 'mmskip[analysis]'): no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, m in enumerate(results):
+        color = f"C{i}"
+        pts = sorted((r["kept_flops"], r["teacher_forced"], r["config"]) for r in m["lossy"])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{m['model']}: skipping")
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=color)
+        ee = [(int(r["config"].split("=")[1]) / m["layers"], r["acceptance_rate"]) for r in m["speed"]
+              if r["config"].startswith("early exit")]
+        ax.plot([e[0] for e in ee], [e[1] for e in ee], "s--", color=color, alpha=0.6,
+                label=f"{m['model']}: early-exit draft acceptance (x = k/L)")
+    ax.set_xlabel("kept fraction of decode FLOPs (early exit: k / L)")
+    ax.set_ylabel("agreement with the full model")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Skip-aware training: agreement vs compute kept")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Resumable checkpoints: trainable weights and optimizer tensors as safetensors, the rest as JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["fingerprint", "save_checkpoint", "load_checkpoint", "CHECKPOINT_DIR"]
+
+CHECKPOINT_DIR = "checkpoint"
+_WEIGHTS, _OPTIM, _STATE = "trainable.safetensors", "optimizer.safetensors", "trainer_state.json"
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The model's class and a hash of its parameter names and shapes (what a checkpoint must match)."""
+    lines = [f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters()]
+    return {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "shape_hash": hashlib.sha1("\n".join(lines).encode()).hexdigest()[:16]}
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
+                    meta: dict[str, Any]) -> Path:
+    """Write ``folder/checkpoint/`` atomically (a temporary folder renamed over the old one)."""
+    final = Path(folder) / CHECKPOINT_DIR
+    tmp = final.with_name(CHECKPOINT_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / _WEIGHTS))
+    tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / _OPTIM))
+    state = {"step": step, **meta, "optimizer": opt_meta,
+             "scheduler": scheduler.state_dict()}
+    (tmp / _STATE).write_text(json.dumps(state, indent=1, default=str) + "\n")
+    old = final.with_name(CHECKPOINT_DIR + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, model_print: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                                                       dict[str, Any]] | None:
+    """``(trainer_state, weights, optimizer_state)`` from ``folder/checkpoint``, or ``None`` if there
+    is none. Raises ``ValueError`` if it was written for another model."""
+    ckpt = Path(folder) / CHECKPOINT_DIR
+    if not (ckpt / _STATE).exists():
+        return None
+    state = json.loads((ckpt / _STATE).read_text())
+    if state.get("model") != model_print:
+        raise ValueError(f"the checkpoint in {ckpt} was written for {state.get('model')}, but this model is "
+                         f"{model_print}. Resume with the model it was trained from, or train into another folder.")
+    optim = _unflatten_optimizer(load_file(str(ckpt / _OPTIM)), state["optimizer"])
+    return state, load_file(str(ckpt / _WEIGHTS)), optim

@@ -1,0 +1,121 @@
+"""Recipe for ``stdlib-lm-skip``: a deep, narrow Llama trained with LayerSkip's layer dropout and
+early-exit loss on the same data and tokenizer as ``stdlib-lm``, for the same training compute.
+
+    python -m mmskip.zoo.train stdlib-lm-skip            # CPU (about 40 min on one thread)
+    python -m mmskip.zoo.train stdlib-lm-skip --device cuda
+
+Compute is matched to ``stdlib-lm`` (800 steps of 12 x 256 tokens through 4.72M weights): each
+step here costs the layers plus the LM head once per early exit the curriculum enables, and
+:func:`matched_steps` gives the step count with the same total multiply-adds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .data import token_stream
+from .objectives import EarlyExitLoss, LayerDropout
+from .trainer import train
+
+__all__ = ["train_stdlib_lm_skip", "matched_steps", "RECIPE"]
+
+# chosen by a sweep of 9 variants on a GPU (README "Skip-aware training"), every one compute-matched
+RECIPE: dict[str, Any] = {"layers": 24, "d": 64, "p_max": 0.2, "e_scale": 1.0, "rotation": 8,
+                          "dropout_curriculum": "exponential"}
+REF_STEPS, REF_MACS = 800, 4.72e6  # stdlib-lm: steps, weight multiply-adds per token (layers + head)
+BATCH, SEQ, LR = 12, 256, 3e-3
+
+
+def matched_steps(layers: int, d: int, vocab: int, rotation: int | None) -> int:
+    """Steps whose multiply-adds equal ``stdlib-lm``'s 800: per token, ``layers`` Llama layers
+    (4 d^2 attention + 12 d^2 SwiGLU) and the head once plus once per enabled early exit
+    (about ``(layers - 1) / rotation`` of them)."""
+    exits = 0.0 if rotation is None else (layers - 1) / rotation
+    macs = layers * 16 * d * d + vocab * d * (1 + exits)
+    return round(REF_STEPS * REF_MACS / macs)
+
+
+def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, device: str | None = None,
+                         texts: tuple[list[str], list[str]] | None = None, write_card: bool = True,
+                         **overrides: Any) -> dict[str, Any]:
+    """Train ``stdlib-lm-skip`` into ``out`` (a ``from_pretrained`` folder, fp16) and return its metrics.
+
+    ``overrides`` change :data:`RECIPE` entries (``layers``, ``d``, ``p_max``, ``e_scale``,
+    ``rotation`` (``None``: no early-exit loss), ``dropout_curriculum``; ``p_max=0``: no dropout).
+    ``texts``: (train, test) source texts (default: this Python's stdlib split, as for ``stdlib-lm``).
+    """
+    from transformers import AutoTokenizer
+
+    from mmskip.zoo import path as zoo_path
+    from mmskip.zoo.stdlib_data import read_texts
+    from mmskip.zoo.train_lm import make_model, perplexity
+
+    unknown = set(overrides) - set(RECIPE)
+    if unknown:
+        raise ValueError(f"unknown recipe settings {sorted(unknown)}; known: {sorted(RECIPE)}")
+    r = {**RECIPE, **overrides}
+    torch.manual_seed(seed)
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(zoo_path("stdlib-lm"))  # the same tokenizer: perplexities compare
+    train_texts, test_texts = texts if texts is not None else (read_texts("train"), read_texts("test"))
+    train_ids, test_ids = token_stream(tok, train_texts), token_stream(tok, test_texts)
+    model = make_model(len(tok), layers=r["layers"], d=r["d"])
+    n_steps = steps if steps is not None else matched_steps(r["layers"], r["d"], len(tok), r["rotation"])
+    objectives: list = []
+    if r["p_max"] > 0:
+        objectives.append(LayerDropout(r["p_max"], curriculum=r["dropout_curriculum"], seed=seed))
+    if r["rotation"] is not None:
+        objectives.append(EarlyExitLoss(e_scale=r["e_scale"], curriculum="rotational", rotation=r["rotation"]))
+    else:
+        from .objectives import LanguageModeling
+
+        objectives.append(LanguageModeling())
+    cfg = TrainConfig(steps=n_steps, batch_size=BATCH, seq_len=SEQ, lr=LR, warmup=50, weight_decay=0.1,
+                      seed=seed, cpu=device == "cpu" or (device is None and not torch.cuda.is_available()),
+                      log_every=50)
+    result = train(model, objectives, train_ids, cfg)
+    wall = time.time() - t0
+    model = result.model.to("cpu").float().eval()
+    model.to(torch.float16).float()  # measure what is saved
+    metrics = {"held-out perplexity (stdlib modules)": perplexity(model, test_ids),
+               "train-sample perplexity": perplexity(model, train_ids[: len(test_ids)]),
+               "held-out tokens": len(test_ids), "train tokens": len(train_ids),
+               "parameters": sum(p.numel() for p in model.parameters()), "steps": n_steps}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    model.generation_config.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "train_info.json").write_text(json.dumps({"recipe": r, "objectives": [repr(o) for o in objectives],
+                                                     "config": cfg.to_dict(), "history": result.history,
+                                                     "device": _device_name(cfg),
+                                                     "wall_time_s": wall}, indent=1) + "\n")
+    if write_card:
+        _card(out, r, objectives, n_steps, metrics, wall)
+    return metrics
+
+
+def _device_name(cfg: TrainConfig) -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() and not cfg.cpu else "cpu"
+
+
+def _card(out: Path, r: dict[str, Any], objectives: list, steps: int, metrics: dict[str, Any], wall: float) -> None:
+    from mmskip.zoo.card import write_card
+    from mmskip.zoo.train_lm import skip_agreement
+
+    write_card(out, "stdlib-lm-skip",
+               "Deep, narrow Llama trained to survive layer skipping (LayerSkip's layer dropout and early-exit "
+               "loss) on Python's own standard library source; the skip-aware sibling of `stdlib-lm`.",
+               "The same split and tokenizer as `stdlib-lm` (its byte-level BPE, 4096 tokens).",
+               f"`LlamaForCausalLM`, {r['layers']} layers, d={r['d']}, SwiGLU {4 * r['d']}, tied embeddings, "
+               f"{metrics['parameters'] / 1e6:.2f}M parameters. Objectives: {', '.join(map(repr, objectives))}. "
+               f"AdamW lr {LR} (β 0.9/0.95, wd 0.1, 50 warm-up steps, cosine to 10 %), batch {BATCH}×{SEQ} tokens, "
+               f"{steps} steps: the same weight multiply-adds as `stdlib-lm`'s 800 (`matched_steps`). Saved in fp16.",
+               metrics, wall)
+    skip_agreement(out)
