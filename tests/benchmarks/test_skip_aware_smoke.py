@@ -1,0 +1,28 @@
+"""``benchmarks/skip_aware.py --smoke`` measures every config on tiny random models in seconds, so it cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "skip_aware.py"
+
+
+def test_skip_aware_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_skip_aware", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "smoke.json"
+    result = bench.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["models"] == json.loads(json.dumps(result["models"]))
+    assert out.with_suffix(".png").exists() and "| stdlib-lm (4 layers" in out.with_suffix(".md").read_text()
+    for m in result["models"]:
+        lossy = {r["config"]: r for r in m["lossy"]}
+        assert set(lossy) == {"unified s=1.5", "FFN-SkipLLM", "void layers"}
+        assert 0 < lossy["unified s=1.5"]["kept_flops"] < 1  # decode skips layers; the prefill is subtracted
+        assert all(0 <= r["teacher_forced"] <= 1 for r in lossy.values())
+        speed = {r["config"]: r for r in m["speed"]}
+        # speculative decoding is lossless: every output equals plain generate's
+        assert all(r["identical"] == "2/2" for r in speed.values()), speed
+        assert any(name.startswith("early exit") for name in speed) and "SWIFT r=0.3" in speed
