@@ -40,10 +40,10 @@ VARIANTS = {  # name -> recipe overrides (mmskip.train.zoo_lm_skip.RECIPE)
 
 @torch.no_grad()
 def score(folder: Path, device: str, windows: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import mmskip
     from mmskip.eval.lm import heldout_ids
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder).float().to(device).eval()
     ids = heldout_ids(AutoTokenizer.from_pretrained(folder))
