@@ -4,8 +4,10 @@
     python apps/demo.py --out runs/demo
     python apps/demo.py --only language --new-tokens 8 --repeats 1   # quick check, seconds
 
-1. Language (``stdlib-lm``): Unified Layer Skipping, FFN-SkipLLM and LAC void layers, decode
-   speedup and FLOPs bound beside agreement with the full model (``language_demo``).
+1. Language (``stdlib-lm``, trained without skipping, and ``stdlib-lm-skip``, trained for it):
+   Unified Layer Skipping, FFN-SkipLLM and LAC void layers, decode speedup and FLOPs bound beside
+   agreement with the full model (``language_demo``); SWIFT and early-exit self-speculation,
+   lossless, against plain decoding (``speculative_demo``).
 2. Diffusion (``digits-dit``, ``digits-sd``): drop-in ``SkipDiTPipeline`` /
    ``SkipStableDiffusionPipeline`` with feature inheritance (A-SDM), against the same sampler
    with fewer steps, each with speedup, PSNR to the full 50-step output and the accuracy of
@@ -114,6 +116,41 @@ def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: 
               f"{r['free_running']:6.2f}  {r['skipped_layers'] or ''}")
     print(f"\nprompt:\n{_PROMPTS[0]}full model continues:\n{base_text}\n")
     print(f"Unified s=1.5 continues:\n{rows[1]['sample']}")
+    return rows
+
+
+@torch.no_grad()
+def speculative_demo(model_name: str, new_tokens: int = 48) -> list[dict]:
+    """Lossless speculative decoding, one prompt at a time: SWIFT (``SelfSpeculativeConfig``) and
+    transformers' ``assistant_early_exit`` at half depth, against plain greedy ``generate``."""
+    from mmskip.speculative import SelfSpeculativeConfig
+
+    model, tok = load_lm(model_name)
+    half = mmskip.registry.get_adapter(model).num_layers // 2
+    prompts = [tok(p, return_tensors="pt").input_ids for p in _PROMPTS]
+
+    def run(extra: dict) -> tuple[list[torch.Tensor], float]:
+        outs, start = [], time.perf_counter()
+        for ids in prompts:
+            outs.append(model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **extra)[0, ids.shape[1]:])
+        return outs, time.perf_counter() - start
+
+    run({})  # warm-up
+    base, base_s = run({})
+    rows = []
+    for name, extra, cfg in (("SWIFT (layer set searched on the fly)", {}, SelfSpeculativeConfig()),
+                             (f"early exit at layer {half}", {"assistant_early_exit": half}, None)):
+        handle = mmskip.apply(model, cfg) if cfg else None
+        try:
+            outs, secs = run(extra)
+        finally:
+            if handle:
+                handle.remove()
+        same = sum(torch.equal(a, b) for a, b in zip(outs, base))
+        rows.append({"model": model_name, "config": name, "speedup": base_s / secs, "identical": f"{same}/{len(base)}"})
+    print(f"\n== Lossless speculative decoding: {model_name}, {len(prompts)} prompts x {new_tokens} tokens, batch 1 ==")
+    for r in rows:
+        print(f"{r['config']:40s} {r['speedup']:5.2f}x  identical outputs {r['identical']}")
     return rows
 
 
@@ -289,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed round-robin runs in the language part (best of)")
     args = p.parse_args(argv)
     if args.only in (None, "language"):
-        language_demo(new_tokens=args.new_tokens, repeats=args.repeats)
+        # stdlib-lm was trained without skipping; stdlib-lm-skip with LayerSkip's dropout + early-exit loss
+        for name in [n for n in ("stdlib-lm", "stdlib-lm-skip") if n in zoo.available()]:
+            language_demo(model_name=name, new_tokens=args.new_tokens, repeats=args.repeats)
+            speculative_demo(name, new_tokens=args.new_tokens)
     if args.only in (None, "diffusion"):
         for name in ("digits-dit", "digits-sd"):
             diffusion_demo(name, Path(args.out), args.steps)
