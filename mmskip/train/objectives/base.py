@@ -42,6 +42,7 @@ class Objective:
     """
 
     name = "objective"
+    _active = True  # False while paused(): hooks then leave the forward alone
 
     def check(self, model: nn.Module) -> None:
         """Raise ``ValueError``/``TypeError`` saying what to change if this objective cannot train ``model``."""
@@ -50,7 +51,12 @@ class Objective:
         """Install what the objective needs on ``model`` (hooks, applied configs)."""
 
     def detach(self) -> None:
-        """Undo :meth:`attach` exactly."""
+        """Undo :meth:`attach` exactly (removes the hooks added with :meth:`_hook`)."""
+        for handle in self.__dict__.pop("_hooks", []):
+            handle.remove()
+
+    def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self.__dict__.setdefault("_hooks", []).append(handle)
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Called once per optimizer step before its micro-batches (curricula live here)."""
@@ -61,7 +67,12 @@ class Objective:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        yield
+        """Leave the forward as the unmodified model runs it (the teacher forward, evaluation)."""
+        self._active = False
+        try:
+            yield
+        finally:
+            self._active = True
 
     def loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Named loss terms for one micro-batch; the trainer sums all objectives' terms."""

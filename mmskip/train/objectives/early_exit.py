@@ -3,9 +3,6 @@ head, is trained to predict the next token, under a curriculum that picks which 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -76,10 +73,8 @@ class EarlyExitLoss(Objective):
         if rotation < 1:
             raise ValueError(f"EarlyExitLoss.rotation must be >= 1, got {rotation}")
         self.e_scale, self.curriculum, self.rotation, self.gradual_steps = e_scale, curriculum, rotation, gradual_steps
-        self._hooks: list = []
         self._captured: dict[int, torch.Tensor] = {}
         self._enabled: list[int] = []
-        self._active = True
 
     def check(self, model: nn.Module) -> None:
         adapter = get_adapter(model, "decoder")
@@ -95,24 +90,16 @@ class EarlyExitLoss(Objective):
         self._adapter, self._scales = adapter, exit_scales(adapter.num_layers, self.e_scale)
         self._enabled = list(range(adapter.num_layers))
         for i, layer in enumerate(adapter.layers[:-1]):
-            self._hooks.append(layer.register_forward_hook(self._capture(i)))
+            self._hook(layer.register_forward_hook(self._capture(i)))
 
     def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks, self._captured = [], {}
+        super().detach()
+        self._captured = {}
 
     def begin_step(self, step: int, total_steps: int) -> None:
         self._enabled = exit_layers(self._adapter.num_layers, step, total_steps, self.curriculum, self.rotation,
                                     self.gradual_steps)
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        self._active = False
-        try:
-            yield
-        finally:
-            self._active = True
 
     def _capture(self, i: int):
         def hook(module, args, output):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -50,11 +48,9 @@ class LayerDropout(Objective):
         if curriculum not in _CURRICULA:
             raise ValueError(f"LayerDropout.curriculum must be one of {_CURRICULA}, got {curriculum!r}")
         self.p_max, self.curriculum, self.seed = p_max, curriculum, seed
-        self._hooks: list = []
         self._rates: list[float] = []
         self._step = 0
         self._micro = 0
-        self._active = True
 
     def check(self, model: nn.Module) -> None:
         get_adapter(model, "decoder")  # UnsupportedModelError names the supported families
@@ -64,26 +60,17 @@ class LayerDropout(Objective):
         self._rates = dropout_rates(adapter.num_layers, self.p_max, curriculum=self.curriculum)
         self._masks: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(adapter.layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self._hooks.append(layer.register_forward_hook(self._post(i), with_kwargs=True))
+            self._hook(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self._hook(layer.register_forward_hook(self._post(i), with_kwargs=True))
         self._adapter = adapter
 
     def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        super().detach()
 
     def begin_step(self, step: int, total_steps: int) -> None:
         self._rates = dropout_rates(self._adapter.num_layers, self.p_max, step, total_steps, self.curriculum)
         self._step, self._micro = step, 0
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        self._active = False
-        try:
-            yield
-        finally:
-            self._active = True
 
     def _on(self, module: nn.Module) -> bool:
         return self._active and module.training and torch.is_grad_enabled()

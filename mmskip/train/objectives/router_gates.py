@@ -3,9 +3,6 @@ and a sparsity term pays for every layer kept."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -38,10 +35,8 @@ class RouterGates(Objective):
         if not isinstance(routers, Routers):
             raise TypeError(f"RouterGates takes mmskip.routers.Routers, got {type(routers).__name__}")
         self.routers, self.sparsity, self.straight_through = routers, sparsity, straight_through
-        self._hooks: list = []
         self._inputs: dict[int, torch.Tensor] = {}
         self._probs: list[torch.Tensor] = []
-        self._active = True
 
     def check(self, model: nn.Module) -> None:
         adapter = get_adapter(model, "decoder")
@@ -54,25 +49,16 @@ class RouterGates(Objective):
         self.routers.to(next(model.parameters()).device).train()
         for i in self.routers.routed:
             layer = adapter.layers[i]
-            self._hooks.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self._hooks.append(layer.register_forward_hook(self._post(i), with_kwargs=True, prepend=True))
+            self._hook(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self._hook(layer.register_forward_hook(self._post(i), with_kwargs=True, prepend=True))
 
     def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        super().detach()
         self.routers.eval()
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.routers.parameters())
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        self._active = False
-        try:
-            yield
-        finally:
-            self._active = True
 
     def _pre(self, i: int):
         def hook(module, args, kwargs):
