@@ -64,9 +64,6 @@ class LayerDropout(Objective):
             self._hook(layer.register_forward_hook(self._post(i), with_kwargs=True))
         self._adapter = adapter
 
-    def detach(self) -> None:
-        super().detach()
-
     def begin_step(self, step: int, total_steps: int) -> None:
         self._rates = dropout_rates(self._adapter.num_layers, self.p_max, step, total_steps, self.curriculum)
         self._step, self._micro = step, 0
