@@ -12,7 +12,8 @@ Per model:
   prefill subtracted), teacher-forced agreement
   *while decoding* (``mmskip.eval.decode_agreement``: each step's greedy token vs the full model's,
   the reference context forced) and free-running exact / prefix match of ``--new-tokens``
-  greedy tokens on ``--prompts`` held-out prompts.
+  greedy tokens on ``--prompts`` held-out prompts; for layer skipping also the perplexity of the
+  skipped model itself (the schedule applied to every token, ``phase="all"``).
 - **lossless speculative decoding** (SWIFT, transformers' ``assistant_early_exit`` at L/4, L/2,
   3L/4): tokens/s against plain ``generate`` in the same run, acceptance rate, identical outputs
   (``benchmarks/llm_speculative.py``'s runner; ``--speed-prompts`` x ``--speed-tokens``).
@@ -26,6 +27,7 @@ is re-trained there if missing). Writes ``results/skip_aware.json`` / ``.md`` / 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -96,7 +98,8 @@ def lossy_configs(smoke: bool) -> dict[str, Any]:
     return configs
 
 
-def lossy_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, smoke: bool) -> list[dict]:
+def lossy_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, smoke: bool,
+               ppl_ids: torch.Tensor, ppl_args: tuple[int, int]) -> list[dict]:
     base = greedy_generate(model, prompts, new_tokens)
     rows = []
     for name, config in lossy_configs(smoke).items():
@@ -113,8 +116,12 @@ def lossy_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: 
                     model(input_ids=p[None], logits_to_keep=1)  # as generate runs its prefill
             pre_spent, pre_full = handle.stats()["flops"].values()
             kept = (spent - pre_spent) / (full - pre_full)
-        rows.append({"config": name, "kept_flops": kept, "teacher_forced": tf, "exact_match": free["exact_match"],
-                     "prefix_match": free["prefix_match"]})
+        row = {"config": name, "kept_flops": kept, "teacher_forced": tf, "exact_match": free["exact_match"],
+               "prefix_match": free["prefix_match"]}
+        if isinstance(config, mmskip.LayerSkipConfig):  # the skipped model's own quality: every token skips
+            with mmskip.applied(model, dataclasses.replace(config, phase="all")):
+                row["skipped_perplexity"] = perplexity(model, ppl_ids, *ppl_args)
+        rows.append(row)
     return rows
 
 
@@ -164,13 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
         if tok is not None:
             from mmskip.eval.lm import heldout_ids
 
-            ppl = perplexity(model, heldout_ids(tok), 256, 200)
+            ppl_ids, ppl_args = heldout_ids(tok), (256, 200)
         else:
-            ppl = perplexity(model, torch.randint(3, vocab, (600,), generator=torch.Generator().manual_seed(0)), 64, 4)
+            ppl_ids, ppl_args = torch.randint(3, vocab, (600,), generator=torch.Generator().manual_seed(0)), (64, 4)
+        ppl = perplexity(model, ppl_ids, *ppl_args)
         prompts = prompts_for(tok, vocab, args.prompts, 64 if tok is not None else 12)
         entry = {"model": name, "about": MODELS[name], "layers": L,
                  "parameters": sum(q.numel() for q in model.parameters()), "perplexity": ppl,
-                 "lossy": lossy_rows(model, prompts, args.new_tokens, args.smoke),
+                 "lossy": lossy_rows(model, prompts, args.new_tokens, args.smoke, ppl_ids, ppl_args),
                  "speed": speed_rows(model, prompts[: args.speed_prompts], args.speed_tokens, args.smoke)}
         entry["seconds"] = time.time() - t0
         results.append(entry)
@@ -194,16 +202,18 @@ def render(results: list[dict], meta: dict) -> str:
              f"{meta['speed_prompts']} x {meta['speed_tokens']} (speed rows); batch 1, CPU, "
              f"torch.set_num_threads({meta['threads']}); one run, {meta['date']}", "",
              "| model | full-model perplexity | config | kept FLOPs | teacher-forced agreement | exact / prefix match "
-             "| speed vs plain | acceptance | identical outputs |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| perplexity, every token skipping | speed vs plain | acceptance | identical outputs |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in results:
         head = f"| {m['model']} ({m['layers']} layers, {m['parameters'] / 1e6:.2f}M) | {m['perplexity']:.1f} "
         for r in m["lossy"]:
+            sp = f"{r['skipped_perplexity']:.1f}" if "skipped_perplexity" in r else "-"
             lines.append(f"{head}| {r['config']} | {r['kept_flops']:.2f} | {r['teacher_forced']:.3f} | "
-                         f"{r['exact_match']:.2f} / {r['prefix_match']:.2f} | - | - | - |")
+                         f"{r['exact_match']:.2f} / {r['prefix_match']:.2f} | {sp} | - | - | - |")
             head = "| | "
         for r in m["speed"]:
             acc = f"{r['acceptance_rate']:.2f}" if r["acceptance_rate"] is not None else "-"
-            lines.append(f"{head}| {r['config']} | - | - | - | {r['ratio_vs_plain']:.2f}x | {acc} | {r['identical']} |")
+            lines.append(f"{head}| {r['config']} | - | - | - | - | {r['ratio_vs_plain']:.2f}x | {acc} | {r['identical']} |")
     text = "\n".join(lines)
     print("\n" + text)
     return text
