@@ -13,8 +13,8 @@ from typing import Any
 __all__ = ["MODELS_DIR", "NAMES", "UnknownModelError", "path", "load", "available"]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "digits-llava",
-         "digits-video", "digits-florence")
+NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "stdlib-lm-skip",
+         "digits-llava", "digits-video", "digits-florence")
 
 
 class UnknownModelError(ValueError):
@@ -49,7 +49,7 @@ def load(name: str, **kwargs: Any) -> Any:
     Returns: ``digits-classifier`` -> :class:`~mmskip.zoo.classifier.DigitsClassifier`;
     ``digits-vae`` -> ``AutoencoderKL``; ``digits-dit`` -> ``DiTPipeline``; ``digits-sd`` ->
     ``StableDiffusionPipeline``; ``digits-clip`` -> ``(model, preprocess, tokenizer)`` from
-    open_clip; ``stdlib-lm`` -> ``(LlamaForCausalLM, tokenizer)``; ``digits-llava`` ->
+    open_clip; ``stdlib-lm`` and ``stdlib-lm-skip`` -> ``(LlamaForCausalLM, tokenizer)``; ``digits-llava`` ->
     ``(LlavaForConditionalGeneration, tokenizer)`` (inputs: :func:`mmskip.zoo.llava_data.encode`, answers:
     :func:`mmskip.zoo.llava_data.answer`); ``digits-video`` -> ``(LlavaOnevisionForConditionalGeneration,
     tokenizer)`` (inputs: :func:`mmskip.zoo.video_data.encode`, answers: :func:`mmskip.zoo.video_data.answer`;

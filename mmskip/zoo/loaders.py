@@ -87,6 +87,7 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "digits-sd": load_sd,
     "digits-clip": load_clip,
     "stdlib-lm": load_lm,
+    "stdlib-lm-skip": load_lm,
     "digits-llava": load_llava,
     "digits-video": load_video,
     "digits-florence": load_florence,
