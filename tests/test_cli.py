@@ -24,7 +24,31 @@ def demo():
 def test_help_lists_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "analyze" in out
+    for name in ("demo", "bench", "eval", "analyze", "train", "zoo"):
+        assert f"\n  {name} " in out
+
+
+@pytest.mark.parametrize("command, expect", [
+    (["demo", "--help"], "--only"), (["eval", "--help"], "images"), (["train", "--help"], "early-exit"),
+    (["zoo", "--help"], "--overwrite-shipped"), (["bench", "skip_aware", "--help"], "--smoke"),
+])
+def test_every_subcommand_has_help(command, expect, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(command)
+    assert e.value.code == 0 and expect in capsys.readouterr().out
+
+
+def test_bench_lists_and_refuses_unknown_scripts(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    assert "  skip_aware\n" in capsys.readouterr().out
+    assert cli.main(["bench", "nope"]) == 2
+    assert "unknown benchmark 'nope'; choose one of: " in capsys.readouterr().err
+
+
+def test_scripts_outside_a_clone_are_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "_REPO", tmp_path)
+    assert cli.main(["demo"]) == 2
+    assert "ships with the mmskip repository" in capsys.readouterr().err
 
 
 def test_unknown_command_fails(capsys):
