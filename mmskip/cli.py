@@ -1,6 +1,7 @@
 """``mmskip`` command line: one entry point, a subcommand per job.
 
     mmskip demo [--only language]            the headless demo on the zoo's models (apps/demo.py)
+    mmskip app [--port N] [--share]          the Gradio app (apps/app.py)
     mmskip bench NAME [args] | bench --list  a benchmark script from benchmarks/
     mmskip eval images|lm ...                quality and time with and without a config
     mmskip analyze --model M --text F        depth-efficiency analysis of a language model
@@ -24,6 +25,7 @@ _REPO = Path(__file__).resolve().parents[1]  # apps/ and benchmarks/ ship with t
 # name -> (module, or "script:<folder>/<file>", one-line help)
 _COMMANDS = {
     "demo": ("script:apps/demo.py", "the headless demo on the zoo's models (what `bash run.sh demo` runs)"),
+    "app": ("script:apps/app.py", "the Gradio app on 127.0.0.1:7860 (needs the app extra)"),
     "bench": ("bench", "run a benchmark script from benchmarks/ (`mmskip bench --list`)"),
     "eval": ("mmskip.eval.__main__", "quality and time of a model with and without an mmskip config"),
     "analyze": ("mmskip.analysis.cli", "depth-efficiency analysis of a language model on a text file"),

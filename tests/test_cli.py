@@ -24,12 +24,12 @@ def demo():
 def test_help_lists_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("demo", "bench", "eval", "analyze", "train", "zoo"):
+    for name in ("demo", "app", "bench", "eval", "analyze", "train", "zoo"):
         assert f"\n  {name} " in out
 
 
 @pytest.mark.parametrize("command, expect", [
-    (["demo", "--help"], "--only"), (["eval", "--help"], "images"), (["train", "--help"], "early-exit"),
+    (["demo", "--help"], "--only"), (["app", "--help"], "--share"), (["eval", "--help"], "images"), (["train", "--help"], "early-exit"),
     (["zoo", "--help"], "--overwrite-shipped"), (["bench", "skip_aware", "--help"], "--smoke"),
 ])
 def test_every_subcommand_has_help(command, expect, capsys):

@@ -1,0 +1,308 @@
+"""The Gradio app: try mmskip's techniques on the zoo's models (or local ones) and see speed and
+quality side by side.
+
+    mmskip app                      # http://127.0.0.1:7860, no share link
+    mmskip app --port 8000 --share  # a public gradio.live link, only when asked
+
+Tabs: Language (code completion: plain vs a technique, tokens/s, agreement, identical-output
+badge for lossless SWIFT), Diffusion (baseline vs accelerated image from the same seed, speedup,
+PSNR, FLOPs fraction, and "fewer steps in the same time"), Analysis (the depth report's plots).
+Needs the ``app`` extra (``pip install 'mmskip[app]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mmskip
+from mmskip import schedules, zoo
+
+LANGUAGE_MODELS = ["stdlib-lm", "stdlib-lm-skip"]
+DIFFUSION_MODELS = ["digits-dit", "digits-sd"]
+LM_TECHNIQUES = ["Unified Layer Skipping s=1.5", "Unified Layer Skipping s=2", "FFN-SkipLLM", "void layers",
+                 "SWIFT (lossless)"]
+DIFF_TECHNIQUES = ["feature inheritance, every k-th step", "feature inheritance, non-uniform", "fewer steps"]
+_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class AppError(ValueError):
+    """Bad input the UI shows as a message (the app keeps serving)."""
+
+
+# -- language -------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _lm(name: str) -> tuple[Any, Any]:
+    from mmskip.eval.lm import load_lm
+
+    try:
+        return load_lm(name)
+    except (FileNotFoundError, ValueError) as e:
+        raise AppError(str(e)) from e
+
+
+def lm_config(technique: str) -> mmskip.SkipConfig:
+    if technique.startswith("Unified"):
+        return mmskip.LayerSkipConfig(schedule=schedules.unified(float(technique.rsplit("=", 1)[1])))
+    if technique == "FFN-SkipLLM":
+        return mmskip.FFNSkipConfig()
+    if technique == "void layers":
+        return mmskip.VoidLayerConfig()
+    if technique.startswith("SWIFT"):
+        from mmskip.speculative import SelfSpeculativeConfig
+
+        return SelfSpeculativeConfig()
+    raise AppError(f"unknown technique {technique!r}; choose one of {LM_TECHNIQUES}")
+
+
+@torch.no_grad()
+def run_language(model_name: str, prompt: str, technique: str, new_tokens: int = 48) -> tuple[str, str, str]:
+    """(plain completion, accelerated completion, markdown stats) for one prompt, batch 1."""
+    if not prompt or not prompt.strip():
+        raise AppError("the prompt is empty: type the start of some Python code")
+    model, tok = _lm(model_name.strip())
+    ids = tok(prompt, return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=int(new_tokens), do_sample=False, pad_token_id=tok.eos_token_id)
+    model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.eos_token_id)  # warm-up
+    t0 = time.perf_counter()
+    plain = model.generate(ids, **kwargs)[0, ids.shape[1]:]
+    t_plain = time.perf_counter() - t0
+    try:
+        handle = mmskip.apply(model, lm_config(technique))
+    except (TypeError, ValueError) as e:
+        raise AppError(f"{technique} does not fit {model_name}: {e}") from e
+    try:
+        t0 = time.perf_counter()
+        fast = model.generate(ids, **kwargs)[0, ids.shape[1]:]
+        t_fast = time.perf_counter() - t0
+        stats = handle.stats()
+    finally:
+        handle.remove()
+    n = min(len(plain), len(fast))
+    agree = float((plain[:n] == fast[:n]).float().mean()) if n else 1.0
+    identical = torch.equal(plain, fast)
+    badge = "**identical output** ✅" if identical else f"differs from plain (position-wise agreement {agree:.2f})"
+    fraction = stats.get("flops_fraction")
+    lines = [f"| | plain | {technique} |", "|---|---:|---:|",
+             f"| tokens/s | {len(plain) / t_plain:.1f} | {len(fast) / t_fast:.1f} |",
+             f"| speedup | 1.00× | {t_plain / t_fast:.2f}× |"]
+    if fraction is not None:
+        lines.append(f"| FLOPs fraction | 1.00 | {fraction:.2f} |")
+    if "acceptance_rate" in stats:
+        lines.append(f"| draft acceptance | - | {stats['acceptance_rate']:.2f} |")
+    md = "\n".join(lines) + f"\n\n{badge}"
+    return tok.decode(plain, skip_special_tokens=True), tok.decode(fast, skip_special_tokens=True), md
+
+
+# -- diffusion ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=2)
+def _pipe(name: str) -> Any:
+    from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
+
+    cls = SkipDiTPipeline if name == "digits-dit" else SkipStableDiffusionPipeline
+    try:
+        folder = zoo.path(name) if name in zoo.NAMES else Path(name)
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{name!r} is neither a zoo model ({', '.join(DIFFUSION_MODELS)}) nor a folder")
+        pipe = cls.from_pretrained(folder, dtype=torch.float32)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise AppError(str(e)) from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe: Any, name: str, digit: int, steps: int, seed: int) -> tuple[Any, float]:
+    g = torch.Generator().manual_seed(int(seed))
+    t0 = time.perf_counter()
+    if name == "digits-dit":
+        out = pipe(class_labels=[int(digit)], num_inference_steps=steps, guidance_scale=4.0, generator=g,
+                   output_type="pil")
+    else:
+        out = pipe([f"a handwritten digit {_WORDS[int(digit)]}"], num_inference_steps=steps, guidance_scale=4.0,
+                   generator=g, output_type="pil")
+    return out.images[0], time.perf_counter() - t0
+
+
+def diffusion_config(technique: str, steps: int, k: int) -> Any:
+    from mmskip.diffusion import FeatureInheritanceConfig, nonuniform
+
+    if technique == DIFF_TECHNIQUES[0]:
+        return FeatureInheritanceConfig(schedule=schedules.interval(int(k)))
+    if technique == DIFF_TECHNIQUES[1]:
+        return FeatureInheritanceConfig(schedule=nonuniform(steps, max(2, steps // int(k))))
+    raise AppError(f"unknown technique {technique!r}")
+
+
+@torch.no_grad()
+def run_diffusion(model_name: str, digit: int, technique: str, steps: int = 30, k: int = 3,
+                  seed: int = 0, progress: Any = None) -> tuple[Any, Any, Any, str]:
+    """(baseline image, accelerated image, same-time fewer-steps image, markdown stats)."""
+    from mmskip.eval import psnr
+
+    steps, k = int(steps), int(k)
+    if steps < 2 or k < 1:
+        raise AppError("steps must be >= 2 and k >= 1")
+    if progress is not None:
+        progress(0.05, desc="loading the pipeline")
+    pipe = _pipe(model_name.strip())
+    _generate(pipe, model_name, digit, 2, seed)  # warm-up
+    if progress is not None:
+        progress(0.2, desc=f"baseline: {steps} steps")
+    base, t_base = _generate(pipe, model_name, digit, steps, seed)
+    fraction = None
+    if technique == "fewer steps":
+        fast_steps = max(2, steps // k)
+        fast, t_fast = _generate(pipe, model_name, digit, fast_steps, seed)
+        label = f"DDIM-{fast_steps}"
+    else:
+        pipe.enable_skip(diffusion_config(technique, steps, k))
+        try:
+            if progress is not None:
+                progress(0.5, desc=technique)
+            fast, t_fast = _generate(pipe, model_name, digit, steps, seed)
+            fraction = pipe.skip_stats().get("flops_fraction") if hasattr(pipe, "skip_stats") else None
+        finally:
+            pipe.disable_skip()
+        label = technique
+    speedup = t_base / t_fast
+    same_time = max(2, round(steps / speedup))
+    if progress is not None:
+        progress(0.8, desc=f"fewer steps in the same time: {same_time}")
+    fewer, _ = _generate(pipe, model_name, digit, same_time, seed)
+
+    def arr(img: Any) -> torch.Tensor:
+        import numpy as np
+
+        return torch.from_numpy(np.asarray(img.convert("L"), dtype="float32") / 255.0)[None, None]
+
+    md = "\n".join([
+        f"| | baseline ({steps} steps) | {label} | fewer steps, same time ({same_time}) |", "|---|---:|---:|---:|",
+        f"| seconds | {t_base:.2f} | {t_fast:.2f} | - |",
+        f"| speedup | 1.00× | **{speedup:.2f}×** | ≈{speedup:.2f}× |",
+        f"| PSNR to baseline | - | {psnr(arr(fast), arr(base)):.1f} dB | {psnr(arr(fewer), arr(base)):.1f} dB |",
+    ] + ([f"| FLOPs fraction | 1.00 | {fraction:.2f} | - |"] if fraction is not None else []))
+    return _big(base), _big(fast), _big(fewer), md
+
+
+def _big(img: Any, size: int = 256) -> Any:
+    """The 32x32 zoo digits, enlarged (nearest neighbour) for the screen."""
+    from PIL import Image
+
+    return img.resize((size, size), Image.NEAREST)
+
+
+# -- analysis -------------------------------------------------------------------------------------
+
+def run_analysis(model_name: str, text: str, progress: Any = None) -> tuple[list[str], str]:
+    """The depth report's plots (paths) and its text summary for ``text``."""
+    from mmskip.analysis.cli import chunk_text, summary
+    from mmskip.analysis.depth import depth_report
+
+    if not text or len(text.strip()) < 40:
+        raise AppError("paste some code or text to analyse (a few hundred characters at least)")
+    model, tok = _lm(model_name.strip())
+    try:
+        ids = chunk_text(tok, text, 4, 64)
+    except ValueError as e:
+        raise AppError(str(e)) from e
+    if progress is not None:
+        progress(0.1, desc="analysing every layer")
+    report = depth_report(model, ids, void_prompts=2, void_new_tokens=8)
+    paths = report.plot(tempfile.mkdtemp(prefix="mmskip-app-"))
+    return [str(p) for p in paths], f"```\n{summary(report)}\n```"
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+def _ui(fn):
+    """Wrap a run_* function so bad input shows as a message in the UI, not a traceback."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def wrapped(*args, progress=gr.Progress(), **kwargs):  # noqa: B008 (gradio injects the tracker)
+        try:
+            if "progress" in fn.__code__.co_varnames:
+                kwargs["progress"] = progress
+            return fn(*args, **kwargs)
+        except AppError as e:
+            raise gr.Error(str(e)) from e
+    return wrapped
+
+
+def build_app() -> Any:
+    import gradio as gr
+
+    example = "import os\n\n\ndef read_lines(path):\n"
+    with gr.Blocks(title="mmskip") as app:
+        gr.Markdown("# mmskip — skip what does not matter\nEvery number below is measured in this run, on this machine.")
+        with gr.Tab("Language"):
+            with gr.Row():
+                lm_model = gr.Dropdown(LANGUAGE_MODELS, value="stdlib-lm-skip", allow_custom_value=True,
+                                       label="model (zoo name or local folder)", elem_id="lm-model")
+                lm_tech = gr.Dropdown(LM_TECHNIQUES, value=LM_TECHNIQUES[0], label="technique", elem_id="lm-tech")
+                lm_tokens = gr.Slider(8, 128, value=48, step=8, label="new tokens")
+            lm_prompt = gr.Textbox(example, lines=4, label="prompt", elem_id="lm-prompt")
+            lm_go = gr.Button("Complete", variant="primary", elem_id="lm-go")
+            with gr.Row():
+                lm_plain = gr.Textbox(label="plain", lines=6, elem_id="lm-plain")
+                lm_fast = gr.Textbox(label="with the technique", lines=6, elem_id="lm-fast")
+            lm_stats = gr.Markdown(elem_id="lm-stats")
+            lm_go.click(_ui(run_language), [lm_model, lm_prompt, lm_tech, lm_tokens], [lm_plain, lm_fast, lm_stats])
+        with gr.Tab("Diffusion"):
+            with gr.Row():
+                d_model = gr.Dropdown(DIFFUSION_MODELS, value="digits-dit", allow_custom_value=True,
+                                      label="pipeline (zoo name or local folder)", elem_id="d-model")
+                d_digit = gr.Slider(0, 9, value=3, step=1, label="digit (class / prompt)")
+                d_tech = gr.Dropdown(DIFF_TECHNIQUES, value=DIFF_TECHNIQUES[0], label="technique", elem_id="d-tech")
+            with gr.Row():
+                d_steps = gr.Slider(4, 100, value=30, step=1, label="sampler steps")
+                d_k = gr.Slider(1, 10, value=3, step=1, label="k (inherit every k-th step / k× fewer)")
+                d_seed = gr.Number(0, precision=0, label="seed")
+            d_go = gr.Button("Generate", variant="primary", elem_id="d-go")
+            with gr.Row():
+                d_base = gr.Image(label="baseline", type="pil", elem_id="d-base")
+                d_fast = gr.Image(label="accelerated", type="pil", elem_id="d-fast")
+                d_fewer = gr.Image(label="fewer steps, same time", type="pil", elem_id="d-fewer")
+            d_stats = gr.Markdown(elem_id="d-stats")
+            d_go.click(_ui(run_diffusion), [d_model, d_digit, d_tech, d_steps, d_k, d_seed],
+                       [d_base, d_fast, d_fewer, d_stats])
+        with gr.Tab("Analysis"):
+            a_model = gr.Dropdown(LANGUAGE_MODELS, value="stdlib-lm", allow_custom_value=True, label="model")
+            a_text = gr.Textbox(Path(argparse.__file__).read_text()[:6000], lines=8, label="text to analyse")
+            a_go = gr.Button("Analyse", variant="primary")
+            a_plots = gr.Gallery(label="depth report", columns=2)
+            a_summary = gr.Markdown()
+            a_go.click(_ui(run_analysis), [a_model, a_text], [a_plots, a_summary])
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mmskip app", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    args = p.parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError:
+        print("mmskip app: error: the app needs gradio: pip install 'mmskip[app]'", file=sys.stderr)
+        return 2
+    try:
+        build_app().launch(server_name=args.host, server_port=args.port, share=args.share)
+    except OSError as e:  # e.g. the port is in use
+        print(f"mmskip app: error: {e}; pick another --port", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
