@@ -128,11 +128,11 @@ def test_demo_quick_language_only_option(demo, tiny_lm_folder, monkeypatch, caps
     assert demo.main(["--only", "language", "--new-tokens", "4", "--repeats", "1"]) == 0
     names = [n for n in ("stdlib-lm", "stdlib-lm-skip") if n in demo.zoo.available()]
     assert seen == [{"model_name": n, "new_tokens": 4, "repeats": 1} for n in names]
-    assert spec == [(n, {"new_tokens": 4}) for n in names]
+    assert spec == [(n, {"new_tokens": 4, "repeats": 1}) for n in names]
 
 
 def test_speculative_demo_is_lossless(demo, tiny_lm_folder, capsys):
-    rows = demo.speculative_demo(str(tiny_lm_folder), new_tokens=6)
+    rows = demo.speculative_demo(str(tiny_lm_folder), new_tokens=6, repeats=1)
     assert [r["identical"] for r in rows] == ["4/4", "4/4"] and all(r["speedup"] > 0 for r in rows)
     assert "Lossless speculative decoding" in capsys.readouterr().out
 
@@ -159,3 +159,18 @@ def test_demo_quick_vision_only_option(demo, monkeypatch):
 def test_mmskip_demo_module_is_gone():
     """One demo, in apps/: the library no longer ships a ``mmskip.demo`` beside it."""
     assert importlib.util.find_spec("mmskip.demo") is None
+
+
+def test_demo_summary_names_the_best_speedup_per_quality_level(demo):
+    language = [{"model": "m", "config": "full model", "speedup": 1.0, "agreement": 1.0},
+                {"model": "m", "config": "a", "speedup": 1.5, "agreement": 0.97},
+                {"model": "m", "config": "b", "speedup": 2.0, "agreement": 0.85},
+                {"model": "m", "config": "c", "speedup": 0.7, "agreement": 0.99}]
+    speculative = [{"model": "m", "config": "swift", "speedup": 0.8, "identical": "4/4"}]
+    diffusion = {"p": [{"method": "full", "speedup": 1.0, "psnr_db": 100.0},
+                       {"method": "fewer", "speedup": 2.5, "psnr_db": 35.0}]}
+    lines = demo.summary(language, speculative, diffusion)
+    assert lines[0].startswith("m, agreement >= 0.95") and lines[0].endswith("1.50x  a")
+    assert lines[1].endswith("2.00x  b")
+    assert "nothing faster than the baseline" in lines[2]  # lossless: SWIFT was slower
+    assert "nothing faster" in lines[3] and lines[4].endswith("2.50x  fewer")
