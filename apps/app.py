@@ -6,7 +6,8 @@ quality side by side.
 
 Tabs: Language (code completion: plain vs a technique, tokens/s, agreement, identical-output
 badge for lossless SWIFT), Diffusion (baseline vs accelerated image from the same seed, speedup,
-PSNR, FLOPs fraction, and "fewer steps in the same time"), Analysis (the depth report's plots).
+PSNR, FLOPs fraction, and "fewer steps in the same time"), Vision (p-MoD on ``digits-llava``:
+keep-ratio slider, answers, accuracy, prefill FLOPs and KV kept), Analysis (the depth report's plots).
 Needs the ``app`` extra (``pip install 'mmskip[app]'``).
 """
 
@@ -200,6 +201,63 @@ def _big(img: Any, size: int = 256) -> Any:
     return img.resize((size, size), Image.NEAREST)
 
 
+# -- vision ---------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _llava(n_per_type: int = 12) -> tuple[Any, Any, Any]:
+    from mmskip.zoo import llava_data
+
+    model, tok = zoo.load("digits-llava")
+    return model, tok, llava_data.heldout_set(tok, n_per_type)
+
+
+@torch.no_grad()
+def run_vision(example: int, keep: float, signal: str = "attention") -> tuple[Any, str]:
+    """p-MoD on ``digits-llava``: one held-out grid and question answered with and without vision
+    tokens skipping layers (``constant(keep)`` after the first layer), plus accuracy over the whole
+    held-out set, the prefill FLOPs and the KV cache kept."""
+    from mmskip.vision import MoDConfig
+    from PIL import Image
+
+    from mmskip.zoo import llava_data
+
+    if not 0.0 < keep <= 1.0:
+        raise AppError("the keep ratio must lie in (0, 1]")
+    model, tok, data = _llava()
+    if not 0 <= int(example) < len(data.questions):
+        raise AppError(f"example must lie in 0..{len(data.questions) - 1}")
+    inputs = llava_data.encode(tok, data.pixel_values, data.questions)
+
+    def predict() -> tuple[list[str], float]:
+        t0 = time.perf_counter()
+        ids = model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+        return tok.convert_ids_to_tokens(ids), time.perf_counter() - t0
+
+    predict()  # warm-up
+    plain, t_plain = predict()
+    handle = mmskip.apply(model, MoDConfig(schedule=schedules.constant(float(keep), first=1), signal=signal))
+    try:
+        fast, t_fast = predict()
+        stats = handle.stats()
+    finally:
+        handle.remove()
+    i = int(example)
+    acc = [sum(p == a for p, a in zip(preds, data.answers)) / len(data.answers) for preds in (plain, fast)]
+    img = data.pixel_values[i, 0]
+    img = ((img + 1) / 2 if img.min() < 0 else img).clamp(0, 1)
+    picture = Image.fromarray((img.numpy() * 255).astype("uint8")).resize((256, 256), Image.NEAREST)
+    md = "\n".join([
+        f"**Q:** {data.questions[i]}  **gold:** {data.answers[i]}", "",
+        f"| | unmodified | p-MoD keep {keep:.2f} ({signal}) |", "|---|---:|---:|",
+        f"| this answer | {plain[i]} | {fast[i]} |",
+        f"| held-out accuracy ({len(data.answers)} questions) | {acc[0]:.2f} | {acc[1]:.2f} |",
+        f"| prefill seconds (all questions) | {t_plain:.2f} | {t_fast:.2f} |",
+        f"| prefill FLOPs fraction | 1.00 | {stats.get('prefill_flops_fraction', 1.0):.2f} |",
+        f"| KV cache kept | 1.00 | {stats.get('kv_fraction', 1.0):.2f} |",
+    ])
+    return picture, md
+
+
 # -- analysis -------------------------------------------------------------------------------------
 
 def run_analysis(model_name: str, text: str, progress: Any = None) -> tuple[list[str], str]:
@@ -275,6 +333,18 @@ def build_app() -> Any:
             d_stats = gr.Markdown(elem_id="d-stats")
             d_go.click(_ui(run_diffusion), [d_model, d_digit, d_tech, d_steps, d_k, d_seed],
                        [d_base, d_fast, d_fewer, d_stats])
+        with gr.Tab("Vision"):
+            gr.Markdown("p-MoD on `digits-llava`: vision tokens skip decoder layers; 4×4 grids of digits with "
+                        "questions about a position, a count or a sum.")
+            with gr.Row():
+                v_example = gr.Slider(0, 35, value=0, step=1, label="held-out example")
+                v_keep = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="vision tokens kept per layer")
+                v_signal = gr.Dropdown(["attention", "norm"], value="attention", label="which tokens (signal)")
+            v_go = gr.Button("Answer", variant="primary", elem_id="v-go")
+            with gr.Row():
+                v_image = gr.Image(label="grid", type="pil")
+                v_stats = gr.Markdown(elem_id="v-stats")
+            v_go.click(_ui(run_vision), [v_example, v_keep, v_signal], [v_image, v_stats])
         with gr.Tab("Analysis"):
             a_model = gr.Dropdown(LANGUAGE_MODELS, value="stdlib-lm", allow_custom_value=True, label="model")
             a_text = gr.Textbox(Path(argparse.__file__).read_text()[:6000], lines=8, label="text to analyse")

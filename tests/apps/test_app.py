@@ -33,7 +33,18 @@ def test_diffusion_tab_gives_three_images_and_psnr(app):
     assert "PSNR to baseline" in md and "FLOPs fraction" in md
 
 
+def test_vision_tab_reports_work_and_kv_saved(app):
+    _, full = app.run_vision(0, 1.0)
+    assert "| prefill FLOPs fraction | 1.00 | 1.00 |" in full
+    image, md = app.run_vision(0, 0.25)
+    assert image.size == (256, 256)
+    frac = float(md.split("| prefill FLOPs fraction | 1.00 | ")[1].split(" |")[0])
+    assert 0 < frac < 1 and "KV cache kept" in md
+
+
 @pytest.mark.parametrize("call, match", [
+    (lambda a: a.run_vision(0, 0.0), "keep ratio"),
+    (lambda a: a.run_vision(999, 0.5), "example must lie"),
     (lambda a: a.run_language("stdlib-lm", "   ", "FFN-SkipLLM"), "prompt is empty"),
     (lambda a: a.run_language("no-such-model", "x = 1", "FFN-SkipLLM"), "neither a zoo name"),
     (lambda a: a.lm_config("turbo"), "unknown technique"),
