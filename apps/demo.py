@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("language", "diffusion", "vision"), default=None, help="run one part of the demo")
     p.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per prompt in the language part")
     p.add_argument("--repeats", type=int, default=2, help="timed round-robin runs in the language part (best of)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every section's rows to this JSON file")
     args = p.parse_args(argv)
     language, speculative, diffusion = [], [], {}
     if args.only in (None, "language"):
@@ -385,8 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "diffusion"):
         for name in ("digits-dit", "digits-sd"):
             diffusion[name] = diffusion_demo(name, Path(args.out), args.steps)
-    if args.only in (None, "vision"):
-        vision_demo()
+    vision = vision_demo() if args.only in (None, "vision") else []
+    if args.json:
+        import json
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"language": [{k: v for k, v in r.items() if k != "sample"}
+                                                            for r in language], "speculative": speculative,
+                                               "diffusion": diffusion, "vision": vision}, indent=1) + "\n")
     if language or diffusion:
         print("\n== Summary: the best speedup measured at each quality level in this run ==")
         print("\n".join(summary(language, speculative, diffusion)))

@@ -174,3 +174,26 @@ def test_demo_summary_names_the_best_speedup_per_quality_level(demo):
     assert lines[1].endswith("2.00x  b")
     assert "nothing faster than the baseline" in lines[2]  # lossless: SWIFT was slower
     assert "nothing faster" in lines[3] and lines[4].endswith("2.50x  fewer")
+
+
+def test_analyze_json_prints_the_report(tiny_lm_folder, tmp_path, capsys):
+    import json
+
+    text = tmp_path / "t.py"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    assert cli.main(["analyze", "--model", str(tiny_lm_folder), "--text", str(text), "--out", str(tmp_path / "a"),
+                     "--chunks", "2", "--chunk-tokens", "16", "--no-plots", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_layers"] >= 1 and "suggested_skip" in report
+
+
+def test_demo_json_writes_every_section(demo, monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "language_demo", lambda **kw: [{"config": "full model", "speedup": 1.0,
+                                                               "agreement": 1.0, "sample": "x"}])
+    monkeypatch.setattr(demo, "speculative_demo", lambda name, **kw: [])
+    out = tmp_path / "demo.json"
+    assert demo.main(["--only", "language", "--json", str(out)]) == 0
+    import json
+
+    data = json.loads(out.read_text())
+    assert set(data) == {"language", "speculative", "diffusion", "vision"} and "sample" not in data["language"][0]

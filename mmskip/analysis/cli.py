@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-skip", type=float, default=0.5, help="most layers (fraction) the suggestion skips")
     ap.add_argument("--void-alpha", type=float, default=0.8, help="LAC threshold factor for void layers")
     ap.add_argument("--no-plots", action="store_true", help="write JSON only")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
     args = ap.parse_args(argv)
 
     text = Path(args.text)
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         written = [] if args.no_plots else report.plot(out)
     except ImportError as e:  # matplotlib is the optional 'analysis' extra
         return _error(f"{e} (or pass --no-plots); {out / 'depth.json'} is written")
+    if args.json:
+        print((out / "depth.json").read_text())
+        return 0
     print(summary(report))
     print(f"wrote {out / 'depth.json'}" + "".join(f", {p.name}" for p in written))
     return 0

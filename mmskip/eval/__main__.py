@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pl.add_argument("--out", type=Path, default=None)
     for sp in (pi, pl):
         sp.add_argument("--threads", type=int, default=None)
+        sp.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     a = p.parse_args(argv)
     import torch
 
@@ -93,13 +94,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           max_new_tokens=a.max_new_tokens, seq_len=a.seq_len, max_windows=a.max_windows,
                           text_file=a.text_file)
         res["model"] = a.model
-    print(format_table(res))
-    if "perplexity_set" in res:
-        print(f"perplexity on the {res['perplexity_set']}")
+    if a.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(format_table(res))
+        if "perplexity_set" in res:
+            print(f"perplexity on the {res['perplexity_set']}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=2, default=str) + "\n")
-        print(f"wrote {a.out}")
+        if not a.json:
+            print(f"wrote {a.out}")
     return res
 
 

@@ -126,3 +126,12 @@ def test_images_cli_with_a_diffusion_config_on_a_local_folder():
     assert acc["psnr_vs_baseline"] == pytest.approx(psnr(imgs, base), rel=1e-4)
     assert acc["ssim_vs_baseline"] == pytest.approx(ssim(imgs, base), rel=1e-4) and acc["ssim_vs_baseline"] < 1
     assert res["stats"]["technique"] == "feature_inheritance"
+
+
+def test_json_flag_prints_the_result_as_json(capsys):
+    import json
+
+    res = main(["lm", "--model", "stdlib-lm", "--n-prompts", "1", "--prompt-len", "16", "--max-new-tokens", "2",
+                "--max-windows", "1", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"] == "stdlib-lm" and printed["baseline"]["perplexity"] == res["baseline"]["perplexity"]
