@@ -7,7 +7,9 @@ quality side by side.
 Tabs: Language (code completion: plain vs a technique, tokens/s, agreement, identical-output
 badge for lossless SWIFT), Diffusion (baseline vs accelerated image from the same seed, speedup,
 PSNR, FLOPs fraction, and "fewer steps in the same time"), Vision (p-MoD on ``digits-llava``:
-keep-ratio slider, answers, accuracy, prefill FLOPs and KV kept), Analysis (the depth report's plots).
+keep-ratio slider, answers, accuracy, prefill FLOPs and KV kept), Video (VideoLLM-MoD streamed on
+``digits-video``: KV per frame), MuE (decoder exits on ``digits-florence``), Analysis (the depth
+report's plots).
 Needs the ``app`` extra (``pip install 'mmskip[app]'``).
 """
 
@@ -258,6 +260,116 @@ def run_vision(example: int, keep: float, signal: str = "attention") -> tuple[An
     return picture, md
 
 
+def _picture(img: torch.Tensor, height: int = 128) -> Any:
+    """A grey image in [0, 1] or [-1, 1], enlarged (nearest neighbour) for the screen."""
+    from PIL import Image
+
+    img = ((img + 1) / 2 if img.min() < 0 else img).clamp(0, 1)
+    pic = Image.fromarray((img.numpy() * 255).astype("uint8"))
+    return pic.resize((pic.width * height // pic.height, height), Image.NEAREST)
+
+
+@functools.lru_cache(maxsize=1)
+def _florence() -> tuple[Any, Any, Any]:
+    from mmskip.zoo import florence_data
+
+    model, tok = zoo.load("digits-florence")
+    return model, tok, florence_data.heldout_set(tok, 6)
+
+
+@torch.no_grad()
+def run_mue(example: int, threshold: float) -> tuple[Any, str]:
+    """MuE decoder exits on ``digits-florence``: a token leaves the decoder once two successive
+    layers' states agree to ``threshold`` (cosine); answers, exact match and decoder work run."""
+    from mmskip.vision import MuEConfig
+
+    from mmskip.zoo import florence_data
+
+    if not 0.0 < threshold <= 1.0:
+        raise AppError("the exit threshold must lie in (0, 1]")
+    model, tok, data = _florence()
+    if not 0 <= int(example) < len(data):
+        raise AppError(f"example must lie in 0..{len(data) - 1}")
+    t0 = time.perf_counter()
+    plain = florence_data.answers(model, tok, data)
+    t_plain = time.perf_counter() - t0
+    cfg = MuEConfig(image_threshold=None, text_threshold=None, decoder_threshold=float(threshold), decay=1.0,
+                    floor=float(threshold), min_layers=1)
+    with mmskip.applied(model, cfg) as handle:
+        t0 = time.perf_counter()
+        fast = florence_data.answers(model, tok, data)
+        t_fast = time.perf_counter() - t0
+        dec = handle.stats().get("decoder") or {}
+    i = int(example)
+    work = dec["run"] / dec["layer_tokens"] if dec.get("layer_tokens") else 1.0
+    md = "\n".join([
+        f"**task:** {data.prompts[i]}  **gold:** {data.targets[i]}", "",
+        f"| | unmodified | MuE exits at {threshold:.2f} |", "|---|---:|---:|",
+        f"| this answer | {plain[i]} | {fast[i]} |",
+        f"| exact match ({len(data)} held-out tasks) | {florence_data.score(plain, data)['all']:.2f} | "
+        f"{florence_data.score(fast, data)['all']:.2f} |",
+        f"| seconds (all tasks) | {t_plain:.2f} | {t_fast:.2f} |",
+        f"| decoder layer-tokens run | 1.00 | {work:.2f} |",
+    ])
+    return _picture(data.pixel_values[i, 0]), md
+
+
+@functools.lru_cache(maxsize=1)
+def _video() -> tuple[Any, Any, Any, list[int]]:
+    from mmskip.zoo import video_data
+
+    model, tok = zoo.load("digits-video")
+    data = video_data.heldout_set(tok, 8)
+    two = [i for i in range(len(data.questions)) if int(data.videos.n_clips[i]) == 2]
+    return model, tok, data, two
+
+
+@torch.no_grad()
+def run_video(example: int, keep: float) -> tuple[Any, str]:
+    """VideoLLM-MoD on ``digits-video``, streamed clip by clip into one cache, then asked: answers,
+    accuracy over held-out two-clip videos and the KV cache per frame."""
+    from mmskip.vision import VideoMoDConfig, VideoStream
+
+    from mmskip.zoo import video_data
+
+    if not 0.0 < keep <= 1.0:
+        raise AppError("the keep ratio must lie in (0, 1]")
+    model, tok, data, two = _video()
+    if not two:
+        raise AppError("no two-clip videos in the held-out set")
+    if not 0 <= int(example) < len(two):
+        raise AppError(f"example must lie in 0..{len(two) - 1}")
+
+    def stream(i: int) -> tuple[str, float]:
+        s = VideoStream(model, prefix=torch.tensor(video_data.prefix_ids(tok)))
+        for clip in video_data.pixel_values_videos([data.videos.clips()[i]]):
+            s.add_clip(clip)
+        got = s.ask(torch.tensor(video_data.question_ids(tok, data.questions[i])))
+        return tok.convert_ids_to_tokens(int(got[0, 0])), s.kv_bytes() / s.frames
+
+    def run_all() -> tuple[list[str], float, float]:
+        t0 = time.perf_counter()
+        out = [stream(i) for i in two]
+        return [a for a, _ in out], sum(k for _, k in out) / len(out), time.perf_counter() - t0
+
+    plain, kv_plain, t_plain = run_all()
+    with mmskip.applied(model, VideoMoDConfig(schedule=schedules.constant(float(keep)))):
+        fast, kv_fast, t_fast = run_all()
+    answers = [data.answers[i] for i in two]
+    acc = [sum(p == a for p, a in zip(preds, answers)) / len(answers) for preds in (plain, fast)]
+    j, i = int(example), two[int(example)]
+    frames = data.videos.frames[i, 0]  # the first clip's frames, side by side
+    md = "\n".join([
+        f"**Q:** {data.questions[i]}  **gold:** {data.answers[i]}", "",
+        f"| | unmodified | VideoLLM-MoD keep {keep:.2f} |", "|---|---:|---:|",
+        f"| this answer | {plain[j]} | {fast[j]} |",
+        f"| accuracy ({len(two)} held-out two-clip videos) | {acc[0]:.2f} | {acc[1]:.2f} |",
+        f"| seconds (stream + ask, all videos) | {t_plain:.2f} | {t_fast:.2f} |",
+        f"| KV cache per frame | {kv_plain / 1024:.0f} KiB | {kv_fast / 1024:.0f} KiB |",
+    ])
+    return _picture(torch.cat(list(frames), dim=1)), md
+
+
 # -- analysis -------------------------------------------------------------------------------------
 
 def run_analysis(model_name: str, text: str, progress: Any = None) -> tuple[list[str], str]:
@@ -345,6 +457,25 @@ def build_app() -> Any:
                 v_image = gr.Image(label="grid", type="pil")
                 v_stats = gr.Markdown(elem_id="v-stats")
             v_go.click(_ui(run_vision), [v_example, v_keep, v_signal], [v_image, v_stats])
+        with gr.Tab("Video"):
+            gr.Markdown("VideoLLM-MoD on `digits-video`: each frame keeps its top vision tokens per layer; "
+                        "clips stream into one cache, then the question is asked.")
+            with gr.Row():
+                vv_example = gr.Slider(0, 7, value=0, step=1, label="held-out two-clip video")
+                vv_keep = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="vision tokens kept per frame and layer")
+            vv_go = gr.Button("Stream and ask", variant="primary")
+            vv_image = gr.Image(label="first clip", type="pil")
+            vv_stats = gr.Markdown()
+            vv_go.click(_ui(run_video), [vv_example, vv_keep], [vv_image, vv_stats])
+        with gr.Tab("MuE"):
+            gr.Markdown("MuE on `digits-florence`: decoder tokens exit early once successive layers agree.")
+            with gr.Row():
+                m_example = gr.Slider(0, 23, value=0, step=1, label="held-out task")
+                m_threshold = gr.Slider(0.5, 1.0, value=0.9, step=0.01, label="decoder exit threshold (cosine)")
+            m_go = gr.Button("Caption / answer", variant="primary")
+            m_image = gr.Image(label="strip", type="pil")
+            m_stats = gr.Markdown()
+            m_go.click(_ui(run_mue), [m_example, m_threshold], [m_image, m_stats])
         with gr.Tab("Analysis"):
             a_model = gr.Dropdown(LANGUAGE_MODELS, value="stdlib-lm", allow_custom_value=True, label="model")
             a_text = gr.Textbox(Path(argparse.__file__).read_text()[:6000], lines=8, label="text to analyse")

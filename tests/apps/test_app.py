@@ -42,7 +42,18 @@ def test_vision_tab_reports_work_and_kv_saved(app):
     assert 0 < frac < 1 and "KV cache kept" in md
 
 
+def test_mue_and_video_tabs_report_the_work_they_save(app):
+    _, md = app.run_mue(0, 0.9)
+    work = float(md.split("| decoder layer-tokens run | 1.00 | ")[1].split(" |")[0])
+    assert 0 < work < 1 and "exact match" in md
+    _, md = app.run_video(0, 0.2)
+    kv = md.split("| KV cache per frame | ")[1].split(" |")
+    assert int(kv[1].split()[0]) < int(kv[0].split()[0])  # fewer KiB per frame with VideoLLM-MoD
+
+
 @pytest.mark.parametrize("call, match", [
+    (lambda a: a.run_mue(0, 0.0), "threshold"),
+    (lambda a: a.run_video(0, 1.5), "keep ratio"),
     (lambda a: a.run_vision(0, 0.0), "keep ratio"),
     (lambda a: a.run_vision(999, 0.5), "example must lie"),
     (lambda a: a.run_language("stdlib-lm", "   ", "FFN-SkipLLM"), "prompt is empty"),
