@@ -189,6 +189,8 @@ def _methods(steps: int) -> dict[str, tuple[int, object]]:
         "feature inheritance, every 3rd step": (steps, FeatureInheritanceConfig(schedule=schedules.interval(3))),
         f"feature inheritance, non-uniform {steps * 2 // 7}/{steps}": (
             steps, FeatureInheritanceConfig(schedule=nonuniform(steps, steps * 2 // 7))),
+        f"combined: DDIM-{steps // 2}, inheritance every 2nd step": (
+            steps // 2, FeatureInheritanceConfig(schedule=schedules.interval(2))),
     }
 
 

@@ -31,6 +31,8 @@ def test_diffusion_tab_gives_three_images_and_psnr(app):
     base, fast, fewer, md = app.run_diffusion("digits-dit", 4, app.DIFF_TECHNIQUES[0], steps=6, k=2, seed=1)
     assert base.size == fast.size == fewer.size == (256, 256)
     assert "PSNR to baseline" in md and "FLOPs fraction" in md
+    _, _, _, md = app.run_diffusion("digits-dit", 4, app.DIFF_TECHNIQUES[2], steps=6, teleport=0.5)
+    assert "analytic early steps" in md and "PSNR to baseline" in md
 
 
 def test_vision_tab_reports_work_and_kv_saved(app):
@@ -55,6 +57,8 @@ def test_mue_and_video_tabs_report_the_work_they_save(app):
     (lambda a: a.run_mue(0, 0.0), "threshold"),
     (lambda a: a.run_video(0, 1.5), "keep ratio"),
     (lambda a: a.run_vision(0, 0.0), "keep ratio"),
+    (lambda a: a.run_diffusion("digits-dit", 1, a.DIFF_TECHNIQUES[0], steps=4, granularity="atoms"), "granularity"),
+    (lambda a: a.run_diffusion("digits-dit", 1, a.DIFF_TECHNIQUES[2], steps=4, teleport=1.0), "skip_fraction"),
     (lambda a: a.run_vision(999, 0.5), "example must lie"),
     (lambda a: a.run_language("stdlib-lm", "   ", "FFN-SkipLLM"), "prompt is empty"),
     (lambda a: a.run_language("no-such-model", "x = 1", "FFN-SkipLLM"), "neither a zoo name"),
