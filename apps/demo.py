@@ -229,10 +229,10 @@ def diffusion_demo(name: str, out_dir: Path, steps: int = 50) -> list[dict]:
         "psnr_db": psnr(images[m], images[base]), "accuracy": conditional_accuracy(images[m], labels),
     } for m in methods]
     print(f"\n== Diffusion: {name}, 10 digits, CFG 4, CPU ==")
-    print(f"{'method':40s} {'speedup':>8s} {'PSNR to full':>13s} {'accuracy':>9s}")
+    print(f"{'method':48s} {'speedup':>8s} {'PSNR to full':>13s} {'accuracy':>9s}")
     for r in [rows[0], *sorted(rows[1:], key=lambda r: -r["speedup"])]:  # what pays first
         shown = "exact" if r["psnr_db"] >= 99 else f"{r['psnr_db']:.1f} dB"
-        print(f"{r['method']:40s} {r['speedup']:7.2f}x {shown:>13s} {r['accuracy']:9.2f}")
+        print(f"{r['method']:48s} {r['speedup']:7.2f}x {shown:>13s} {r['accuracy']:9.2f}")
         if r["speedup"] < 1.0:
             print(f"{'':4s}^ slower than the full run: the inherited features save less than the hooks cost here")
     _grid(images, out_dir / f"{name}.png")
