@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,29 @@ class Objective:
 
     def _hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self.__dict__.setdefault("_hooks", []).append(handle)
+
+    def _rewrite_output(self, layer: nn.Module, fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], Any],
+                        prepend: bool = False) -> None:
+        """Let ``fn(layer, h, out)`` replace ``layer``'s output hidden states (``None`` keeps them),
+        ``h`` being the layer's input; idle while :meth:`paused`. Other outputs of a tuple pass through."""
+        slot: list[torch.Tensor] = []  # the input of the call in flight (a failed call's is overwritten by the next)
+
+        def pre(module, args, kwargs):
+            if self._active:
+                slot[:] = [args[0] if args else kwargs["hidden_states"]]
+
+        def post(module, args, kwargs, output):
+            if not slot:
+                return None
+            h = slot.pop()
+            out = output[0] if isinstance(output, tuple) else output
+            new = fn(module, h, out)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        self._hook(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        self._hook(layer.register_forward_hook(post, with_kwargs=True, prepend=prepend))
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Called once per optimizer step before its micro-batches (curricula live here)."""

@@ -58,46 +58,28 @@ class LayerDropout(Objective):
     def attach(self, model: nn.Module) -> None:
         adapter = get_adapter(model, "decoder")
         self._rates = dropout_rates(adapter.num_layers, self.p_max, curriculum=self.curriculum)
-        self._masks: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(adapter.layers):
-            self._hook(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self._hook(layer.register_forward_hook(self._post(i), with_kwargs=True))
+            self._rewrite_output(layer, self._dropped(i))
         self._adapter = adapter
 
     def begin_step(self, step: int, total_steps: int) -> None:
         self._rates = dropout_rates(self._adapter.num_layers, self.p_max, step, total_steps, self.curriculum)
         self._step, self._micro = step, 0
 
-
-    def _on(self, module: nn.Module) -> bool:
-        return self._active and module.training and torch.is_grad_enabled()
-
-    def _pre(self, i: int):
-        def hook(module, args, kwargs):
-            if not self._on(module):
+    def _dropped(self, i: int):
+        def fn(module: nn.Module, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+            if not (module.training and torch.is_grad_enabled()):
                 return None
-            h = args[0] if args else kwargs["hidden_states"]
             if i == 0:  # one draw per micro-batch, for every layer at once
                 g = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step) * 64 + self._micro)
                 self._micro += 1
                 rates = torch.tensor(self._rates)
                 self._drop = torch.rand(h.shape[0], len(rates), generator=g) < rates
-            self._masks[i] = (self._drop[:, i].to(h.device), h)
-            return None
-        return hook
-
-    def _post(self, i: int):
-        def hook(module, args, kwargs, output):
-            entry = self._masks.pop(i, None)
-            if entry is None:
-                return None
-            drop, h = entry
+            drop = self._drop[:, i].to(h.device)
             if not bool(drop.any()):
                 return None
-            out = output[0] if isinstance(output, tuple) else output
-            kept = torch.where(drop.view(-1, *([1] * (out.dim() - 1))), h, out)
-            return (kept, *output[1:]) if isinstance(output, tuple) else kept
-        return hook
+            return torch.where(drop.view(-1, *([1] * (out.dim() - 1))), h, out)
+        return fn
 
     def __repr__(self) -> str:
         return f"LayerDropout(p_max={self.p_max}, curriculum={self.curriculum!r})"

@@ -35,7 +35,6 @@ class RouterGates(Objective):
         if not isinstance(routers, Routers):
             raise TypeError(f"RouterGates takes mmskip.routers.Routers, got {type(routers).__name__}")
         self.routers, self.sparsity, self.straight_through = routers, sparsity, straight_through
-        self._inputs: dict[int, torch.Tensor] = {}
         self._probs: list[torch.Tensor] = []
 
     def check(self, model: nn.Module) -> None:
@@ -48,9 +47,7 @@ class RouterGates(Objective):
         adapter = get_adapter(model, "decoder")
         self.routers.to(next(model.parameters()).device).train()
         for i in self.routers.routed:
-            layer = adapter.layers[i]
-            self._hook(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self._hook(layer.register_forward_hook(self._post(i), with_kwargs=True, prepend=True))
+            self._rewrite_output(adapter.layers[i], self._gated(i), prepend=True)
 
     def detach(self) -> None:
         super().detach()
@@ -59,25 +56,13 @@ class RouterGates(Objective):
     def parameters(self) -> list[nn.Parameter]:
         return list(self.routers.parameters())
 
-
-    def _pre(self, i: int):
-        def hook(module, args, kwargs):
-            if self._active:
-                self._inputs[i] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def _post(self, i: int):
-        def hook(module, args, kwargs, output):
-            h = self._inputs.pop(i, None)
-            if h is None:
-                return None
-            out = output[0] if isinstance(output, tuple) else output
+    def _gated(self, i: int):
+        def fn(module: nn.Module, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             p = self.routers[i].sequence_keep(h, None)
             self._probs.append(p)
             gate = p + ((p >= 0.5).to(p.dtype) - p).detach() if self.straight_through else p
-            gated = h + gate.to(h.dtype)[:, None, None] * (out - h)
-            return (gated, *output[1:]) if isinstance(output, tuple) else gated
-        return hook
+            return h + gate.to(h.dtype)[:, None, None] * (out - h)
+        return fn
 
     @property
     def probabilities(self) -> list[torch.Tensor]:
