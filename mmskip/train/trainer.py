@@ -19,15 +19,12 @@ from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import FixedWindows, TokenWindows
 from .lora import add_lora, merge_lora
-from .objectives import Distillation, EarlyExitLoss, LanguageModeling, Objective, RouterGates, StepContext
+from .objectives import EarlyExitLoss, LanguageModeling, Objective, StepContext
 from .objectives.language_modeling import next_token_loss
 
 __all__ = ["train", "TrainResult", "check_objectives"]
 
 logger = logging.getLogger(__name__)
-
-_LOSS_OBJECTIVES = (LanguageModeling, Distillation, EarlyExitLoss, RouterGates)
-
 
 @dataclass
 class TrainResult:
@@ -54,7 +51,7 @@ def check_objectives(model: nn.Module, objectives: list[Objective], config: Trai
     for k in set(kinds):
         if kinds.count(k) > 1:
             raise ValueError(f"{k.__name__} is given {kinds.count(k)} times; give each objective once")
-    if not any(isinstance(o, _LOSS_OBJECTIVES) for o in objectives):
+    if not any(type(o).loss is not Objective.loss for o in objectives):  # only objectives that define a loss
         raise ValueError(f"none of {objectives} has a loss; add LanguageModeling(), Distillation() or EarlyExitLoss()")
     if EarlyExitLoss in kinds and LanguageModeling in kinds:
         raise ValueError("EarlyExitLoss already includes the last layer's language-modeling loss; drop LanguageModeling")
@@ -89,6 +86,12 @@ def _trainable_weights(model: nn.Module, objectives: list[Objective]) -> dict[st
     return named
 
 
+def _paused(stack: ExitStack, objectives: list[Objective]) -> None:
+    """Enter every objective's ``paused()`` on ``stack``: the forward the unmodified model runs."""
+    for obj in objectives:
+        stack.enter_context(obj.paused())
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, windows: torch.Tensor, objectives: list[Objective], device: torch.device,
               batch: int) -> dict[str, float]:
@@ -100,8 +103,7 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, objectives: list[Objectiv
         tot = 0.0
         with ExitStack() as stack:
             if paused:
-                for obj in objectives:
-                    stack.enter_context(obj.paused())
+                _paused(stack, objectives)
             for i in range(0, len(windows), batch):
                 x = windows[i:i + batch].to(device)
                 tot += next_token_loss(model(input_ids=x, use_cache=False).logits, x).item() * len(x)
@@ -147,10 +149,10 @@ def train(model: nn.Module, objectives: list[Objective], data: Any, config: Trai
         eval_windows = _windows(eval_data, config.seq_len, "eval data")
         eval_set = eval_windows.ordered(config.eval_windows)
     out = Path(out) if out is not None else None
-    model_print = fingerprint(model)
-    resumed = load_checkpoint(out, model_print) if (resume and out is not None) else None
     if resume and out is None:
         raise ValueError("resume=True needs the out folder the checkpoint was written to")
+    model_print = fingerprint(model)
+    resumed = load_checkpoint(out, model_print) if resume else None
 
     set_seed(config.seed)
     _fresh_accelerator_state(config)
@@ -191,8 +193,7 @@ def train(model: nn.Module, objectives: list[Objective], data: Any, config: Trai
     def teacher(x: torch.Tensor):
         def run() -> torch.Tensor:
             with ExitStack() as stack, torch.no_grad():
-                for obj in objectives:
-                    stack.enter_context(obj.paused())
+                _paused(stack, objectives)
                 stack.enter_context(model.disable_adapter() if config.trainable == "lora" else nullcontext())
                 return model(input_ids=x, use_cache=False).logits
         return run
