@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from .decode_agreement import decode_agreement
 from .language import agreement, greedy_generate, perplexity
 
-__all__ = ["load_lm", "heldout_ids", "evaluate_lm", "perplexity_set", "SEQ_LEN", "MAX_WINDOWS"]
+__all__ = ["load_lm", "heldout_ids", "token_stream", "evaluate_lm", "perplexity_set", "SEQ_LEN", "MAX_WINDOWS"]
 
 
 def load_lm(spec: str) -> tuple[Any, Any]:
@@ -43,11 +44,17 @@ def heldout_ids(tokenizer: Any, text_file: str | None = None) -> torch.Tensor:
         from mmskip.zoo.stdlib_data import read_texts
 
         texts = read_texts("test")
+    return token_stream(tokenizer, texts)
+
+
+def token_stream(tokenizer: Any, texts: Iterable[str]) -> torch.Tensor:
+    """``texts`` tokenized and joined by the tokenizer's EOS token into one 1-D ``int64`` stream."""
     ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
 
 

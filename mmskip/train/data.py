@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import torch
 
+from mmskip.eval.lm import token_stream  # the held-out stream and training streams tokenize alike
+
 __all__ = ["TokenWindows", "FixedWindows", "token_stream"]
-
-
-def token_stream(tokenizer: Any, texts: Iterable[str]) -> torch.Tensor:
-    """``texts`` tokenized and joined by the tokenizer's EOS token into one 1-D ``int64`` stream."""
-    ids: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-    return torch.tensor(ids, dtype=torch.int64)
 
 
 class TokenWindows:
