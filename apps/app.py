@@ -27,6 +27,7 @@ import torch
 
 import mmskip
 from mmskip import schedules, zoo
+from mmskip.zoo.data import caption
 
 LANGUAGE_MODELS = ["stdlib-lm", "stdlib-lm-skip"]
 DIFFUSION_MODELS = ["digits-dit", "digits-sd"]
@@ -35,7 +36,6 @@ LM_TECHNIQUES = ["Unified Layer Skipping s=1.5", "Unified Layer Skipping s=2", "
 DIFF_TECHNIQUES = ["feature inheritance, every k-th step", "feature inheritance, non-uniform",
                    "analytic early steps (Gaussian teleport)", "fewer steps"]
 _STATS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"  # fitted Gaussian statistics per zoo model
-_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 class AppError(ValueError):
@@ -132,7 +132,7 @@ def _generate(pipe: Any, name: str, digit: int, steps: int, seed: int) -> tuple[
         out = pipe(class_labels=[int(digit)], num_inference_steps=steps, guidance_scale=4.0, generator=g,
                    output_type="pil")
     else:
-        out = pipe([f"a handwritten digit {_WORDS[int(digit)]}"], num_inference_steps=steps, guidance_scale=4.0,
+        out = pipe([caption(digit)], num_inference_steps=steps, guidance_scale=4.0,
                    generator=g, output_type="pil")
     return out.images[0], time.perf_counter() - t0
 
@@ -215,14 +215,14 @@ def run_diffusion(model_name: str, digit: int, technique: str, steps: int = 30, 
         f"| speedup | 1.00× | **{speedup:.2f}×** | ≈{speedup:.2f}× |",
         f"| PSNR to baseline | - | {psnr(arr(fast), arr(base)):.1f} dB | {psnr(arr(fewer), arr(base)):.1f} dB |",
     ] + ([f"| FLOPs fraction | 1.00 | {fraction:.2f} | - |"] if fraction is not None else []))
-    return _big(base), _big(fast), _big(fewer), md
+    return _enlarge(base), _enlarge(fast), _enlarge(fewer), md
 
 
-def _big(img: Any, size: int = 256) -> Any:
-    """The 32x32 zoo digits, enlarged (nearest neighbour) for the screen."""
+def _enlarge(pic: Any, height: int = 256) -> Any:
+    """A PIL image of the tiny zoo models, enlarged (nearest neighbour) for the screen."""
     from PIL import Image
 
-    return img.resize((size, size), Image.NEAREST)
+    return pic.resize((pic.width * height // pic.height, height), Image.NEAREST)
 
 
 # -- vision ---------------------------------------------------------------------------------------
@@ -241,7 +241,6 @@ def run_vision(example: int, keep: float, signal: str = "attention") -> tuple[An
     tokens skipping layers (``constant(keep)`` after the first layer), plus accuracy over the whole
     held-out set, the prefill FLOPs and the KV cache kept."""
     from mmskip.vision import MoDConfig
-    from PIL import Image
 
     from mmskip.zoo import llava_data
 
@@ -267,9 +266,6 @@ def run_vision(example: int, keep: float, signal: str = "attention") -> tuple[An
         handle.remove()
     i = int(example)
     acc = [sum(p == a for p, a in zip(preds, data.answers)) / len(data.answers) for preds in (plain, fast)]
-    img = data.pixel_values[i, 0]
-    img = ((img + 1) / 2 if img.min() < 0 else img).clamp(0, 1)
-    picture = Image.fromarray((img.numpy() * 255).astype("uint8")).resize((256, 256), Image.NEAREST)
     md = "\n".join([
         f"**Q:** {data.questions[i]}  **gold:** {data.answers[i]}", "",
         f"| | unmodified | p-MoD keep {keep:.2f} ({signal}) |", "|---|---:|---:|",
@@ -279,7 +275,7 @@ def run_vision(example: int, keep: float, signal: str = "attention") -> tuple[An
         f"| prefill FLOPs fraction | 1.00 | {stats.get('prefill_flops_fraction', 1.0):.2f} |",
         f"| KV cache kept | 1.00 | {stats.get('kv_fraction', 1.0):.2f} |",
     ])
-    return picture, md
+    return _picture(data.pixel_values[i, 0], 256), md
 
 
 def _picture(img: torch.Tensor, height: int = 128) -> Any:
@@ -287,8 +283,7 @@ def _picture(img: torch.Tensor, height: int = 128) -> Any:
     from PIL import Image
 
     img = ((img + 1) / 2 if img.min() < 0 else img).clamp(0, 1)
-    pic = Image.fromarray((img.numpy() * 255).astype("uint8"))
-    return pic.resize((pic.width * height // pic.height, height), Image.NEAREST)
+    return _enlarge(Image.fromarray((img.numpy() * 255).astype("uint8")), height)
 
 
 @functools.lru_cache(maxsize=1)

@@ -36,6 +36,7 @@ from mmskip import schedules, zoo
 from mmskip.eval import conditional_accuracy, psnr
 from mmskip.eval.decode_agreement import decode_agreement
 from mmskip.eval.lm import load_lm
+from mmskip.zoo.data import caption
 
 _PROMPTS = [
     "import os\n\n\ndef read_lines(path):\n",
@@ -131,7 +132,8 @@ def speculative_demo(model_name: str, new_tokens: int = 48, repeats: int = 2) ->
     from mmskip.speculative import SelfSpeculativeConfig
 
     model, tok = load_lm(model_name)
-    half = mmskip.registry.get_adapter(model).num_layers // 2
+    layers = mmskip.registry.get_adapter(model).num_layers
+    half = layers // 2
     prompts = [tok(p, return_tensors="pt").input_ids for p in _PROMPTS]
 
     def run(extra: dict) -> tuple[list[torch.Tensor], float]:
@@ -163,7 +165,6 @@ def speculative_demo(model_name: str, new_tokens: int = 48, repeats: int = 2) ->
         rows.append({"model": model_name, "config": name, "speedup": min(seconds["plain"]) / min(seconds[name]),
                      "identical": f"{same}/{len(base)}", "acceptance": accept[name]})
     print(f"\n== Lossless speculative decoding: {model_name}, {len(prompts)} prompts x {new_tokens} tokens, batch 1 ==")
-    layers = mmskip.registry.get_adapter(model).num_layers
     for r in sorted(rows, key=lambda r: -r["speedup"]):
         acc = f", draft acceptance {r['acceptance']:.2f}" if r["acceptance"] is not None else ""
         print(f"{r['config']:40s} {r['speedup']:5.2f}x  identical outputs {r['identical']}{acc}")
@@ -171,9 +172,6 @@ def speculative_demo(model_name: str, new_tokens: int = 48, repeats: int = 2) ->
             print(f"{'':4s}^ slower than plain decoding: on this {layers}-layer model at batch 1 a step costs mostly "
                   "per-layer overhead, and drafting plus verifying costs more than the plain steps it replaces")
     return rows
-
-
-_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def _images(output) -> torch.Tensor:
@@ -205,7 +203,7 @@ def diffusion_demo(name: str, out_dir: Path, steps: int = 50) -> list[dict]:
                         generator=torch.Generator().manual_seed(0), output_type="np")
     else:
         pipe = SkipStableDiffusionPipeline.from_pretrained(zoo.path(name), dtype=torch.float32)
-        prompts = [f"a handwritten digit {w}" for w in _WORDS]
+        prompts = [caption(d) for d in labels]  # the captions digits-sd was trained on
 
         def run(n_steps: int):
             return pipe(prompts, num_inference_steps=n_steps, guidance_scale=4.0,
