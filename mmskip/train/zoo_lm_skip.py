@@ -20,7 +20,7 @@ import torch
 
 from .config import TrainConfig
 from .data import token_stream
-from .objectives import EarlyExitLoss, LayerDropout
+from .objectives import EarlyExitLoss, LanguageModeling, LayerDropout
 from .trainer import train
 
 __all__ = ["train_stdlib_lm_skip", "matched_steps", "RECIPE"]
@@ -73,8 +73,6 @@ def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, dev
     if r["rotation"] is not None:
         objectives.append(EarlyExitLoss(e_scale=r["e_scale"], curriculum="rotational", rotation=r["rotation"]))
     else:
-        from .objectives import LanguageModeling
-
         objectives.append(LanguageModeling())
     cfg = TrainConfig(steps=n_steps, batch_size=BATCH, seq_len=SEQ, lr=LR, warmup=50, weight_decay=0.1,
                       seed=seed, cpu=device == "cpu" or (device is None and not torch.cuda.is_available()),
