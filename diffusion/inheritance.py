@@ -5,9 +5,10 @@ target does not run and its cached features stand in. Granularities (A-SDM's blo
 unit, see :mod:`mmskip.diffusion.adapters`):
 
 * ``block``: UNet ``down_blocks.i`` / ``mid_block`` / ``up_blocks.i`` return their cached
-  outputs (with the default targets this is DeepCache's shallow/deep split); for DiT, PixArt
-  and SD3 a range ``transformer_blocks.a:b`` adds its cached residual ``out - in`` to the fresh
-  input, and the blocks inside it do not run.
+  outputs (with the default targets this is DeepCache's shallow/deep split); for diffusion
+  transformers (DiT, PixArt, SD3, Flux, Qwen-Image, Wan, ...) a range ``<stack>.a:b`` of one
+  block list (``transformer_blocks.1:18``, ``single_transformer_blocks.0:37``) adds its cached
+  residual ``out - in`` on each stream to the fresh input, and the blocks inside it do not run.
 * ``layer``: attention and feed-forward modules inside blocks return their cached outputs,
   which their block adds to its fresh residual stream.
 * ``unit``: residual units (UNet ResNet / Transformer2D layers, single transformer blocks) add
@@ -67,7 +68,8 @@ class FeatureInheritanceConfig(SkipConfig):
             ``threshold`` since the last recompute.
         granularity: ``"block"`` (default), ``"layer"`` or ``"unit"``: what a target is (UNet
             blocks / transformer block ranges; attention and feed-forward modules; residual units).
-        targets: module names (or transformer ranges ``"transformer_blocks.a:b"``) whose features
+        targets: module names (or transformer ranges ``"transformer_blocks.a:b"``, any of the
+            model's block lists: ``"single_transformer_blocks.0:37"``, Wan's ``"blocks.1:39"``) whose features
             are inherited; default ``None``: the adapter's deep region (all blocks but the first
             and the last).
         probe: adaptive schedules only: the module whose output is the cheap probe; default
@@ -217,13 +219,14 @@ class InheritanceState(TechniqueState):
         if ad.is_unet:
             raise ValueError(f"block ranges like {name!r} apply to transformer models; a UNet's blocks are named")
         prefix, _, span = name.rpartition(".")
-        blocks = ad.module(ad.transformer_blocks)
-        if prefix != ad.transformer_blocks:
-            raise ValueError(f"a block range must look like '{ad.transformer_blocks}.a:b', got {name!r}")
+        form = " or ".join(f"'{st}.a:b'" for st in ad.stacks)
+        if prefix not in ad.stacks:
+            raise ValueError(f"a block range must look like {form}, got {name!r}")
+        blocks = ad.module(prefix)
         try:
             a, b = (int(x) for x in span.split(":"))
         except ValueError:
-            raise ValueError(f"a block range must look like '{ad.transformer_blocks}.a:b', got {name!r}") from None
+            raise ValueError(f"a block range must look like {form}, got {name!r}") from None
         if not 0 <= a < b <= len(blocks):
             raise ValueError(f"block range {name!r} is empty or outside 0..{len(blocks)}")
         modules = [blocks[i] for i in range(a, b)]
@@ -276,8 +279,8 @@ class InheritanceState(TechniqueState):
         self.changes = []
 
     def key(self, args: tuple, kwargs: dict) -> Hashable:
-        ti = self.adapter.timestep_index
-        return call_key(args, kwargs, (0, ti), ("sample", "hidden_states", "timestep"))
+        ad = self.adapter
+        return call_key(args, kwargs, (0, ad.timestep_index), (ad.latent_name, ad.timestep_name))
 
     # -- decisions ---------------------------------------------------------------------------
     def on_call(self, t: float | None, key: Hashable) -> None:

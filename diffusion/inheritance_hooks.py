@@ -17,7 +17,7 @@ from diffusers.hooks import ModelHook
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import ResidualIO
+from .residual_io import ResidualIO
 
 if TYPE_CHECKING:
     from .inheritance import InheritanceState
@@ -197,6 +197,12 @@ class RangeHook(ModelHook):
         if self.last:
             owner.add_cost(rng.name, owner.flops_now() - rng.flops0)
             outs = rng.io.outputs(out)
+            for o, i in zip(outs, rng.inputs, strict=True):
+                if o is not None and i is not None and o.shape != i.shape:
+                    raise ValueError(
+                        f"feature inheritance: {rng.name} changes a stream's shape ({tuple(i.shape)} -> "
+                        f"{tuple(o.shape)}), so it is not a residual unit; target the blocks after the change"
+                    )
             owner.slot_cache()[rng.name] = tuple(
                 None if (o is None or i is None) else (o - i).detach() for o, i in zip(outs, rng.inputs, strict=True)
             )

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["UnsupportedModelError", "register", "get_adapter", "supported", "DecoderAdapter"]
+__all__ = ["UnsupportedModelError", "register", "register_fallback", "get_adapter", "supported", "DecoderAdapter"]
 
 _REGISTRY: dict[str, tuple[str, Callable[[nn.Module], Any]]] = {}
+# kind -> (factory returning an adapter or None, what the fallback accepts, for error messages)
+_FALLBACKS: dict[str, tuple[Callable[[nn.Module], Any], str]] = {}
 
 
 class UnsupportedModelError(TypeError):
@@ -25,9 +27,11 @@ class UnsupportedModelError(TypeError):
     def __init__(self, model: Any, kind: str | None = None) -> None:
         names = supported(kind)
         what = f"{kind} " if kind else ""
+        hints = [h for k, (_, h) in _FALLBACKS.items() if kind is None or k == kind]
+        extra = f" ({'; '.join(hints)})" if hints else ""
         super().__init__(
             f"mmskip has no {what}adapter for {type(model).__name__}. Supported {what}model classes: "
-            f"{', '.join(names) or '(none)'}. Register one with mmskip.registry.register()."
+            f"{', '.join(names) or '(none)'}{extra}. Register one with mmskip.registry.register()."
         )
 
 
@@ -42,6 +46,14 @@ def register(*class_names: str, kind: str = "decoder") -> Callable:
     return wrap
 
 
+def register_fallback(kind: str, factory: Callable[[nn.Module], Any], hint: str) -> None:
+    """For models no class name matches: ``factory(model)`` returns an adapter of ``kind`` or None.
+
+    ``hint`` says what the fallback accepts (shown in ``UnsupportedModelError``).
+    """
+    _FALLBACKS[kind] = (factory, hint)
+
+
 def supported(kind: str | None = None) -> list[str]:
     """Names of supported model classes (optionally of one adapter kind)."""
     return sorted(n for n, (k, _) in _REGISTRY.items() if kind is None or k == kind)
@@ -53,6 +65,11 @@ def get_adapter(model: nn.Module, kind: str | None = None) -> Any:
         entry = _REGISTRY.get(cls.__name__)
         if entry is not None and (kind is None or entry[0] == kind):
             return entry[1](model)
+    for k, (factory, _) in _FALLBACKS.items():
+        if kind is None or k == kind:
+            adapter = factory(model)
+            if adapter is not None:
+                return adapter
     raise UnsupportedModelError(model, kind)
 
 
