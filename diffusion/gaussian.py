@@ -288,6 +288,12 @@ class GaussianTeleportConfig(SamplerConfig):
         if plan.first_step is not None:
             raise ValueError("GaussianTeleportConfig cannot follow another technique that sets the first step")
         sampler_kind(scheduler)  # refuses unsupported samplers before sampling
+        if getattr(scheduler.config, "use_dynamic_shifting", False):
+            raise ValueError(
+                f"GaussianTeleportConfig: {type(scheduler).__name__} with use_dynamic_shifting=True (Flux, Qwen-Image) "
+                "sets its noise grid from the image size inside the pipeline call, after the latents are drawn, so "
+                "the closed-form jump cannot be planned; use StepSkipConfig or a scheduler with a fixed shift"
+            )
         keep = tuple(sorted({start} | {k for k in plan.keep if k >= start}))
         return SamplerPlan(plan.num_steps, keep, teleport_step(self.load_stats(), start))
 

@@ -267,9 +267,12 @@ class InheritanceState(TechniqueState):
         self.tracker.begin(num_steps, visited)
 
     def reset(self) -> None:
-        """Forget the trajectory in progress (cached features, probe references, step record)."""
+        """Forget the trajectory in progress: cached features and probe references. Its step record
+        stays readable in ``stats()`` until the next trajectory starts (diffusers pipelines reset
+        stateful hooks at the end of every call, before the caller reads the stats)."""
         self.tracker.reset()
-        self._clear()
+        self.cache.clear()
+        self.probe_ref.clear()
 
     def _clear(self) -> None:
         self.cache.clear()

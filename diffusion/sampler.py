@@ -15,6 +15,7 @@ step to ``final_alpha_cumprod``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -90,10 +91,14 @@ def plan_sampler(
     original = copy.set_timesteps
 
     def set_timesteps(num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
-        if kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
-            raise ValueError("custom timesteps/sigmas cannot be combined with step skipping or teleport")
-        if num_inference_steps != n:
-            raise ValueError(f"this sampler was planned for {n} steps, the pipeline asked for {num_inference_steps}")
+        # flow-matching pipelines (Flux, Qwen-Image) pass their own default sigma grid of n
+        # entries; users' custom grids were refused by the pipeline before planning
+        if kwargs.get("timesteps") is not None:
+            raise ValueError("custom timesteps cannot be combined with step skipping or teleport")
+        sigmas = kwargs.get("sigmas")
+        asked = num_inference_steps if sigmas is None else len(sigmas)
+        if asked != n:
+            raise ValueError(f"this sampler was planned for {n} steps, the pipeline asked for {asked}")
         original(num_inference_steps, device=device, **kwargs)
         idx = torch.tensor(keep, device=copy.timesteps.device)
         copy.full_timesteps = copy.timesteps.clone()
@@ -107,7 +112,8 @@ def plan_sampler(
             copy._begin_index = None
         _arm(copy, first_step)
 
-    copy.set_timesteps = set_timesteps
+    # the original's signature: pipelines check it for ``sigmas`` / ``mu`` (diffusers' retrieve_timesteps)
+    copy.set_timesteps = functools.wraps(original)(set_timesteps)
     copy.planned_keep = tuple(keep)
     return copy
 

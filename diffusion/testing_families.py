@@ -162,3 +162,85 @@ def family_inputs(model: nn.Module, t: float, batch: int = 2, seed: int = 0) -> 
     if name == "CogVideoXTransformer3DModel":
         return dict(hidden_states=r(batch, 3, 4, 8, 8), encoder_hidden_states=r(batch, 16, 16), timestep=ts)
     raise TypeError(f"no example inputs for {name}")
+
+
+def tiny_family_pipeline_components(kind: str, seed: int = 0) -> tuple[dict, dict]:
+    """``(components, call_kwargs)`` for a tiny ``FluxPipeline`` / ``QwenImagePipeline`` / ``WanPipeline``.
+
+    ``kind`` is ``"flux"``, ``"qwen_image"`` or ``"wan"``. Text encoders and tokenizers are left
+    out; the call passes precomputed prompt embeddings. Flow-matching Euler with the families'
+    dynamic shifting (Flux, Qwen-Image) or a fixed shift (Wan).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .testing import tiny_vae
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    torch.manual_seed(seed)
+    if kind == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        ).eval()
+        sched = FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.15
+        )
+        comps = dict(
+            scheduler=sched, vae=tiny_vae(seed, shift_factor=0.0), text_encoder=None, tokenizer=None,
+            text_encoder_2=None, tokenizer_2=None, transformer=transformer, image_encoder=None, feature_extractor=None,
+        )
+        call = dict(
+            prompt_embeds=r(1, 8, 32), pooled_prompt_embeds=r(1, 32), height=16, width=16, num_inference_steps=6,
+            guidance_scale=3.5, output_type="pt",
+        )
+        return comps, call
+    if kind == "qwen_image":
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+        ).eval()
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(
+            base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ).eval()
+        sched = FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=0.9
+        )
+        comps = dict(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+        call = dict(
+            prompt_embeds=r(1, 7, 16), prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long),
+            negative_prompt_embeds=torch.zeros(1, 7, 16), negative_prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long),
+            true_cfg_scale=2.0, height=16, width=16, num_inference_steps=6, output_type="pt",
+        )
+        return comps, call
+    if kind == "wan":
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=32, ffn_dim=32, num_layers=4, rope_max_seq_len=32,
+        ).eval()
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(
+            base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        ).eval()
+        comps = dict(
+            tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            transformer=transformer,
+        )
+        call = dict(
+            prompt_embeds=r(1, 7, 16), negative_prompt_embeds=torch.zeros(1, 7, 16), guidance_scale=4.0, height=16,
+            width=16, num_frames=5, num_inference_steps=6, output_type="pt",
+        )
+        return comps, call
+    raise ValueError(f"no tiny pipeline of kind {kind!r}; choose flux, qwen_image or wan")

@@ -3,10 +3,13 @@
 from .mixin import SKIP_CONFIG_NAME, SkipPipelineMixin, load_skip_configs
 from .skip_pipelines import (
     SkipDiTPipeline,
+    SkipFluxPipeline,
     SkipPixArtAlphaPipeline,
+    SkipQwenImagePipeline,
     SkipStableDiffusion3Pipeline,
     SkipStableDiffusionPipeline,
     SkipStableDiffusionXLPipeline,
+    SkipWanPipeline,
 )
 
 __all__ = [
@@ -18,4 +21,7 @@ __all__ = [
     "SkipDiTPipeline",
     "SkipPixArtAlphaPipeline",
     "SkipStableDiffusion3Pipeline",
+    "SkipFluxPipeline",
+    "SkipQwenImagePipeline",
+    "SkipWanPipeline",
 ]

@@ -6,13 +6,17 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from diffusers import (
     DiTPipeline,
+    FluxPipeline,
     PixArtAlphaPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    WanPipeline,
 )
 
 from .mixin import SkipPipelineMixin
@@ -25,6 +29,9 @@ __all__ = [
     "SkipDiTPipeline",
     "SkipPixArtAlphaPipeline",
     "SkipStableDiffusion3Pipeline",
+    "SkipFluxPipeline",
+    "SkipQwenImagePipeline",
+    "SkipWanPipeline",
 ]
 
 
@@ -56,3 +63,41 @@ class SkipStableDiffusion3Pipeline(SkipPipelineMixin, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` with mmskip's feature inheritance and step skipping."""
 
     _mmskip_denoiser = "transformer"
+
+
+class SkipFluxPipeline(SkipPipelineMixin, FluxPipeline):
+    """``FluxPipeline`` (FLUX.1) with mmskip's feature inheritance and step skipping.
+
+    Inheritance ranges may cover both block lists (``transformer_blocks.a:b``,
+    ``single_transformer_blocks.a:b``); step skipping runs the flow-matching Euler sampler on a
+    subset of the dynamically shifted grid. The analytic early-step jump is refused (Flux's
+    latents are packed and its grid depends on the image size).
+    """
+
+    _mmskip_denoiser = "transformer"
+
+
+class SkipQwenImagePipeline(SkipPipelineMixin, QwenImagePipeline):
+    """``QwenImagePipeline`` with mmskip's feature inheritance and step skipping."""
+
+    _mmskip_denoiser = "transformer"
+
+
+class SkipWanPipeline(SkipPipelineMixin, WanPipeline):
+    """``WanPipeline`` (text-to-video) with mmskip's feature inheritance and step skipping.
+
+    Every frame's tokens go through the same blocks, so inheriting a block range saves its
+    compute for the whole clip. With Wan 2.2's second expert (``transformer_2``), inheritance is
+    would need one trajectory across two denoisers: model-level techniques are refused while
+    ``transformer_2`` is set (step skipping still works).
+    """
+
+    _mmskip_denoiser = "transformer"
+
+    def _denoiser(self) -> Any:
+        if getattr(self, "transformer_2", None) is not None:
+            raise ValueError(
+                "SkipWanPipeline: feature inheritance on a two-expert Wan 2.2 pipeline (transformer_2 set) is not "
+                "supported; the steps are split between two denoisers. Use StepSkipConfig, or a single-expert model"
+            )
+        return super()._denoiser()
