@@ -2,7 +2,8 @@
 
 ``RootHook`` on the denoiser tracks steps and measures FLOPs on the first call; ``ProbeHook``
 feeds the adaptive schedule; ``OutputHook`` inherits a module's whole output; ``RangeHook``
-makes a run of residual modules (a :class:`Range`) add its cached residual ``out - in``. Each
+makes a run of residual modules (a :class:`Range`) add its cached residual: the sum of its
+members' own contributions ``out - in``. Each
 hook asks its owner, the technique's :class:`~mmskip.diffusion.inheritance.InheritanceState`,
 whether this step computes.
 """
@@ -35,7 +36,7 @@ class Range:
         self.modules = modules
         self.io = io
         self.computing = True
-        self.inputs: tuple[torch.Tensor | None, ...] = ()
+        self.acc: tuple[torch.Tensor | None, ...] | None = None  # members' contributions so far (computing)
         self.flops0 = 0.0
 
 
@@ -186,25 +187,30 @@ class RangeHook(ModelHook):
                 rng.computing = True
             owner.counts.record(rng.name, 1.0, 0.0 if rng.computing else 1.0)
             if rng.computing:
-                rng.inputs = ins
+                rng.acc = None
                 rng.flops0 = owner.flops_now()
             else:
                 out = tuple(None if r is None else i + r for i, r in zip(ins, residual, strict=True))
                 return rng.io.build(out, args, kwargs)
         elif not rng.computing:
             return rng.io.build(rng.io.inputs(args, kwargs), args, kwargs)
+        ins = rng.io.inputs(args, kwargs)
         out = self.fn_ref.original_forward(*args, **kwargs)
+        outs = rng.io.outputs(out)
+        for o, i in zip(outs, ins, strict=True):
+            if o is not None and i is not None and o.shape != i.shape:
+                raise ValueError(
+                    f"feature inheritance: {rng.name} changes a stream's shape ({tuple(i.shape)} -> "
+                    f"{tuple(o.shape)}), so it is not a residual unit; target the blocks after the change"
+                )
+        # the range's residual is the sum of its members' own contributions, so what the model adds
+        # between members (ControlNet block samples) is recomputed, never frozen into the cache
+        mine = tuple(None if (o is None or i is None) else (o - i).detach() for o, i in zip(outs, ins, strict=True))
+        rng.acc = mine if rng.acc is None else tuple(
+            None if (a is None or m is None) else a + m for a, m in zip(rng.acc, mine, strict=True)
+        )
         if self.last:
             owner.add_cost(rng.name, owner.flops_now() - rng.flops0)
-            outs = rng.io.outputs(out)
-            for o, i in zip(outs, rng.inputs, strict=True):
-                if o is not None and i is not None and o.shape != i.shape:
-                    raise ValueError(
-                        f"feature inheritance: {rng.name} changes a stream's shape ({tuple(i.shape)} -> "
-                        f"{tuple(o.shape)}), so it is not a residual unit; target the blocks after the change"
-                    )
-            owner.slot_cache()[rng.name] = tuple(
-                None if (o is None or i is None) else (o - i).detach() for o, i in zip(outs, rng.inputs, strict=True)
-            )
-            rng.inputs = ()
+            owner.slot_cache()[rng.name] = rng.acc
+            rng.acc = None
         return out

@@ -108,9 +108,15 @@ class StepTracker:
         return new_traj
 
 
+# Keyword inputs that change every step without being new conditioning: ControlNet / T2I-Adapter
+# residuals and block samples (``down_block_additional_residuals``, ``controlnet_block_samples``, ...).
+_PER_STEP_WORDS = ("controlnet", "additional_residual")
+
+
 def call_key(args: tuple, kwargs: dict, skip_args: Sequence[int], skip_kwargs: Sequence[str]) -> Hashable:
-    """A fingerprint of a call's conditioning: every input except the positional ``skip_args``
-    and the keyword ``skip_kwargs`` (the latent and the timestep).
+    """A fingerprint of a call's conditioning: every input except the positional ``skip_args``,
+    the keyword ``skip_kwargs`` (the latent and the timestep) and per-step control inputs (a
+    ControlNet's residuals, which depend on the timestep and are added fresh to inherited features).
 
     Shapes, dtypes and three value sums per tensor (one device sync per call); two calls with
     the same conditioning get the same key, different prompts / labels get different keys.
@@ -138,7 +144,7 @@ def call_key(args: tuple, kwargs: dict, skip_args: Sequence[int], skip_kwargs: S
         if i not in skip_args:
             visit(a, str(i))
     for k in sorted(kwargs):
-        if k not in skip_kwargs:
+        if k not in skip_kwargs and not any(w in k for w in _PER_STEP_WORDS):
             visit(kwargs[k], k)
     values = tuple(torch.cat(tensors).tolist()) if tensors else ()
     return (tuple(meta), values)

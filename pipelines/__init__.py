@@ -3,10 +3,15 @@
 from .mixin import SKIP_CONFIG_NAME, SkipPipelineMixin, load_skip_configs
 from .skip_pipelines import (
     SkipDiTPipeline,
+    SkipFluxControlNetPipeline,
+    SkipFluxImg2ImgPipeline,
     SkipFluxPipeline,
     SkipPixArtAlphaPipeline,
     SkipQwenImagePipeline,
     SkipStableDiffusion3Pipeline,
+    SkipStableDiffusionControlNetPipeline,
+    SkipStableDiffusionImg2ImgPipeline,
+    SkipStableDiffusionInpaintPipeline,
     SkipStableDiffusionPipeline,
     SkipStableDiffusionXLPipeline,
     SkipWanPipeline,
@@ -24,4 +29,9 @@ __all__ = [
     "SkipFluxPipeline",
     "SkipQwenImagePipeline",
     "SkipWanPipeline",
+    "SkipStableDiffusionImg2ImgPipeline",
+    "SkipStableDiffusionInpaintPipeline",
+    "SkipStableDiffusionControlNetPipeline",
+    "SkipFluxImg2ImgPipeline",
+    "SkipFluxControlNetPipeline",
 ]

@@ -183,7 +183,11 @@ class SkipPipelineMixin:
         with self.__dict__["_mmskip_guard"].call(starts=True):
             return self._skip_call(state, args, kwargs)
 
+    def _check_components(self) -> None:
+        """Refuse components the enabled techniques cannot run with (drop-ins override this)."""
+
     def _skip_call(self, state: _SkipState, args: tuple, kwargs: dict) -> Any:
+        self._check_components()
         n = self._num_steps(args, kwargs, custom_ok=not state.samplers)
         # validate and plan everything before anything changes
         for c in state.configs:
@@ -218,7 +222,7 @@ class SkipPipelineMixin:
                 begin(n, plan.keep)
             state.last_handle = handle
         try:
-            return self._run(planned, plan, args, kwargs)
+            return self._run(planned, plan, args, kwargs, handle)
         finally:
             if handle is not None:
                 handle.remove()
@@ -226,7 +230,59 @@ class SkipPipelineMixin:
                 if state.costs is None and measured is not None:
                     state.costs = measured()
 
-    def _run(self, planned: Any, plan: SamplerPlan, args: tuple, kwargs: dict) -> Any:
+    def _run(self, planned: Any, plan: SamplerPlan, args: tuple, kwargs: dict, handle: SkipHandle | None) -> Any:
+        if callable(getattr(self, "get_timesteps", None)):  # img2img / inpainting: strength < 1 runs the last steps
+            self.__dict__["get_timesteps"] = self._strength_steps(planned, plan, handle)
+        try:
+            return self._run_planned(planned, plan, args, kwargs)
+        finally:
+            self.__dict__.pop("get_timesteps", None)
+
+    def _strength_steps(self, planned: Any, plan: SamplerPlan, handle: SkipHandle | None) -> Any:
+        """Wrap the pipeline's ``get_timesteps(n, strength, ...)``: learn which grid steps a
+        ``strength`` < 1 call runs (``t_start..n-1``), map the plan onto them and tell the
+        model-level technique, so every schedule keeps indexing the full ``n``-step grid."""
+        original, n = self.get_timesteps, plan.num_steps
+
+        def get_timesteps(*args: Any, **kwargs: Any) -> Any:
+            sched = self.scheduler
+            if planned is not None:  # let the pipeline's own rule slice the full grid
+                kept, sched.timesteps = sched.timesteps, sched.full_timesteps
+            try:
+                timesteps, _ = original(*args, **kwargs)
+            finally:
+                if planned is not None:
+                    sched.timesteps = kept
+            order = getattr(sched, "order", 1)
+            t_start = n - len(timesteps) // order
+            if t_start == 0:
+                return original(*args, **kwargs) if planned is not None else (timesteps, n)
+            if plan.first_step is not None:
+                raise ValueError(
+                    f"strength < 1 starts from the noised input image at grid step {t_start}; the analytic "
+                    "early-step jump (GaussianTeleportConfig) starts from pure noise. Pass strength=1 or drop it"
+                )
+            visited = tuple(k for k in plan.keep if k >= t_start)
+            if not visited:
+                raise ValueError(
+                    f"this call runs grid steps {t_start}..{n - 1} (strength), where the step-skip plan visits "
+                    f"none of {list(plan.keep)}; use a schedule that keeps some of the last steps"
+                )
+            if planned is not None:
+                pos = (len(plan.keep) - len(visited)) * order
+                timesteps = planned.timesteps[pos:]
+                if hasattr(planned, "set_begin_index"):
+                    planned.set_begin_index(pos)
+            begin = getattr(getattr(handle, "state", None), "begin", None)
+            if begin is not None:
+                begin(n, visited)
+            self.__dict__["_mmskip"].last_plan = SamplerPlan(n, visited, plan.first_step)
+            logger.debug("strength: grid steps %d..%d run; visiting %s", t_start, n - 1, list(visited))
+            return timesteps, len(visited)
+
+        return get_timesteps
+
+    def _run_planned(self, planned: Any, plan: SamplerPlan, args: tuple, kwargs: dict) -> Any:
         if planned is None:
             return super().__call__(*args, **kwargs)
         original = self.scheduler

@@ -10,10 +10,15 @@ from typing import Any
 
 from diffusers import (
     DiTPipeline,
+    FluxControlNetPipeline,
+    FluxImg2ImgPipeline,
     FluxPipeline,
     PixArtAlphaPipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     WanPipeline,
@@ -32,6 +37,11 @@ __all__ = [
     "SkipFluxPipeline",
     "SkipQwenImagePipeline",
     "SkipWanPipeline",
+    "SkipStableDiffusionImg2ImgPipeline",
+    "SkipStableDiffusionInpaintPipeline",
+    "SkipStableDiffusionControlNetPipeline",
+    "SkipFluxImg2ImgPipeline",
+    "SkipFluxControlNetPipeline",
 ]
 
 
@@ -101,3 +111,52 @@ class SkipWanPipeline(SkipPipelineMixin, WanPipeline):
                 "supported; the steps are split between two denoisers. Use StepSkipConfig, or a single-expert model"
             )
         return super()._denoiser()
+
+
+# -- image-conditioned variants ------------------------------------------------------------------
+# strength < 1 runs only the last grid steps; every schedule keeps indexing the full
+# num_inference_steps grid (see SkipPipelineMixin._strength_steps). A ControlNet runs on every
+# step: its residuals are added fresh to the inherited features (they depend on the timestep).
+
+
+class SkipStableDiffusionImg2ImgPipeline(SkipPipelineMixin, StableDiffusionImg2ImgPipeline):
+    """``StableDiffusionImg2ImgPipeline`` with mmskip's techniques; ``strength`` maps onto grid steps."""
+
+    _mmskip_denoiser = "unet"
+
+
+class SkipStableDiffusionInpaintPipeline(SkipPipelineMixin, StableDiffusionInpaintPipeline):
+    """``StableDiffusionInpaintPipeline`` with mmskip's techniques; ``strength`` maps onto grid steps."""
+
+    _mmskip_denoiser = "unet"
+
+
+class SkipStableDiffusionControlNetPipeline(SkipPipelineMixin, StableDiffusionControlNetPipeline):
+    """``StableDiffusionControlNetPipeline``: the UNet inherits features, the ControlNet runs every step."""
+
+    _mmskip_denoiser = "unet"
+
+    def _check_components(self) -> None:
+        unet = self.unet
+        want = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in unet.down_blocks)
+        nets = getattr(self.controlnet, "nets", [self.controlnet])
+        for i, net in enumerate(nets):
+            got = len(net.controlnet_down_blocks)
+            if got != want:
+                raise ValueError(
+                    f"controlnet{'' if len(nets) == 1 else f' {i}'} gives {got} down-block residuals but the UNet has "
+                    f"{want} skip connections; it was built for another UNet (ControlNetModel.from_unet(pipe.unet))"
+                )
+
+
+class SkipFluxImg2ImgPipeline(SkipPipelineMixin, FluxImg2ImgPipeline):
+    """``FluxImg2ImgPipeline`` with mmskip's techniques; ``strength`` maps onto grid steps."""
+
+    _mmskip_denoiser = "transformer"
+
+
+class SkipFluxControlNetPipeline(SkipPipelineMixin, FluxControlNetPipeline):
+    """``FluxControlNetPipeline``: the transformer inherits block residuals; the ControlNet runs every
+    step and its block samples are added fresh between the blocks."""
+
+    _mmskip_denoiser = "transformer"
