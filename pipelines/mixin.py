@@ -245,6 +245,10 @@ class SkipPipelineMixin:
         original, n = self.get_timesteps, plan.num_steps
 
         def get_timesteps(*args: Any, **kwargs: Any) -> Any:
+            # Flux img2img passes the length of the (planned) grid it got back; the rule needs n
+            bound = inspect.signature(original).bind(*args, **kwargs)
+            bound.arguments["num_inference_steps"] = n
+            args, kwargs = bound.args, bound.kwargs
             sched = self.scheduler
             if planned is not None:  # let the pipeline's own rule slice the full grid
                 kept, sched.timesteps = sched.timesteps, sched.full_timesteps

@@ -192,6 +192,27 @@ def test_strength_maps_schedules_onto_the_grid_steps_run(kind):
     assert seen == [full[4]] and torch.isfinite(out).all() and not torch.equal(out, ref)
 
 
+def test_flux_img2img_strength_on_the_shifted_grid():
+    from diffusers import FluxImg2ImgPipeline
+    from mmskip.pipelines import SkipFluxImg2ImgPipeline
+
+    comps, kw = tiny_family_pipeline_components("flux")
+    comps.pop("image_encoder"), comps.pop("feature_extractor")
+    parent, skip = _quiet(FluxImg2ImgPipeline(**comps), SkipFluxImg2ImgPipeline(**comps))
+    kw = dict(kw, image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)), strength=0.5)
+    full, h = _timesteps(parent.transformer)
+    _img(parent, dict(kw, strength=1.0))
+    h.remove()
+    assert torch.equal(_img(skip, kw), _img(parent, kw))
+    skip.enable_skip([FeatureInheritanceConfig(interval(2)), StepSkipConfig(explicit(keep=[0, 2, 3, 4, 5], num=6))])
+    seen, h = _timesteps(skip.transformer)
+    _img(skip, kw)
+    h.remove()
+    st = skip.skip_stats()
+    assert st["visited_steps"] == [3, 4, 5] and st["recomputed_steps"] == [3, 4]
+    assert seen == [full[i] for i in (3, 4, 5)]
+
+
 def test_strength_with_a_plan_that_runs_none_of_its_steps_is_refused(tmp_path):
     parent, skip, kw = _sd_image_pipes("img2img")
     skip.enable_skip(StepSkipConfig(explicit(keep=[0, 1], num=6)))
