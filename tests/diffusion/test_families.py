@@ -185,3 +185,16 @@ def test_family_without_block_metadata_is_refused():
         apply(m, FeatureInheritanceConfig())
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
     assert not any(hasattr(mod, "_diffusers_hook") for mod in m.modules())
+
+
+@pytest.mark.parametrize("name", sorted(registry_families()))
+def test_every_registry_family_gets_an_adapter(name):
+    """Each family diffusers' caches support, at its default (full) size on the meta device."""
+    import diffusers
+
+    with torch.device("meta"):
+        m = getattr(diffusers, name)()
+    ad = get_adapter(m, "diffusion")
+    assert ad.stacks and all(ad.io(m.get_submodule(s)[0]) is not None for s in ad.stacks)
+    assert ad.defaults("block") and ad.candidates("layer")
+    assert ad.time_sign == (-1.0 if name in ("ZImageTransformer2DModel", "MochiTransformer3DModel") else 1.0)
