@@ -294,7 +294,10 @@ class SkipPipelineMixin:
             prepare, first_step = self.prepare_latents, plan.first_step
 
             def prepare_latents(*a: Any, **k: Any) -> Any:
-                return first_step(prepare(*a, **k), planned)
+                out = prepare(*a, **k)
+                if isinstance(out, tuple):  # inpainting: (latents, noise, image_latents, ...)
+                    return (first_step(out[0], planned), *out[1:])
+                return first_step(out, planned)
 
             self.__dict__["prepare_latents"] = prepare_latents
         self.__dict__["scheduler"] = planned

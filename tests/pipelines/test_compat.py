@@ -227,6 +227,23 @@ def test_strength_with_a_plan_that_runs_none_of_its_steps_is_refused(tmp_path):
     assert torch.equal(_img(skip, kw), _img(parent, kw))  # nothing was left changed
 
 
+@pytest.mark.parametrize("kind", ["controlnet", "img2img", "inpaint"])
+def test_teleport_with_image_conditioned_pipelines_at_full_strength(kind, tmp_path):
+    path = tmp_path / "g.safetensors"
+    GaussianStats.fit(torch.randn(8, 4, 8, 8), rank=4).save(path)
+    if kind == "controlnet":
+        comps, kw = _sd_controlnet()
+        (skip,) = _quiet(SkipStableDiffusionControlNetPipeline(**comps))
+    else:
+        _, skip, kw = _sd_image_pipes(kind)
+        kw = dict(kw, strength=1.0)
+    skip.enable_skip(GaussianTeleportConfig(str(path), 0.34))
+    seen, h = _timesteps(skip.unet)
+    out = _img(skip, kw)
+    h.remove()
+    assert skip.skip_stats()["visited_steps"] == [2, 3, 4, 5] and len(seen) == 4 and torch.isfinite(out).all()
+
+
 # -- LoRA ------------------------------------------------------------------------------------------
 
 
