@@ -101,22 +101,46 @@ class RootHook(ModelHook):
         return module
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        measure = self._enter(args, kwargs)
+        try:
+            if measure:
+                return self._measured(args, kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._exit()
+
+    # The bookkeeping runs outside torch.compile: reading the timestep as a Python float would
+    # otherwise specialise the compiled graph on it and recompile on every step.
+    @torch.compiler.disable
+    def _enter(self, args: tuple, kwargs: dict) -> bool:
         owner = self.owner
         t = owner.adapter.timestep(args, kwargs)
         key = owner.key(args, kwargs)
-        with owner.guard.call(starts=owner.tracker.starts_new(t, key)):
+        owner.guard.enter(starts=owner.tracker.starts_new(t, key))
+        try:
             owner.on_call(t, key)
-            owner.counts.fixed_units += 1
-            if not owner.costs_known and owner.decision:
-                with FlopCounterMode(display=False) as fc:
-                    owner.fc = fc
-                    try:
-                        out = self.fn_ref.original_forward(*args, **kwargs)
-                    finally:
-                        owner.fc = None
-                owner.measure(fc)
-                return out
-            return self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            owner.guard.exit()
+            raise
+        owner.counts.fixed_units += 1
+        return not owner.costs_known and bool(owner.decision)
+
+    @torch.compiler.disable
+    def _exit(self) -> None:
+        self.owner.guard.exit()
+
+    @torch.compiler.disable
+    def _measured(self, args: tuple, kwargs: dict) -> Any:
+        """The one call whose FLOPs are counted (eager, also under torch.compile)."""
+        owner = self.owner
+        with FlopCounterMode(display=False) as fc:
+            owner.fc = fc
+            try:
+                out = self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                owner.fc = None
+        owner.measure(fc)
+        return out
 
 
 class ProbeHook(ModelHook):
