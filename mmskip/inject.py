@@ -389,6 +389,10 @@ def apply(model: torch.nn.Module, config: SkipConfig) -> SkipHandle:
     """
     if not isinstance(config, SkipConfig):
         raise TypeError(f"apply() takes an mmskip config (e.g. mmskip.LayerSkipConfig), got {type(config).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        # torch.compile(model) wraps the model: hook the wrapped one, which the compiled code traces
+        logger.debug("apply(): %s is torch.compile's wrapper; attaching to the model it compiles", type(model).__name__)
+        model = model._orig_mod
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None:
         raise RuntimeError(
