@@ -332,8 +332,15 @@ class InheritanceState(TechniqueState):
                     compute = True
             self.decision = compute
             self._note(compute)
+            self.record_targets(compute)
         if self.decision:
             self.probe_ref[slot] = value.detach()
+
+    def record_targets(self, compute: bool) -> None:
+        """Count this call's decision for every target (in eager code: counters are not recorded
+        inside torch.compile graphs). A target that must recompute anyway corrects its count."""
+        for name in self.names:
+            self.counts.record(name, 1.0, 0.0 if compute else 1.0)
 
     def computes(self, who: str) -> bool:
         if self.decision is None:

@@ -123,6 +123,8 @@ class RootHook(ModelHook):
             owner.guard.exit()
             raise
         owner.counts.fixed_units += 1
+        if owner.decision is not None:
+            owner.record_targets(owner.decision)
         return not owner.costs_known and bool(owner.decision)
 
     @torch.compiler.disable
@@ -149,8 +151,12 @@ class ProbeHook(ModelHook):
         self.owner = owner
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self.owner.probe(first_tensor(output))
+        self._probe(output)
         return output
+
+    @torch.compiler.disable  # reads the signal as a Python float and decides: outside compiled graphs
+    def _probe(self, output: Any) -> None:
+        self.owner.probe(first_tensor(output))
 
 
 class OutputHook(ModelHook):
@@ -171,15 +177,14 @@ class OutputHook(ModelHook):
                 "feature inheritance: %s has no cached output for input shape %s in this trajectory; recomputing "
                 "it on step %d", self.name, shape, owner.tracker.step
             )
+            owner.counts.record(self.name, 0.0, -1.0)  # counted as inherited when the step decided
             compute = True
         if compute:
             before = owner.flops_now()
             out = self.fn_ref.original_forward(*args, **kwargs)
             owner.add_cost(self.name, owner.flops_now() - before)
             cache[self.name] = (shape, detach_tree(out))
-            owner.counts.record(self.name, 1.0, 0.0)
             return out
-        owner.counts.record(self.name, 1.0, 1.0)
         return clone_tree(cache[self.name][1])
 
 
@@ -208,8 +213,8 @@ class RangeHook(ModelHook):
                     "recomputing it on step %d", rng.name, [None if i is None else tuple(i.shape) for i in ins],
                     owner.tracker.step,
                 )
+                owner.counts.record(rng.name, 0.0, -1.0)  # counted as inherited when the step decided
                 rng.computing = True
-            owner.counts.record(rng.name, 1.0, 0.0 if rng.computing else 1.0)
             if rng.computing:
                 rng.acc = None
                 rng.flops0 = owner.flops_now()
