@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["tiny_unet", "tiny_dit", "tiny_pixart", "tiny_sd3", "tiny_vae", "tiny_pipeline_components", "example_inputs"]
+__all__ = [
+    "tiny_unet", "tiny_dit", "tiny_pixart", "tiny_sd3", "tiny_vae", "tiny_pipeline_components", "example_inputs",
+    "target_modules",
+]
 
 
 def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, sdxl: bool = False) -> nn.Module:
@@ -200,3 +203,16 @@ def tiny_pipeline_components(kind: str, seed: int = 0) -> tuple[dict, dict]:
         )
         return comps, out
     raise ValueError(f"unknown tiny pipeline kind {kind!r}; use sd, sdxl, dit, pixart or sd3")
+
+
+def target_modules(targets: list[str]) -> list[str]:
+    """Module names behind inheritance targets: a range ``"blocks.a:b"`` becomes ``blocks.a`` .. ``blocks.b-1``."""
+    out: list[str] = []
+    for t in targets:
+        if ":" in t:
+            prefix, _, span = t.rpartition(".")
+            a, b = map(int, span.split(":"))
+            out += [f"{prefix}.{i}" for i in range(a, b)]
+        else:
+            out.append(t)
+    return out

@@ -11,6 +11,7 @@ import torch
 from mmskip.diffusion import FeatureInheritanceConfig
 from mmskip.diffusion.adapters import _IO_BY_CLASS, registry_families
 from mmskip.diffusion.block_registry import registered_block_classes, registry_io
+from mmskip.diffusion.testing import target_modules
 from mmskip.diffusion.testing_families import FAMILIES, family_inputs, family_timesteps, tiny_family
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,18 +40,6 @@ def _sample(out):
 def _run(m, fam):
     with torch.no_grad():
         return [_sample(m(**family_inputs(m, t))) for t in family_timesteps(fam)]
-
-
-def _members(targets):
-    out = []
-    for t in targets:
-        if ":" in t:
-            prefix, _, span = t.rpartition(".")
-            a, b = map(int, span.split(":"))
-            out += [f"{prefix}.{i}" for i in range(a, b)]
-        else:
-            out.append(t)
-    return out
 
 
 def _leaf_counts(m, names):
@@ -91,7 +80,7 @@ def test_inherit_steps_skip_targets_and_remove_restores(family, granularity):
     cfg = FeatureInheritanceConfig(schedule=interval(2), granularity=granularity)
     with applied(m, cfg) as h:
         targets = h.stats()["targets"]
-    counts, hooks = _leaf_counts(m, _members(targets))
+    counts, hooks = _leaf_counts(m, target_modules(targets))
     assert counts
     _run(m, fam)
     full_counts = dict(counts)

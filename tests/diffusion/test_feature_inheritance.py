@@ -6,7 +6,14 @@ import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig
 from mmskip.diffusion.step_schedules import from_changes, nonuniform
-from mmskip.diffusion.testing import example_inputs, tiny_dit, tiny_pixart, tiny_sd3, tiny_unet
+from mmskip.diffusion.testing import (
+    example_inputs,
+    target_modules,
+    tiny_dit,
+    tiny_pixart,
+    tiny_sd3,
+    tiny_unet,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmskip.inject import SkipConfig, applied, apply
@@ -59,15 +66,7 @@ def test_inherited_targets_do_not_run_and_remove_restores(model, granularity):
     cfg = FeatureInheritanceConfig(schedule=interval(2), granularity=granularity)
     handle = apply(model, cfg)
     targets = handle.stats()["targets"]
-    members = []
-    for t in targets:
-        if ":" in t:
-            prefix, _, span = t.rpartition(".")
-            a, b = map(int, span.split(":"))
-            members += [f"{prefix}.{i}" for i in range(a, b)]
-        else:
-            members.append(t)
-    counts, hooks = _count_calls(model, members)
+    counts, hooks = _count_calls(model, target_modules(targets))
     with FlopCounterMode(display=False) as fc:
         out = _run(model)
     spent_flops = fc.get_total_flops()
