@@ -30,6 +30,8 @@ RECIPES: dict[str, tuple[str, str]] = {
     "digits-llava": ("mmskip.zoo.train_llava", "train_llava"),
     "digits-video": ("mmskip.zoo.train_video", "train_video"),
     "digits-florence": ("mmskip.zoo.train_florence", "train_florence"),
+    "scenes-vae": ("mmskip.zoo.train_scenes_vae", "train_scenes_vae"),
+    "scenes-flux": ("mmskip.zoo.train_scenes_flux", "train_scenes_flux"),
 }
 DEFAULT_RUNS_DIR = Path("runs") / "zoo"
 
