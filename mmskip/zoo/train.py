@@ -32,6 +32,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "digits-florence": ("mmskip.zoo.train_florence", "train_florence"),
     "scenes-vae": ("mmskip.zoo.train_scenes_vae", "train_scenes_vae"),
     "scenes-flux": ("mmskip.zoo.train_scenes_flux", "train_scenes_flux"),
+    "scenes-classifier": ("mmskip.zoo.train_scenes_classifier", "train_scenes_classifier"),
 }
 DEFAULT_RUNS_DIR = Path("runs") / "zoo"
 
