@@ -33,3 +33,23 @@ def test_captions_and_layout():
     xs_red, xs_blue = np.nonzero(near(red))[1], np.nonzero(near(blue))[1]
     assert len(xs_red) and len(xs_blue)
     assert xs_red.max() < 16 <= xs_blue.min()  # the red group is in the left half, the blue one in the right
+
+
+def test_classifier_targets_and_prompt_accuracy():
+    import torch
+    from mmskip.zoo.scenes_classifier import HEADS, ScenesClassifier, prompt_accuracy, scene_targets
+
+    one = Scene(Group(3, "green", "triangle"))
+    two = Scene(Group(1, "red", "square"), Group(2, "blue", "circle"), "above")
+    t = scene_targets([one, two])
+    assert t["relation"].tolist() == [0, 2] and t["color2"].tolist() == [-100, 2] and t["count1"].tolist() == [2, 0]
+    torch.manual_seed(0)
+    model = ScenesClassifier().eval()
+    with torch.no_grad():  # make the heads answer the targets of `two` whatever the image
+        for k, head in model.heads.items():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[t[k][1] if t[k][1] >= 0 else 0] = 10.0
+    acc = prompt_accuracy(model, torch.zeros(2, 3, 32, 32), [one, two])
+    assert set(acc) == {*HEADS, "exact"}
+    assert acc["exact"] == 0.5 and acc["color2"] == 1.0 and acc["relation"] == 0.5
