@@ -80,6 +80,18 @@ def load_florence(folder: Path, **kwargs: Any) -> Any:
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+def load_scenes_classifier(folder: Path, **kwargs: Any) -> Any:
+    from .scenes_classifier import ScenesClassifier
+
+    return ScenesClassifier.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+
+
+def load_scenes_flux(folder: Path, **kwargs: Any) -> Any:
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs)
+
+
 LOADERS: dict[str, Callable[..., Any]] = {
     "digits-classifier": load_classifier,
     "digits-vae": load_vae,
@@ -91,4 +103,7 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "digits-llava": load_llava,
     "digits-video": load_video,
     "digits-florence": load_florence,
+    "scenes-vae": load_vae,
+    "scenes-classifier": load_scenes_classifier,
+    "scenes-flux": load_scenes_flux,
 }
