@@ -14,7 +14,7 @@ __all__ = ["MODELS_DIR", "NAMES", "UnknownModelError", "path", "load", "availabl
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "stdlib-lm-skip",
-         "digits-llava", "digits-video", "digits-florence")
+         "digits-llava", "digits-video", "digits-florence", "scenes-vae", "scenes-classifier")
 
 
 class UnknownModelError(ValueError):
@@ -56,7 +56,9 @@ def load(name: str, **kwargs: Any) -> Any:
     the prompt layout for streaming: :func:`~mmskip.zoo.video_data.prefix_ids`,
     :func:`~mmskip.zoo.video_data.clip_ids`, :func:`~mmskip.zoo.video_data.question_ids`);
     ``digits-florence`` -> ``(Florence2ForConditionalGeneration, tokenizer)`` (inputs:
-    :func:`mmskip.zoo.florence_data.encode`, answers: :func:`mmskip.zoo.florence_data.generate`).
+    :func:`mmskip.zoo.florence_data.encode`, answers: :func:`mmskip.zoo.florence_data.generate`);
+    ``scenes-vae`` -> ``AutoencoderKL`` (RGB scenes, Flux-style shift and scale); ``scenes-classifier`` ->
+    :class:`~mmskip.zoo.scenes_classifier.ScenesClassifier`.
     """
     folder = path(name)  # UnknownModelError / FileNotFoundError with what to do
     from . import loaders

@@ -37,6 +37,7 @@ def test_captions_and_layout():
 
 def test_classifier_targets_and_prompt_accuracy():
     import torch
+
     from mmskip.zoo.scenes_classifier import HEADS, ScenesClassifier, prompt_accuracy, scene_targets
 
     one = Scene(Group(3, "green", "triangle"))
@@ -53,3 +54,21 @@ def test_classifier_targets_and_prompt_accuracy():
     acc = prompt_accuracy(model, torch.zeros(2, 3, 32, 32), [one, two])
     assert set(acc) == {*HEADS, "exact"}
     assert acc["exact"] == 0.5 and acc["color2"] == 1.0 and acc["relation"] == 0.5
+
+
+def test_shipped_scenes_models_read_and_reconstruct_heldout_scenes():
+    import torch
+
+    from mmskip import zoo
+    from mmskip.zoo.scenes_classifier import prompt_accuracy
+    from mmskip.zoo.train_scenes_vae import scenes_tensor
+    from mmskip.zoo.train_vae import psnr_unit
+
+    images, _, scenes = make_split("test", 200)
+    x = scenes_tensor(images)
+    acc = prompt_accuracy(zoo.load("scenes-classifier"), x, scenes)
+    assert acc["exact"] > 0.75 and min(acc[k] for k in ("color1", "shape1", "relation")) > 0.9
+    vae = zoo.load("scenes-vae")
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x[:64]).latent_dist.mode()).sample
+    assert psnr_unit(rec, x[:64]) > 28
