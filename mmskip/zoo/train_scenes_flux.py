@@ -26,7 +26,7 @@ from .train_scenes_vae import scenes_tensor
 
 __all__ = ["make_transformer", "make_text_encoders", "train_scenes_flux", "caption_vocabulary"]
 
-STEPS = 1600
+STEPS = 4000
 BATCH = 48
 LR = 1e-3
 EMA = 0.998
