@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .card import write_card
 from .data import DIGIT_NAMES, augment, load_split
+from .ema import ema_update
 
 __all__ = ["make_dit", "encode_augmented", "train_dit", "ID2LABEL"]
 
@@ -83,10 +84,7 @@ def train_dit(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        decay = min(EMA, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
+        ema_update([ema], [model], step, EMA)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     wall = time.time() - t0
     save_pipeline_folder(out, ema, path("digits-vae"))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .card import write_card
+from .ema import ema_update
 from .scenes_data import _NUMBER, COLORS, COUNTS, RELATIONS, SHAPES, make_split
 from .sd_tokenizer import build_clip_tokenizer
 from .train_scenes_vae import scenes_tensor
@@ -123,11 +124,7 @@ def train_scenes_flux(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(EMA, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, m in zip(emas, models, strict=True):
-                for pe, pm in zip(e.parameters(), m.parameters(), strict=True):
-                    pe.lerp_(pm, 1 - decay)
+        ema_update(emas, models, step, EMA)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     wall = time.time() - t0
     pipe = FluxPipeline(scheduler=_scheduler(), vae=vae, text_encoder=emas[1], tokenizer=tokenizer,

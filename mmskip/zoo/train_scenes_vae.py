@@ -7,12 +7,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from .card import write_card
 from .scenes_data import make_split
-from .train_vae import psnr_unit
+from .train_vae import fit_vae, psnr_unit
 
 __all__ = ["make_scenes_vae", "scenes_tensor", "train_scenes_vae"]
 
@@ -41,25 +39,11 @@ def train_scenes_vae(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     x = scenes_tensor(make_split("train", N_TRAIN)[0])
     xt = scenes_tensor(make_split("test", 500)[0])
     vae = make_scenes_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
-    vae.train()
-    for _ in (bar := tqdm(range(steps), desc="scenes-vae")):
-        xb = x[torch.randint(0, len(x), (BATCH,), generator=g)]
-        post = vae.encode(xb).latent_dist
-        z = post.sample(generator=g)
-        rec = vae.decode(z).sample
-        kl = post.kl().mean() / z[0].numel()
-        loss = F.mse_loss(rec, xb) + 0.1 * F.l1_loss(rec, xb) + KL_WEIGHT * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    fit_vae(vae, lambda: x[torch.randint(0, len(x), (BATCH,), generator=g)], steps, KL_WEIGHT, "scenes-vae", g)
     vae.eval()
     with torch.no_grad():
-        z_all = torch.cat([vae.encode(x[i:i + 500]).latent_dist.mode() for i in range(0, 4000, 500)])
+        z_all = torch.cat([vae.encode(x[i:i + 500]).latent_dist.mode() for i in range(0, min(4000, len(x)), 500)])
         shift, scale = float(z_all.mean()), float(1.0 / z_all.std())
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         rec = vae.decode(vae.encode(xt).latent_dist.mode()).sample

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .card import write_card
 from .data import DIGIT_NAMES, load_split
+from .ema import ema_update
 from .sd_tokenizer import MAX_LENGTH, build_clip_tokenizer
 from .train_dit import encode_augmented, make_scheduler
 
@@ -89,11 +90,7 @@ def train_sd(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(EMA, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, m in ((ema_unet, unet), (ema_text, text)):
-                for pe, pm in zip(e.parameters(), m.parameters(), strict=True):
-                    pe.lerp_(pm, 1 - decay)
+        ema_update([ema_unet, ema_text], [unet, text], step, EMA)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     wall = time.time() - t0
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,

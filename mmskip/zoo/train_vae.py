@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from .card import write_card
 from .data import augment, load_split
 
-__all__ = ["make_vae", "train_vae", "psnr_unit"]
+__all__ = ["make_vae", "train_vae", "fit_vae", "psnr_unit"]
 
 STEPS = 900
 BATCH = 32
@@ -27,6 +28,27 @@ def make_vae():
                          block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=16)
 
 
+def fit_vae(vae, draw: Callable[[], torch.Tensor], steps: int, kl_weight: float, desc: str,
+            g: torch.Generator) -> None:
+    """Train ``vae`` on batches ``draw()`` of images in [-1, 1]: MSE + 0.1 L1 + ``kl_weight`` KL per
+    latent element, AdamW one-cycle lr 1e-3; posterior samples drawn from ``g``."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    vae.train()
+    for _ in (bar := tqdm(range(steps), desc=desc)):
+        xb = draw()
+        post = vae.encode(xb).latent_dist
+        z = post.sample(generator=g)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / z[0].numel()
+        loss = F.mse_loss(rec, xb) + 0.1 * F.l1_loss(rec, xb) + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
+
+
 def psnr_unit(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1], measured on the [0, 1] range."""
     mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2).item()
@@ -39,22 +61,8 @@ def train_vae(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     x, _ = load_split("train")
     xt, _ = load_split("test")
     vae = make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
-    vae.train()
-    for _ in (bar := tqdm(range(steps), desc="digits-vae")):
-        xb = augment(x[torch.randint(0, len(x), (BATCH,), generator=g)], g)
-        post = vae.encode(xb).latent_dist
-        z = post.sample(generator=g)
-        rec = vae.decode(z).sample
-        kl = post.kl().mean() / z[0].numel()
-        loss = F.mse_loss(rec, xb) + 0.1 * F.l1_loss(rec, xb) + KL_WEIGHT * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
+    fit_vae(vae, lambda: augment(x[torch.randint(0, len(x), (BATCH,), generator=g)], g), steps, KL_WEIGHT, "digits-vae", g)
     vae.eval()
     with torch.no_grad():
         z_all = vae.encode(x).latent_dist.mode()
