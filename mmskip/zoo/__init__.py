@@ -14,7 +14,7 @@ __all__ = ["MODELS_DIR", "NAMES", "UnknownModelError", "path", "load", "availabl
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "stdlib-lm-skip",
-         "digits-llava", "digits-video", "digits-florence", "scenes-vae", "scenes-classifier")
+         "digits-llava", "digits-video", "digits-florence", "scenes-vae", "scenes-classifier", "scenes-flux")
 
 
 class UnknownModelError(ValueError):
@@ -58,7 +58,8 @@ def load(name: str, **kwargs: Any) -> Any:
     ``digits-florence`` -> ``(Florence2ForConditionalGeneration, tokenizer)`` (inputs:
     :func:`mmskip.zoo.florence_data.encode`, answers: :func:`mmskip.zoo.florence_data.generate`);
     ``scenes-vae`` -> ``AutoencoderKL`` (RGB scenes, Flux-style shift and scale); ``scenes-classifier`` ->
-    :class:`~mmskip.zoo.scenes_classifier.ScenesClassifier`.
+    :class:`~mmskip.zoo.scenes_classifier.ScenesClassifier`; ``scenes-flux`` -> ``FluxPipeline``
+    (sample with :func:`mmskip.zoo.train_scenes_flux.generate_scenes`).
     """
     folder = path(name)  # UnknownModelError / FileNotFoundError with what to do
     from . import loaders

@@ -72,3 +72,19 @@ def test_shipped_scenes_models_read_and_reconstruct_heldout_scenes():
     with torch.no_grad():
         rec = vae.decode(vae.encode(x[:64]).latent_dist.mode()).sample
     assert psnr_unit(rec, x[:64]) > 28
+
+
+def test_shipped_scenes_flux_generates_with_the_drop_in():
+    import torch
+    from mmskip import zoo
+    from mmskip.diffusion import FeatureInheritanceConfig
+    from mmskip.pipelines import SkipFluxPipeline
+    from mmskip.schedules import interval
+
+    pipe = SkipFluxPipeline.from_pretrained(zoo.path("scenes-flux"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_skip(FeatureInheritanceConfig(interval(2)))
+    img = pipe(["two red circles"], height=32, width=32, num_inference_steps=4, max_sequence_length=16,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+    assert pipe.skip_stats()["recomputed_steps"] == [0, 2]
