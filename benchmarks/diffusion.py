@@ -1,351 +1,67 @@
-"""Diffusion acceleration benchmark: mmskip vs DeepCache, diffusers' caches, cache-dit and fewer steps.
+"""Diffusion acceleration benchmark: mmskip vs the fewer-steps front, DeepCache, diffusers' caches, cache-dit.
 
-On the zoo's ``digits-dit`` (DiTPipeline) and ``digits-sd`` (StableDiffusionPipeline), DDIM-50,
-classifier-free guidance 4, CPU. Every method generates the same labels with the same seeds;
-for each we report
+Zoo models (``benchmarks/diffusion_models.py``), each at the sampler users run: ``digits-dit`` and
+``digits-sd`` with DPM-Solver++ 2M at 25 steps, ``scenes-flux`` (a Flux-shaped flow-matching
+text-to-image model) with flow-matching Euler at 28 steps; CFG 4, CPU. ``--sampler ddim --steps 50``
+gives the secondary DDIM-50 baseline. Every method generates the same conditions with the same
+seeds; for each we report
 
 * speedup: median over ``--repeats`` pairs of (baseline seconds / method seconds), each pair
   timed back to back on the same ``--time-batch`` images, so the drift of a shared machine
   cancels (warm-up call first);
-* bound: 1 / (FLOPs spent / baseline FLOPs), whole pipeline (text encoder, VAE included),
+* bound: 1 / (FLOPs spent / baseline FLOPs), whole pipeline (text encoders, VAE included),
   counted with ``torch.utils.flop_counter`` on a 2-image run;
 * PSNR / SSIM of the images vs the baseline's images (fidelity);
-* FID vs the held-out digits (zoo classifier features), CLIP score (zoo CLIP), conditional
-  accuracy (zoo classifier).
+* FID vs held-out real images (zoo classifier features), accuracy (digits: class; scenes: every
+  attribute of the prompt right), CLIP score (digits, zoo CLIP).
 
-Writes ``benchmarks/results/diffusion.json`` and ``benchmarks/results/diffusion_pareto.png``.
-``--smoke`` runs every code path on tiny random pipelines in seconds (numbers meaningless; 4
-images, 4 steps, one timing pair; results and stats go beside ``--out``).
+The fewer-steps front is the headline sampler at several step counts; a method is *above the
+front* when its PSNR beats the front interpolated at the method's speedup (``above_front_db``).
+mmskip methods are specs (``benchmarks/diffusion_methods.py``); ``--specs`` adds more (e.g. the
+best ones ``benchmarks/diffusion_search.py`` found). Writes ``benchmarks/results/diffusion.json``,
+``.md`` and ``diffusion_pareto.png``. ``--smoke`` runs every code path in seconds (numbers
+meaningless; results beside ``--out``).
 
-    python benchmarks/diffusion.py                 # both zoo pipelines
-    python benchmarks/diffusion.py --models digits-dit --n 200
+    python benchmarks/diffusion.py --models scenes-flux --n 500
+    python benchmarks/diffusion.py --models digits-dit --sampler ddim --steps 50 --out /tmp/ddim.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import diffusion_methods as dm  # noqa: E402
+import diffusion_models as zm  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass
-class Method:
-    name: str
-    family: str  # baseline | fewer-steps | mmskip | deepcache | diffusers-fbc | diffusers-taylorseer | cache-dit
-    setup: Callable[[Any], Callable[[], None] | None]  # returns a teardown
-    steps: int | None = None
-    note: str = ""
-    seed_offset: int = 0
-
-
-# -- pipelines -------------------------------------------------------------------------------------
-
-
-def load_pipe(name: str, smoke: bool) -> Any:
-    """The zoo pipeline as its mmskip drop-in class (same module objects); ``smoke``: random init."""
-    from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
-
-    if smoke:
-        from mmskip.diffusion.testing import tiny_pipeline_components
-
-        comps, _ = tiny_pipeline_components("dit" if "dit" in name else "sd")
-        if "dit" in name:
-            return SkipDiTPipeline(**comps)
-        import tempfile
-
-        from mmskip.diffusion.testing import tiny_unet
-
-        from mmskip.zoo.sd_tokenizer import build_clip_tokenizer
-        from mmskip.zoo.train_sd import make_text_encoder
-
-        tok = build_clip_tokenizer(Path(tempfile.mkdtemp()))
-        text_encoder = make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).eval()
-        comps.update(unet=tiny_unet(cross_attention_dim=text_encoder.config.hidden_size), tokenizer=tok,
-                     text_encoder=text_encoder)
-        return SkipStableDiffusionPipeline(**comps)
-    from mmskip import zoo
-
-    pipe = zoo.load(name)
-    if "dit" in name:
-        return SkipDiTPipeline(**pipe.components)
-    return SkipStableDiffusionPipeline(**pipe.components)
-
-
-def is_dit(pipe: Any) -> bool:
-    return hasattr(pipe, "transformer") and not hasattr(pipe, "tokenizer")
-
-
-def denoiser(pipe: Any) -> torch.nn.Module:
-    return pipe.transformer if is_dit(pipe) else pipe.unet
-
-
-@torch.no_grad()
-def generate(pipe: Any, labels: list[int], steps: int, guidance: float, seed: int, batch: int,
-             before: Callable[[], None] | None = None) -> torch.Tensor:
-    from mmskip.zoo.data import caption
-
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for b, i in enumerate(range(0, len(labels), batch)):
-        g = torch.Generator().manual_seed(seed + b)
-        if before is not None:
-            before()
-        chunk = labels[i : i + batch]
-        if is_dit(pipe):
-            res = pipe(class_labels=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                       output_type="np")
-            imgs = torch.as_tensor(res.images).permute(0, 3, 1, 2)
-        else:
-            res = pipe(prompt=[caption(c) for c in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=g, output_type="pt")
-            imgs = res.images
-        out.append(imgs.float().cpu())
-    return torch.cat(out)
-
-
-# -- methods -----------------------------------------------------------------------------------------
-
-
-def _mmskip(configs: list[Any]) -> Callable[[Any], Callable[[], None]]:
-    def setup(pipe: Any) -> Callable[[], None]:
-        # FLOPs are counted for the whole pipeline below; skip the per-handle count in timed runs
-        pipe.enable_skip([_no_count(c) for c in configs])
-        return pipe.disable_skip
-
-    return setup
-
-
-def _no_count(config: Any) -> Any:
-    import dataclasses
-
-    from mmskip.diffusion import FeatureInheritanceConfig
-
-    if isinstance(config, FeatureInheritanceConfig):
-        return dataclasses.replace(config, measure_flops=False)
-    return config
-
-
-def _reset_hooks(model: torch.nn.Module) -> Callable[[], None]:
-    from diffusers.hooks import HookRegistry
-
-    def reset() -> None:
-        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
-
-    return reset
-
-
-def _with_cache_context(model: torch.nn.Module) -> Callable[[], None]:
-    """DiT/UNet pipelines do not open diffusers' cache_context; open one around every denoiser call."""
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-    def pre(mod: Any, args: Any) -> None:
-        _set_cache_context(mod, CacheContext("cond"))
-
-    h = model.register_forward_pre_hook(pre)
-    return h.remove
-
-
-def _diffusers_cache(kind: str, **params: Any) -> Callable[[Any], Callable[[], None]]:
-    def setup(pipe: Any) -> Callable[[], None]:
-        from diffusers.hooks import (
-            FirstBlockCacheConfig,
-            HookRegistry,
-            TaylorSeerCacheConfig,
-            apply_first_block_cache,
-            apply_taylorseer_cache,
-        )
-
-        model = denoiser(pipe)
-        if kind == "fbc":
-            apply_first_block_cache(model, FirstBlockCacheConfig(**params))
-            names = ("fbc_leader_block_hook", "fbc_block_hook")
-        else:
-            apply_taylorseer_cache(model, TaylorSeerCacheConfig(**params))
-            names = ("taylorseer_cache",)
-        reg = HookRegistry.check_if_exists_or_initialize(model)
-        reg.invalidate_child_registries_cache()
-        undo_ctx = _with_cache_context(model)
-        pipe.__dict__["_bench_before"] = _reset_hooks(model)
-
-        def teardown() -> None:
-            undo_ctx()
-            for n in names:
-                reg.remove_hook(n, recurse=True)
-            reg.invalidate_child_registries_cache()
-            pipe.__dict__.pop("_bench_before", None)
-
-        return teardown
-
-    return setup
-
-
-def _deepcache(interval: int, branch: int = 0) -> Callable[[Any], Callable[[], None]]:
-    def setup(pipe: Any) -> Callable[[], None]:
-        from DeepCache import DeepCacheSDHelper
-
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=interval, cache_branch_id=branch)
-        helper.enable()
-
-        def before() -> None:  # a new generation starts at step 0
-            helper.start_timestep = None
-            helper.cached_output = {}
-
-        pipe.__dict__["_bench_before"] = before
-
-        def teardown() -> None:
-            helper.disable()
-            pipe.__dict__.pop("_bench_before", None)
-
-        return teardown
-
-    return setup
-
-
-def _cache_dit(threshold: float, taylorseer: bool = False) -> Callable[[Any], Callable[[], None]]:
-    def setup(pipe: Any) -> Callable[[], None]:
-        import cache_dit
-        from diffusers import DiTPipeline
-
-        parent = DiTPipeline(**pipe.components)  # cache-dit refuses subclasses it does not know
-        # the default Fn_compute_blocks=8 exceeds the 6-block zoo DiT: F1B0 (first block as probe)
-        cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold)
-        cal = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
-        cache_dit.enable_cache(parent, cache_config=cfg, calibrator_config=cal)
-        pipe.__dict__["_bench_pipe"] = parent
-
-        def teardown() -> None:
-            cache_dit.disable_cache(parent)
-            pipe.__dict__.pop("_bench_pipe", None)
-
-        return teardown
-
-    return setup
-
-
-def _calibrated(targets: tuple[str, ...] | None, num_compute: int, steps: int, guidance: float) -> Callable[[Any], Callable[[], None]]:
-    """Measure the probe's per-step change on 20 images once, then recompute where it is largest."""
-
-    def setup(pipe: Any) -> Callable[[], None]:
-        from mmskip.diffusion import FeatureInheritanceConfig, from_changes
-
-        from mmskip.schedules import adaptive
-
-        pipe.enable_skip(FeatureInheritanceConfig(adaptive(0.0, "relative_change"), targets=targets))
-        generate(pipe, [i % 10 for i in range(20)], steps, guidance, 777, 20)
-        changes = pipe.skip_stats()["probe_changes"]
-        pipe.enable_skip(FeatureInheritanceConfig(from_changes(changes, num_compute), targets=targets))
-        return pipe.disable_skip
-
-    return setup
-
-
-TAYLOR_DIT = [r"^transformer_blocks\.\d+\.attn1$", r"^transformer_blocks\.\d+\.ff$"]
-
-
-def methods_for(pipe: Any, steps: int, stats_path: str, guidance: float = 4.0) -> list[Method]:
-    from mmskip.diffusion import FeatureInheritanceConfig as FI
-    from mmskip.diffusion import GaussianTeleportConfig, StepSkipConfig, nonuniform
-
-    from mmskip.schedules import adaptive, interval
-
-    none: Callable[[Any], None] = lambda pipe: None  # noqa: E731
-    ms: list[Method] = [
-        Method("baseline DDIM-50", "baseline", none),
-        Method("baseline DDIM-50, other seeds", "noise-floor", none, seed_offset=1000,
-               note="the baseline on different seeds: FID/accuracy/CLIP sampling noise"),
-    ]
-    for s in (25, 17, 12):
-        ms.append(Method(f"DDIM-{s}", "fewer-steps", none, steps=s))
-    tele = lambda f: GaussianTeleportConfig(stats_path=stats_path, skip_fraction=f)  # noqa: E731
-    if is_dit(pipe):
-        n = len(pipe.transformer.transformer_blocks)
-        deep = (f"transformer_blocks.1:{n}",)
-        for k in (2, 3, 4):
-            ms.append(Method(f"mmskip FI blocks 1:{n} every {k}", "mmskip", _mmskip([FI(interval(k), targets=deep)])))
-        ms.append(Method(f"mmskip FI blocks 1:{n - 1} every 3", "mmskip", _mmskip([FI(interval(3))])))
-        for c in (round(0.4 * steps), round(0.28 * steps)):
-            ms.append(Method(f"mmskip FI blocks 1:{n} nonuniform {c}/{steps}", "mmskip",
-                             _mmskip([FI(nonuniform(steps, c, power=1.5), targets=deep)])))
-        for th in (0.1, 0.2, 0.3):
-            ms.append(Method(f"mmskip FI blocks 1:{n} adaptive {th}", "mmskip",
-                             _mmskip([FI(adaptive(th, "relative_change", warmup=2), targets=deep)])))
-        for c in (round(0.34 * steps), round(0.28 * steps)):
-            ms.append(Method(f"mmskip FI blocks 1:{n} calibrated {c}/{steps}", "mmskip",
-                             _calibrated(deep, c, steps, guidance)))
-        ms.append(Method(f"mmskip FI blocks 0:{n} every 2", "mmskip",
-                         _mmskip([FI(interval(2), targets=(f"transformer_blocks.0:{n}",))])))
-        ms.append(Method("mmskip FI unit every 3", "mmskip", _mmskip([FI(interval(3), granularity="unit")])))
-        ms.append(Method("mmskip FI layer every 3", "mmskip", _mmskip([FI(interval(3), granularity="layer")])))
-        ms.append(Method("mmskip step-skip every 2", "mmskip", _mmskip([StepSkipConfig(interval(2))])))
-        ms.append(Method(f"DDIM-25 + mmskip FI 1:{n} every 2", "mmskip", _mmskip([FI(interval(2), targets=deep)]), steps=25))
-        ms.append(Method(f"DDIM-17 + mmskip FI 1:{n} every 2", "mmskip", _mmskip([FI(interval(2), targets=deep)]), steps=17))
-        ms.append(Method("DDIM-25 + mmskip teleport 20%", "mmskip", _mmskip([tele(0.2)]), steps=25))
-        ms.append(Method("mmskip teleport 20%", "mmskip", _mmskip([tele(0.2)])))
-        ms.append(Method(f"mmskip teleport 20% + FI 1:{n} every 2", "mmskip",
-                         _mmskip([tele(0.2), FI(interval(2), targets=deep)])))
-        ms.append(Method(f"mmskip teleport 20% + FI 1:{n} every 3", "mmskip",
-                         _mmskip([tele(0.2), FI(interval(3), targets=deep)])))
-        for th in (0.05, 0.1, 0.2):
-            ms.append(Method(f"diffusers FirstBlockCache {th}", "diffusers-fbc", _diffusers_cache("fbc", threshold=th)))
-        for k in (3, 5):
-            ms.append(Method(f"diffusers TaylorSeerCache interval {k}", "diffusers-taylorseer",
-                             _diffusers_cache("taylorseer", cache_interval=k, disable_cache_before_step=3,
-                                              taylor_factors_dtype=torch.float32, cache_identifiers=TAYLOR_DIT),
-                             note="default identifiers fullmatch '^transformer_blocks.*attn', which misses DiT's "
-                                  "attn1; we pass attn1 and ff"))
-        for th in (0.08, 0.16):
-            ms.append(Method(f"cache-dit DBCache F1B0 {th}", "cache-dit", _cache_dit(th)))
-        ms.append(Method("cache-dit DBCache F1B0 0.16 + TaylorSeer", "cache-dit", _cache_dit(0.16, True)))
-    else:
-        # (a shorter list than the DiT's: the UNet costs ~3x more per step on this CPU)
-        for k in (2, 3):
-            ms.append(Method(f"mmskip FI blocks every {k}", "mmskip", _mmskip([FI(interval(k))])))
-        c = round(0.28 * steps)
-        ms.append(Method(f"mmskip FI blocks nonuniform {c}/{steps}", "mmskip",
-                         _mmskip([FI(nonuniform(steps, c, power=1.5))])))
-        ms.append(Method("mmskip FI blocks adaptive 0.1", "mmskip",
-                         _mmskip([FI(adaptive(0.1, "relative_change", warmup=2))])))
-        ms.append(Method(f"mmskip FI blocks calibrated {c}/{steps}", "mmskip", _calibrated(None, c, steps, guidance)))
-        # DeepCache's branch-0 split: only conv_in and the last up block's last layer recompute
-        up = len(pipe.unet.up_blocks) - 1
-        last = pipe.unet.up_blocks[up]
-        shallow = tuple(f"down_blocks.{i}" for i in range(len(pipe.unet.down_blocks))) + ("mid_block",)
-        shallow += tuple(f"up_blocks.{i}" for i in range(up))
-        shallow += tuple(f"up_blocks.{up}.resnets.{j}" for j in range(len(last.resnets) - 1))
-        shallow += tuple(f"up_blocks.{up}.attentions.{j}" for j in range(len(getattr(last, "attentions", None) or []) - 1))
-        for k in (3, 5):
-            ms.append(Method(f"mmskip FI DeepCache-shape every {k}", "mmskip", _mmskip([FI(interval(k), targets=shallow)])))
-        ms.append(Method(f"mmskip FI DeepCache-shape nonuniform {c}/{steps}", "mmskip",
-                         _mmskip([FI(nonuniform(steps, c, power=1.5), targets=shallow)])))
-        ms.append(Method("DDIM-25 + mmskip FI DeepCache-shape every 2", "mmskip",
-                         _mmskip([FI(interval(2), targets=shallow)]), steps=25))
-        ms.append(Method("mmskip teleport 20% + FI every 3", "mmskip", _mmskip([tele(0.2), FI(interval(3))])))
-        for k in (3, 5):
-            ms.append(Method(f"DeepCache interval {k}", "deepcache", _deepcache(k)))
-        ms.append(Method("diffusers FirstBlockCache 0.1", "diffusers-fbc", _diffusers_cache("fbc", threshold=0.1)))
-    return ms
 
 
 # -- measuring ---------------------------------------------------------------------------------------
 
 
-def gaussian_stats(pipe: Any, name: str, smoke: bool, folder: Path = RESULTS) -> str:
-    """The latent Gaussian (mean + PCA) of the training digits, cached in ``folder`` (safetensors)."""
+def gaussian_stats(model: zm.ZooModel, smoke: bool, folder: Path = RESULTS) -> str | None:
+    """The latent Gaussian (mean + PCA) of the training digits, cached in ``folder`` (safetensors).
+
+    ``None`` for scenes-flux: its pipeline passes a dynamically shifted sigma grid, known only inside
+    the call, and the Gaussian jump refuses it.
+    """
     from mmskip.diffusion import GaussianStats
 
-    path = folder / f"diffusion_gaussian_{name}{'_smoke' if smoke else ''}.safetensors"
+    if model.kind == "flux":
+        return None
+    path = folder / f"diffusion_gaussian_{model.name}{'_smoke' if smoke else ''}.safetensors"
 
     def build() -> GaussianStats:
         if smoke:
@@ -353,101 +69,105 @@ def gaussian_stats(pipe: Any, name: str, smoke: bool, folder: Path = RESULTS) ->
         from mmskip.zoo.data import load_split
 
         x = load_split("train")[0]
-        if x.shape[1] != pipe.vae.config.in_channels:
-            x = x.repeat(1, pipe.vae.config.in_channels, 1, 1)
-        return GaussianStats.from_images(x, vae=pipe.vae, rank=64)
+        if x.shape[1] != model.pipe.vae.config.in_channels:
+            x = x.repeat(1, model.pipe.vae.config.in_channels, 1, 1)
+        return GaussianStats.from_images(x, vae=model.pipe.vae, rank=64)
 
     GaussianStats.cached(path, build)
     return str(path)
 
 
-def pipeline_flops(pipe: Any, steps: int, guidance: float, before: Callable[[], None] | None) -> float:
+def pipeline_flops(model: zm.ZooModel, runner: Any, steps: int, before: Callable[[], None] | None) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:
-        generate(pipe, [0, 1], steps, guidance, 1234, 2, before)
+        model.generate(runner, 2, steps, 1234, 2, before)
     return float(fc.get_total_flops())
 
 
-def method_steps(method: Method, args: argparse.Namespace) -> int:
-    """The method's step count (``--smoke`` caps fewer-step methods at ``--steps``)."""
-    steps = method.steps or args.steps
-    return min(steps, args.steps) if args.smoke else steps
+def front_psnr(front: list[tuple[float, float]], speedup: float) -> float | None:
+    """PSNR of the fewer-steps front at ``speedup``, linear in log(speedup) between its points (None outside)."""
+    pts = sorted(front)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= speedup <= x1:
+            w = (math.log(speedup) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
+            return y0 + w * (y1 - y0)
+    return None
+
+
+def mark_front(rows: list[dict[str, Any]]) -> None:
+    """``above_front_db``: PSNR minus the front's PSNR at the row's speedup (and at its FLOPs bound)."""
+    front = [(1.0, math.inf)]  # the baseline itself; replaced by the first finite point below
+    pts = [r for r in rows if r["family"] == "fewer-steps" and "speedup" in r and "psnr" in r]
+    for key in ("speedup", "bound"):
+        front = sorted((r[key], r["psnr"]) for r in pts)
+        for r in rows:
+            if r["family"] in ("baseline", "noise-floor", "fewer-steps") or "psnr" not in r or key not in r:
+                continue
+            ref = front_psnr(front, r[key])
+            if ref is not None:
+                r["above_front_db" if key == "speedup" else "above_front_db_at_bound"] = r["psnr"] - ref
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    from mmskip.eval import clip_score, conditional_accuracy, fid, psnr, ssim
-    from mmskip.zoo.data import caption
+    from mmskip.eval import psnr, ssim
 
-    pipe = load_pipe(name, args.smoke)
-    stats_path = gaussian_stats(pipe, name, args.smoke, args.out.parent if args.smoke else RESULTS)
-    labels = [i % 10 for i in range(args.n)]
-    captions = [caption(c) for c in labels]
-    time_labels = labels[: args.time_batch]
-    if args.smoke:
-        real, clip = None, None
-    else:
-        from mmskip.eval.clip_score import load_clip
-        from mmskip.eval.images import reference_images
-
-        real = reference_images("test")
-        try:
-            clip = load_clip("digits-clip")
-        except FileNotFoundError as err:  # the zoo CLIP is trained separately
-            print(f"no CLIP score: {err}", flush=True)
-            clip = None
-    rows: list[dict[str, Any]] = []
-    methods = methods_for(pipe, args.steps, stats_path, args.guidance)
+    model = zm.load(name, args.smoke, args.sampler, args.steps, args.guidance)
+    stats_path = gaussian_stats(model, args.smoke, args.out.parent if args.smoke else RESULTS)
+    methods = dm.methods_for(model, stats_path, args.specs)
     if args.only:
         methods = [m for m in methods if m.family == "baseline" or any(s in m.name for s in args.only)]
+    rows: list[dict[str, Any]] = []
     base_imgs: torch.Tensor | None = None
     base_times: list[float] = []
     base_flops = 1.0
+    held: dict[str, Any] = {}
 
-    def paired(method: Method, teardown: Callable[[], None] | None) -> tuple[list[float], list[float]]:
+    def steps_of(method: dm.Method) -> int:
+        steps = method.steps or model.steps
+        return min(steps, model.steps) if args.smoke else steps
+
+    def paired(method: dm.Method, teardown: Callable[[], None] | None) -> tuple[list[float], list[float]]:
         """Alternate timed runs of the baseline and the method on the same images (drift cancels).
 
         Returns (baseline seconds, method seconds); the method is set up again after each
-        baseline run and left set up.
+        baseline run and left set up (its teardown in ``held``).
         """
-        steps = method_steps(method, args)
         tb, tm = [], []
         for r in range(args.repeats):
             if teardown is not None:
                 teardown()
             t0 = time.perf_counter()
-            generate(pipe, time_labels, args.steps, args.guidance, 100 + r, args.time_batch)
+            model.generate(model.pipe, args.time_batch, model.steps, 100 + r, args.time_batch)
             tb.append(time.perf_counter() - t0)
-            teardown = method.setup(pipe)
-            runner = pipe.__dict__.get("_bench_pipe", pipe)
-            before = pipe.__dict__.get("_bench_before")
+            teardown = method.setup(model)
+            runner = model.pipe.__dict__.get("_bench_pipe", model.pipe)
+            before = model.pipe.__dict__.get("_bench_before")
             t0 = time.perf_counter()
-            generate(runner, time_labels, steps, args.guidance, 100 + r, args.time_batch, before)
+            model.generate(runner, args.time_batch, steps_of(method), 100 + r, args.time_batch, before)
             tm.append(time.perf_counter() - t0)
         held["teardown"] = teardown
         return tb, tm
 
-    held: dict[str, Any] = {}
-
     for method in methods:
         print(f"[{name}] {method.name} ...", flush=True)
-        row: dict[str, Any] = {"method": method.name, "family": method.family, "steps": method_steps(method, args)}
+        row: dict[str, Any] = {"method": method.name, "family": method.family, "steps": steps_of(method)}
         if method.note:
             row["note"] = method.note
         teardown = None
         try:
-            teardown = method.setup(pipe)
-            before = pipe.__dict__.get("_bench_before")
-            runner = pipe.__dict__.get("_bench_pipe", pipe)
-            steps = method_steps(method, args)
+            teardown = method.setup(model)
+            before = model.pipe.__dict__.get("_bench_before")
+            runner = model.pipe.__dict__.get("_bench_pipe", model.pipe)
+            steps = steps_of(method)
             if not args.smoke:
-                generate(runner, labels[:2], steps, args.guidance, 99, 2, before)  # warm-up
+                model.generate(runner, 2, steps, 99, 2, before)  # warm-up
             t0 = time.perf_counter()
-            imgs = generate(runner, labels, steps, args.guidance, args.seed + method.seed_offset, args.batch, before)
+            imgs = model.generate(runner, args.n, steps, args.seed + method.seed_offset, args.batch, before)
             row["quality_run_s"] = time.perf_counter() - t0
-            if pipe.skip_enabled:
-                row["skip_stats"] = {k: v for k, v in pipe.skip_stats().items() if k != "items"}
-            row["flops"] = pipeline_flops(runner, steps, args.guidance, before)
+            if model.pipe.skip_enabled:
+                row["skip_stats"] = {k: v for k, v in model.pipe.skip_stats().items() if k != "items"}
+            row["flops"] = pipeline_flops(model, runner, steps, before)
             if args.repeats and method.family != "baseline":
                 row["paired_baseline_s"], row["paired_method_s"] = paired(method, teardown)
                 teardown = held.pop("teardown")
@@ -467,16 +187,12 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row["ssim"] = ssim(imgs, base_imgs)
         row["flops_fraction"] = row["flops"] / base_flops
         row["bound"] = 1 / row["flops_fraction"]
-        if real is not None:
-            row["fid"] = fid(real, imgs)
-            if clip is not None:
-                row["clip_score"] = clip_score(imgs, captions, clip)
-            row["accuracy"] = conditional_accuracy(imgs, labels)
+        row.update(model.metrics(imgs, args.n))
         rows.append(row)
     # the baseline again at the end: drift of the machine's speed shows here
     print(f"[{name}] baseline (again) ...", flush=True)
     t0 = time.perf_counter()
-    generate(pipe, labels, args.steps, args.guidance, args.seed, args.batch)
+    model.generate(model.pipe, args.n, model.steps, args.seed, args.batch)
     base_times.append(time.perf_counter() - t0)
     for row in rows:
         if "paired_method_s" in row:
@@ -489,30 +205,45 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             # by definition; how much the machine's speed drifted between its two timed runs:
             row["timing_drift"] = max(base_times) / min(base_times)
             row["speedup"] = 1.0
-    return {"pipeline": type(pipe).__mro__[2].__name__, "baseline_times_s": base_times, "rows": rows}
+    mark_front(rows)
+    return {"pipeline": type(model.pipe).__mro__[2].__name__, "sampler": model.sampler, "steps": model.steps,
+            "n": args.n, "baseline_times_s": base_times, "rows": rows}
+
+
+# -- reporting ---------------------------------------------------------------------------------------
 
 
 def print_table(name: str, res: dict[str, Any]) -> str:
-    head = f"{'method':42s} {'speedup':>7s} {'bound':>6s} {'PSNR':>6s} {'SSIM':>5s} {'FID':>7s} {'CLIP':>6s} {'acc':>5s}"
-    lines = [f"## {name} ({res['pipeline']})", "", "```", head]
+    head = (f"{'method':46s} {'speedup':>7s} {'bound':>6s} {'PSNR':>6s} {'vsfront':>7s} {'SSIM':>5s} {'FID':>7s} "
+            f"{'CLIP':>6s} {'acc':>5s}")
+    lines = [f"## {name} ({res['pipeline']}, {res.get('sampler', 'ddim')} {res.get('steps', 50)} steps)", "", "```",
+             head]
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"{r['method']:42s} n/a: {r['error'][:70]}")
+            lines.append(f"{r['method']:46s} n/a: {r['error'][:70]}")
             continue
+
         def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
             return format(r[k], fmt) if k in r else "-"
 
         psnr_s = "inf" if r.get("psnr") == float("inf") else f("psnr", "6.2f")
-        lines.append(f"{r['method']:42s} {f('speedup', '7.2f')} {f('bound', '6.2f')} {psnr_s:>6s} {f('ssim', '5.3f')} "
-                     f"{f('fid', '7.2f')} {f('clip_score', '6.2f')} {f('accuracy', '5.3f')}")
+        lines.append(f"{r['method']:46s} {f('speedup', '7.2f')} {f('bound', '6.2f')} {psnr_s:>6s} "
+                     f"{f('above_front_db', '+7.2f')} {f('ssim', '5.3f')} {f('fid', '7.2f')} {f('clip_score', '6.2f')} "
+                     f"{f('accuracy', '5.3f')}")
     lines.append("```")
     text = "\n".join(lines)
     print(text)
     return text
 
 
+COLORS = {"baseline": "black", "noise-floor": "lightgray", "fewer-steps": "tab:gray", "mmskip": "tab:red",
+          "deepcache": "tab:blue", "diffusers-fbc": "tab:green", "diffusers-taylorseer": "tab:olive",
+          "diffusers-magcache": "tab:cyan", "cache-dit": "tab:purple"}
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Speedup vs FID (top) and vs PSNR to the baseline's images (bottom), one column per model."""
+    """Speedup vs FID (top) and vs PSNR to the baseline's images (bottom), one column per model; the
+    fewer-steps front is drawn as a line through the baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,16 +251,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     models = list(results["models"])
     fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False)
-    colors = {"baseline": "black", "noise-floor": "lightgray", "fewer-steps": "tab:gray", "mmskip": "tab:red",
-              "deepcache": "tab:blue", "diffusers-fbc": "tab:green", "diffusers-taylorseer": "tab:olive",
-              "cache-dit": "tab:purple"}
     for col, name in enumerate(models):
-        rows = [r for r in results["models"][name]["rows"] if "speedup" in r]
+        res = results["models"][name]
+        rows = [r for r in res["rows"] if "speedup" in r]
+        base = next((r["method"].removeprefix("baseline ") for r in rows if r["family"] == "baseline"), "baseline")
         for row_i, ykey in enumerate(("fid", "psnr")):
             ax = axes[row_i][col]
             if ykey == "fid" and not any("fid" in r for r in rows):
                 ykey = "ssim"
-            for fam, color in colors.items():
+            front = sorted((r["speedup"], r[ykey]) for r in rows
+                           if r["family"] in ("fewer-steps", "baseline") and ykey in r and r[ykey] != float("inf"))
+            if len(front) > 1:
+                ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:gray", lw=1, zorder=0,
+                        label="fewer-steps front")
+            for fam, color in COLORS.items():
                 pts = [(r["speedup"], r[ykey], r["method"]) for r in rows
                        if r["family"] == fam and ykey in r and r[ykey] != float("inf")]
                 if not pts:
@@ -542,16 +277,34 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 floor = [r["fid"] for r in rows if r["family"] in ("baseline", "noise-floor") and "fid" in r]
                 if len(floor) == 2:
                     ax.axhspan(min(floor), max(floor), color="lightgray", alpha=0.4, label="baseline seed noise")
-            ax.set_xlabel("speedup vs DDIM-50 (paired wall time, same run)")
-            ax.set_ylabel({"fid": "FID vs held-out digits (lower is better)",
-                           "psnr": "PSNR to the DDIM-50 images, dB (higher is better)",
-                           "ssim": "SSIM"}[ykey])
+            ax.set_xscale("log")
+            ax.set_xlabel(f"speedup vs {base} (paired wall time, same run)")
+            ax.set_ylabel({"fid": "FID vs held-out real images (lower is better)",
+                           "psnr": f"PSNR to the {base} images, dB (higher is better)", "ssim": "SSIM"}[ykey])
             ax.set_title(f"{name}: speedup vs {ykey.upper()}")
-            ax.grid(alpha=0.3)
+            ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     print(f"wrote {path}")
+
+
+def add_rows(path: Path, name: str, new: dict[str, Any]) -> dict[str, Any]:
+    """``path``'s results with this run's rows for ``name`` added (same sampler, steps and n; the
+    baseline images are the same seeds, so PSNR is comparable; speedups are per-row paired ratios)."""
+    old = json.loads(path.read_text())
+    res, add = old["models"][name], new["models"][name]
+    for key in ("sampler", "steps", "n"):
+        if res.get(key) != add.get(key):
+            raise ValueError(f"--add-to {path}: its {key} is {res.get(key)!r}, this run's {add.get(key)!r}")
+    known = {r["method"] for r in res["rows"]}
+    res["rows"] += [r for r in add["rows"] if r["family"] != "baseline" and r["method"] not in known]
+    order = {"baseline": 0, "noise-floor": 1, "fewer-steps": 2}
+    res["rows"].sort(key=lambda r: (order.get(r["family"], 3), -r["steps"] if r["family"] == "fewer-steps" else 0))
+    for r in res["rows"]:
+        r.pop("above_front_db", None), r.pop("above_front_db_at_bound", None)
+    mark_front(res["rows"])
+    return old
 
 
 def merge(parts: list[Path], out: Path) -> int:
@@ -560,18 +313,13 @@ def merge(parts: list[Path], out: Path) -> int:
     for p in parts:
         d = json.loads(p.read_text())
         for name, res in d["models"].items():
-            for row in res["rows"]:
-                if row["family"] == "baseline" and "timing_drift" not in row:
-                    bt = res["baseline_times_s"]
-                    row["timing_drift"], row["speedup"] = max(bt) / min(bt), 1.0
             results["models"][name] = res
             results["runs"][name] = {k: v for k, v in d.items() if k != "models"}
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     tables = []
     for name, res in results["models"].items():
         run = results["runs"][name]
-        head = (f"torch.set_num_threads({run['torch_threads']}), CPU, {run['steps']} steps, n={run['n']} images, "
-                f"CFG {run['guidance_scale']}")
+        head = f"torch.set_num_threads({run['torch_threads']}), CPU, n={run['n']} images, CFG {run['guidance_scale']}"
         tables.append(head + "\n\n" + print_table(name, res))
     out.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
     plot(results, out.with_name(out.stem + "_pareto.png"))
@@ -581,45 +329,45 @@ def merge(parts: list[Path], out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["digits-dit", "digits-sd"])
-    ap.add_argument("--n", type=int, default=200, help="images per method (quality metrics; its wall time is timed)")
+    ap.add_argument("--models", nargs="+", default=["scenes-flux", "digits-dit", "digits-sd"])
+    ap.add_argument("--sampler", choices=zm.SAMPLERS, default=None,
+                    help="default: dpm++2m for the digits models, euler (flow matching) for scenes-flux")
+    ap.add_argument("--steps", type=int, default=None, help="headline steps (default: 25 digits, 28 scenes-flux)")
+    ap.add_argument("--n", type=int, default=300, help="images per method (quality metrics; its wall time is timed)")
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3,
                     help="paired timings per method: baseline then method on --time-batch images, alternating")
     ap.add_argument("--time-batch", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
-    ap.add_argument("--smoke", action="store_true", help="tiny random pipelines, every code path, seconds")
+    ap.add_argument("--specs", nargs="*", default=[], help="more mmskip specs (see benchmarks/diffusion_methods.py)")
+    ap.add_argument("--smoke", action="store_true", help="tiny pipelines, every code path, seconds")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--merge", nargs="+", type=Path, help="combine earlier result JSONs (one per model) into --out")
+    ap.add_argument("--add-to", type=Path, default=None,
+                    help="an earlier result JSON of the same settings: this run's rows (with --only) are added to it")
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out or RESULTS / "diffusion.json")
     torch.set_num_threads(args.threads)
     if args.smoke:  # every code path, as little work as possible
-        args.n, args.steps, args.repeats = min(args.n, 2), min(args.steps, 3), min(args.repeats, 1)
+        args.n, args.steps, args.repeats = min(args.n, 2), min(args.steps or 4, 4), min(args.repeats, 1)
         args.batch, args.time_batch = min(args.batch, 2), min(args.time_batch, 2)
     out = args.out or RESULTS / ("diffusion_smoke.json" if args.smoke else "diffusion.json")
     args.out = out
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-        "torch": torch.__version__,
-        "n": args.n,
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
-        "repeats": args.repeats,
-        "time_batch": args.time_batch,
-        "models": {},
+        "torch_threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__, "n": args.n,
+        "guidance_scale": args.guidance or 4.0, "repeats": args.repeats, "time_batch": args.time_batch, "models": {},
     }
-    print(f"torch.set_num_threads({torch.get_num_threads()}); CPU; {args.steps} steps; n={args.n}", flush=True)
+    print(f"torch.set_num_threads({torch.get_num_threads()}); CPU; n={args.n}", flush=True)
     tables = []
     for name in args.models:
         results["models"][name] = run_model(name, args)
+        if args.add_to is not None:
+            results = add_rows(args.add_to, name, results)
         out.write_text(json.dumps(results, indent=1, default=str) + "\n")
         tables.append(print_table(name, results["models"][name]))
     (out.with_suffix(".md")).write_text("\n\n".join(tables) + "\n")
