@@ -109,12 +109,17 @@ def mark_front(rows: list[dict[str, Any]]) -> None:
                 r["above_front_db" if key == "speedup" else "above_front_db_at_bound"] = r["psnr"] - ref
 
 
-def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_model(name: str, args: argparse.Namespace,
+              make_methods: Callable[[zm.ZooModel, str | None], list[dm.Method]] | None = None) -> dict[str, Any]:
+    """Measure every method on ``name`` (``make_methods(model, stats_path)``; default: :func:`dm.methods_for`)."""
     from mmskip.eval import psnr, ssim
 
     model = zm.load(name, args.smoke, args.sampler, args.steps, args.guidance)
     stats_path = gaussian_stats(model, args.smoke, args.out.parent if args.smoke else RESULTS)
-    methods = dm.methods_for(model, stats_path, args.specs)
+    if make_methods is None:
+        methods = dm.methods_for(model, stats_path, args.specs)
+    else:
+        methods = make_methods(model, stats_path)
     if args.only:
         methods = [m for m in methods if m.family == "baseline" or any(s in m.name for s in args.only)]
     rows: list[dict[str, Any]] = []
@@ -265,6 +270,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:gray", lw=1, zorder=0,
                         label="fewer-steps front")
             for fam, color in COLORS.items():
+                if fam == "noise-floor" and ykey == "psnr":
+                    continue  # other seeds: a different image, PSNR says nothing
                 pts = [(r["speedup"], r[ykey], r["method"]) for r in rows
                        if r["family"] == fam and ykey in r and r[ykey] != float("inf")]
                 if not pts:
@@ -277,6 +284,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 floor = [r["fid"] for r in rows if r["family"] in ("baseline", "noise-floor") and "fid" in r]
                 if len(floor) == 2:
                     ax.axhspan(min(floor), max(floor), color="lightgray", alpha=0.4, label="baseline seed noise")
+            if ykey == "psnr":  # a method that never skips sits at 100 dB: keep the front readable
+                vals = [r["psnr"] for r in rows if r["family"] != "noise-floor" and 0 < r.get("psnr", 0) < 90]
+                if vals:
+                    ax.set_ylim(min(vals) - 2, max(vals) + 2)
             ax.set_xscale("log")
             ax.set_xlabel(f"speedup vs {base} (paired wall time, same run)")
             ax.set_ylabel({"fid": "FID vs held-out real images (lower is better)",

@@ -69,7 +69,8 @@ def _deepcache_shape(unet: torch.nn.Module) -> tuple[str, ...]:
     """DeepCache's branch-0 split: only conv_in and the last up block's last layers recompute."""
     up = len(unet.up_blocks) - 1
     last = unet.up_blocks[up]
-    shallow = tuple(f"down_blocks.{i}" for i in range(len(unet.down_blocks))) + ("mid_block",)
+    shallow = tuple(f"down_blocks.{i}" for i in range(len(unet.down_blocks)))
+    shallow += ("mid_block",) if unet.mid_block is not None else ()
     shallow += tuple(f"up_blocks.{i}" for i in range(up))
     shallow += tuple(f"up_blocks.{up}.resnets.{j}" for j in range(len(last.resnets) - 1))
     shallow += tuple(f"up_blocks.{up}.attentions.{j}" for j in range(len(getattr(last, "attentions", None) or []) - 1))
