@@ -7,6 +7,7 @@ from .plan import SamplerConfig, SamplerPlan, check_step_schedule
 from .sampler import SUPPORTED_SAMPLERS, plan_sampler
 from .step_schedules import from_changes, nonuniform
 from .step_skip import StepSkipConfig
+from .unet_switch import UNetSwitchConfig
 
 __all__ = [
     "FeatureInheritanceConfig",
@@ -15,6 +16,7 @@ __all__ = [
     "SamplerPlan",
     "check_step_schedule",
     "StepSkipConfig",
+    "UNetSwitchConfig",
     "GaussianTeleportConfig",
     "GaussianStats",
     "teleport",

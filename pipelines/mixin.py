@@ -32,8 +32,8 @@ import functools
 import inspect
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,6 +59,7 @@ class _SkipState:
     last_plan: SamplerPlan | None = None
     last_handle: SkipHandle | None = None
     costs: tuple[dict[str, float], float] | None = None
+    last_routes: list[Any] = field(default_factory=list)
 
 
 class SkipPipelineMixin:
@@ -173,6 +174,9 @@ class SkipPipelineMixin:
         out = state.last_handle.stats() if state.last_handle is not None else {}
         if state.last_plan is not None:
             out["visited_steps"] = list(state.last_plan.keep)
+        for hook in state.last_routes:
+            if hook is not None:
+                out["full_unet_steps"], out["light_unet_steps"] = list(hook.steps_full), list(hook.steps_light)
         return out
 
     # -- the call -------------------------------------------------------------------------------
@@ -212,16 +216,23 @@ class SkipPipelineMixin:
                         f" could not build it without pipeline arguments ({err})"
                     ) from err
         state.last_plan = plan
+        # sampler configs that route denoiser calls (multi-UNet switching) hook in first, inside
+        # the model-level technique's hooks, so that it still sees every step
+        routes: list[Callable[[], None]] = []
         handle = None
-        if state.model is not None:
-            handle = apply(self._denoiser(), state.model)  # for this call only
-            if state.costs is not None and hasattr(handle.state, "adopt_costs"):
-                handle.state.adopt_costs(*state.costs)
-            begin = getattr(handle.state, "begin", None)
-            if begin is not None:
-                begin(n, plan.keep)
-            state.last_handle = handle
         try:
+            for c in state.samplers:
+                if callable(getattr(c, "route", None)):
+                    routes.append(c.route(self._denoiser(), n, plan.keep))
+            state.last_routes = [getattr(r, "hook", None) for r in routes]
+            if state.model is not None:
+                handle = apply(self._denoiser(), state.model)  # for this call only
+                if state.costs is not None and hasattr(handle.state, "adopt_costs"):
+                    handle.state.adopt_costs(*state.costs)
+                begin = getattr(handle.state, "begin", None)
+                if begin is not None:
+                    begin(n, plan.keep)
+                state.last_handle = handle
             return self._run(planned, plan, args, kwargs, handle)
         finally:
             if handle is not None:
@@ -229,6 +240,8 @@ class SkipPipelineMixin:
                 measured = getattr(handle.state, "measured_costs", None)
                 if state.costs is None and measured is not None:
                     state.costs = measured()
+            for remove in reversed(routes):
+                remove()
 
     def _run(self, planned: Any, plan: SamplerPlan, args: tuple, kwargs: dict, handle: SkipHandle | None) -> Any:
         if callable(getattr(self, "get_timesteps", None)):  # img2img / inpainting: strength < 1 runs the last steps

@@ -97,6 +97,7 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "digits-vae": load_vae,
     "digits-dit": load_dit,
     "digits-sd": load_sd,
+    "digits-sd-assembled": load_sd,
     "digits-clip": load_clip,
     "stdlib-lm": load_lm,
     "stdlib-lm-skip": load_lm,

@@ -33,6 +33,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "scenes-vae": ("mmskip.zoo.train_scenes_vae", "train_scenes_vae"),
     "scenes-flux": ("mmskip.zoo.train_scenes_flux", "train_scenes_flux"),
     "scenes-classifier": ("mmskip.zoo.train_scenes_classifier", "train_scenes_classifier"),
+    "digits-sd-assembled": ("mmskip.diffusion.assembly.recipe", "assemble_digits_sd"),
 }
 DEFAULT_RUNS_DIR = Path("runs") / "zoo"
 

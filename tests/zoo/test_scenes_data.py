@@ -76,9 +76,10 @@ def test_shipped_scenes_models_read_and_reconstruct_heldout_scenes():
 
 def test_shipped_scenes_flux_generates_with_the_drop_in():
     import torch
-    from mmskip import zoo
     from mmskip.diffusion import FeatureInheritanceConfig
     from mmskip.pipelines import SkipFluxPipeline
+
+    from mmskip import zoo
     from mmskip.schedules import interval
 
     pipe = SkipFluxPipeline.from_pretrained(zoo.path("scenes-flux"), dtype=torch.float32)

@@ -90,6 +90,16 @@ def test_sd_ten_step_samples_follow_the_prompt():
     _check_samples(out.images, labels)
 
 
+@needs("digits-sd-assembled")
+def test_sd_assembled_is_a_plain_pipeline_with_digits_sd_components():
+    from diffusers import StableDiffusionPipeline
+
+    light, full = zoo.load("digits-sd-assembled"), zoo.load("digits-sd")
+    assert isinstance(light, StableDiffusionPipeline) and light.unet.mid_block is None
+    assert sum(p.numel() for p in light.unet.parameters()) < sum(p.numel() for p in full.unet.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(light.text_encoder.parameters(), full.text_encoder.parameters()))
+
+
 @needs("digits-clip")
 def test_clip_zero_shot_on_heldout_digits():
     import open_clip

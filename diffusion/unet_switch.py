@@ -1,0 +1,144 @@
+"""Multi-UNet switching (A-SDM): the full denoiser on some steps, a lighter one on the others.
+
+A-SDM validates "the multi-UNet switching method for improving network speed"
+(https://arxiv.org/abs/2406.00210): early steps decide the layout, late steps the detail, and
+they need not run the same network. :class:`UNetSwitchConfig` is a sampler-level technique:
+for each pipeline call it routes every denoiser call of the chosen grid steps to the light
+UNet (e.g. one built by :mod:`mmskip.diffusion.assembly`), through a hook on the pipeline's
+own denoiser that is removed when the call ends. It composes with feature inheritance: the
+route sits inside inheritance's hooks, so inheritance still sees every step; on light steps
+the full UNet's blocks do not run, and inheritance reuses the features of its last full step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from mmskip.registry import get_adapter
+
+from .plan import SamplerConfig, SamplerPlan
+from .tracker import StepTracker, call_key
+
+__all__ = ["UNetSwitchConfig"]
+
+logger = logging.getLogger(__name__)
+
+_HOOK = "mmskip_route_unet_switch"  # not the technique prefix: it sits under a model-level technique
+_LOADED: dict[tuple[str, str, str], nn.Module] = {}
+
+
+@dataclass(frozen=True)
+class UNetSwitchConfig(SamplerConfig):
+    """Run the light UNet ``light`` on part of the steps and the pipeline's own UNet on the rest.
+
+    Multi-UNet switching from A-SDM (Zhu et al., 2024), https://arxiv.org/abs/2406.00210.
+    Enable it with ``pipe.enable_skip(config)`` on an ``mmskip.pipelines`` pipeline (alone, or
+    with a ``FeatureInheritanceConfig`` or step skipping).
+
+    Args:
+        light: a folder holding the light UNet (``save_assembled`` / ``save_pretrained``, or a
+            pipeline folder with ``unet/``) or a zoo model name (e.g. ``"digits-sd-assembled"``).
+            It must take the same inputs as the pipeline's UNet (an assembled UNet does).
+        full_fraction: the fraction of the grid's steps that run the full UNet (default 0.5;
+            rounded to whole steps).
+        full_first: ``True`` (default): the full UNet runs the first (noisiest) steps, which set
+            the layout, and the light one the rest; ``False``: the reverse.
+    """
+
+    technique: ClassVar[str] = "unet_switch"
+    light: str = ""
+    full_fraction: float = 0.5
+    full_first: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.light:
+            raise ValueError("give light= : a folder with the light UNet or a zoo model name")
+        if not 0.0 <= self.full_fraction <= 1.0:
+            raise ValueError(f"full_fraction must lie in [0, 1], got {self.full_fraction}")
+
+    def validate(self, num_steps: int | None = None) -> None:
+        self.folder()
+
+    def folder(self) -> Path:
+        """Where the light UNet is (a ``FileNotFoundError`` says what to do if nowhere)."""
+        p = Path(self.light)
+        if p.is_dir():
+            return p
+        from mmskip import zoo
+
+        if self.light in zoo.NAMES:
+            return zoo.path(self.light)
+        raise FileNotFoundError(
+            f"light={self.light!r} is neither a folder nor a zoo model; build one with "
+            "mmskip.diffusion.assembly (python -m mmskip.diffusion.assembly) and pass its folder"
+        )
+
+    def full_steps(self, num_steps: int) -> set[int]:
+        """The grid steps (of ``num_steps``) that run the full UNet."""
+        k = round(self.full_fraction * num_steps)
+        return set(range(k)) if self.full_first else set(range(num_steps - k, num_steps))
+
+    def plan(self, scheduler: Any, plan: SamplerPlan) -> SamplerPlan:
+        return plan  # which steps run is unchanged; which network runs them is routed in route()
+
+    def route(self, denoiser: nn.Module, num_steps: int, visited: tuple[int, ...]) -> Any:
+        """Attach the switch to ``denoiser`` for one call; returns a callable that removes it."""
+        light = _load(self.folder(), denoiser)
+        hook = _SwitchHook(get_adapter(denoiser, "diffusion"), light, self.full_steps(num_steps))
+        hook.tracker.begin(num_steps, visited)
+        had = hasattr(denoiser, "_diffusers_hook")
+        HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(hook, _HOOK)
+
+        def remove() -> None:
+            denoiser._diffusers_hook.remove_hook(_HOOK, recurse=False)
+            if not had and not denoiser._diffusers_hook.hooks:
+                del denoiser._diffusers_hook
+
+        remove.hook = hook  # for stats: the steps each network ran
+        return remove
+
+
+def _load(folder: Path, like: nn.Module) -> nn.Module:
+    """The light UNet in ``folder`` on ``like``'s device and dtype (loaded once per process)."""
+    from .assembly.io import load_assembled
+
+    p = next(like.parameters())
+    key = (str(folder.resolve()), str(p.device), str(p.dtype))
+    if key not in _LOADED:
+        _LOADED[key] = load_assembled(folder, dtype=p.dtype).to(p.device).requires_grad_(False)
+        logger.info("loaded the light UNet from %s", folder)
+    return _LOADED[key]
+
+
+class _SwitchHook(ModelHook):
+    """Routes the calls of light steps to the light UNet (the full one's forward is not run)."""
+
+    def __init__(self, adapter: Any, light: nn.Module, full: set[int]) -> None:
+        super().__init__()
+        self.adapter, self.light, self.full = adapter, light, full
+        self.tracker = StepTracker()
+        self.steps_full: list[int] = []
+        self.steps_light: list[int] = []
+
+    @torch.compiler.disable
+    def _is_full(self, args: tuple, kwargs: dict) -> bool:
+        ad = self.adapter
+        key = call_key(args, kwargs, (0, ad.timestep_index), (ad.latent_name, ad.timestep_name))
+        self.tracker.observe(ad.timestep(args, kwargs), key)
+        step = self.tracker.step
+        full = step in self.full
+        if self.tracker.first_call_of_step:
+            (self.steps_full if full else self.steps_light).append(step)
+        return full
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self._is_full(args, kwargs):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.light(*args, **kwargs)
