@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .card import write_card
-from .clip_model import PREPROCESS, create, model_config
+from .clip_model import PREPROCESS, ROWS_KEY, create, model_config
 from .data import DIGIT_NAMES, augment, caption, load_split
 
 __all__ = ["train_clip", "zero_shot_accuracy", "TEMPLATES"]
@@ -68,6 +68,10 @@ def train_clip(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     wall = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    # only the token-embedding rows of the training captions ever got a gradient: ship those
+    rows = torch.unique(tok.flatten())
+    state["token_embedding.weight"] = state["token_embedding.weight"][rows].contiguous()
+    state[ROWS_KEY] = rows.to(torch.int64)
     save_file(state, str(out / "open_clip_model.safetensors"))
     (out / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": model_config(), "preprocess_cfg": PREPROCESS}, indent=2) + "\n")
