@@ -130,7 +130,7 @@ def make_methods(args: argparse.Namespace, record: dict[str, Any]) -> Callable[[
         for k, net in nets.items():
             record["networks"][k] = {"parameters": parameter_count(net), "flops_per_step": flops_per_call(net, z, t, ctx) / full_flops}
         record["edits"] = json.loads((folder / "assembly.json").read_text())["edits"]
-        label = {"dpm++2m": "DPM++2M", "ddim": "DDIM", "euler": "Euler"}[model.sampler]
+        label = dm.sampler_label(model)
         ms = [dm.Method(f"baseline {label}-{model.steps}", "baseline", dm._none),
               dm.Method(f"baseline {label}-{model.steps}, other seeds", "noise-floor", dm._none, seed_offset=1000),
               *dm.front_for(model),

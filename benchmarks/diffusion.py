@@ -97,7 +97,6 @@ def front_psnr(front: list[tuple[float, float]], speedup: float) -> float | None
 
 def mark_front(rows: list[dict[str, Any]]) -> None:
     """``above_front_db``: PSNR minus the front's PSNR at the row's speedup (and at its FLOPs bound)."""
-    front = [(1.0, math.inf)]  # the baseline itself; replaced by the first finite point below
     pts = [r for r in rows if r["family"] == "fewer-steps" and "speedup" in r and "psnr" in r]
     for key in ("speedup", "bound"):
         front = sorted((r[key], r["psnr"]) for r in pts)

@@ -304,8 +304,13 @@ def peers_for(model: Any) -> list[Method]:
 # -- the lists -----------------------------------------------------------------------------------------
 
 
+def sampler_label(model: Any) -> str:
+    """How tables name the model's sampler (``DPM++2M``, ``DDIM``, ``Euler``)."""
+    return {"dpm++2m": "DPM++2M", "ddim": "DDIM", "euler": "Euler"}[model.sampler]
+
+
 def front_for(model: Any) -> list[Method]:
-    label = {"dpm++2m": "DPM++2M", "ddim": "DDIM", "euler": "Euler"}[model.sampler]
+    label = sampler_label(model)
     return [Method(f"{label}-{s}", "fewer-steps", _none, steps=s) for s in model.steps_front]
 
 
@@ -331,7 +336,7 @@ SPECS = {
 
 def methods_for(model: Any, stats_path: str | None, extra_specs: list[str] | None = None) -> list[Method]:
     """Headline baseline, its seed-noise twin, the fewer-steps front, mmskip specs, then the peers."""
-    label = {"dpm++2m": "DPM++2M", "ddim": "DDIM", "euler": "Euler"}[model.sampler]
+    label = sampler_label(model)
     ms = [
         Method(f"baseline {label}-{model.steps}", "baseline", _none),
         Method(f"baseline {label}-{model.steps}, other seeds", "noise-floor", _none, seed_offset=1000,

@@ -26,6 +26,7 @@ from mmskip.registry import register, register_fallback
 
 from .block_registry import registered_block_classes, registry_io
 from .residual_io import ResidualIO, arg_getter
+from .tracker import call_key
 
 __all__ = ["DiffusionAdapter", "ResidualIO", "GRANULARITIES", "registry_families"]
 
@@ -121,6 +122,11 @@ class DiffusionAdapter:
         if isinstance(t, torch.Tensor):
             return self.time_sign * float(t.flatten()[0]) if t.numel() else None
         return self.time_sign * float(t)
+
+    def call_key(self, args: tuple, kwargs: dict) -> Any:
+        """The call's conditioning fingerprint: every input but the latent and the timestep
+        (:func:`~mmskip.diffusion.tracker.call_key`)."""
+        return call_key(args, kwargs, (0, self.timestep_index), (self.latent_name, self.timestep_name))
 
     # -- what each granularity can target --------------------------------------------------------
     def candidates(self, granularity: str) -> list[str]:

@@ -41,7 +41,7 @@ from mmskip.schedules import AdaptiveSchedule, ExplicitSchedule, Schedule, inter
 from .adapters import GRANULARITIES, DiffusionAdapter
 from .inheritance_hooks import OutputHook, ProbeHook, Range, RangeHook, RootHook
 from .plan import check_step_schedule
-from .tracker import StepTracker, call_key
+from .tracker import StepTracker
 
 __all__ = ["FeatureInheritanceConfig", "InheritanceState", "step_computes"]
 
@@ -282,8 +282,7 @@ class InheritanceState(TechniqueState):
         self.changes = []
 
     def key(self, args: tuple, kwargs: dict) -> Hashable:
-        ad = self.adapter
-        return call_key(args, kwargs, (0, ad.timestep_index), (ad.latent_name, ad.timestep_name))
+        return self.adapter.call_key(args, kwargs)
 
     # -- decisions ---------------------------------------------------------------------------
     def on_call(self, t: float | None, key: Hashable) -> None:

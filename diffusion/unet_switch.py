@@ -24,7 +24,7 @@ from torch import nn
 from mmskip.registry import get_adapter
 
 from .plan import SamplerConfig, SamplerPlan
-from .tracker import StepTracker, call_key
+from .tracker import StepTracker
 
 __all__ = ["UNetSwitchConfig"]
 
@@ -130,8 +130,7 @@ class _SwitchHook(ModelHook):
     @torch.compiler.disable
     def _is_full(self, args: tuple, kwargs: dict) -> bool:
         ad = self.adapter
-        key = call_key(args, kwargs, (0, ad.timestep_index), (ad.latent_name, ad.timestep_name))
-        self.tracker.observe(ad.timestep(args, kwargs), key)
+        self.tracker.observe(ad.timestep(args, kwargs), ad.call_key(args, kwargs))
         step = self.tracker.step
         full = step in self.full
         if self.tracker.first_call_of_step:

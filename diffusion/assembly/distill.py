@@ -15,6 +15,7 @@ written every ``checkpoint_every`` steps into ``out`` and a rerun resumes from t
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,7 +118,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Callable[[int], tup
         if step < warm:
             return (step + 1) / warm
         p = (step - warm) / max(1, cfg.steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(p * torch.pi)).item())
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(p * math.pi))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = {k: v.detach().clone() for k, v in student.state_dict().items()} if cfg.ema else None

@@ -22,8 +22,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..adapters import _RESNET_IO, _T2D_IO
-from ..block_registry import registry_io
+from mmskip.registry import get_adapter
+
+from ..residual_io import ResidualIO
 from .plan import Edit, candidate_edits, flops_per_call
 
 __all__ = ["CalibrationBatch", "bypassed", "edit_importance", "sampled_latents", "edit_savings", "choose_edits"]
@@ -45,15 +46,10 @@ class CalibrationBatch:
 class _Bypass(ModelHook):
     """Return the module's input stream as its output (the module contributes nothing)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, io: ResidualIO | None) -> None:
         super().__init__()
         name = type(module).__name__
-        if name == "Transformer2DModel":
-            self.io = _T2D_IO
-        elif name == "ResnetBlock2D":
-            self.io = _RESNET_IO
-        else:
-            self.io = registry_io(type(module))
+        self.io = io
         self.mid = name.startswith("UNetMidBlock")
         if self.io is None and not self.mid:
             raise TypeError(f"cannot bypass {name}: not a residual unit")
@@ -67,12 +63,13 @@ class _Bypass(ModelHook):
 @contextmanager
 def bypassed(unet: nn.Module, edit: Edit) -> Iterator[nn.Module]:
     """``unet`` with the modules of ``edit`` bypassed (as if removed) inside the block."""
+    adapter = get_adapter(unet, "diffusion")
     hooked = []
     try:
         for name in edit.modules:
             mod = unet.get_submodule(name)
             had = hasattr(mod, "_diffusers_hook")
-            HookRegistry.check_if_exists_or_initialize(mod).register_hook(_Bypass(mod), _HOOK)
+            HookRegistry.check_if_exists_or_initialize(mod).register_hook(_Bypass(mod, adapter.io(mod)), _HOOK)
             hooked.append((mod, had))
         yield unet
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .condconv import insert_condconv, read_condconv_record, write_condconv_record
+from .condconv import CONDCONV_FILE, insert_condconv, read_condconv_record, write_condconv_record
 
 __all__ = ["save_assembled", "load_assembled"]
 
@@ -32,7 +32,7 @@ def save_assembled(unet: nn.Module, folder: str | Path, dtype: torch.dtype | Non
 
         target = copy.deepcopy(unet).to(dtype)
     target.save_pretrained(folder, safe_serialization=True)
-    record = folder / "mmskip_condconv.json"
+    record = folder / CONDCONV_FILE
     if names:
         write_condconv_record(folder, names, experts.pop())
     elif record.exists():

@@ -51,7 +51,8 @@ LINKED = ("text_encoder", "tokenizer", "vae", "scheduler", "feature_extractor")
 
 
 def _digits_data(pipe, seed: int):
-    """Scaled latents of the (augmented) training digits, their labels, and a batch sampler."""
+    """``(batch, empty)``: ``batch(step)`` samples scaled training latents (4 augmented copies) and
+    caption hidden states (10 % empty prompts); ``empty`` is the empty prompt's hidden states."""
     from mmskip.zoo.data import DIGIT_NAMES, load_split
     from mmskip.zoo.train_clip import TEMPLATES
     from mmskip.zoo.train_dit import encode_augmented
@@ -81,14 +82,12 @@ def _digits_data(pipe, seed: int):
     return batch, empty
 
 
-def _calibration(batch, noise_scheduler, n: int = 4) -> list[CalibrationBatch]:
-    out = []
-    for i in range(n):
-        z, c = batch(10_000_000 + i)
-        g = torch.Generator().manual_seed(i)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z.shape[0],), generator=g)
-        out.append(CalibrationBatch(noise_scheduler.add_noise(z, torch.randn(z.shape, generator=g), t), t, c))
-    return out
+def _calibration(batch, noise_scheduler) -> CalibrationBatch:
+    """Real digit latents noised at random timesteps, with their captions (a step apart from training's)."""
+    z, c = batch(10_000_000)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z.shape[0],), generator=g)
+    return CalibrationBatch(noise_scheduler.add_noise(z, torch.randn(z.shape, generator=g), t), t, c)
 
 
 def _link_components(out: Path, teacher_dir: Path) -> None:
@@ -115,11 +114,11 @@ def assemble_digits_sd(out: Path, steps: int = STAGE_STEPS, speedup: float = 1.2
     noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     batch, empty = _digits_data(pipe, seed)
     dcfg = DistillConfig(steps=steps, lr=LR, guidance_weight=GUIDANCE_WEIGHT)
-    calib = _calibration(batch, noise)
+    calib = _calibration(batch, noise)  # for the FLOPs each edit saves
     from mmskip.zoo.data import caption
 
     imp = edit_importance(teacher, sampled_latents(pipe, [caption(i % 10) for i in range(40)], steps=10))
-    sav = edit_savings(teacher, calib[0])
+    sav = edit_savings(teacher, calib)
     edits = choose_edits(imp, sav, speedup)
     logger.info("importance %s, FLOPs saved %s -> removing %s", imp, sav, edits)
     info = {"importance": imp, "flops_saved": sav, "edits": edits, "steps_per_stage": steps, "stages": []}

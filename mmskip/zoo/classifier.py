@@ -7,7 +7,18 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-__all__ = ["DigitsClassifier"]
+__all__ = ["DigitsClassifier", "conv_body"]
+
+
+def conv_body(in_channels: int, channels: tuple[int, ...]) -> nn.Sequential:
+    """Two 3x3 conv + BatchNorm + GELU per stage, then 2x2 max-pooling (the zoo classifiers' trunk)."""
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(),
+                   nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(), nn.MaxPool2d(2)]
+        c_in = c
+    return nn.Sequential(*layers)
 
 
 class DigitsClassifier(ModelMixin, ConfigMixin):
@@ -22,14 +33,9 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
     def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = 128, num_classes: int = 10,
                  dropout: float = 0.3) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 1
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(),
-                       nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(), nn.MaxPool2d(2)]
-            c_in = c
-        self.body = nn.Sequential(*layers)
-        self.proj = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(c_in * 4, feature_dim), nn.GELU())
+        self.body = conv_body(1, channels)
+        self.proj = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(channels[-1] * 4, feature_dim),
+                                  nn.GELU())
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes)
 

@@ -13,6 +13,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .classifier import conv_body
 from .scenes_data import COLORS, COUNTS, RELATIONS, SHAPES, Scene
 
 __all__ = ["ScenesClassifier", "HEADS", "scene_targets", "prompt_accuracy"]
@@ -45,14 +46,8 @@ class ScenesClassifier(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, channels: tuple[int, ...] = (24, 48, 64), feature_dim: int = 128, dropout: float = 0.2) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(),
-                       nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(), nn.MaxPool2d(2)]
-            c_in = c
-        self.body = nn.Sequential(*layers)
-        self.proj = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 16, feature_dim), nn.GELU())
+        self.body = conv_body(3, channels)
+        self.proj = nn.Sequential(nn.Flatten(), nn.Linear(channels[-1] * 16, feature_dim), nn.GELU())
         self.drop = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({k: nn.Linear(feature_dim, n) for k, n in HEADS.items()})
 

@@ -5,35 +5,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diffusion_gpu.py"
 HAS_CACHE_DIT = importlib.util.find_spec("cache_dit") is not None
 FAMILIES = {"baseline", "mmskip", "diffusers-fbc", "diffusers-magcache", "diffusers-taylorseer", "cache-dit",
             "baseline-again"}
 
 
-def _load(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_diffusion_gpu", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_diffusion_gpu", bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.mark.slow
-def test_diffusion_gpu_smoke(tmp_path, monkeypatch):
-    bench = _load(monkeypatch)
+def test_diffusion_gpu_smoke(tmp_path, load_bench, threads):
+    bench = load_bench("diffusion_gpu", "bench_diffusion_gpu")
     out = tmp_path / "s.json"
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--smoke", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert set(res["models"]) == {"sd15", "flux", "wan"} and res["meta"]["smoke"]
     assert "| flux | mmskip FI every 2 | on |" in out.with_suffix(".md").read_text()
@@ -60,8 +45,8 @@ def test_diffusion_gpu_smoke(tmp_path, monkeypatch):
     assert len(res["models"]["flux"]["mag_ratios"]) == 3  # MagCache calibrated on the model itself
 
 
-def test_diffusion_gpu_without_cuda_measures_nothing(tmp_path, monkeypatch, capsys):
-    bench = _load(monkeypatch)
+def test_diffusion_gpu_without_cuda_measures_nothing(tmp_path, monkeypatch, capsys, load_bench):
+    bench = load_bench("diffusion_gpu", "bench_diffusion_gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "gpu.json"
     assert bench.main(["--out", str(out)]) == 0

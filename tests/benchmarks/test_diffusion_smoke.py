@@ -3,28 +3,14 @@ the fewer-steps front arithmetic is checked on hand-made points."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _load(monkeypatch, name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, mod)  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_front_interpolates_in_log_speed(monkeypatch):
-    bench = _load(monkeypatch, "diffusion")
+def test_front_interpolates_in_log_speed(load_bench):
+    bench = load_bench("diffusion")
     front = [(1.0, 40.0), (4.0, 20.0)]
     assert bench.front_psnr(front, 2.0) == pytest.approx(30.0)  # halfway in log(speedup)
     assert bench.front_psnr(front, 0.9) is None and bench.front_psnr(front, 5.0) is None
@@ -41,24 +27,20 @@ def test_front_interpolates_in_log_speed(monkeypatch):
     assert "above_front_db" not in rows[4]  # outside the front's range: no claim either way
 
 
-def test_specs_parse_and_refuse_bad_tokens(monkeypatch):
-    dm = _load(monkeypatch, "diffusion_methods")
+def test_specs_parse_and_refuse_bad_tokens(load_bench):
+    dm = load_bench("diffusion_methods")
     assert dm.parse_spec("steps=17 fi=interval:2 targets=deep") == {"steps": "17", "fi": "interval:2", "targets": "deep"}
     with pytest.raises(ValueError, match="bad mmskip spec token"):
         dm.parse_spec("fi=interval:2 every=3")
-    search = _load(monkeypatch, "diffusion_search")
+    search = load_bench("diffusion_search")
     assert search.with_steps("fi=nonuniform:14 targets=deep", 14, 28) == "steps=14 fi=nonuniform:7 targets=deep"
 
 
 @pytest.mark.slow
-def test_diffusion_benchmark_smoke(tmp_path, monkeypatch):
-    bench = _load(monkeypatch, "diffusion")
+def test_diffusion_benchmark_smoke(tmp_path, load_bench, threads):
+    bench = load_bench("diffusion")
     out = tmp_path / "smoke.json"
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--smoke", "--out", str(out), "--threads", str(threads)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert bench.main(["--smoke", "--out", str(out), "--threads", str(threads)]) == 0
     results = json.loads(out.read_text())
     assert set(results["models"]) == {"scenes-flux", "digits-dit", "digits-sd"}
     for name, res in results["models"].items():
@@ -74,14 +56,10 @@ def test_diffusion_benchmark_smoke(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_diffusion_search_smoke(tmp_path, monkeypatch):
-    search = _load(monkeypatch, "diffusion_search")
+def test_diffusion_search_smoke(tmp_path, load_bench, threads):
+    search = load_bench("diffusion_search")
     out = tmp_path / "search.json"
-    threads = torch.get_num_threads()
-    try:
-        assert search.main(["--smoke", "--out", str(out), "--threads", str(threads)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert search.main(["--smoke", "--out", str(out), "--threads", str(threads)]) == 0
     res = json.loads(out.read_text())
     assert res["front"] and res["stage1"]
     measured = [r for r in res["stage1"] + res["stage2"] if "psnr" in r]
