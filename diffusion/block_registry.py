@@ -77,6 +77,8 @@ def registry_io(cls: type) -> ResidualIO | None:
 
     def build(tensors: tuple[torch.Tensor | None, ...], args: tuple, kwargs: dict) -> Any:
         n = shape["tuple_len"]
+        if n is None and ei is not None:  # not seen yet: a block returning both streams returns a tuple
+            n = max(hi, ei) + 1
         if n is None:
             return tensors[0]
         out: list[Any] = [None] * n

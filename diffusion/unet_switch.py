@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from torch import nn
 
+from mmskip.inject import attach_hook
 from mmskip.registry import get_adapter
 
 from .plan import SamplerConfig, SamplerPlan
@@ -93,13 +94,10 @@ class UNetSwitchConfig(SamplerConfig):
         light = _load(self.folder(), denoiser)
         hook = _SwitchHook(get_adapter(denoiser, "diffusion"), light, self.full_steps(num_steps))
         hook.tracker.begin(num_steps, visited)
-        had = hasattr(denoiser, "_diffusers_hook")
-        HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(hook, _HOOK)
+        detach = attach_hook(denoiser, hook, _HOOK)
 
         def remove() -> None:
-            denoiser._diffusers_hook.remove_hook(_HOOK, recurse=False)
-            if not had and not denoiser._diffusers_hook.hooks:
-                del denoiser._diffusers_hook
+            detach()
 
         remove.hook = hook  # for stats: the steps each network ran
         return remove

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ __all__ = [
     "ConcurrentUseError",
     "apply",
     "applied",
+    "attach_hook",
 ]
 
 logger = logging.getLogger(__name__)
@@ -315,17 +316,13 @@ class SkipHandle:
         self.hook_name = f"{_HOOK_PREFIX}{config.technique}"
         self.counts = SkipStats()
         self.state: TechniqueState = TechniqueState()
-        self._hooked: list[tuple[torch.nn.Module, bool, bool, str]] = []
+        self._hooked: list[Callable[[], None]] = []
         self._removed = False
 
     # -- used by techniques ---------------------------------------------------------------
     def add_hook(self, module: torch.nn.Module, hook: ModelHook, suffix: str = "") -> None:
         """Register ``hook`` on ``module`` under this handle's name (plus an optional suffix)."""
-        had_registry = hasattr(module, "_diffusers_hook")
-        had_forward = "forward" in module.__dict__
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.register_hook(hook, self.hook_name + suffix)
-        self._hooked.append((module, had_registry, had_forward, self.hook_name + suffix))
+        self._hooked.append(attach_hook(module, hook, self.hook_name + suffix))
         logger.debug("attached %s%s (%s) to %s", self.hook_name, suffix, type(hook).__name__, type(module).__name__)
 
     # -- public ------------------------------------------------------------------------------
@@ -345,13 +342,8 @@ class SkipHandle:
         """Unregister every hook; the model computes exactly what it computed before ``apply``."""
         if self._removed:
             raise RuntimeError(f"{self.hook_name} was already removed from this model")
-        for module, had_registry, had_forward, name in reversed(self._hooked):
-            registry = module._diffusers_hook
-            registry.remove_hook(name, recurse=False)
-            if not registry.hooks and not had_registry:
-                del module._diffusers_hook
-                if not had_forward and "forward" in module.__dict__:
-                    del module.__dict__["forward"]
+        for detach in reversed(self._hooked):
+            detach()
         self._hooked.clear()
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
@@ -365,6 +357,25 @@ class SkipHandle:
     def __repr__(self) -> str:
         state = "removed" if self._removed else "active"
         return f"SkipHandle({self.config!r}, {state})"
+
+
+def attach_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> Callable[[], None]:
+    """Register ``hook`` on ``module`` as ``name``; returns the function that removes it and
+    deletes whatever the registry added (its ``_diffusers_hook`` and patched ``forward``), so the
+    module is left exactly as it was."""
+    had_registry = hasattr(module, "_diffusers_hook")
+    had_forward = "forward" in module.__dict__
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+    def detach() -> None:
+        registry = module._diffusers_hook
+        registry.remove_hook(name, recurse=False)
+        if not registry.hooks and not had_registry:
+            del module._diffusers_hook
+            if not had_forward and "forward" in module.__dict__:
+                del module.__dict__["forward"]
+
+    return detach
 
 
 def _applied_technique(model: torch.nn.Module) -> tuple[str, str] | None:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from torch import nn
 
+from mmskip.inject import attach_hook
 from mmskip.registry import get_adapter
 
 from ..residual_io import ResidualIO
@@ -64,19 +65,15 @@ class _Bypass(ModelHook):
 def bypassed(unet: nn.Module, edit: Edit) -> Iterator[nn.Module]:
     """``unet`` with the modules of ``edit`` bypassed (as if removed) inside the block."""
     adapter = get_adapter(unet, "diffusion")
-    hooked = []
+    detach = []
     try:
         for name in edit.modules:
             mod = unet.get_submodule(name)
-            had = hasattr(mod, "_diffusers_hook")
-            HookRegistry.check_if_exists_or_initialize(mod).register_hook(_Bypass(mod, adapter.io(mod)), _HOOK)
-            hooked.append((mod, had))
+            detach.append(attach_hook(mod, _Bypass(mod, adapter.io(mod)), _HOOK))
         yield unet
     finally:
-        for mod, had in hooked:
-            mod._diffusers_hook.remove_hook(_HOOK, recurse=False)
-            if not had and not mod._diffusers_hook.hooks:
-                del mod._diffusers_hook
+        for d in reversed(detach):
+            d()
 
 
 @torch.no_grad()

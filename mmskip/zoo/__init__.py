@@ -15,7 +15,7 @@ __all__ = ["MODELS_DIR", "NAMES", "UnknownModelError", "path", "load", "availabl
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "stdlib-lm-skip",
          "digits-llava", "digits-video", "digits-florence", "scenes-vae", "scenes-classifier", "scenes-flux",
-         "digits-sd-assembled")
+         "digits-sd-assembled", "scenes-flux-controlnet", "scenes-flux-relactrl")
 
 
 class UnknownModelError(ValueError):
@@ -51,7 +51,9 @@ def load(name: str, **kwargs: Any) -> Any:
     ``digits-vae`` -> ``AutoencoderKL``; ``digits-dit`` -> ``DiTPipeline``; ``digits-sd`` ->
     ``StableDiffusionPipeline``; ``digits-sd-assembled`` -> ``StableDiffusionPipeline`` with the
     assembled UNet (its ME-CondConv variant, when present: ``mmskip.diffusion.assembly.load_assembled(path /
-    "unet_condconv")``); ``digits-clip`` -> ``(model, preprocess, tokenizer)`` from
+    "unet_condconv")``); ``scenes-flux-controlnet`` / ``scenes-flux-relactrl`` -> ``FluxControlNetPipeline`` (``scenes-flux`` with the
+    full ControlNet / the RelaCtrl branch; control images: :func:`mmskip.zoo.scenes_control.control_images`);
+    ``digits-clip`` -> ``(model, preprocess, tokenizer)`` from
     open_clip; ``stdlib-lm`` and ``stdlib-lm-skip`` -> ``(LlamaForCausalLM, tokenizer)``; ``digits-llava`` ->
     ``(LlavaForConditionalGeneration, tokenizer)`` (inputs: :func:`mmskip.zoo.llava_data.encode`, answers:
     :func:`mmskip.zoo.llava_data.answer`); ``digits-video`` -> ``(LlavaOnevisionForConditionalGeneration,

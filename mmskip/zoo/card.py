@@ -10,15 +10,18 @@ __all__ = ["write_card"]
 
 
 def write_card(folder: Path, name: str, summary: str, data: str, recipe: str, metrics: dict[str, Any],
-               wall_time_s: float, extra: str = "") -> None:
-    """Write ``README.md`` (human-readable card) and ``metrics.json`` into ``folder``."""
+               wall_time_s: float, extra: str = "", hardware: str | None = None, reproduce: str = "") -> None:
+    """Write ``README.md`` (human-readable card) and ``metrics.json`` into ``folder``; ``hardware`` names
+    what trained it (default: one CPU thread), ``reproduce`` extra arguments of the training command."""
     folder = Path(folder)
+    where = hardware or "one thread of a 2-core Xeon CPU (no GPU)"
+    how = "fixed seeds" + ("" if hardware else "; 1 CPU thread")
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
     text = f"""# {name}
 
 {summary}
 
-Reproduce: `python -m mmskip.zoo.train {name}` (fixed seeds; 1 CPU thread).
+Reproduce: `python -m mmskip.zoo.train {name}{reproduce}` ({how}).
 
 ## Data
 {data}
@@ -26,7 +29,7 @@ Reproduce: `python -m mmskip.zoo.train {name}` (fixed seeds; 1 CPU thread).
 ## Recipe
 {recipe}
 
-Training wall time: {wall_time_s / 60:.1f} min on one thread of a 2-core Xeon CPU (no GPU).
+Training wall time: {wall_time_s / 60:.1f} min on {where}.
 
 ## Metrics (measured by the recipe, held-out split)
 | metric | value |

@@ -92,6 +92,13 @@ def load_scenes_flux(folder: Path, **kwargs: Any) -> Any:
     return FluxPipeline.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs)
 
 
+def load_scenes_control(folder: Path, **kwargs: Any) -> Any:
+    # the branch classes live in mmskip.diffusion.relactrl, imported only when a control model is loaded
+    from importlib import import_module
+
+    return import_module("mmskip.diffusion.relactrl.recipe").load_pipeline(folder, dtype=_dtype(kwargs), **kwargs)
+
+
 LOADERS: dict[str, Callable[..., Any]] = {
     "digits-classifier": load_classifier,
     "digits-vae": load_vae,
@@ -107,4 +114,6 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "scenes-vae": load_vae,
     "scenes-classifier": load_scenes_classifier,
     "scenes-flux": load_scenes_flux,
+    "scenes-flux-controlnet": load_scenes_control,
+    "scenes-flux-relactrl": load_scenes_control,
 }

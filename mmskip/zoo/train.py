@@ -34,6 +34,8 @@ RECIPES: dict[str, tuple[str, str]] = {
     "scenes-flux": ("mmskip.zoo.train_scenes_flux", "train_scenes_flux"),
     "scenes-classifier": ("mmskip.zoo.train_scenes_classifier", "train_scenes_classifier"),
     "digits-sd-assembled": ("mmskip.diffusion.assembly.recipe", "assemble_digits_sd"),
+    "scenes-flux-controlnet": ("mmskip.diffusion.relactrl.recipe", "train_scenes_controlnet"),
+    "scenes-flux-relactrl": ("mmskip.diffusion.relactrl.recipe", "train_scenes_relactrl"),
 }
 DEFAULT_RUNS_DIR = Path("runs") / "zoo"
 

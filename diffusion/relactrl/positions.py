@@ -1,0 +1,124 @@
+"""Where a transformer ControlNet's control blocks sit, and how to skip them at inference.
+
+A transformer ControlNet (PixArt-δ, diffusers' ``FluxControlNetModel`` and
+``SD3ControlNetModel``, RelaCtrl's branch) runs a chain of control blocks; after block ``i`` a
+zero-initialised projection turns the chain's state into a residual that the base model adds
+after its block at position ``i``. *Skipping* control position ``i`` (RelaCtrl's relevance
+probe) means the block passes its input on and its projection adds nothing; neither is
+computed. Skipping goes through ``diffusers.hooks`` and is removed exactly afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+
+from mmskip.inject import attach_hook
+
+from ..block_registry import registry_io
+from ..residual_io import ResidualIO
+
+__all__ = ["ControlPosition", "control_positions", "skipped_control", "UnsupportedControlNetError"]
+
+_HOOK = "mmskip_relactrl_skip"
+
+# (block list, projection list, position-name prefix, offset of the base position)
+_LAYOUTS = (("transformer_blocks", "controlnet_blocks", "double"),
+            ("single_transformer_blocks", "controlnet_single_blocks", "single"))
+
+
+class UnsupportedControlNetError(TypeError):
+    """A model that is not a transformer ControlNet with per-block output projections."""
+
+
+@dataclass(frozen=True)
+class ControlPosition:
+    """One control block and the projection that feeds its output into the base model.
+
+    ``name`` is ``"double.i"`` / ``"single.i"`` for the base model's dual- and single-stream block
+    ``i`` (Flux; SD3 and PixArt have only ``"double"``), ``index`` the position over all of them.
+    """
+
+    name: str
+    index: int
+    block: nn.Module
+    projection: nn.Module
+
+
+def _io(block: nn.Module) -> ResidualIO:
+    io = registry_io(type(block)) or getattr(block, "residual_io", None)
+    if io is None:
+        from .tdsm import TDSM_IO, TDSMBlock
+
+        if isinstance(block, TDSMBlock):
+            return TDSM_IO
+        raise UnsupportedControlNetError(
+            f"cannot skip a {type(block).__name__} control block: it is not in diffusers' TransformerBlockRegistry. "
+            "Register it there (diffusers.hooks._helpers.TransformerBlockRegistry) to analyse this ControlNet.")
+    return io
+
+
+def control_positions(controlnet: nn.Module) -> list[ControlPosition]:
+    """The control positions of ``controlnet`` in the base model's block order."""
+    found: list[ControlPosition] = []
+    if hasattr(controlnet, "control_positions"):  # RelaCtrl's branch names its own positions
+        return list(controlnet.control_positions())
+    offset = 0
+    for blocks_attr, proj_attr, prefix in _LAYOUTS:
+        blocks, projs = getattr(controlnet, blocks_attr, None), getattr(controlnet, proj_attr, None)
+        if blocks is None or projs is None:
+            continue
+        for i, (block, proj) in enumerate(zip(blocks, projs, strict=False)):
+            found.append(ControlPosition(f"{prefix}.{i}", offset + i, block, proj))
+        offset += len(blocks)
+    if not found:
+        raise UnsupportedControlNetError(
+            f"{type(controlnet).__name__} has no control blocks with output projections; supported: "
+            "FluxControlNetModel, SD3ControlNetModel, PixArt-style branches with transformer_blocks + "
+            "controlnet_blocks, and mmskip's RelaCtrlFluxNet")
+    return found
+
+
+class _PassThrough(ModelHook):
+    """The control block returns its input: the chain goes on as if the block were absent."""
+
+    def __init__(self, io: ResidualIO) -> None:
+        super().__init__()
+        self.io = io
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        return self.io.build(self.io.inputs(args, kwargs), args, kwargs)
+
+
+class _Zero(ModelHook):
+    """The projection contributes a zero residual (not computed)."""
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        out = module.out_features if isinstance(module, nn.Linear) else x.shape[-1]
+        return torch.zeros(*x.shape[:-1], out, dtype=x.dtype, device=x.device)
+
+
+@contextmanager
+def skipped_control(controlnet: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
+    """``controlnet`` with the control positions ``names`` skipped; restored exactly on exit."""
+    by_name = {p.name: p for p in control_positions(controlnet)}
+    names = list(names)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown control positions {unknown}; this ControlNet has {list(by_name)}")
+    detach = []
+    try:
+        for n in names:
+            pos = by_name[n]
+            detach.append(attach_hook(pos.block, _PassThrough(_io(pos.block)), _HOOK))
+            detach.append(attach_hook(pos.projection, _Zero(), _HOOK))
+        yield controlnet
+    finally:
+        for d in reversed(detach):
+            d()
