@@ -11,7 +11,7 @@ def test_relactrl_benchmark_smoke(load_bench, threads):
     full, rela, drop = rows["full ControlNet"], rows["RelaCtrl"], rows["full, skip 3 least relevant"]
     assert full["params_vs_full"] == 1.0 and 0 < rela["params_vs_full"] < 0.25
     assert 0 < rela["branch_flops_vs_full"] < drop["branch_flops_vs_full"] < 1.0
-    assert 0.5 < drop["params_vs_full"] < 1.0  # its three skipped blocks do not count
+    assert 0 < drop["params_vs_full"] < 1.0  # its three skipped blocks do not count
     assert rows["no control (base)"]["branch_gflops"] == 0
     assert all("silhouette IoU" in r and "FID" in r for r in rows.values())
     assert len(result["full_controlnet_seed_band"]) == 1
