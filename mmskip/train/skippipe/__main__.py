@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SkipPipeConfig, TrainSpec
             if kind == "bool":
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             elif "tuple" in kind:
-                group.add_argument(flag, nargs="+", type=float if f.name == "speed" else int, default=default)
+                group.add_argument(flag, nargs="+", type=float if f.name in ("speed", "costs") else int, default=default)
             elif "float" in kind:
                 group.add_argument(flag, type=float, default=default)
             elif "int" in kind:

@@ -48,6 +48,8 @@ class SkipPipeConfig:
             list indexed by rank, or one number for all; default: no limit).
         speed: relative compute time per node, indexed by rank (1 = the fastest; 2 = twice as
             slow); the scheduler plans with it and the runtime simulates it with delays.
+        costs: seconds per microbatch at speed 1 for the scheduler, ``(embed, head, embed_bwd, fwd, bwd,
+            comm)`` as in :class:`~mmskip.train.skippipe.schedule.StageCosts` (default: its relative costs).
         cross_replica: whether a path may use another pipeline's replica of a middle stage (SkipPipe's
             routing; ``False`` with ``skip_ratio=0`` is the plain data- and pipeline-parallel baseline).
         trials: random restarts of the path scheduler; the schedule with the shortest makespan wins.
@@ -63,6 +65,7 @@ class SkipPipeConfig:
     swap_prob: float = 0.0
     memory: int | tuple[int, ...] | None = None
     speed: tuple[float, ...] | None = None
+    costs: tuple[float, ...] | None = None
     cross_replica: bool = True
     trials: int = 16
     schedule_seed: int = 0
@@ -96,6 +99,8 @@ class SkipPipeConfig:
             raise ValueError(f"speed needs one positive factor per process ({n}), got {self.speed}")
         if isinstance(self.memory, tuple) and len(self.memory) != n:
             raise ValueError(f"memory needs one limit per process ({n}), got {len(self.memory)}")
+        if self.costs is not None and (len(self.costs) != 6 or min(self.costs) < 0):
+            raise ValueError(f"costs needs six non-negative seconds (embed, head, embed_bwd, fwd, bwd, comm), got {self.costs}")
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
 
@@ -133,7 +138,7 @@ class SkipPipeConfig:
     @classmethod
     def from_json(cls, text: str) -> SkipPipeConfig:
         d = json.loads(text)
-        for key in ("speed", "memory"):
+        for key in ("speed", "memory", "costs"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)

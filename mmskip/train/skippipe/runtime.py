@@ -42,7 +42,8 @@ class TrainSpec:
         seq: tokens per window; ``microbatch``: windows per microbatch.
         iterations: optimizer steps (each: ``microbatches × replicas`` microbatches); ``time_limit_s``
             stops earlier, at the same iteration on every rank.
-        lr: peak AdamW learning rate (warm-up 10 % of ``iterations``, cosine to 10 %).
+        lr: peak AdamW learning rate (warm-up over the first 10 % of the run, cosine to 10 %; the run is
+            ``iterations``, or ``time_limit_s`` of wall time when that comes first).
         eval_windows: held-out windows for the final perplexities (0: none).
         seed: model init and data order (the same on every rank).
         data: ``"stdlib"`` (the zoo's Python-stdlib text with ``stdlib-lm``'s tokenizer) or ``"synthetic"``
@@ -115,14 +116,6 @@ class _Worker:
         self.part = split(self.model, cfg.stages)[self.node.stage]
         self.params = [p for p in self.part.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
-        warm = max(1, spec.iterations // 10)
-
-        def lr_at(i: int) -> float:
-            if i < warm:
-                return (i + 1) / warm
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, spec.iterations - warm)))
-
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
         # every rank creates every stage group, in the same order (a collective requirement)
         self.groups = [dist.new_group([r * cfg.stages + s for r in range(cfg.replicas)]) for s in range(cfg.stages)]
         self.total_mb = cfg.microbatches * cfg.replicas
@@ -177,7 +170,11 @@ class _Worker:
             p.wait()
         return loss_sum
 
-    def step(self) -> None:
+    def step(self, progress: float) -> None:
+        """Sum gradients over the stage's replicas, clip, and step at the learning rate for ``progress``
+        (the share of the run done: iterations, or wall time under ``time_limit_s``; the same on every rank)."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.spec.lr * _lr_factor(progress)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.cfg.replicas > 1:
             flat = torch.cat([g.flatten() for g in grads])
@@ -188,8 +185,14 @@ class _Worker:
                 i += g.numel()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
-        self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+
+
+def _lr_factor(progress: float) -> float:
+    """Linear warm-up over the first 10 % of the run, then cosine decay to 10 %."""
+    if progress < 0.1:
+        return max(progress / 0.1, 0.01)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - 0.1) / 0.9)))
 
 
 def _gather_state(worker: _Worker) -> dict[int, dict[str, torch.Tensor]] | None:
@@ -246,7 +249,12 @@ def run_worker(cfg: SkipPipeConfig, spec: TrainSpec, costs: StageCosts | None = 
         if spec.grads_out is not None:
             _dump_grads(worker, Path(spec.grads_out))
             return None
-        worker.step()
+        # progress of the run, agreed by all ranks (the slowest clock), sets the learning rate
+        elapsed = time.perf_counter() - t_start
+        frac = torch.tensor([it / spec.iterations if spec.time_limit_s is None
+                             else max(it / spec.iterations, elapsed / spec.time_limit_s)])
+        dist.all_reduce(frac, op=dist.ReduceOp.MAX)
+        worker.step(frac.item())
         total = torch.tensor([loss])
         dist.all_reduce(total)
         dist.barrier()

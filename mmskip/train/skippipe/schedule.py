@@ -393,7 +393,7 @@ def _wire(op: Op, path: Path) -> Op:
 def plan(config: SkipPipeConfig, costs: StageCosts | None = None) -> Schedule:
     """The best schedule of ``config.trials`` randomised restarts (shortest makespan, then fewest
     collisions); deterministic for a given config, so every rank plans the same one."""
-    costs = costs or StageCosts()
+    costs = costs or (StageCosts(*config.costs) if config.costs is not None else StageCosts())
     n = config.microbatches * config.replicas
     homes = [Node(0, mb % config.replicas) for mb in range(n)]
     best: Schedule | None = None
