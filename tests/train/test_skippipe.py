@@ -50,8 +50,8 @@ def _generated_configs(n: int = 40) -> list[SkipPipeConfig]:
 def test_generated_schedules_respect_every_constraint(cfg):
     sched = plan(cfg, StageCosts())
     sched.check()  # skip ratio per stage, max skips, keep_first, adjacent swaps, replicas, memory, no overlap
-    n = cfg.microbatches * cfg.replicas
-    want = cfg.skips_per_stage
+    n, want = cfg.microbatches * cfg.replicas, cfg.skips_per_stage
+    assert want == round(cfg.skip_ratio * n)
     assert all(c == (0 if s <= cfg.keep_first else want) for s, c in sched.skip_counts().items())
     assert all(len(p.skipped(cfg.stages)) <= cfg.skips_per_path for p in sched.paths)
     for node, peak in sched.peak_memory().items():
