@@ -172,6 +172,21 @@ def _batch_size(device: torch.device) -> int:
     return 300 if device.type == "cuda" else 100
 
 
+def _train_and_measure(net: torch.nn.Module, pipe: Any, data: ControlData, cfg: ControlTrainConfig, out: Path,
+                       eval_n: int, t0: float) -> tuple[torch.nn.Module, Any, dict[str, Any], float]:
+    """Train ``net`` (checkpoints in ``out/run``, removed at the end), save it fp16 into ``out``, and
+    measure the saved branch: (EMA branch, its pipeline, metrics, wall time since ``t0``)."""
+    net = train_control(net, pipe.transformer, data, cfg, out=out / "run", desc=out.name)
+    wall = time.time() - t0
+    _save(net, out)
+    shutil.rmtree(out / "run", ignore_errors=True)  # the checkpoint is only for resuming
+    dev = pipe.transformer.device
+    cpipe = load_pipeline(out, base=pipe).to(dev)
+    cpipe.set_progress_bar_config(disable=True)
+    metrics = evaluate_control(cpipe, n=eval_n, classifier=_classifier(out), batch_size=_batch_size(dev))
+    return net, cpipe, metrics, wall
+
+
 def train_scenes_controlnet(out: Path, steps: int = CONTROLNET_STEPS, device: str | None = None, batch: int = BATCH,
                             relevance_n: int = 200, eval_n: int = 300, n_train: int = N_TRAIN,
                             time_limit_s: float | None = None) -> dict:
@@ -190,14 +205,8 @@ def train_scenes_controlnet(out: Path, steps: int = CONTROLNET_STEPS, device: st
                                                attention_head_dim=c.attention_head_dim,
                                                num_attention_heads=c.num_attention_heads)
     cfg = ControlTrainConfig(steps=steps, batch=batch, time_limit_s=time_limit_s)
-    net = train_control(net, pipe.transformer, data, cfg, out=out / "run", desc="scenes-flux-controlnet")
-    wall = time.time() - t0
-    _save(net, out)
-    shutil.rmtree(out / "run", ignore_errors=True)  # the checkpoint is only for resuming
-    cpipe = load_pipeline(out, base=pipe).to(dev)
-    cpipe.set_progress_bar_config(disable=True)
+    net, cpipe, metrics, wall = _train_and_measure(net, pipe, data, cfg, out, eval_n, t0)
     classifier = _classifier(out)
-    metrics = evaluate_control(cpipe, n=eval_n, classifier=classifier, batch_size=_batch_size(dev))
     prompts, controls, _, images = test_controls(relevance_n)
     from mmskip.zoo.train_scenes_vae import scenes_tensor
 
@@ -239,13 +248,7 @@ def train_scenes_relactrl(out: Path, steps: int = RELACTRL_STEPS, device: str | 
     data = control_data(pipe, n_train, device=dev)
     net = RelaCtrlFluxNet.from_transformer(pipe.transformer, plan.positions, plan.mlp_ratios)
     cfg = ControlTrainConfig(steps=steps, batch=batch, time_limit_s=time_limit_s)
-    net = train_control(net, pipe.transformer, data, cfg, out=out / "run", desc="scenes-flux-relactrl")
-    wall = time.time() - t0
-    _save(net, out)
-    shutil.rmtree(out / "run", ignore_errors=True)  # the checkpoint is only for resuming
-    cpipe = load_pipeline(out, base=pipe).to(dev)
-    cpipe.set_progress_bar_config(disable=True)
-    metrics = evaluate_control(cpipe, n=eval_n, classifier=_classifier(out), batch_size=_batch_size(dev))
+    net, cpipe, metrics, wall = _train_and_measure(net, pipe, data, cfg, out, eval_n, t0)
     metrics = {**metrics, "control-branch parameters": sum(p.numel() for p in net.parameters()),
                "positions": ", ".join(p.name for p in net.control_positions()),
                "mlp ratios": ", ".join(f"{r:g}" for r in plan.mlp_ratios)}
