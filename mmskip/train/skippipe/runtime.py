@@ -2,7 +2,7 @@
 
 Every rank plans the same :class:`~mmskip.train.skippipe.schedule.Schedule` and executes its own
 node's operations in the planned order: activations go forward and gradients back with
-``torch.distributed`` ``isend`` / ``irecv`` (gloo on CPU, nccl on GPU), tagged by microbatch.
+``torch.distributed`` ``isend`` / ``irecv`` (gloo, CPU tensors), tagged by microbatch.
 Because every node follows one valid linearisation of the plan, blocking receives cannot deadlock.
 After the iteration each stage's gradients are summed over its replicas (``all_reduce`` in the
 stage's group), clipped and stepped. A slow node is simulated by sleeping ``(speed − 1) ×`` each
@@ -232,8 +232,8 @@ def run_worker(cfg: SkipPipeConfig, spec: TrainSpec, costs: StageCosts | None = 
     """Train as this process's rank (``torch.distributed`` must be initialised, or torchrun's environment
     set); rank 0 returns the run's record and writes ``spec.out/result.json``."""
     if not dist.is_initialized():
-        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
-                                timeout=timedelta(seconds=int(os.environ.get("SKIPPIPE_TIMEOUT", "300"))))
+        # the runtime keeps stages and buffers on the CPU (gloo); a CUDA/nccl runtime is not built
+        dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("SKIPPIPE_TIMEOUT", "300"))))
     if dist.get_world_size() != cfg.world_size:
         raise ValueError(f"the config needs {cfg.world_size} processes ({cfg.stages} stages x {cfg.replicas} replicas), "
                          f"the job has {dist.get_world_size()}; launch with --nproc-per-node {cfg.world_size}")
