@@ -15,6 +15,8 @@ the middle stages skipped. Then a paper-scale estimate from the measured per-sta
 not a measurement). Writes ``benchmarks/results/skippipe.json`` / ``.md`` / ``skippipe_loss.png``.
 
     python benchmarks/skippipe.py                   # ~20 min on 2 CPU cores
+    python benchmarks/skippipe.py --groups "5 stages" --seconds 50 --out benchmarks/results/skippipe_16cpu
+                                                    # the uncontended run (16 cores, one per process)
     python benchmarks/skippipe.py --smoke           # tiny model, synthetic data, seconds per run
 """
 
@@ -135,7 +137,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     print(f"measured costs per microbatch (s): {costs}", flush=True)
     rows = []
     measured = {5: costs}  # one cost measurement per stage count: every run of a setting plans with the same
-    for group, label, cfg in runs(args.smoke):
+    for group, label, cfg in [r for r in runs(args.smoke) if args.groups is None or r[0] in args.groups]:
         stages = cfg.stages
         if stages not in measured:
             measured[stages] = measure_costs(spec, stages, vocab)
@@ -229,6 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--data", default="stdlib", choices=["stdlib", "synthetic"])
     p.add_argument("--out", default=str(RESULTS / "skippipe"))
+    p.add_argument("--groups", nargs="+", help="run only these settings (e.g. \"5 stages\")")
     p.add_argument("--smoke", action="store_true", help="tiny model, synthetic data, a few seconds per run")
     p.add_argument("--rederive", action="store_true", help="recompute the ratios, table and plot of OUT.json")
     args = p.parse_args(argv)
