@@ -23,6 +23,7 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     full_cost = None
     for name, (cn, drop) in methods.items():
-        with skipped_control(cn, drop) if cn is not None else _null():
+        with skipped_control(cn, drop) if cn is not None else nullcontext():
             row = {"method": name, **cost(pipe, cn, device, args.batch, args.reps, drop)}
         if name == "full ControlNet":
             full_cost = row
@@ -157,13 +158,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "relevance": report.to_dict(), "rows": rows, "full_controlnet_seed_band": band,
             "threads": torch.get_num_threads()}
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def table(result: dict[str, Any]) -> str:

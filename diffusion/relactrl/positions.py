@@ -22,6 +22,7 @@ from mmskip.inject import attach_hook
 
 from ..block_registry import registry_io
 from ..residual_io import ResidualIO
+from .tdsm import TDSM_IO, TDSMBlock
 
 __all__ = ["ControlPosition", "control_positions", "skipped_control", "UnsupportedControlNetError"]
 
@@ -51,12 +52,10 @@ class ControlPosition:
 
 
 def _io(block: nn.Module) -> ResidualIO:
-    io = registry_io(type(block)) or getattr(block, "residual_io", None)
+    if isinstance(block, TDSMBlock):
+        return TDSM_IO
+    io = registry_io(type(block))
     if io is None:
-        from .tdsm import TDSM_IO, TDSMBlock
-
-        if isinstance(block, TDSMBlock):
-            return TDSM_IO
         raise UnsupportedControlNetError(
             f"cannot skip a {type(block).__name__} control block: it is not in diffusers' TransformerBlockRegistry. "
             "Register it there (diffusers.hooks._helpers.TransformerBlockRegistry) to analyse this ControlNet.")

@@ -174,13 +174,15 @@ def _batch_size(device: torch.device) -> int:
 
 def _train_and_measure(net: torch.nn.Module, pipe: Any, data: ControlData, cfg: ControlTrainConfig, out: Path,
                        eval_n: int, t0: float) -> tuple[torch.nn.Module, Any, dict[str, Any], float]:
-    """Train ``net`` (checkpoints in ``out/run``, removed at the end), save it fp16 into ``out``, and
-    measure the saved branch: (EMA branch, its pipeline, metrics, wall time since ``t0``)."""
+    """Train ``net`` (checkpoints in ``out/run``, removed at the end), save it fp16 into ``out`` with
+    ``train_info.json``, and measure the saved branch: (EMA branch, its pipeline, metrics, wall time since ``t0``)."""
     net = train_control(net, pipe.transformer, data, cfg, out=out / "run", desc=out.name)
     wall = time.time() - t0
     _save(net, out)
     shutil.rmtree(out / "run", ignore_errors=True)  # the checkpoint is only for resuming
     dev = pipe.transformer.device
+    (out / "train_info.json").write_text(json.dumps({"wall_time_s": wall, "steps": net.steps_done, "batch": cfg.batch,
+                                                     "device": str(dev)}) + "\n")
     cpipe = load_pipeline(out, base=pipe).to(dev)
     cpipe.set_progress_bar_config(disable=True)
     metrics = evaluate_control(cpipe, n=eval_n, classifier=_classifier(out), batch_size=_batch_size(dev))
@@ -225,8 +227,6 @@ def train_scenes_controlnet(out: Path, steps: int = CONTROLNET_STEPS, device: st
           f"lr {cfg.lr}, warm-up + cosine, batch {batch}, {net.steps_done} steps, EMA {cfg.ema} (saved, fp16). Then "
           f"RelaCtrl's relevance analysis ({relevance_n} prompts, `relevance.json`, `relevance.png`).",
           metrics, wall, dev, f" --steps {net.steps_done} --batch {batch}")
-    (out / "train_info.json").write_text(json.dumps({"wall_time_s": wall, "steps": net.steps_done, "batch": batch,
-                                                     "device": str(dev)}) + "\n")
     return metrics
 
 
@@ -259,6 +259,4 @@ def train_scenes_relactrl(out: Path, steps: int = RELACTRL_STEPS, device: str | 
           f"positions ranked first by `scenes-flux-controlnet/relevance.json`, channel-mixer ratios scaled by "
           f"relevance; base frozen; same loss, optimiser, batch {batch}, {net.steps_done} steps, EMA as the full ControlNet.",
           metrics, wall, dev, f" --steps {net.steps_done} --batch {batch}")
-    (out / "train_info.json").write_text(json.dumps({"wall_time_s": wall, "steps": net.steps_done, "batch": batch,
-                                                     "device": str(dev)}) + "\n")
     return metrics

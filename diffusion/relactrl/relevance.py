@@ -45,9 +45,13 @@ class RelevanceReport:
 
     def __post_init__(self) -> None:
         if not self.scores:
-            q = _normalised([v - self.baseline["quality_loss"] for v in self.quality_loss])
-            f = _normalised([self.baseline["fidelity"] - v for v in self.fidelity])
+            q, f = self.drops()
             self.scores = [self.weight * a + (1 - self.weight) * b for a, b in zip(q, f, strict=True)]
+
+    def drops(self) -> tuple[list[float], list[float]]:
+        """The quality and the control drop of skipping each position, each min-max normalised."""
+        return (_normalised([v - self.baseline["quality_loss"] for v in self.quality_loss]),
+                _normalised([self.baseline["fidelity"] - v for v in self.fidelity]))
 
     def ranking(self) -> list[str]:
         """Positions from most to least relevant."""
@@ -74,8 +78,7 @@ class RelevanceReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        q = _normalised([v - self.baseline["quality_loss"] for v in self.quality_loss])
-        f = _normalised([self.baseline["fidelity"] - v for v in self.fidelity])
+        q, f = self.drops()
         x = range(len(self.positions))
         fig, ax = plt.subplots(figsize=(1.1 * len(self.positions) + 2.5, 3.2))
         ax.bar([i - 0.27 for i in x], q, 0.27, label="quality drop (norm.)", color="#9ab")

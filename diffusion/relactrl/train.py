@@ -104,6 +104,7 @@ def train_control(controlnet: nn.Module, transformer: nn.Module, data: ControlDa
     With ``out``, checkpoints go to ``out/checkpoint`` and a rerun resumes from the last one.
     """
     from mmskip.train.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+    from mmskip.zoo.ema import ema_update
 
     cfg = config or ControlTrainConfig()
     device = data.latents.device
@@ -134,7 +135,6 @@ def train_control(controlnet: nn.Module, transformer: nn.Module, data: ControlDa
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + start)
     n, (h, w) = len(data.latents), data.latents.shape[2:]
     img_ids, txt_ids = _ids(h, w, data.prompt_embeds.shape[1], device)
-    ema_params, live_params = list(ema.parameters()), list(controlnet.parameters())
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
     t0, done = time.monotonic(), start
     for step in bar:
@@ -159,9 +159,7 @@ def train_control(controlnet: nn.Module, transformer: nn.Module, data: ControlDa
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
+        ema_update([ema], [controlnet], step, cfg.ema)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1

@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from .config import Node, SkipPipeConfig
 from .schedule import BWD, EMBED, EMBED_BWD, FWD, HEAD, Schedule, StageCosts, plan
-from .stages import split
+from .stages import join, run_path, split
 
 __all__ = ["TrainSpec", "run_worker"]
 
@@ -207,10 +208,6 @@ def _gather_state(worker: _Worker) -> dict[int, dict[str, torch.Tensor]] | None:
 
 def evaluate(model: torch.nn.Module, stages: int, val: torch.Tensor, spec: TrainSpec) -> dict[str, float]:
     """Held-out perplexity with every middle stage, and with half of them skipped (mean over the ways)."""
-    from itertools import combinations
-
-    from .stages import run_path
-
     parts = split(model, stages)
     model.eval()
     n = min(spec.eval_windows, (len(val) - 1) // spec.seq)
@@ -271,8 +268,6 @@ def run_worker(cfg: SkipPipeConfig, spec: TrainSpec, costs: StageCosts | None = 
     state = _gather_state(worker)
     if worker.rank != 0:
         return None
-    from .stages import join
-
     model = join(_model(spec, worker.model.config.vocab_size), state, cfg.stages)
     record = {"config": asdict(cfg), "spec": asdict(spec), "history": history,
               "iterations": len(history), "train_seconds": time.perf_counter() - t_start,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path as FilePath
 
 from .config import Node, SkipPipeConfig
@@ -377,8 +377,6 @@ def _simulate(cfg: SkipPipeConfig, costs: StageCosts, homes: list[Node], stage_l
 
 def _wire(op: Op, path: Path) -> Op:
     """Where ``op``'s input comes from and its output goes, on the finished path."""
-    from dataclasses import replace
-
     if op.kind == EMBED:
         return replace(op, dst=path.hops[0])
     if op.kind == FWD:
