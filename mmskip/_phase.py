@@ -117,13 +117,14 @@ def _cache_empty(cache: Any) -> bool:
 
 
 class _PhaseHook(ModelHook):
-    def __init__(self, state: ForwardState, handle: SkipHandle, layer_names: list[str], forward: Callable) -> None:
+    def __init__(self, state: ForwardState, handle: SkipHandle, layer_names: list[str], forward: Callable,
+                 guard: CallGuard) -> None:
         super().__init__()
         self.state = state
         self.handle = handle
         self.layer_names = layer_names
         self.signature = inspect.signature(forward)
-        self.guard = CallGuard(handle.config.technique)
+        self.guard = guard
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
@@ -169,8 +170,17 @@ class _PhaseHook(ModelHook):
             fn(s)
 
 
-def _scoped_generate(*args: Any, inner: Callable, state: ForwardState, **kwargs: Any) -> Any:
-    """``model.generate`` while a layer technique is applied: notes where the generation starts."""
+def _scoped_generate(*args: Any, inner: Callable, state: ForwardState, guard: CallGuard, **kwargs: Any) -> Any:
+    """``model.generate`` while a layer technique is applied: notes where the generation starts.
+
+    The whole call holds ``guard``: the generation state written here is per model, so another
+    thread's ``generate`` (or forward) while this one runs, even between two of its decode steps,
+    is refused with :class:`ConcurrentUseError` before it changes anything."""
+    with guard.call(starts=True):
+        return _tracked_generate(args, kwargs, inner, state)
+
+
+def _tracked_generate(args: tuple, kwargs: dict[str, Any], inner: Callable, state: ForwardState) -> Any:
     fields = ("in_generate", "generate_started", "generate_past", "prompt_len", "prompt_left")
     outer = [getattr(state, f) for f in fields]
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
@@ -207,12 +217,14 @@ def track_forwards(adapter: DecoderAdapter, handle: SkipHandle, costs: dict[str,
     """Attach the phase tracker (and FLOPs bookkeeping for ``costs`` items) to ``adapter``'s model;
     bind its ``generate`` (when it has one) so generations are tracked from their start."""
     state = ForwardState()
+    guard = CallGuard(handle.config.technique)
     handle.counts.cost.update(costs)
     handle.counts.fixed_cost = adapter.head_flops()
-    handle.add_hook(adapter.decoder, _PhaseHook(state, handle, list(costs), adapter.decoder.forward), ".phase")
+    handle.add_hook(adapter.decoder, _PhaseHook(state, handle, list(costs), adapter.decoder.forward, guard), ".phase")
     if adapter.head is not None:
         handle.add_hook(adapter.head, HeadCounter(handle), ".head")
     if callable(getattr(adapter.model, "generate", None)):
-        bind = BindGenerate(lambda model, inner: functools.partial(_scoped_generate, inner=inner, state=state))
+        bind = BindGenerate(lambda model, inner: functools.partial(_scoped_generate, inner=inner, state=state,
+                                                                               guard=guard))
         handle.add_hook(adapter.model, bind, ".generate")
     return state

@@ -9,11 +9,11 @@ registry added, leaving the model exactly as it was.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
 import logging
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +25,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ._fields import check_field_types
+from ._guard import CallGuard, ConcurrentUseError
 
 __all__ = [
     "SkipConfig",
@@ -184,59 +185,6 @@ class TechniqueState:
         return {}
 
 
-class ConcurrentUseError(RuntimeError):
-    """Two threads ran a model with one applied mmskip technique at the same time."""
-
-
-class CallGuard:
-    """Detects concurrent use of one technique's per-model state from two threads.
-
-    A technique's state (the current prompt's skip set, the trajectory's cached features) is
-    per model, so two threads generating with one model would mix their calls. ``enter()`` at
-    the start of each forward (``starts=True`` when the forward starts a new generation or
-    trajectory) raises :class:`ConcurrentUseError` when another thread is inside a forward, or
-    when this thread continues a generation that another thread has since started. The model
-    is never left modified: the error is raised before the forward changes any state.
-    """
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # thread of the generation / trajectory in progress
-        self._inside: dict[int, int] = {}  # thread -> nesting depth of forwards in flight
-
-    def enter(self, starts: bool) -> None:
-        me = threading.get_ident()
-        with self._lock:
-            others = [t for t, n in self._inside.items() if n and t != me]
-            if others or (not starts and self._owner not in (None, me)):
-                raise ConcurrentUseError(
-                    f"two threads are running a model with mmskip {self.what!r} applied at the same time; its "
-                    "state is per model. Serialize the calls (e.g. a lock around generate) or give each thread "
-                    "its own model copy."
-                )
-            if starts:
-                self._owner = me
-            self._inside[me] = self._inside.get(me, 0) + 1
-
-    def exit(self) -> None:
-        me = threading.get_ident()
-        with self._lock:
-            n = self._inside.get(me, 0) - 1
-            if n > 0:
-                self._inside[me] = n
-            else:
-                self._inside.pop(me, None)
-
-    @contextmanager
-    def call(self, starts: bool) -> Iterator[None]:
-        self.enter(starts)
-        try:
-            yield
-        finally:
-            self.exit()
-
-
 class SkipStats:
     """Counts of seen and skipped work, filled in by a technique's hooks.
 
@@ -317,12 +265,14 @@ class SkipHandle:
         self.counts = SkipStats()
         self.state: TechniqueState = TechniqueState()
         self._hooked: list[Callable[[], None]] = []
+        self._attached: list[tuple[torch.nn.Module, ModelHook, str]] = []
         self._removed = False
 
     # -- used by techniques ---------------------------------------------------------------
     def add_hook(self, module: torch.nn.Module, hook: ModelHook, suffix: str = "") -> None:
         """Register ``hook`` on ``module`` under this handle's name (plus an optional suffix)."""
         self._hooked.append(attach_hook(module, hook, self.hook_name + suffix))
+        self._attached.append((module, hook, self.hook_name + suffix))
         logger.debug("attached %s%s (%s) to %s", self.hook_name, suffix, type(hook).__name__, type(module).__name__)
 
     # -- public ------------------------------------------------------------------------------
@@ -345,14 +295,34 @@ class SkipHandle:
         for detach in reversed(self._hooked):
             detach()
         self._hooked.clear()
+        self._attached.clear()
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
+            self.model.__dict__.pop("__deepcopy__", None)
         self._removed = True
         logger.debug("removed %s", self.hook_name)
 
     @property
     def removed(self) -> bool:
         return self._removed
+
+    def _deepcopy_model(self, memo: dict[int, Any]) -> torch.nn.Module:
+        """``copy.deepcopy(model)`` while applied: a copy of the unmodified model with this config
+        applied afresh (its own hooks and state; what this handle learned is not copied).
+
+        The hooks hold closures over the original modules, which a plain deep copy would share,
+        so they are detached for the copy and re-attached to the same modules, in order."""
+        model = self.model
+        for detach in reversed(self._hooked):
+            detach()
+        extras = {k: model.__dict__.pop(k) for k in (_HANDLE_ATTR, "__deepcopy__") if k in model.__dict__}
+        try:
+            clone = copy.deepcopy(model, memo)
+        finally:
+            model.__dict__.update(extras)
+            self._hooked = [attach_hook(m, hook, name) for m, hook, name in self._attached]
+        apply(clone, self.config)
+        return clone
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "active"
@@ -400,6 +370,7 @@ def apply(model: torch.nn.Module, config: SkipConfig) -> SkipHandle:
     """
     if not isinstance(config, SkipConfig):
         raise TypeError(f"apply() takes an mmskip config (e.g. mmskip.LayerSkipConfig), got {type(config).__name__}")
+    _check_model(model)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         # torch.compile(model) wraps the model: hook the wrapped one, which the compiled code traces
         logger.debug("apply(): %s is torch.compile's wrapper; attaching to the model it compiles", type(model).__name__)
@@ -424,8 +395,28 @@ def apply(model: torch.nn.Module, config: SkipConfig) -> SkipHandle:
         handle.remove()
         raise
     model.__dict__[_HANDLE_ATTR] = handle
+    model.__dict__["__deepcopy__"] = handle._deepcopy_model  # copy.deepcopy looks it up on the instance
     logger.debug("applied %s to %s (%d hooks)", config.technique, type(model).__name__, len(handle._hooked))
     return handle
+
+
+def _check_model(model: Any) -> None:
+    """One clear error for what users pass instead of a ``torch.nn.Module``."""
+    if isinstance(model, torch.nn.Module):
+        return
+    what = type(model).__name__
+    if isinstance(model, tuple) and any(isinstance(x, torch.nn.Module) for x in model):
+        hint = ("this looks like what mmskip.zoo.load() returns, (model, tokenizer): unpack it first, "
+                "`model, tok = mmskip.zoo.load(name)`")
+    elif hasattr(model, "components") and hasattr(model, "scheduler"):
+        hint = ("this is a diffusers pipeline: pass its denoiser (`pipe.unet` / `pipe.transformer`) for a "
+                "module-level technique, or use the drop-in pipeline (mmskip.pipelines.Skip*Pipeline"
+                ".from_pipe(pipe, skip_config=...))")
+    elif isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        hint = "load the model first (e.g. AutoModelForCausalLM.from_pretrained(path)) and pass the module"
+    else:
+        hint = "pass the torch.nn.Module itself"
+    raise TypeError(f"mmskip.apply() takes a torch.nn.Module, got {what}: {hint}")
 
 
 @contextmanager

@@ -72,3 +72,98 @@ def test_overlapping_forwards_are_refused_and_the_first_finishes():
         assert torch.equal(box["a"], want)  # the first call was not disturbed
         handle.remove()
         assert torch.equal(ref, model(input_ids=ids).logits)
+
+
+class _PauseAfter:
+    """A stopping criterion that parks its thread between two decode steps until released."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.calls = step, 0
+        self.parked, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        if self.calls == self.step:
+            self.parked.set()
+            assert self.release.wait(10)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+class _BlockingStreamer:
+    """A streamer whose first ``put()`` (the prompt) blocks until released."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def put(self, value):
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.technique)
+def test_generate_paused_between_steps_is_not_corrupted_by_another_threads_generate(config):
+    """Thread A parks between decode steps; thread B starts a generate (its streamer blocks at the
+    prompt); A resumes. A's tokens must equal a lone run's, and B must be refused, not served."""
+    from transformers import StoppingCriteriaList
+
+    model = tiny_lm("llama", layers=6)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    other = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=8, do_sample=False)
+    with torch.no_grad(), mmskip.applied(model, config):
+        want = model.generate(ids, **kw)
+        pause, streamer = _PauseAfter(3), _BlockingStreamer()
+        box: dict = {}
+
+        def run_a():
+            box["a"] = model.generate(ids, stopping_criteria=StoppingCriteriaList([pause]), **kw)
+
+        def run_b():
+            try:
+                box["b"] = model.generate(other, streamer=streamer, **kw)
+            except mmskip.ConcurrentUseError as e:
+                box["b_error"] = e
+            finally:
+                streamer.entered.set()  # refused before its first put(): let the test go on
+
+        a = threading.Thread(target=run_a)
+        a.start()
+        assert pause.parked.wait(10)
+        b = threading.Thread(target=run_b)
+        b.start()
+        assert streamer.entered.wait(10)
+        pause.release.set()
+        a.join(10)
+        streamer.release.set()
+        b.join(10)
+        assert torch.equal(box["a"], want)
+        assert "b_error" in box and "b" not in box
+        assert torch.equal(model.generate(ids, **kw), want)  # the model serves again once A is done
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.technique)
+def test_free_running_threads_are_served_correctly_or_refused(config):
+    model = tiny_lm("llama", layers=6)
+    prompts = [torch.randint(3, 128, (1, 5 + i), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    kw = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad(), mmskip.applied(model, config):
+        want = [model.generate(p, **kw) for p in prompts]
+
+        def run(i: int):
+            out = []
+            for _ in range(5):
+                try:
+                    out.append(model.generate(prompts[i], **kw))
+                except mmskip.ConcurrentUseError:
+                    pass
+            return out
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(run, range(4)))
+    for i, outs in enumerate(results):
+        for out in outs:
+            assert torch.equal(out, want[i])

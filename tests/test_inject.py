@@ -174,3 +174,57 @@ def test_every_config_documents_its_fields_and_paper(technique):
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mmskip.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("stdlib-lm", "load the model first"),
+    ((torch.nn.Linear(2, 2), "tokenizer"), r"\(model, tokenizer\): unpack it first"),
+    (42, "pass the torch.nn.Module itself"),
+])
+def test_apply_on_a_non_module_says_what_to_pass(bad, match):
+    with pytest.raises(TypeError, match=match):
+        mmskip.apply(bad, mmskip.LayerSkipConfig())
+
+
+def test_apply_on_a_diffusers_pipeline_points_to_the_denoiser_or_the_drop_in():
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    class Pipe(DiffusionPipeline):
+        def __init__(self, unet, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+
+    pipe = Pipe(torch.nn.Linear(2, 2), DDIMScheduler())
+    with pytest.raises(TypeError, match=r"pipe\.unet.*drop-in pipeline"):
+        mmskip.apply(pipe, mmskip.LayerSkipConfig())
+
+
+DEEPCOPY_CONFIGS = [
+    mmskip.LayerSkipConfig(schedule=schedules.unified(2.0), phase="all"),
+    mmskip.FFNSkipConfig(schedule=schedules.adaptive(0.0, warmup=0, max_skip=0.5), cold=(1, 1)),
+    mmskip.VoidLayerConfig(),
+]
+
+
+@pytest.mark.parametrize("config", DEEPCOPY_CONFIGS, ids=lambda c: c.technique)
+def test_deepcopy_while_applied_gives_an_independent_copy_with_the_technique(llama, config):
+    import copy
+
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        ref = llama.generate(ids, **kw)
+        handle = mmskip.apply(llama, config)
+        want = llama.generate(ids, **kw)
+        clone = copy.deepcopy(llama)
+        assert torch.equal(llama.generate(ids, **kw), want)  # the original still runs its technique
+        assert torch.equal(clone.generate(ids, **kw), want)  # and so does the copy
+        assert clone._mmskip_handle is not handle and clone._mmskip_handle.config == config
+        for p in llama.parameters():  # the copy shares no weights and no hooks with the original
+            p.data.zero_()
+        assert torch.equal(clone.generate(ids, **kw), want)
+        clone._mmskip_handle.remove()
+        assert torch.equal(clone.generate(ids, **kw), ref)
+        assert "__deepcopy__" not in clone.__dict__
+        handle.remove()
+        assert "__deepcopy__" not in llama.__dict__

@@ -1,0 +1,44 @@
+"""The paired timing module: interleaving, warm-up exclusion, median and spread (no timing thresholds)."""
+
+import pytest
+
+from mmskip.timing import Timing, paired
+
+
+def test_rounds_interleave_alternate_and_drop_the_warmup():
+    calls: list[str] = []
+    out = paired(lambda: calls.append("base"), {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                 repeats=3, warmup=1)
+    # round 0 (warm-up): base first; round 1: candidates reversed, base last; round 2 as round 0 ...
+    assert calls == ["base", "a", "b", "b", "a", "base", "base", "a", "b", "b", "a", "base"]
+    assert set(out) == {"a", "b"}
+    assert all(t.pairs == 3 for t in out.values())
+
+
+def test_summary_statistics_come_from_the_paired_ratios():
+    t = Timing(baseline_s=(2.0, 2.0, 3.0, 4.0), candidate_s=(1.0, 2.0, 1.0, 1.0))
+    assert t.ratios == [2.0, 1.0, 3.0, 4.0]
+    assert t.speedup == 2.5
+    lo, hi = t.spread
+    assert lo == pytest.approx(1.75) and hi == pytest.approx(3.25)
+    assert t.seconds == 1.0 and t.baseline_seconds == 2.5
+    assert t.summary() == "2.50x (1.75-3.25, 4 pairs)"
+    assert t.to_dict()["pairs"] == 4
+
+
+def test_bound_warning_fires_only_beyond_the_spread():
+    fast = Timing(baseline_s=(3.0, 3.0, 3.0), candidate_s=(1.0, 1.0, 1.0))
+    assert fast.bound_warning(0.5) is not None and "FLOPs bound 2.00x" in fast.bound_warning(0.5)
+    assert fast.bound_warning(0.34) is None
+    assert fast.bound_warning(None) is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(repeats=2), "repeats >= 3"),
+    (dict(warmup=-1), "warmup must be >= 0"),
+])
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        paired(lambda: None, {"a": lambda: None}, **kwargs)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        paired(lambda: None, {})
