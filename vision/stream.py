@@ -98,6 +98,11 @@ class VideoStream:
         placeholder tokens (wrapped in ``<|vision_start|>``/``<|vision_end|>`` on Qwen-VL);
         returns the last position's logits."""
         pixels = torch.as_tensor(pixel_values_videos)
+        if pixels.numel() == 0:
+            raise ValueError(
+                f"VideoStream.add_clip got an empty clip (pixel_values_videos of shape {tuple(pixels.shape)}); "
+                "pass at least one frame, or skip the call"
+            )
         if not self.mrope and pixels.dim() == 4:
             pixels = pixels[None]
         args = {"pixel_values_videos": pixels, **inputs}

@@ -268,6 +268,23 @@ def test_stream_refuses_batches(onevision):
         stream.ask(torch.tensor([5]), max_new_tokens=0)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 16, 16), (1, 0, 3, 16, 16)])
+def test_stream_refuses_an_empty_clip(onevision, shape):
+    stream = VideoStream(onevision, prefix=torch.tensor([5, 6]))
+    before = [layer.get_seq_length() for layer in stream.cache.layers]
+    with pytest.raises(ValueError, match="empty clip.*at least one frame"):
+        stream.add_clip(torch.zeros(shape))
+    assert stream.frames == 0 and stream.clips == 0
+    assert [layer.get_seq_length() for layer in stream.cache.layers] == before
+
+
+def test_qwen2vl_stream_refuses_an_empty_clip():
+    stream = VideoStream(tiny_qwen2vl(), prefix=torch.tensor([5, 6]))
+    clip = qwen_clip(seed=4)
+    with pytest.raises(ValueError, match="empty clip"):
+        stream.add_clip(clip["pixel_values_videos"][:0], video_grid_thw=torch.tensor([[0, 4, 8]]))
+
+
 def test_pmod_on_video_model_routes_all_vision_tokens(onevision):
     """MoDConfig (p-MoD) on a video prompt ranks all of a row's video tokens together."""
     batch = onevision_video_prompts((2, 2), frames=3, text_lens=(3, 3))
