@@ -5,9 +5,11 @@ One line to apply a technique, one to undo it::
     handle = mmskip.apply(model, mmskip.LayerSkipConfig(schedule=mmskip.schedules.unified(speedup=2.0)))
     handle.stats(); handle.remove()
 
-The techniques' configs and ``apply`` load with ``import mmskip``; the subpackages
+``import mmskip`` itself is cheap (it imports no torch), so the ``mmskip`` command line starts
+at once. The techniques' configs and ``apply`` load together on first attribute access (which
+also registers every language technique for ``SkipConfig.from_dict``); the subpackages
 (``mmskip.diffusion``, ``mmskip.pipelines``, ``mmskip.zoo``, ``mmskip.eval``,
-``mmskip.analysis``, ``mmskip.vision``) are imported on first attribute access.
+``mmskip.analysis``, ``mmskip.vision``) are imported on first attribute access too.
 """
 
 from __future__ import annotations
@@ -15,19 +17,25 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import schedules
-from .ffn_skip import FFNSkipConfig
-from .inject import ConcurrentUseError, SkipConfig, SkipHandle, TechniqueState, applied, apply
-from .layer_skip import LayerSkipConfig
-from .registry import UnsupportedModelError
-from .routers import RouterConfig
-from .speculative import SelfSpeculativeConfig
-from .void_layers import VoidLayerConfig
-
 if TYPE_CHECKING:
-    from . import analysis, diffusion, eval, pipelines, vision, zoo  # noqa: F401
+    from . import analysis, diffusion, eval, pipelines, schedules, vision, zoo  # noqa: F401
+    from .ffn_skip import FFNSkipConfig
+    from .inject import ConcurrentUseError, SkipConfig, SkipHandle, TechniqueState, applied, apply
+    from .layer_skip import LayerSkipConfig
+    from .registry import UnsupportedModelError
+    from .routers import RouterConfig
+    from .speculative import SelfSpeculativeConfig
+    from .void_layers import VoidLayerConfig
 
-_LAZY = ("analysis", "diffusion", "eval", "pipelines", "vision", "zoo")
+_LAZY = ("analysis", "diffusion", "eval", "pipelines", "vision", "zoo", "schedules")
+
+# public name -> the core module that defines it; the first access imports them all (one piece)
+_CORE = {
+    "apply": "inject", "applied": "inject", "SkipConfig": "inject", "SkipHandle": "inject",
+    "TechniqueState": "inject", "ConcurrentUseError": "inject", "LayerSkipConfig": "layer_skip",
+    "FFNSkipConfig": "ffn_skip", "VoidLayerConfig": "void_layers", "SelfSpeculativeConfig": "speculative",
+    "RouterConfig": "routers", "UnsupportedModelError": "registry",
+}
 
 __all__ = [
     "schedules",
@@ -43,12 +51,16 @@ __all__ = [
     "SelfSpeculativeConfig",
     "RouterConfig",
     "UnsupportedModelError",
-    *_LAZY,
+    *[m for m in _LAZY if m != "schedules"],
 ]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
+    if name in _CORE:
+        modules = {m: importlib.import_module(f"{__name__}.{m}") for m in dict.fromkeys(_CORE.values())}
+        globals().update({n: getattr(modules[m], n) for n, m in _CORE.items()})
+        return globals()[name]
     if name in _LAZY:
         module = importlib.import_module(f"{__name__}.{name}")
         globals()[name] = module
@@ -57,4 +69,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_CORE))

@@ -147,7 +147,9 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def _registered_configs() -> dict:
-    import mmskip.diffusion  # noqa: F401  (registers the diffusion techniques)
+    import mmskip.diffusion  # (registers the diffusion techniques)
+
+    mmskip.SkipConfig  # noqa: B018  (the package's first API access registers the language techniques)
 
     from mmskip.inject import _CONFIGS
 
