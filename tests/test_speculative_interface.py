@@ -237,3 +237,10 @@ def test_refuses_a_model_without_generate():
     with pytest.raises(TypeError, match="LlamaForCausalLM, not LlamaModel"):
         mmskip.apply(base, mmskip.SelfSpeculativeConfig())
     assert "generate" not in base.__dict__ and not hasattr(base, "_diffusers_hook")
+
+
+@pytest.mark.parametrize("value", [float("nan"), 5.0, -1.0, float("inf")])
+def test_target_score_outside_zero_one_is_refused(value):
+    with pytest.raises(ValueError, match=r"target_score .*must lie in \[0, 1\], got"):
+        SelfSpeculativeConfig(target_score=value)
+    assert SelfSpeculativeConfig(target_score=1.0).target_score == 1.0

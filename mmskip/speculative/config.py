@@ -70,6 +70,11 @@ class SelfSpeculativeConfig(SkipConfig):
             raise ValueError(f"SelfSpeculativeConfig.confidence must lie in [0, 1], got {self.confidence}")
         if self.search_trials < 1 or self.random_trials < 1 or self.trials_per_round < 1:
             raise ValueError("search_trials, random_trials and trials_per_round must be >= 1")
+        if not 0.0 <= self.target_score <= 1.0:  # also refuses NaN
+            raise ValueError(
+                f"SelfSpeculativeConfig.target_score is a matchness (the fraction of positions where the draft agrees) "
+                f"and must lie in [0, 1], got {self.target_score}"
+            )
         if not 0.0 <= self.reoptimize_below <= 1.0:
             raise ValueError(f"SelfSpeculativeConfig.reoptimize_below must lie in [0, 1], got {self.reoptimize_below}")
         if self.search_window < 2:
