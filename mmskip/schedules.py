@@ -12,6 +12,7 @@ technique when it applies the schedule to a model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -100,15 +101,41 @@ class Schedule:
 
 
 def from_dict(d: dict[str, Any] | str) -> Schedule:
-    """Rebuild a schedule from :meth:`Schedule.to_dict` output (or its JSON string)."""
+    """Rebuild a schedule from :meth:`Schedule.to_dict` output (or its JSON string).
+
+    Anything else raises one ``ValueError`` that names the schedule kind, its fields and the
+    offending value (not JSON, not an object, no or an unknown ``kind``, an unknown field, a
+    field of the wrong type or out of range)."""
+    example = '{"kind": "interval", "every": 2}'
     if isinstance(d, str):
-        d = json.loads(d)
-    d = dict(d)
+        try:
+            d = json.loads(d)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"schedules.from_dict(): not valid JSON ({err.msg} at position {err.pos}) in {d[:60]!r}; "
+                f"pass a schedule's to_json(), e.g. {example}"
+            ) from None
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"schedules.from_dict() takes a dict or JSON object as written by schedule.to_dict() / to_json() "
+            f"(e.g. {example}), got {type(d).__name__} {d!r:.60}"
+        )
+    given, d = repr(d)[:60], dict(d)
     kind = d.pop("kind", None)
     if kind not in _KINDS:
-        raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(_KINDS)}")
+        what = "has no 'kind'" if kind is None else f"has unknown kind {kind!r}"
+        raise ValueError(f"schedules.from_dict(): {given} {what}; known kinds: {sorted(_KINDS)}")
     cls = _KINDS[kind]
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        raise ValueError(
+            f"schedules.from_dict(): the {kind!r} schedule has no field(s) {unknown}; its fields are {fields}"
+        )
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (TypeError, ValueError) as err:  # field types and ranges, checked by the schedule itself
+        raise ValueError(f"schedules.from_dict(): bad {kind!r} schedule ({err}); its fields are {fields}") from None
 
 
 @dataclass(frozen=True)

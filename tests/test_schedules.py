@@ -138,3 +138,24 @@ def test_decaying_round_trip():
     assert again == s and isinstance(again, schedules.DecayingThreshold)
     assert s.to_dict() == {"kind": "decaying", "threshold": 0.94, "decay": 0.98, "floor": 0.85, "warmup": 2}
     assert "DecayingThreshold" in schedules.__all__ and "decaying" in schedules.__all__
+
+
+@pytest.mark.parametrize(
+    "given, words",
+    [
+        (None, ["takes a dict or JSON object", "NoneType"]),
+        ("{not json", ["not valid JSON", "'{not json'"]),
+        ("[1, 2]", ["takes a dict or JSON object", "list"]),
+        ({"every": 2}, ["has no 'kind'", "known kinds", "interval"]),
+        ({"kind": "nope"}, ["unknown kind 'nope'", "known kinds"]),
+        ({"kind": "interval", "evry": 2}, ["'interval'", "no field(s) ['evry']", "['every', 'offset', 'num']"]),
+        ({"kind": "interval", "every": "2"}, ["'interval'", "every", "'2'", "['every', 'offset', 'num']"]),
+        ({"kind": "interval", "every": 0}, ["'interval'", "every must be an integer >= 1, got 0"]),
+        ('{"kind": "unified", "speedup": 0.5}', ["'unified'", "speedup", "0.5", "['speedup', 'num']"]),
+    ],
+)
+def test_from_dict_errors_are_one_clear_value_error(given, words):
+    with pytest.raises(ValueError) as err:
+        schedules.from_dict(given)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
