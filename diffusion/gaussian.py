@@ -58,6 +58,12 @@ class GaussianStats:
             raise ValueError("fit() needs at least two samples of shape (N, ...)")
         x = samples.detach().reshape(samples.shape[0], -1).double()
         n, d = x.shape
+        finite = torch.isfinite(x).all(1)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"GaussianStats.fit(): {int((~finite).sum())} of {n} samples hold NaN or inf values (e.g. sample "
+                f"{int((~finite).nonzero()[0])}); drop them first (a float16 VAE can overflow: encode in float32)"
+            )
         r = min(rank if rank is not None else d, n - 1, d)
         if r < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")

@@ -140,3 +140,11 @@ def test_from_folder_reads_the_channels_the_vae_takes(tmp_path):
     ref = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / f"{i}.png"))) for i in range(6)])
     torch.testing.assert_close(pixels.mean.reshape(1, 16, 16), (ref.double() / 127.5 - 1).mean(0, keepdim=True).float())
     assert GaussianStats.from_folder(tmp_path, 16, rank=4).shape == (3, 16, 16)  # no VAE: RGB by default
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fit_refuses_non_finite_samples(bad):
+    x = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    x[5, 1, 0, 2] = bad
+    with pytest.raises(ValueError, match=r"1 of 8 samples hold NaN or inf values \(e.g. sample 5\)"):
+        GaussianStats.fit(x, rank=4)
