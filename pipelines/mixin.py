@@ -272,6 +272,13 @@ class SkipPipelineMixin:
                     sched.timesteps = kept
             order = getattr(sched, "order", 1)
             t_start = n - len(timesteps) // order
+            if t_start >= n:  # diffusers' img2img/inpainting refuse (or fail on) this too
+                strength = bound.arguments.get("strength")
+                raise ValueError(
+                    f"strength={strength} runs none of the {n} denoising steps (the pipeline runs "
+                    f"int(num_inference_steps * strength) of them); pass strength >= 1/num_inference_steps "
+                    f"({1 / n:.3g} here) or more num_inference_steps"
+                )
             if t_start == 0:
                 return original(*args, **kwargs) if planned is not None else (timesteps, n)
             if plan.first_step is not None:

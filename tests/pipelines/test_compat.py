@@ -227,6 +227,27 @@ def test_strength_with_a_plan_that_runs_none_of_its_steps_is_refused(tmp_path):
     assert torch.equal(_img(skip, kw), _img(parent, kw))  # nothing was left changed
 
 
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+@pytest.mark.parametrize("config", [FeatureInheritanceConfig(), StepSkipConfig(interval(2))], ids=["inherit", "steps"])
+@pytest.mark.parametrize("strength", [0.0, 0.1])
+def test_strength_that_runs_no_step_is_refused_about_strength(kind, config, strength):
+    """int(6 * strength) = 0 steps: diffusers' inpainting refuses it (its img2img fails inside);
+    the drop-in says so about strength, whichever technique is enabled, and changes nothing."""
+    parent, skip, kw = _sd_image_pipes(kind)
+    kw = dict(kw, strength=strength)
+    if kind == "inpaint":
+        with pytest.raises(ValueError, match="strength"):
+            _img(parent, kw)
+    skip.enable_skip(config)
+    with pytest.raises(ValueError, match=rf"strength={strength} runs none of the 6 denoising steps.*0\.167") as err:
+        _img(skip, kw)
+    assert "step-skip" not in str(err.value)
+    kw = dict(kw, strength=0.5)
+    ref = _img(skip, kw)
+    skip.disable_skip()
+    assert torch.equal(_img(skip, kw), _img(parent, kw)) and not torch.equal(ref, _img(parent, kw))
+
+
 @pytest.mark.parametrize("kind", ["controlnet", "img2img", "inpaint"])
 def test_teleport_with_image_conditioned_pipelines_at_full_strength(kind, tmp_path):
     path = tmp_path / "g.safetensors"
