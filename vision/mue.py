@@ -38,6 +38,7 @@ from mmskip.inject import CallGuard, SkipConfig, SkipHandle, TechniqueState
 from mmskip.registry import get_adapter
 from mmskip.schedules import AdaptiveSchedule, DecayingThreshold
 
+from .generation import Generations, bind_generations
 from .mue_adapters import EncDecVLMAdapter
 from .mue_hooks import (
     DecoderHook,
@@ -241,6 +242,7 @@ class MuEConfig(SkipConfig):
             handle.add_hook(layer.self_attn, kv_hook, ".kv")
             handle.add_hook(layer, EncoderLayerHook(i, state, handle, kv_hook), ".layer")
         handle.add_hook(adapter.decoder, DecoderHook(state, handle, guard), ".decoder")
+        bind_generations(handle, model, state.generations)  # generate(use_cache=False) replays its exits
         for i, layer in enumerate(adapter.decoder_layers):
             handle.add_hook(layer, DecoderLayerHook(i, state, handle), ".layer")
         if adapter.head is not None:
@@ -271,6 +273,7 @@ class MuEState(TechniqueState):
     enc: EncoderPass | None = None  # the encoder pass in flight
     dec: DecoderPass | None = None  # the decoder forward in flight
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # thread -> image mask awaiting its encoder
+    generations: Generations = field(default_factory=Generations)  # generate calls in flight, per thread
     warned_no_image: bool = False
 
     def reset(self) -> None:

@@ -94,7 +94,8 @@ class DecoderPass:
     exit_layer: torch.Tensor  # (B, q) long
     thr: torch.Tensor  # (q,) float: the threshold at each position
     measure: bool
-    pinned: torch.Tensor | None = None  # (B, q) long
+    pinned: torch.Tensor | None = None  # (B, q) long: exit layers to replay, -1 = measure
+    measure_from: int = 0  # positions before this one replay ``pinned``; from here on they are measured
     dense: int = 0  # exited (layer, token) pairs computed anyway (mixed batch)
 
 
@@ -322,8 +323,12 @@ class DecoderHook(ArgumentsHook):
         cache = get_cache(bound)
         past = int(cache.get_seq_length()) if cache is not None else 0
         st = self.state
+        gen = st.generations.current()
+        no_cache = cache is None or bound.get("use_cache") is False
         with self.guard.call(starts=past == 0):
-            st.dec = self._open(int(x.shape[0]), int(x.shape[1]), past, x.device)
+            # generate(use_cache=False) recomputes every position at each step: earlier ones replay their exits
+            replay = gen.decisions if gen is not None and gen.forwards > 0 and no_cache else None
+            st.dec = self._open(int(x.shape[0]), int(x.shape[1]), past, x.device, replay)
             try:
                 out = self.fn_ref.original_forward(*args, **kwargs)
             except BaseException:
@@ -331,13 +336,20 @@ class DecoderHook(ArgumentsHook):
                 raise
             p, st.dec = st.dec, None
             self._record(p)
+            if gen is not None:
+                gen.forwards += 1
+                gen.decisions = p.exit_layer if no_cache else None
             return out
 
-    def _open(self, B: int, q: int, past: int, dev: torch.device) -> DecoderPass:
+    def _open(self, B: int, q: int, past: int, dev: torch.device, replay: torch.Tensor | None) -> DecoderPass:
         st, cfg = self.state, self.state.config
         L = st.adapter.num_decoder_layers
-        pinned = st.pinned_decoder
-        if pinned is not None:
+        pinned, measure_from = st.pinned_decoder, 0
+        if pinned is None and replay is not None and replay.shape[0] == B and replay.shape[1] < q:
+            measure_from = replay.shape[1]
+            pinned = torch.cat([replay.to(dev), replay.new_full((B, q - measure_from), -1, device=dev)], dim=1)
+        elif pinned is not None:
+            measure_from = q
             if pinned.shape[0] != B or pinned.shape[1] < past + q:
                 raise ValueError(
                     f"mmskip MuE: pinned decoder exits cover {pinned.shape[0]} rows x {pinned.shape[1]} positions; this "
@@ -348,7 +360,7 @@ class DecoderHook(ArgumentsHook):
         return DecoderPass(
             layers=L, batch=B, q=q, past=past, done=torch.zeros(B, q, dtype=torch.bool, device=dev),
             exit_layer=torch.full((B, q), L, dtype=torch.long, device=dev), thr=thr,
-            measure=L > 1 and bool((thr < 1.0).any()), pinned=pinned,
+            measure=L > 1 and bool((thr < 1.0).any()), pinned=pinned, measure_from=measure_from,
         )
 
     def _record(self, p: DecoderPass) -> None:
@@ -398,11 +410,10 @@ class DecoderLayerHook(ModelHook):
         self.handle.counts.record(f"decoder.{i}.kv", n, kv_skipped)
         st = self.state
         if i + 1 >= st.min_layers and i < p.layers - 1 and (p.measure or p.pinned is not None):
-            run = ~p.done
-            if p.pinned is not None:
-                new = run & (p.pinned == i + 1)
-            else:
-                new = run & (cosine(h, out) > p.thr[None, :])
+            run, k = ~p.done, p.measure_from
+            new = run & (p.pinned == i + 1) if p.pinned is not None else torch.zeros_like(run)
+            if p.measure and k < p.q:
+                new[:, k:] |= run[:, k:] & (cosine(h[:, k:], out[:, k:]) > p.thr[None, k:])
             p.done |= new
             p.exit_layer = torch.where(new, i + 1, p.exit_layer)
         return out

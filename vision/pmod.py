@@ -28,6 +28,7 @@ from mmskip.registry import get_adapter
 from mmskip.schedules import AdaptiveSchedule, ConstantSchedule, ProgressiveSchedule, Schedule
 
 from .adapters import VLMAdapter
+from .generation import Generations, bind_generations
 from .mod_routers import MoDRouters
 from .pmod_hooks import CaptureHook, InputHook, MlpScaleHook, MoDLayerHook
 
@@ -134,6 +135,7 @@ class MoDConfig(SkipConfig):
             handle.counts.fixed_cost = text._linear_flops(adapter.head)
             handle.add_hook(adapter.head, HeadCounter(handle), ".head")
         handle.add_hook(adapter.mm_model, InputHook(state, handle), ".input")
+        bind_generations(handle, model, state.generations)  # generate(use_cache=False) replays its routing
         for i, ratio in sorted(ratios.items()):
             layer = text.layers[i]
             scale = None
@@ -220,7 +222,9 @@ class MoDState(TechniqueState):
     pad: torch.Tensor | None = None  # (batch, chunk) 2-D padding mask, if one was given
     prev_input: dict[int, torch.Tensor] = field(default_factory=dict)  # "norm": layer inputs, prefill only
     signal_flops: float = 0.0  # the last prefill's cost of computing the signals
-    pinned: dict[int, torch.Tensor] | None = None
+    pinned: dict[int, torch.Tensor] | None = None  # pin_routing(): every later prefill replays it
+    replay: dict[int, torch.Tensor] | None = None  # the routing the forward in flight replays, if any
+    generations: Generations = field(default_factory=Generations)  # generate calls in flight, per thread
     warned_plain: bool = False  # told the user once that a prompt had nothing to route
 
     def reset(self) -> None:

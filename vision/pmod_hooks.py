@@ -69,6 +69,8 @@ class InputHook(ArgumentsHook):
         cache = bound.get("cache", bound.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None else 0
         st = self.state
+        gen = st.generations.current()
+        no_cache = cache is None or bound.get("use_cache") is False
         routed, groups = self._routed(bound)
         if past == 0 and cache is not None:
             self._check_cache(cache)
@@ -105,11 +107,19 @@ class InputHook(ArgumentsHook):
             st.past, st.q = past, q
             for i in range(st.adapter.num_layers):
                 self.handle.counts.record(f"layer.{i}", B * q)
+            # generate(use_cache=False): each step recomputes the prompt; it replays the first forward's routing
+            recompute = gen is not None and gen.forwards > 0 and no_cache
+            st.replay = st.pinned if st.pinned is not None else gen.decisions if recompute else None
             try:
-                return self.fn_ref.original_forward(*args, **kwargs)
+                out = self.fn_ref.original_forward(*args, **kwargs)
             finally:
-                st.phase = "idle"
+                st.phase, st.replay = "idle", None
                 st.prev_input.clear()
+            if gen is not None:
+                if gen.forwards == 0 and no_cache and st.mode == "mod":
+                    gen.decisions = {i: st.kept_vision_mask(i) for i in st.records}
+                gen.forwards += 1
+            return out
 
     def _routed(self, bound: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens MoD routes ((batch, seq) bool) and their routing groups ((batch, seq) long,
@@ -238,8 +248,8 @@ class MoDLayerHook(ModelHook):
             raise RuntimeError(f"mmskip p-MoD: layer input {tuple(h.shape)} does not match the prompt {tuple(vis.shape)}")
         n_vis = [sum(sizes) for sizes in st.group_sizes]
         weight = None
-        if st.pinned is not None:
-            pin = st.pinned.get(self.index)
+        if st.replay is not None:
+            pin = st.replay.get(self.index)
             pin = None if pin is None else pin.to(h.device)
             if pin is None or pin.shape[0] != B or pin.shape[1] > L:
                 raise RuntimeError("mmskip p-MoD: the pinned routing does not match this batch; unpin_routing()")
