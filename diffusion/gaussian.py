@@ -15,10 +15,13 @@ estimated once from data (the zoo's training set or a folder of a user's samples
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ __all__ = ["GaussianStats", "GaussianTeleportConfig", "teleport", "teleport_step
 logger = logging.getLogger(__name__)
 
 _FORMAT = "mmskip.gaussian_stats/1"
+SAVED_STATS = "mmskip_gaussian_stats"  # the stats file's name in a saved pipeline folder (plus its suffix)
 
 
 @dataclass
@@ -250,7 +254,8 @@ class GaussianTeleportConfig(SamplerConfig):
     Args:
         stats_path: a ``.safetensors`` file written by :meth:`GaussianStats.save` (mean and PCA of
             the data in the sampler's x0 space, e.g. scaled latents). Required (default ``""`` is
-            refused); it is read when the config is enabled.
+            refused); it is read when the config is enabled. A pipeline's ``save_pretrained``
+            copies it into the saved folder and stores it relative to the folder.
         skip_fraction: the fraction of the ``num_inference_steps`` grid replaced by the jump
             (default 0.2; must lie in [0, 1)). The sampler starts at grid step
             ``round(skip_fraction * num_inference_steps)``.
@@ -282,6 +287,27 @@ class GaussianTeleportConfig(SamplerConfig):
 
     def validate(self, num_steps: int | None = None) -> None:
         self.load_stats()
+
+    def saved_in(self, folder: Path) -> GaussianTeleportConfig:
+        """Copy the stats file into a saved pipeline's ``folder`` (as ``mmskip_gaussian_stats``) and
+        name it relative to the folder, so the folder loads from anywhere."""
+        src = Path(self.stats_path)
+        if not src.is_file():
+            raise FileNotFoundError(
+                f"GaussianTeleportConfig: no stats file at {src} to save with the pipeline; it was moved or deleted "
+                "after enable_skip(). Put it back or enable a config with its new path"
+            )
+        dest = Path(folder) / f"{SAVED_STATS}{src.suffix}"
+        if not (dest.exists() and os.path.samefile(src, dest)):
+            shutil.copyfile(src, dest)
+        return dataclasses.replace(self, stats_path=dest.name)
+
+    def loaded_from(self, folder: Path) -> GaussianTeleportConfig:
+        """A relative ``stats_path`` found in the saved pipeline's ``folder`` is read from there."""
+        inside = Path(folder) / self.stats_path
+        if Path(self.stats_path).is_absolute() or not inside.is_file():
+            return self  # absolute, or saved before stats were copied (relative to the working directory)
+        return dataclasses.replace(self, stats_path=str(inside.resolve()))
 
     def plan(self, scheduler: Any, plan: SamplerPlan) -> SamplerPlan:
         start = self.start(plan.num_steps)

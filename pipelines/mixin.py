@@ -80,8 +80,11 @@ class SkipPipelineMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, skip_config: Any = None, **kwargs: Any) -> Any:
         """The parent's ``from_pretrained``, then ``enable_skip(skip_config)``; without ``skip_config``
-        the configs a Skip pipeline saved in the folder (``mmskip_skip_config.json``) are enabled."""
+        the configs a Skip pipeline saved in the folder (``mmskip_skip_config.json``) are enabled;
+        ``skip_config=[]`` loads the folder with skipping disabled."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if isinstance(skip_config, (list, tuple)) and not skip_config:
+            return pipe  # explicitly none: the saved configs are not enabled
         if skip_config is None:
             saved = Path(str(pretrained_model_name_or_path)) / SKIP_CONFIG_NAME
             if saved.is_file():
@@ -93,7 +96,11 @@ class SkipPipelineMixin:
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """The parent's ``save_pretrained`` under the parent's class name (so plain diffusers loads it),
-        plus the enabled skip configs in ``mmskip_skip_config.json``."""
+        plus the enabled skip configs in ``mmskip_skip_config.json``; files the configs read (Gaussian
+        stats) are copied into the folder and stored relative to it, so the folder loads from anywhere."""
+        state = self._skip_state()
+        for c in state.samplers if state is not None else ():
+            c.validate(None)  # a file a config reads is still there, before anything is written
         super().save_pretrained(save_directory, *args, **kwargs)
         folder = Path(save_directory)
         index = folder / "model_index.json"
@@ -102,9 +109,9 @@ class SkipPipelineMixin:
             data["_class_name"] = _diffusers_parent(type(self)).__name__
             index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         target = folder / SKIP_CONFIG_NAME
-        state = self._skip_state()
         if state is not None:
-            payload = {"configs": [c.to_dict() for c in state.configs]}
+            saved = [c.saved_in(folder) if isinstance(c, SamplerConfig) else c for c in state.configs]
+            payload = {"configs": [c.to_dict() for c in saved]}
             target.write_text(json.dumps(payload, indent=2) + "\n")
         elif target.exists():
             target.unlink()
@@ -358,12 +365,14 @@ class SkipPipelineMixin:
 
 
 def load_skip_configs(path: str | Path) -> list[SkipConfig]:
-    """The configs a Skip pipeline's ``save_pretrained`` wrote (``mmskip_skip_config.json``)."""
+    """The configs a Skip pipeline's ``save_pretrained`` wrote (``mmskip_skip_config.json``); file
+    names relative to the folder (the copied Gaussian stats) are resolved against it."""
     p = Path(path)
     if p.is_dir():
         p = p / SKIP_CONFIG_NAME
     data = json.loads(p.read_text())
-    return [SkipConfig.from_dict(d) for d in data["configs"]]
+    configs = [SkipConfig.from_dict(d) for d in data["configs"]]
+    return [c.loaded_from(p.parent) if isinstance(c, SamplerConfig) else c for c in configs]
 
 
 def _diffusers_parent(cls: type) -> type:
