@@ -8,10 +8,13 @@ now replays its own first decisions (``mmskip.vision.generation``). CPU float32,
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from mmskip.vision import MoDConfig, MoDRouters, VideoMoDConfig
 from mmskip.vision.mue import MuEConfig
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import mmskip
 
@@ -116,6 +119,52 @@ def test_pmod_user_pin_still_wins():
             assert torch.equal(mask[:, :L], pinned[i])
 
 
+class _Pause(StoppingCriteria):
+    """Holds its generation after step ``at`` until ``resume`` is set."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            self.paused.set()
+            assert self.resume.wait(120)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def _interleaved(model, cfg, a, b) -> None:
+    """Two threads' uncached generations overlap: A pauses between steps, B starts and pauses, A
+    resumes and finishes, then B. Each gets what it gets alone (the decisions a generation
+    replays are its own call's, not the model's)."""
+    with mmskip.applied(model, cfg):
+        want = {"a": _generate(model, a), "b": _generate(model, b)}
+        pauses, got = {"a": _Pause(at=2), "b": _Pause(at=2)}, {}
+
+        def run(name: str, batch) -> None:
+            got[name] = _generate(model, batch, use_cache=False, stopping_criteria=StoppingCriteriaList([pauses[name]]))
+
+        threads = {name: threading.Thread(target=run, args=(name, batch)) for name, batch in (("a", a), ("b", b))}
+        try:
+            for name in ("a", "b"):
+                threads[name].start()
+                assert pauses[name].paused.wait(120)
+            for name in ("a", "b"):
+                pauses[name].resume.set()
+                threads[name].join(120)
+        finally:  # never leave a thread waiting
+            for name in ("a", "b"):
+                pauses[name].resume.set()
+                if threads[name].ident is not None:
+                    threads[name].join(120)
+    assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
+
+
+def test_pmod_uncached_generations_interleaved_across_threads():
+    _interleaved(tiny_llava(), MoDConfig(), padded_prompts(seed=1), padded_prompts(seed=5))
+
+
 # -- MuE ---------------------------------------------------------------------------------------------
 
 
@@ -180,3 +229,7 @@ def test_mue_recompute_replays_earlier_exits():
                 hook.remove()
         assert bool((h.state.decoder_exits == 4).all()), h.state.decoder_exits.tolist()
     assert torch.equal(uncached, cached)
+
+
+def test_mue_uncached_generations_interleaved_across_threads():
+    _interleaved(tiny_florence(), EXITS, florence_prompts(seed=1), florence_prompts(seed=5))
