@@ -18,6 +18,9 @@ on the cosine similarity of a layer's input and output (the "saturation" signal,
   and every deeper layer computes its self-attention keys/values for that token from it, so later
   tokens see a full-length cache; a cached generation equals a no-cache recompute under the same
   exit decisions (``MuEState.pin_exits``).
+  ``generate(use_cache=False)`` recomputes every position at each step: the earlier positions
+  replay the exits that generation already decided (:mod:`mmskip.vision.generation`), only the
+  new one is measured, so its tokens are the cached run's.
 
 See ``vision/MUE.md``. The hooks are in :mod:`mmskip.vision.mue_hooks`, the model facts in
 :mod:`mmskip.vision.mue_adapters`.

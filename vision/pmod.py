@@ -12,6 +12,10 @@ kept columns when there is one (left padding).
 
 Vision-token positions are read from ``input_ids`` (or the placeholder embeddings) by a hook
 on the module that receives them, at prefill: decoder layers never see ids.
+
+``generate(use_cache=False)`` runs the whole sequence again at every step; those recomputes
+replay the routing of the generation's first forward (:mod:`mmskip.vision.generation`), so they
+give the cached run's tokens (the attention signal would otherwise rank from another last token).
 """
 
 from __future__ import annotations
