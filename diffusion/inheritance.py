@@ -41,7 +41,7 @@ from mmskip.schedules import AdaptiveSchedule, ExplicitSchedule, Schedule, inter
 from .adapters import GRANULARITIES, DiffusionAdapter
 from .inheritance_hooks import OutputHook, ProbeHook, Range, RangeHook, RootHook
 from .plan import check_step_schedule
-from .tracker import StepTracker
+from .tracker import StepTracker, bound_thread
 
 __all__ = ["FeatureInheritanceConfig", "InheritanceState", "step_computes"]
 
@@ -142,7 +142,9 @@ class InheritanceState(TechniqueState):
     probe's references, and the recomputed / inherited steps of the current trajectory.
     ``begin(num_steps, visited)`` starts a trajectory on a known grid (drop-in pipelines call
     it); ``reset()`` forgets the trajectory in progress. One thread at a time: a forward from a
-    second thread while one is in flight raises :class:`mmskip.inject.ConcurrentUseError`.
+    second thread while one is in flight raises :class:`mmskip.inject.ConcurrentUseError`;
+    attached by a drop-in pipeline's call, the state is bound to that call's ``thread`` and
+    other threads' calls pass through the hooks unchanged (:func:`.tracker.serves`).
     """
 
     def __init__(self, config: FeatureInheritanceConfig, adapter: DiffusionAdapter, handle: SkipHandle) -> None:
@@ -151,6 +153,7 @@ class InheritanceState(TechniqueState):
         self.handle = handle
         self.counts = handle.counts
         self.tracker = StepTracker()
+        self.thread = bound_thread()  # set before any hook is attached: a call already in flight passes
         self.guard = CallGuard(config.technique)
         self.decision: bool | None = None
         self.cache: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()

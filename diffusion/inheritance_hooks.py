@@ -5,7 +5,9 @@ feeds the adaptive schedule; ``OutputHook`` inherits a module's whole output; ``
 makes a run of residual modules (a :class:`Range`) add its cached residual: the sum of its
 members' own contributions ``out - in``. Each
 hook asks its owner, the technique's :class:`~mmskip.diffusion.inheritance.InheritanceState`,
-whether this step computes.
+whether this step computes. A call the owner does not serve (another thread's, when a pipeline
+bound the owner to its own: :func:`.tracker.serves`) runs the module's own forward and touches
+no state; the root hook also ignores that thread's ``reset_stateful_hooks``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .residual_io import ResidualIO
+from .tracker import serves
 
 if TYPE_CHECKING:
     from .inheritance import InheritanceState
@@ -97,10 +100,13 @@ class RootHook(ModelHook):
         self.owner = owner
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        self.owner.reset()
+        if serves(self.owner.thread):  # not another pipeline's end-of-call reset on a shared denoiser
+            self.owner.reset()
         return module
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not serves(self.owner.thread):
+            return self.fn_ref.original_forward(*args, **kwargs)
         measure = self._enter(args, kwargs)
         try:
             if measure:
@@ -151,7 +157,8 @@ class ProbeHook(ModelHook):
         self.owner = owner
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self._probe(output)
+        if serves(self.owner.thread):
+            self._probe(output)
         return output
 
     @torch.compiler.disable  # reads the signal as a Python float and decides: outside compiled graphs
@@ -169,6 +176,8 @@ class OutputHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
+        if not serves(owner.thread):
+            return self.fn_ref.original_forward(*args, **kwargs)
         cache = owner.slot_cache()
         shape = input_shape(args, kwargs)
         compute = owner.computes(self.name)
@@ -200,6 +209,8 @@ class RangeHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         owner, rng = self.owner, self.rng
+        if not serves(owner.thread):
+            return self.fn_ref.original_forward(*args, **kwargs)
         if self.index == 0:
             ins = rng.io.inputs(args, kwargs)
             residual = owner.slot_cache().get(rng.name)

@@ -19,19 +19,54 @@ A restart that the rules cannot see (the same conditioning, at a timestep below 
 interrupted call's last one) continues the old trajectory's step count; its features are
 still never reused across different conditioning. Call ``handle.state.reset()`` between such
 calls, or use a drop-in pipeline (``mmskip.pipelines``), which marks every call's start.
+
+Whose calls a technique sees: a drop-in pipeline attaches its techniques to a denoiser that
+other pipelines may share, for one call. It attaches them inside :func:`serving_this_thread`,
+which binds them to its thread: calls of the denoiser from any other thread (a plain diffusers
+pipeline on the same ``unet``) pass through their hooks untouched (:func:`serves`), so they
+compute what the unhooked model computes and never read or change the call's state.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+import threading
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
-__all__ = ["StepTracker", "call_key"]
+__all__ = ["StepTracker", "call_key", "serving_this_thread", "bound_thread", "serves"]
 
 logger = logging.getLogger(__name__)
+
+_SERVING: ContextVar[int | None] = ContextVar("mmskip_diffusion_serving", default=None)
+
+
+@contextmanager
+def serving_this_thread() -> Iterator[None]:
+    """Techniques attached inside this block act only on this thread's denoiser calls (see the
+    module docstring); drop-in pipelines attach their per-call techniques in it."""
+    token = _SERVING.set(threading.get_ident())
+    try:
+        yield
+    finally:
+        _SERVING.reset(token)
+
+
+def bound_thread() -> int | None:
+    """The thread a technique attached now is bound to (``None``: not bound, every call counts)."""
+    return _SERVING.get()
+
+
+def serves(thread: int | None) -> bool:
+    """Whether the running denoiser call is one a technique bound to ``thread`` acts on. Checked
+    in eager code only: inside a ``torch.compile``d graph it is always True (no graph break)."""
+    if torch.compiler.is_compiling() or thread is None:
+        return True
+    return thread == threading.get_ident()
 
 
 class StepTracker:

@@ -25,7 +25,7 @@ from mmskip.inject import attach_hook
 from mmskip.registry import get_adapter
 
 from .plan import SamplerConfig, SamplerPlan
-from .tracker import StepTracker
+from .tracker import StepTracker, bound_thread, serves
 
 __all__ = ["UNetSwitchConfig"]
 
@@ -122,6 +122,7 @@ class _SwitchHook(ModelHook):
         super().__init__()
         self.adapter, self.light, self.full = adapter, light, full
         self.tracker = StepTracker()
+        self.thread = bound_thread()  # the pipeline call's: other threads' calls are not routed
         self.steps_full: list[int] = []
         self.steps_light: list[int] = []
 
@@ -136,6 +137,6 @@ class _SwitchHook(ModelHook):
         return full
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self._is_full(args, kwargs):
+        if not serves(self.thread) or self._is_full(args, kwargs):
             return self.fn_ref.original_forward(*args, **kwargs)
         return self.light(*args, **kwargs)

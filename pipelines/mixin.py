@@ -19,8 +19,12 @@ configs; each call of an enabled pipeline applies its model-level technique to t
 for that call and removes it when the call ends (FLOPs are measured on the first call and
 reused). Between calls the denoiser carries no hooks, so pipelines that share it
 (``Skip*Pipeline(**pipe.components)``, ``from_pipe``, a plain diffusers pipeline) compute
-exactly what their own settings say: a disabled or plain pipeline never skips. Two pipelines
-running the same denoiser at the same time are refused.
+exactly what their own settings say: a disabled or plain pipeline never skips. During a call
+its hooks are bound to the call's thread: a plain pipeline running the shared denoiser from
+another thread at the same time passes through them and gets its own exact output, and the
+call's state never sees it. Two Skip calls that would both attach hooks to one denoiser at the
+same time are refused (:class:`mmskip.ConcurrentUseError`, before anything changes), as are
+two calls of one Skip pipeline.
 
 The drop-ins expose their parent's ``__call__`` signature and docstring (``inspect.signature``,
 ``from_pipe`` and UIs see every argument: ``timesteps``, ``callback_on_step_end``, ...).
@@ -32,15 +36,20 @@ import functools
 import inspect
 import json
 import logging
-from collections.abc import Callable, Sequence
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from mmskip.diffusion.plan import SamplerConfig, SamplerPlan
 from mmskip.diffusion.sampler import plan_sampler
+from mmskip.diffusion.tracker import serving_this_thread
 
-from mmskip.inject import CallGuard, SkipConfig, SkipHandle, applied, apply
+from mmskip.inject import CallGuard, ConcurrentUseError, SkipConfig, SkipHandle, applied, apply
 
 __all__ = ["SkipPipelineMixin", "SKIP_CONFIG_NAME"]
 
@@ -222,7 +231,13 @@ class SkipPipelineMixin:
                         f"analytic early steps need the sampler's grid before sampling; {type(self.scheduler).__name__}"
                         f" could not build it without pipeline arguments ({err})"
                     ) from err
-        state.last_plan = plan
+        hooks = state.model is not None or any(callable(getattr(c, "route", None)) for c in state.samplers)
+        with _hooking(self._denoiser() if hooks else None), serving_this_thread():
+            state.last_plan = plan
+            return self._hooked_call(state, planned, plan, n, args, kwargs)
+
+    def _hooked_call(self, state: _SkipState, planned: Any, plan: SamplerPlan, n: int, args: tuple, kwargs: dict) -> Any:
+        """Attach this call's techniques (bound to this thread), run, and remove them."""
         # sampler configs that route denoiser calls (multi-UNet switching) hook in first, inside
         # the model-level technique's hooks, so that it still sees every step
         routes: list[Callable[[], None]] = []
@@ -373,6 +388,41 @@ def load_skip_configs(path: str | Path) -> list[SkipConfig]:
     data = json.loads(p.read_text())
     configs = [SkipConfig.from_dict(d) for d in data["configs"]]
     return [c.loaded_from(p.parent) if isinstance(c, SamplerConfig) else c for c in configs]
+
+
+_HOOKED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # denoiser -> thread hooking it
+_HOOKED_LOCK = threading.Lock()
+
+
+@contextmanager
+def _hooking(denoiser: Any) -> Iterator[None]:
+    """Hold ``denoiser`` for one Skip call that attaches hooks to it (``None``: none attached).
+
+    A Skip call of another thread that would hook the same denoiser meanwhile is refused with
+    :class:`ConcurrentUseError` before anything changes; plain calls from other threads are not
+    held here: they pass through this call's hooks (see :mod:`mmskip.diffusion.tracker`).
+    """
+    if denoiser is None:
+        yield
+        return
+    if isinstance(denoiser, torch._dynamo.eval_frame.OptimizedModule):
+        denoiser = denoiser._orig_mod  # the module the hooks go on
+    me = threading.get_ident()
+    with _HOOKED_LOCK:
+        holder = _HOOKED.get(denoiser)
+        if holder is not None and holder != me:
+            raise ConcurrentUseError(
+                f"another pipeline call (thread {holder}) is running this {type(denoiser).__name__} with mmskip "
+                "techniques attached; two pipelines sharing a denoiser cannot skip at the same time. Serialize the "
+                "calls (e.g. a lock around them) or give each pipeline its own denoiser copy."
+            )
+        _HOOKED[denoiser] = me
+    try:
+        yield
+    finally:
+        if holder is None:
+            with _HOOKED_LOCK:
+                _HOOKED.pop(denoiser, None)
 
 
 def _diffusers_parent(cls: type) -> type:
