@@ -24,7 +24,9 @@ Whose calls a technique sees: a drop-in pipeline attaches its techniques to a de
 other pipelines may share, for one call. It attaches them inside :func:`serving_this_thread`,
 which binds them to its thread: calls of the denoiser from any other thread (a plain diffusers
 pipeline on the same ``unet``) pass through their hooks untouched (:func:`serves`), so they
-compute what the unhooked model computes and never read or change the call's state.
+compute what the unhooked model computes and never read or change the call's state. The check
+runs in eager code; inside a ``torch.compile``d denoiser it is not made (it would break the
+graph), so do not run a compiled denoiser from two pipelines at the same time.
 """
 
 from __future__ import annotations
