@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "paired", "sync"]
+__all__ = ["Timing", "paired", "repeated", "sync"]
 
 
 def sync() -> None:
@@ -111,10 +111,16 @@ class Timing:
                     f"{bound:.2f}x: the timing is noisy, or the model is bound by overheads rather than FLOPs")
         return None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, flops_fraction: float | None = None) -> dict[str, Any]:
+        """The median speedup, its quartiles, the pairs and both medians in seconds; given the
+        technique's ``flops_fraction``, also the FLOPs bound beside it and :meth:`bound_warning`."""
         lo, hi = self.spread
-        return {"speedup": self.speedup, "spread": [lo, hi], "pairs": self.pairs, "seconds": self.seconds,
-                "baseline_seconds": self.baseline_seconds}
+        out = {"speedup": self.speedup, "spread": [lo, hi], "pairs": self.pairs, "seconds": self.seconds,
+               "baseline_seconds": self.baseline_seconds}
+        if flops_fraction is not None:
+            out["flops_bound"] = 1.0 / flops_fraction if flops_fraction > 0 else None
+            out["bound_warning"] = self.bound_warning(flops_fraction)
+        return out
 
 
 def paired(baseline: Callable[[], Any], candidates: Mapping[str, Callable[[], Any]], repeats: int = 5,
@@ -156,3 +162,16 @@ def paired(baseline: Callable[[], Any], candidates: Mapping[str, Callable[[], An
         if progress is not None:
             progress(r + 1, total)
     return {n: Timing(tuple(base), tuple(cand[n])) for n in names}
+
+
+def repeated(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tuple[float, ...]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` dropped calls (CUDA synced).
+
+    For a figure with no baseline to pair with (a baseline's own tokens/s when no candidate is
+    given); report its median. A speedup is always :func:`paired`, never a ratio of two of these.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeated() needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        _clock(fn)
+    return tuple(_clock(fn)[0] for _ in range(repeats))

@@ -1,4 +1,6 @@
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,9 +42,42 @@ def test_every_subcommand_has_help(command, expect, capsys):
 
 def test_bench_lists_and_refuses_unknown_scripts(capsys):
     assert cli.main(["bench", "--list"]) == 0
-    assert "  skip_aware\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "\n  skip_aware " in out and "Does skip-aware training pay?" in out
     assert cli.main(["bench", "nope"]) == 2
-    assert "unknown benchmark 'nope'; choose one of: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("mmskip bench: error: unknown benchmark 'nope'; choose one of: ") and err.count("\n") == 1
+
+
+def test_bench_list_describes_scripts_from_their_docstrings_without_importing_them(monkeypatch, tmp_path, capsys):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "alpha.py").write_text('"""Alpha does a thing\nover two lines. More words.\n\nDetails."""\n'
+                                    'raise SystemExit("imported")\n\n\ndef main(argv):\n    pass\n')
+    (bench / "shared_rows.py").write_text('"""A module the scripts share: no main."""\n')
+    (bench / "bare.py").write_text("def main(argv):\n    pass\n")
+    monkeypatch.setattr(cli, "_REPO", tmp_path)
+    assert cli.main(["bench", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == ["  alpha  Alpha does a thing over two lines", "  bare   (no docstring)"]
+    assert cli.main(["bench", "shared_rows"]) == 2  # not a runnable benchmark
+
+
+def test_help_and_bench_list_import_no_torch():
+    """``mmskip --help`` took 5-8 s: importing the CLI pulled torch, transformers and diffusers."""
+    probe = ("import sys, contextlib, io\n"
+             "import mmskip.cli\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             "    mmskip.cli.main(['--help']); mmskip.cli.main(['bench', '--list'])\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_python_m_aliases_report_errors_like_the_mmskip_command():
+    out = subprocess.run([sys.executable, "-m", "mmskip.cli", "bench", "nope"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("mmskip bench: error: unknown benchmark 'nope'")
 
 
 def test_scripts_outside_a_clone_are_a_clear_error(monkeypatch, tmp_path, capsys):

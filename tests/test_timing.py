@@ -2,7 +2,7 @@
 
 import pytest
 
-from mmskip.timing import Timing, paired
+from mmskip.timing import Timing, paired, repeated
 
 
 def test_rounds_interleave_alternate_and_drop_the_warmup():
@@ -42,3 +42,20 @@ def test_bad_arguments_are_refused(kwargs, match):
         paired(lambda: None, {"a": lambda: None}, **kwargs)
     with pytest.raises(ValueError, match="at least one candidate"):
         paired(lambda: None, {})
+
+
+def test_repeated_drops_the_warmup_calls_and_times_each_call():
+    calls = []
+    secs = repeated(lambda: calls.append(1), repeats=4, warmup=2)
+    assert len(calls) == 6 and len(secs) == 4 and all(s >= 0 for s in secs)
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        repeated(lambda: None, repeats=0)
+
+
+def test_to_dict_puts_the_flops_bound_and_its_warning_beside_the_speedup():
+    t = Timing((1.0, 1.0, 1.0, 1.0), (0.5, 0.25, 0.2, 0.1))  # ratios 2, 4, 5, 10
+    assert "flops_bound" not in t.to_dict()
+    d = t.to_dict(0.5)
+    assert d["speedup"] == 4.5 and d["spread"] == [3.5, 6.25] and d["flops_bound"] == 2.0
+    assert d["bound_warning"] == t.bound_warning(0.5) and d["bound_warning"].startswith("measured 4.50x")
+    assert t.to_dict(0.1)["bound_warning"] is None

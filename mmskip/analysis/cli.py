@@ -10,13 +10,22 @@ Writes ``depth.json`` and PNG plots into ``--out`` and prints a summary.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..cli import (
+    ArgumentParser,
+    UsageError,
+    fraction,
+    positive_float,
+    positive_int,
+    proper_fraction,
+    run,
+    writable_dir,
+)
 from ..eval.lm import load_lm
 from .depth import DepthReport, depth_report
 
@@ -57,50 +66,51 @@ def summary(report: DepthReport) -> str:
     return "\n".join(lines)
 
 
-def _error(message: str) -> int:
-    """One line on stderr (what is wrong and what to do) and exit status 2, like argparse's errors."""
-    print(f"mmskip analyze: error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mmskip analyze", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="mmskip analyze", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="zoo name (e.g. stdlib-lm) or from_pretrained folder")
     ap.add_argument("--text", required=True, help="a text file to analyse the model on")
-    ap.add_argument("--out", default="mmskip-analysis", help="folder for depth.json and the PNG plots")
-    ap.add_argument("--chunks", type=int, default=8, help="number of text windows (batch size)")
-    ap.add_argument("--chunk-tokens", type=int, default=128, help="tokens per window")
-    ap.add_argument("--min-agreement", type=float, default=0.9, help="top-1 agreement the suggested skip set keeps")
-    ap.add_argument("--max-skip", type=float, default=0.5, help="most layers (fraction) the suggestion skips")
-    ap.add_argument("--void-alpha", type=float, default=0.8, help="LAC threshold factor for void layers")
+    ap.add_argument("--out", type=writable_dir, default="mmskip-analysis",
+                    help="folder for depth.json and the PNG plots (checked before any work)")
+    ap.add_argument("--chunks", type=positive_int, default=8, help="number of text windows (batch size)")
+    ap.add_argument("--chunk-tokens", type=positive_int, default=128, help="tokens per window")
+    ap.add_argument("--min-agreement", type=fraction, default=0.9,
+                    help="top-1 agreement the suggested skip set keeps (0 to 1)")
+    ap.add_argument("--max-skip", type=proper_fraction, default=0.5,
+                    help="most layers (a fraction >= 0 and < 1) the suggestion skips")
+    ap.add_argument("--void-alpha", type=positive_float, default=0.8, help="LAC threshold factor for void layers")
     ap.add_argument("--no-plots", action="store_true", help="write JSON only")
     ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
     args = ap.parse_args(argv)
 
     text = Path(args.text)
     if not text.is_file():
-        return _error(f"--text {args.text}: no such file; pass a text file to analyse the model on "
-                      "(e.g. --text some_module.py)")
+        raise UsageError(f"--text {args.text}: no such file; pass a text file to analyse the model on "
+                         "(e.g. --text some_module.py)")
     try:
         model, tokenizer = load_lm(args.model)
     except (FileNotFoundError, ValueError) as e:  # unknown name, untrained zoo model, not a language model
-        return _error(f"--model {args.model}: {e}")
+        raise UsageError(f"--model {args.model}: {e}") from None
     try:
         ids = chunk_text(tokenizer, text.read_text(errors="replace"), args.chunks, args.chunk_tokens)
     except ValueError as e:
-        return _error(f"--text {args.text}: {e}")
+        raise UsageError(f"--text {args.text}: {e}") from None
     report = depth_report(model, ids, min_agreement=args.min_agreement, max_skip=args.max_skip,
                           void_alpha=args.void_alpha)
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "depth.json")
     try:
         written = [] if args.no_plots else report.plot(out)
     except ImportError as e:  # matplotlib is the optional 'analysis' extra
-        return _error(f"{e} (or pass --no-plots); {out / 'depth.json'} is written")
+        raise UsageError(f"{e} (or pass --no-plots); {out / 'depth.json'} is written") from None
     if args.json:
         print((out / "depth.json").read_text())
         return 0
     print(summary(report))
     print(f"wrote {out / 'depth.json'}" + "".join(f", {p.name}" for p in written))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run("analyze", main))

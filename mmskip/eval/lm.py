@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import time
+import copy
+import statistics
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from ..timing import paired, repeated
 from .decode_agreement import decode_agreement
 from .language import agreement, greedy_generate, perplexity
 
@@ -16,7 +18,8 @@ __all__ = ["load_lm", "heldout_ids", "token_stream", "evaluate_lm", "perplexity_
 
 def load_lm(spec: str) -> tuple[Any, Any]:
     """``(model, tokenizer)``, float32 and in eval mode, for a zoo name (``stdlib-lm``) or a local
-    ``from_pretrained`` folder; anything else raises ``FileNotFoundError`` saying what is accepted."""
+    ``from_pretrained`` folder. Anything else raises ``FileNotFoundError`` (or ``ValueError`` for a
+    zoo model that is not a language model) saying what is accepted."""
     from pathlib import Path
 
     from mmskip import zoo
@@ -24,9 +27,13 @@ def load_lm(spec: str) -> tuple[Any, Any]:
     if spec in zoo.NAMES:
         loaded = zoo.load(spec)
         if not isinstance(loaded, tuple):
-            raise ValueError(f"zoo model {spec!r} is not a language model")
+            raise ValueError(f"zoo model {spec!r} is not a language model; language models in the zoo: stdlib-lm, "
+                             "stdlib-lm-skip")
         model, tokenizer = loaded
-    elif Path(spec).is_dir():
+    elif spec and Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise FileNotFoundError(f"{spec} has no config.json, so it is not a transformers model folder; pass a "
+                                    "folder written by save_pretrained (model and tokenizer) or a zoo name")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model, tokenizer = AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
@@ -76,45 +83,66 @@ def perplexity_set(n_tokens: int, seq_len: int = SEQ_LEN, max_windows: int = MAX
 
 def evaluate_lm(model: Any, tokenizer: Any, config: Any = None, n_prompts: int = 32, prompt_len: int = 64,
                 max_new_tokens: int = 32, seq_len: int = SEQ_LEN, max_windows: int = MAX_WINDOWS,
-                text_file: str | None = None) -> dict[str, Any]:
-    """Perplexity and greedy generation time of the baseline, and of ``config`` with agreement metrics.
+                text_file: str | None = None, repeats: int = 5, time_prompts: int = 8) -> dict[str, Any]:
+    """Perplexity and greedy generation speed of the baseline, and of ``config`` with agreement metrics.
 
     Perplexity is over the first ``max_windows`` non-overlapping ``seq_len``-token windows of the
     held-out stream (``result["perplexity_set"]`` says which); the defaults are the set the zoo
     recipe reports on the model card. ``perplexity`` and ``token_agreement`` come from plain
     forwards, which decode-only techniques treat as a prefill (nothing skipped);
     ``decode_agreement`` measures them as deployed.
+
+    Speed: the config is applied once, to a copy of the model (so the copy keeps what the technique
+    learns between calls, as deployed; it takes the model's memory a second time). Its first,
+    untimed generation of all prompts gives the quality metrics and ``result["stats"]`` (with the
+    FLOPs fraction). Then :func:`mmskip.timing.paired` times the first ``time_prompts`` prompts on
+    the model and on the copy in ``repeats`` interleaved pairs after one warm-up pair:
+    ``speedup`` is the median ratio, ``result["timing"]`` has its quartiles, the FLOPs bound and
+    the bound warning (``None`` unless the speedup exceeds its bound by more than the spread allows).
     """
     ids = heldout_ids(tokenizer, text_file)
     stride = max(prompt_len, (len(ids) - prompt_len) // max(1, n_prompts))
     prompts = [ids[i:i + prompt_len] for i in range(0, len(ids) - prompt_len, stride)][:n_prompts]
-    greedy_generate(model, prompts[:1], 2)  # warm-up
-    t0 = time.perf_counter()
-    base = greedy_generate(model, prompts, max_new_tokens)
-    base_s = time.perf_counter() - t0
+    timed = prompts[:time_prompts]
+    tokens = len(timed) * max_new_tokens
+
+    def run_base() -> Any:
+        return greedy_generate(model, timed, max_new_tokens)
+
+    base = greedy_generate(model, prompts, max_new_tokens)  # untimed: the reference continuations
     result: dict[str, Any] = {
         "n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "heldout_tokens": len(ids),
         "perplexity_set": perplexity_set(len(ids), seq_len, max_windows, text_file),
-        "baseline": {"perplexity": perplexity(model, ids, seq_len, max_windows), "seconds": base_s,
-                     "tokens_per_s": len(prompts) * max_new_tokens / base_s}}
-    if config is not None:
-        from mmskip.inject import apply
+        "baseline": {"perplexity": perplexity(model, ids, seq_len, max_windows)}}
+    if config is None:
+        secs = statistics.median(repeated(run_base, repeats, warmup=1))
+        result["baseline"].update({"seconds": secs, "tokens_per_s": tokens / secs})
+        result["timing"] = {"repeats": repeats, "warmup": 1, "timed_prompts": len(timed)}
+        return result
+    from mmskip.inject import apply
 
-        handle = apply(model, config)
-        try:
-            t0 = time.perf_counter()
-            cand = greedy_generate(model, prompts, max_new_tokens)
-            secs = time.perf_counter() - t0
-            row = {"seconds": secs, "tokens_per_s": len(prompts) * max_new_tokens / secs,
-                   "speedup": base_s / secs, "perplexity": perplexity(model, ids, seq_len, max_windows)}
-            row.update(agreement(model, prompts, base, cand))
-            row["decode_agreement"] = sum(
-                decode_agreement(model, p[None], torch.ones_like(p[None]), b[None]) * len(b)
-                for p, b in zip(prompts, base)
-            ) / sum(len(b) for b in base)
-            result["config"] = config.to_dict()
-            result["accelerated"] = row
-            result["stats"] = handle.stats()
-        finally:
-            handle.remove()
+    fast = copy.deepcopy(model)
+    handle = apply(fast, config)
+    try:
+        cand = greedy_generate(fast, prompts, max_new_tokens)  # untimed: quality and the FLOPs fraction
+        stats = handle.stats()
+        row: dict[str, Any] = {"perplexity": perplexity(fast, ids, seq_len, max_windows)}
+        row.update(agreement(fast, prompts, base, cand))
+        row["decode_agreement"] = sum(
+            decode_agreement(fast, p[None], torch.ones_like(p[None]), b[None]) * len(b)
+            for p, b in zip(prompts, base)
+        ) / sum(len(b) for b in base)
+        t = paired(run_base, {"accelerated": lambda: greedy_generate(fast, timed, max_new_tokens)},
+                   repeats=repeats, warmup=1)["accelerated"]
+    finally:
+        handle.remove()
+    fraction = stats.get("flops_fraction")
+    result["baseline"].update({"seconds": t.baseline_seconds, "tokens_per_s": tokens / t.baseline_seconds})
+    row.update({"seconds": t.seconds, "tokens_per_s": tokens / t.seconds, "speedup": t.speedup,
+                "flops_bound": 1 / fraction if fraction else None})
+    result["config"] = config.to_dict()
+    result["accelerated"] = row
+    result["timing"] = {**t.to_dict(fraction), "repeats": repeats, "warmup": 1, "timed_prompts": len(timed)}
+    result["stats"] = stats
     return result
+

@@ -1,8 +1,10 @@
-"""``python -m mmskip.train``: fine-tune or pretrain a causal LM for skipping, from the shell.
+"""``mmskip train``: fine-tune or pretrain a causal LM for skipping, from the shell.
 
-    python -m mmskip.train --model stdlib-lm --out runs/ft --objective schedule-aware lm --speedup 1.5 --lora
-    python -m mmskip.train --model stdlib-lm --out runs/ls --objective layer-dropout early-exit --steps 400
-    python -m mmskip.train --model stdlib-lm --out runs/ls --objective layer-dropout early-exit --steps 400 --resume
+    mmskip train --model stdlib-lm --out runs/ft --objective schedule-aware lm --speedup 1.5 --lora
+    mmskip train --model stdlib-lm --out runs/ls --objective layer-dropout early-exit --steps 400
+    mmskip train --model stdlib-lm --out runs/ls --objective layer-dropout early-exit --steps 400 --resume
+
+``python -m mmskip.train`` is an alias.
 """
 
 from __future__ import annotations
@@ -13,6 +15,20 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from mmskip.cli import (
+    ArgumentParser,
+    UsageError,
+    at_least,
+    existing_file,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run,
+    writable_dir,
+)
 
 OBJECTIVES = {
     "lm": "next-token cross-entropy of the final logits",
@@ -28,41 +44,47 @@ ROUTERS_NOTE = "FiRST routers (router gates + sparsity): python -m mmskip.train.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     epilog = "objectives:\n" + "\n".join(f"  {k:<15} {v}" for k, v in OBJECTIVES.items()) + f"\n\n{ROUTERS_NOTE}"
-    p = argparse.ArgumentParser(prog="python -m mmskip.train", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="mmskip train", description=__doc__.split("\n\n")[0],
                                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="stdlib-lm", help="zoo name or transformers from_pretrained folder")
-    p.add_argument("--out", required=True, type=Path, help="folder for the trained model, train_info.json, checkpoint/")
-    p.add_argument("--text", help="training text file (default: the stdlib train split; held-out split for eval)")
+    p.add_argument("--out", required=True, type=writable_dir,
+                   help="folder for the trained model, train_info.json, checkpoint/ (checked before any work)")
+    p.add_argument("--text", type=existing_file,
+                   help="training text file (default: the stdlib train split; held-out split for eval)")
     p.add_argument("--objective", nargs="+", default=["lm"], choices=sorted(OBJECTIVES), metavar="NAME",
                    help=f"one or more of: {', '.join(OBJECTIVES)} (default: lm)")
     g = p.add_argument_group("schedule-aware")
-    g.add_argument("--speedup", type=float, default=None, help="skip schedules.unified(speedup)")
-    g.add_argument("--skip", type=int, nargs="+", default=None, help="skip these layers (schedules.explicit)")
+    g.add_argument("--speedup", type=positive_float, default=None, help="skip schedules.unified(speedup)")
+    g.add_argument("--skip", type=non_negative_int, nargs="+", default=None,
+                   help="skip these layers (schedules.explicit)")
     g = p.add_argument_group("layer-dropout / early-exit")
-    g.add_argument("--p-max", type=float, default=0.2)
+    g.add_argument("--p-max", type=fraction, default=0.2, help="highest layer-dropout rate (0 to 1)")
     g.add_argument("--dropout-curriculum", choices=["constant", "exponential"], default="constant")
-    g.add_argument("--e-scale", type=float, default=1.0)
+    g.add_argument("--e-scale", type=non_negative_float, default=1.0)
     g.add_argument("--curriculum", choices=["rotational", "gradual", "none"], default="rotational")
-    g.add_argument("--rotation", type=int, default=4)
+    g.add_argument("--rotation", type=positive_int, default=4)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=300)
-    g.add_argument("--batch", type=int, default=8)
-    g.add_argument("--seq-len", type=int, default=256)
-    g.add_argument("--lr", type=float, default=None, help="default 1e-3 with --lora, else 3e-4")
-    g.add_argument("--warmup", type=int, default=20)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--steps", type=positive_int, default=300)
+    g.add_argument("--batch", type=positive_int, default=8)
+    g.add_argument("--seq-len", type=at_least(2), default=256)
+    g.add_argument("--lr", type=positive_float, default=None, help="default 1e-3 with --lora, else 3e-4")
+    g.add_argument("--warmup", type=non_negative_int, default=20)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    g.add_argument("--grad-accum", type=positive_int, default=1)
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--lora", action="store_true", help="train peft LoRA adapters only; saved in OUT/lora, merged into OUT")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eval-every", type=int, default=0)
-    g.add_argument("--save-every", type=int, default=0)
+    g.add_argument("--lora-rank", type=positive_int, default=8)
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--eval-every", type=non_negative_int, default=0, help="held-out evaluation every N steps (0: at the end)")
+    g.add_argument("--save-every", type=non_negative_int, default=0, help="checkpoint every N steps (0: at the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    g.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; --resume later)")
-    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g.add_argument("--stop-at", type=positive_int, default=None, help="stop after this step (checkpointed; --resume later)")
+    g.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU present")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if "schedule-aware" in args.objective and (args.speedup is None) == (args.skip is None):
+        p.error("schedule-aware needs exactly one of --speedup S or --skip I [I ...]")
+    return args
 
 
 def build_objectives(args: argparse.Namespace) -> list[Any]:
@@ -79,9 +101,11 @@ def build_objectives(args: argparse.Namespace) -> list[Any]:
         elif name == "distill":
             out.append(Distillation())
         elif name == "schedule-aware":
-            if (args.speedup is None) == (args.skip is None):
-                raise SystemExit("schedule-aware needs exactly one of --speedup S or --skip I [I ...]")
-            sched = schedules.unified(args.speedup) if args.speedup is not None else schedules.explicit(skip=args.skip)
+            try:
+                sched = (schedules.unified(args.speedup) if args.speedup is not None
+                         else schedules.explicit(skip=args.skip))
+            except ValueError as e:
+                raise UsageError(f"schedule-aware: {e}") from None
             out.append(ScheduleAware(mmskip.LayerSkipConfig(schedule=sched, phase="all")))
         elif name == "layer-dropout":
             out.append(LayerDropout(args.p_max, curriculum=args.dropout_curriculum, seed=args.seed))
@@ -113,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     from .config import TrainConfig
     from .trainer import train
 
-    model, tokenizer = load_lm(args.model)
+    try:
+        model, tokenizer = load_lm(args.model)
+    except (FileNotFoundError, ValueError) as e:  # unknown name, untrained zoo model, not a language model
+        raise UsageError(f"--model {args.model}: {e}") from None
     objectives = build_objectives(args)
     lr = args.lr if args.lr is not None else (1e-3 if args.lora else 3e-4)
     config = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=lr, warmup=args.warmup,
@@ -141,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("train", main))

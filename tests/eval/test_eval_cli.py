@@ -10,7 +10,7 @@ import torch
 import mmskip
 from mmskip import zoo
 from mmskip.eval import conditional_accuracy, fid, psnr, ssim
-from mmskip.eval.__main__ import format_table, load_config, main
+from mmskip.eval.__main__ import LEGEND, format_table, load_config, main
 from mmskip.eval.images import generate, labels_for, reference_images
 from mmskip.eval.language import agreement, greedy_generate
 from mmskip.eval.lm import evaluate_lm, heldout_ids, load_lm
@@ -48,7 +48,7 @@ def test_lm_cli_on_a_local_folder_with_and_without_config(tiny_llama_dir, tmp_pa
     cfg = mmskip.LayerSkipConfig(schedule=mmskip.schedules.explicit([1, 2]), phase="all")
     out = tmp_path / "lm.json"
     base_args = ["lm", "--model", str(tiny_llama_dir), "--text-file", str(tiny_llama_dir / "heldout.py"),
-                 "--n-prompts", "3", "--prompt-len", "16", "--max-new-tokens", "6"]
+                 "--n-prompts", "3", "--prompt-len", "16", "--max-new-tokens", "6", "--repeats", "3"]
     res = main(base_args + ["--out", str(out)])
     assert "accelerated" not in res
     model, tok = load_lm(str(tiny_llama_dir))
@@ -74,6 +74,15 @@ def test_lm_cli_on_a_local_folder_with_and_without_config(tiny_llama_dir, tmp_pa
     assert json.loads(out.read_text())["config"]["technique"] == "layer_skip"
     printed = capsys.readouterr().out
     assert "| accelerated |" in printed and f"perplexity on the {res['perplexity_set']}" in printed
+    # the speedup is paired: median of 3 interleaved pairs, its quartiles and the FLOPs bound beside it
+    t = res["timing"]
+    assert t["pairs"] == 3 and t["timed_prompts"] == 3 and acc["speedup"] == t["speedup"]
+    assert t["spread"][0] <= acc["speedup"] <= t["spread"][1]
+    assert acc["flops_bound"] == t["flops_bound"] == pytest.approx(1 / res["stats"]["flops_fraction"])
+    assert f"speedup {acc['speedup']:.2f}x (quartiles {t['spread'][0]:.2f}-{t['spread'][1]:.2f}, 3 interleaved " \
+           f"pairs of 3 prompts x 6 new tokens after 1 warm-up); FLOPs bound {t['flops_bound']:.2f}x" in printed
+    # token_agreement and decode_agreement side by side, explained
+    assert LEGEND in printed and "decode-only techniques skip nothing" in LEGEND
 
 
 def test_lm_perplexity_defaults_are_the_model_card_set(tiny_llama_dir, tmp_path):
@@ -100,7 +109,7 @@ def test_lm_perplexity_defaults_are_the_model_card_set(tiny_llama_dir, tmp_path)
 def test_images_cli_baseline_on_zoo_dit(tmp_path):
     out = tmp_path / "images.json"
     res = main(["images", "--pipeline", "digits-dit", "--steps", "4", "--n", "10", "--clip", "none",
-                "--out", str(out)])
+                "--out", str(out), "--repeats", "3", "--time-images", "2"])
     row = res["baseline"]
     labels = labels_for(10)  # the same samples generated outside the CLI, measured directly
     imgs = generate(zoo.load("digits-dit"), labels, steps=4, guidance_scale=4.0, seed=0)
@@ -117,7 +126,7 @@ def test_images_cli_with_a_diffusion_config_on_a_local_folder():
 
     cfg = diffusion.FeatureInheritanceConfig(schedule=schedules.interval(2))
     res = main(["images", "--pipeline", str(zoo.path("digits-dit")), "--steps", "6", "--n", "10", "--clip", "none",
-                "--config", cfg.to_json()])
+                "--config", cfg.to_json(), "--repeats", "3", "--time-images", "2"])
     acc = res["accelerated"]
     pipe, labels = zoo.load("digits-dit"), labels_for(10)
     base = generate(pipe, labels, steps=6, guidance_scale=4.0, seed=0)
@@ -132,6 +141,100 @@ def test_json_flag_prints_the_result_as_json(capsys):
     import json
 
     res = main(["lm", "--model", "stdlib-lm", "--n-prompts", "1", "--prompt-len", "16", "--max-new-tokens", "2",
-                "--max-windows", "1", "--json"])
+                "--max-windows", "1", "--json", "--repeats", "3"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["model"] == "stdlib-lm" and printed["baseline"]["perplexity"] == res["baseline"]["perplexity"]
+
+
+def test_load_config_reads_files_folders_and_inline_json(tmp_path):
+    """``--config missing.json`` was parsed as inline JSON; a value naming a path is read as a file."""
+    cfg = mmskip.VoidLayerConfig()
+    cfg.save_pretrained(tmp_path / "saved")
+    assert load_config(str(tmp_path / "saved")) == cfg  # a folder written by save_pretrained
+    assert load_config(str(tmp_path / "saved" / "mmskip_config.json")) == cfg
+    assert load_config("  " + cfg.to_json()) == cfg
+    with pytest.raises(FileNotFoundError, match=r"missing\.json: no such file; pass a config JSON file"):
+        load_config(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=r"inline JSON is not valid JSON \(Expecting property name"):
+        load_config("{not json")
+
+
+def test_lm_speed_is_the_paired_median_with_its_spread_and_bound_warning(tiny_llama_dir, monkeypatch, capsys):
+    """Two identical runs gave 0.199x and 6.0x: one unpaired perf_counter each. The speedup is now
+    ``mmskip.timing.paired``'s median; the FLOPs fraction comes from an untimed call before it."""
+    import mmskip.eval.lm as lm
+    from mmskip.timing import Timing
+
+    seen = []
+
+    def fake_paired(baseline, candidates, repeats, warmup):
+        seen.append((repeats, warmup, sorted(candidates)))
+        return {"accelerated": Timing((1.0, 1.0, 1.0, 1.0), (0.5, 0.25, 0.2, 0.1))}  # ratios 2, 4, 5, 10
+
+    monkeypatch.setattr(lm, "paired", fake_paired)
+    cfg = mmskip.LayerSkipConfig(schedule=mmskip.schedules.explicit([1]), phase="all")
+    res = main(["lm", "--model", str(tiny_llama_dir), "--text-file", str(tiny_llama_dir / "heldout.py"),
+                "--n-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "3", "--repeats", "4",
+                "--config", cfg.to_json()])
+    assert seen == [(4, 1, ["accelerated"])]
+    acc, t = res["accelerated"], res["timing"]
+    assert acc["speedup"] == 4.5 and t["spread"] == [3.5, 6.25] and t["pairs"] == 4
+    assert acc["seconds"] == pytest.approx(0.225) and res["baseline"]["seconds"] == 1.0
+    # the stats (and FLOPs fraction) are those of one untimed generation of the prompts, nothing else
+    model, tok = load_lm(str(tiny_llama_dir))
+    ids = heldout_ids(tok, str(tiny_llama_dir / "heldout.py"))
+    stride = max(16, (len(ids) - 16) // 2)
+    prompts = [ids[i:i + 16] for i in range(0, len(ids) - 16, stride)][:2]
+    with mmskip.applied(model, cfg) as handle:
+        greedy_generate(model, prompts, 3)
+        expected = handle.stats()
+    assert res["stats"] == expected
+    bound = 1 / expected["flops_fraction"]  # 4 layers, 1 skipped: well below the faked 3.5x lower quartile
+    assert t["flops_bound"] == pytest.approx(bound) and t["bound_warning"].startswith("measured 4.50x")
+    printed = capsys.readouterr().out
+    assert f"warning: {t['bound_warning']}" in printed
+
+
+def test_a_config_that_does_not_fit_the_model_is_one_line(tiny_llama_dir, capsys):
+    from mmskip import cli
+
+    diffusion = pytest.importorskip("mmskip.diffusion")
+    cfg = diffusion.FeatureInheritanceConfig(schedule=mmskip.schedules.interval(2))
+    assert cli.main(["eval", "lm", "--model", str(tiny_llama_dir), "--config", cfg.to_json()]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"mmskip eval lm: error: --config feature_inheritance does not fit --model "
+                              f"{tiny_llama_dir}: ") and "Traceback" not in "".join(err)
+
+
+@pytest.mark.skipif("digits-dit" not in zoo.available(), reason="zoo model digits-dit not trained")
+def test_images_flops_measurement_is_not_timed(monkeypatch):
+    """``eval images`` counted feature inheritance's one FLOPs-measuring call into the first accelerated
+    timing (0.33x; 0.98x without it). The config is applied once, to a copy of the denoiser, and its
+    first, untimed call measures; the paired rounds only generate."""
+    diffusion = pytest.importorskip("mmskip.diffusion")
+    import mmskip.diffusion.inheritance_hooks as hooks
+
+    import mmskip.eval.images as images
+
+    phase, measured = ["untimed"], []
+
+    class Counting(hooks.FlopCounterMode):
+        def __enter__(self):
+            measured.append(phase[0])
+            return super().__enter__()
+
+    real_paired = images.paired
+
+    def timed_paired(*args, **kwargs):
+        phase[0] = "timed"
+        return real_paired(*args, **kwargs)
+
+    monkeypatch.setattr(hooks, "FlopCounterMode", Counting)
+    monkeypatch.setattr(images, "paired", timed_paired)
+    cfg = diffusion.FeatureInheritanceConfig(schedule=mmskip.schedules.interval(2))
+    res = main(["images", "--pipeline", "digits-dit", "--steps", "4", "--n", "4", "--time-images", "2", "--clip",
+                "none", "--repeats", "3", "--config", cfg.to_json()])
+    assert measured == ["untimed"] and phase == ["timed"]
+    assert res["timing"]["pairs"] == 3 and res["timing"]["timed_images"] == 2
+    assert res["accelerated"]["flops_bound"] == pytest.approx(1 / res["stats"]["flops_fraction"])
+    assert res["stats"]["flops_fraction"] < 1

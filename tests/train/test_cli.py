@@ -60,6 +60,9 @@ def test_schedule_aware_lora_saves_the_adapter(tiny_folder, tmp_path):
     assert "lora" not in json.dumps(list(AutoModelForCausalLM.from_pretrained(out).state_dict()))
 
 
-def test_schedule_aware_needs_one_schedule(tiny_folder, tmp_path):
-    with pytest.raises(SystemExit, match="exactly one of --speedup"):
+def test_schedule_aware_needs_one_schedule(tiny_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["--model", str(tiny_folder), "--out", str(tmp_path / "x"), "--objective", "schedule-aware", "lm"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("mmskip train: error: schedule-aware needs exactly one of --speedup")
+    assert err.count("\n") == 1 and not (tmp_path / "x").exists()  # one line, before any work
