@@ -41,6 +41,17 @@ def _hooks(module):
     return {n for m in module.modules() if getattr(m, "_diffusers_hook", None) for n in m._diffusers_hook.hooks}
 
 
+_PAUSES: list[Pause] = []
+
+
+@pytest.fixture(autouse=True)
+def _release_pauses():
+    """A failed assertion never leaves a paused thread waiting."""
+    yield
+    while _PAUSES:
+        _PAUSES.pop().resume()
+
+
 class Pause:
     """Waits inside ``module``'s ``nth`` forward made by thread ``name``, until released."""
 
@@ -48,6 +59,7 @@ class Pause:
         self.name, self.nth, self.calls = name, nth, 0
         self.entered, self.release = threading.Event(), threading.Event()
         self.handle = module.register_forward_pre_hook(self)
+        _PAUSES.append(self)
 
     def __call__(self, module, args):
         if threading.current_thread().name != self.name:
