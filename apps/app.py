@@ -17,6 +17,7 @@ Needs the ``app`` extra (``pip install 'mmskip[app]'``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import logging
 import sys
@@ -28,47 +29,37 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # apps/ is no package: the tabs' modules sit beside this file
     sys.path.insert(0, _HERE)
 
-from app_core import DEFAULT_PAIRS, AppError  # noqa: E402
-from app_diffusion import (  # noqa: E402
-    DIFF_TECHNIQUES,
-    DIFFUSION_MODELS,
-    GRANULARITIES,
-    controls_for,
-    diffusion_setup,
-    pipeline_folder,
-    run_diffusion,
-)
-from app_language import (  # noqa: E402
-    LM_TECHNIQUES,
-    check_language_model,
-    language_models,
-    lm_config,
-    run_analysis,
-    run_language,
-)
-from app_vision import (  # noqa: E402
-    MUE_EXAMPLES,
-    VIDEO_EXAMPLES,
-    VISION_EXAMPLES,
-    run_mue,
-    run_video,
-    run_vision,
-    video_strip,
-)
-
-import mmskip  # noqa: E402
-from mmskip.zoo import UnknownModelError  # noqa: E402
-
-__all__ = ["AppError", "DIFF_TECHNIQUES", "DIFFUSION_MODELS", "LM_TECHNIQUES", "USER_ERRORS", "build_app",
-           "check_language_model", "controls_for", "diffusion_setup", "handler", "language_models", "lm_config",
-           "main", "pipeline_folder", "run_analysis", "run_diffusion", "run_language", "run_mue", "run_video",
-           "run_vision", "video_strip"]
+# the tabs' names, imported on first use (torch, transformers, gradio) so that `mmskip app --help` is quick
+_EXPORTS = {
+    "app_core": ("AppError", "DEFAULT_PAIRS"),
+    "app_diffusion": ("DIFF_TECHNIQUES", "DIFFUSION_MODELS", "GRANULARITIES", "controls_for", "diffusion_setup",
+                      "pipeline_folder", "run_diffusion"),
+    "app_language": ("LM_TECHNIQUES", "check_language_model", "language_models", "lm_config", "run_analysis",
+                     "run_language"),
+    "app_vision": ("MUE_EXAMPLES", "VIDEO_EXAMPLES", "VISION_EXAMPLES", "run_mue", "run_video", "run_vision",
+                   "video_strip"),
+}
+__all__ = ["build_app", "handler", "main", "user_errors", *(n for names in _EXPORTS.values() for n in names)]
 
 log = logging.getLogger("mmskip.app")
 
-# what a user's input can cause: shown as a message, logged as one line; anything else is a bug
-USER_ERRORS: tuple[type[BaseException], ...] = (AppError, FileNotFoundError, NotADirectoryError, UnknownModelError,
-                                                mmskip.UnsupportedModelError, mmskip.ConcurrentUseError)
+
+def __getattr__(name: str) -> Any:
+    for module, names in _EXPORTS.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input can cause: shown as a message and logged as one line; anything else is a bug."""
+    from app_core import AppError
+
+    import mmskip
+    from mmskip.zoo import UnknownModelError
+
+    return (AppError, FileNotFoundError, NotADirectoryError, UnknownModelError, mmskip.UnsupportedModelError,
+            mmskip.ConcurrentUseError)
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -78,11 +69,12 @@ def handler(fn: Callable[..., Any], n_inputs: int) -> Callable[..., Any]:
 
     The handler's signature is the inputs plus ``progress=gr.Progress()``, which is how Gradio
     knows to pass its progress tracker; the tracker reaches ``fn`` as its ``progress`` keyword
-    (every tab's function takes one). A user error (:data:`USER_ERRORS`) becomes a ``gr.Error``
+    (every tab's function takes one). A user error (:func:`user_errors`) becomes a ``gr.Error``
     message and one log line; anything else is a bug: a ``gr.Error`` that says so, and the full
     traceback in the server log."""
     import gradio as gr
 
+    expected = user_errors()
     if "progress" not in inspect.signature(fn).parameters:
         raise TypeError(f"{fn.__name__} takes no progress keyword; every tab's function reports its stages")
 
@@ -90,7 +82,7 @@ def handler(fn: Callable[..., Any], n_inputs: int) -> Callable[..., Any]:
         *values, progress = args
         try:
             return fn(*values, progress=progress)
-        except USER_ERRORS as e:
+        except expected as e:
             log.warning("%s: %s: %s", fn.__name__, type(e).__name__, e)
             raise gr.Error(str(e), print_exception=False) from e
         except gr.Error:
@@ -111,6 +103,10 @@ def handler(fn: Callable[..., Any], n_inputs: int) -> Callable[..., Any]:
 def build_app() -> Any:
     """The Blocks app: a shared "timing pairs" control and one tab per technique family."""
     import gradio as gr
+    from app_core import DEFAULT_PAIRS
+    from app_diffusion import DIFF_TECHNIQUES, DIFFUSION_MODELS, GRANULARITIES, controls_for, run_diffusion
+    from app_language import LM_TECHNIQUES, language_models, run_analysis, run_language
+    from app_vision import MUE_EXAMPLES, VIDEO_EXAMPLES, VISION_EXAMPLES, run_mue, run_video, run_vision
 
     def bind(button: Any, fn: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> None:
         # one run at a time across all tabs: runs share cached models, and two at once spoil each other's timing

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,13 +85,54 @@ def test_language_tab_reports_paired_speed_and_a_lossless_badge(app):
     assert "3 pairs" in md and "median of 3 interleaved pairs" in md
 
 
-def test_diffusion_tab_times_the_technique_and_the_fewer_steps_image(app):
+def test_diffusion_tab_gives_three_images_and_a_paired_table(app):
     base, fast, fewer, md = app.run_diffusion("digits-dit", 4, app.DIFF_TECHNIQUES[2], steps=6, teleport=0.5, seed=1)
     assert base.size == fast.size == fewer.size == (256, 256)
     header, _, seconds, speed, bound, psnr = md.split("\n")[:6]
     assert "Gaussian teleport: first 50% of the steps analytic" in header and "fewer steps, same time (" in header
-    assert speed.count("3 pairs") == 2  # the technique AND the fewer-steps image, each paired with the baseline
-    assert bound.count("FLOPs fraction") == 2 and psnr.count("dB") == 2
+    assert speed.split("|")[3].strip().endswith("3 pairs)") and "FLOPs fraction 0.50" in bound.split("|")[3]
+
+
+class FakeClock:
+    """``paired`` without a clock: every function runs once and each candidate reports ``ratio``."""
+
+    def __init__(self) -> None:
+        self.ratio = 2.0
+        self.calls: list[list[str]] = []  # the candidates' names, per timing
+
+    def paired(self, baseline, candidates, repeats, warmup, progress=None):
+        from mmskip.timing import Timing
+
+        baseline()
+        for fn in candidates.values():
+            fn()
+        self.calls.append(list(candidates))
+        return {n: Timing((1.0,) * repeats, (1.0 / self.ratio,) * repeats) for n in candidates}
+
+
+@pytest.fixture()
+def fake_timing(app, monkeypatch):
+    import app_core
+
+    clock = FakeClock()
+    monkeypatch.setattr(app_core, "paired", clock.paired)
+    return clock
+
+
+def test_the_fewer_steps_image_is_timed_against_the_same_baseline(app, fake_timing):
+    """Regression: only the technique was timed (once); "fewer steps, same time" inherited its noise."""
+    _, _, _, md = app.run_diffusion("digits-dit", 4, app.DIFF_TECHNIQUES[0], steps=8, every=2)
+    assert fake_timing.calls == [["feature inheritance: recompute 1 step in 2 (block granularity)"], ["fewer"]]
+    header, _, seconds, speed = md.split("\n")[:4]
+    assert "fewer steps, same time (4 steps)" in header  # 8 steps / 2.00x
+    assert speed.count("**2.00×** (2.00–2.00, 3 pairs)") == 2 and "At about the same time, plain 4 steps" in md
+
+
+def test_a_technique_slower_than_the_baseline_is_compared_with_the_full_run(app, fake_timing):
+    fake_timing.ratio = 0.5
+    _, _, _, md = app.run_diffusion("digits-dit", 4, app.DIFF_TECHNIQUES[0], steps=8, every=2)
+    assert len(fake_timing.calls) == 1 and "fewer steps, same time (8 steps)" in md and "1.00× (the baseline)" in md
+    assert "**The technique is not faster than the baseline here** (0.50×)" in md
 
 
 @pytest.mark.parametrize("technique, knobs, label", [
@@ -157,20 +199,12 @@ def test_slider_ranges_match_the_held_out_sets(app, blocks):
     assert len(_llava()[2].questions) == app.VISION_EXAMPLES and len(_florence()[2]) == app.MUE_EXAMPLES
 
 
-def test_a_speedup_beyond_its_flops_bound_is_flagged_visibly(app, monkeypatch):
-    import app_core
-
-    from mmskip.timing import Timing
-
-    def fake_paired(baseline, candidates, repeats, warmup, progress=None):
-        baseline()
-        for fn in candidates.values():
-            fn()
-        return {n: Timing((1.0,) * repeats, (0.1,) * repeats) for n in candidates}  # a 10x "speedup"
-
-    monkeypatch.setattr(app_core, "paired", fake_paired)
+def test_a_speedup_beyond_its_flops_bound_is_flagged_visibly(app, fake_timing):
+    fake_timing.ratio = 10.0
     _, _, md = app.run_language("stdlib-lm", "def read(path):\n", "Unified Layer Skipping s=2", 4)
     assert "⚠️" in md and "exceeds the FLOPs bound" in md and "**10.00×** (10.00–10.00, 3 pairs)" in md
+    _, _, _, md = app.run_diffusion("digits-dit", 4, app.DIFF_TECHNIQUES[0], steps=8, every=2)
+    assert "⚠️ **feature inheritance: recompute 1 step in 2 (block granularity)**: measured 10.00x" in md
 
 
 def test_user_errors_log_one_line_and_bugs_a_traceback(app, caplog):
@@ -242,5 +276,13 @@ def test_a_port_in_use_is_one_clear_error(app, capsys):
     assert "pick another --port" in capsys.readouterr().err
 
 
-def test_the_tab_modules_are_importable_beside_the_app(app):
-    assert {"app_core", "app_language", "app_diffusion", "app_vision"} <= set(sys.modules)
+def test_app_help_imports_no_torch_and_the_tabs_load_on_first_use():
+    """``mmskip app --help`` only parses arguments; the tabs' modules (torch, gradio) load when used."""
+    probe = ("import importlib.util, sys\n"
+             f"spec = importlib.util.spec_from_file_location('app', {str(APP)!r})\n"
+             "app = importlib.util.module_from_spec(spec); spec.loader.exec_module(app)\n"
+             "try:\n    app.main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules, 'gradio' in sys.modules)\n"
+             "print(app.run_language.__module__, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines()[-2:] == ["False False", "app_language True"], out.stderr

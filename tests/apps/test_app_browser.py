@@ -1,5 +1,6 @@
-"""The Gradio app end to end in headless Chromium: one generation in the Diffusion tab, one
-completion in the Language tab; a screenshot is saved as a test artifact.
+"""The Gradio app end to end in headless Chromium: every tab is opened and RUN with small inputs
+(its button clicked, its result waited for and checked, no error toast), a bad input shows one
+clear message, and screenshots are saved as test artifacts (``app_tabs.png`` shows every tab's header).
 
 Needs gradio, selenium and Debian's ``chromium`` + ``chromium-driver`` (``.ci/run`` installs them);
 skipped locally when they are missing, a failure in CI."""
@@ -7,6 +8,7 @@ skipped locally when they are missing, a failure in CI."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -17,6 +19,7 @@ import pytest
 APP = Path(__file__).resolve().parents[2] / "apps" / "app.py"
 ARTIFACTS = Path(os.environ.get("MMSKIP_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "runs" / "test-artifacts"))
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+TABS = ["Language", "Diffusion", "Vision", "Video", "MuE", "Analysis"]
 
 
 def _missing() -> str | None:
@@ -61,12 +64,13 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(server):
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1800"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=opts)
+    driver.get(server)
     yield driver
     driver.quit()
 
@@ -81,21 +85,85 @@ def _text(driver, elem_id: str) -> str:
     return driver.find_element(By.ID, elem_id).text
 
 
-def test_diffusion_and_language_tabs_in_a_real_browser(server, browser):
-    browser.get(server)
-    _tab(browser, "Diffusion")
-    browser.find_element(By.ID, "d-go").click()
-    WebDriverWait(browser, 240).until(lambda d: "speedup" in _text(d, "d-stats"))
-    for elem in ("d-base", "d-fast", "d-fewer"):
-        assert browser.find_element(By.ID, elem).find_elements(By.TAG_NAME, "img"), f"no image in #{elem}"
-    stats = _text(browser, "d-stats")
-    assert "PSNR to baseline" in stats and "×" in stats
+def _fill(driver, css: str, value: str | int) -> None:
+    """Type ``value`` into the input or textarea at ``css`` the way a user's edit reaches Svelte."""
+    driver.execute_script(
+        "const el = document.querySelector(arguments[0]);"
+        "const proto = el.tagName === 'TEXTAREA' ? HTMLTextAreaElement.prototype : HTMLInputElement.prototype;"
+        "Object.getOwnPropertyDescriptor(proto, 'value').set.call(el, arguments[1]);"
+        "for (const kind of ['input', 'change']) el.dispatchEvent(new Event(kind, {bubbles: true}));"
+        "el.dispatchEvent(new Event('blur'));", css, str(value))
+
+
+def _errors(driver) -> list[str]:
+    return [t.get_attribute("textContent") for t in driver.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body'].error")]
+
+
+def _run(driver, button: str, result: str, expect: str, timeout: float = 240) -> str:
+    """Click ``button``, wait until ``result`` shows ``expect`` (or an error toast), return the result."""
+    driver.find_element(By.ID, button).click()
+    WebDriverWait(driver, timeout).until(lambda d: expect in _text(d, result) or _errors(d))
+    assert not _errors(driver), _errors(driver)
+    return _text(driver, result)
+
+
+def _has_image(driver, elem_id: str) -> bool:
+    return bool(driver.find_element(By.ID, elem_id).find_elements(By.TAG_NAME, "img"))
+
+
+def test_every_tab_runs_in_a_real_browser(browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(ARTIFACTS / "app_diffusion.png"))
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.XPATH, "//button[@role='tab']")) == len(TABS))
+    assert [b.text for b in browser.find_elements(By.XPATH, "//button[@role='tab']")] == TABS
 
     _tab(browser, "Language")
-    browser.find_element(By.ID, "lm-go").click()
-    WebDriverWait(browser, 240).until(lambda d: "tokens/s" in _text(d, "lm-stats"))
-    assert "speedup" in _text(browser, "lm-stats")
+    _fill(browser, "#lm-tokens input[type=number]", 8)
+    stats = _run(browser, "lm-go", "lm-stats", "tokens/s")
+    assert "pairs" in stats and "FLOPs bound" in stats
     assert browser.find_element(By.CSS_SELECTOR, "#lm-plain textarea").get_attribute("value").strip()
-    browser.save_screenshot(str(ARTIFACTS / "app_language.png"))
+
+    _tab(browser, "Diffusion")
+    _fill(browser, "#d-steps input[type=number]", 6)
+    stats = _run(browser, "d-go", "d-stats", "PSNR to baseline")
+    assert "baseline (6 steps)" in stats and "recompute 1 step in 3" in stats and "3 pairs" in stats
+    assert all(_has_image(browser, e) for e in ("d-base", "d-fast", "d-fewer-img"))
+    browser.save_screenshot(str(ARTIFACTS / "app_tabs.png"))  # every tab's header and a diffusion result
+
+    _tab(browser, "Vision")
+    stats = _run(browser, "v-go", "v-stats", "prefill FLOPs fraction")
+    assert "held-out accuracy" in stats and _has_image(browser, "v-image")
+
+    _tab(browser, "Video")
+    _fill(browser, "#vv-example input[type=number]", 8)  # the last two-clip video is reachable
+    stats = _run(browser, "vv-go", "vv-stats", "KV cache per frame")
+    assert "9 held-out two-clip videos" in stats and _has_image(browser, "vv-image")
+
+    _tab(browser, "MuE")
+    stats = _run(browser, "m-go", "m-stats", "decoder layer-tokens run")
+    assert "exact match" in stats and _has_image(browser, "m-image")
+
+    _tab(browser, "Analysis")
+    _fill(browser, "#a-text textarea", Path(json.__file__).read_text()[:1500])
+    summary = _run(browser, "a-go", "a-summary", "median relative layer contribution")
+    assert "layers" in summary and browser.find_element(By.ID, "a-plots").find_elements(By.TAG_NAME, "img")
+    browser.save_screenshot(str(ARTIFACTS / "app_analysis.png"))
+
+
+def test_a_bad_input_shows_one_clear_message(browser):
+    _tab(browser, "Diffusion")
+    _fill(browser, "#d-model input", "")
+    browser.find_element(By.ID, "d-go").click()
+    WebDriverWait(browser, 60).until(lambda d: any("the pipeline field is empty" in e for e in _errors(d)))
+    assert "model_index.json in directory" not in " ".join(_errors(browser))
+
+
+@pytest.mark.skipif(not os.environ.get("MMSKIP_APP_SCREENSHOT"), reason="set MMSKIP_APP_SCREENSHOT=PATH to redraw it")
+def test_readme_screenshot(browser):
+    """The README's picture: every tab's header and the Diffusion tab's default run (30 steps).
+    ``MMSKIP_APP_SCREENSHOT=apps/app_screenshot.png pytest tests/apps/test_app_browser.py``."""
+    browser.refresh()  # the defaults back, no toasts left from other tests
+    _tab(browser, "Diffusion")
+    _fill(browser, "#d-steps input[type=number]", 30)
+    _run(browser, "d-go", "d-stats", "baseline (30 steps)")
+    browser.set_window_size(1400, 1450)
+    browser.save_screenshot(os.environ["MMSKIP_APP_SCREENSHOT"])
