@@ -2,7 +2,7 @@
 
     bash run.sh demo            # what README's first command runs
     python apps/demo.py --out runs/demo
-    python apps/demo.py --only language --new-tokens 8 --repeats 1   # quick check, seconds
+    python apps/demo.py --only language --new-tokens 8 --repeats 3   # quick check, seconds
 
 1. Language (``stdlib-lm``, trained without skipping, and ``stdlib-lm-skip``, trained for it):
    Unified Layer Skipping, FFN-SkipLLM and LAC void layers, decode speedup and FLOPs bound beside
@@ -16,16 +16,18 @@
    and streamed clip by clip) and MuE early exits, accuracy beside the fraction of the prefill /
    decoder work that ran and the KV cache kept (``vision_demo``).
 
-Speedups are ratios against the unmodified pipeline in this run (best of two round-robin
-runs); ``benchmarks/`` has the full comparisons with peers, FID and CLIP score.
+Speedups are paired against the unmodified model in this run (``mmskip.timing.paired``: ``--repeats``
+interleaved rounds after a warm-up round, the median ratio with its quartiles, and the FLOPs bound
+beside it; a line warns when a speedup beats its bound by more than its spread allows);
+``benchmarks/`` has the full comparisons with peers, FID and CLIP score.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig, nonuniform
@@ -36,6 +38,7 @@ from mmskip import schedules, zoo
 from mmskip.eval import conditional_accuracy, psnr
 from mmskip.eval.decode_agreement import decode_agreement
 from mmskip.eval.lm import load_lm
+from mmskip.timing import Timing, paired
 from mmskip.zoo.data import caption
 
 _PROMPTS = [
@@ -56,17 +59,30 @@ def _lm_configs() -> dict[str, mmskip.SkipConfig | None]:
     }
 
 
-@torch.no_grad()
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def _speed(t: Timing | None, flops_fraction: float | None) -> dict[str, Any]:
+    """A row's speed fields: the median paired speedup, its quartiles and the bound warning, if any
+    (``t`` None: the baseline itself)."""
+    if t is None:
+        return {"speedup": 1.0, "spread": [1.0, 1.0], "pairs": None, "bound_warning": None}
+    lo, hi = t.spread
+    return {"speedup": t.speedup, "spread": [lo, hi], "pairs": t.pairs, "bound_warning": t.bound_warning(flops_fraction)}
+
+
+def _spread(r: dict) -> str:
+    lo, hi = r["spread"]
+    return f"{lo:.2f}-{hi:.2f}"
+
+
+def _warn(r: dict) -> None:
+    if r.get("bound_warning"):
+        print(f"{'':4s}! {r['bound_warning']}")
 
 
 @torch.no_grad()
-def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: int = 2) -> list[dict]:
+def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: int = 3) -> list[dict]:
     """Greedy completions of Python prompts under each LLM technique (a couple of minutes on a
-    laptop CPU with the defaults; best of ``repeats`` round-robin runs after a warm-up)."""
+    laptop CPU with the defaults), each paired-timed against the full model in ``repeats``
+    interleaved rounds after a warm-up round."""
     model, tok = load_lm(model_name)
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -77,26 +93,29 @@ def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: 
         return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               pad_token_id=tok.pad_token_id)
 
-    gen()  # warm-up
     configs = _lm_configs()
-    seconds = {name: [] for name in configs}
     results: dict[str, tuple] = {}
-    for _ in range(repeats):  # round-robin, best of `repeats`, to keep other load out of the ratios
-        for name, cfg in configs.items():
+
+    def run(name: str) -> Callable[[], None]:
+        cfg = configs[name]
+
+        def call() -> None:
             handle = mmskip.apply(model, cfg) if cfg else None
             try:
-                out, t = _timed(gen)
+                out = gen()
                 stats = handle.stats() if handle else {"flops_fraction": 1.0}
             finally:
                 if handle:
                     handle.remove()
-            seconds[name].append(t)
             results[name] = (out[:, batch["input_ids"].shape[1]:], stats)
+        return call
+
+    names = list(configs)
+    timings = paired(run(names[0]), {n: run(n) for n in names[1:]}, repeats=repeats, warmup=1)
     base_tokens = results["full model"][0]
-    base_time = min(seconds["full model"])
     rows = []
-    for name, (new, stats) in results.items():
-        cfg = configs[name]
+    for name, cfg in configs.items():
+        new, stats = results[name]
         handle = mmskip.apply(model, cfg) if cfg else None
         try:
             forced = decode_agreement(model, batch["input_ids"], batch["attention_mask"], base_tokens, tok.pad_token_id)
@@ -104,18 +123,20 @@ def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: 
             if handle:
                 handle.remove()
         rows.append({
-            "config": name, "speedup": base_time / min(seconds[name]), "flops_bound": 1 / stats["flops_fraction"],
+            "config": name, **_speed(timings.get(name), stats["flops_fraction"]), "flops_bound": 1 / stats["flops_fraction"],
             "agreement": forced, "free_running": float((new == base_tokens).float().mean()),
             "skipped_layers": stats.get("skipped_layers"), "sample": tok.decode(new[0], skip_special_tokens=True),
         })
     base_text = rows[0]["sample"]
     print(f"\n== Language: {model_name}, {len(_PROMPTS)} prompts x {new_tokens} greedy tokens, CPU ==")
     print("agreement with the full model's greedy tokens: teacher-forced while decoding / free-running")
-    print(f"{'config':32s} {'speedup':>8s} {'bound':>7s} {'forced':>7s} {'free':>6s}  skipped layers")
+    print(f"speedup: median of {repeats} interleaved pairs with the full model (quartiles), warm-up excluded")
+    print(f"{'config':32s} {'speedup':>8s} {'quartiles':>10s} {'bound':>7s} {'forced':>7s} {'free':>6s}  skipped layers")
     d = model.config.hidden_size
     for r in [rows[0], *sorted(rows[1:], key=lambda r: -r["speedup"])]:  # what pays first
-        print(f"{r['config']:32s} {r['speedup']:7.2f}x {r['flops_bound']:6.2f}x {r['agreement']:7.2f} "
+        print(f"{r['config']:32s} {r['speedup']:7.2f}x {_spread(r):>10s} {r['flops_bound']:6.2f}x {r['agreement']:7.2f} "
               f"{r['free_running']:6.2f}  {r['skipped_layers'] or ''}")
+        _warn(r)
         if r["speedup"] < 1.0:
             print(f"{'':4s}^ slower than the full model: it removes {1 - 1 / r['flops_bound']:.0%} of the FLOPs, but "
                   f"its per-layer hooks and decisions cost more than that at d={d}, batch {len(_PROMPTS)}, on a CPU")
@@ -125,49 +146,48 @@ def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: 
 
 
 @torch.no_grad()
-def speculative_demo(model_name: str, new_tokens: int = 48, repeats: int = 2) -> list[dict]:
+def speculative_demo(model_name: str, new_tokens: int = 48, repeats: int = 3) -> list[dict]:
     """Lossless speculative decoding, one prompt at a time: SWIFT (``SelfSpeculativeConfig``) and
-    transformers' ``assistant_early_exit`` at half depth, against plain greedy ``generate`` (best of
-    ``repeats`` round-robin runs)."""
+    transformers' ``assistant_early_exit`` at half depth, against plain greedy ``generate``
+    (paired: ``repeats`` interleaved rounds after a warm-up round)."""
     from mmskip.speculative import SelfSpeculativeConfig
 
     model, tok = load_lm(model_name)
     layers = mmskip.registry.get_adapter(model).num_layers
     half = layers // 2
     prompts = [tok(p, return_tensors="pt").input_ids for p in _PROMPTS]
-
-    def run(extra: dict) -> tuple[list[torch.Tensor], float]:
-        outs, start = [], time.perf_counter()
-        for ids in prompts:
-            outs.append(model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **extra)[0, ids.shape[1]:])
-        return outs, time.perf_counter() - start
-
     configs = {"plain": ({}, None), "SWIFT (layer set searched on the fly)": ({}, SelfSpeculativeConfig()),
                f"early exit at layer {half}": ({"assistant_early_exit": half}, None)}
-    run({})  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in configs}
     outs: dict[str, list[torch.Tensor]] = {}
     accept: dict[str, float | None] = {}
-    for _ in range(repeats):  # round-robin, best of `repeats`, to keep other load out of the ratios
-        for name, (extra, cfg) in configs.items():
+
+    def run(name: str) -> Callable[[], None]:
+        extra, cfg = configs[name]
+
+        def call() -> None:
             handle = mmskip.apply(model, cfg) if cfg else None
             try:
-                outs[name], secs = run(extra)
+                outs[name] = [model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **extra)[0, ids.shape[1]:]
+                              for ids in prompts]
                 accept[name] = handle.stats().get("acceptance_rate") if handle else None
             finally:
                 if handle:
                     handle.remove()
-            seconds[name].append(secs)
+        return call
+
+    names = list(configs)
+    timings = paired(run(names[0]), {n: run(n) for n in names[1:]}, repeats=repeats, warmup=1)
     base = outs["plain"]
     rows = []
-    for name in list(configs)[1:]:
+    for name in names[1:]:
         same = sum(torch.equal(a, b) for a, b in zip(outs[name], base))
-        rows.append({"model": model_name, "config": name, "speedup": min(seconds["plain"]) / min(seconds[name]),
+        rows.append({"model": model_name, "config": name, **_speed(timings[name], None),
                      "identical": f"{same}/{len(base)}", "acceptance": accept[name]})
     print(f"\n== Lossless speculative decoding: {model_name}, {len(prompts)} prompts x {new_tokens} tokens, batch 1 ==")
+    print(f"speedup: median of {repeats} interleaved pairs with plain decoding (quartiles), warm-up excluded")
     for r in sorted(rows, key=lambda r: -r["speedup"]):
         acc = f", draft acceptance {r['acceptance']:.2f}" if r["acceptance"] is not None else ""
-        print(f"{r['config']:40s} {r['speedup']:5.2f}x  identical outputs {r['identical']}{acc}")
+        print(f"{r['config']:40s} {r['speedup']:5.2f}x ({_spread(r)})  identical outputs {r['identical']}{acc}")
         if r["speedup"] < 1.0:
             print(f"{'':4s}^ slower than plain decoding: on this {layers}-layer model at batch 1 a step costs mostly "
                   "per-layer overhead, and drafting plus verifying costs more than the plain steps it replaces")
@@ -193,7 +213,9 @@ def _methods(steps: int) -> dict[str, tuple[int, object]]:
 
 
 @torch.no_grad()
-def diffusion_demo(name: str, out_dir: Path, steps: int = 50) -> list[dict]:
+def diffusion_demo(name: str, out_dir: Path, steps: int = 50, repeats: int = 3) -> list[dict]:
+    """Each method on ten digits against the full sampler, paired-timed (``repeats`` interleaved
+    rounds after a warm-up round), with PSNR to the full run and the classifier's accuracy."""
     labels = list(range(10))
     if name == "digits-dit":
         pipe = SkipDiTPipeline.from_pretrained(zoo.path(name), dtype=torch.float32)
@@ -210,27 +232,40 @@ def diffusion_demo(name: str, out_dir: Path, steps: int = 50) -> list[dict]:
                         generator=torch.Generator().manual_seed(0), output_type="np")
     pipe.set_progress_bar_config(disable=True)
     methods = _methods(steps)
-    run(steps)  # warm-up
-    seconds: dict[str, list[float]] = {m: [] for m in methods}
-    images: dict[str, torch.Tensor] = {}
-    for _ in range(2):
-        for m, (n_steps, cfg) in methods.items():
+    outputs: dict[str, Any] = {}
+    fractions: dict[str, float] = {}
+
+    def method(m: str) -> Callable[[], None]:
+        n_steps, cfg = methods[m]
+
+        def call() -> None:
             if cfg is not None:
                 pipe.enable_skip(cfg)
-            start = time.perf_counter()
-            images[m] = _images(run(n_steps))
-            seconds[m].append(time.perf_counter() - start)
-            pipe.disable_skip()
-    base = next(iter(methods))
+            try:
+                outputs[m] = run(n_steps)
+                stats = pipe.skip_stats() if cfg is not None else {}
+            finally:
+                pipe.disable_skip()
+            fractions[m] = stats.get("flops_fraction", 1.0) * n_steps / steps  # denoiser FLOPs kept
+        return call
+
+    base, *others = methods
+    timings = paired(method(base), {m: method(m) for m in others}, repeats=repeats, warmup=1)
+    images = {m: _images(outputs[m]) for m in methods}
     rows = [{
-        "method": m, "speedup": min(seconds[base]) / min(seconds[m]),
+        "method": m, **_speed(timings.get(m), fractions[m]),
+        "flops_bound": 1 / fractions[m],
         "psnr_db": psnr(images[m], images[base]), "accuracy": conditional_accuracy(images[m], labels),
     } for m in methods]
     print(f"\n== Diffusion: {name}, 10 digits, CFG 4, CPU ==")
-    print(f"{'method':48s} {'speedup':>8s} {'PSNR to full':>13s} {'accuracy':>9s}")
+    print(f"speedup: median of {repeats} interleaved pairs with the full run (quartiles), warm-up excluded; "
+          "bound: the denoiser FLOPs kept")
+    print(f"{'method':48s} {'speedup':>8s} {'quartiles':>10s} {'bound':>7s} {'PSNR to full':>13s} {'accuracy':>9s}")
     for r in [rows[0], *sorted(rows[1:], key=lambda r: -r["speedup"])]:  # what pays first
         shown = "exact" if r["psnr_db"] >= 99 else f"{r['psnr_db']:.1f} dB"
-        print(f"{r['method']:48s} {r['speedup']:7.2f}x {shown:>13s} {r['accuracy']:9.2f}")
+        print(f"{r['method']:48s} {r['speedup']:7.2f}x {_spread(r):>10s} {r['flops_bound']:6.2f}x {shown:>13s} "
+              f"{r['accuracy']:9.2f}")
+        _warn(r)
         if r["speedup"] < 1.0:
             print(f"{'':4s}^ slower than the full run: the inherited features save less than the hooks cost here")
     _grid(images, out_dir / f"{name}.png")
@@ -373,9 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the full diffusion run")
     p.add_argument("--only", choices=("language", "diffusion", "vision"), default=None, help="run one part of the demo")
     p.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per prompt in the language part")
-    p.add_argument("--repeats", type=int, default=2, help="timed round-robin runs in the language part (best of)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed pairs per configuration, interleaved with the baseline after a warm-up round "
+                        "(median and quartiles; at least 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every section's rows to this JSON file")
     args = p.parse_args(argv)
+    if args.repeats < 3:
+        p.error(f"--repeats must be at least 3 (a median and a spread need three pairs), got {args.repeats}")
     language, speculative, diffusion = [], [], {}
     if args.only in (None, "language"):
         # stdlib-lm was trained without skipping; stdlib-lm-skip with LayerSkip's dropout + early-exit loss
@@ -385,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             speculative += speculative_demo(name, new_tokens=args.new_tokens, repeats=args.repeats)
     if args.only in (None, "diffusion"):
         for name in ("digits-dit", "digits-sd"):
-            diffusion[name] = diffusion_demo(name, Path(args.out), args.steps)
+            diffusion[name] = diffusion_demo(name, Path(args.out), args.steps, repeats=args.repeats)
     vision = vision_demo() if args.only in (None, "vision") else []
     if args.json:
         import json

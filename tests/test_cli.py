@@ -160,14 +160,14 @@ def test_demo_quick_language_only_option(demo, tiny_lm_folder, monkeypatch, caps
     monkeypatch.setattr(demo, "language_demo", lambda **kw: seen.append(kw) or [])
     monkeypatch.setattr(demo, "speculative_demo", lambda name, **kw: spec.append((name, kw)) or [])
     monkeypatch.setattr(demo, "diffusion_demo", lambda *a, **kw: pytest.fail("--only language ran diffusion"))
-    assert demo.main(["--only", "language", "--new-tokens", "4", "--repeats", "1"]) == 0
+    assert demo.main(["--only", "language", "--new-tokens", "4", "--repeats", "3"]) == 0
     names = [n for n in ("stdlib-lm", "stdlib-lm-skip") if n in demo.zoo.available()]
-    assert seen == [{"model_name": n, "new_tokens": 4, "repeats": 1} for n in names]
-    assert spec == [(n, {"new_tokens": 4, "repeats": 1}) for n in names]
+    assert seen == [{"model_name": n, "new_tokens": 4, "repeats": 3} for n in names]
+    assert spec == [(n, {"new_tokens": 4, "repeats": 3}) for n in names]
 
 
 def test_speculative_demo_is_lossless(demo, tiny_lm_folder, capsys):
-    rows = demo.speculative_demo(str(tiny_lm_folder), new_tokens=6, repeats=1)
+    rows = demo.speculative_demo(str(tiny_lm_folder), new_tokens=6, repeats=3)
     assert [r["identical"] for r in rows] == ["4/4", "4/4"] and all(r["speedup"] > 0 for r in rows)
     assert "Lossless speculative decoding" in capsys.readouterr().out
 
