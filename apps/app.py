@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError:
         print("mmskip app: error: the app needs gradio: pip install 'mmskip[app]'", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         build_app().launch(server_name=args.host, server_port=args.port, share=args.share)
     except OSError as e:  # e.g. the port is in use
