@@ -175,6 +175,14 @@ class TechniqueState:
 
     Subclasses hold typed fields, forget per-call memory in :meth:`reset` and add their
     entries to ``handle.stats()`` through :meth:`stats`.
+
+    The per-call protocol: what a caller that applies the technique for one call (the drop-in
+    pipelines of ``mmskip.pipelines``) calls on ``handle.state``, and nothing else. Every method
+    has a no-op default, so a technique overrides only what it uses:
+    :meth:`adopt_costs` right after ``apply`` (costs an earlier call measured),
+    :meth:`begin_call` before sampling (again when the visited steps change, e.g. img2img
+    ``strength``), :meth:`end_call` when the call ends, and :meth:`measured_costs` after
+    ``handle.remove()`` (kept for the next call's :meth:`adopt_costs`).
     """
 
     def reset(self) -> None:
@@ -183,6 +191,22 @@ class TechniqueState:
     def stats(self) -> dict[str, Any]:
         """This technique's entries in ``handle.stats()``."""
         return {}
+
+    def begin_call(self, num_steps: int, visited: tuple[int, ...]) -> None:
+        """A call starts a trajectory on a ``num_steps`` grid of which the sampler visits the
+        sorted grid steps ``visited``. Default: nothing (a technique that counts no steps)."""
+
+    def end_call(self) -> None:
+        """The call ended (normally or not), before its hooks are removed. Default: nothing."""
+
+    def measured_costs(self) -> tuple[dict[str, float], float] | None:
+        """(FLOPs per hooked item, FLOPs of the rest of a call) once measured, else ``None``
+        (default: the technique measures nothing)."""
+        return None
+
+    def adopt_costs(self, costs: dict[str, float], fixed: float) -> None:
+        """Use costs an earlier application to the same model measured (:meth:`measured_costs`),
+        so this one need not measure them again. Default: ignored."""
 
 
 class SkipStats:
