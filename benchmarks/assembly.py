@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import diffusion_methods as dm  # noqa: E402
-import diffusion_models as zm  # noqa: E402
+import _diffusion_methods as dm  # noqa: E402
+import _diffusion_models as zm  # noqa: E402
 
 import diffusion as bench  # noqa: E402
 

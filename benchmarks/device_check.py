@@ -14,26 +14,16 @@ Writes ``benchmarks/results/device_check_<device>.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
+import harness
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmskip
 from mmskip import schedules
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _lm(name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -68,11 +58,11 @@ def check_lm(name: str, device: torch.device, dtype: torch.dtype, new_tokens: in
     ref_logits = model(input_ids=ids).logits
 
     def gen() -> tuple[float, torch.Tensor]:
-        _sync(device)
+        harness.sync()
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=0)
-        _sync(device)
+        harness.sync()
         return time.perf_counter() - t0, out[0, ids.shape[1]:]
 
     gen()  # warm-up
@@ -115,10 +105,10 @@ def check_dit(device: torch.device, dtype: torch.dtype, steps: int, batch: int, 
 
     def run() -> tuple[float, torch.Tensor]:
         g = torch.Generator(device).manual_seed(0)
-        _sync(device)
+        harness.sync()
         t0 = time.perf_counter()
         out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=4.0, generator=g, output_type="pt")
-        _sync(device)
+        harness.sync()
         return time.perf_counter() - t0, out.images.float().cpu()
 
     run()
@@ -142,15 +132,13 @@ def check_dit(device: torch.device, dtype: torch.dtype, steps: int, batch: int, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="a few tokens and steps, to check the script runs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p = harness.arguments(__doc__, repeats=None, threads=None, device=True,
+                          smoke="a few tokens and steps, to check the script runs")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     new_tokens, repeats, steps, batch = (8, 1, 4, 2) if args.smoke else (64, 5, 50, 64)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = harness.machine(device)
     print(f"{name}, {dtype}, mmskip {mmskip.__version__}, torch {torch.__version__}")
     print("| model | config | speedup | FLOPs bound | agreement / PSNR | identical | remove() exact |")
     print("|---|---|---:|---:|---:|---|---|")
@@ -161,10 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"device": name, "dtype": str(dtype), "torch": torch.__version__, "smoke": args.smoke,
             "new_tokens": new_tokens, "repeats": repeats, "dit_steps": steps, "dit_batch": batch,
             "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out) if args.out else RESULTS / f"device_check_{device.type}{'_smoke' if args.smoke else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    out = args.out or harness.RESULTS / f"device_check_{device.type}{'_smoke' if args.smoke else ''}.json"
+    harness.write(out, {"meta": meta, "rows": rows}, indent=2)
     return {"meta": meta, "rows": rows}
 
 

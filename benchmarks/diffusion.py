@@ -1,6 +1,6 @@
 """Diffusion acceleration benchmark: mmskip vs the fewer-steps front, DeepCache, diffusers' caches, cache-dit.
 
-Zoo models (``benchmarks/diffusion_models.py``), each at the sampler users run: ``digits-dit`` and
+Zoo models (``benchmarks/_diffusion_models.py``), each at the sampler users run: ``digits-dit`` and
 ``digits-sd`` with DPM-Solver++ 2M at 25 steps, ``scenes-flux`` (a Flux-shaped flow-matching
 text-to-image model) with flow-matching Euler at 28 steps; CFG 4, CPU. ``--sampler ddim --steps 50``
 gives the secondary DDIM-50 baseline. Every method generates the same conditions with the same
@@ -17,7 +17,7 @@ seeds; for each we report
 
 The fewer-steps front is the headline sampler at several step counts; a method is *above the
 front* when its PSNR beats the front interpolated at the method's speedup (``above_front_db``).
-mmskip methods are specs (``benchmarks/diffusion_methods.py``); ``--specs`` adds more (e.g. the
+mmskip methods are specs (``benchmarks/_diffusion_methods.py``); ``--specs`` adds more (e.g. the
 best ones ``benchmarks/diffusion_search.py`` found). Writes ``benchmarks/results/diffusion.json``,
 ``.md`` and ``diffusion_pareto.png``. ``--smoke`` runs every code path in seconds (numbers
 meaningless; results beside ``--out``).
@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import diffusion_methods as dm  # noqa: E402
-import diffusion_models as zm  # noqa: E402
+import _diffusion_methods as dm  # noqa: E402
+import _diffusion_models as zm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-batch", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
-    ap.add_argument("--specs", nargs="*", default=[], help="more mmskip specs (see benchmarks/diffusion_methods.py)")
+    ap.add_argument("--specs", nargs="*", default=[], help="more mmskip specs (see benchmarks/_diffusion_methods.py)")
     ap.add_argument("--smoke", action="store_true", help="tiny pipelines, every code path, seconds")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--merge", nargs="+", type=Path, help="combine earlier result JSONs (one per model) into --out")

@@ -18,26 +18,18 @@ the warm-up and is reported separately.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
+from llm_layer_skip import SMOKE_MODEL, build_model, prompts
 from transformers import CompileConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from llm_layer_skip import SMOKE_MODEL, build_model, prompts  # noqa: E402
-
-import mmskip  # noqa: E402
-from mmskip import schedules  # noqa: E402
-from mmskip.eval.decode_agreement import decode_agreement  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+import mmskip
+from mmskip import schedules
+from mmskip.eval.decode_agreement import decode_agreement
 
 
 def configs() -> dict[str, mmskip.SkipConfig | None]:
@@ -46,11 +38,6 @@ def configs() -> dict[str, mmskip.SkipConfig | None]:
         "unified s=1.5": mmskip.LayerSkipConfig(schedule=schedules.unified(1.5)),
         "unified s=2": mmskip.LayerSkipConfig(schedule=schedules.unified(2.0)),
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -63,10 +50,10 @@ def decode_seconds(model, ids, new_tokens: int, compiled: CompileConfig | None, 
     for _ in range(repeats):
         spans = []
         for n in (1, new_tokens):
-            _sync(ids.device)
+            harness.sync()
             start = time.perf_counter()
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-            _sync(ids.device)
+            harness.sync()
             spans.append(time.perf_counter() - start)
         times.append(spans[1] - spans[0])
     return times, out[:, ids.shape[1]:]
@@ -106,23 +93,18 @@ def run_config(model, ids, args, cfg, compiled: CompileConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, threads=2, device=True, smoke=f"{SMOKE_MODEL}, 6 new tokens, dynamo only, 1 round")
     p.add_argument("--model", default="random-24x512")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (the smoke run uses 'eager')")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None)
-    p.add_argument("--smoke", action="store_true", help=f"{SMOKE_MODEL}, 6 new tokens, dynamo only, 1 round")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.batch, args.new_tokens, args.prompt_len, args.repeats, args.backend = (
             SMOKE_MODEL, [1], 6, 8, 1, "eager")
-    torch.set_num_threads(args.threads)
+    harness.setup(args)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -151,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "compiled_equals_eager": bool(torch.equal(r["compiled_tokens"], r["eager_tokens"])),
                 "eager_s": r["eager_s"], "compiled_s": r["compiled_s"],
             })
-    meta = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else (platform.processor() or platform.machine()), "dtype": str(dtype).removeprefix("torch."),
+    meta = {"model": args.model, "device": harness.machine(device), "dtype": str(dtype).removeprefix("torch."),
             "backend": args.backend, "mode": compiled.mode, "threads": args.threads, "new_tokens": args.new_tokens,
             "prompt_len": args.prompt_len, "repeats": args.repeats, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
@@ -160,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"meta": meta, "rows": rows}
     if args.smoke and not args.out:
         return result
-    out = Path(args.out) if args.out else RESULTS / f"llm_compiled_{args.model}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    harness.write(args.out or harness.RESULTS / f"llm_compiled_{args.model}_{device.type}.json", result, indent=2)
     return result
 
 

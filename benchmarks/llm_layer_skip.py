@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
+import harness
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmskip
 from mmskip import schedules
 from mmskip.eval.decode_agreement import decode_agreement
+from mmskip.registry import get_adapter
 
-RESULTS = Path(__file__).parent / "results"
 SMOKE_MODEL = "random-8x64"
 
 
@@ -112,24 +110,18 @@ def run_once(model, ids, mask, new_tokens, config):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, smoke=f"seconds-long run that exercises every path: {SMOKE_MODEL} random model, "
+                          "batch 1, 6 new tokens, 1 round")
     p.add_argument("--model", default="random-24x512")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
-    p.add_argument("--out", default=None, help="JSON path (default: results/llm_layer_skip_MODEL.json; "
-                   "with --smoke nothing is written unless given)")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"seconds-long run that exercises every path: {SMOKE_MODEL} random model, batch 1, "
-                        "6 new tokens, 1 round")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.batch, args.new_tokens, args.prompt_len, args.repeats = SMOKE_MODEL, [1], 6, 8, 1
-    torch.set_num_threads(args.threads)
+    harness.setup(args)
     model, tok = build_model(args.model)
-    L = mmskip.registry.get_adapter(model).num_layers
+    L = get_adapter(model).num_layers
     cfgs = configs(L)
     rows = []
     for batch in args.batch:
@@ -163,15 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
     _print(rows, args)
     meta = {
         "model": args.model, "threads": args.threads, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
-        "repeats": args.repeats, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "repeats": args.repeats, "torch": torch.__version__, "machine": harness.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.smoke and not args.out:
         return {"meta": meta, "rows": rows}
-    out = Path(args.out) if args.out else RESULTS / f"llm_layer_skip_{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+    harness.write(args.out or harness.RESULTS / f"llm_layer_skip_{args.model}.json", {"meta": meta, "rows": rows},
+                  indent=2)
     return {"meta": meta, "rows": rows}
 
 

@@ -15,7 +15,10 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture
 def load_bench(monkeypatch):
     """``load_bench(name)``: ``benchmarks/<name>.py`` as module ``name`` (registered, so its dataclasses
-    and sibling imports resolve; removed again after the test)."""
+    and sibling imports resolve; removed again after the test). ``benchmarks/`` is on ``sys.path``
+    meanwhile, as it is for ``mmskip bench``, so scripts import their siblings (``harness``)."""
+
+    monkeypatch.syspath_prepend(str(BENCH))
 
     def load(name: str, module_name: str | None = None):
         module_name = module_name or name

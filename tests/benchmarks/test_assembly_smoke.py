@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.slow
 def test_assembly_benchmark_smoke(tmp_path, load_bench, threads):
-    for name in ("diffusion_models", "diffusion_methods", "diffusion"):
+    for name in ("_diffusion_models", "_diffusion_methods", "diffusion"):
         load_bench(name)
     assembly = load_bench("assembly")
     out = tmp_path / "asm.json"

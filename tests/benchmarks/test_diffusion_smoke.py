@@ -28,7 +28,7 @@ def test_front_interpolates_in_log_speed(load_bench):
 
 
 def test_specs_parse_and_refuse_bad_tokens(load_bench):
-    dm = load_bench("diffusion_methods")
+    dm = load_bench("_diffusion_methods")
     assert dm.parse_spec("steps=17 fi=interval:2 targets=deep") == {"steps": "17", "fi": "interval:2", "targets": "deep"}
     with pytest.raises(ValueError, match="bad mmskip spec token"):
         dm.parse_spec("fi=interval:2 every=3")

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "llm_compiled.py"
-
-
-def test_smoke_compiles_every_config_and_matches_eager(capsys):
-    spec = importlib.util.spec_from_file_location("llm_compiled", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_smoke_compiles_every_config_and_matches_eager(load_bench, capsys):
+    bench = load_bench("llm_compiled")
     res = bench.main(["--smoke", "--threads", "1"])
     rows = {r["config"]: r for r in res["rows"]}
     assert list(rows) == list(bench.configs())

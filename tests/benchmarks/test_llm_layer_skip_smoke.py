@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "llm_layer_skip.py"
 
 
-def test_smoke_run_covers_every_config(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("llm_layer_skip", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_smoke_run_covers_every_config(load_bench, tmp_path, capsys):
+    bench = load_bench("llm_layer_skip")
     out = tmp_path / "smoke.json"
     res = bench.main(["--smoke", "--out", str(out)])
     rows = {r["config"]: r for r in res["rows"]}

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "llm_speculative.py"
 
 
-def test_llm_speculative_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_llm_speculative", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_llm_speculative_smoke(load_bench, tmp_path, capsys):
+    bench = load_bench("llm_speculative", "bench_llm_speculative")
     out = tmp_path / "smoke.json"
     result = bench.main(["--smoke", "--out", str(out)])
     rows = {r["config"]: r for r in result["rows"]}

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mue.py"
 
 
-def test_smoke_run_writes_finite_results(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_mue", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_smoke_run_writes_finite_results(load_bench, tmp_path, capsys):
+    bench = load_bench("mue", "bench_mue")
     out = tmp_path / "mue.json"
     res = bench.main(["--smoke", "--out", str(out)])
     saved = json.loads(out.read_text())

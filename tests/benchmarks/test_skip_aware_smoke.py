@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "skip_aware.py"
 
 
-def test_skip_aware_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_skip_aware", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_skip_aware_smoke(load_bench, tmp_path):
+    bench = load_bench("skip_aware", "bench_skip_aware")
     out = tmp_path / "smoke.json"
     result = bench.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text())["models"] == json.loads(json.dumps(result["models"]))

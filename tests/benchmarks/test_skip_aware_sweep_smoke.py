@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "skip_aware_sweep.py"
-
-
-def test_sweep_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_skip_aware_sweep", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_sweep_smoke(load_bench, tmp_path):
+    bench = load_bench("skip_aware_sweep", "bench_skip_aware_sweep")
     result = bench.main(["--smoke", "--windows", "4", "--out", str(tmp_path / "s.json")])
     rows = result["rows"]
     assert len(rows) == 2 and all("error" not in r for r in rows.values()), rows

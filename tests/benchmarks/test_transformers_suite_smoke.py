@@ -8,23 +8,14 @@ regressions into inherent differences and breakage.
 from __future__ import annotations
 
 import importlib.util
-import sys
 import unittest
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def suite():
-    spec = importlib.util.spec_from_file_location("transformers_suite", ROOT / "benchmarks" / "transformers_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+@pytest.fixture
+def suite(load_bench):
+    return load_bench("transformers_suite")
 
 
 def test_generated_sources_compile(suite):

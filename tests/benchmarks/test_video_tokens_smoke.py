@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "video_tokens.py"
 
 
-def test_smoke_run_covers_every_config(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("video_tokens", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_smoke_run_covers_every_config(load_bench, tmp_path, capsys):
+    bench = load_bench("video_tokens")
     out = tmp_path / "vt.json"
     res = bench.main(["--smoke", "--out", str(out)])
     saved = json.loads(out.read_text())

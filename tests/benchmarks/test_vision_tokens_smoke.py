@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vision_tokens.py"
 
 
-def test_smoke_run_covers_every_config(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("vision_tokens", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_smoke_run_covers_every_config(load_bench, tmp_path, capsys):
+    bench = load_bench("vision_tokens")
     out = tmp_path / "vt.json"
     start = time.perf_counter()
     res = bench.main(["--smoke", "--out", str(out)])

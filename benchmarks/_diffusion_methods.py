@@ -82,7 +82,7 @@ def parse_spec(spec: str) -> dict[str, str]:
     for tok in spec.split():
         key, sep, value = tok.partition("=")
         if not sep or key not in ("steps", "fi", "targets", "gran", "tele", "skip"):
-            raise ValueError(f"bad mmskip spec token {tok!r} in {spec!r} (see benchmarks/diffusion_methods.py)")
+            raise ValueError(f"bad mmskip spec token {tok!r} in {spec!r} (see benchmarks/_diffusion_methods.py)")
         out[key] = value
     return out
 

@@ -149,9 +149,9 @@ def _tiny_digits(dit: bool) -> Any:
 
     from mmskip.diffusion.testing import tiny_pipeline_components, tiny_unet
     from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
+    from mmskip.zoo.train_sd import make_text_encoder
 
     from mmskip.zoo.sd_tokenizer import build_clip_tokenizer
-    from mmskip.zoo.train_sd import make_text_encoder
 
     comps, _ = tiny_pipeline_components("dit" if dit else "sd")
     if dit:
@@ -185,9 +185,10 @@ def _scenes(smoke: bool, sampler: str, steps: int, guidance: float, metrics: boo
         classifier = load_scenes_classifier(zoo.path("scenes-classifier"))
 
     def quality(imgs: torch.Tensor, n: int) -> dict[str, float]:
-        from mmskip.zoo.scenes_classifier import prompt_accuracy
         from mmskip.zoo.train_scenes_flux import scenes_fid
         from mmskip.zoo.train_scenes_vae import scenes_tensor
+
+        from mmskip.zoo.scenes_classifier import prompt_accuracy
 
         if classifier is None:
             return {}
