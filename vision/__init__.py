@@ -9,19 +9,21 @@ and Qwen2.5-VL) and the techniques p-MoD (images) and VideoLLM-MoD (video, frame
     handle = mmskip.apply(onevision, VideoMoDConfig())   # 20 % of each frame's tokens per layer
     stream = VideoStream(onevision, prefix=ids)          # clips into one cache, questions any time
 
-Routers are trained by ``python -m mmskip.vision.train_routers`` (``mmskip.vision.train_routers.train_mod_routers``).
+Routers are trained by ``python -m mmskip.vision.pmod.train`` (``mmskip.vision.pmod.train.train_mod_routers``).
 
-MuE early exits for Florence-2: ``MuEConfig`` (see ``vision/MUE.md``). See ``vision/README.md``.
+MuE early exits for Florence-2: ``MuEConfig`` (see ``vision/mue/README.md``). See ``vision/README.md``.
+
+Layout: one folder per technique (``pmod/``: p-MoD, VideoLLM-MoD and streaming; ``mue/``: MuE),
+each with ``config.py``, ``state.py`` and ``hooks.py`` (the hooks and the attach function); model
+facts in ``adapters/``; ``generation_replay.py`` is the per-``generate`` record both techniques use
+to replay their decisions under ``generate(use_cache=False)``.
 """
 
 from __future__ import annotations
 
-from .adapters import UnsupportedTextModelError, VLMAdapter
-from .mod_routers import MoDRouters
+from .adapters import EncDecVLMAdapter, UnsupportedLanguageModelError, UnsupportedTextModelError, VLMAdapter
 from .mue import EncoderRecord, MuEConfig, MuEState
-from .mue_adapters import EncDecVLMAdapter, UnsupportedLanguageModelError
-from .pmod import LayerRecord, MoDConfig, MoDState, VideoMoDConfig, mod_layers
-from .stream import VideoStream
+from .pmod import LayerRecord, MoDConfig, MoDRouters, MoDState, VideoMoDConfig, VideoStream, mod_layers
 
 __all__ = [
     "VLMAdapter",

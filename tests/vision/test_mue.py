@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from mmskip.vision.mue import MuEConfig
-from mmskip.vision.mue_adapters import EncDecVLMAdapter
+from mmskip.vision.adapters import EncDecVLMAdapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmskip

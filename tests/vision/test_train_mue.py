@@ -1,11 +1,11 @@
-"""MuE layer-wise training (``mmskip.vision.train_mue``) on a tiny random Florence-2, CPU float32."""
+"""MuE layer-wise training (``mmskip.vision.mue.train``) on a tiny random Florence-2, CPU float32."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from mmskip.vision import train_mue as T
+from mmskip.vision.mue import train as T
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from ._tiny_florence import EOS, florence_prompts, tiny_florence

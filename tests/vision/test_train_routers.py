@@ -1,4 +1,4 @@
-"""Training p-MoD routers (mmskip.vision.train_routers) on a tiny random LLaVA, CPU float32."""
+"""Training p-MoD routers (mmskip.vision.pmod.train) on a tiny random LLaVA, CPU float32."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from mmskip.vision import MoDConfig, MoDRouters
-from mmskip.vision import train_routers as T
+from mmskip.vision.pmod import train as T
 
 import mmskip
 from mmskip import schedules, zoo

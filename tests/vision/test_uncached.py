@@ -3,7 +3,7 @@
 Without a cache, ``generate`` runs the prompt and then, at every step, the prompt and the tokens
 so far again. p-MoD / VideoLLM-MoD would route those recomputes afresh (the attention signal
 reads another last token) and MuE would re-measure every earlier decoder exit; each generation
-now replays its own first decisions (``mmskip.vision.generation``). CPU float32, tiny models.
+now replays its own first decisions (``mmskip.vision.generation_replay``). CPU float32, tiny models.
 """
 
 from __future__ import annotations

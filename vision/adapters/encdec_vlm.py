@@ -5,8 +5,8 @@ the module whose ``get_placeholder_mask`` finds the image tokens (called in a pl
 inside ``generate``, where the encoder runs in ``_maybe_prepare_encoder_kwargs_for_generation``),
 the unified encoder's layers (image and text tokens together), the decoder's layers and their
 self-attention K/V projections (for the KV rule of exited tokens), the LM head, and the FLOPs
-per token of each part. Registered when ``mmskip.vision.mue_adapters`` is imported (importing
-``mmskip.vision.mue`` does it); an unsupported model raises :class:`mmskip.UnsupportedModelError`.
+per token of each part. Registered when ``mmskip.vision.adapters`` is imported (importing
+``mmskip.vision`` does it); an unsupported model raises :class:`mmskip.UnsupportedModelError`.
 
 Checked on transformers 5.24 with a tiny random model: ``Florence2ForConditionalGeneration``
 holds ``model`` (``Florence2Model``) whose ``language_model`` is a ``BartModel``: encoder layers

@@ -10,23 +10,31 @@
 - ``DecoderHook`` on the decoder opens a :class:`DecoderPass` per forward; ``DecoderLayerHook``
   runs, skips (only computing the exited tokens' K/V for the cache) or runs densely and keeps the
   exited tokens' state, then decides who exits.
+
+:func:`attach_mue` puts them on a model (``mmskip.apply`` calls it through the config); the
+per-call passes they share are in :mod:`mmskip.vision.mue.state`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.hooks import ModelHook
 
-from mmskip._phase import ArgumentsHook, get_cache
+from mmskip._phase import ArgumentsHook, HeadCounter, get_cache
 from mmskip.inject import CallGuard, SkipHandle
+from mmskip.registry import get_adapter
+
+from ..adapters import EncDecVLMAdapter
+from ..generation_replay import bind_generations
+from .state import DecoderPass, EncoderPass, EncoderRecord, MuEState
 
 if TYPE_CHECKING:
-    from .mue import MuEState
+    from .config import MuEConfig
 
 __all__ = [
     "PlaceholderHook",
@@ -35,9 +43,7 @@ __all__ = [
     "EncoderKVHook",
     "DecoderHook",
     "DecoderLayerHook",
-    "EncoderPass",
-    "DecoderPass",
-    "EncoderRecord",
+    "attach_mue",
 ]
 
 logger = logging.getLogger("mmskip.vision.mue")
@@ -53,50 +59,6 @@ def _thr(value: float | None) -> float:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity over the last dim in float32, clamped to [-1, 1]."""
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).clamp(-1.0, 1.0)
-
-
-# -- per-call state -------------------------------------------------------------------------------
-
-
-@dataclass
-class EncoderPass:
-    """One encoder call: which tokens are image / padding, who has exited and after which layer."""
-
-    layers: int
-    image: torch.Tensor  # (B, N) bool
-    valid: torch.Tensor  # (B, N) bool
-    done: torch.Tensor  # (B, N) bool: exited (real tokens only)
-    exit_layer: torch.Tensor  # (B, N) long: layers run (``layers`` until exit; 0 at padding)
-    thr: torch.Tensor  # (B, N) float: each token's threshold
-    measure: bool  # any threshold can trigger
-    pinned: torch.Tensor | None = None  # (B, N) long: exit layers to replay
-
-
-@dataclass
-class EncoderRecord:
-    """The last encoder pass: where the image tokens and padding were and how many layers each
-    token ran (its 1-based exit layer; the encoder depth = never exited; 0 at padding)."""
-
-    image: torch.Tensor  # (batch, seq) bool
-    valid: torch.Tensor  # (batch, seq) bool: not padding
-    exit_layer: torch.Tensor  # (batch, seq) long
-
-
-@dataclass
-class DecoderPass:
-    """One decoder forward: positions ``past .. past + q - 1`` of ``batch`` rows."""
-
-    layers: int
-    batch: int
-    q: int
-    past: int
-    done: torch.Tensor  # (B, q) bool
-    exit_layer: torch.Tensor  # (B, q) long
-    thr: torch.Tensor  # (q,) float: the threshold at each position
-    measure: bool
-    pinned: torch.Tensor | None = None  # (B, q) long: exit layers to replay, -1 = measure
-    measure_from: int = 0  # positions before this one replay ``pinned``; from here on they are measured
-    dense: int = 0  # exited (layer, token) pairs computed anyway (mixed batch)
 
 
 # -- the image-token mask ---------------------------------------------------------------------------
@@ -423,3 +385,54 @@ class DecoderLayerHook(ModelHook):
         k, v = adapter.self_kv(self.index, h)
         target = getattr(cache, "self_attention_cache", cache)
         target.update(k, v, adapter.cache_index(self.index))
+
+
+def attach_mue(config: MuEConfig, model: torch.nn.Module, handle: SkipHandle) -> None:
+    """Attach MuE to ``model``: the placeholder, encoder and decoder hooks, one hook per encoder layer
+    (and its attention's K/V) and per decoder layer, the head counter; ``handle.state`` = a new
+    :class:`MuEState`. Called by ``mmskip.apply(model, config)``."""
+    adapter: EncDecVLMAdapter = get_adapter(model, "encdec-vlm")
+    L = adapter.num_decoder_layers
+    if config.decoder_schedule is not None:
+        asked, name = max(1, config.decoder_schedule.warmup), "decoder_schedule.warmup"
+    else:
+        asked, name = config.min_layers, "min_layers"
+    if asked is not None and asked >= L:
+        raise ValueError(
+            f"MuEConfig.{name}={asked} leaves no decoder layer to exit after: "
+            f"{type(model).__name__}'s decoder has {L} layers and a token can exit after layers 1..{L - 1}"
+        )
+    for sched_name in ("image_schedule", "text_schedule"):
+        sched = getattr(config, sched_name)
+        if sched is not None and sched.num is not None and sched.num != adapter.num_encoder_layers:
+            raise ValueError(
+                f"MuEConfig.{sched_name} was built for num={sched.num} layers but {type(model).__name__}'s encoder "
+                f"has {adapter.num_encoder_layers}; leave num=None"
+            )
+    min_layers = asked if asked is not None else max(1, math.ceil(L / 3))
+    state = MuEState(config=config, adapter=adapter, min_layers=min_layers)
+    guard = CallGuard(config.technique)
+    counts = handle.counts
+    for i in range(adapter.num_encoder_layers):
+        kv, rest = adapter.encoder_costs(i)
+        counts.cost[f"encoder.{i}"], counts.cost[f"encoder.{i}.kv"] = rest, kv
+    for i in range(L):
+        kv, rest = adapter.decoder_costs(i)
+        counts.cost[f"decoder.{i}"], counts.cost[f"decoder.{i}.kv"] = rest, kv
+    handle.add_hook(adapter.mm_model, PlaceholderHook(state), ".placeholder")
+    handle.add_hook(adapter.encoder, EncoderHook(state, handle, guard), ".encoder")
+    for i, layer in enumerate(adapter.encoder_layers):
+        kv_hook = EncoderKVHook()
+        handle.add_hook(layer.self_attn, kv_hook, ".kv")
+        handle.add_hook(layer, EncoderLayerHook(i, state, handle, kv_hook), ".layer")
+    handle.add_hook(adapter.decoder, DecoderHook(state, handle, guard), ".decoder")
+    bind_generations(handle, model, state.generations)  # generate(use_cache=False) replays its exits
+    for i, layer in enumerate(adapter.decoder_layers):
+        handle.add_hook(layer, DecoderLayerHook(i, state, handle), ".layer")
+    if adapter.head is not None:
+        counts.fixed_cost = adapter.head_flops()
+        handle.add_hook(adapter.head, HeadCounter(handle), ".head")
+    handle.state = state
+    logger.debug("mue: %d encoder / %d decoder layers, decoder min_layers %d", adapter.num_encoder_layers, L,
+                 min_layers)
+

@@ -27,7 +27,7 @@ from torch import nn
 from mmskip._phase import cache_kwarg
 from mmskip.registry import get_adapter
 
-from .adapters import VLMAdapter
+from ..adapters import VLMAdapter
 
 __all__ = ["VideoStream"]
 

@@ -1,9 +1,9 @@
 """Train p-MoD routers on a frozen vision-language model (optionally with LoRA adapters), then compare
 held-out accuracy and prefill FLOPs with the unmodified model and the training-free signals.
 
-    python -m mmskip.vision.train_routers --model digits-llava --out runs/pmod-routers --steps 300
-    python -m mmskip.vision.train_routers --model digits-llava --out runs/r --lora          # routers + LoRA (peft)
-    python -m mmskip.vision.train_routers --model digits-llava --out runs/r --steps 600 --resume
+    python -m mmskip.vision.pmod.train --model digits-llava --out runs/pmod-routers --steps 300
+    python -m mmskip.vision.pmod.train --model digits-llava --out runs/r --lora          # routers + LoRA (peft)
+    python -m mmskip.vision.pmod.train --model digits-llava --out runs/r --steps 600 --resume
 
 Training: fresh zero routers (``MoDRouters.for_model``) are attached with
 ``MoDConfig(signal="router")``, i.e. p-MoD's TanhNorm weights ``w = alpha * tanh(r) + 1`` and STRing
@@ -41,9 +41,8 @@ from mmskip._training import save_checkpoint, skip_batches
 from mmskip.inject import SkipConfig, apply
 from mmskip.registry import get_adapter
 
-from .mod_routers import MoDRouters
-from .router_eval import digit_batches, evaluate_configs, heldout, load_model, parse_schedule, results_table
-from .router_lora import (
+from .eval import digit_batches, evaluate_configs, heldout, load_model, parse_schedule, results_table
+from .lora import (
     LORA_META,
     LORA_WEIGHTS,
     _inject_lora,
@@ -53,6 +52,7 @@ from .router_lora import (
     default_lora_config,
     merged_with_lora,
 )
+from .routers import MoDRouters
 
 __all__ = [
     "CHECKPOINT",
@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
-PROG = "python -m mmskip.vision.train_routers"
+PROG = "python -m mmskip.vision.pmod.train"
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def train_mod_routers(
     tail = losses[-max(1, min(50, len(losses) // 10)):] if losses else []
     head = losses[:max(1, min(50, len(losses) // 10))] if losses else []
     info = {
-        "trainer": "mmskip.vision.train_routers",
+        "trainer": "mmskip.vision.pmod.train",
         "technique": config.technique,
         "steps": len(losses),
         "lr": lr,

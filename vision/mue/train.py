@@ -1,7 +1,7 @@
 """Layer-wise training for MuE: make every decoder layer (and every encoder layer) of a Florence-2 exitable.
 
-    python -m mmskip.vision.train_mue --model digits-florence --out runs/mue-ft --steps 300
-    python -m mmskip.vision.train_mue --model digits-florence --out runs/mue-ft --steps 600 --resume
+    python -m mmskip.vision.mue.train --model digits-florence --out runs/mue-ft --steps 300
+    python -m mmskip.vision.mue.train --model digits-florence --out runs/mue-ft --steps 600 --resume
 
 MuE (Tang et al., CVPR 2023, arXiv:2211.11152) exits a token at an intermediate layer and reads the exit
 layer's state as if it were the last one, so the model is trained for that ("layer-wise training"):
@@ -15,7 +15,7 @@ layer's state as if it were the last one, so the model is trained for that ("lay
   token's state is taken from a layer drawn uniformly from 1..depth (independently per token, as
   token-level exits give), with the same layer-wise loss; ``encoder_mix`` weights that term (0 = decoder
   only). This trains the intermediate encoder states to be usable by the decoder, the property MuE's encoder
-  exits need; the paper's own encoder objective is not reproduced here (see ``vision/MUE.md``).
+  exits need; the paper's own encoder objective is not reproduced here (see ``vision/mue/README.md``).
 
 :func:`layerwise_loss` computes the loss on one batch; :func:`train_mue` trains a model with it (AdamW,
 warm-up + cosine, progress bar, ``checkpoint.pt`` every ``checkpoint_every`` steps, ``resume=True``
@@ -45,7 +45,7 @@ from mmskip._training import save_checkpoint, skip_batches
 __all__ = ["CHECKPOINT", "layerwise_loss", "mixed_depth", "train_mue", "main"]
 
 CHECKPOINT = "checkpoint.pt"
-PROG = "python -m mmskip.vision.train_mue"
+PROG = "python -m mmskip.vision.mue.train"
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels", "decoder_input_ids", "decoder_attention_mask")
 
 
@@ -244,7 +244,7 @@ def train_mue(
     if save:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
-    return {"trainer": "mmskip.vision.train_mue", "steps": len(losses), "lr": lr, "warmup": warmup,
+    return {"trainer": "mmskip.vision.mue.train", "steps": len(losses), "lr": lr, "warmup": warmup,
             "encoder_mix": encoder_mix, "train_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / max(1, len(losses) - start), 4) if len(losses) > start else None,
             "loss_curve": _curve(losses), "layer_curve": layer_curve, "losses": losses}

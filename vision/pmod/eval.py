@@ -1,4 +1,4 @@
-"""Held-out evaluation and data for ``python -m mmskip.vision.train_routers`` on the zoo's
+"""Held-out evaluation and data for ``python -m mmskip.vision.pmod.train`` on the zoo's
 ``digits-llava``: accuracy and prefill FLOPs of the unmodified model, trained routers and the
 training-free signals at one schedule; the schedule parser and training batches the CLI uses."""
 
@@ -139,7 +139,7 @@ def digit_batches(tokenizer: Any, batch: int, seed: int) -> Iterator[dict[str, t
     """Endless training batches of the digits-llava recipe's data (train digits + augmented copies,
     1-10 class palettes, question mix 50/25/25 %), teacher-forced with labels on the answer and ``</s>``."""
     from mmskip.zoo import llava_data as D
-    from mmskip.zoo.train_llava import COPIES, PALETTE
+    from mmskip.zoo.llava_data import COPIES, PALETTE
 
     bank = D.digit_bank("train", copies=COPIES, seed=seed)
     g = torch.Generator().manual_seed(seed)

@@ -3,7 +3,7 @@
 ``MoDRouters.save(folder)`` writes ``mod_routers.safetensors`` and ``mod_routers.json`` (the
 routed layers and the language model's shape, so routers of another model are refused with a
 clear error); ``MoDConfig(signal="router", routers=folder)`` loads them. Training lives in
-:mod:`mmskip.vision.train_routers`: it builds ``MoDRouters.for_model(model, config)``, optimises
+:mod:`mmskip.vision.pmod.train`: it builds ``MoDRouters.for_model(model, config)``, optimises
 its parameters (read live by the applied hooks through ``handle.state.routers``) and saves them.
 """
 
@@ -60,7 +60,7 @@ class MoDRouters(nn.Module):
     def for_model(cls, model: nn.Module, config: Any = None, layers: list[int] | None = None) -> MoDRouters:
         """Fresh (zero) routers for ``model``'s MoD layers: those of ``config`` (a ``MoDConfig``,
         default ``MoDConfig()``) unless ``layers`` are given. On the model's device and dtype."""
-        from .pmod import MoDConfig, mod_layers
+        from .config import MoDConfig, mod_layers
 
         if layers is None:
             from mmskip.registry import get_adapter

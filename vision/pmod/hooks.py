@@ -4,7 +4,8 @@
 the vision tokens are and holds the concurrency guard; ``MoDLayerHook`` runs a MoD layer on the
 packed kept tokens (prefill) or against the layer's own kept cache (decode); ``MlpScaleHook``
 applies the router weight to the MLP output (STRing); ``CaptureHook`` keeps a layer's input for
-the ``"norm"`` signal of the next layer.
+the ``"norm"`` signal of the next layer. :func:`attach_mod` puts them on a model
+(``mmskip.apply`` calls it through the config).
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.hooks import ModelHook
 
-from mmskip._phase import ArgumentsHook, get_cache
+from mmskip._phase import ArgumentsHook, HeadCounter, get_cache
 from mmskip.inject import CallGuard, SkipHandle
+from mmskip.registry import get_adapter
+
+from ..adapters import VLMAdapter
+from ..generation_replay import bind_generations
+from .config import mod_layers
+from .packing import group_sizes, pack_mask, rope, select_kept, take
+from .routers import MoDRouters
+from .state import LayerRecord, MoDState
 
 if TYPE_CHECKING:
-    from .pmod import MoDState
+    from .config import MoDConfig
 
-__all__ = ["InputHook", "MoDLayerHook", "MlpScaleHook", "CaptureHook"]
+__all__ = ["InputHook", "MoDLayerHook", "MlpScaleHook", "CaptureHook", "attach_mod"]
 
 logger = logging.getLogger("mmskip.vision.pmod")
 
@@ -95,7 +104,7 @@ class InputHook(ArgumentsHook):
                 st.mode = "mod" if has_routed or st.mode == "mod" else "plain"
                 st.tokens += B * q
                 st.vision, st.groups = routed, groups
-                st.group_sizes = _group_sizes(groups) if has_routed else [[] for _ in range(B)]
+                st.group_sizes = group_sizes(groups) if has_routed else [[] for _ in range(B)]
                 pad = bound.get("attention_mask")
                 st.pad = pad[:, -q:].bool() if isinstance(pad, torch.Tensor) and pad.dim() == 2 else None
                 if st.pad is not None:
@@ -147,71 +156,6 @@ class InputHook(ArgumentsHook):
                     "(no cache_implementation='static', no sliding-window layers)."
                 )
 
-
-def _group_sizes(groups: torch.Tensor) -> list[list[int]]:
-    """Per row, the sizes of its routing groups (one host read per prefill chunk)."""
-    out = []
-    for row in groups.cpu():
-        ids = row[row >= 0]
-        out.append(torch.unique(ids, return_counts=True)[1].tolist() if ids.numel() else [])
-    return out
-
-
-def _select(score: torch.Tensor, groups: torch.Tensor, ratio: float, P: int) -> torch.Tensor:
-    """(B, P) sorted positions that run a MoD layer: every token of group -1, the top
-    ``trunc(n_g * ratio)`` of each group ``g`` by ``score``, and (in rows that keep fewer than
-    ``P``) the best of the rest, so every row packs to ``P`` tokens."""
-    B, L = score.shape
-    by_score = score.argsort(dim=1, descending=True, stable=True)
-    order = by_score.gather(1, groups.gather(1, by_score).argsort(dim=1, stable=True))
-    sorted_groups = groups.gather(1, order).contiguous()  # ascending; within a group, best first
-    start = torch.searchsorted(sorted_groups, sorted_groups, right=False)
-    size = torch.searchsorted(sorted_groups, sorted_groups, right=True) - start
-    rank = torch.arange(L, device=score.device) - start
-    quota = torch.floor(size.double() * ratio).long()  # == int(n * ratio) in Python
-    keep = torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, (rank < quota) | (sorted_groups < 0))
-    priority = torch.where(keep, math.inf, score.float())
-    return priority.topk(P, dim=1).indices.sort(dim=1).values
-
-
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather ``t`` (b, L, ...) with b in {1, B} at positions ``idx`` (B, P) along dim 1."""
-    B, P = idx.shape
-    t = t.expand(B, *t.shape[1:])
-    index = idx.view(B, P, *([1] * (t.dim() - 2))).expand(B, P, *t.shape[2:])
-    return t.gather(1, index)
-
-
-def _pack_mask(mask: Any, rows: torch.Tensor | None, cols: torch.Tensor) -> Any:
-    """The attention mask restricted to query positions ``rows`` (None: keep all) and key
-    positions ``cols``, both (B, n) index tensors."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(
-            f"mmskip p-MoD supports the sdpa, eager and flash-attention masks (tensors), got {type(mask).__name__}; "
-            "load the model with attn_implementation='sdpa' or 'eager'"
-        )
-    B = cols.shape[0]
-    if mask.dim() == 2:  # flash attention: (batch, kv) padding mask
-        return mask.expand(B, -1).gather(1, cols)
-    if mask.dim() != 4:
-        raise TypeError(f"mmskip p-MoD: unexpected attention mask of shape {tuple(mask.shape)}")
-    m = mask.expand(B, *mask.shape[1:])
-    hm, Lq = m.shape[1], m.shape[2]
-    if rows is not None:
-        m = m.gather(2, rows[:, None, :, None].expand(B, hm, rows.shape[1], m.shape[3]))
-        Lq = rows.shape[1]
-    return m.gather(3, cols[:, None, None, :].expand(B, hm, Lq, cols.shape[1]))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
 
 
 class MoDLayerHook(ModelHook):
@@ -272,7 +216,7 @@ class MoDLayerHook(ModelHook):
                 score = self._score(layer, h, kwargs)
                 if self.state.config.signal == "router":
                     weight = self._weight(score)
-                idx = _select(score, st.groups.to(h.device), rec.ratio, P)
+                idx = select_kept(score, st.groups.to(h.device), rec.ratio, P)
         gidx = idx.unsqueeze(-1).expand(B, P, D)
         rec.n_vision += sum(n_vis)
         rec.kept_vision += sum(P - L + n for n in n_vis)  # no device sync
@@ -286,9 +230,9 @@ class MoDLayerHook(ModelHook):
             return out
         packed = dict(kwargs)
         cos, sin = kwargs["position_embeddings"]
-        packed["position_embeddings"] = (_take(cos, idx), _take(sin, idx))
+        packed["position_embeddings"] = (take(cos, idx), take(sin, idx))
         if kwargs.get("position_ids") is not None:
-            packed["position_ids"] = _take(kwargs["position_ids"], idx)
+            packed["position_ids"] = take(kwargs["position_ids"], idx)
         packed["attention_mask"] = self._mask(kwargs, idx, h.device)
         out_p = self._run(h.gather(1, gidx), packed, None if w_eff is None else w_eff.gather(1, idx))
         # the layer's cache now holds the positions it held before plus this chunk's kept ones
@@ -344,8 +288,8 @@ class MoDLayerHook(ModelHook):
         cos, sin = kwargs["position_embeddings"]
         cos, sin = cos.expand(B, -1, -1).float(), sin.expand(B, -1, -1).float()
         at = last.view(B, 1, 1).expand(B, 1, cos.shape[-1])
-        q = _rope(q, cos.gather(1, at)[:, None], sin.gather(1, at)[:, None])
-        k = _rope(k, cos[:, None], sin[:, None]).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        q = rope(q, cos.gather(1, at)[:, None], sin.gather(1, at)[:, None])
+        k = rope(k, cos[:, None], sin[:, None]).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         logits = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, heads, L)
         valid = torch.arange(L, device=h.device)[None, :] <= last[:, None]
         if st.pad is not None and st.pad.shape == (B, L):
@@ -379,7 +323,7 @@ class MoDLayerHook(ModelHook):
                 "mmskip p-MoD: a multi-token forward that continues a cache came without an attention mask; "
                 "use attn_implementation='sdpa' or 'eager' (transformers builds the mask then)"
             )
-        return _pack_mask(mask, rows, torch.cat([self._held(B, device), st.past + new.to(device)], dim=1))
+        return pack_mask(mask, rows, torch.cat([self._held(B, device), st.past + new.to(device)], dim=1))
 
     def _check_cache(self, layer: torch.nn.Module, kwargs: dict[str, Any]) -> None:
         st, rec = self.state, self.state.records[self.index]
@@ -401,3 +345,44 @@ class MoDLayerHook(ModelHook):
         if self.state.records[self.index].cols is None:
             return self.fn_ref.original_forward(h, **kwargs)
         return self.fn_ref.original_forward(h, **{**kwargs, "attention_mask": self._mask(kwargs, None, h.device)})
+
+
+def attach_mod(config: MoDConfig, model: torch.nn.Module, handle: SkipHandle) -> None:
+    """Attach p-MoD (or VideoLLM-MoD) to ``model``: the input hook, one layer hook per MoD layer (plus
+    the router-scaled MLP or the ``"norm"`` capture), the head counter; ``handle.state`` = a new
+    :class:`MoDState`. Called by ``mmskip.apply(model, config)``."""
+    adapter: VLMAdapter = get_adapter(model, "vlm")
+    if config.routing == "frames" and not adapter.takes_video:
+        raise ValueError(
+            f"{type(config).__name__} routes video frames, and {type(model).__name__} takes images only; use "
+            "mmskip.vision.MoDConfig (p-MoD) for images, or a video model (LlavaOnevision, Qwen2-VL, Qwen2.5-VL)"
+        )
+    ratios = mod_layers(config, adapter.num_layers, type(model).__name__)
+    routers = None
+    if config.signal == "router":
+        routers = MoDRouters.load(config.routers)
+        routers.check(model, sorted(ratios))
+        ref = next(model.parameters())
+        routers.to(device=ref.device, dtype=ref.dtype)
+    state = MoDState(config=config, adapter=adapter, ratios=ratios, routers=routers)
+    text = adapter.text
+    state.costs = [text.layer_flops(i) for i in range(text.num_layers)]
+    handle.counts.cost.update({f"layer.{i}": c for i, c in enumerate(state.costs)})
+    if adapter.head is not None:
+        handle.counts.fixed_cost = text._linear_flops(adapter.head)
+        handle.add_hook(adapter.head, HeadCounter(handle), ".head")
+    handle.add_hook(adapter.mm_model, InputHook(state, handle), ".input")
+    bind_generations(handle, model, state.generations)  # generate(use_cache=False) replays its routing
+    for i, ratio in sorted(ratios.items()):
+        layer = text.layers[i]
+        scale = None
+        if config.signal == "router":
+            scale = MlpScaleHook()
+            handle.add_hook(text.mlp(i), scale, ".mlp_scale")
+        state.records[i] = LayerRecord(ratio=ratio)
+        handle.add_hook(layer, MoDLayerHook(i, state, handle, scale), ".layer")
+    if config.signal == "norm":
+        for i in sorted({i - 1 for i in ratios}):
+            handle.add_hook(text.layers[i], CaptureHook(i, state), ".capture")
+    handle.state = state
+    logger.debug("%s: MoD layers %s, signal %s", config.technique, ratios, config.signal)

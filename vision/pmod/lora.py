@@ -1,6 +1,6 @@
 """LoRA adapters (peft) for p-MoD router training: injected into a VLM's language model in place,
 saved beside the routers (``lora.safetensors`` + ``lora.json``), merged back into a plain copy.
-Used by :mod:`mmskip.vision.train_routers`."""
+Used by :mod:`mmskip.vision.pmod.train`."""
 
 from __future__ import annotations
 

@@ -1,0 +1,151 @@
+"""What an applied MuE config remembers: the encoder pass and decoder forward in flight (shared by
+the layer hooks), the last encoder pass's exits per token, the current generation's exit layer per
+(row, position), and the pins that replay them."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmskip.inject import TechniqueState
+
+from ..adapters import EncDecVLMAdapter
+from ..generation_replay import Generations
+
+if TYPE_CHECKING:
+    from .config import MuEConfig
+
+__all__ = ["MuEState", "EncoderRecord", "EncoderPass", "DecoderPass"]
+
+
+
+@dataclass
+class EncoderPass:
+    """One encoder call: which tokens are image / padding, who has exited and after which layer."""
+
+    layers: int
+    image: torch.Tensor  # (B, N) bool
+    valid: torch.Tensor  # (B, N) bool
+    done: torch.Tensor  # (B, N) bool: exited (real tokens only)
+    exit_layer: torch.Tensor  # (B, N) long: layers run (``layers`` until exit; 0 at padding)
+    thr: torch.Tensor  # (B, N) float: each token's threshold
+    measure: bool  # any threshold can trigger
+    pinned: torch.Tensor | None = None  # (B, N) long: exit layers to replay
+
+
+@dataclass
+class EncoderRecord:
+    """The last encoder pass: where the image tokens and padding were and how many layers each
+    token ran (its 1-based exit layer; the encoder depth = never exited; 0 at padding)."""
+
+    image: torch.Tensor  # (batch, seq) bool
+    valid: torch.Tensor  # (batch, seq) bool: not padding
+    exit_layer: torch.Tensor  # (batch, seq) long
+
+
+@dataclass
+class DecoderPass:
+    """One decoder forward: positions ``past .. past + q - 1`` of ``batch`` rows."""
+
+    layers: int
+    batch: int
+    q: int
+    past: int
+    done: torch.Tensor  # (B, q) bool
+    exit_layer: torch.Tensor  # (B, q) long
+    thr: torch.Tensor  # (q,) float: the threshold at each position
+    measure: bool
+    pinned: torch.Tensor | None = None  # (B, q) long: exit layers to replay, -1 = measure
+    measure_from: int = 0  # positions before this one replay ``pinned``; from here on they are measured
+    dense: int = 0  # exited (layer, token) pairs computed anyway (mixed batch)
+
+
+@dataclass
+class MuEState(TechniqueState):
+    """What an applied :class:`MuEConfig` remembers: the last encoder pass's exits per token, the
+    current decoder generation's exit layer per (row, position), the pins that replay them, and
+    the per-call passes the hooks share. ``stats()`` describes the last encoder pass and the last
+    decoder generation (since its cache was empty); ``handle.stats()['items']`` and
+    ``flops_fraction`` accumulate over every call until ``handle.reset_stats()``."""
+
+    config: MuEConfig
+    adapter: EncDecVLMAdapter
+    min_layers: int
+    encoder_record: EncoderRecord | None = None
+    decoder_exits: torch.Tensor | None = None  # (batch, positions) long: layers each decoder token ran
+    decoder_dense: int = 0  # exited (layer, token) pairs a mixed batch still computed, this generation
+    decoder_complete: bool = True  # False: a forward continued a cache whose history was not recorded
+    pinned_encoder: torch.Tensor | None = None
+    pinned_decoder: torch.Tensor | None = None
+    enc: EncoderPass | None = None  # the encoder pass in flight
+    dec: DecoderPass | None = None  # the decoder forward in flight
+    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # thread -> image mask awaiting its encoder
+    generations: Generations = field(default_factory=Generations)  # generate calls in flight, per thread
+    warned_no_image: bool = False
+
+    def reset(self) -> None:
+        """Forget the last encoder pass and decoder generation, and any pins; counts stay."""
+        self.encoder_record = self.decoder_exits = None
+        self.decoder_dense, self.decoder_complete = 0, True
+        self.pinned_encoder = self.pinned_decoder = None
+        self.enc = self.dec = None
+        self.pending.clear()
+
+    # -- capture from the hooks -----------------------------------------------------------
+    def capture_image_mask(self, mask: torch.Tensor) -> None:
+        """Called by the wrapped ``get_placeholder_mask``: the next encoder call on this thread
+        gets this (batch, seq) image-token mask."""
+        self.pending[threading.get_ident()] = (mask[..., 0] if mask.dim() == 3 else mask).bool()
+
+    def take_image_mask(self) -> torch.Tensor | None:
+        return self.pending.pop(threading.get_ident(), None)
+
+    # -- exit replay -------------------------------------------------------------------------
+    def pin_exits(self) -> None:
+        """Make later calls reuse the recorded exits instead of measuring: the encoder replays the
+        last encoder pass's exit layer per token, the decoder the last generation's exit layer per
+        (row, position) (e.g. to recompute a generation without a cache under the same decisions).
+        ``unpin_exits()`` undoes it."""
+        if self.encoder_record is None and self.decoder_exits is None:
+            raise RuntimeError("MuEState.pin_exits(): nothing recorded yet; run the model first")
+        if not self.decoder_complete:
+            raise RuntimeError(
+                "MuEState.pin_exits(): the last decoder generation continued a cache this application did not see "
+                "from its start, so its exits are not all recorded"
+            )
+        self.pinned_encoder = None if self.encoder_record is None else self.encoder_record.exit_layer.clone()
+        self.pinned_decoder = None if self.decoder_exits is None else self.decoder_exits.clone()
+
+    def unpin_exits(self) -> None:
+        self.pinned_encoder = self.pinned_decoder = None
+
+    # -- statistics -----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        c = self.config
+        Le, Ld = self.adapter.num_encoder_layers, self.adapter.num_decoder_layers
+        encoder: dict[str, Any] = {"layers": Le, "granularity": c.encoder_granularity,
+                                   "thresholds": {m: c.encoder_threshold(m) for m in ("image", "text")}}
+        rec = self.encoder_record
+        for name in ("image", "text"):
+            if rec is None:
+                tokens, run = 0, 0
+            else:
+                sel = rec.valid & (rec.image if name == "image" else ~rec.image)
+                tokens, run = int(sel.sum()), int(rec.exit_layer[sel].sum())
+            encoder[name] = _tally(tokens, run, Le)
+        ex = self.decoder_exits
+        tokens, run = (0, 0) if ex is None else (ex.numel(), int(ex.sum()))
+        decoder = {"layers": Ld, "min_layers": self.min_layers, **_tally(tokens, run, Ld),
+                   "computed_anyway": self.decoder_dense, "complete": self.decoder_complete,
+                   **c.decoder_params()}
+        return {"encoder": encoder, "decoder": decoder,
+                "pinned": self.pinned_encoder is not None or self.pinned_decoder is not None}
+
+
+def _tally(tokens: int, run: int, layers: int) -> dict[str, Any]:
+    """Layer-token computations as the paper counts them: every exited token skips the rest."""
+    return {"tokens": tokens, "layer_tokens": tokens * layers, "run": run, "skipped": tokens * layers - run,
+            "mean_exit_layer": run / tokens if tokens else None}
