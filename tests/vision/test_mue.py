@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-from mmskip.vision.mue import MuEConfig
 from mmskip.vision.adapters import EncDecVLMAdapter
+from mmskip.vision.mue import MuEConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmskip
