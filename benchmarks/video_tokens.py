@@ -29,19 +29,18 @@ frame and seconds per clip, unmodified vs VideoLLM-MoD.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import harness
 import torch
 import torch.nn.functional as F
+from _token_meters import layer_flops, prefill, timed
+from _token_peers import fastv_ranking, random_ranking
 from mmskip.vision import MoDConfig, VideoMoDConfig, VideoStream
 
 import mmskip
@@ -49,10 +48,6 @@ from mmskip import schedules
 from mmskip.registry import get_adapter
 from mmskip.zoo import video_data as D
 
-sys.path.insert(0, str(Path(__file__).parent))
-import vision_tokens as VT  # noqa: E402  (the image benchmark's FLOP/KV meters and peer rankings)
-
-RESULTS = Path(__file__).parent / "results"
 SMOKE_MODEL = "tiny-random-video"
 RATIOS = (0.5, 0.25, 0.2, 0.125)
 PEER_RATIO = 0.2
@@ -81,7 +76,7 @@ def configs() -> list[Setup]:
 
 def build_model(name: str):
     if name == SMOKE_MODEL:
-        from mmskip.zoo.train_video import make_model
+        from mmskip.zoo.video_model import make_model
 
         torch.manual_seed(0)
         return make_model((1, 32, 4, 64)).eval(), D.build_tokenizer()
@@ -114,9 +109,9 @@ class Attached:
             hooks = {i: layers[i]._diffusers_hook.get_hook(self.handle.hook_name + ".layer")
                      for i in self.handle.state.ratios}
             if setup.kind == "random":
-                VT._random_ranking(hooks, seed)
+                random_ranking(hooks, seed)
             elif setup.kind == "fastv":
-                self.torch_hooks += VT._fastv_ranking(hooks, layers, 1)
+                self.torch_hooks += fastv_ranking(hooks, layers, 1)
 
     def remove(self) -> None:
         for h in self.torch_hooks:
@@ -160,7 +155,7 @@ def accuracy(model, tok, data: D.Batch, per_frame: int, batch: int) -> tuple[dic
     right: dict[str, list[bool]] = {t: [] for t in D.QTYPES}
     preds = [0] * len(data.questions)
     for idx in _batches(data, batch):
-        pred = VT.prefill(model, prompts(tok, data, idx, per_frame)).logits[:, -1].argmax(-1).tolist()
+        pred = prefill(model, prompts(tok, data, idx, per_frame)).logits[:, -1].argmax(-1).tolist()
         for i, p in zip(idx, pred, strict=True):
             preds[i] = p
             right[data.qtypes[i]].append(p == vocab[data.answers[i]])
@@ -202,7 +197,7 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
     try:
         inp = prompts(tok, data, probe, att.per_frame)
         tokens = inp["input_ids"].numel()
-        flops, _, kv = VT.layer_flops(model, inp)
+        flops, _, kv = layer_flops(model, inp)
         stats = att.handle.stats() if att.handle is not None else None
         pred_flops = stats["prefill_flops_fraction"] if stats else tokens / plain["tokens"]
         pred_kv = stats["kv_fraction"] if stats else tokens / plain["tokens"]
@@ -212,10 +207,10 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
         att.remove()
     speedups, t_cfg, t_plain = [], [], []
     for _ in range(args.repeats):
-        t_plain.append(VT.timed(model, plain["inputs"]))
+        t_plain.append(timed(model, plain["inputs"]))
         att = Attached(model, setup, seed=args.seed)
         try:
-            t_cfg.append(VT.timed(model, inp))
+            t_cfg.append(timed(model, inp))
         finally:
             att.remove()
         speedups.append(t_plain[-1] / t_cfg[-1])
@@ -263,17 +258,13 @@ def stream_eval(model, tok, data: D.Batch, n: int, setup: Setup | None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, repeats=5, threads=None, smoke=f"seconds: {SMOKE_MODEL}, 4 questions per type")
     p.add_argument("--model", default="digits-video", help="zoo name or from_pretrained folder")
     p.add_argument("--n", type=int, default=100, help="held-out questions per type")
     p.add_argument("--batch", type=int, default=16, help="prefill batch for FLOPs, KV and timing")
     p.add_argument("--eval-batch", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=5, help="timing pairs per config")
     p.add_argument("--stream", type=int, default=100, help="two-clip videos for the streaming run")
     p.add_argument("--seed", type=int, default=0, help="random peer's seed")
-    p.add_argument("--out", default=None, help="JSON path (default results/video_tokens.json; .md and .png "
-                   "beside it); with --smoke nothing is written unless given")
-    p.add_argument("--smoke", action="store_true", help=f"seconds: {SMOKE_MODEL}, 4 questions per type")
     args = p.parse_args(argv)
     if args.smoke:
         args.model = args.model if args.model != "digits-video" else SMOKE_MODEL
@@ -286,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     two = [[j for j, q in enumerate(data.qtypes) if q == t and int(data.videos.n_clips[j]) == 2] for t in D.QTYPES]
     probe = sorted([i for trip in itertools.zip_longest(*two) for i in trip if i is not None][: args.batch])
     plain_in = prompts(tok, data, probe, D.TOKENS_PER_FRAME)
-    f_in, _, kv = VT.layer_flops(model, plain_in)
+    f_in, _, kv = layer_flops(model, plain_in)
     plain = {"inputs": plain_in, "tokens": plain_in["input_ids"].numel(), "flops": f_in, "kv": kv}
     rows = [run_config(model, tok, s, data, probe, plain, args) for s in configs()]
     best = next(s for s in configs() if s.kind == "videomod" and s.ratio == PEER_RATIO)
@@ -295,19 +286,15 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"model": args.model, "n_per_type": args.n, "probe_batch": len(probe), "repeats": args.repeats,
             "threads": 1, "num_layers": get_adapter(model, "vlm").num_layers,
             "tokens_per_frame": D.TOKENS_PER_FRAME, "probe_prompt_tokens": plain["tokens"] // len(probe),
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "machine": harness.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(time.perf_counter() - t0, 1)}
     table = _table(rows, streams, meta)
     print("\n" + table)
     res = {"meta": meta, "rows": rows, "stream": streams}
     if args.smoke and not args.out:
         return res
-    out = Path(args.out) if args.out else RESULTS / "video_tokens.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(table + "\n")
-    _plot(rows, meta, out.with_suffix(".png"))
-    print(f"\nwrote {out}, {out.with_suffix('.md').name}, {out.with_suffix('.png').name}")
+    harness.write(args.out or harness.RESULTS / "video_tokens.json", res, table, lambda png: _plot(rows, meta, png),
+                  indent=2)
     return res
 
 
@@ -336,11 +323,7 @@ def _table(rows: list[dict], streams: list[dict], meta: dict) -> str:
 
 
 def _plot(rows: list[dict], meta: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5.5))
-    FigureCanvasAgg(fig)
+    fig = harness.figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
     markers = {"plain": "*", "videomod": "o", "pmod": "P", "fastv": "s", "random": "x", "pool": "D"}
     for r in rows:

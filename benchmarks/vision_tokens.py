@@ -39,26 +39,23 @@ Measured per config, on the held-out questions (the first N of each type of the 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+import harness
 import torch
-import torch.nn.functional as F
+from _token_meters import eager_layer_flops, kv_per_token, layer_flops, prefill, timed
+from _token_peers import fastv_ranking, pool_2x2, random_ranking
 from mmskip.vision import MoDConfig
-from torch.utils.flop_counter import FlopCounterMode
 
 import mmskip
 from mmskip import schedules
 from mmskip.registry import get_adapter
 from mmskip.zoo import llava_data as D
 
-RESULTS = Path(__file__).parent / "results"
 SMOKE_MODEL = "tiny-random-llava"
 FASTV_K = 2
 STEEP_FASTV_K = 1
@@ -221,7 +218,7 @@ class Attached:
         adapter = get_adapter(model, "vlm")
         if setup.kind == "pool":
             self.n_image = D.N_IMAGE_TOKENS // 4
-            self.torch_hooks.append(adapter.mm_model.multi_modal_projector.register_forward_hook(_pool_2x2))
+            self.torch_hooks.append(adapter.mm_model.multi_modal_projector.register_forward_hook(pool_2x2))
         elif setup.kind != "plain":
             schedule = schedules.explicit(ratios=list(setup.ratios))
             self.handle = mmskip.apply(model, MoDConfig(schedule=schedule, signal=setup.mod_signal))
@@ -231,9 +228,9 @@ class Attached:
                 for i in self.handle.state.ratios
             }
             if setup.kind == "random":
-                _random_ranking(hooks, seed)
+                random_ranking(hooks, seed)
             elif setup.kind == "fastv":
-                self.torch_hooks += _fastv_ranking(hooks, layers, setup.k)
+                self.torch_hooks += fastv_ranking(hooks, layers, setup.k)
 
     def predicted(self, plain_tokens: int, tokens: int) -> tuple[float, float]:
         """(prefill FLOPs fraction, KV fraction) predicted for the last prefill."""
@@ -249,89 +246,7 @@ class Attached:
             self.handle.remove()
 
 
-def _pool_2x2(module, args, out: torch.Tensor) -> torch.Tensor:
-    B, n, d = out.shape
-    s = math.isqrt(n)
-    grid = out.transpose(1, 2).reshape(B, d, s, s)
-    return F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
-
-
-def _random_ranking(hooks: dict[int, Any], seed: int) -> None:
-    """Replace the MoD ranking by one seeded random score per token, drawn by a prefill's first MoD layer."""
-    gen = torch.Generator().manual_seed(seed)
-    first, shared = min(hooks), {}
-
-    def score(i: int, layer, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if i == first or shared.get("score") is None or shared["score"].shape != h.shape[:2]:
-            shared["score"] = torch.rand(h.shape[:2], generator=gen).to(h.device)
-        return shared["score"]
-
-    for i, hook in hooks.items():
-        hook._score = lambda layer, h, kwargs, i=i: score(i, layer, h, kwargs)
-
-
-def _fastv_ranking(hooks: dict[int, Any], layers, k: int) -> list:
-    """FastV: layer ``k`` ranks by layer ``k-1``'s attention of the last prompt token (computed once); every
-    later layer reuses that ranking, so the same vision tokens are dropped from layer ``k`` on."""
-    shared: dict[str, torch.Tensor | None] = {"input": None, "score": None}
-
-    def capture(module, args, kwargs):
-        shared["input"] = args[0] if args else kwargs["hidden_states"]
-        shared["score"] = None
-
-    def score(i: int, layer, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if i == k or shared["score"] is None:
-            shared["score"] = hooks[i]._attention_score(layers[k - 1], shared["input"], kwargs)
-            shared["input"] = None
-        return shared["score"]
-
-    for i, hook in hooks.items():
-        hook._score = lambda layer, h, kwargs, i=i: score(i, layer, h, kwargs)
-    return [layers[k - 1].register_forward_pre_hook(capture, with_kwargs=True)]
-
-
 # -- measuring -----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def prefill(model, inp: dict[str, torch.Tensor]):
-    return model(**inp, logits_to_keep=1, use_cache=True)
-
-
-def cache_bytes(out) -> int:
-    cache = out.cache
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
-def kv_per_token(model) -> int:
-    """Bytes of K and V one prompt token adds to the cache, over all layers (what MoDState counts)."""
-    text = get_adapter(model, "vlm").text
-    return sum(
-        2 * text.attention(i).k_proj.out_features * text.attention(i).k_proj.weight.element_size()
-        for i in range(text.num_layers)
-    )
-
-
-def eager_layer_flops(model, inp: dict[str, torch.Tensor]) -> float:
-    """FLOPs inside the decoder layers of one prefill with eager attention (attention scores counted too)."""
-    impl = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        return layer_flops(model, inp)[0]
-    finally:
-        model.set_attn_implementation(impl)
-
-
-def layer_flops(model, inp: dict[str, torch.Tensor]) -> tuple[float, float, int]:
-    """(FLOPs inside the decoder layers, FLOPs of the whole forward, KV bytes) of one prefill."""
-    names = {id(m): n for n, m in model.named_modules()}
-    root = type(model).__name__
-    keys = {f"{root}.{names[id(layer)]}" for layer in get_adapter(model, "vlm").text.layers}
-    with FlopCounterMode(display=False) as fc:
-        out = prefill(model, inp)
-    counts = fc.get_flop_counts()
-    inside = sum(sum(v.values()) for name, v in counts.items() if name in keys)
-    return float(inside), float(fc.get_total_flops()), cache_bytes(out)
 
 
 @torch.no_grad()
@@ -349,12 +264,6 @@ def accuracy(model, tok, data: D.Batch, n_image: int, batch: int) -> tuple[dict[
     acc = {t: sum(v) / len(v) for t, v in right.items() if v}
     acc["all"] = sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values())
     return acc, preds
-
-
-def timed(model, inp) -> float:
-    start = time.perf_counter()
-    prefill(model, inp)
-    return time.perf_counter() - start
 
 
 def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain: dict, args) -> dict:
@@ -412,38 +321,23 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
         plain["preds"], row["agree_unmodified"] = preds, 1.0
     if stats is not None:
         row["kept_sets_nested"], row["kept_sets_identical"] = nested, same
-        row["kept_vision_per_layer"] = {
-            int(i): r["kept_vision"] // len(probe) for i, r in stats["layers"].items()
-        }
+        row["kept_vision_per_layer"] = {int(i): r["kept_vision"] // len(probe) for i, r in stats["layers"].items()}
     row["flops_diff"] = row["flops_measured"] - row["flops_predicted"]
     return row
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, repeats=7, threads=None,
+                          smoke=f"seconds: {SMOKE_MODEL}, 4 questions per type, 1 pair")
     p.add_argument("--model", default="digits-llava", help="zoo name or from_pretrained folder")
     p.add_argument("--n", type=int, default=100, help="held-out questions per type")
     p.add_argument("--batch", type=int, default=16, help="prefill batch for FLOPs, KV and timing")
     p.add_argument("--eval-batch", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=7, help="timing pairs per config")
     p.add_argument("--seed", type=int, default=0, help="random peer's seed")
-    p.add_argument(
-        "--out",
-        default=None,
-        help="JSON path (default results/vision_tokens.json; .md and .png beside "
-        "it); with --smoke nothing is written unless given",
-    )
-    p.add_argument(
-        "--smoke", action="store_true", help=f"seconds: {SMOKE_MODEL}, 4 questions per type, 1 pair"
-    )
     args = p.parse_args(argv)
     if args.smoke:
-        args.model, args.n, args.batch, args.repeats = (
-            args.model if args.model != "digits-llava" else SMOKE_MODEL,
-            4,
-            4,
-            1,
-        )
+        args.model = args.model if args.model != "digits-llava" else SMOKE_MODEL
+        args.n, args.batch, args.repeats = 4, 4, 1
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model, tok = build_model(args.model)
@@ -482,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
         "n_vision": D.N_IMAGE_TOKENS,
         "probe_prompt_tokens": plain["tokens"] // len(probe),
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": harness.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -491,12 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"meta": meta, "rows": rows}
     if args.smoke and not args.out:
         return res
-    out = Path(args.out) if args.out else RESULTS / "vision_tokens.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(table + "\n" + NOTES)
-    _plot(rows, meta, out.with_suffix(".png"))
-    print(f"\nwrote {out}, {out.with_suffix('.md').name}, {out.with_suffix('.png').name}")
+    out = args.out or harness.RESULTS / "vision_tokens.json"
+    harness.write(out, res, table + "\n" + NOTES, lambda png: _plot(rows, meta, png), indent=2)
     return res
 
 
@@ -540,11 +430,7 @@ def _table(rows: list[dict], meta: dict) -> str:
 
 
 def _plot(rows: list[dict], meta: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5.5))
-    FigureCanvasAgg(fig)
+    fig = harness.figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
     markers = {"plain": "*", "mod": "o", "fastv": "s", "random": "x", "pool": "D"}
     for r in rows:
