@@ -37,7 +37,6 @@ def _check_unit(name: str, value: float | None) -> None:
         )
 
 
-
 @dataclass(frozen=True)
 class MuEConfig(SkipConfig):
     """MuE early exits in the encoder (per modality) and the decoder (per generated token).

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 __all__ = ["MuEState", "EncoderRecord", "EncoderPass", "DecoderPass"]
 
 
-
 @dataclass
 class EncoderPass:
     """One encoder call: which tokens are image / padding, who has exited and after which layer."""

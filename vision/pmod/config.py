@@ -102,8 +102,6 @@ class MoDConfig(SkipConfig):
         attach_mod(self, model, handle)
 
 
-
-
 @dataclass(frozen=True)
 class VideoMoDConfig(MoDConfig):
     """VideoLLM-MoD: Mixture-of-Depths over video tokens, decided frame by frame.

@@ -157,7 +157,6 @@ class InputHook(ArgumentsHook):
                 )
 
 
-
 class MoDLayerHook(ModelHook):
     """One MoD decoder layer: packed prefill over kept tokens; decode against the kept cache."""
 
