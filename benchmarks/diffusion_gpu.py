@@ -52,144 +52,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+import harness
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
-SD15 = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
-)
-
-
-class Skipped(Exception):
-    """The method does not apply to this model (a ``skipped`` row, not an error)."""
-
-
-@dataclass
-class Bench:
-    """One denoiser at one shape and its sampling loop: ``step(x, i)`` is the next latent (float32)."""
-
-    name: str
-    model: torch.nn.Module
-    dtype: torch.dtype
-    latent: tuple[int, ...]
-    steps: int
-    step: Callable[[torch.Tensor, int], torch.Tensor]
-    regions: list[torch.nn.Module]  # what regional compilation compiles
-    shape: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _call(model: torch.nn.Module, **kw: Any) -> torch.Tensor:
-    ctx = model.cache_context("cond") if hasattr(model, "cache_context") else contextlib.nullcontext()
-    with ctx:
-        return model(**kw, return_dict=False)[0].float()
-
-
-def _randn(*shape: int, seed: int, dev: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
-
-
-def build_sd15(dev: torch.device, smoke: bool, steps: int, args: argparse.Namespace) -> Bench:
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from mmskip.diffusion.testing import tiny_unet
-
-    dtype = torch.float32 if smoke else torch.float16
-    hw, txt = (8, (5, 16)) if smoke else (64, (77, 768))
-    with torch.device(dev):
-        model = tiny_unet(cross_attention_dim=16) if smoke else UNet2DConditionModel(**SD15)
-    model = model.to(dev, dtype).eval()
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    sched.set_timesteps(steps)
-    ctx = _randn(2, *txt, seed=1, dev=dev, dtype=dtype)
-
-    def step(x: torch.Tensor, i: int) -> torch.Tensor:
-        t = sched.timesteps[i]
-        eps = _call(model, sample=torch.cat([x, x]).to(dtype), timestep=t, encoder_hidden_states=ctx)
-        u, c = eps.chunk(2)
-        return sched.step(u + 7.5 * (c - u), t, x).prev_sample
-
-    return Bench("sd15", model, dtype, (1, 4, hw, hw), steps, step,
-                 [*model.down_blocks, model.mid_block, *model.up_blocks],
-                 f"UNet latents (1,4,{hw},{hw}) x2 for CFG, text (2,{txt[0]},{txt[1]}), DDIM")
-
-
-def _flow(steps: int, shift: float = 3.0) -> list[float]:
-    s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    return (shift * s / (1 + (shift - 1) * s)).tolist() + [0.0]
-
-
-def build_flux(dev: torch.device, smoke: bool, steps: int, args: argparse.Namespace) -> Bench:
-    from diffusers import FluxTransformer2DModel
-
-    dtype, sig = (torch.float32 if smoke else torch.bfloat16), _flow(steps)
-    if smoke:
-        cfg = dict(in_channels=4, num_layers=2, num_single_layers=3, attention_head_dim=16,
-                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                   axes_dims_rope=(4, 6, 6))
-        side, n_txt = 4, 8
-    else:
-        cfg = dict(in_channels=64, num_layers=args.flux_layers[0], num_single_layers=args.flux_layers[1],
-                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                   pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
-        side, n_txt = 64, 512
-    with torch.device(dev):
-        model = FluxTransformer2DModel(guidance_embeds=True, **cfg).to(dtype).eval()
-    ids = torch.zeros(side, side, 3, device=dev)
-    ids[..., 1] = torch.arange(side, device=dev)[:, None]
-    ids[..., 2] = torch.arange(side, device=dev)[None]
-    text = _randn(1, n_txt, cfg["joint_attention_dim"], seed=1, dev=dev, dtype=dtype)
-    fixed = dict(encoder_hidden_states=text,
-                 pooled_projections=_randn(1, cfg["pooled_projection_dim"], seed=2, dev=dev, dtype=dtype),
-                 img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(n_txt, 3, device=dev),
-                 guidance=torch.full((1,), 3.5, device=dev))
-
-    def step(x: torch.Tensor, i: int) -> torch.Tensor:  # the pipeline passes t / 1000 = sigma
-        v = _call(model, hidden_states=x.to(dtype), timestep=torch.full((1,), sig[i], device=dev), **fixed)
-        return x + (sig[i + 1] - sig[i]) * v
-
-    return Bench("flux", model, dtype, (1, side * side, cfg["in_channels"]), steps, step,
-                 [*model.transformer_blocks, *model.single_transformer_blocks],
-                 f"Flux {cfg['num_layers']}+{cfg['num_single_layers']} blocks, {side * side} image + "
-                 f"{n_txt} text tokens, guidance 3.5, flow Euler shift 3")
-
-
-def build_wan(dev: torch.device, smoke: bool, steps: int, args: argparse.Namespace) -> Bench:
-    from diffusers import WanTransformer3DModel
-
-    dtype, sig = (torch.float32 if smoke else torch.bfloat16), _flow(steps)
-    if smoke:
-        cfg = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
-                   freq_dim=32, ffn_dim=32, num_layers=4, rope_max_seq_len=32)
-        lat, n_txt = (1, 4, 2, 8, 8), 7
-    else:
-        cfg = dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                   text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=args.wan_layers)
-        lat, n_txt = (1, 16, args.wan_frames, 60, 104), 512
-    with torch.device(dev):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), **cfg).to(dtype).eval()
-    text = _randn(1, n_txt, cfg["text_dim"], seed=1, dev=dev, dtype=dtype)
-
-    def step(x: torch.Tensor, i: int) -> torch.Tensor:
-        t = torch.full((1,), 1000.0 * sig[i], device=dev)
-        v = _call(model, hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text)
-        return x + (sig[i + 1] - sig[i]) * v
-
-    tokens = lat[2] * (lat[3] // 2) * (lat[4] // 2)
-    return Bench("wan", model, dtype, lat, steps, step, list(model.blocks),
-                 f"Wan {cfg['num_layers']} blocks, latents {lat} = {tokens} tokens, {n_txt} text tokens, "
-                 "no CFG, flow Euler shift 3")
-
-
-BUILDERS = {"sd15": (build_sd15, 50), "flux": (build_flux, 28), "wan": (build_wan, 28)}
+from _gpu_denoisers import BUILDERS, Bench, Skipped, _randn
 
 
 # -- methods -------------------------------------------------------------------------------------------------
@@ -313,11 +181,6 @@ def noise(b: Bench, seed: int = 0) -> torch.Tensor:
     return _randn(*b.latent, seed=seed, dev=next(b.model.parameters()).device)
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def trajectory(b: Bench, x0: torch.Tensor, applied: Applied | None = None) -> torch.Tensor:
     if applied is not None:
@@ -359,7 +222,7 @@ def run_row(b: Bench, method: Method, compiled: bool, args: argparse.Namespace,
             torch._dynamo.reset()
             b.model.compile(backend=args.compile_backend, dynamic=False)
         x0 = noise(b)
-        _sync(dev)
+        harness.sync()
         t0 = time.perf_counter()
         if compiled:
             trajectory(b, x0, applied)
@@ -369,17 +232,14 @@ def run_row(b: Bench, method: Method, compiled: bool, args: argparse.Namespace,
             with FlopCounterMode(display=False) as fc:
                 trajectory(b, x0, applied)
             row["flops"] = float(fc.get_total_flops())
-        _sync(dev)
+        harness.sync()
         warm = time.perf_counter() - t0
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        row["times"] = []
-        for _ in range(args.repeats):
-            _sync(dev)
-            t0 = time.perf_counter()
-            out = trajectory(b, x0, applied)
-            _sync(dev)
-            row["times"].append(time.perf_counter() - t0)
+        last: dict[str, torch.Tensor] = {}
+        row["times"] = list(harness.repeated(lambda: last.__setitem__("x", trajectory(b, x0, applied)),
+                                             repeats=args.repeats, warmup=0))
+        out = last["x"]
         row["s_per_traj"] = statistics.median(row["times"])
         if compiled:
             row["compile_s"] = max(warm - row["s_per_traj"], 0.0)
@@ -448,10 +308,10 @@ def _status(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.arguments(__doc__, threads=None, full_doc=True,
+                           smoke="CPU, float32, tiny models, 3 steps, 1 repeat; compile (backend eager) on flux, wan")
     ap.add_argument("--models", default="sd15,flux,wan", help="comma-separated: sd15, flux, wan")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: sd15 50, flux/wan 28)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed trajectories per row (median)")
     ap.add_argument("--no-compile", action="store_true", help="eager rows only")
     ap.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks")
     ap.add_argument("--compile-backend", default="inductor")
@@ -460,9 +320,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="double,single blocks of the Flux-shaped model (Flux-dev: 19,38)")
     ap.add_argument("--wan-layers", type=int, default=8, help="blocks of the Wan-shaped model (Wan 1.3B: 30)")
     ap.add_argument("--wan-frames", type=int, default=5, help="latent frames (video frames: 4 (n - 1) + 1)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CPU, float32, tiny models, 3 steps, 1 repeat; compile (backend eager) on flux, wan")
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("diffusion_gpu: no CUDA device, nothing measured (--smoke checks the code paths on CPU)")
@@ -472,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.repeats, args.compile_backend = args.steps or 3, 1, "eager"
     dyn = torch._dynamo.config  # blocks of one class share graphs; UNet blocks differ in shape
     setattr(dyn, "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit", 64)
-    out = args.out or RESULTS / ("diffusion_gpu_smoke.json" if args.smoke else "diffusion_gpu.json")
+    out = args.out or harness.RESULTS / ("diffusion_gpu_smoke.json" if args.smoke else "diffusion_gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     import diffusers
 
@@ -529,9 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# benchmarks/diffusion_gpu.py", "", ", ".join(f"{k}: {v}" for k, v in meta.items()), ""]
     md += [f"* {k}: {v['shape']}, {v['params'] / 1e6:.1f}M params, {v['steps']} steps, {v['dtype']}"
            for k, v in results["models"].items()]
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    out.with_suffix(".md").write_text("\n".join([*md, "", text, ""]))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    harness.write(out, results, "\n".join([*md, "", text]))
     return 0
 
 
