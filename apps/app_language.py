@@ -97,7 +97,7 @@ def lm_config(technique: str) -> mmskip.SkipConfig:
     if technique == "void layers":
         return mmskip.VoidLayerConfig()
     if technique.startswith("SWIFT"):
-        from mmskip.speculative import SelfSpeculativeConfig
+        from mmskip.swift import SelfSpeculativeConfig
 
         return SelfSpeculativeConfig()
     raise AppError(f"unknown technique {technique!r}; choose one of {LM_TECHNIQUES}")

@@ -150,7 +150,7 @@ def speculative_demo(model_name: str, new_tokens: int = 48, repeats: int = 3) ->
     """Lossless speculative decoding, one prompt at a time: SWIFT (``SelfSpeculativeConfig``) and
     transformers' ``assistant_early_exit`` at half depth, against plain greedy ``generate``
     (paired: ``repeats`` interleaved rounds after a warm-up round)."""
-    from mmskip.speculative import SelfSpeculativeConfig
+    from mmskip.swift import SelfSpeculativeConfig
 
     model, tok = load_lm(model_name)
     layers = mmskip.registry.get_adapter(model).num_layers

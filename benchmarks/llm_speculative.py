@@ -10,7 +10,7 @@ tokens from held-out stdlib modules, ``--new-tokens`` greedy tokens each), round
 
 - ``plain``: ``model.generate`` (greedy), the reference for speed and output.
 - ``swift``: ``mmskip.apply(model, SelfSpeculativeConfig(...))`` then ``model.generate`` (which runs
-  transformers' ``generate`` with the SWIFT loop as its ``custom_generate``; ``mmskip.speculative``).
+  transformers' ``generate`` with the SWIFT loop as its ``custom_generate``; ``mmskip.swift``).
   Applied afresh each round, so every round pays one on-the-fly layer-set search (in its first
   prompt) and reuses the found set for the other prompts, as SWIFT does across a task's inputs.
 - ``swift (found set)``: the layer set found by the first round, given explicitly (no search).
@@ -38,7 +38,7 @@ import torch
 
 import mmskip
 from mmskip import schedules
-from mmskip.speculative import SelfSpeculativeConfig
+from mmskip.swift import SelfSpeculativeConfig
 
 RESULTS = Path(__file__).parent / "results"
 

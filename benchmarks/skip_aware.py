@@ -126,7 +126,7 @@ def lossy_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: 
 
 
 def speed_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, smoke: bool) -> list[dict]:
-    from mmskip.speculative import SelfSpeculativeConfig
+    from mmskip.swift import SelfSpeculativeConfig
 
     L = mmskip.registry.get_adapter(model).num_layers
     configs: dict[str, tuple[str, Any]] = {"plain": ("plain", None)}

@@ -7,7 +7,10 @@ One line to apply a technique, one to undo it::
 
 ``import mmskip`` itself is cheap (it imports no torch), so the ``mmskip`` command line starts
 at once. The techniques' configs and ``apply`` load together on first attribute access (which
-also registers every language technique for ``SkipConfig.from_dict``); the subpackages
+also registers every language technique for ``SkipConfig.from_dict``); they import torch but
+not the hook machinery (``diffusers.hooks``), which loads when a technique is first applied.
+One folder per language technique, named by its id: ``layer_skip``, ``ffn_skip``,
+``void_layers``, ``first_routers`` (FiRST), ``swift`` (SWIFT self-speculative decoding). The subpackages
 (``mmskip.diffusion``, ``mmskip.pipelines``, ``mmskip.zoo``, ``mmskip.eval``,
 ``mmskip.analysis``, ``mmskip.vision``) are imported on first attribute access too.
 """
@@ -20,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import analysis, diffusion, eval, pipelines, schedules, vision, zoo  # noqa: F401
     from .ffn_skip import FFNSkipConfig
+    from .first_routers import RouterConfig
     from .inject import ConcurrentUseError, SkipConfig, SkipHandle, TechniqueState, applied, apply
     from .layer_skip import LayerSkipConfig
     from .registry import UnsupportedModelError
-    from .routers import RouterConfig
-    from .speculative import SelfSpeculativeConfig
+    from .swift import SelfSpeculativeConfig
     from .void_layers import VoidLayerConfig
 
 _LAZY = ("analysis", "diffusion", "eval", "pipelines", "vision", "zoo", "schedules")
@@ -33,8 +36,8 @@ _LAZY = ("analysis", "diffusion", "eval", "pipelines", "vision", "zoo", "schedul
 _CORE = {
     "apply": "inject", "applied": "inject", "SkipConfig": "inject", "SkipHandle": "inject",
     "TechniqueState": "inject", "ConcurrentUseError": "inject", "LayerSkipConfig": "layer_skip",
-    "FFNSkipConfig": "ffn_skip", "VoidLayerConfig": "void_layers", "SelfSpeculativeConfig": "speculative",
-    "RouterConfig": "routers", "UnsupportedModelError": "registry",
+    "FFNSkipConfig": "ffn_skip", "VoidLayerConfig": "void_layers", "SelfSpeculativeConfig": "swift",
+    "RouterConfig": "first_routers", "UnsupportedModelError": "registry",
 }
 
 __all__ = [

@@ -14,18 +14,21 @@ import dataclasses
 import importlib
 import json
 import logging
-from collections import defaultdict
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
 from ._fields import check_field_types
 from ._guard import CallGuard, ConcurrentUseError
+from ._skip_stats import SkipStats
+
+if TYPE_CHECKING:
+    from diffusers.hooks import ModelHook
 
 __all__ = [
     "SkipConfig",
@@ -45,6 +48,12 @@ _HANDLE_ATTR = "_mmskip_handle"
 _HOOK_PREFIX = "mmskip."
 CONFIG_NAME = "mmskip_config.json"
 _CONFIGS: dict[str, type[SkipConfig]] = {}
+# modules that saved configs name but that moved (one folder per technique): old name -> new
+_MOVED_MODULES = {
+    "mmskip.speculative": "mmskip.swift",
+    "mmskip.speculative.config": "mmskip.swift",
+    "mmskip.routers": "mmskip.first_routers",
+}
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ class SkipConfig:
 
     # -- serialization ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"technique": self.technique, "module": type(self).__module__}
+        out: dict[str, Any] = {"technique": self.technique, "module": _public_module(type(self))}
         for key, value in asdict(self).items():
             sched = getattr(self, key)
             out[key] = sched.to_dict() if hasattr(sched, "to_dict") else value
@@ -127,6 +136,7 @@ class SkipConfig:
         d = dict(d)
         name = d.pop("technique", None)
         module = d.pop("module", None)
+        module = _MOVED_MODULES.get(module, module) if isinstance(module, str) else module
         if name not in _CONFIGS and isinstance(module, str) and module.split(".")[0] == "mmskip":
             try:
                 importlib.import_module(module)  # techniques register when their module is imported
@@ -170,6 +180,16 @@ class SkipConfig:
         return config
 
 
+def _public_module(cls: type) -> str:
+    """The module a saved config names: a technique folder's package (``mmskip.layer_skip``) when
+    the config lives in its ``config.py`` and the package exports it, else the defining module."""
+    module = cls.__module__
+    package, _, leaf = module.rpartition(".")
+    if leaf == "config" and getattr(sys.modules.get(package), cls.__name__, None) is cls:
+        return package
+    return module
+
+
 class TechniqueState:
     """What one applied technique remembers between calls (the diffusers ``BaseState`` idea).
 
@@ -207,72 +227,6 @@ class TechniqueState:
     def adopt_costs(self, costs: dict[str, float], fixed: float) -> None:
         """Use costs an earlier application to the same model measured (:meth:`measured_costs`),
         so this one need not measure them again. Default: ignored."""
-
-
-class SkipStats:
-    """Counts of seen and skipped work, filled in by a technique's hooks.
-
-    ``seen[name]`` counts the units (tokens for layers, calls for diffusion blocks) that
-    reached a hooked item and ``skipped[name]`` those it did not compute; ``cost[name]`` is the
-    item's FLOPs per unit, used to estimate the fraction of FLOPs actually spent.
-    ``fixed_cost`` per ``fixed_units`` covers parts that never skip (the LM head, the VAE).
-    """
-
-    def __init__(self) -> None:
-        self.seen: dict[str, float] = defaultdict(float)
-        self.skipped: dict[str, float] = defaultdict(float)
-        self.cost: dict[str, float] = {}
-        self.fixed_cost: float = 0.0
-        self.fixed_units: float = 0.0
-
-    def record(self, name: str, units: float = 1.0, skipped: float = 0.0) -> None:
-        """``units`` reached item ``name``; ``skipped`` of them were not computed. Not counted
-        inside a ``torch.compile``d graph (a counter there would be a guard on every value)."""
-        if torch.compiler.is_compiling():
-            return
-        self.seen[name] += units
-        if skipped:
-            self.skipped[name] += skipped
-
-    def reset(self) -> None:
-        self.seen.clear()
-        self.skipped.clear()
-        self.fixed_units = 0.0
-
-    def flops(self) -> tuple[float, float]:
-        """(FLOPs spent, FLOPs the unmodified model would spend on the same work), estimated."""
-        full = self.fixed_cost * self.fixed_units
-        saved = 0.0
-        for name, c in self.cost.items():
-            full += c * self.seen.get(name, 0.0)
-            saved += c * self.skipped.get(name, 0.0)
-        return full - saved, full
-
-    def flops_fraction(self) -> float:
-        """Estimated FLOPs spent / FLOPs the unmodified model would spend on the same work."""
-        spent, full = self.flops()
-        return spent / full if full else 1.0
-
-    def as_dict(self) -> dict[str, Any]:
-        names = sorted(set(self.seen) | set(self.skipped), key=_natural_key)
-        items = {}
-        for n in names:
-            seen, skipped = self.seen.get(n, 0.0), self.skipped.get(n, 0.0)
-            items[n] = {"executed": seen - skipped, "skipped": skipped}
-        return {
-            "items": items,
-            "executed": sum(v["executed"] for v in items.values()),
-            "skipped": sum(v["skipped"] for v in items.values()),
-            "flops_fraction": self.flops_fraction(),
-            "flops": dict(zip(("spent", "full"), self.flops())),
-        }
-
-
-def _natural_key(name: str) -> tuple:
-    import re
-
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
-
 
 
 class SkipHandle:
@@ -359,6 +313,8 @@ def attach_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> Callable
     module is left exactly as it was."""
     had_registry = hasattr(module, "_diffusers_hook")
     had_forward = "forward" in module.__dict__
+    from diffusers.hooks import HookRegistry  # the hook machinery loads when a technique first attaches
+
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 
     def detach() -> None:
@@ -395,7 +351,8 @@ def apply(model: torch.nn.Module, config: SkipConfig) -> SkipHandle:
     if not isinstance(config, SkipConfig):
         raise TypeError(f"apply() takes an mmskip config (e.g. mmskip.LayerSkipConfig), got {type(config).__name__}")
     _check_model(model)
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         # torch.compile(model) wraps the model: hook the wrapped one, which the compiled code traces
         logger.debug("apply(): %s is torch.compile's wrapper; attaching to the model it compiles", type(model).__name__)
         model = model._orig_mod

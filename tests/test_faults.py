@@ -6,7 +6,7 @@ import torch
 
 import mmskip
 from mmskip import schedules
-from mmskip.routers import RouterConfig
+from mmskip.first_routers import RouterConfig
 
 from .conftest import tiny_lm
 from .test_routers import fixed_routers

@@ -145,7 +145,7 @@ def test_static_cache_prompt_keeps_its_padding_mask(family, padded_batch):
         records = handle.state.records
         assert handle.stats()["skipped_layers"] == skipped
     assert torch.equal(static, dynamic)
-    assert torch.equal(records[-1]["valid"], mask.bool()) and torch.equal(records[0]["valid"], mask.bool())
+    assert torch.equal(records[-1].valid, mask.bool()) and torch.equal(records[0].valid, mask.bool())
 
 
 @pytest.mark.parametrize("name", ["layer_skip_decode", "ffn_skip"])

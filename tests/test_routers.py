@@ -3,7 +3,7 @@ import torch
 
 import mmskip
 from mmskip import registry
-from mmskip.routers import RouterConfig, Routers
+from mmskip.first_routers import RouterConfig, Routers
 from mmskip.train.first import evaluate_routers, soft_gates, train_routers
 
 from ._reference import assert_steps_match, recompute_logits

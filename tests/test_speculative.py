@@ -5,7 +5,7 @@ import torch
 
 import mmskip
 from mmskip._skip_unit import SkipUnitHook
-from mmskip.speculative import SelfSpeculativeConfig, greedy_accept, speculative_accept, swift_decode
+from mmskip.swift import SelfSpeculativeConfig, greedy_accept, speculative_accept, swift_decode
 
 from .conftest import tiny_lm
 

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 import mmskip
-from mmskip.speculative import SelfSpeculativeConfig, swift_decode
+from mmskip.swift import SelfSpeculativeConfig, swift_decode
 
 from .conftest import tiny_lm
 

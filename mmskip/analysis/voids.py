@@ -8,7 +8,7 @@ import torch
 
 from ..inject import applied
 from ..schedules import adaptive
-from ..void_layers import VoidLayerConfig, lac_voids, void_skip_set
+from ..void_layers import VoidLayerConfig, VoidRecord, lac_voids, void_skip_set
 
 
 @dataclass
@@ -47,16 +47,16 @@ def void_layers(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
         )
         records = list(handle.state.records)
-    prompt = [r for r in records if r["phase"] == "prefill"][0]
-    L = prompt["norms"].shape[0] - 1
+    prompt = [r for r in records if r.phase == "prefill"][0]
+    L = prompt.norms.shape[0] - 1
     pp = _fractions([prompt], alpha, lift_layers)
-    decode = [r for r in records if r["phase"] == "decode"]
+    decode = [r for r in records if r.phase == "decode"]
     rg = _fractions(decode, alpha, lift_layers) if decode else [0.0] * L
     suggested = void_skip_set(prompt, alpha, lift_layers, min_void_fraction, int(max_skip * L))
     return VoidReport(alpha=alpha, prompt=pp, response=rg, suggested_skip=sorted(suggested))
 
 
-def _fractions(records: list[dict], alpha: float, lift_layers: int) -> list[float]:
-    void = sum((lac_voids(r["norms"], alpha, lift_layers) & r["valid"]).flatten(1).sum(1).float() for r in records)
-    total = sum(float(r["valid"].sum()) for r in records)
+def _fractions(records: list[VoidRecord], alpha: float, lift_layers: int) -> list[float]:
+    void = sum((lac_voids(r.norms, alpha, lift_layers) & r.valid).flatten(1).sum(1).float() for r in records)
+    total = sum(float(r.valid.sum()) for r in records)
     return [float(v) / max(total, 1.0) for v in void]

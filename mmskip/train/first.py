@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmskip.first_routers import RouterConfig, Routers
 from mmskip.inject import applied
-from mmskip.routers import RouterConfig, Routers
 
 from .config import TrainConfig
 from .data import FixedWindows

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmskip.first_routers import Routers
 from mmskip.registry import get_adapter
-from mmskip.routers import Routers
 
 from .base import Objective, StepContext
 
@@ -23,7 +23,7 @@ class RouterGates(Objective):
     parameters, so ``TrainConfig(trainable="none")`` trains only them.
 
     Args:
-        routers: the :class:`mmskip.routers.Routers` to train (``Routers.for_model(model)``).
+        routers: the :class:`mmskip.first_routers.Routers` to train (``Routers.for_model(model)``).
         sparsity: weight of the mean keep probability.
         straight_through: the forward uses the hard decision inference uses (keep iff p >= 0.5);
             gradients flow through p.
@@ -33,7 +33,7 @@ class RouterGates(Objective):
 
     def __init__(self, routers: Routers, sparsity: float = 0.5, straight_through: bool = False) -> None:
         if not isinstance(routers, Routers):
-            raise TypeError(f"RouterGates takes mmskip.routers.Routers, got {type(routers).__name__}")
+            raise TypeError(f"RouterGates takes mmskip.first_routers.Routers, got {type(routers).__name__}")
         self.routers, self.sparsity, self.straight_through = routers, sparsity, straight_through
         self._probs: list[torch.Tensor] = []
 

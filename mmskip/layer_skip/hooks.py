@@ -18,50 +18,24 @@ A skipped layer computes no attention: with ``output_attentions=True`` its entry
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.hooks import ModelHook
 from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.utils.output_capturing import _active_collector
 
-from ._phase import ForwardState, get_cache, track_forwards
-from .inject import SkipConfig, SkipHandle, TechniqueState
-from .registry import DecoderAdapter, get_adapter
-from .schedules import AdaptiveSchedule, Schedule, UnifiedSchedule
+from .._phase import ForwardState, get_cache, track_forwards
+from ..inject import SkipHandle
+from ..registry import DecoderAdapter, get_adapter
+from .state import LayerSkipState, SkipPlan
 
-__all__ = ["LayerSkipConfig", "LayerSkipState"]
+if TYPE_CHECKING:
+    from .config import LayerSkipConfig
+
+__all__ = ["LayerSkipHook", "attach_layer_skip", "attach_layer_skipping", "fill_skipped_kv", "record_skipped_attention"]
 
 logger = logging.getLogger(__name__)
-
-_PHASES = ("decode", "all")
-
-
-class SkipPlan:
-    """Which layers the current forward skips; shared by all layer hooks of one handle."""
-
-    def __init__(self, adapter: DecoderAdapter, state: ForwardState, phase: str, skip: set[int]) -> None:
-        self.state = state
-        self.phase = phase
-        self.skip = frozenset(skip)
-        self.cache_idx = [getattr(adapter.attention(i), "layer_idx", i) for i in range(adapter.num_layers)]
-
-    def skips(self, i: int) -> bool:
-        if i not in self.skip:
-            return False
-        return self.phase == "all" or self.state.phase == "decode"
-
-    def splices(self, i: int) -> bool:
-        """A ``generate(use_cache=False)`` step: layer ``i`` runs, but only for the prompt's tokens."""
-        return self.phase == "decode" and self.state.phase == "recompute" and i in self.skip
-
-    def source(self, i: int) -> int | None:
-        """Nearest lower kept layer: the one whose KV a skipped layer ``i`` copies."""
-        for j in range(i - 1, -1, -1):
-            if j not in self.skip:
-                return j
-        return None
 
 
 def fill_skipped_kv(cache: Any, plan: SkipPlan, i: int, q_len: int) -> None:
@@ -159,57 +133,18 @@ def attach_layer_skipping(
     return state, plan
 
 
-@dataclass
-class LayerSkipState(TechniqueState):
-    """State of an applied :class:`LayerSkipConfig`: the forward tracker and the skip plan."""
-
-    forward: ForwardState
-    plan: SkipPlan
-
-    def stats(self) -> dict[str, Any]:
-        return {"skipped_layers": sorted(self.plan.skip), "phase": self.plan.phase}
-
-
-@dataclass(frozen=True)
-class LayerSkipConfig(SkipConfig):
-    """Skip whole decoder layers chosen by a static schedule (Unified Layer Skipping).
-
-    Paper: Liu et al., 2024, "Accelerating Inference in Large Language Models with a Unified
-    Layer Skipping Strategy", https://arxiv.org/abs/2404.06954. Not the same as diffusers'
-    ``diffusers.hooks.LayerSkipConfig`` (which skips blocks of diffusion transformers).
-
-    Args:
-        schedule: which layers to skip; default ``schedules.unified(speedup=2.0)``. Any static
-            schedule (``unified``, ``interval``, ``explicit``) giving 0 or 1 per layer.
-        phase: ``"decode"`` (default): the prompt runs through every layer, generated tokens
-            skip, and a skipped layer's KV for new tokens is copied from the nearest lower kept
-            layer. ``"all"``: skip the layers for every token, prompt included.
-    """
-
-    technique: ClassVar[str] = "layer_skip"
-    schedule: Schedule = UnifiedSchedule(speedup=2.0)
-    phase: str = "decode"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.schedule, AdaptiveSchedule):
-            raise ValueError(
-                "mmskip.LayerSkipConfig takes a static schedule (unified, interval, explicit); for input-adaptive "
-                "skipping use mmskip.FFNSkipConfig or mmskip.VoidLayerConfig"
-            )
-        if self.phase not in _PHASES:
-            raise ValueError(f"mmskip.LayerSkipConfig.phase must be one of {_PHASES}, got {self.phase!r}")
-
-    def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
-        adapter = get_adapter(model, "decoder")
-        num_layers = adapter.num_layers
-        ratios = self.schedule.ratios(num_layers)
-        if any(0.0 < r < 1.0 for r in ratios):
-            raise ValueError(
-                "mmskip.LayerSkipConfig skips whole layers; this schedule has fractional (token) keep ratios"
-            )
-        skip = {i for i, r in enumerate(ratios) if r == 0.0}
-        if len(skip) == num_layers:
-            raise ValueError("the schedule skips every layer; keep at least one")
-        forward, plan = attach_layer_skipping(adapter, handle, self.phase, skip)
-        handle.state = LayerSkipState(forward, plan)
-        logger.debug("layer skipping: %d of %d layers skipped (%s)", len(skip), num_layers, self.phase)
+def attach_layer_skip(config: LayerSkipConfig, model: torch.nn.Module, handle: SkipHandle) -> None:
+    """What :meth:`LayerSkipConfig._attach` does: the schedule's skip set, then one hook per skipped layer."""
+    adapter = get_adapter(model, "decoder")
+    num_layers = adapter.num_layers
+    ratios = config.schedule.ratios(num_layers)
+    if any(0.0 < r < 1.0 for r in ratios):
+        raise ValueError(
+            "mmskip.LayerSkipConfig skips whole layers; this schedule has fractional (token) keep ratios"
+        )
+    skip = {i for i, r in enumerate(ratios) if r == 0.0}
+    if len(skip) == num_layers:
+        raise ValueError("the schedule skips every layer; keep at least one")
+    forward, plan = attach_layer_skipping(adapter, handle, config.phase, skip)
+    handle.state = LayerSkipState(forward, plan)
+    logger.debug("layer skipping: %d of %d layers skipped (%s)", len(skip), num_layers, config.phase)

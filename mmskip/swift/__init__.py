@@ -39,7 +39,7 @@ The user call is unchanged: ``mmskip.apply(model, SelfSpeculativeConfig())``, th
 ``model.generate(...)``. While applied, ``model.generate`` is
 bound to transformers' ``generate`` with ``custom_generate=swift_decode`` added, the way
 transformers itself binds a model's own custom generate in ``from_pretrained``; the explicit
-form ``model.generate(..., custom_generate=mmskip.speculative.swift_decode)`` does the same.
+form ``model.generate(..., custom_generate=mmskip.swift.swift_decode)`` does the same.
 ``handle.remove()`` restores the model's own ``generate`` and takes off the draft's hooks
 (the shared ``SkipUnitHook`` on the candidate layers, attention and MLP modules, which skip
 only inside a draft forward of the generating thread). Two threads generating with one model at
@@ -68,17 +68,35 @@ no tokenizer; a ``StopStringCriteria`` in ``stopping_criteria`` is served). Valu
 presence: ``streamer=None``, ``output_scores=False`` are the defaults. The explicit
 ``custom_generate=swift_decode`` raises ``ValueError`` with the reason instead of falling back.
 
-Modules: ``config`` (the config and its attach), ``acceptance`` (greedy and speculative-sampling
+Modules: ``config`` (the config), ``state`` (what an application remembers: the draft, the
+layer set, counters), ``hooks`` (the attach), ``acceptance`` (greedy and speculative-sampling
 rules), ``search`` (the layer-set search), ``draft`` (the skipping hooks), ``cache`` (crop rules
-for full and sliding-window cache layers), ``generate`` (the loop and its state),
-``fallback`` (what SWIFT cannot serve), ``route`` (the seam into ``generate``).
+for full and sliding-window cache layers), ``generate`` (the decoding loop), ``fallback`` (what
+SWIFT cannot serve), ``route`` (the seam into ``generate``). ``swift_decode`` loads
+on first access, so reading a config imports no ``diffusers``. Saved configs
+that name the old module ``mmskip.speculative`` still load (technique id ``self_speculative``).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .acceptance import greedy_accept, speculative_accept
 from .config import SelfSpeculativeConfig
-from .generate import SwiftState
-from .route import swift_decode
+from .state import SwiftState
+
+if TYPE_CHECKING:
+    from .route import swift_decode
 
 __all__ = ["SelfSpeculativeConfig", "speculative_accept", "greedy_accept", "swift_decode", "SwiftState"]
+
+_LAZY = {"swift_decode": "route"}  # imports the hook machinery (diffusers)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

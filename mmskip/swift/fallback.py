@@ -1,6 +1,6 @@
 """When SWIFT cannot serve a ``generate`` call: the reasons, and the fallback to transformers.
 
-The routed ``model.generate`` (:mod:`mmskip.speculative.route`) runs transformers' ``generate``
+The routed ``model.generate`` (:mod:`mmskip.swift.route`) runs transformers' ``generate``
 with the SWIFT loop as its decoding method. The loop first asks :func:`decode_reason` whether it
 can serve what ``generate`` prepared (batch size, decoding mode, cache, model inputs, ...); if
 not, it raises :class:`Fallback` before any forward, and the route reruns the call as the plain

@@ -8,7 +8,6 @@ from typing import ClassVar
 import torch
 
 from ..inject import SkipConfig, SkipHandle
-from ..registry import get_adapter
 
 __all__ = ["SelfSpeculativeConfig"]
 
@@ -85,39 +84,6 @@ class SelfSpeculativeConfig(SkipConfig):
         return self.attn_skip is not None or self.mlp_skip is not None
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
-        from .generate import SwiftState
-        from .route import route_generate
+        from .hooks import attach_swift
 
-        adapter = get_adapter(model, "decoder")
-        if not callable(getattr(model, "generate", None)) or adapter.head is None:
-            raise TypeError(
-                f"SelfSpeculativeConfig decodes through model.generate; {type(model).__name__} has no LM head or "
-                "generate. Apply it to the causal-LM class (e.g. LlamaForCausalLM, not LlamaModel)."
-            )
-        L = adapter.num_layers
-        anchors = _anchor_layers(model, L)
-        if self.fixed:
-            attn, mlp = set(self.attn_skip or ()), set(self.mlp_skip or ())
-            bad = sorted(i for i in attn | mlp if not 0 <= i < L)
-            if bad:
-                raise ValueError(f"SelfSpeculativeConfig skips layers {bad}, but the model has {L} layers (0..{L - 1})")
-            if attn & anchors:
-                what = "layer 0's attention" if anchors == {0} else f"the attention of layers {sorted(anchors)}"
-                raise ValueError(f"the draft must run {what}: the attention mask is sized from its KV length")
-        elif L < 3:
-            raise ValueError(f"SWIFT searches layers 1..L-2; a {L}-layer model has none to skip")
-        handle.counts.cost.update({f"attn.{i}": adapter.attn_flops(i) for i in range(L)})
-        handle.counts.cost.update({f"mlp.{i}": adapter.mlp_flops(i) for i in range(L)})
-        handle.counts.fixed_cost = adapter.head_flops()
-        state = SwiftState(self, adapter, handle, anchors)
-        handle.state = state
-        route_generate(model, handle)
-
-
-def _anchor_layers(model: torch.nn.Module, num_layers: int) -> set[int]:
-    """Layers whose attention the draft always runs: the first layer of each attention type
-    (transformers sizes each type's attention mask from that layer's cache)."""
-    types = getattr(getattr(model, "config", None), "layer_types", None)
-    if not types or len(types) != num_layers:
-        return {0}
-    return {list(types).index(t) for t in set(types)}
+        attach_swift(self, model, handle)

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from .._bind_generate import BindGenerate
 from ..inject import _HANDLE_ATTR, SkipHandle
 from .fallback import Fallback, call_reason
-from .generate import SwiftState
+from .state import SwiftState
 
 __all__ = ["swift_decode", "route_generate"]
 

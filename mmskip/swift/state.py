@@ -1,0 +1,111 @@
+"""What an applied :class:`~mmskip.swift.SelfSpeculativeConfig` remembers: the draft, the layer set
+found, and the counters behind ``handle.stats()``."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..inject import CallGuard, SkipHandle, TechniqueState
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
+    from ..registry import DecoderAdapter
+    from .config import SelfSpeculativeConfig
+    from .draft import Draft
+    from .fallback import Fallback
+
+__all__ = ["SwiftState"]
+
+
+@dataclass
+class _Counters:
+    calls: int = 0
+    generated: int = 0
+    rounds: int = 0  # verification forwards
+    drafted: int = 0
+    accepted: int = 0
+    search_evals: int = 0
+    search_seconds: float = 0.0
+    draft_forwards: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> calls served by transformers' generate
+
+
+class SwiftState(TechniqueState):
+    """State of one applied SelfSpeculativeConfig: the draft, the layer set found, counters."""
+
+    def __init__(self, config: SelfSpeculativeConfig, adapter: DecoderAdapter, handle: SkipHandle,
+                 units: list[tuple[str, int]], draft: Draft) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.handle = handle
+        self.units = units  # the candidate sublayers the search chooses among (none for a fixed set)
+        self.draft = draft
+        L = adapter.num_layers
+        self.n_skip = min(len(self.units), max(1, round(config.skip_ratio * 2 * L)))
+        self.layer_set: tuple[frozenset[int], frozenset[int]] | None = None
+        self.score: float | None = None
+        if config.fixed:
+            self.layer_set = (frozenset(config.attn_skip or ()), frozenset(config.mlp_skip or ()))
+            self.draft.set(*self.layer_set)
+        self.counters = _Counters()
+        self.guard = CallGuard(config.technique)
+        self.warned: set[str] = set()  # fallback reasons already warned about (once per handle)
+
+    # -- TechniqueState ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the found layer set (a fixed one stays); the next ``generate`` searches again."""
+        self.reset_layer_set()
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        attn, mlp = self.layer_set or (frozenset(), frozenset())
+        return {
+            "layer_set": {"attn_skip": sorted(attn), "mlp_skip": sorted(mlp)},
+            "matchness": self.score,
+            "calls": c.calls,
+            "generated_tokens": c.generated,
+            "verify_forwards": c.rounds,
+            "drafted_tokens": c.drafted,
+            "accepted_tokens": c.accepted,
+            "acceptance_rate": c.accepted / c.drafted if c.drafted else 0.0,
+            "mean_accepted_length": c.accepted / c.rounds if c.rounds else 0.0,
+            # tokens per verification forward (accepted drafts + 1); the prefill's token is not counted
+            "tokens_per_verify": (c.generated - c.calls) / c.rounds if c.rounds else 0.0,
+            "search_evals": c.search_evals,
+            "search_seconds": c.search_seconds,
+            "draft_forwards": c.draft_forwards,
+            "draft_seconds": c.draft_seconds,  # wall time in draft forwards
+            "verify_seconds": c.verify_seconds,  # wall time in verification forwards
+            "fallback_calls": sum(c.fallbacks.values()),  # calls served by transformers' own generate
+            "fallbacks": dict(c.fallbacks),
+        }
+
+    def fell_back(self, fallback: Fallback) -> None:
+        """Count a call served by transformers' ``generate``; warn once per reason per handle."""
+        self.counters.fallbacks[fallback.key] = self.counters.fallbacks.get(fallback.key, 0) + 1
+        if fallback.key not in self.warned:
+            self.warned.add(fallback.key)
+            warnings.warn(f"{fallback.why}; falling back to transformers' generate (mmskip warns once per reason)",
+                          UserWarning, stacklevel=3)
+
+    def reset_layer_set(self) -> None:
+        """Forget the found layer set; the next ``generate`` searches again."""
+        if not self.config.fixed:
+            self.layer_set, self.score = None, None
+
+    # -- the custom_generate callable ---------------------------------------------------------------
+    def decode(self, model: torch.nn.Module, input_ids: torch.Tensor, logits_processor: Any = None,
+               stopping_criteria: Any = None, generation_config: GenerationConfig | None = None,
+               streamer: Any = None, **model_kwargs: Any) -> Any:
+        """Self-speculative decoding of one sequence (:func:`mmskip.swift.generate.decode`)."""
+        from .generate import decode
+
+        return decode(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                      **model_kwargs)
