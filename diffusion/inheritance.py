@@ -34,13 +34,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmskip.inject import CallGuard, SkipConfig, SkipHandle, TechniqueState
+from mmskip.inject import CallGuard, SkipHandle, TechniqueState
 from mmskip.registry import get_adapter
 from mmskip.schedules import AdaptiveSchedule, ExplicitSchedule, Schedule, interval
 
 from .adapters import GRANULARITIES, DiffusionAdapter
 from .inheritance_hooks import OutputHook, ProbeHook, Range, RangeHook, RootHook
-from .plan import check_step_schedule
+from .plan import DenoiserConfig, check_step_schedule
 from .tracker import StepTracker, bound_thread
 
 __all__ = ["FeatureInheritanceConfig", "InheritanceState", "step_computes"]
@@ -51,7 +51,7 @@ MAX_SLOTS = 8  # calls per step with distinct conditioning whose features are ca
 
 
 @dataclass(frozen=True)
-class FeatureInheritanceConfig(SkipConfig):
+class FeatureInheritanceConfig(DenoiserConfig):
     """Inherit features of ``targets`` at ``granularity`` on the steps ``schedule`` does not compute.
 
     Feature inheritance from A-SDM (Zhu et al., 2024, "A-SDM: Accelerating Stable Diffusion
@@ -268,6 +268,10 @@ class InheritanceState(TechniqueState):
     def begin(self, num_steps: int | None = None, visited: Any = None) -> None:
         """Start a trajectory on a ``num_steps`` grid of which the sampler visits ``visited``."""
         self.tracker.begin(num_steps, visited)
+
+    def begin_call(self, num_steps: int, visited: tuple[int, ...]) -> None:
+        """A pipeline call starts: :meth:`begin` on its grid."""
+        self.begin(num_steps, visited)
 
     def reset(self) -> None:
         """Forget the trajectory in progress: cached features and probe references. Its step record

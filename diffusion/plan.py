@@ -1,12 +1,19 @@
-"""Sampler-level techniques: configs that decide which steps the sampler runs, not what the model computes.
+"""What a drop-in pipeline (``mmskip.pipelines``) calls on a diffusion technique: the declared protocols.
 
-A :class:`SamplerConfig` does not hook modules (``mmskip.apply`` refuses it). The drop-in
-pipelines (``mmskip.pipelines``) loop over their sampler configs at the start of every call:
-``validate(num_steps)`` on each (before anything changes), then ``plan(scheduler, plan)`` on
-each in turn, starting from :meth:`SamplerPlan.full`. The resulting :class:`SamplerPlan` says
-which grid steps the sampler visits and, optionally, how the state is mapped to the first
-visited step (the Gaussian teleport). A new sampler technique is one ``SamplerConfig``
-subclass; no pipeline code changes.
+Two kinds of configs, each with its declared methods (a pipeline calls nothing else):
+
+* :class:`DenoiserConfig` (model-level, e.g. ``FeatureInheritanceConfig``): ``validate(num_steps)``
+  at the start of each call, then applied to the denoiser with ``mmskip.apply`` for that call; the
+  per-call methods of its state are :class:`mmskip.inject.TechniqueState`'s (``adopt_costs``,
+  ``begin_call``, ``end_call``, ``measured_costs``).
+* :class:`SamplerConfig` (which steps run, which network runs them). ``mmskip.apply`` refuses
+  it. At the start of every call the pipeline runs ``validate(num_steps)`` on each (before
+  anything changes), then ``plan(scheduler, plan)`` on each in turn, starting from
+  :meth:`SamplerPlan.full`, then ``route(plan)`` on each. The resulting :class:`SamplerPlan`
+  says which grid steps the sampler visits and, optionally, how the state is mapped to the
+  first visited step (the Gaussian teleport); a :class:`SamplerRoute` sends some of the
+  denoiser's calls elsewhere (multi-UNet switching). A new sampler technique is one
+  ``SamplerConfig`` subclass; no pipeline code changes.
 
 Step numbers are always indices of the pipeline's ``num_inference_steps`` grid (the user's
 step numbers, 0 = the noisiest step), for sampler-level and model-level configs alike.
@@ -26,7 +33,7 @@ from torch import nn
 from mmskip.inject import SkipConfig, SkipHandle
 from mmskip.schedules import AdaptiveSchedule, Schedule
 
-__all__ = ["SamplerConfig", "SamplerPlan", "check_step_schedule"]
+__all__ = ["DenoiserConfig", "SamplerConfig", "SamplerPlan", "SamplerRoute", "check_step_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +67,68 @@ class SamplerPlan:
 
 
 @dataclass(frozen=True)
-class SamplerConfig(SkipConfig):
-    """Base class of sampler-level configs (which steps run); see the module docstring.
+class DenoiserConfig(SkipConfig):
+    """Base class of model-level diffusion configs: hooks on the denoiser (``mmskip.apply``).
 
-    Subclasses implement :meth:`plan` and, where a config can be wrong for some step counts or
-    needs a resource (a statistics file), :meth:`validate`.
+    A drop-in pipeline applies one for each call, after :meth:`validate`; its state's per-call
+    methods are declared by :class:`mmskip.inject.TechniqueState`.
     """
 
     def validate(self, num_steps: int | None = None) -> None:
         """Raise ``ValueError`` if the config cannot run; ``num_steps=None``: the checks that do
-        not need the step count (``enable_skip`` time), else the checks for that grid (call start)."""
+        not need the step count (``enable_skip`` time), else the checks for that grid (call start).
+        Default: nothing to check."""
+
+
+class SamplerRoute:
+    """What :meth:`SamplerConfig.route` returns: a change of which network runs some of one call's
+    denoiser calls (multi-UNet switching).
+
+    The pipeline calls :meth:`attach` once the denoiser is held for the call (inside the call's
+    thread binding, :func:`mmskip.diffusion.tracker.serving_this_thread`, and inside the
+    model-level technique's hooks, which still see every step), :meth:`remove` when the call ends
+    (also after an error), and :meth:`stats` (still readable after :meth:`remove`) for
+    ``skip_stats()``.
+    """
+
+    def attach(self, denoiser: nn.Module) -> None:
+        """Hook ``denoiser`` for this call."""
+        raise NotImplementedError(f"{type(self).__name__} must implement attach()")
+
+    def remove(self) -> None:
+        """Remove what :meth:`attach` added; the denoiser is left exactly as it was."""
+        raise NotImplementedError(f"{type(self).__name__} must implement remove()")
+
+    def stats(self) -> dict[str, Any]:
+        """This route's entries in the pipeline's ``skip_stats()``. Default: none."""
+        return {}
+
+
+@dataclass(frozen=True)
+class SamplerConfig(SkipConfig):
+    """Base class of sampler-level configs (which steps run, which network runs them); see the
+    module docstring.
+
+    Subclasses override :meth:`plan` (which steps the sampler visits), :meth:`route` (which
+    network runs the visited steps), or both; where a config can be wrong for some step counts
+    or needs a resource (a statistics file), also :meth:`validate`.
+    """
+
+    def validate(self, num_steps: int | None = None) -> None:
+        """Raise ``ValueError`` if the config cannot run; ``num_steps=None``: the checks that do
+        not need the step count (``enable_skip`` time), else the checks for that grid (call start).
+        Default: nothing to check."""
 
     def plan(self, scheduler: Any, plan: SamplerPlan) -> SamplerPlan:
-        """``plan`` refined by this technique (the pipeline's ``scheduler`` is read, never modified)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement plan()")
+        """``plan`` refined by this technique (the pipeline's ``scheduler`` is read, never modified).
+        Default: ``plan`` unchanged (a technique that only routes)."""
+        return plan
+
+    def route(self, plan: SamplerPlan) -> SamplerRoute | None:
+        """How this technique routes the denoiser's calls in a call that runs ``plan`` (not yet
+        attached: the pipeline attaches it, see :class:`SamplerRoute`). Default: ``None``, no
+        routing (the pipeline's own denoiser runs every visited step)."""
+        return None
 
     def saved_in(self, folder: Path) -> SamplerConfig:
         """The config to store in a pipeline saved to ``folder`` (``save_pretrained``): a config that

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUPPORTED_SAMPLERS", "plan_sampler", "sampler_kind", "sigma_ve"]
+__all__ = ["SUPPORTED_SAMPLERS", "begin_at", "plan_sampler", "sampler_kind", "sigma_ve"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,14 @@ def plan_sampler(
     copy.set_timesteps = functools.wraps(original)(set_timesteps)
     copy.planned_keep = tuple(keep)
     return copy
+
+
+def begin_at(planned: Any, index: int) -> None:
+    """Start a sampler planned by :func:`plan_sampler` at its ``index``-th timestep (img2img
+    ``strength``), as diffusers' image-to-image pipelines do with ``set_begin_index``. DDIM keeps
+    no step index (its ``step`` reads the timestep it is given), so nothing is set there."""
+    if type(planned).__name__ != "DDIMScheduler":
+        planned.set_begin_index(index)
 
 
 def _ddim_as_dpm(ddim: Any, n: int, keep: list[int], first_step: Any) -> Any:

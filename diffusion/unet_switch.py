@@ -5,7 +5,9 @@ A-SDM validates "the multi-UNet switching method for improving network speed"
 they need not run the same network. :class:`UNetSwitchConfig` is a sampler-level technique:
 for each pipeline call it routes every denoiser call of the chosen grid steps to the light
 UNet (e.g. one built by :mod:`mmskip.diffusion.assembly`), through a hook on the pipeline's
-own denoiser that is removed when the call ends. It composes with feature inheritance: the
+own denoiser that is removed when the call ends: :meth:`UNetSwitchConfig.route` gives the
+pipeline a :class:`UNetSwitchRoute` (the handle: ``attach`` / ``remove`` / ``stats``) holding
+the call's :class:`UNetSwitchState`. It composes with feature inheritance: the
 route sits inside inheritance's hooks, so inheritance still sees every step; on light steps
 the full UNet's blocks do not run, and inheritance reuses the features of its last full step.
 """
@@ -21,13 +23,13 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from mmskip.inject import attach_hook
+from mmskip.inject import TechniqueState, attach_hook
 from mmskip.registry import get_adapter
 
-from .plan import SamplerConfig, SamplerPlan
+from .plan import SamplerConfig, SamplerPlan, SamplerRoute
 from .tracker import StepTracker, bound_thread, serves
 
-__all__ = ["UNetSwitchConfig"]
+__all__ = ["UNetSwitchConfig", "UNetSwitchRoute", "UNetSwitchState"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +88,51 @@ class UNetSwitchConfig(SamplerConfig):
         k = round(self.full_fraction * num_steps)
         return set(range(k)) if self.full_first else set(range(num_steps - k, num_steps))
 
-    def plan(self, scheduler: Any, plan: SamplerPlan) -> SamplerPlan:
-        return plan  # which steps run is unchanged; which network runs them is routed in route()
+    def route(self, plan: SamplerPlan) -> UNetSwitchRoute:
+        """The switch for one call that runs ``plan`` (attached by the pipeline); which steps run
+        is unchanged (:meth:`plan` keeps the default), only which network runs them."""
+        return UNetSwitchRoute(self, plan)
 
-    def route(self, denoiser: nn.Module, num_steps: int, visited: tuple[int, ...]) -> Any:
-        """Attach the switch to ``denoiser`` for one call; returns a callable that removes it."""
-        light = _load(self.folder(), denoiser)
-        hook = _SwitchHook(get_adapter(denoiser, "diffusion"), light, self.full_steps(num_steps))
-        hook.tracker.begin(num_steps, visited)
-        detach = attach_hook(denoiser, hook, _HOOK)
 
-        def remove() -> None:
-            detach()
+class UNetSwitchState(TechniqueState):
+    """What one call's switch remembers: the grid step of each denoiser call (``tracker``) and
+    the grid steps each network ran (``steps_full``, ``steps_light``)."""
 
-        remove.hook = hook  # for stats: the steps each network ran
-        return remove
+    def __init__(self, full: set[int]) -> None:
+        self.full = full
+        self.tracker = StepTracker()
+        self.steps_full: list[int] = []
+        self.steps_light: list[int] = []
+
+    def reset(self) -> None:
+        self.tracker.reset()
+
+    def stats(self) -> dict[str, Any]:
+        return {"full_unet_steps": list(self.steps_full), "light_unet_steps": list(self.steps_light)}
+
+
+class UNetSwitchRoute(SamplerRoute):
+    """The switch of one pipeline call: a hook on the pipeline's denoiser (see :class:`SamplerRoute`)."""
+
+    def __init__(self, config: UNetSwitchConfig, plan: SamplerPlan) -> None:
+        self.config = config
+        self.plan = plan
+        self.state = UNetSwitchState(config.full_steps(plan.num_steps))
+        self._detach: Any = None
+
+    def attach(self, denoiser: nn.Module) -> None:
+        light = _load(self.config.folder(), denoiser)
+        hook = _SwitchHook(get_adapter(denoiser, "diffusion"), light, self.state)
+        self.state.tracker.begin(self.plan.num_steps, self.plan.keep)
+        self._detach = attach_hook(denoiser, hook, _HOOK)
+
+    def remove(self) -> None:
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
+
+    def stats(self) -> dict[str, Any]:
+        return self.state.stats()
 
 
 def _load(folder: Path, like: nn.Module) -> nn.Module:
@@ -118,22 +150,19 @@ def _load(folder: Path, like: nn.Module) -> nn.Module:
 class _SwitchHook(ModelHook):
     """Routes the calls of light steps to the light UNet (the full one's forward is not run)."""
 
-    def __init__(self, adapter: Any, light: nn.Module, full: set[int]) -> None:
+    def __init__(self, adapter: Any, light: nn.Module, state: UNetSwitchState) -> None:
         super().__init__()
-        self.adapter, self.light, self.full = adapter, light, full
-        self.tracker = StepTracker()
+        self.adapter, self.light, self.state = adapter, light, state
         self.thread = bound_thread()  # the pipeline call's: other threads' calls are not routed
-        self.steps_full: list[int] = []
-        self.steps_light: list[int] = []
 
     @torch.compiler.disable
     def _is_full(self, args: tuple, kwargs: dict) -> bool:
-        ad = self.adapter
-        self.tracker.observe(ad.timestep(args, kwargs), ad.call_key(args, kwargs))
-        step = self.tracker.step
-        full = step in self.full
-        if self.tracker.first_call_of_step:
-            (self.steps_full if full else self.steps_light).append(step)
+        ad, st = self.adapter, self.state
+        st.tracker.observe(ad.timestep(args, kwargs), ad.call_key(args, kwargs))
+        step = st.tracker.step
+        full = step in st.full
+        if st.tracker.first_call_of_step:
+            (st.steps_full if full else st.steps_light).append(step)
         return full
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -36,20 +36,17 @@ import functools
 import inspect
 import json
 import logging
-import threading
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-from mmskip.diffusion.plan import SamplerConfig, SamplerPlan
-from mmskip.diffusion.sampler import plan_sampler
+from mmskip.diffusion.plan import SamplerConfig, SamplerPlan, SamplerRoute
 from mmskip.diffusion.tracker import serving_this_thread
 
-from mmskip.inject import CallGuard, ConcurrentUseError, SkipConfig, SkipHandle, applied, apply
+from mmskip.inject import CallGuard, SkipConfig, SkipHandle, applied, apply
+
+from .skip_call import SkipCall, hooking, plan_call, strength_steps, validate
 
 __all__ = ["SkipPipelineMixin", "SKIP_CONFIG_NAME"]
 
@@ -60,7 +57,7 @@ SKIP_CONFIG_NAME = "mmskip_skip_config.json"
 
 @dataclass
 class _SkipState:
-    """What an enabled pipeline holds: its configs, the last call's handle and plan, measured costs."""
+    """What an enabled pipeline holds: its configs, the last call's handle, plan and routes, measured costs."""
 
     configs: tuple[SkipConfig, ...]
     model: SkipConfig | None
@@ -68,23 +65,79 @@ class _SkipState:
     last_plan: SamplerPlan | None = None
     last_handle: SkipHandle | None = None
     costs: tuple[dict[str, float], float] | None = None
-    last_routes: list[Any] = field(default_factory=list)
+    last_routes: tuple[SamplerRoute, ...] = ()
 
 
 class SkipPipelineMixin:
-    """Mixed in before a diffusers pipeline class: ``class X(SkipPipelineMixin, StableDiffusionPipeline)``."""
+    """Mixed in before a diffusers pipeline class: ``class X(SkipPipelineMixin, StableDiffusionPipeline)``.
+
+    Class-level facts a drop-in declares: ``_mmskip_denoiser`` (the component the techniques
+    hook: ``"unet"`` or ``"transformer"``) and ``_mmskip_prepares_latents`` (the parent draws
+    its initial latents in ``prepare_latents``, where the analytic first step maps them; checked
+    against the parent when the class is made).
+
+    During an enabled call the mixin's ``scheduler`` is the call's planned sampler, and its
+    ``prepare_latents`` / ``get_timesteps`` (called by the parent's ``__call__``) apply the call's
+    plan (:class:`~mmskip.pipelines.skip_call.SkipCall`, :meth:`_skip_call_now`): ordinary class
+    members that a subclass sees and may extend; nothing is patched on the instance.
+    """
 
     _mmskip_denoiser: ClassVar[str] = "unet"
+    _mmskip_prepares_latents: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        parent_call = _diffusers_parent(cls).__call__
+        parent = _diffusers_parent(cls)
+        if hasattr(parent, "prepare_latents") != cls._mmskip_prepares_latents:  # diffusers' API, once per class
+            raise TypeError(
+                f"{cls.__name__}: set _mmskip_prepares_latents = {not cls._mmskip_prepares_latents} (whether "
+                f"{parent.__name__} draws its latents in prepare_latents)"
+            )
+        parent_call = parent.__call__
 
         @functools.wraps(parent_call)  # the parent's signature and docstring, for users and tools
         def __call__(self: SkipPipelineMixin, *args: Any, **kwargs: Any) -> Any:
             return self._skip_dispatch(args, kwargs)
 
         cls.__call__ = __call__
+
+    # -- what the parent's __call__ reads: the call's plan applies ---------------------------------
+    @property
+    def scheduler(self) -> Any:
+        """The pipeline's scheduler; during an enabled call that skips steps, the call's planned
+        copy of it (the pipeline's own is never modified)."""
+        call = self._skip_call_now()
+        if call is not None and call.planned is not None:
+            return call.planned
+        try:
+            return self.__dict__["scheduler"]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no scheduler yet") from None
+
+    @scheduler.setter
+    def scheduler(self, value: Any) -> None:
+        self.__dict__["scheduler"] = value
+
+    def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
+        """The parent's ``prepare_latents``; in a call with analytic early steps, the latents mapped
+        to the state at the first visited grid step (inpainting's tuple: its first entry)."""
+        out = super().prepare_latents(*args, **kwargs)
+        call = self._skip_call_now()
+        if call is None or not call.via_latents:
+            return out
+        first_step = call.plan.first_step
+        if isinstance(out, tuple):  # inpainting: (latents, noise, image_latents, ...)
+            return (first_step(out[0], call.planned), *out[1:])
+        return first_step(out, call.planned)
+
+    def get_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+        """The parent's ``get_timesteps`` (img2img / inpainting: ``strength`` < 1 runs the last
+        steps); in an enabled call, mapped onto the call's grid
+        (:func:`~mmskip.pipelines.skip_call.strength_steps`)."""
+        call = self._skip_call_now()
+        if call is None:
+            return super().get_timesteps(*args, **kwargs)
+        return strength_steps(call, super().get_timesteps, self.scheduler, args, kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, skip_config: Any = None, **kwargs: Any) -> Any:
@@ -151,10 +204,7 @@ class SkipPipelineMixin:
         if len(models) > 1:
             names = ", ".join(type(c).__name__ for c in models)
             raise ValueError(f"one model-level technique per denoiser (mmskip.apply); got {names}")
-        for c in configs:
-            validate = getattr(c, "validate", None)
-            if validate is not None:
-                validate(None)
+        validate(configs, None)
         if models:  # attach once to check targets and adapter now, not at the first call
             with applied(self._denoiser(), models[0]):
                 pass
@@ -190,9 +240,8 @@ class SkipPipelineMixin:
         out = state.last_handle.stats() if state.last_handle is not None else {}
         if state.last_plan is not None:
             out["visited_steps"] = list(state.last_plan.keep)
-        for hook in state.last_routes:
-            if hook is not None:
-                out["full_unet_steps"], out["light_unet_steps"] = list(hook.steps_full), list(hook.steps_light)
+        for route in state.last_routes:
+            out.update(route.stats())
         return out
 
     # -- the call -------------------------------------------------------------------------------
@@ -210,144 +259,51 @@ class SkipPipelineMixin:
         self._check_components()
         n = self._num_steps(args, kwargs, custom_ok=not state.samplers)
         # validate and plan everything before anything changes
-        for c in state.configs:
-            validate = getattr(c, "validate", None)
-            if validate is not None:
-                validate(n)
-        plan = SamplerPlan.full(n)
-        for c in state.samplers:
-            plan = c.plan(self.scheduler, plan)
-        planned = None
-        if not plan.is_full:
-            via_latents = plan.first_step is not None and callable(getattr(self, "prepare_latents", None))
-            planned = plan_sampler(self.scheduler, n, plan.keep, None if via_latents else plan.first_step)
-            if via_latents:
-                # teleport the latents as the pipeline prepares them (flow-matching pipelines never
-                # call scale_model_input); the grid must be known first
-                try:
-                    planned.set_timesteps(n)
-                except (TypeError, ValueError) as err:
-                    raise ValueError(
-                        f"analytic early steps need the sampler's grid before sampling; {type(self.scheduler).__name__}"
-                        f" could not build it without pipeline arguments ({err})"
-                    ) from err
-        hooks = state.model is not None or any(callable(getattr(c, "route", None)) for c in state.samplers)
-        with _hooking(self._denoiser() if hooks else None), serving_this_thread():
-            state.last_plan = plan
-            return self._hooked_call(state, planned, plan, n, args, kwargs)
+        call = plan_call(self.scheduler, state.configs, state.samplers, n, self._mmskip_prepares_latents)
+        routes = tuple(r for r in (c.route(call.plan) for c in state.samplers) if r is not None)
+        hooks = state.model is not None or bool(routes)
+        with hooking(self._denoiser() if hooks else None), serving_this_thread():
+            state.last_plan = call.plan
+            self.__dict__["_mmskip_call"] = call
+            try:
+                return self._hooked_call(state, call, routes, args, kwargs)
+            finally:
+                del self.__dict__["_mmskip_call"]
+                state.last_plan = call.plan
 
-    def _hooked_call(self, state: _SkipState, planned: Any, plan: SamplerPlan, n: int, args: tuple, kwargs: dict) -> Any:
+    def _hooked_call(self, state: _SkipState, call: SkipCall, routes: tuple[SamplerRoute, ...], args: tuple,
+                     kwargs: dict) -> Any:
         """Attach this call's techniques (bound to this thread), run, and remove them."""
-        # sampler configs that route denoiser calls (multi-UNet switching) hook in first, inside
-        # the model-level technique's hooks, so that it still sees every step
-        routes: list[Callable[[], None]] = []
+        # routes (multi-UNet switching) hook in first, inside the model-level technique's hooks,
+        # so that it still sees every step
+        attached: list[SamplerRoute] = []
         handle = None
         try:
-            for c in state.samplers:
-                if callable(getattr(c, "route", None)):
-                    routes.append(c.route(self._denoiser(), n, plan.keep))
-            state.last_routes = [getattr(r, "hook", None) for r in routes]
+            for route in routes:
+                route.attach(self._denoiser())
+                attached.append(route)
+            state.last_routes = routes
             if state.model is not None:
                 handle = apply(self._denoiser(), state.model)  # for this call only
-                if state.costs is not None and hasattr(handle.state, "adopt_costs"):
+                if state.costs is not None:
                     handle.state.adopt_costs(*state.costs)
-                begin = getattr(handle.state, "begin", None)
-                if begin is not None:
-                    begin(n, plan.keep)
-                state.last_handle = handle
-            return self._run(planned, plan, args, kwargs, handle)
+                handle.state.begin_call(call.plan.num_steps, call.plan.keep)
+                call.handle = state.last_handle = handle
+            return super().__call__(*args, **kwargs)
         finally:
             if handle is not None:
-                handle.remove()
-                measured = getattr(handle.state, "measured_costs", None)
-                if state.costs is None and measured is not None:
-                    state.costs = measured()
-            for remove in reversed(routes):
-                remove()
+                try:
+                    handle.state.end_call()
+                finally:
+                    handle.remove()
+                if state.costs is None:
+                    state.costs = handle.state.measured_costs()
+            for route in reversed(attached):
+                route.remove()
 
-    def _run(self, planned: Any, plan: SamplerPlan, args: tuple, kwargs: dict, handle: SkipHandle | None) -> Any:
-        if callable(getattr(self, "get_timesteps", None)):  # img2img / inpainting: strength < 1 runs the last steps
-            self.__dict__["get_timesteps"] = self._strength_steps(planned, plan, handle)
-        try:
-            return self._run_planned(planned, plan, args, kwargs)
-        finally:
-            self.__dict__.pop("get_timesteps", None)
-
-    def _strength_steps(self, planned: Any, plan: SamplerPlan, handle: SkipHandle | None) -> Any:
-        """Wrap the pipeline's ``get_timesteps(n, strength, ...)``: learn which grid steps a
-        ``strength`` < 1 call runs (``t_start..n-1``), map the plan onto them and tell the
-        model-level technique, so every schedule keeps indexing the full ``n``-step grid."""
-        original, n = self.get_timesteps, plan.num_steps
-
-        def get_timesteps(*args: Any, **kwargs: Any) -> Any:
-            # Flux img2img passes the length of the (planned) grid it got back; the rule needs n
-            bound = inspect.signature(original).bind(*args, **kwargs)
-            bound.arguments["num_inference_steps"] = n
-            args, kwargs = bound.args, bound.kwargs
-            sched = self.scheduler
-            if planned is not None:  # let the pipeline's own rule slice the full grid
-                kept, sched.timesteps = sched.timesteps, sched.full_timesteps
-            try:
-                timesteps, _ = original(*args, **kwargs)
-            finally:
-                if planned is not None:
-                    sched.timesteps = kept
-            order = getattr(sched, "order", 1)
-            t_start = n - len(timesteps) // order
-            if t_start >= n:  # diffusers' img2img/inpainting refuse (or fail on) this too
-                strength = bound.arguments.get("strength")
-                raise ValueError(
-                    f"strength={strength} runs none of the {n} denoising steps (the pipeline runs "
-                    f"int(num_inference_steps * strength) of them); pass strength >= 1/num_inference_steps "
-                    f"({1 / n:.3g} here) or more num_inference_steps"
-                )
-            if t_start == 0:
-                return original(*args, **kwargs) if planned is not None else (timesteps, n)
-            if plan.first_step is not None:
-                raise ValueError(
-                    f"strength < 1 starts from the noised input image at grid step {t_start}; the analytic "
-                    "early-step jump (GaussianTeleportConfig) starts from pure noise. Pass strength=1 or drop it"
-                )
-            visited = tuple(k for k in plan.keep if k >= t_start)
-            if not visited:
-                raise ValueError(
-                    f"this call runs grid steps {t_start}..{n - 1} (strength), where the step-skip plan visits "
-                    f"none of {list(plan.keep)}; use a schedule that keeps some of the last steps"
-                )
-            if planned is not None:
-                pos = (len(plan.keep) - len(visited)) * order
-                timesteps = planned.timesteps[pos:]
-                if hasattr(planned, "set_begin_index"):
-                    planned.set_begin_index(pos)
-            begin = getattr(getattr(handle, "state", None), "begin", None)
-            if begin is not None:
-                begin(n, visited)
-            self.__dict__["_mmskip"].last_plan = SamplerPlan(n, visited, plan.first_step)
-            logger.debug("strength: grid steps %d..%d run; visiting %s", t_start, n - 1, list(visited))
-            return timesteps, len(visited)
-
-        return get_timesteps
-
-    def _run_planned(self, planned: Any, plan: SamplerPlan, args: tuple, kwargs: dict) -> Any:
-        if planned is None:
-            return super().__call__(*args, **kwargs)
-        original = self.scheduler
-        if plan.first_step is not None and callable(getattr(self, "prepare_latents", None)):
-            prepare, first_step = self.prepare_latents, plan.first_step
-
-            def prepare_latents(*a: Any, **k: Any) -> Any:
-                out = prepare(*a, **k)
-                if isinstance(out, tuple):  # inpainting: (latents, noise, image_latents, ...)
-                    return (first_step(out[0], planned), *out[1:])
-                return first_step(out, planned)
-
-            self.__dict__["prepare_latents"] = prepare_latents
-        self.__dict__["scheduler"] = planned
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            self.__dict__["scheduler"] = original
-            self.__dict__.pop("prepare_latents", None)
+    def _skip_call_now(self) -> SkipCall | None:
+        """The enabled call running now (``None`` between calls and in a disabled pipeline)."""
+        return self.__dict__.get("_mmskip_call")
 
     # -- helpers --------------------------------------------------------------------------------
     def _skip_state(self) -> _SkipState | None:
@@ -388,41 +344,6 @@ def load_skip_configs(path: str | Path) -> list[SkipConfig]:
     data = json.loads(p.read_text())
     configs = [SkipConfig.from_dict(d) for d in data["configs"]]
     return [c.loaded_from(p.parent) if isinstance(c, SamplerConfig) else c for c in configs]
-
-
-_HOOKED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # denoiser -> thread hooking it
-_HOOKED_LOCK = threading.Lock()
-
-
-@contextmanager
-def _hooking(denoiser: Any) -> Iterator[None]:
-    """Hold ``denoiser`` for one Skip call that attaches hooks to it (``None``: none attached).
-
-    A Skip call of another thread that would hook the same denoiser meanwhile is refused with
-    :class:`ConcurrentUseError` before anything changes; plain calls from other threads are not
-    held here: they pass through this call's hooks (see :mod:`mmskip.diffusion.tracker`).
-    """
-    if denoiser is None:
-        yield
-        return
-    if isinstance(denoiser, torch._dynamo.eval_frame.OptimizedModule):
-        denoiser = denoiser._orig_mod  # the module the hooks go on
-    me = threading.get_ident()
-    with _HOOKED_LOCK:
-        holder = _HOOKED.get(denoiser)
-        if holder is not None and holder != me:
-            raise ConcurrentUseError(
-                f"another pipeline call (thread {holder}) is running this {type(denoiser).__name__} with mmskip "
-                "techniques attached; two pipelines sharing a denoiser cannot skip at the same time. Serialize the "
-                "calls (e.g. a lock around them) or give each pipeline its own denoiser copy."
-            )
-        _HOOKED[denoiser] = me
-    try:
-        yield
-    finally:
-        if holder is None:
-            with _HOOKED_LOCK:
-                _HOOKED.pop(denoiser, None)
 
 
 def _diffusers_parent(cls: type) -> type:

@@ -61,6 +61,7 @@ class SkipDiTPipeline(SkipPipelineMixin, DiTPipeline):
     """``DiTPipeline`` (class-conditional DiT) with mmskip's feature inheritance and step skipping."""
 
     _mmskip_denoiser = "transformer"
+    _mmskip_prepares_latents = False  # draws its latents inline: the planned sampler maps them at its first step
 
 
 class SkipPixArtAlphaPipeline(SkipPipelineMixin, PixArtAlphaPipeline):
@@ -115,7 +116,7 @@ class SkipWanPipeline(SkipPipelineMixin, WanPipeline):
 
 # -- image-conditioned variants ------------------------------------------------------------------
 # strength < 1 runs only the last grid steps; every schedule keeps indexing the full
-# num_inference_steps grid (see SkipPipelineMixin._strength_steps). A ControlNet runs on every
+# num_inference_steps grid (see SkipPipelineMixin.get_timesteps). A ControlNet runs on every
 # step: its residuals are added fresh to the inherited features (they depend on the timestep).
 
 
