@@ -230,3 +230,36 @@ def test_deepcopy_while_applied_gives_an_independent_copy_with_the_technique(lla
         assert "__deepcopy__" not in clone.__dict__
         handle.remove()
         assert "__deepcopy__" not in llama.__dict__
+
+
+def test_configs_saved_under_the_old_module_names_still_load():
+    """Saved configs name the module that defined them; the LLM techniques moved into one folder
+    each (``mmskip.speculative`` -> ``mmskip.swift``, ``mmskip.routers`` -> ``mmskip.first_routers``).
+    A fresh interpreter, so the technique registers only through the saved module name."""
+    import json
+    import subprocess
+    import sys
+
+    saved = [
+        {"technique": "self_speculative", "module": "mmskip.speculative.config", "max_draft": 4},
+        {"technique": "self_speculative", "module": "mmskip.speculative", "max_draft": 4},
+        {"technique": "first_routers", "module": "mmskip.routers", "path": "r", "threshold": 0.4},
+        {"technique": "layer_skip", "module": "mmskip.layer_skip", "phase": "all"},
+        {"technique": "ffn_skip", "module": "mmskip.ffn_skip", "span": 3},
+        {"technique": "void_layers", "module": "mmskip.void_layers", "lift_layers": 2},
+    ]
+    code = (
+        "import json, sys\nfrom mmskip.inject import SkipConfig\n"
+        f"saved = json.loads({json.dumps(json.dumps(saved))})\n"
+        "print(json.dumps([[type(c).__name__, c.to_dict()['module']] for c in map(SkipConfig.from_dict, saved)]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [
+        ["SelfSpeculativeConfig", "mmskip.swift"],
+        ["SelfSpeculativeConfig", "mmskip.swift"],
+        ["RouterConfig", "mmskip.first_routers"],
+        ["LayerSkipConfig", "mmskip.layer_skip"],
+        ["FFNSkipConfig", "mmskip.ffn_skip"],
+        ["VoidLayerConfig", "mmskip.void_layers"],
+    ]
