@@ -77,7 +77,7 @@ class ZooModel:
         if self.kind == "sd":
             return runner(prompt=chunk, num_inference_steps=steps, guidance_scale=self.guidance, generator=g,
                           output_type="pt").images.float()
-        from mmskip.zoo.train_scenes_flux import MAX_LENGTH
+        from mmskip.zoo.scenes_data import MAX_LENGTH
 
         return runner(chunk, negative_prompt=[""] * len(chunk), true_cfg_scale=self.guidance, height=32, width=32,
                       num_inference_steps=steps, max_sequence_length=MAX_LENGTH, generator=g,
@@ -149,8 +149,8 @@ def _tiny_digits(dit: bool) -> Any:
 
     from mmskip.diffusion.testing import tiny_pipeline_components, tiny_unet
     from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
-    from mmskip.zoo.train_sd import make_text_encoder
 
+    from mmskip.zoo.sd_model import make_text_encoder
     from mmskip.zoo.sd_tokenizer import build_clip_tokenizer
 
     comps, _ = tiny_pipeline_components("dit" if dit else "sd")
@@ -185,10 +185,9 @@ def _scenes(smoke: bool, sampler: str, steps: int, guidance: float, metrics: boo
         classifier = load_scenes_classifier(zoo.path("scenes-classifier"))
 
     def quality(imgs: torch.Tensor, n: int) -> dict[str, float]:
-        from mmskip.zoo.train_scenes_flux import scenes_fid
-        from mmskip.zoo.train_scenes_vae import scenes_tensor
-
+        from mmskip.eval.fid import scenes_fid
         from mmskip.zoo.scenes_classifier import prompt_accuracy
+        from mmskip.zoo.scenes_data import scenes_tensor
 
         if classifier is None:
             return {}

@@ -91,7 +91,7 @@ def configs(enc_layers: int, dec_layers: int, smoke: bool = False) -> list[Setup
 def build_model(name: str, smoke: bool = False):
     """``(model, tokenizer)``: the smoke model (random tiny Florence-2), a zoo name or a folder."""
     if smoke:
-        from mmskip.zoo.train_florence import make_model
+        from mmskip.zoo.florence_model import make_model
 
         torch.manual_seed(0)
         return make_model("tiny").eval(), D.build_tokenizer()

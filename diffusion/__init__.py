@@ -1,6 +1,7 @@
 """mmskip.diffusion: feature inheritance, step skipping and analytic early steps for diffusion models."""
 
 from . import adapters as adapters  # registers the diffusion adapters
+from . import zoo_loaders as zoo_loaders  # registers the zoo loaders of scenes-flux's control branches
 from .gaussian import GaussianStats, GaussianTeleportConfig, teleport
 from .inheritance import FeatureInheritanceConfig, InheritanceState, step_computes
 from .plan import SamplerConfig, SamplerPlan, check_step_schedule

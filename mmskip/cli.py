@@ -6,7 +6,7 @@
     mmskip eval images|lm ...                quality and time with and without a config
     mmskip analyze --model M --text F        depth-efficiency analysis of a language model
     mmskip train --objective ...             skip-aware training (mmskip.train)
-    mmskip zoo NAME                          reproduce a zoo model (mmskip.zoo.train)
+    mmskip zoo NAME                          reproduce a zoo model (recipes/zoo.py)
 
 Each subcommand lives in its own module (or script) with a ``main(argv)``; this file only
 dispatches, and imports nothing heavy (no torch), so ``mmskip --help`` answers at once. The
@@ -34,13 +34,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
-__all__ = ["main", "run", "usage", "benchmarks", "describe_benchmark", "UsageError", "ArgumentParser",
+__all__ = ["main", "run", "usage", "benchmarks", "describe_benchmark", "recipe", "UsageError", "ArgumentParser",
            "positive_int", "non_negative_int", "positive_float", "non_negative_float", "fraction", "proper_fraction", "at_least",
            "writable_file", "writable_dir", "existing_file"]
 
-_REPO = Path(__file__).resolve().parents[1]  # apps/ and benchmarks/ ship with the repository, not the wheel
+_REPO = Path(__file__).resolve().parents[1]  # apps/, benchmarks/, recipes/ ship with the repository, not the wheel
+_RECIPES = "mmskip_recipes"  # the name recipes/ is imported under (see recipe())
 
-# name -> (module, or "script:<folder>/<file>", one-line help)
+# name -> (module, "script:<folder>/<file>" or "recipe:<module in recipes/>", one-line help)
 _COMMANDS = {
     "demo": ("script:apps/demo.py", "the headless demo on the zoo's models (what `bash run.sh demo` runs)"),
     "app": ("script:apps/app.py", "the Gradio app on 127.0.0.1:7860 (needs the app extra)"),
@@ -48,7 +49,7 @@ _COMMANDS = {
     "eval": ("mmskip.eval.__main__", "quality and time of a model with and without an mmskip config"),
     "analyze": ("mmskip.analysis.cli", "depth-efficiency analysis of a language model on a text file"),
     "train": ("mmskip.train.__main__", "skip-aware training: schedule-aware, layer dropout, early exits, LoRA"),
-    "zoo": ("mmskip.zoo.train", "reproduce a zoo model with its recipe"),
+    "zoo": ("recipe:zoo", "reproduce a zoo model with its recipe (recipes/, from a clone)"),
 }
 
 
@@ -225,6 +226,30 @@ def _script(relative: str) -> ModuleType:
     return module
 
 
+def recipe(name: str) -> ModuleType:
+    """``recipes/<name>.py`` of this clone, imported as ``mmskip_recipes.<name>``.
+
+    The recipes that train the zoo's models ship with the repository, not the installed package:
+    the package ``recipes/`` is imported from its path (once, under one name, so recipes import
+    each other relatively and every caller sees the same modules). Raises :class:`UsageError`
+    outside a clone.
+    """
+    if _RECIPES not in sys.modules:
+        init = _REPO / "recipes" / "__init__.py"
+        if not init.is_file():
+            raise UsageError("recipes/ ships with the mmskip repository, not with the installed package; "
+                             "run this command from a clone (pip install -e .)")
+        spec = importlib.util.spec_from_file_location(_RECIPES, init, submodule_search_locations=[str(init.parent)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[_RECIPES] = package
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            del sys.modules[_RECIPES]
+            raise
+    return importlib.import_module(f"{_RECIPES}.{name}")
+
+
 def _parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), str(path))
 
@@ -276,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         return run(command, _bench, argv[1:])
 
     def dispatch(args: list[str]) -> Any:
-        module = _script(target[len("script:"):]) if target.startswith("script:") else importlib.import_module(target)
+        if target.startswith("script:"):
+            module = _script(target[len("script:"):])
+        elif target.startswith("recipe:"):
+            module = recipe(target[len("recipe:"):])
+        else:
+            module = importlib.import_module(target)
         return module.main(args)
 
     return run(command, dispatch, argv[1:])

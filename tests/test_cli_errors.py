@@ -134,8 +134,9 @@ def test_an_unwritable_output_path_is_refused_before_any_work(argv, unwritable, 
 def test_zoo_recipe_option_it_does_not_take_is_one_line(capsys, tmp_path, monkeypatch):
     import types
 
-    from mmskip.zoo import train
+    from mmskip.cli import recipe
 
+    train = recipe("zoo")
     fake = types.ModuleType("fake_recipe")
     fake.recipe = lambda out, steps=1: pytest.fail("the recipe ran")
     monkeypatch.setitem(sys.modules, "fake_recipe", fake)

@@ -24,7 +24,7 @@ lazy = sorted(m for m in ("mmskip.zoo", "mmskip.diffusion", "mmskip.pipelines", 
 attrs = [mmskip.zoo.NAMES[0], mmskip.diffusion.__name__, mmskip.pipelines.__name__, "zoo" in dir(mmskip)]
 import mmskip.zoo, mmskip.diffusion, mmskip.pipelines
 core = seen()
-import mmskip.eval, mmskip.eval.images, mmskip.eval.lm, mmskip.analysis, mmskip.analysis.cli, mmskip.zoo.train
+import mmskip.eval, mmskip.eval.images, mmskip.eval.lm, mmskip.analysis, mmskip.analysis.cli, mmskip.zoo.loaders
 print(json.dumps({{"core": core, "eval_analysis": seen(), "lazy": lazy, "attrs": attrs}}))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=240, check=True)

@@ -218,7 +218,7 @@ def test_zoo_lm_greedy_equality_on_10_held_out_prompts():
     try:
         zoo.path("stdlib-lm")
     except FileNotFoundError:
-        pytest.skip("the zoo's stdlib-lm is not trained here (python -m mmskip.zoo.train stdlib-lm)")
+        pytest.skip("the zoo's stdlib-lm is not trained here (mmskip zoo stdlib-lm)")
     from mmskip.zoo.stdlib_data import read_texts
 
     model, tok = zoo.load("stdlib-lm")

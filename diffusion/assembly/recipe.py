@@ -1,6 +1,6 @@
 """The model-assembly recipe on the zoo's ``digits-sd``: measure, assemble, distil in stages, save.
 
-``python -m mmskip.diffusion.assembly [--out DIR] [--speedup 1.22]`` (or ``python -m mmskip.zoo.train
+``python -m mmskip.diffusion.assembly [--out DIR] [--speedup 1.22]`` (or ``mmskip zoo
 digits-sd-assembled``):
 
 1. importance of every candidate edit: bypass it and measure the change of the final latents
@@ -53,10 +53,8 @@ LINKED = ("text_encoder", "tokenizer", "vae", "scheduler", "feature_extractor")
 def _digits_data(pipe, seed: int):
     """``(batch, empty)``: ``batch(step)`` samples scaled training latents (4 augmented copies) and
     caption hidden states (10 % empty prompts); ``empty`` is the empty prompt's hidden states."""
-    from mmskip.zoo.data import DIGIT_NAMES, load_split
-    from mmskip.zoo.train_clip import TEMPLATES
-    from mmskip.zoo.train_dit import encode_augmented
-    from mmskip.zoo.train_sd import MAX_LENGTH
+    from mmskip.zoo.data import DIGIT_NAMES, TEMPLATES, encode_augmented, load_split
+    from mmskip.zoo.sd_tokenizer import MAX_LENGTH
 
     g = torch.Generator().manual_seed(seed)
     x, y = load_split("train")

@@ -85,7 +85,7 @@ def load_pipeline(folder: str | Path, base: Any = None, **kwargs: Any) -> Any:
 def control_data(pipe: Any, n: int = N_TRAIN, device: torch.device | str = "cpu", workers: int = 8) -> ControlData:
     """Encoded training data: scene latents, silhouette latents (posterior), text embeddings."""
     from mmskip.zoo.scenes_control import control_images, make_control_split
-    from mmskip.zoo.train_scenes_vae import scenes_tensor
+    from mmskip.zoo.scenes_data import scenes_tensor
 
     images, captions, _ = make_control_split("train", n, workers=workers)
     vae = pipe.vae.to(device)
@@ -117,8 +117,8 @@ def test_controls(n: int, split: str = "test") -> tuple[list[str], torch.Tensor,
 
 
 def _metrics(classifier: Any, real: torch.Tensor) -> tuple[Any, Any]:
+    from mmskip.eval.fid import scenes_fid
     from mmskip.zoo.scenes_control import mask_iou
-    from mmskip.zoo.train_scenes_flux import scenes_fid
 
     return (lambda images: scenes_fid(real, images, classifier)), (lambda images, controls: mask_iou(images, controls))
 
@@ -134,10 +134,10 @@ def _classifier(out: Path | None) -> Any:
 def evaluate_control(pipe: Any, n: int = 300, seed: int = 0, classifier: Any = None, batch_size: int = 100,
                      **sampling: Any) -> dict[str, float]:
     """FID, prompt accuracy (exact) and silhouette IoU of a ControlNet pipeline on ``n`` held-out scenes."""
+    from mmskip.eval.fid import scenes_fid
     from mmskip.zoo.scenes_classifier import prompt_accuracy
     from mmskip.zoo.scenes_control import mask_iou
-    from mmskip.zoo.train_scenes_flux import scenes_fid
-    from mmskip.zoo.train_scenes_vae import scenes_tensor
+    from mmskip.zoo.scenes_data import scenes_tensor
 
     classifier = classifier if classifier is not None else _classifier(None)
     prompts, controls, scenes, images = test_controls(n)
@@ -210,7 +210,7 @@ def train_scenes_controlnet(out: Path, steps: int = CONTROLNET_STEPS, device: st
     net, cpipe, metrics, wall = _train_and_measure(net, pipe, data, cfg, out, eval_n, t0)
     classifier = _classifier(out)
     prompts, controls, _, images = test_controls(relevance_n)
-    from mmskip.zoo.train_scenes_vae import scenes_tensor
+    from mmskip.zoo.scenes_data import scenes_tensor
 
     quality, fidelity = _metrics(classifier, scenes_tensor(images) * 0.5 + 0.5)
     report = relevance(cpipe, prompts, controls, quality_loss=quality, fidelity=fidelity,
@@ -221,7 +221,8 @@ def train_scenes_controlnet(out: Path, steps: int = CONTROLNET_STEPS, device: st
     metrics = {**metrics, "control-branch parameters": params, "relevance ranking": ", ".join(report.ranking())}
     _card(out, "scenes-flux-controlnet",
           "Full ControlNet (diffusers `FluxControlNetModel`, a copy of every block) that makes `scenes-flux` follow "
-          "a silhouette. Load with `mmskip.zoo.load(\"scenes-flux-controlnet\")` -> `FluxControlNetPipeline`.",
+          "a silhouette. Load with `mmskip.zoo.load(\"scenes-flux-controlnet\")` after `import mmskip.diffusion` "
+          "(it registers the loader) -> `FluxControlNetPipeline`.",
           f"`FluxControlNetModel.from_transformer(scenes-flux)`, {c.num_layers} dual + {c.num_single_layers} single "
           f"blocks copied, zero-initialised control embedder and projections; base frozen; rectified flow; AdamW "
           f"lr {cfg.lr}, warm-up + cosine, batch {batch}, {net.steps_done} steps, EMA {cfg.ema} (saved, fp16). Then "
@@ -241,7 +242,7 @@ def train_scenes_relactrl(out: Path, steps: int = RELACTRL_STEPS, device: str | 
     cn_folder = _zoo_folder(out, "scenes-flux-controlnet")
     if not (cn_folder / "relevance.json").is_file():
         raise FileNotFoundError(f"{cn_folder} has no relevance.json; train scenes-flux-controlnet first "
-                                "(python -m mmskip.zoo.train scenes-flux-controlnet)")
+                                "(mmskip zoo scenes-flux-controlnet)")
     report = RelevanceReport.load(cn_folder / "relevance.json")
     plan = allocate(report, num_blocks)
     pipe = base_pipeline(out, dev)
@@ -254,7 +255,8 @@ def train_scenes_relactrl(out: Path, steps: int = RELACTRL_STEPS, device: str | 
                "mlp ratios": ", ".join(f"{r:g}" for r in plan.mlp_ratios)}
     _card(out, "scenes-flux-relactrl",
           "RelaCtrl control branch (TDSM blocks at the most relevant positions) for `scenes-flux`, silhouette "
-          "control. Load with `mmskip.zoo.load(\"scenes-flux-relactrl\")` -> `FluxControlNetPipeline`.",
+          "control. Load with `mmskip.zoo.load(\"scenes-flux-relactrl\")` after `import mmskip.diffusion` "
+          "(it registers the loader) -> `FluxControlNetPipeline`.",
           f"`RelaCtrlFluxNet.from_transformer(scenes-flux)`: {num_blocks} TDSM blocks (4 groups, 4x4 windows) at the "
           f"positions ranked first by `scenes-flux-controlnet/relevance.json`, channel-mixer ratios scaled by "
           f"relevance; base frozen; same loss, optimiser, batch {batch}, {net.steps_done} steps, EMA as the full ControlNet.",

@@ -16,7 +16,7 @@ def load_clip(spec: str = "digits-clip") -> tuple[Any, Any, Any]:
         from mmskip.zoo import load
 
         return load("digits-clip")
-    from ._optional import require
+    from mmskip.optional_deps import require
 
     open_clip = require("open_clip", "CLIP score")
     arch, _, ckpt = spec.partition(":")

@@ -1,15 +1,16 @@
-"""FID with torchmetrics, on the zoo classifier's penultimate features (or Inception when available)."""
+"""FID with torchmetrics, on a zoo classifier's penultimate features (or Inception when available)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["ClassifierFeatures", "make_fid", "fid"]
+__all__ = ["ClassifierFeatures", "make_fid", "fid", "scenes_fid"]
 
 
 class ClassifierFeatures(nn.Module):
-    """FID feature extractor: the zoo ``digits-classifier``'s 128-d penultimate features.
+    """FID feature extractor: a zoo classifier's 128-d penultimate features (``digits-classifier``
+    unless another, e.g. ``scenes-classifier``, is given).
 
     Accepts what torchmetrics feeds a feature module: uint8 images in [0, 255] or floats in
     [0, 1], 1 or 3 channels, any size (resized to 32×32).
@@ -36,7 +37,7 @@ def make_fid(feature: nn.Module | str = "digits-classifier"):
     or an Inception feature size (``"2048"``) when torchmetrics' Inception weights are available
     locally.
     """
-    from ._optional import require
+    from mmskip.optional_deps import require
 
     FrechetInceptionDistance = require("torchmetrics.image.fid", "FID").FrechetInceptionDistance
     if isinstance(feature, str) and feature.isdigit():
@@ -54,3 +55,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module | str = "digi
     for i in range(0, len(fake), batch_size):
         metric.update(fake[i:i + batch_size], real=False)
     return float(metric.compute())
+
+
+def scenes_fid(real: torch.Tensor, fake: torch.Tensor, classifier: nn.Module) -> float:
+    """FID of scenes (images in [0, 1]) on ``scenes-classifier``'s features."""
+    return fid(real, fake, feature=ClassifierFeatures(classifier))

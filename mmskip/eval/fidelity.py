@@ -9,7 +9,7 @@ __all__ = ["psnr", "ssim"]
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Mean per-image PSNR in dB of ``pred`` vs ``target`` (N, C, H, W) in [0, 1]."""
-    from ._optional import require
+    from mmskip.optional_deps import require
 
     peak_signal_noise_ratio = require("torchmetrics.functional.image", "PSNR").peak_signal_noise_ratio
     vals = peak_signal_noise_ratio(pred.float(), target.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
@@ -18,7 +18,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Mean SSIM of ``pred`` vs ``target`` (N, C, H, W) in [0, 1]."""
-    from ._optional import require
+    from mmskip.optional_deps import require
 
     structural_similarity_index_measure = require("torchmetrics.functional.image",
                                                   "SSIM").structural_similarity_index_measure

@@ -120,9 +120,8 @@ def generate(pipe: Any, labels: list[int], steps: int = 50, guidance_scale: floa
 
 def reference_images(split: str = "test") -> torch.Tensor:
     """The held-out digits (N, 1, 32, 32) in [0, 1]: FID's real set."""
+    from mmskip.optional_deps import require
     from mmskip.zoo.data import load_split, to_unit
-
-    from ._optional import require
 
     require("sklearn.datasets", "the digits reference set (mmskip.zoo.data)")
     return to_unit(load_split(split)[0])

@@ -66,7 +66,7 @@ def token_stream(tokenizer: Any, texts: Iterable[str]) -> torch.Tensor:
 
 
 # The perplexity set: the first MAX_WINDOWS non-overlapping SEQ_LEN-token windows of the held-out
-# stream, the same set the zoo recipe measures for the model card (mmskip.zoo.train_lm.perplexity).
+# stream, the same set the zoo recipe measures for the model card (mmskip.zoo.lm_model.perplexity).
 SEQ_LEN = 256
 MAX_WINDOWS = 200
 

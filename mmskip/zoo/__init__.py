@@ -1,21 +1,30 @@
 """Reference models trained by mmskip's own recipes (see each folder's README.md model card).
 
 ``path(name)`` returns a model's ``from_pretrained`` folder; ``load(name)`` returns the ready
-model or pipeline. Missing models are reproduced with ``python -m mmskip.zoo.train NAME --overwrite-shipped``
-(without the flag the recipe writes to ``runs/zoo/NAME``).
+model or pipeline. Missing models are reproduced from a clone of the repository with
+``mmskip zoo NAME --overwrite-shipped`` (the recipes live in its ``recipes/``, not in the installed
+package; without the flag a recipe writes to ``runs/zoo/NAME``).
+
+The zoo imports no wing: a model whose classes live in a wing (the ControlNet / RelaCtrl branches of
+``scenes-flux``, in ``mmskip.diffusion``) is loaded by the loader that wing registers with
+:func:`register_loader` when it is imported; :data:`WINGS` names the wing to import for each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODELS_DIR", "NAMES", "UnknownModelError", "path", "load", "available"]
+__all__ = ["MODELS_DIR", "NAMES", "WINGS", "UnknownModelError", "LoaderNotRegisteredError", "path", "load", "available",
+           "register_loader"]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 NAMES = ("digits-classifier", "digits-vae", "digits-dit", "digits-sd", "digits-clip", "stdlib-lm", "stdlib-lm-skip",
          "digits-llava", "digits-video", "digits-florence", "scenes-vae", "scenes-classifier", "scenes-flux",
          "digits-sd-assembled", "scenes-flux-controlnet", "scenes-flux-relactrl")
+# models whose loader a wing registers on import (a name for the message, never imported from here)
+WINGS = {"scenes-flux-controlnet": "mmskip.diffusion", "scenes-flux-relactrl": "mmskip.diffusion"}
 
 
 class UnknownModelError(ValueError):
@@ -24,6 +33,26 @@ class UnknownModelError(ValueError):
     def __init__(self, name: object) -> None:
         self.name = name
         super().__init__(f"unknown zoo model {name!r}; the zoo has: {', '.join(NAMES)}")
+
+
+class LoaderNotRegisteredError(LookupError):
+    """A zoo model whose loader lives in a wing (:data:`WINGS`) that has not been imported."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        wing = WINGS.get(name, "the package that defines its classes")
+        super().__init__(f"zoo model {name!r} is loaded by {wing}, which registers its loader when it is "
+                         f"imported: `import {wing}` first")
+
+
+def register_loader(name: str, loader: Callable[..., Any]) -> None:
+    """Let :func:`load` load zoo model ``name`` with ``loader(folder, **kwargs)`` (a wing calls this
+    when it is imported, for the models whose classes it defines)."""
+    if name not in NAMES:
+        raise UnknownModelError(name)
+    from .loaders import LOADERS
+
+    LOADERS[name] = loader
 
 
 def path(name: str) -> Path:
@@ -35,7 +64,8 @@ def path(name: str) -> Path:
     if not (folder / "README.md").exists():
         raise FileNotFoundError(
             f"zoo model {name!r} is not in {folder}. Train it there with "
-            f"`python -m mmskip.zoo.train {name} --overwrite-shipped` (CPU, minutes; see mmskip/zoo/train.py).")
+            f"`mmskip zoo {name} --overwrite-shipped` from a clone of the mmskip repository (CPU, minutes; "
+            "see recipes/zoo.py).")
     return folder
 
 
@@ -52,7 +82,8 @@ def load(name: str, **kwargs: Any) -> Any:
     ``StableDiffusionPipeline``; ``digits-sd-assembled`` -> ``StableDiffusionPipeline`` with the
     assembled UNet (its ME-CondConv variant, when present: ``mmskip.diffusion.assembly.load_assembled(path /
     "unet_condconv")``); ``scenes-flux-controlnet`` / ``scenes-flux-relactrl`` -> ``FluxControlNetPipeline`` (``scenes-flux`` with the
-    full ControlNet / the RelaCtrl branch; control images: :func:`mmskip.zoo.scenes_control.control_images`);
+    full ControlNet / the RelaCtrl branch; control images: :func:`mmskip.zoo.scenes_control.control_images`;
+    their loader is registered by ``import mmskip.diffusion``, else :class:`LoaderNotRegisteredError`);
     ``digits-clip`` -> ``(model, preprocess, tokenizer)`` from
     open_clip; ``stdlib-lm`` and ``stdlib-lm-skip`` -> ``(LlamaForCausalLM, tokenizer)``; ``digits-llava`` ->
     ``(LlavaForConditionalGeneration, tokenizer)`` (inputs: :func:`mmskip.zoo.llava_data.encode`, answers:
@@ -64,15 +95,18 @@ def load(name: str, **kwargs: Any) -> Any:
     :func:`mmskip.zoo.florence_data.encode`, answers: :func:`mmskip.zoo.florence_data.generate`);
     ``scenes-vae`` -> ``AutoencoderKL`` (RGB scenes, Flux-style shift and scale); ``scenes-classifier`` ->
     :class:`~mmskip.zoo.scenes_classifier.ScenesClassifier`; ``scenes-flux`` -> ``FluxPipeline``
-    (sample with :func:`mmskip.zoo.train_scenes_flux.generate_scenes`).
+    (prompts: :func:`mmskip.zoo.scenes_data.caption`; ``recipes/scenes_flux.py``'s ``generate_scenes``
+    shows the sampling call its card measures).
     """
     folder = path(name)  # UnknownModelError / FileNotFoundError with what to do
-    from . import loaders
+    from .loaders import LOADERS
 
+    if name not in LOADERS:
+        raise LoaderNotRegisteredError(name)
     try:
-        return loaders.LOADERS[name](folder, **kwargs)
+        return LOADERS[name](folder, **kwargs)
     except ModuleNotFoundError as e:  # e.g. digits-clip without open_clip: name the extra to install
-        from mmskip.eval._optional import missing_extra
+        from mmskip.optional_deps import missing_extra
 
         err = missing_extra(e, f"zoo model {name!r}")
         if err is None:

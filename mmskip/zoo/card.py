@@ -21,7 +21,7 @@ def write_card(folder: Path, name: str, summary: str, data: str, recipe: str, me
 
 {summary}
 
-Reproduce: `python -m mmskip.zoo.train {name}{reproduce}` ({how}).
+Reproduce: `mmskip zoo {name}{reproduce}` ({how}).
 
 ## Data
 {data}

@@ -11,12 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIGIT_NAMES", "SIZE", "augment", "caption", "load_split", "to_unit"]
+__all__ = ["DIGIT_NAMES", "SIZE", "TEMPLATES", "augment", "caption", "encode_augmented", "load_split", "to_unit"]
 
 SIZE = 32
 SPLIT_SEED = 0
 N_TEST = 300
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# caption templates of the text-conditioned models (digits-clip, digits-sd): the digit's name or numeral
+TEMPLATES = ["a handwritten digit {name}", "the digit {name}", "a picture of the number {d}", "{d}",
+             "a handwritten {name}", "number {name}"]
 
 
 def caption(label: int) -> str:
@@ -58,3 +61,14 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None, strength:
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """Map images from [-1, 1] to [0, 1]."""
     return ((x + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_augmented(vae: torch.nn.Module, x: torch.Tensor, copies: int, g: torch.Generator) -> torch.Tensor:
+    """Scaled latents of ``copies`` augmented versions of ``x`` (the first copy un-augmented)."""
+    out = []
+    for c in range(copies):
+        xa = x if c == 0 else augment(x, g)
+        for i in range(0, len(xa), 256):
+            out.append(vae.encode(xa[i:i + 256]).latent_dist.mode() * vae.config.scaling_factor)
+    return torch.cat(out)

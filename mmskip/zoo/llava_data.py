@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .word_tokenizer import answer_batch, word_tokenizer
 
-__all__ = ["GRID", "CELL", "IMAGE_SIZE", "PATCH", "N_IMAGE_TOKENS", "QTYPES", "IMAGE_TOKEN", "Batch",
+__all__ = ["GRID", "CELL", "IMAGE_SIZE", "PATCH", "N_IMAGE_TOKENS", "QTYPES", "IMAGE_TOKEN", "PALETTE", "COPIES", "Batch",
            "build_tokenizer", "digit_bank", "make_grids", "render", "pixel_values", "prompt_text", "ask",
            "sample_questions", "make_batch", "heldout_set", "encode", "answer"]
 
@@ -42,6 +42,9 @@ WORDS = (["USER", "ASSISTANT", ":", "?", "what", "digit", "is", "in", "how", "ma
           "of"] + [f"row{i}" for i in range(1, GRID + 1)] + [f"column{i}" for i in range(1, GRID + 1)])
 IMAGE_FIRST = True  # LLaVA order (image, then question); False puts the question before the image
 NUMBERS = [str(i) for i in range(9 * GRID + 1)]  # 0..36: the largest row sum
+# the digits-llava recipe's training data (also what p-MoD routers train on)
+PALETTE = (1, 10)  # training grids use 1-10 digit classes: 1-class grids teach recognition before lookup
+COPIES = 8  # train digits: the originals + 7 augmented copies
 
 
 def build_tokenizer():

@@ -1,4 +1,9 @@
-"""How each zoo folder is loaded (used by :func:`mmskip.zoo.load`)."""
+"""How each zoo folder is loaded (used by :func:`mmskip.zoo.load`).
+
+:data:`LOADERS` holds the loaders of the models made of transformers / diffusers / open_clip classes
+and the zoo's own; a wing adds the loaders of models made of its classes with
+:func:`mmskip.zoo.register_loader` when it is imported (the zoo never imports a wing).
+"""
 
 from __future__ import annotations
 
@@ -9,30 +14,31 @@ from typing import Any
 
 import torch
 
-__all__ = ["LOADERS"]
+__all__ = ["LOADERS", "pop_dtype"]
 
 
-def _dtype(kwargs: dict[str, Any]) -> torch.dtype:
+def pop_dtype(kwargs: dict[str, Any]) -> torch.dtype:
+    """The ``dtype`` (or ``torch_dtype``) a loader was given, removed from ``kwargs``; float32 by default."""
     return kwargs.pop("dtype", kwargs.pop("torch_dtype", torch.float32))
 
 
 def load_classifier(folder: Path, **kwargs: Any) -> Any:
     from .classifier import DigitsClassifier
 
-    return DigitsClassifier.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    return DigitsClassifier.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs).eval()
 
 
 def load_vae(folder: Path, **kwargs: Any) -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    return AutoencoderKL.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs).eval()
 
 
 def load_dit(folder: Path, **kwargs: Any) -> Any:
     from diffusers import DiTPipeline
 
     id2label = {int(k): v for k, v in json.loads((folder / "id2label.json").read_text()).items()}
-    return DiTPipeline.from_pretrained(folder, id2label=id2label, dtype=_dtype(kwargs), **kwargs)
+    return DiTPipeline.from_pretrained(folder, id2label=id2label, dtype=pop_dtype(kwargs), **kwargs)
 
 
 def load_sd(folder: Path, **kwargs: Any) -> Any:
@@ -40,7 +46,7 @@ def load_sd(folder: Path, **kwargs: Any) -> Any:
 
     kwargs.setdefault("safety_checker", None)
     kwargs.setdefault("requires_safety_checker", False)
-    return StableDiffusionPipeline.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs)
+    return StableDiffusionPipeline.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs)
 
 
 def load_clip(folder: Path, **kwargs: Any) -> Any:
@@ -52,7 +58,7 @@ def load_clip(folder: Path, **kwargs: Any) -> Any:
 def load_lm(folder: Path, **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -60,7 +66,7 @@ def load_llava(folder: Path, **kwargs: Any) -> Any:
     """``(LlavaForConditionalGeneration, tokenizer)``; see :mod:`mmskip.zoo.llava_data` for prompts."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -68,7 +74,7 @@ def load_video(folder: Path, **kwargs: Any) -> Any:
     """``(LlavaOnevisionForConditionalGeneration, tokenizer)``; see :mod:`mmskip.zoo.video_data` for prompts."""
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -76,27 +82,20 @@ def load_florence(folder: Path, **kwargs: Any) -> Any:
     """``(Florence2ForConditionalGeneration, tokenizer)``; see :mod:`mmskip.zoo.florence_data` for prompts."""
     from transformers import AutoTokenizer, Florence2ForConditionalGeneration
 
-    model = Florence2ForConditionalGeneration.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    model = Florence2ForConditionalGeneration.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
 def load_scenes_classifier(folder: Path, **kwargs: Any) -> Any:
     from .scenes_classifier import ScenesClassifier
 
-    return ScenesClassifier.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs).eval()
+    return ScenesClassifier.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs).eval()
 
 
 def load_scenes_flux(folder: Path, **kwargs: Any) -> Any:
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(folder, dtype=_dtype(kwargs), **kwargs)
-
-
-def load_scenes_control(folder: Path, **kwargs: Any) -> Any:
-    # the branch classes live in mmskip.diffusion.relactrl, imported only when a control model is loaded
-    from importlib import import_module
-
-    return import_module("mmskip.diffusion.relactrl.recipe").load_pipeline(folder, dtype=_dtype(kwargs), **kwargs)
+    return FluxPipeline.from_pretrained(folder, dtype=pop_dtype(kwargs), **kwargs)
 
 
 LOADERS: dict[str, Callable[..., Any]] = {
@@ -114,6 +113,5 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "scenes-vae": load_vae,
     "scenes-classifier": load_scenes_classifier,
     "scenes-flux": load_scenes_flux,
-    "scenes-flux-controlnet": load_scenes_control,
-    "scenes-flux-relactrl": load_scenes_control,
+    # "scenes-flux-controlnet", "scenes-flux-relactrl": registered by mmskip.diffusion (mmskip.zoo.WINGS)
 }

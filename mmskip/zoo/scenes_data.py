@@ -12,10 +12,15 @@ classifier can score prompt following (colour, shape, count, relation).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["SHAPES", "COLORS", "COUNTS", "RELATIONS", "Group", "Scene", "sample_scene", "render", "caption", "make_split"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SHAPES", "COLORS", "COUNTS", "RELATIONS", "Group", "Scene", "sample_scene", "render", "caption", "make_split",
+           "scenes_tensor", "MAX_LENGTH"]
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
@@ -30,6 +35,7 @@ RELATIONS = ("left of", "above")
 _NUMBER = {1: "a", 2: "two", 3: "three"}
 _SEEDS = {"train": 0, "val": 1, "test": 2}
 _BACKGROUND = (24, 24, 28)
+MAX_LENGTH = 16  # scenes-flux's prompt length in tokens (its CLIP tokenizer and text encoders)
 
 
 @dataclass(frozen=True)
@@ -125,3 +131,10 @@ def make_split(split: str, n: int, size: int = 32) -> tuple[np.ndarray, list[str
     scenes = [sample_scene(rng) for _ in range(n)]
     images = np.stack([render(s, rng, size) for s in scenes]) if n else np.zeros((0, size, size, 3), np.uint8)
     return images, [caption(s) for s in scenes], scenes
+
+
+def scenes_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) scenes -> float (N, 3, H, W) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1

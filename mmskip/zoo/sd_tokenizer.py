@@ -11,7 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from .data import DIGIT_NAMES
+from .data import DIGIT_NAMES, TEMPLATES
 
 __all__ = ["caption_corpus", "build_clip_tokenizer"]
 
@@ -19,8 +19,6 @@ MAX_LENGTH = 16
 
 
 def caption_corpus() -> list[str]:
-    from .train_clip import TEMPLATES
-
     return [t.format(name=DIGIT_NAMES[d], d=d) for d in range(10) for t in TEMPLATES] + [
         "a handwritten digit", "a digit", "a number", "handwritten digits zero to nine"]
 

@@ -14,14 +14,14 @@ from mmskip.eval.__main__ import LEGEND, format_table, load_config, main
 from mmskip.eval.images import generate, labels_for, reference_images
 from mmskip.eval.language import agreement, greedy_generate
 from mmskip.eval.lm import evaluate_lm, heldout_ids, load_lm
-from mmskip.zoo.train_lm import perplexity as card_perplexity
+from mmskip.zoo.lm_model import perplexity as card_perplexity
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mmskip.zoo.train_lm import train_tokenizer
+    from mmskip.zoo.lm_model import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tok = train_tokenizer(["def f(x):\n    return x + 1\n" * 20, "import os\nprint(os.getcwd())\n" * 20])
@@ -89,9 +89,9 @@ def test_lm_perplexity_defaults_are_the_model_card_set(tiny_llama_dir, tmp_path)
     """The eval CLI reported 64 for stdlib-lm where the card says 95: it measured 32 windows, the card 200."""
     import inspect
 
-    from mmskip.zoo import train_lm
+    from mmskip.zoo import lm_model
 
-    card = inspect.signature(train_lm.perplexity).parameters
+    card = inspect.signature(lm_model.perplexity).parameters
     ev = inspect.signature(evaluate_lm).parameters
     assert (ev["seq_len"].default, ev["max_windows"].default) == (card["seq"].default, card["max_windows"].default)
     text = tmp_path / "long.py"

@@ -63,8 +63,10 @@ def test_encoder_layout_and_labels(tok):
 
 
 def test_recipe_runs_two_steps_and_loads_back(tmp_path):
+    from mmskip.cli import recipe
     from mmskip.zoo import loaders
-    from mmskip.zoo.train_florence import train_florence
+
+    train_florence = recipe("florence").train_florence
 
     out = tmp_path / "digits-florence"
     metrics = train_florence(out, steps=2, batch=8, size="tiny", n_eval=2, progress=False)

@@ -69,8 +69,10 @@ def test_heldout_set_is_fixed(tok):
 
 
 def test_five_step_cpu_run_on_a_tiny_config_writes_a_loadable_folder(tmp_path):
+    from mmskip.cli import recipe
     from mmskip.zoo.loaders import LOADERS
-    from mmskip.zoo.train_llava import train_llava
+
+    train_llava = recipe("llava").train_llava
 
     out = tmp_path / "digits-llava"
     m = train_llava(out, steps=5, batch=4, device="cpu", size="tiny", n_eval=10)
@@ -88,7 +90,7 @@ def test_five_step_cpu_run_on_a_tiny_config_writes_a_loadable_folder(tmp_path):
 
 
 def test_base_config_has_enough_decoder_layers_for_mod_and_stays_small():
-    from mmskip.zoo.train_llava import make_model
+    from mmskip.zoo.llava_model import make_model
 
     model = make_model("base")
     assert model.config.text_config.num_hidden_layers >= 8  # p-MoD needs MoD layers
@@ -101,7 +103,9 @@ def test_cli_passes_device_and_batch_only_to_recipes_that_take_them(monkeypatch)
     import sys
     import types
 
-    from mmskip.zoo import train
+    from mmskip.cli import recipe
+
+    train = recipe("zoo")
 
     a = train.parse_args(["digits-llava", "--device", "cuda", "--batch", "64", "--steps", "7"])
     assert (a.device, a.batch, a.steps) == ("cuda", 64, 7)
@@ -121,7 +125,9 @@ def test_cli_passes_device_and_batch_only_to_recipes_that_take_them(monkeypatch)
 
 @pytest.mark.skipif("digits-llava" not in zoo.available(), reason="zoo model digits-llava not trained")
 def test_shipped_model_answers_heldout_questions_as_its_card_says():
-    from mmskip.zoo.train_llava import evaluate
+    from mmskip.cli import recipe
+
+    evaluate = recipe("llava").evaluate
 
     folder = zoo.path("digits-llava")
     card = json.loads((folder / "metrics.json").read_text())["metrics"]

@@ -60,9 +60,11 @@ def test_shipped_scenes_models_read_and_reconstruct_heldout_scenes():
     import torch
 
     from mmskip import zoo
+    from mmskip.cli import recipe
     from mmskip.zoo.scenes_classifier import prompt_accuracy
-    from mmskip.zoo.train_scenes_vae import scenes_tensor
-    from mmskip.zoo.train_vae import psnr_unit
+    from mmskip.zoo.scenes_data import scenes_tensor
+
+    psnr_unit = recipe("vae").psnr_unit
 
     images, _, scenes = make_split("test", 200)
     x = scenes_tensor(images)

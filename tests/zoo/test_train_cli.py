@@ -1,4 +1,4 @@
-"""``python -m mmskip.zoo.train``: argument parsing only (nothing is trained here)."""
+"""``mmskip zoo`` (recipes/zoo.py): argument parsing only (nothing is trained here)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from mmskip import zoo
-from mmskip.zoo import train
+from mmskip.cli import recipe
+
+train = recipe("zoo")
 
 
 def test_default_output_is_a_new_runs_folder_not_the_shipped_model():

@@ -19,7 +19,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from mmskip.zoo.train_video import make_model
+    from mmskip.zoo.video_model import make_model
 
     torch.manual_seed(0)
     return make_model("tiny").eval()
@@ -138,7 +138,9 @@ def test_streaming_the_prompt_in_parts_gives_the_full_prompt_logits(tok, tiny):
 
 
 def test_patch_labels_mark_the_patches_on_the_digit():
-    from mmskip.zoo.train_video import BACKGROUND, patch_labels
+    from mmskip.cli import recipe
+
+    BACKGROUND, patch_labels = recipe("video").BACKGROUND, recipe("video").patch_labels
 
     videos = D.make_videos(D.digit_bank("test"), 3, torch.Generator().manual_seed(5), clips=(1, 2))
     videos.positions[0, 0, 0] = torch.tensor([0, 16])  # top right corner
@@ -158,8 +160,10 @@ def test_heldout_set_is_fixed(tok):
 
 
 def test_two_step_cpu_run_on_a_tiny_config_writes_a_loadable_folder(tmp_path):
+    from mmskip.cli import recipe
     from mmskip.zoo.loaders import LOADERS
-    from mmskip.zoo.train_video import train_video
+
+    train_video = recipe("video").train_video
 
     out = tmp_path / "digits-video"
     m = train_video(out, steps=2, batch=4, device="cpu", size="tiny", n_eval=5)
@@ -178,7 +182,7 @@ def test_two_step_cpu_run_on_a_tiny_config_writes_a_loadable_folder(tmp_path):
 
 
 def test_base_config_is_a_small_onevision_with_clip_and_llama():
-    from mmskip.zoo.train_video import make_model
+    from mmskip.zoo.video_model import make_model
 
     model = make_model("base")
     cfg = model.config
@@ -191,7 +195,9 @@ def test_base_config_is_a_small_onevision_with_clip_and_llama():
 
 @pytest.mark.skipif("digits-video" not in zoo.available(), reason="zoo model digits-video not trained")
 def test_shipped_model_answers_heldout_questions_above_chance_as_its_card_says():
-    from mmskip.zoo.train_video import evaluate, majority_baseline
+    from mmskip.cli import recipe
+
+    evaluate, majority_baseline = recipe("video").evaluate, recipe("video").majority_baseline
 
     folder = zoo.path("digits-video")
     card = json.loads((folder / "metrics.json").read_text())["metrics"]

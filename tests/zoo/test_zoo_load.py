@@ -24,7 +24,7 @@ def test_unknown_and_missing_names_say_what_to_do(tmp_path, monkeypatch):
         assert str(info.value) == f"unknown zoo model 'nope'; the zoo has: {', '.join(zoo.NAMES)}"
         assert isinstance(info.value, zoo.UnknownModelError) and not isinstance(info.value, KeyError)
     monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="python -m mmskip.zoo.train digits-vae --overwrite-shipped"):
+    with pytest.raises(FileNotFoundError, match="mmskip zoo digits-vae --overwrite-shipped"):
         zoo.path("digits-vae")
 
 
@@ -120,7 +120,7 @@ def test_clip_zero_shot_on_heldout_digits():
 def test_stdlib_lm_perplexity_and_generation():
     from mmskip.eval import perplexity
     from mmskip.eval.lm import heldout_ids
-    from mmskip.zoo.train_lm import perplexity as card_perplexity
+    from mmskip.zoo.lm_model import perplexity as card_perplexity
 
     model, tok = zoo.load("stdlib-lm")
     assert model.config.num_hidden_layers >= 12

@@ -24,7 +24,7 @@ def _peft() -> Any:
     try:
         import peft
     except ModuleNotFoundError as e:
-        from mmskip.eval._optional import missing_extra
+        from mmskip.optional_deps import missing_extra
 
         err = missing_extra(e, "training p-MoD routers with LoRA")
         if err is None:

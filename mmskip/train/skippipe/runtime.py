@@ -39,7 +39,7 @@ class TrainSpec:
     """What every rank trains.
 
     Args:
-        layers, width: the decoder (``mmskip.zoo.train_lm.make_model``: a Llama, ``d // 32`` heads, tied head).
+        layers, width: the decoder (``mmskip.zoo.lm_model.make_model``: a Llama, ``d // 32`` heads, tied head).
         seq: tokens per window; ``microbatch``: windows per microbatch.
         iterations: optimizer steps (each: ``microbatches × replicas`` microbatches); ``time_limit_s``
             stops earlier, at the same iteration on every rank.
@@ -95,7 +95,7 @@ def _data(spec: TrainSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _model(spec: TrainSpec, vocab: int) -> torch.nn.Module:
-    from mmskip.zoo.train_lm import make_model
+    from mmskip.zoo.lm_model import make_model
 
     torch.manual_seed(spec.seed)
     return make_model(vocab, layers=spec.layers, d=spec.width)

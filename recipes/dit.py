@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .card import write_card
-from .data import DIGIT_NAMES, augment, load_split
-from .ema import ema_update
+from mmskip.zoo.card import write_card
+from mmskip.zoo.data import DIGIT_NAMES, encode_augmented, load_split
+from mmskip.zoo.ema import ema_update
 
-__all__ = ["make_dit", "encode_augmented", "train_dit", "ID2LABEL"]
+__all__ = ["make_dit", "make_scheduler", "train_dit", "ID2LABEL"]
 
 STEPS = 3500
 BATCH = 96
@@ -42,21 +42,10 @@ def make_scheduler():
                          clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
 
 
-@torch.no_grad()
-def encode_augmented(vae, x: torch.Tensor, copies: int, g: torch.Generator) -> torch.Tensor:
-    """Scaled latents of ``copies`` augmented versions of ``x`` (the first copy un-augmented)."""
-    out = []
-    for c in range(copies):
-        xa = x if c == 0 else augment(x, g)
-        for i in range(0, len(xa), 256):
-            out.append(vae.encode(xa[i:i + 256]).latent_dist.mode() * vae.config.scaling_factor)
-    return torch.cat(out)
-
-
 def train_dit(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from . import path
+    from mmskip.zoo import path
 
     torch.manual_seed(seed)
     t0 = time.time()
@@ -110,8 +99,7 @@ def save_pipeline_folder(out: Path, transformer, vae_dir: Path) -> None:
 def finish_card(out: Path, wall: float, steps: int, n: int = 300) -> dict:
     """Measure the saved pipeline (accuracy, FID vs held-out digits) and write its model card."""
     from mmskip.eval.images import evaluate_class_pipeline
-
-    from .loaders import LOADERS
+    from mmskip.zoo.loaders import LOADERS
 
     pipe = LOADERS["digits-dit"](out)
     m50 = evaluate_class_pipeline(pipe, n=n, steps=50, guidance_scale=4.0, seed=0)

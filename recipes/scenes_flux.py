@@ -19,20 +19,29 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .card import write_card
-from .ema import ema_update
-from .scenes_data import _NUMBER, COLORS, COUNTS, RELATIONS, SHAPES, make_split
-from .sd_tokenizer import build_clip_tokenizer
-from .train_scenes_vae import scenes_tensor
+from mmskip.eval.fid import scenes_fid
+from mmskip.zoo.card import write_card
+from mmskip.zoo.ema import ema_update
+from mmskip.zoo.scenes_data import (
+    _NUMBER,
+    COLORS,
+    COUNTS,
+    MAX_LENGTH,
+    RELATIONS,
+    SHAPES,
+    make_split,
+    scenes_tensor,
+)
+from mmskip.zoo.sd_tokenizer import build_clip_tokenizer
 
-__all__ = ["make_transformer", "make_text_encoders", "train_scenes_flux", "caption_vocabulary"]
+__all__ = ["make_transformer", "make_text_encoders", "train_scenes_flux", "caption_vocabulary", "generate_scenes",
+           "evaluate_scenes_pipeline"]
 
 STEPS = 4000
 BATCH = 48
 LR = 1e-3
 EMA = 0.998
 N_TRAIN = 12000
-MAX_LENGTH = 16
 
 
 def caption_vocabulary() -> list[str]:
@@ -78,7 +87,7 @@ def train_scenes_flux(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     vae_dir = Path(out).parent / "scenes-vae"
     if not (vae_dir / "config.json").is_file():
-        from . import path
+        from mmskip.zoo import path
 
         vae_dir = path("scenes-vae")
     vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).eval()
@@ -155,26 +164,6 @@ def finish_scenes_card(out: Path, wall: float, steps: int) -> dict:
     return metrics
 
 
-class _Features(torch.nn.Module):
-    """FID features of images in [0, 1] from ``scenes-classifier``."""
-
-    def __init__(self, classifier: torch.nn.Module) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        return self.classifier.features(x * 2 - 1).double()
-
-
-def scenes_fid(real: torch.Tensor, fake: torch.Tensor, classifier: torch.nn.Module) -> float:
-    """FID of images in [0, 1] on ``scenes-classifier`` features."""
-    from mmskip.eval import fid
-
-    return fid(real, fake, feature=_Features(classifier.float().eval()))
-
-
 def generate_scenes(pipe, prompts: list[str], steps: int = 28, cfg: float = 4.0, seed: int = 0,
                     batch: int = 50) -> torch.Tensor:
     """Images in [0, 1] for ``prompts`` (true classifier-free guidance against the empty prompt)."""
@@ -192,9 +181,9 @@ def evaluate_scenes_pipeline(folder: Path, n: int = 300) -> dict:
     """Prompt accuracy and FID of the pipeline in ``folder`` on ``n`` held-out scene prompts."""
     from diffusers import FluxPipeline
 
-    from . import path
-    from .loaders import load_scenes_classifier
-    from .scenes_classifier import prompt_accuracy
+    from mmskip.zoo import path
+    from mmskip.zoo.loaders import load_scenes_classifier
+    from mmskip.zoo.scenes_classifier import prompt_accuracy
 
     cls_dir = Path(folder).parent / "scenes-classifier"
     classifier = load_scenes_classifier(cls_dir if (cls_dir / "config.json").is_file() else path("scenes-classifier"))

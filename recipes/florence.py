@@ -1,9 +1,9 @@
 """Recipe for ``digits-florence``: a tiny Florence-2 (``Florence2ForConditionalGeneration``: DaViT vision tower,
 BART encoder-decoder) captioning and answering questions about strips of 2-3 digits
 (:mod:`mmskip.zoo.florence_data`), trained from scratch with MuE's layer-wise loss
-(:func:`mmskip.vision.train_mue.train_mue`), so every encoder and decoder layer is exitable.
+(:func:`mmskip.vision.mue.train.train_mue`), so every encoder and decoder layer is exitable.
 
-``python -m mmskip.zoo.train digits-florence`` trains the shipped model on one CPU thread.
+``mmskip zoo digits-florence`` trains the shipped model on one CPU thread.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import florence_data as D
-from .card import write_card
+from mmskip.zoo import florence_data as D
+from mmskip.zoo.card import write_card
+from mmskip.zoo.florence_model import MAX_NEW_TOKENS, make_model
 
-__all__ = ["SIZES", "STEPS", "BATCH", "make_model", "layer_accuracy", "train_florence"]
+__all__ = ["STEPS", "BATCH", "layer_accuracy", "train_florence"]
 
-# (encoder layers, decoder layers, d_model, DaViT stage widths)
-SIZES: dict[str, tuple[int, int, int, tuple[int, int]]] = {"base": (4, 4, 128, (32, 64)), "tiny": (2, 2, 32, (8, 16))}
 STEPS = 2200
 BATCH = 64
 LR = 2e-3
@@ -29,37 +28,7 @@ WARMUP = 150
 AUX = 0.5  # weight of the per-token slot-digit loss through a training-only linear probe on the image tokens
 ENCODER_MIX = 0.5  # weight of the mixed-depth encoder term of the layer-wise loss
 COPIES = 4  # train digits: the originals + 3 augmented copies
-MAX_NEW_TOKENS = 12
 
-
-def make_model(size: str = "base"):
-    """DaViT (2 stages, 3×3 stride-2 convs: an 8×24 strip -> 2×6 tokens + 1 pooled) + BART (post-LN, tied
-    embeddings/LM head); vocabulary: the tokenizer's, rounded up to a multiple of 8."""
-    from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration
-    from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
-
-    tok = D.build_tokenizer()
-    enc, dec, d, widths = SIZES[size]
-    heads = max(1, d // 32)
-    vision = Florence2VisionConfig(
-        depths=(1, 1), patch_size=(3, 3), patch_stride=(2, 2), patch_padding=(1, 1), patch_prenorm=(False, True),
-        embed_dim=widths, num_heads=(1, 2), num_groups=(1, 2), window_size=2, drop_path_rate=0.0,
-        projection_dim=d, max_position_embeddings=8, max_temporal_embeddings=1)
-    text = BartConfig(
-        vocab_size=-(-len(tok) // 8) * 8, d_model=d, encoder_layers=enc, decoder_layers=dec,
-        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * d, decoder_ffn_dim=4 * d,
-        max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=None,
-        forced_bos_token_id=None, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    cfg = Florence2Config(vision_config=vision, text_config=text,
-                          image_token_id=tok.convert_tokens_to_ids(D.IMAGE_TOKEN))
-    model = Florence2ForConditionalGeneration(cfg)
-    gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    gc.decoder_start_token_id = tok.eos_token_id
-    gc.forced_eos_token_id = gc.forced_bos_token_id = None
-    gc.max_new_tokens = MAX_NEW_TOKENS
-    return model
 
 
 @torch.no_grad()
@@ -98,7 +67,7 @@ def train_florence(out: Path, steps: int | None = None, batch: int | None = None
     ``steps``/``batch`` default to :data:`STEPS`/:data:`BATCH`. ``size="tiny"`` and a small ``n_eval``
     (held-out strips per task) are for tests. ``resume`` continues ``out/checkpoint.pt`` (removed when
     the run finishes)."""
-    from mmskip.vision.train_mue import CHECKPOINT, train_mue
+    from mmskip.vision.mue.train import CHECKPOINT, train_mue
 
     steps = STEPS if steps is None else steps
     batch = BATCH if batch is None else batch
@@ -184,7 +153,7 @@ def train_florence(out: Path, steps: int | None = None, batch: int | None = None
                f"Text: BART, {tc.encoder_layers} encoder + {tc.decoder_layers} decoder layers, d={tc.d_model}, "
                f"{tc.encoder_attention_heads} heads, FFN {tc.encoder_ffn_dim}, post-LN, LM head tied to the "
                f"embeddings. {n_params / 1e6:.2f}M parameters (vision {n_vision / 1e6:.2f}M), all trained from "
-               "scratch with `mmskip.vision.train_mue.train_mue`: loss = mean over decoder layers of the "
+               "scratch with `mmskip.vision.mue.train.train_mue`: loss = mean over decoder layers of the "
                "teacher-forced CE of that layer's output through the LM head + "
                f"{ENCODER_MIX} × the same with the decoder re-run on a mixed-depth encoder memory (each token's "
                f"state from a random encoder layer) + {AUX} × a per-token slot-digit CE through a training-only "
@@ -203,7 +172,7 @@ def train_florence(out: Path, steps: int | None = None, batch: int | None = None
     text = re.sub(r"^Training wall time: .*$", f"Training wall time: {wall / 60:.1f} min in all ({train_s / 60:.1f} min "
                   f"of training steps) on {where} of a shared 2-core Xeon (another job running).",
                   card.read_text(), flags=re.M)
-    cmd = (f"python -m mmskip.zoo.train digits-florence{'' if steps == STEPS else f' --steps {steps}'}"
+    cmd = (f"mmskip zoo digits-florence{'' if steps == STEPS else f' --steps {steps}'}"
            f"{'' if batch == BATCH else f' --batch {batch}'}")
     text = re.sub(r"^Reproduce: .*$", f"Reproduce: `{cmd}` (fixed seeds; 1 CPU thread).", text, flags=re.M)
     card.write_text(text)

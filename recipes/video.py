@@ -1,7 +1,7 @@
 """Recipe for ``digits-video``: a tiny video LLaVA (``LlavaOnevisionForConditionalGeneration``) answering
 questions about 1-2-clip videos of digits (see :mod:`mmskip.zoo.video_data`), trained from scratch.
 
-``python -m mmskip.zoo.train digits-video --threads 2`` trains the shipped model on a 2-core CPU in about
+``mmskip zoo digits-video --threads 2`` trains the shipped model on a 2-core CPU in about
 half an hour; ``--device cuda`` (bf16 autocast, a larger batch) trains a better one on a GPU in minutes.
 """
 
@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import video_data as D
-from .card import write_card
-from .train_llava import _autocast, save_and_score
-from .word_tokenizer import majority_baseline as _majority
+from mmskip.zoo import video_data as D
+from mmskip.zoo.card import write_card
+from mmskip.zoo.video_model import make_model
+from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 
-__all__ = ["SIZES", "STEPS", "VISION_STEPS", "BATCH", "make_model", "evaluate", "majority_baseline", "patch_labels", "train_video"]
+from .llava import _autocast, save_and_score
 
-# (vision layers, vision width, text layers, text width)
-SIZES: dict[str, tuple[int, int, int, int]] = {"base": (2, 64, 6, 128), "tiny": (1, 32, 1, 32)}
+__all__ = ["STEPS", "VISION_STEPS", "BATCH", "evaluate", "majority_baseline", "patch_labels", "train_video"]
+
 STEPS = {"cuda": 4000, "cpu": 1500}  # steps of the whole model
 VISION_STEPS = {"cuda": 2000, "cpu": 1500}  # vision warm-up steps before them (see train_video)
 BATCH = {"cuda": 256, "cpu": 16}  # videos a step (a vision warm-up step: 2 × BATCH one-clip videos)
@@ -36,38 +36,6 @@ AUX = 0.5  # weight of the probe's digit losses on the projector's output (a tra
 WARMUP = 200
 COPIES = 8  # train digits: the originals + 7 augmented copies
 BACKGROUND = 10  # the probe's class for a patch without the digit
-
-
-def make_model(size: str | tuple[int, int, int, int] = "base"):
-    """CLIP vision tower (patch 4 on 32×32 -> 64 tokens, CLS dropped) + LLaVA MLP projector + 2×2 pooling
-    (16 tokens a frame) + Llama (vocabulary: the tokenizer's, rounded up to a multiple of 8), sdpa attention."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-    )
-
-    tok = D.build_tokenizer()
-    vocab_size = -(-len(tok) // 8) * 8
-    v_layers, dv, t_layers, d = SIZES[size] if isinstance(size, str) else size  # or (vision layers, dv, text layers, d)
-    vision = CLIPVisionConfig(hidden_size=dv, intermediate_size=4 * dv, num_hidden_layers=v_layers,
-                              num_attention_heads=max(1, dv // 32), image_size=D.FRAME_SIZE, patch_size=D.PATCH,
-                              num_channels=3, projection_dim=dv, hidden_act="gelu")
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=t_layers,
-                       num_attention_heads=max(1, d // 32), num_key_value_heads=max(1, d // 32),
-                       max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text,
-                               image_token_index=tok.convert_tokens_to_ids(D.IMAGE_TOKEN),
-                               video_token_index=tok.convert_tokens_to_ids(D.VIDEO_TOKEN),
-                               vision_feature_select_strategy="default", vision_feature_layer=-1,
-                               projector_hidden_act="gelu", image_grid_pinpoints=[[D.FRAME_SIZE, D.FRAME_SIZE]],
-                               tie_word_embeddings=False)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
-    gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    return model
 
 
 @torch.no_grad()
@@ -328,7 +296,7 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     text = re.sub(r"^Training wall time: .*$", f"Training wall time: {wall / 60:.1f} min in all ({train_s / 60:.1f} min "
                   f"of training steps) on {where}.", card.read_text(), flags=re.M)
     threads = "" if dev.type == "cuda" or torch.get_num_threads() == 1 else f" --threads {torch.get_num_threads()}"
-    cmd = (f"python -m mmskip.zoo.train digits-video{' --device cuda' if dev.type == 'cuda' else ''}"
+    cmd = (f"mmskip zoo digits-video{' --device cuda' if dev.type == 'cuda' else ''}"
            f"{'' if steps == STEPS[kind] else f' --steps {steps}'}{'' if batch == BATCH[kind] else f' --batch {batch}'}"
            f"{threads}")
     text = re.sub(r"^Reproduce: .*$", f"Reproduce: `{cmd}` (fixed seeds; bf16 on a GPU, so not bit-exact).",

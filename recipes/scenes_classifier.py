@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .card import write_card
-from .scenes_classifier import HEADS, ScenesClassifier, prompt_accuracy, scene_targets
-from .scenes_data import make_split
-from .train_scenes_vae import scenes_tensor
+from mmskip.zoo.card import write_card
+from mmskip.zoo.scenes_classifier import HEADS, ScenesClassifier, prompt_accuracy, scene_targets
+from mmskip.zoo.scenes_data import make_split, scenes_tensor
 
 __all__ = ["train_scenes_classifier"]
 

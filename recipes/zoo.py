@@ -6,7 +6,8 @@ Recipes that support it (``digits-llava``, ``digits-video``) also take ``--devic
 By default the model is written to a new folder, ``runs/zoo/NAME`` (under the current directory),
 so a rerun never replaces the models shipped in the package. To refresh the shipped model in
 ``mmskip/zoo/models/NAME`` pass ``--overwrite-shipped`` (or name that folder with ``--out``).
-``python -m mmskip.zoo.train`` is an alias.
+The recipes ship with the repository, not with the installed package: run them from a clone
+(``python -m recipes`` in its root is an alias).
 """
 
 from __future__ import annotations
@@ -24,21 +25,21 @@ from mmskip.cli import ArgumentParser, UsageError, positive_int, run, writable_d
 
 __all__ = ["RECIPES", "DEFAULT_RUNS_DIR", "UnsupportedOption", "recipe_for", "train", "output_folder", "parse_args", "main"]
 
-# name -> (module, function)
+# name -> (module, function); a module starting with "." is a recipe here (recipes/), else an absolute import
 RECIPES: dict[str, tuple[str, str]] = {
-    "digits-classifier": ("mmskip.zoo.train_classifier", "train_classifier"),
-    "digits-vae": ("mmskip.zoo.train_vae", "train_vae"),
-    "digits-dit": ("mmskip.zoo.train_dit", "train_dit"),
-    "digits-sd": ("mmskip.zoo.train_sd", "train_sd"),
-    "digits-clip": ("mmskip.zoo.train_clip", "train_clip"),
-    "stdlib-lm": ("mmskip.zoo.train_lm", "train_stdlib_lm"),
-    "stdlib-lm-skip": ("mmskip.train.zoo_lm_skip", "train_stdlib_lm_skip"),
-    "digits-llava": ("mmskip.zoo.train_llava", "train_llava"),
-    "digits-video": ("mmskip.zoo.train_video", "train_video"),
-    "digits-florence": ("mmskip.zoo.train_florence", "train_florence"),
-    "scenes-vae": ("mmskip.zoo.train_scenes_vae", "train_scenes_vae"),
-    "scenes-flux": ("mmskip.zoo.train_scenes_flux", "train_scenes_flux"),
-    "scenes-classifier": ("mmskip.zoo.train_scenes_classifier", "train_scenes_classifier"),
+    "digits-classifier": (".classifier", "train_classifier"),
+    "digits-vae": (".vae", "train_vae"),
+    "digits-dit": (".dit", "train_dit"),
+    "digits-sd": (".sd", "train_sd"),
+    "digits-clip": (".clip", "train_clip"),
+    "stdlib-lm": (".stdlib_lm", "train_stdlib_lm"),
+    "stdlib-lm-skip": (".stdlib_lm_skip", "train_stdlib_lm_skip"),
+    "digits-llava": (".llava", "train_llava"),
+    "digits-video": (".video", "train_video"),
+    "digits-florence": (".florence", "train_florence"),
+    "scenes-vae": (".scenes_vae", "train_scenes_vae"),
+    "scenes-flux": (".scenes_flux", "train_scenes_flux"),
+    "scenes-classifier": (".scenes_classifier", "train_scenes_classifier"),
     "digits-sd-assembled": ("mmskip.diffusion.assembly.recipe", "assemble_digits_sd"),
     "scenes-flux-controlnet": ("mmskip.diffusion.relactrl.recipe", "train_scenes_controlnet"),
     "scenes-flux-relactrl": ("mmskip.diffusion.relactrl.recipe", "train_scenes_relactrl"),
@@ -53,7 +54,7 @@ class UnsupportedOption(ValueError):
 def output_folder(name: str, out: str | Path | None = None, overwrite_shipped: bool = False) -> Path:
     """Where ``train`` writes ``name``: ``out`` if given, the package's ``models/NAME`` with
     ``overwrite_shipped``, else ``runs/zoo/NAME``."""
-    from . import MODELS_DIR
+    from mmskip.zoo import MODELS_DIR
 
     if out is not None and overwrite_shipped:
         raise ValueError("give either out or overwrite_shipped, not both")
@@ -70,9 +71,9 @@ def recipe_for(name: str, steps: int | None = None, device: str | None = None,
         raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(sorted(RECIPES))}")
     mod, fn = RECIPES[name]
     try:
-        recipe = getattr(importlib.import_module(mod), fn)
+        recipe = getattr(importlib.import_module(mod, __package__), fn)
     except ModuleNotFoundError as e:  # the recipes use the digits data, open_clip, torchmetrics
-        from mmskip.eval._optional import missing_extra
+        from mmskip.optional_deps import missing_extra
 
         err = missing_extra(e, f"training {name!r}")
         if err is None:
@@ -97,7 +98,7 @@ def train(name: str, out: Path | None = None, steps: int | None = None, overwrit
     try:
         return recipe(folder, **kwargs)
     except ModuleNotFoundError as e:  # the recipes use the digits data, open_clip, torchmetrics
-        from mmskip.eval._optional import missing_extra
+        from mmskip.optional_deps import missing_extra
 
         err = missing_extra(e, f"training {name!r}")
         if err is None:
@@ -137,5 +138,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m recipes.zoo from a clone's root
     sys.exit(run("zoo", main))

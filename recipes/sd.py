@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .card import write_card
-from .data import DIGIT_NAMES, load_split
-from .ema import ema_update
-from .sd_tokenizer import MAX_LENGTH, build_clip_tokenizer
-from .train_dit import encode_augmented, make_scheduler
+from mmskip.zoo.card import write_card
+from mmskip.zoo.data import DIGIT_NAMES, TEMPLATES, encode_augmented, load_split
+from mmskip.zoo.ema import ema_update
+from mmskip.zoo.sd_model import make_text_encoder, make_unet
+from mmskip.zoo.sd_tokenizer import MAX_LENGTH, build_clip_tokenizer
 
-__all__ = ["make_unet", "make_text_encoder", "train_sd"]
+from .dit import make_scheduler
+
+__all__ = ["train_sd"]
 
 STEPS = 2500
 BATCH = 64
@@ -26,29 +28,10 @@ EMA = 0.999
 COPIES = 8
 
 
-def make_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(48, 96), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
-                                attention_head_dim=8, norm_num_groups=16)
-
-
-def make_text_encoder(vocab_size: int, bos: int, eos: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=eos, projection_dim=128)
-    return CLIPTextModel(cfg)
-
-
 def train_sd(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
-    from . import path
-    from .train_clip import TEMPLATES
+    from mmskip.zoo import path
 
     torch.manual_seed(seed)
     t0 = time.time()
@@ -107,10 +90,9 @@ def finish_card(out: Path, wall: float, steps: int, n: int = 300) -> dict:
     from mmskip.eval import conditional_accuracy, fid
     from mmskip.eval.clip_score import clip_score, load_clip
     from mmskip.eval.images import evaluate_class_pipeline, generate, labels_for, reference_images
-
-    from . import available
-    from .data import caption
-    from .loaders import LOADERS
+    from mmskip.zoo import available
+    from mmskip.zoo.data import caption
+    from mmskip.zoo.loaders import LOADERS
 
     pipe = LOADERS["digits-sd"](out)
     labels = labels_for(n)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .card import write_card
-from .classifier import DigitsClassifier
-from .data import augment, load_split
+from mmskip.zoo.card import write_card
+from mmskip.zoo.classifier import DigitsClassifier
+from mmskip.zoo.data import augment, load_split
 
 __all__ = ["train_classifier"]
 

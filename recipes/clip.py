@@ -10,17 +10,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .card import write_card
-from .clip_model import PREPROCESS, ROWS_KEY, create, model_config
-from .data import DIGIT_NAMES, augment, caption, load_split
+from mmskip.zoo.card import write_card
+from mmskip.zoo.clip_model import PREPROCESS, ROWS_KEY, create, model_config
+from mmskip.zoo.data import DIGIT_NAMES, TEMPLATES, augment, caption, load_split
 
-__all__ = ["train_clip", "zero_shot_accuracy", "TEMPLATES"]
+__all__ = ["train_clip", "zero_shot_accuracy"]
 
 STEPS = 800
 BATCH = 128
 LR = 1e-3
-TEMPLATES = ["a handwritten digit {name}", "the digit {name}", "a picture of the number {d}", "{d}",
-             "a handwritten {name}", "number {name}"]
+
 
 
 @torch.no_grad()

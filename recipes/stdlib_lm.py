@@ -10,32 +10,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .card import write_card
-from .stdlib_data import read_texts
+from mmskip.zoo.card import write_card
+from mmskip.zoo.lm_model import SEQ, make_model, perplexity, train_tokenizer
+from mmskip.zoo.loaders import LOADERS
+from mmskip.zoo.stdlib_data import read_texts
 
-__all__ = ["train_tokenizer", "train_stdlib_lm", "perplexity", "skip_agreement"]
+__all__ = ["train_stdlib_lm", "skip_agreement"]
 
-VOCAB = 4096
-SEQ = 256
 BATCH = 12
 STAGES: tuple[tuple[int, float], ...] = ((800, 3e-3),)  # (steps, peak lr) per stage; more stages = warm restarts
 LR = 3e-3
-EOS = "<|endoftext|>"
-
-
-def train_tokenizer(texts: list[str]):
-    """Byte-level BPE trained with ``tokenizers``, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                   pad_token=EOS, model_max_length=SEQ * 4)
 
 
 def _stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -44,29 +28,6 @@ def _stream(tokenizer, texts: list[str]) -> torch.Tensor:
         ids.extend(tokenizer(t)["input_ids"])
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.int64)
-
-
-def make_model(vocab_size: int, layers: int = 16, d: int = 128):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
-                      num_attention_heads=d // 32, num_key_value_heads=d // 32, max_position_embeddings=SEQ * 4,
-                      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(cfg)
-
-
-@torch.no_grad()
-def perplexity(model, stream: torch.Tensor, seq: int = SEQ, max_windows: int = 200) -> float:
-    """Perplexity over non-overlapping ``seq``-token windows of a token stream."""
-    model.eval()
-    n = min(max_windows, (len(stream) - 1) // seq)
-    tot, cnt = 0.0, 0
-    for i in range(0, n, 8):
-        xs = torch.stack([stream[j * seq:(j + 1) * seq] for j in range(i, min(n, i + 8))])
-        loss = model(input_ids=xs, labels=xs).loss
-        tot += loss.item() * xs.numel()
-        cnt += xs.numel()
-    return math.exp(tot / cnt)
 
 
 def _train_stage(model, train_ids: torch.Tensor, steps: int, lr: float, seed: int, desc: str) -> None:
@@ -93,8 +54,6 @@ def train_stdlib_lm(out: Path, steps: int | None = None, seed: int = 0, start_st
     """Train in ``STAGES`` (warm restarts: fresh AdamW + cosine each, weights rounded to fp16 between
     stages exactly as when a stage's checkpoint is saved). ``start_stage=k`` resumes from the fp16
     checkpoint in ``out`` written after stage ``k - 1``. ``steps`` (smoke tests) runs one stage."""
-    from .loaders import LOADERS
-
     torch.manual_seed(seed)
     t0 = time.time()
     train_texts, test_texts = read_texts("train"), read_texts("test")
@@ -150,8 +109,6 @@ def skip_agreement(folder: Path, skip_counts: tuple[int, ...] = (1, 2, 4, 6), sp
     import mmskip
     from mmskip.eval.language import agreement, greedy_generate
     from mmskip.eval.lm import heldout_ids
-
-    from .loaders import LOADERS
 
     model, tok = LOADERS["stdlib-lm"](Path(folder))
     ids = heldout_ids(tok)

@@ -4,8 +4,11 @@ import json
 
 from transformers import AutoModelForCausalLM
 
-from mmskip.train.zoo_lm_skip import RECIPE, matched_steps, train_stdlib_lm_skip
+from mmskip.cli import recipe
 from mmskip.zoo.stdlib_data import read_texts
+
+_recipe = recipe("stdlib_lm_skip")
+RECIPE, matched_steps, train_stdlib_lm_skip = _recipe.RECIPE, _recipe.matched_steps, _recipe.train_stdlib_lm_skip
 
 
 def test_matched_steps_equal_stdlib_lm_compute():

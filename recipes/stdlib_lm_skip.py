@@ -1,8 +1,8 @@
 """Recipe for ``stdlib-lm-skip``: a deep, narrow Llama trained with LayerSkip's layer dropout and
 early-exit loss on the same data and tokenizer as ``stdlib-lm``, for the same training compute.
 
-    python -m mmskip.zoo.train stdlib-lm-skip            # CPU (about 40 min on one thread)
-    python -m mmskip.zoo.train stdlib-lm-skip --device cuda
+    mmskip zoo stdlib-lm-skip            # CPU (about 40 min on one thread)
+    mmskip zoo stdlib-lm-skip --device cuda
 
 Compute is matched to ``stdlib-lm`` (800 steps of 12 x 256 tokens through 4.72M weights): each
 step here costs the layers plus the LM head once per early exit the curriculum enables, and
@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .data import token_stream
-from .objectives import EarlyExitLoss, LanguageModeling, LayerDropout
-from .trainer import train
+from mmskip.train import EarlyExitLoss, LanguageModeling, LayerDropout, TrainConfig, token_stream, train
+from mmskip.zoo.card import write_card as write_model_card
+from mmskip.zoo.lm_model import make_model, perplexity
+
+from .stdlib_lm import skip_agreement
 
 __all__ = ["train_stdlib_lm_skip", "matched_steps", "RECIPE"]
 
@@ -54,7 +55,6 @@ def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, dev
 
     from mmskip.zoo import path as zoo_path
     from mmskip.zoo.stdlib_data import read_texts
-    from mmskip.zoo.train_lm import make_model, perplexity
 
     unknown = set(overrides) - set(RECIPE)
     if unknown:
@@ -104,10 +104,7 @@ def _device_name(cfg: TrainConfig) -> str:
 
 
 def _card(out: Path, r: dict[str, Any], objectives: list, steps: int, metrics: dict[str, Any], wall: float) -> None:
-    from mmskip.zoo.card import write_card
-    from mmskip.zoo.train_lm import skip_agreement
-
-    write_card(out, "stdlib-lm-skip",
+    write_model_card(out, "stdlib-lm-skip",
                "Deep, narrow Llama trained to survive layer skipping (LayerSkip's layer dropout and early-exit "
                "loss) on Python's own standard library source; the skip-aware sibling of `stdlib-lm`.",
                "The same split and tokenizer as `stdlib-lm` (its byte-level BPE, 4096 tokens).",

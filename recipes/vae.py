@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .card import write_card
-from .data import augment, load_split
+from mmskip.zoo.card import write_card
+from mmskip.zoo.data import augment, load_split
 
 __all__ = ["make_vae", "train_vae", "fit_vae", "psnr_unit"]
 

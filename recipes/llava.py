@@ -1,7 +1,7 @@
 """Recipe for ``digits-llava``: a tiny LLaVA (``LlavaForConditionalGeneration``) answering questions about
 4×4 grids of digits (see :mod:`mmskip.zoo.llava_data`), trained from scratch.
 
-``python -m mmskip.zoo.train digits-llava --device cuda`` trains the shipped model on a GPU in a few
+``mmskip zoo digits-llava --device cuda`` trains the shipped model on a GPU in a few
 minutes (bf16 autocast, batch 256); the CPU default (batch 32) is for testing the recipe.
 """
 
@@ -18,46 +18,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import llava_data as D
-from .card import write_card
-from .word_tokenizer import majority_baseline as _majority
+from mmskip.zoo import llava_data as D
+from mmskip.zoo.card import write_card
+from mmskip.zoo.llava_data import COPIES, PALETTE
+from mmskip.zoo.llava_model import make_model
+from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 
-__all__ = ["SIZES", "STEPS", "BATCH", "make_model", "evaluate", "train_llava"]
+__all__ = ["STEPS", "BATCH", "evaluate", "train_llava"]
 
-# (vision layers, text layers, width); the p-MoD technique needs >= 8 decoder layers
-SIZES: dict[str, tuple[int, int, int]] = {"base": (4, 8, 128), "tiny": (1, 2, 32)}
 STEPS = {"cuda": 3000, "cpu": 3000}
 BATCH = {"cuda": 512, "cpu": 32}
 LR = 1e-3
-PALETTE = (1, 10)  # training grids use 1-10 digit classes: 1-class grids teach recognition before lookup
 AUX = 0.5  # weight of the per-patch digit loss on the projector's output (a training-only linear probe)
 WARMUP = 200
-COPIES = 8  # train digits: the originals + 7 augmented copies
 
-
-def make_model(size: str = "base"):
-    """CLIP vision tower (patch 4 on 32×32 -> 64 tokens, CLS dropped) + LLaVA MLP projector + Llama
-    (vocabulary: the tokenizer's, rounded up to a multiple of 8)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    tok = D.build_tokenizer()
-    vocab_size = -(-len(tok) // 8) * 8
-    v_layers, t_layers, d = SIZES[size]
-    heads = max(1, d // 32)
-    vision = CLIPVisionConfig(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=v_layers,
-                              num_attention_heads=heads, image_size=D.IMAGE_SIZE, patch_size=D.PATCH,
-                              num_channels=3, projection_dim=d, hidden_act="gelu")
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=t_layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
-                       rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(D.IMAGE_TOKEN),
-                      image_seq_length=D.N_IMAGE_TOKENS, vision_feature_select_strategy="default",
-                      vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=False)
-    model = LlavaForConditionalGeneration(cfg)
-    gc = model.generation_config
-    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    return model
 
 
 def _autocast(device: torch.device):
@@ -255,7 +229,7 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     text = re.sub(r"^Training wall time: .*$", f"Training wall time: {wall / 60:.1f} min in all ({train_s / 60:.1f} min "
                   f"of training steps) on {where}.", card.read_text(), flags=re.M)
     kind = dev.type if dev.type in STEPS else "cpu"
-    cmd = (f"python -m mmskip.zoo.train digits-llava{' --device cuda' if dev.type == 'cuda' else ''}"
+    cmd = (f"mmskip zoo digits-llava{' --device cuda' if dev.type == 'cuda' else ''}"
            f"{'' if steps == STEPS[kind] else f' --steps {steps}'}{'' if batch == BATCH[kind] else f' --batch {batch}'}")
     text = re.sub(r"^Reproduce: .*$", f"Reproduce: `{cmd}` (fixed seeds; bf16 on a GPU, so not bit-exact).",
                   text, flags=re.M)

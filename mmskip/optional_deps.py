@@ -1,4 +1,4 @@
-"""Optional dependencies: imported where they are used, with a message naming the extra to install.
+"""Optional dependencies (pip extras): imported where they are used, with a message naming the extra to install.
 
 ``pip install mmskip`` stays lean; ``mmskip[eval]`` adds torchmetrics, open_clip_torch and
 scikit-learn (FID, PSNR/SSIM, CLIP score, the digits data), ``mmskip[analysis]`` adds matplotlib.

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .card import write_card
-from .scenes_data import make_split
-from .train_vae import fit_vae, psnr_unit
+from mmskip.zoo.card import write_card
+from mmskip.zoo.scenes_data import make_split, scenes_tensor
 
-__all__ = ["make_scenes_vae", "scenes_tensor", "train_scenes_vae"]
+from .vae import fit_vae, psnr_unit
+
+__all__ = ["make_scenes_vae", "train_scenes_vae"]
 
 STEPS = 700
 BATCH = 32
@@ -26,11 +27,6 @@ def make_scenes_vae():
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                          block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16)
-
-
-def scenes_tensor(images) -> torch.Tensor:
-    """uint8 (N, H, W, 3) scenes -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def train_scenes_vae(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
