@@ -12,15 +12,11 @@ output of the same setting. Writes ``benchmarks/results/compile_cpu.json`` and p
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
+import harness
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _pipe():
@@ -33,10 +29,17 @@ def _pipe():
     return pipe
 
 
+def _call(pipe, steps: int) -> torch.Tensor:
+    return pipe(["a handwritten digit three", "a handwritten digit seven"], num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
 def _timed(pipe, steps: int) -> tuple[float, torch.Tensor]:
+    """Seconds and images of one call (the first call of a compiled pipeline includes its compilation)."""
+    harness.sync()
     t = time.perf_counter()
-    out = pipe(["a handwritten digit three", "a handwritten digit seven"], num_inference_steps=steps,
-               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    out = _call(pipe, steps)
+    harness.sync()
     return time.perf_counter() - t, out
 
 
@@ -61,7 +64,7 @@ def run(steps: int, repeats: int) -> list[dict]:
                 counters.clear()
                 pipe.unet.compile()
             first, out = _timed(pipe, steps)
-            times = [_timed(pipe, steps)[0] for _ in range(repeats)]
+            times = harness.repeated(lambda p=pipe: _call(p, steps), repeats=repeats, warmup=0)
             if compiled:
                 graphs["n"] = int(counters["stats"]["unique_graphs"])
                 _timed(pipe, steps + 5)  # other timesteps and step count: no new graphs
@@ -88,13 +91,12 @@ def run(steps: int, repeats: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.arguments(__doc__, smoke="5 steps, 3 repeats: checks the script runs (numbers meaningless)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(RESULTS / "compile_cpu.json"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.steps, args.repeats = 5, 3
+    harness.setup(args)
     rows = run(args.steps, args.repeats)
     print("\n| method | compiled | s / call | vs eager baseline | vs baseline, same compile | compile s | graphs "
           "(then after other steps) | FLOPs bound (denoiser) | max diff vs eager |")
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['speedup_vs_same_compile_baseline']:.2f}x | {comp} | {r['graphs']} ({r['graphs_after_other_steps']})"
               f" | {1 / r['flops_fraction']:.2f}x | {r['max_abs_diff_vs_eager']:.1e} |")
     meta = {"torch": torch.__version__, "threads": args.threads, "steps": args.steps, "device": "cpu"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out = args.out or harness.RESULTS / ("compile_cpu_smoke.json" if args.smoke else "compile_cpu.json")
+    harness.write(out, {"meta": meta, "rows": rows}, indent=2)
     return 0
 
 

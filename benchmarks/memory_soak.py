@@ -12,17 +12,13 @@ first / last / maximum RSS and the growth per 100 iterations, and writes
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 
+import harness
 import torch
 from tqdm import tqdm
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def rss_mb() -> float:
@@ -95,13 +91,14 @@ def pipeline_step() -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.arguments(__doc__, repeats=None, threads=1, smoke="20 cycles and 10 calls, warm-up 2: checks the script runs")
     ap.add_argument("--cycles", type=int, default=1000, help="apply/generate/remove cycles per LLM technique")
     ap.add_argument("--calls", type=int, default=500, help="Skip-pipeline calls")
     ap.add_argument("--warmup", type=int, default=20, help="iterations run before the first reading")
-    ap.add_argument("--out", default=str(RESULTS / "memory_soak.json"), help="JSON file to write")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.smoke:
+        args.cycles, args.calls, args.warmup = 20, 10, 2
+    harness.setup(args)
     rows = [soak(name, step, args.cycles, args.warmup) for name, step in llm_steps().items()]
     rows.append(soak("SkipStableDiffusionPipeline call (inheritance every 2)", pipeline_step(), args.calls,
                      args.warmup))
@@ -110,8 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['name']} | {r['iterations']} | {r['first']:.1f} | {r['last']:.1f} | {r['max']:.1f} | "
               f"{r['growth_mb_per_100']:+.2f} |")
     result = {"meta": vars(args), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    harness.write(args.out or harness.RESULTS / f"memory_soak{'_smoke' if args.smoke else ''}.json", result)
     return result
 
 

@@ -18,7 +18,6 @@ ControlNet is rerun at other seeds to give the seed-noise band. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -27,12 +26,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 from mmskip.diffusion.relactrl import RelaCtrlFluxNet, RelevanceReport, control_positions, skipped_control
 from mmskip.diffusion.relactrl.recipe import SAMPLING, base_pipeline, evaluate_control, load_pipeline
 from torch.utils.flop_counter import FlopCounterMode
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _step_inputs(pipe: Any, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -80,16 +78,7 @@ def cost(pipe: Any, controlnet: Any, device: torch.device, batch: int, reps: int
         with FlopCounterMode(display=False) as fc:
             controlnet(controlnet_cond=control[:1], return_dict=False, **one)
         branch_flops = fc.get_total_flops()
-    times = []
-    for i in range(reps + 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        _step(pipe, controlnet, inputs, control)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
+    times = harness.repeated(lambda: _step(pipe, controlnet, inputs, control), repeats=reps, warmup=3)
     params = active_params(controlnet, drop) if controlnet is not None else 0
     return {"branch_params": params, "branch_gflops": branch_flops / 1e9,
             "step_gflops": (branch_flops + base_flops) / 1e9, "step_ms": 1e3 * statistics.median(times)}
@@ -133,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full_cost = None
     for name, (cn, drop) in methods.items():
         with skipped_control(cn, drop) if cn is not None else nullcontext():
-            row = {"method": name, **cost(pipe, cn, device, args.batch, args.reps, drop)}
+            row = {"method": name, **cost(pipe, cn, device, args.batch, args.repeats, drop)}
         if name == "full ControlNet":
             full_cost = row
         rows.append(row)
@@ -187,19 +176,16 @@ def table(result: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mmskip.zoo import MODELS_DIR
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, repeats=30, threads=2, out=harness.RESULTS / "relactrl", device=True,
+                          smoke="tiny random branches in a temporary folder")
+    p.add_argument("--reps", dest="repeats", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the option's former name
     p.add_argument("--controlnet", default=str(MODELS_DIR / "scenes-flux-controlnet"))
     p.add_argument("--relactrl", default=str(MODELS_DIR / "scenes-flux-relactrl"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n", type=int, default=300, help="held-out scenes per quality measurement")
     p.add_argument("--band-seeds", type=int, nargs="*", default=[1000, 2000])
     p.add_argument("--batch", type=int, default=8, help="batch of the timed step")
     p.add_argument("--eval-batch", type=int, default=100)
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timing-only", action="store_true", help="parameters, FLOPs and step times only")
-    p.add_argument("--out", default=str(RESULTS / "relactrl"), help="writes OUT.json and OUT.md")
-    p.add_argument("--smoke", action="store_true", help="tiny random branches in a temporary folder")
     return p.parse_args(argv)
 
 
@@ -232,28 +218,26 @@ def _smoke_models(folder: Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    harness.setup(args)
     tmp = None
     if args.smoke:
         import tempfile
 
         tmp = tempfile.TemporaryDirectory()
         args.controlnet, args.relactrl = _smoke_models(Path(tmp.name))
-        args.n, args.band_seeds, args.reps, args.eval_batch = 4, [1], 2, 4
+        args.n, args.band_seeds, args.repeats, args.eval_batch = 4, [1], 2, 4
         SAMPLING["num_inference_steps"] = 2
         args.out = str(Path(tmp.name) / "relactrl")
     try:
         for folder in (args.controlnet, args.relactrl):
             if not (Path(folder) / "config.json").is_file():
-                raise SystemExit(f"no control branch in {folder}; train it with `python -m mmskip.zoo.train "
+                raise SystemExit(f"no control branch in {folder}; train it with `mmskip zoo "
                                  f"{Path(folder).name}` or pass --controlnet/--relactrl")
         result = run(args)
         text = table(result)
         print(text)
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        out.with_suffix(".md").write_text(text)
+        harness.write(out.with_suffix(".json"), result, text)
         plot = Path(args.controlnet) / "relevance.png"
         if plot.is_file() and not (args.smoke or args.timing_only):
             shutil.copy(plot, out.with_name(out.name + "_relevance.png"))

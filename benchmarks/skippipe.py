@@ -32,12 +32,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
 from mmskip.train.skippipe import SkipPipeConfig, StageCosts, TrainSpec, launch, plan, split
 from mmskip.train.skippipe.runtime import _model
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure_costs(spec: TrainSpec, stages: int, vocab: int, reps: int = 3) -> StageCosts:
@@ -47,11 +46,7 @@ def measure_costs(spec: TrainSpec, stages: int, vocab: int, reps: int = 3) -> St
     ids = torch.randint(0, vocab, (spec.microbatch, spec.seq))
 
     def timed(fn) -> float:
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
+        return statistics.mean(harness.repeated(fn, repeats=reps, warmup=1))
 
     h = parts[0].embed(ids).detach()
 
@@ -221,7 +216,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, repeats=None, threads=None, out=harness.RESULTS / "skippipe",
+                          smoke="tiny model, synthetic data, a few seconds per run")
     p.add_argument("--seconds", type=float, default=120.0, help="training wall time of each run")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=256)
@@ -230,14 +226,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--data", default="stdlib", choices=["stdlib", "synthetic"])
-    p.add_argument("--out", default=str(RESULTS / "skippipe"))
     p.add_argument("--groups", nargs="+", help="run only these settings (e.g. \"5 stages\")")
-    p.add_argument("--smoke", action="store_true", help="tiny model, synthetic data, a few seconds per run")
     p.add_argument("--rederive", action="store_true", help="recompute the ratios, table and plot of OUT.json")
     args = p.parse_args(argv)
     if args.smoke:
         args.seconds, args.layers, args.width, args.seq, args.data, args.eval_windows = 3.0, 4, 64, 32, "synthetic", 8
-        args.out = str(Path(tempfile.mkdtemp()) / "skippipe")
+        args.out = Path(tempfile.mkdtemp()) / "skippipe"
     return args
 
 
@@ -251,10 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = table(result)
     print(text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    out.with_suffix(".md").write_text(text)
-    plot(result, out.with_name(out.name + "_loss.png"))
+    harness.write(out.with_suffix(".json"), result, text, lambda png: plot(result, png), out.with_name(out.name + "_loss.png"))
     return result
 
 
