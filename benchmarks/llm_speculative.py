@@ -26,21 +26,18 @@ tokens accepted per full-model verification forward; each verification adds one 
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
 import mmskip
 from mmskip import schedules
+from mmskip.registry import get_adapter
 from mmskip.swift import SelfSpeculativeConfig
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def build(name: str) -> tuple[torch.nn.Module, Any]:
@@ -134,21 +131,17 @@ def run(model, prompts, new_tokens, kind, arg) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, smoke="a few seconds on a tiny random model (random-4x64, 2 prompts, 1 round): "
+                          "checks the script runs")
     p.add_argument("--model", default="stdlib-lm")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
     p.add_argument("--early-exit", type=int, nargs="*", default=None, help="k values (default L/4, L/2, 3L/4)")
     p.add_argument("--skip-ratio", type=float, nargs="*", default=[0.1, 0.2, 0.45],
                    help="SWIFT skip ratios to run (0.45: the paper's; lower suits a small model)")
     p.add_argument("--max-draft", type=int, default=6)
     p.add_argument("--confidence", type=float, default=0.6)
-    p.add_argument("--out", default=None)
-    p.add_argument("--smoke", action="store_true",
-                   help="a few seconds on a tiny random model (random-4x64, 2 prompts, 1 round): checks the script runs")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.prompts, args.prompt_len, args.new_tokens, args.repeats = "random-4x64", 2, 12, 8, 1
@@ -156,10 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out is None:
             import tempfile
 
-            args.out = str(Path(tempfile.mkdtemp(prefix="mmskip-bench-")) / "llm_speculative_smoke.json")
-    torch.set_num_threads(args.threads)
+            args.out = Path(tempfile.mkdtemp(prefix="mmskip-bench-")) / "llm_speculative_smoke.json"
+    harness.setup(args)
     model, tok = build(args.model)
-    L = mmskip.registry.get_adapter(model).num_layers
+    L = get_adapter(model).num_layers
     prompts = held_out_prompts(tok, args.prompts, args.prompt_len, model.config.vocab_size)
     ks = args.early_exit if args.early_exit is not None else sorted({max(1, L // 4), L // 2, 3 * L // 4})
 
@@ -208,15 +201,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     meta = {"model": args.model, "layers": L, "threads": args.threads, "prompts": args.prompts,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "batch": 1, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "batch": 1, "torch": torch.__version__, "machine": harness.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "first_search_layer_set": first}
     meta["plain_ms_per_token"] = 1e3 * base / sum(len(o) for o in ref)
     text = _print(rows, meta)
-    out = Path(args.out) if args.out else RESULTS / f"llm_speculative_{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    harness.write(args.out or harness.RESULTS / f"llm_speculative_{args.model}.json", {"meta": meta, "rows": rows},
+                  text, indent=2)
     return {"meta": meta, "rows": rows}
 
 

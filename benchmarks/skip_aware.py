@@ -26,27 +26,22 @@ is re-trained there if missing). Writes ``results/skip_aware.json`` / ``.md`` / 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
+import llm_speculative as spec  # the SWIFT / early-exit runner and prompts
 import torch
 
 import mmskip
 from mmskip import schedules
 from mmskip.eval.decode_agreement import decode_agreement
 from mmskip.eval.language import agreement, greedy_generate, perplexity
+from mmskip.registry import get_adapter
 
-sys.path.insert(0, str(Path(__file__).parent))
-import llm_speculative as spec  # noqa: E402  (the SWIFT / early-exit runner and prompts)
-
-RESULTS = Path(__file__).parent / "results"
-LORA = RESULTS / "skip_aware_unified1.5_lora"
+LORA = harness.RESULTS / "skip_aware_unified1.5_lora"
 FT_ARGS = ["--model", "stdlib-lm", "--objective", "schedule-aware", "lm", "--speedup", "1.5", "--lora",
            "--steps", "300", "--batch", "8", "--threads", "1"]
 MODELS = {"stdlib-lm": "trained without skipping", "stdlib-lm + unified-1.5 FT": "schedule-aware LoRA fine-tune",
@@ -128,7 +123,7 @@ def lossy_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: 
 def speed_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, smoke: bool) -> list[dict]:
     from mmskip.swift import SelfSpeculativeConfig
 
-    L = mmskip.registry.get_adapter(model).num_layers
+    L = get_adapter(model).num_layers
     configs: dict[str, tuple[str, Any]] = {"plain": ("plain", None)}
     for r in (0.3,) if smoke else (0.2, 0.45):
         configs[f"SWIFT r={r}"] = ("apply", SelfSpeculativeConfig(skip_ratio=r))
@@ -149,25 +144,22 @@ def speed_rows(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, repeats=None, smoke="tiny random models, few tokens: checks the script runs")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--speed-prompts", type=int, default=8)
     p.add_argument("--speed-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
-    p.add_argument("--smoke", action="store_true", help="tiny random models, few tokens: checks the script runs")
     args = p.parse_args(argv)
     if args.smoke:
         args.prompts, args.new_tokens, args.speed_prompts, args.speed_tokens = 2, 6, 2, 8
         args.models = ["stdlib-lm", "stdlib-lm-skip"]
-    torch.set_num_threads(args.threads)
+    harness.setup(args)
     results = []
     for name in args.models:
         t0 = time.time()
         model, tok = load(name, args.smoke)
-        L, vocab = mmskip.registry.get_adapter(model).num_layers, model.config.vocab_size
+        L, vocab = get_adapter(model).num_layers, model.config.vocab_size
         if tok is not None:
             from mmskip.eval.lm import heldout_ids
 
@@ -185,15 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: done in {entry['seconds']:.0f}s", flush=True)
     meta = {"threads": args.threads, "prompts": args.prompts, "new_tokens": args.new_tokens,
             "speed_prompts": args.speed_prompts, "speed_tokens": args.speed_tokens, "smoke": args.smoke,
-            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "machine": harness.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
     text = render(results, meta)
-    out = Path(args.out) if args.out else RESULTS / "skip_aware.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "models": results}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    plot(results, out.with_suffix(".png"))
-    print(f"\nwrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    harness.write(args.out or harness.RESULTS / "skip_aware.json", {"meta": meta, "models": results}, text,
+                  lambda png: plot(results, png))
     return {"meta": meta, "models": results}
 
 
@@ -222,14 +210,11 @@ def render(results: list[dict], meta: dict) -> str:
 def plot(results: list[dict], path: Path) -> None:
     """Teacher-forced agreement vs kept-FLOPs fraction, one line per model (and early-exit acceptance vs k/L)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig = harness.figure(figsize=(7, 4.5))
     except ModuleNotFoundError:
         print("matplotlib missing (pip install 'mmskip[analysis]'): no plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax = fig.add_subplot()
     for i, m in enumerate(results):
         color = f"C{i}"
         pts = sorted((r["kept_flops"], r["teacher_forced"], r["config"]) for r in m["lossy"])
@@ -248,7 +233,6 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_title("Skip-aware training: agreement vs compute kept")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
