@@ -28,7 +28,7 @@ from .._phase import track_forwards
 from ..inject import SkipHandle
 from ..registry import get_adapter
 from ..schedules import AdaptiveSchedule
-from .state import FFNSkipState, _TokenState
+from .state import FFNSkipState, TokenState
 
 if TYPE_CHECKING:
     from .config import FFNSkipConfig
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 class _ResidualCapture(ModelHook):
     """Stores the residual stream entering the FFN (the input of its pre-norm)."""
 
-    def __init__(self, tok: _TokenState) -> None:
+    def __init__(self, tok: TokenState) -> None:
         super().__init__()
         self.tok = tok
 
@@ -51,7 +51,7 @@ class _ResidualCapture(ModelHook):
 
 
 class _FFNSkipHook(ModelHook):
-    def __init__(self, index: int, tok: _TokenState, schedule: AdaptiveSchedule, span: int, handle: SkipHandle) -> None:
+    def __init__(self, index: int, tok: TokenState, schedule: AdaptiveSchedule, span: int, handle: SkipHandle) -> None:
         super().__init__()
         self.index = index
         self.tok = tok
@@ -115,7 +115,7 @@ def attach_ffn_skip(config: FFNSkipConfig, model: torch.nn.Module, handle: SkipH
     costs = {f"attn.{i}": adapter.attn_flops(i) for i in range(L)}
     costs.update({f"mlp.{i}": adapter.mlp_flops(i) for i in range(L)})
     state = track_forwards(adapter, handle, costs)
-    tok = _TokenState(budget=int(config.schedule.max_skip * L))
+    tok = TokenState(budget=int(config.schedule.max_skip * L))
     state.listeners.append(lambda s: tok.reset(s, config.schedule.warmup))
     for i in hot:
         handle.add_hook(adapter.mlp_norm(i), _ResidualCapture(tok), ".residual")

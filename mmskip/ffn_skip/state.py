@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["FFNSkipState"]
 
 
-class _TokenState:
+class TokenState:
     """Per-forward decision state, reset by the phase tracker before the first layer runs.
 
     Eager decoding keeps per-row counters in plain Python lists: one small list update per hot
@@ -71,7 +71,7 @@ class FFNSkipState(TechniqueState):
     """
 
     forward: ForwardState
-    tokens: _TokenState
+    tokens: TokenState
     hot: range
 
     @property

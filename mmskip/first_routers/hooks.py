@@ -30,7 +30,7 @@ from ..layer_skip.hooks import attach_layer_skipping
 from ..layer_skip.state import SkipPlan
 from ..registry import get_adapter
 from .routers import Router
-from .state import RouterState, _Decisions
+from .state import RouterDecisions, RouterState
 
 if TYPE_CHECKING:
     from .config import RouterConfig
@@ -44,7 +44,7 @@ class _RouterHook(ModelHook):
     """At prefill, decides whether layer ``i`` runs for this prompt; runs before the layer's skip hook."""
 
     def __init__(self, index: int, router: Router, plan: SkipPlan, state: ForwardState, config: RouterConfig,
-                 budget: int, last: bool, decisions: _Decisions) -> None:
+                 budget: int, last: bool, decisions: RouterDecisions) -> None:
         super().__init__()
         self.index, self.router, self.plan, self.state = index, router, plan, state
         self.threshold, self.budget, self.last, self.decisions = config.threshold, budget, last, decisions

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["RouterState"]
 
 
-class _Decisions:
+class RouterDecisions:
     """What the routers decided for the current prompt; read by the layer hooks."""
 
     def __init__(self) -> None:
@@ -36,7 +36,7 @@ class RouterState(TechniqueState):
     forward: ForwardState
     plan: SkipPlan
     routers: Routers
-    decisions: _Decisions = field(default_factory=_Decisions)
+    decisions: RouterDecisions = field(default_factory=RouterDecisions)
 
     def reset(self) -> None:
         self.decisions.log.clear()

@@ -31,7 +31,7 @@ from ..layer_skip.hooks import attach_layer_skipping
 from ..layer_skip.state import SkipPlan
 from ..registry import get_adapter
 from .lac import void_skip_set
-from .state import VoidLayerState, VoidRecord, _Tracer
+from .state import NormTracer, VoidLayerState, VoidRecord
 
 if TYPE_CHECKING:
     from .config import VoidLayerConfig
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 class _NormHook(ModelHook):
-    def __init__(self, tracer: _Tracer, first: bool) -> None:
+    def __init__(self, tracer: NormTracer, first: bool) -> None:
         super().__init__()
         self.tracer = tracer
         self.first = first
@@ -65,7 +65,7 @@ def attach_void_layers(config: VoidLayerConfig, model: torch.nn.Module, handle: 
     adapter = get_adapter(model, "decoder")
     L = adapter.num_layers
     state, plan = attach_layer_skipping(adapter, handle, "decode", set(), hooked=range(1, L))
-    tracer = _Tracer(L, state, config.trace_decode)
+    tracer = NormTracer(L, state, config.trace_decode)
     for i in range(L):
         handle.add_hook(adapter.layers[i], _NormHook(tracer, first=i == 0), ".lac")
     max_layers = int(config.schedule.max_skip * L)

@@ -32,7 +32,7 @@ class VoidRecord:
     valid: torch.Tensor
 
 
-class _Tracer:
+class NormTracer:
     """Collects per-token residual norms of one forward, layer by layer."""
 
     def __init__(self, num_layers: int, state: ForwardState, trace_decode: bool) -> None:
@@ -79,7 +79,7 @@ class VoidLayerState(TechniqueState):
 
     forward: ForwardState
     plan: SkipPlan
-    tracer: _Tracer
+    tracer: NormTracer
 
     @property
     def records(self) -> list[VoidRecord]:
