@@ -1,10 +1,17 @@
-"""mmskip.diffusion: feature inheritance, step skipping and analytic early steps for diffusion models."""
+"""mmskip.diffusion: feature inheritance, step skipping and analytic early steps for diffusion models.
+
+One folder per technique, named by its id: ``inheritance/``, ``relactrl/``, ``assembly/``, and the
+sampler-level ``step_skip/``, ``gaussian_teleport/``, ``unet_switch/``; model facts in
+``adapters/``; the sampler-level core at this level: ``plan.py`` (the protocols a drop-in
+pipeline calls), ``sampler.py`` (a scheduler on a subset of its grid), ``step_schedules.py``,
+``tracker.py`` (grid steps and thread binding, shared by the techniques and the pipelines).
+"""
 
 from . import adapters as adapters  # registers the diffusion adapters
 from . import zoo_loaders as zoo_loaders  # registers the zoo loaders of scenes-flux's control branches
-from .gaussian import GaussianStats, GaussianTeleportConfig, teleport
+from .gaussian_teleport import GaussianStats, GaussianTeleportConfig, teleport
 from .inheritance import FeatureInheritanceConfig, InheritanceState, step_computes
-from .plan import SamplerConfig, SamplerPlan, check_step_schedule
+from .plan import DenoiserConfig, SamplerConfig, SamplerPlan, SamplerRoute, check_step_schedule
 from .sampler import SUPPORTED_SAMPLERS, plan_sampler
 from .step_schedules import from_changes, nonuniform
 from .step_skip import StepSkipConfig
@@ -13,8 +20,10 @@ from .unet_switch import UNetSwitchConfig
 __all__ = [
     "FeatureInheritanceConfig",
     "InheritanceState",
+    "DenoiserConfig",
     "SamplerConfig",
     "SamplerPlan",
+    "SamplerRoute",
     "check_step_schedule",
     "StepSkipConfig",
     "UNetSwitchConfig",

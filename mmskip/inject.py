@@ -53,6 +53,7 @@ _MOVED_MODULES = {
     "mmskip.speculative": "mmskip.swift",
     "mmskip.speculative.config": "mmskip.swift",
     "mmskip.routers": "mmskip.first_routers",
+    "mmskip.diffusion.gaussian": "mmskip.diffusion.gaussian_teleport",
 }
 
 

@@ -3,7 +3,7 @@
 Model assembly (A-SDM, https://arxiv.org/abs/2406.00210) removes the parts of the UNet that
 change its prediction least. Here an edit's importance is measured, not chosen by hand: every
 module the edit removes is bypassed (a residual unit returns its input, read and rebuilt
-with the same :class:`~mmskip.diffusion.residual_io.ResidualIO` that feature inheritance
+with the same :class:`~mmskip.diffusion.adapters.ResidualIO` that feature inheritance
 uses), and an output of the teacher is compared with the unmodified one:
 ``importance = ||y_bypassed - y||^2 / ||y||^2``, where ``y`` is the noise prediction on
 calibration inputs or, better for generation, the final latents of a short sampling run. The hooks are removed afterwards; the
@@ -25,7 +25,7 @@ from torch import nn
 from mmskip.inject import attach_hook
 from mmskip.registry import get_adapter
 
-from ..residual_io import ResidualIO
+from ..adapters import ResidualIO
 from .plan import Edit, candidate_edits, flops_per_call
 
 __all__ = ["CalibrationBatch", "bypassed", "edit_importance", "sampled_latents", "edit_savings", "choose_edits"]

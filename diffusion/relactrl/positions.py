@@ -20,8 +20,7 @@ from torch import nn
 
 from mmskip.inject import attach_hook
 
-from ..block_registry import registry_io
-from ..residual_io import ResidualIO
+from ..adapters import ResidualIO, registry_io
 from .tdsm import TDSM_IO, TDSMBlock
 
 __all__ = ["ControlPosition", "control_positions", "skipped_control", "UnsupportedControlNetError"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..residual_io import ResidualIO, arg_getter
+from ..adapters import ResidualIO, arg_getter
 
 __all__ = ["GroupedLinear", "TDSMBlock", "channel_shuffle", "TDSM_IO"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig
-from mmskip.diffusion.adapters import _IO_BY_CLASS, registry_families
-from mmskip.diffusion.block_registry import registered_block_classes, registry_io
+from mmskip.diffusion.adapters.block_registry import registered_block_classes, registry_io
+from mmskip.diffusion.adapters.denoisers import _IO_BY_CLASS, registry_families
 from mmskip.diffusion.testing import target_modules
 from mmskip.diffusion.testing_families import FAMILIES, family_inputs, family_timesteps, tiny_family
 from torch import nn

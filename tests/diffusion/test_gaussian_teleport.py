@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-from mmskip.diffusion.gaussian import GaussianStats, GaussianTeleportConfig, teleport, teleport_step
+from mmskip.diffusion.gaussian_teleport import GaussianStats, GaussianTeleportConfig, teleport, teleport_step
 from mmskip.diffusion.sampler import plan_sampler
 from scipy.integrate import solve_ivp
 
@@ -119,7 +119,7 @@ def test_stats_round_trip_as_safetensors_and_legacy_files(tmp_path, caplog):
     legacy = tmp_path / "old.pt"
     torch.save({"mean": stats.mean, "components": stats.components, "variances": stats.variances,
                 "residual": stats.residual, "shape": list(stats.shape)}, legacy)
-    with caplog.at_level("WARNING", logger="mmskip.diffusion.gaussian"):
+    with caplog.at_level("WARNING", logger="mmskip.diffusion.gaussian_teleport"):
         assert torch.equal(GaussianStats.load(legacy).mean, stats.mean)
     assert "legacy" in caplog.text
 

@@ -332,7 +332,7 @@ def test_train_control_learns_only_the_branch_and_resumes(tmp_path, flux):
 
 def test_block_io_rebuilds_both_streams_before_it_has_seen_an_output():
     from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
-    from mmskip.diffusion.block_registry import registry_io
+    from mmskip.diffusion.adapters.block_registry import registry_io
 
     registry_io.cache_clear()
     h, e = torch.zeros(1, 2, 4), torch.ones(1, 3, 4)

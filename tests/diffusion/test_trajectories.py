@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig
-from mmskip.diffusion.inheritance import MAX_SLOTS
+from mmskip.diffusion.inheritance.state import MAX_SLOTS
 from mmskip.diffusion.testing import example_inputs, tiny_dit, tiny_unet
 
 from mmskip.inject import ConcurrentUseError, applied, apply

@@ -212,7 +212,7 @@ def test_images_flops_measurement_is_not_timed(monkeypatch):
     timing (0.33x; 0.98x without it). The config is applied once, to a copy of the denoiser, and its
     first, untimed call measures; the paired rounds only generate."""
     diffusion = pytest.importorskip("mmskip.diffusion")
-    import mmskip.diffusion.inheritance_hooks as hooks
+    import mmskip.diffusion.inheritance.hooks as hooks
 
     import mmskip.eval.images as images
 

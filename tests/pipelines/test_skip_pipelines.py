@@ -26,7 +26,7 @@ from mmskip.diffusion import (
     StepSkipConfig,
     nonuniform,
 )
-from mmskip.diffusion.gaussian import teleport_step
+from mmskip.diffusion.gaussian_teleport import teleport_step
 from mmskip.diffusion.sampler import plan_sampler
 from mmskip.diffusion.testing import tiny_pipeline_components
 from mmskip.pipelines import (

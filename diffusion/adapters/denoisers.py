@@ -5,7 +5,7 @@ name, and every diffusion transformer whose blocks diffusers' ``TransformerBlock
 describes (DiT, PixArt, SD3, Flux, Flux2, Qwen-Image, Z-Image, Wan, HunyuanVideo, LTX,
 CogVideoX, Mochi, CogView4, HunyuanImage, Kandinsky 5, ...; see :func:`registry_families`)
 through a registry fallback that finds the model's block lists. Block I/O comes from diffusers'
-metadata (:mod:`.block_registry`); the hand table here covers only the UNet's units. The
+metadata (:mod:`mmskip.diffusion.adapters.block_registry`); the hand table here covers only the UNet's units. The
 granularities follow A-SDM's feature inheritance (Zhu et al., 2024): *block* (UNet down/mid/up
 blocks; a contiguous range of transformer blocks), *layer* (an attention or feed-forward module
 inside a block) and *unit* (a residual unit: a UNet ResNet or Transformer2D layer, one
@@ -24,9 +24,9 @@ from torch import nn
 
 from mmskip.registry import register, register_fallback
 
+from ..tracker import call_key
 from .block_registry import registered_block_classes, registry_io
 from .residual_io import ResidualIO, arg_getter
-from .tracker import call_key
 
 __all__ = ["DiffusionAdapter", "ResidualIO", "GRANULARITIES", "registry_families"]
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from mmskip.schedules import AdaptiveSchedule, Schedule, interval
 
-from .plan import SamplerConfig, SamplerPlan, check_step_schedule
+from ..plan import SamplerConfig, SamplerPlan, check_step_schedule
 
 __all__ = ["StepSkipConfig"]
 

@@ -1,32 +1,36 @@
-"""The hooks of feature inheritance (:mod:`mmskip.diffusion.inheritance`) and what they share.
+"""The hooks of feature inheritance (:mod:`mmskip.diffusion.inheritance`), what they share, and
+:func:`attach`, which resolves the targets and registers the hooks on a handle.
 
 ``RootHook`` on the denoiser tracks steps and measures FLOPs on the first call; ``ProbeHook``
 feeds the adaptive schedule; ``OutputHook`` inherits a module's whole output; ``RangeHook``
 makes a run of residual modules (a :class:`Range`) add its cached residual: the sum of its
 members' own contributions ``out - in``. Each
-hook asks its owner, the technique's :class:`~mmskip.diffusion.inheritance.InheritanceState`,
+hook asks its owner, the technique's :class:`~mmskip.diffusion.inheritance.state.InheritanceState`,
 whether this step computes. A call the owner does not serve (another thread's, when a pipeline
-bound the owner to its own: :func:`.tracker.serves`) runs the module's own forward and touches
+bound the owner to its own: :func:`mmskip.diffusion.tracker.serves`) runs the module's own forward and touches
 no state; the root hook also ignores that thread's ``reset_stateful_hooks``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .residual_io import ResidualIO
-from .tracker import serves
+from mmskip.inject import SkipHandle
+from mmskip.registry import get_adapter
+from mmskip.schedules import AdaptiveSchedule
 
-if TYPE_CHECKING:
-    from .inheritance import InheritanceState
+from ..adapters import DiffusionAdapter, ResidualIO
+from ..tracker import serves
+from .config import FeatureInheritanceConfig
+from .state import InheritanceState
 
-__all__ = ["Range", "RootHook", "ProbeHook", "OutputHook", "RangeHook"]
+__all__ = ["attach", "Range", "RootHook", "ProbeHook", "OutputHook", "RangeHook"]
 
 logger = logging.getLogger(__name__)
 
@@ -254,3 +258,96 @@ class RangeHook(ModelHook):
             owner.slot_cache()[rng.name] = rng.acc
             rng.acc = None
         return out
+
+
+# -- attach ------------------------------------------------------------------------------------
+
+
+def attach(config: FeatureInheritanceConfig, model: nn.Module, handle: SkipHandle) -> InheritanceState:
+    """Feature inheritance on ``model``: its state, and hooks on every target, the probe (adaptive
+    schedules) and the model, registered with ``handle`` (``handle.state`` is the new state)."""
+    ad: DiffusionAdapter = get_adapter(model, "diffusion")
+    state = InheritanceState(config, ad, handle)
+    cfg = config
+    targets = list(cfg.targets) if cfg.targets is not None else ad.defaults(cfg.granularity)
+    if not targets:
+        raise ValueError(f"{type(ad.model).__name__} has no default {cfg.granularity} targets; pass targets=")
+    claimed: list[str] = []
+    for name in targets:
+        _add_target(state, name, claimed)
+    if isinstance(cfg.schedule, AdaptiveSchedule):
+        probe = cfg.probe or ad.probe
+        mod = ad.module(probe)
+        clash = [c for c in claimed if c == probe or c.startswith(probe + ".") or probe.startswith(c + ".")]
+        if clash:
+            raise ValueError(
+                f"the adaptive probe {probe!r} must run before every target, but it overlaps {clash}; "
+                "choose another probe= or other targets"
+            )
+        handle.add_hook(mod, ProbeHook(state), ".probe")
+    handle.add_hook(ad.model, RootHook(state), ".root")
+    handle.state = state
+    return state
+
+def _add_target(state: InheritanceState, name: str, claimed: list[str]) -> None:
+    ad = state.adapter
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"target names must be non-empty strings, got {name!r}")
+    if ":" in name:
+        _add_range(state, name, claimed)
+        return
+    try:
+        module = ad.model.get_submodule(name)
+    except AttributeError:
+        valid = ad.candidates(state.config.granularity)
+        shown = ", ".join(valid[:12]) + (" ..." if len(valid) > 12 else "")
+        raise ValueError(
+            f"{type(ad.model).__name__} has no module {name!r}; valid {state.config.granularity} targets "
+            f"include: {shown}"
+        ) from None
+    if module is ad.model:
+        raise ValueError("the whole model cannot be a target")
+    _claim(name, claimed)
+    io = ad.io(module)
+    residual = io is not None and (state.config.granularity != "block" or not ad.is_unet)
+    if residual:
+        rng = Range(name, [module], io)
+        state.handle.add_hook(module, RangeHook(state, rng, 0), "")
+    else:
+        if state.config.granularity != "block" or not ad.is_unet:
+            logger.debug("%s (%s) is not a residual unit; its whole output is inherited", name, type(module).__name__)
+        state.handle.add_hook(module, OutputHook(state, name), "")
+    state.names.append(name)
+
+def _add_range(state: InheritanceState, name: str, claimed: list[str]) -> None:
+    ad = state.adapter
+    if ad.is_unet:
+        raise ValueError(f"block ranges like {name!r} apply to transformer models; a UNet's blocks are named")
+    prefix, _, span = name.rpartition(".")
+    form = " or ".join(f"'{st}.a:b'" for st in ad.stacks)
+    if prefix not in ad.stacks:
+        raise ValueError(f"a block range must look like {form}, got {name!r}")
+    blocks = ad.module(prefix)
+    try:
+        a, b = (int(x) for x in span.split(":"))
+    except ValueError:
+        raise ValueError(f"a block range must look like {form}, got {name!r}") from None
+    if not 0 <= a < b <= len(blocks):
+        raise ValueError(f"block range {name!r} is empty or outside 0..{len(blocks)}")
+    modules = [blocks[i] for i in range(a, b)]
+    io = ad.io(modules[0])
+    if io is None:
+        raise ValueError(f"{type(modules[0]).__name__} blocks are not residual; cannot inherit range {name!r}")
+    members = [f"{prefix}.{i}" for i in range(a, b)]
+    for m in members:
+        _claim(m, claimed)
+    rng = Range(name, modules, io)
+    for k, mod in enumerate(modules):
+        state.handle.add_hook(mod, RangeHook(state, rng, k), "")
+    state.names.append(name)
+
+def _claim(name: str, claimed: list[str]) -> None:
+    for c in claimed:
+        if c == name or name.startswith(c + ".") or c.startswith(name + "."):
+            raise ValueError(f"targets {c!r} and {name!r} overlap; give each module once")
+    claimed.append(name)
