@@ -36,16 +36,14 @@ The issue's goal: >= 40 % less decoding time at >= 97 % of the unaccelerated exa
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import harness
 import torch
 from mmskip.vision.mue import MuEConfig
 
@@ -53,7 +51,6 @@ import mmskip
 from mmskip._phase import get_cache
 from mmskip.zoo import florence_data as D
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SMOKE_MODEL = "tiny random Florence-2 (2+2 layers, d=32)"
 MAX_NEW_TOKENS = 12
 CHUNK = 10
@@ -288,13 +285,10 @@ def run_config(model, tok, setup: Setup, data: D.Batch, plain_preds: list[str] |
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.arguments(__doc__, repeats=1, threads=None,
+                          smoke=f"seconds: {SMOKE_MODEL}, 1 strip per task, 5 configs, 1 round")
     p.add_argument("--model", default="digits-florence", help="zoo name or from_pretrained folder")
     p.add_argument("--n", type=int, default=50, help="held-out strips per task")
-    p.add_argument("--repeats", type=int, default=1, help="rounds of paired timing runs per config")
-    p.add_argument("--out", default=None, help="JSON path (default results/mue.json; .md and .png beside it); "
-                   "with --smoke nothing is written unless given")
-    p.add_argument("--smoke", action="store_true", help=f"seconds: {SMOKE_MODEL}, 1 strip per task, 5 configs, 1 round")
     args = p.parse_args(argv)
     if args.smoke:
         args.n, args.repeats = 1, 1
@@ -317,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": SMOKE_MODEL if args.smoke else args.model, "n_per_task": args.n, "items": len(data),
         "repeats": args.repeats, "threads": 1, "encoder_layers": n_enc, "decoder_layers": n_dec,
         "max_new_tokens": MAX_NEW_TOKENS, "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": harness.machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     table = _table(rows, meta)
@@ -325,12 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"meta": meta, "rows": rows}
     if args.smoke and not args.out:
         return res
-    out = Path(args.out) if args.out else RESULTS / "mue.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(table + "\n" + NOTES)
-    _plot(rows, meta, out.with_suffix(".png"))
-    print(f"\nwrote {out}, {out.with_suffix('.md').name}, {out.with_suffix('.png').name}")
+    harness.write(args.out or harness.RESULTS / "mue.json", res, table + "\n" + NOTES,
+                  lambda png: _plot(rows, meta, png))
     return res
 
 
@@ -368,11 +358,7 @@ def _table(rows: list[dict], meta: dict) -> str:
 
 
 def _plot(rows: list[dict], meta: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 5))
-    FigureCanvasAgg(fig)
+    fig = harness.figure(figsize=(12, 5))
     markers = {"plain": "*", "mue": "o", "truncate": "s", "calm": "^"}
     for j, (key, label) in enumerate((("decode_time_fraction", "decode time (generate) / unmodified"),
                                       ("decoder_layer_tokens", "decoder layer-tokens / unmodified"))):
