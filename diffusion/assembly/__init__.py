@@ -14,9 +14,14 @@ full one and recovers its quality by distillation:
     assembly.save_assembled(student, "out/unet")
 
 ``python -m mmskip.diffusion.assembly`` runs the whole recipe on the zoo's ``digits-sd``.
+
+The bypass that measures an edit is a technique (id ``assembly``):
+:class:`AssemblyBypassConfig` (:mod:`.config`), :class:`BypassState` (:mod:`.state`), its hook
+and ``attach`` (:mod:`.hooks`); :func:`bypassed` applies it for a ``with`` block.
 """
 
 from .condconv import MECondConv2d, condconv_targets, insert_condconv
+from .config import AssemblyBypassConfig
 from .distill import DistillConfig, distill, shared_features
 from .importance import (
     CalibrationBatch,
@@ -28,6 +33,7 @@ from .importance import (
 )
 from .io import load_assembled, save_assembled
 from .plan import Edit, assemble_unet, assembled_config, candidate_edits, flops_per_call, parameter_count
+from .state import BypassState
 
 __all__ = [
     "Edit",
@@ -38,6 +44,8 @@ __all__ = [
     "flops_per_call",
     "CalibrationBatch",
     "bypassed",
+    "AssemblyBypassConfig",
+    "BypassState",
     "edit_importance",
     "edit_savings",
     "sampled_latents",

@@ -6,33 +6,35 @@ module the edit removes is bypassed (a residual unit returns its input, read and
 with the same :class:`~mmskip.diffusion.adapters.ResidualIO` that feature inheritance
 uses), and an output of the teacher is compared with the unmodified one:
 ``importance = ||y_bypassed - y||^2 / ||y||^2``, where ``y`` is the noise prediction on
-calibration inputs or, better for generation, the final latents of a short sampling run. The hooks are removed afterwards; the
-UNet is left exactly as it was.
+calibration inputs or, better for generation, the final latents of a short sampling run. The
+bypass is a technique (:class:`~.config.AssemblyBypassConfig`, applied with ``mmskip.apply``,
+removed exactly); :func:`bypassed` applies it for a ``with`` block, so the UNet is left
+exactly as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
 from torch import nn
 
-from mmskip.inject import attach_hook
-from mmskip.registry import get_adapter
+from mmskip.inject import SkipHandle, apply
 
-from ..adapters import ResidualIO
+from .config import AssemblyBypassConfig
 from .plan import Edit, candidate_edits, flops_per_call
 
 __all__ = ["CalibrationBatch", "bypassed", "edit_importance", "sampled_latents", "edit_savings", "choose_edits"]
 
 logger = logging.getLogger(__name__)
 
-_HOOK = "mmskip_assembly_bypass"
+# the UNets inside bypassed() blocks: the modules of each enclosing block, and the handle applied now
+_OPEN: weakref.WeakKeyDictionary[nn.Module, tuple[list[tuple[str, ...]], list[SkipHandle]]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -44,36 +46,30 @@ class CalibrationBatch:
     context: torch.Tensor
 
 
-class _Bypass(ModelHook):
-    """Return the module's input stream as its output (the module contributes nothing)."""
-
-    def __init__(self, module: nn.Module, io: ResidualIO | None) -> None:
-        super().__init__()
-        name = type(module).__name__
-        self.io = io
-        self.mid = name.startswith("UNetMidBlock")
-        if self.io is None and not self.mid:
-            raise TypeError(f"cannot bypass {name}: not a residual unit")
-
-    def new_forward(self, module: nn.Module, *args, **kwargs):
-        if self.mid:  # a mid block maps hidden_states to the same shape; removing it passes them on
-            return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return self.io.build(self.io.inputs(args, kwargs), args, kwargs)
-
-
 @contextmanager
 def bypassed(unet: nn.Module, edit: Edit) -> Iterator[nn.Module]:
-    """``unet`` with the modules of ``edit`` bypassed (as if removed) inside the block."""
-    adapter = get_adapter(unet, "diffusion")
-    detach = []
+    """``unet`` with the modules of ``edit`` bypassed (as if removed) inside the block: an
+    :class:`~.config.AssemblyBypassConfig` applied for the block. Blocks nested on one UNet bypass
+    the union of their edits (the enclosing block's config is re-applied with this edit's modules
+    added, and restored when this block ends)."""
+    blocks, current = _OPEN.setdefault(unet, ([], []))
+
+    def reapply() -> None:
+        while current:
+            current.pop().remove()
+        if blocks:
+            modules = tuple(dict.fromkeys(m for b in blocks for m in b))
+            current.append(apply(unet, AssemblyBypassConfig(modules=modules)))
+
+    blocks.append(tuple(edit.modules))
     try:
-        for name in edit.modules:
-            mod = unet.get_submodule(name)
-            detach.append(attach_hook(mod, _Bypass(mod, adapter.io(mod)), _HOOK))
+        reapply()
         yield unet
     finally:
-        for d in reversed(detach):
-            d()
+        blocks.pop()
+        reapply()
+        if not blocks:
+            _OPEN.pop(unet, None)
 
 
 @torch.no_grad()

@@ -5,13 +5,19 @@ ControlNet by skipping it (:func:`relevance`), put fewer, relevance-sized blocks
 control matters (:func:`allocate`), and build them from Two-Dimensional Shuffle Mixers
 (:class:`TDSMBlock`) in :class:`RelaCtrlFluxNet`, a drop-in for ``FluxControlNetModel`` in
 ``FluxControlNetPipeline``. :func:`train_control` trains any Flux control branch with the base
-frozen; :func:`skipped_control` drops positions of an existing ControlNet at inference.
+frozen; :class:`ControlSkipConfig` (technique ``relactrl``, ``mmskip.apply(controlnet, config)``)
+drops positions of an existing ControlNet at inference, :func:`skipped_control` for a ``with`` block.
+
+The skipping technique's four parts: :mod:`.config`, :mod:`.state`, :mod:`.hooks` (and ``attach``);
+:mod:`.positions` says where a ControlNet's control positions are.
 """
 
 from .allocate import BranchPlan, allocate
 from .branch import RelaCtrlFluxNet
+from .config import ControlSkipConfig
 from .positions import ControlPosition, UnsupportedControlNetError, control_positions, skipped_control
 from .relevance import RelevanceReport, generate_controlled, relevance
+from .state import ControlSkipState
 from .tdsm import TDSMBlock
 from .train import ControlData, ControlTrainConfig, train_control
 
@@ -25,6 +31,8 @@ __all__ = [
     "TDSMBlock",
     "control_positions",
     "skipped_control",
+    "ControlSkipConfig",
+    "ControlSkipState",
     "ControlPosition",
     "UnsupportedControlNetError",
     "ControlData",

@@ -5,7 +5,8 @@ A transformer ControlNet (PixArt-δ, diffusers' ``FluxControlNetModel`` and
 zero-initialised projection turns the chain's state into a residual that the base model adds
 after its block at position ``i``. *Skipping* control position ``i`` (RelaCtrl's relevance
 probe) means the block passes its input on and its projection adds nothing; neither is
-computed. Skipping goes through ``diffusers.hooks`` and is removed exactly afterwards.
+computed. Skipping is a technique (:class:`~.config.ControlSkipConfig`, applied with
+``mmskip.apply``, removed exactly); :func:`skipped_control` applies it for a ``with`` block.
 """
 
 from __future__ import annotations
@@ -14,18 +15,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
-from diffusers.hooks import ModelHook
 from torch import nn
 
-from mmskip.inject import attach_hook
+from mmskip.inject import applied
 
 from ..adapters import ResidualIO, registry_io
+from .config import ControlSkipConfig
 from .tdsm import TDSM_IO, TDSMBlock
 
-__all__ = ["ControlPosition", "control_positions", "skipped_control", "UnsupportedControlNetError"]
-
-_HOOK = "mmskip_relactrl_skip"
+__all__ = ["ControlPosition", "control_positions", "skipped_control", "UnsupportedControlNetError", "block_io"]
 
 # (block list, projection list, position-name prefix, offset of the base position)
 _LAYOUTS = (("transformer_blocks", "controlnet_blocks", "double"),
@@ -50,7 +48,8 @@ class ControlPosition:
     projection: nn.Module
 
 
-def _io(block: nn.Module) -> ResidualIO:
+def block_io(block: nn.Module) -> ResidualIO:
+    """How a control block's stream is read and rebuilt (to pass its input on)."""
     if isinstance(block, TDSMBlock):
         return TDSM_IO
     io = registry_io(type(block))
@@ -82,41 +81,9 @@ def control_positions(controlnet: nn.Module) -> list[ControlPosition]:
     return found
 
 
-class _PassThrough(ModelHook):
-    """The control block returns its input: the chain goes on as if the block were absent."""
-
-    def __init__(self, io: ResidualIO) -> None:
-        super().__init__()
-        self.io = io
-
-    def new_forward(self, module: nn.Module, *args, **kwargs):
-        return self.io.build(self.io.inputs(args, kwargs), args, kwargs)
-
-
-class _Zero(ModelHook):
-    """The projection contributes a zero residual (not computed)."""
-
-    def new_forward(self, module: nn.Module, *args, **kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        out = module.out_features if isinstance(module, nn.Linear) else x.shape[-1]
-        return torch.zeros(*x.shape[:-1], out, dtype=x.dtype, device=x.device)
-
-
 @contextmanager
 def skipped_control(controlnet: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
-    """``controlnet`` with the control positions ``names`` skipped; restored exactly on exit."""
-    by_name = {p.name: p for p in control_positions(controlnet)}
-    names = list(names)
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ValueError(f"unknown control positions {unknown}; this ControlNet has {list(by_name)}")
-    detach = []
-    try:
-        for n in names:
-            pos = by_name[n]
-            detach.append(attach_hook(pos.block, _PassThrough(_io(pos.block)), _HOOK))
-            detach.append(attach_hook(pos.projection, _Zero(), _HOOK))
+    """``controlnet`` with the control positions ``names`` skipped (:class:`~.config.ControlSkipConfig`
+    applied for the block); restored exactly on exit."""
+    with applied(controlnet, ControlSkipConfig(positions=tuple(names))):
         yield controlnet
-    finally:
-        for d in reversed(detach):
-            d()
