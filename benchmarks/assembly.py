@@ -28,13 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _diffusion_methods as dm
+import _diffusion_models as zm
+import harness
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _diffusion_methods as dm  # noqa: E402
-import _diffusion_models as zm  # noqa: E402
-
-import diffusion as bench  # noqa: E402
+import diffusion as bench
 
 FI_SPEC = "fi=interval:2 targets=deepcache"
 
@@ -157,21 +156,17 @@ def make_methods(args: argparse.Namespace, record: dict[str, Any]) -> Callable[[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.arguments(__doc__, full_doc=True, smoke="every code path on tiny models, seconds")
     ap.add_argument("--assembled", type=Path, default=None, help="the recipe's output folder (default: the zoo's)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--time-batch", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    harness.setup(args)
     args.sampler, args.steps, args.guidance, args.specs, args.only, args.seed = None, None, None, [], None, 0
     if args.smoke:
         args.n, args.steps, args.repeats, args.batch, args.time_batch = 2, 4, 1, 2, 2
-    out = args.out or bench.RESULTS / ("assembly_smoke.json" if args.smoke else "assembly.json")
+    out = args.out or harness.RESULTS / ("assembly_smoke.json" if args.smoke else "assembly.json")
     args.out = out
     out.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {}
@@ -179,14 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     res.update(record)
     results = {"torch_threads": torch.get_num_threads(), "device": "cpu", "n": args.n, "guidance_scale": 4.0,
                "repeats": args.repeats, "models": {"digits-sd": res}}
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     nets = "\n".join(f"- {k}: {v['parameters']:,} parameters, {v['flops_per_step']:.3f} of the full UNet's FLOPs per step"
                      for k, v in record["networks"].items())
     text = f"Removed by assembly: {', '.join(record['edits'])}\n\n{nets}\n\n" + bench.print_table("digits-sd", res)
-    out.with_suffix(".md").write_text(text + "\n")
     bench.COLORS.update({"assembly": "tab:brown", "removal": "tab:pink", "assembly+fi": "tab:orange"})
-    bench.plot(results, out.with_name(out.stem + "_pareto.png"))
-    print(f"wrote {out}")
+    harness.write(out, results, text, lambda png: bench.plot(results, png), out.with_name(out.stem + "_pareto.png"))
     return 0
 
 

@@ -39,13 +39,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _diffusion_methods as dm
+import _diffusion_models as zm
+import harness
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _diffusion_methods as dm  # noqa: E402
-import _diffusion_models as zm  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = harness.RESULTS
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -248,13 +247,9 @@ COLORS = {"baseline": "black", "noise-floor": "lightgray", "fewer-steps": "tab:g
 def plot(results: dict[str, Any], path: Path) -> None:
     """Speedup vs FID (top) and vs PSNR to the baseline's images (bottom), one column per model; the
     fewer-steps front is drawn as a line through the baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(results["models"])
-    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False)
+    fig = harness.figure(figsize=(7 * len(models), 9))
+    axes = fig.subplots(2, len(models), squeeze=False)
     for col, name in enumerate(models):
         res = results["models"][name]
         rows = [r for r in res["rows"] if "speedup" in r]
@@ -296,7 +291,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    print(f"wrote {path}")
 
 
 def add_rows(path: Path, name: str, new: dict[str, Any]) -> dict[str, Any]:
@@ -325,20 +319,17 @@ def merge(parts: list[Path], out: Path) -> int:
         for name, res in d["models"].items():
             results["models"][name] = res
             results["runs"][name] = {k: v for k, v in d.items() if k != "models"}
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     tables = []
     for name, res in results["models"].items():
         run = results["runs"][name]
         head = f"torch.set_num_threads({run['torch_threads']}), CPU, n={run['n']} images, CFG {run['guidance_scale']}"
         tables.append(head + "\n\n" + print_table(name, res))
-    out.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
-    plot(results, out.with_name(out.stem + "_pareto.png"))
-    print(f"wrote {out}")
+    harness.write(out, results, "\n\n".join(tables), lambda png: plot(results, png), out.with_name(out.stem + "_pareto.png"))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.arguments(__doc__, full_doc=True, smoke="tiny pipelines, every code path, seconds")
     ap.add_argument("--models", nargs="+", default=["scenes-flux", "digits-dit", "digits-sd"])
     ap.add_argument("--sampler", choices=zm.SAMPLERS, default=None,
                     help="default: dpm++2m for the digits models, euler (flow matching) for scenes-flux")
@@ -347,21 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="paired timings per method: baseline then method on --time-batch images, alternating")
-    ap.add_argument("--time-batch", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--time-batch", type=int, default=50, help="images per paired timing (--repeats pairs: "
+                    "baseline then method, alternating)")
     ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these")
     ap.add_argument("--specs", nargs="*", default=[], help="more mmskip specs (see benchmarks/_diffusion_methods.py)")
-    ap.add_argument("--smoke", action="store_true", help="tiny pipelines, every code path, seconds")
-    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--merge", nargs="+", type=Path, help="combine earlier result JSONs (one per model) into --out")
     ap.add_argument("--add-to", type=Path, default=None,
                     help="an earlier result JSON of the same settings: this run's rows (with --only) are added to it")
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out or RESULTS / "diffusion.json")
-    torch.set_num_threads(args.threads)
+    harness.setup(args)
     if args.smoke:  # every code path, as little work as possible
         args.n, args.steps, args.repeats = min(args.n, 2), min(args.steps or 4, 4), min(args.repeats, 1)
         args.batch, args.time_batch = min(args.batch, 2), min(args.time_batch, 2)
@@ -380,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             results = add_rows(args.add_to, name, results)
         out.write_text(json.dumps(results, indent=1, default=str) + "\n")
         tables.append(print_table(name, results["models"][name]))
-    (out.with_suffix(".md")).write_text("\n\n".join(tables) + "\n")
-    plot(results, out.with_name(out.stem + "_pareto.png"))
-    print(f"wrote {out}")
+    harness.write(out, results, "\n\n".join(tables), lambda png: plot(results, png), out.with_name(out.stem + "_pareto.png"))
     return 0
 
 

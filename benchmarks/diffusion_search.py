@@ -20,21 +20,18 @@ The winners are then measured with wall time and the quality metrics by ``benchm
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _diffusion_methods as dm
+import _diffusion_models as zm
+import harness
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _diffusion_methods as dm  # noqa: E402
-import _diffusion_models as zm  # noqa: E402
-
-import diffusion as bench  # noqa: E402
+import diffusion as bench
 
 OFFSET, SEED = 2000, 5000
 TARGETS = {"dit": ("default", "deep", "all"), "sd": ("default", "deepcache"), "flux": ("default", "deep", "all", "single")}
@@ -89,12 +86,8 @@ def margin(front: list[tuple[float, float]], row: dict[str, Any]) -> float | Non
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig = harness.figure(figsize=(8, 5.5))
+    ax = fig.add_subplot()
     fr = sorted((r["bound"], r["psnr"]) for r in res["front"])
     ax.plot([p[0] for p in fr], [p[1] for p in fr], "o-", color="tab:gray", label="fewer steps (front)")
     for stage, color in (("stage1", "tab:orange"), ("stage2", "tab:red")):
@@ -111,26 +104,21 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.arguments(__doc__, repeats=None, full_doc=True, smoke="tiny pipelines, a few configurations, seconds")
     ap.add_argument("--model", default="scenes-flux", choices=["scenes-flux", "digits-dit", "digits-sd"])
     ap.add_argument("--sampler", choices=zm.SAMPLERS, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--n", type=int, default=48, help="calibration images per configuration")
     ap.add_argument("--top", type=int, default=6, help="stage-1 configurations carried into stage 2")
     ap.add_argument("--min-bound", type=float, default=1.3, help="stage 2 keeps configurations at least this fast")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--smoke", action="store_true", help="tiny pipelines, a few configurations, seconds")
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    harness.setup(args)
     if args.smoke:
         args.n, args.top, args.steps = 2, 1, args.steps or 6
-    out = args.out or bench.RESULTS / f"diffusion_search_{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out or harness.RESULTS / f"diffusion_search_{args.model}.json"
     model = zm.load(args.model, args.smoke, args.sampler, args.steps, metrics=False)
     headline = f"{model.sampler}-{model.steps}"
     batch = args.n
@@ -174,14 +162,12 @@ def main(argv: list[str] | None = None) -> int:
            "threads": torch.get_num_threads(), "baseline": base, "front": front, "stage1": stage1, "stage2": stage2,
            "best": best[:12], "search_s": time.perf_counter() - t_start,
            "best_by_speed": {f">={b}x": next((r for r in best if r["bound"] >= b), None) for b in (1.5, 1.8, 2.5, 3.5)}}
-    out.write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"## {args.model}: search, {len(stage1)} + {len(stage2)} configurations, {args.n} calibration images, "
              f"{res['search_s'] / 60:.0f} min", "", "| spec | FLOPs bound | PSNR dB | above front (dB) |", "|---|---|---|---|"]
     lines += [f"| {r['spec']} | {r['bound']:.2f} | {r['psnr']:.2f} | {r['margin_db']:+.2f} |" for r in best[:12]]
     lines += ["", "Front (fewer steps): " + ", ".join(f"{r['steps']}: {r['bound']:.2f}x {r['psnr']:.1f} dB" for r in front)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(res, out.with_suffix(".png"))
+    harness.write(out, res, "\n".join(lines), lambda png: plot(res, png))
     return 0
 
 
