@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import re
@@ -69,6 +68,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import harness
 from _diffusers_suite_cases import (
     STANDIN_NOTE,
     SUITES,
@@ -82,7 +82,6 @@ from _diffusers_suite_cases import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 # --------------------------------------------------------------------------------------------------
 # running and reading the results
@@ -359,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=120, help="per-test timeout, seconds (pytest-timeout)")
     ap.add_argument("--suite-timeout", type=int, default=900, help="per-suite wall-clock limit, seconds")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmskip_diffusers_suite"), help="temporary tree")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for diffusers_suite.{json,md}")
+    ap.add_argument("--out", type=Path, default=harness.RESULTS, help="folder for diffusers_suite.{json,md}")
     args = ap.parse_args(argv)
 
     import diffusers
@@ -409,12 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["seconds"] = round(time.perf_counter() - start, 1)
     data = {"meta": meta, "suites": suites}
     md = markdown(data)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "diffusers_suite.json").write_text(json.dumps(data, indent=2) + "\n")
-    (args.out / "diffusers_suite.md").write_text(md)
     print()
     print(md)
-    print(f"wrote {args.out / 'diffusers_suite.json'} and {args.out / 'diffusers_suite.md'}")
+    harness.write(args.out / "diffusers_suite.json", data, md, indent=2)
     return 0
 
 

@@ -52,6 +52,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import harness
 from _transformers_suite_sources import (  # noqa: F401  (the script's API)
     SUITES,
     VARIANTS,
@@ -62,7 +63,6 @@ from _transformers_suite_sources import (  # noqa: F401  (the script's API)
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 TESTS_COMMIT = "decba1d2ea4ed3cbf0495d1828abad4b2dba1846"
 
 # Failures inherent to skipping: regex searched in "<variant>::<test name>" -> reason. Everything else is breakage.
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-timeout", type=int, default=1800, help="wall-clock limit per pytest run, seconds")
     ap.add_argument("--workers", type=int, default=1, help="pytest-xdist workers per run (-n)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmskip_transformers_suite"), help="temporary tree")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for transformers_suite.{json,md}")
+    ap.add_argument("--out", type=Path, default=harness.RESULTS, help="folder for transformers_suite.{json,md}")
     args = ap.parse_args(argv)
     suites = [s for s in args.only.split(",") if s] or list(SUITES)
     variants = [v for v in args.variants.split(",") if v] or list(VARIANTS)
@@ -352,11 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         data["suites"][key] = {"test_file": test_file, "parent_class": parent, "runs": runs}
     meta["seconds"] = round(time.perf_counter() - start, 1)
     md = markdown(data)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "transformers_suite.json").write_text(json.dumps(data, indent=1) + "\n")
-    (args.out / "transformers_suite.md").write_text(md)
     print("\n" + md)
-    print(f"wrote {args.out / 'transformers_suite.json'} and {args.out / 'transformers_suite.md'}")
+    harness.write(args.out / "transformers_suite.json", data, md)
     return 0
 
 
