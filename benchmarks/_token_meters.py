@@ -1,8 +1,7 @@
-"""Meters for the vision- and video-token benchmarks: prefill FLOPs, KV bytes and prefill time.
+"""Meters for the vision- and video-token benchmarks: prefill FLOPs and KV bytes.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` inside the language model's
-decoder layers (and over the whole forward); KV bytes are read off the cache a prefill leaves;
-time is one clock read through :mod:`mmskip.timing` (CUDA synced).
+decoder layers (and over the whole forward); KV bytes are read off the cache a prefill leaves.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmskip.registry import get_adapter
-from mmskip.timing import repeated
 
 
 @torch.no_grad()
@@ -56,7 +54,3 @@ def layer_flops(model, inp: dict[str, torch.Tensor]) -> tuple[float, float, int]
     inside = sum(sum(v.values()) for name, v in counts.items() if name in keys)
     return float(inside), float(fc.get_total_flops()), cache_bytes(out)
 
-
-def timed(model, inp: dict[str, torch.Tensor]) -> float:
-    """Seconds of one prefill (no warm-up: callers pair it with the baseline's)."""
-    return repeated(lambda: prefill(model, inp), repeats=1, warmup=0)[0]

@@ -20,7 +20,8 @@ Measured per config on the held-out questions (first N of each type; batches hol
 number of clips): accuracy (argmax of the prefill's last logits vs the one-token answer); *vision compute skipped* = the fraction of (frame token, layer) pairs that
 did not run, predicted from the schedule and measured from the routing; prefill FLOPs inside the decoder
 layers (``FlopCounterMode``) and KV bytes, predicted (``handle.stats()``) and measured, vs the unmodified
-model; prefill speedup = median over ``--repeats`` pairs (unmodified, then config) of a batch prefill, 1 thread.
+model; prefill speedup = median over ``--repeats`` interleaved pairs (``mmskip.timing.paired``: unmodified
+and config, applied once on a copy) of a batch prefill, 1 thread.
 
 Streaming: two-clip held-out videos fed clip by clip through ``mmskip.vision.VideoStream`` (routing decided
 as each clip arrives, before the question is known), then the question: accuracy, KV bytes per streamed
@@ -29,6 +30,7 @@ frame and seconds per clip, unmodified vs VideoLLM-MoD.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import statistics
@@ -39,7 +41,7 @@ from typing import Any, NamedTuple
 import harness
 import torch
 import torch.nn.functional as F
-from _token_meters import layer_flops, prefill, timed
+from _token_meters import layer_flops, prefill
 from _token_peers import fastv_ranking, random_ranking
 from mmskip.vision import MoDConfig, VideoMoDConfig, VideoStream
 
@@ -205,21 +207,20 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
         acc, preds = accuracy(model, tok, data, att.per_frame, args.eval_batch)
     finally:
         att.remove()
-    speedups, t_cfg, t_plain = [], [], []
-    for _ in range(args.repeats):
-        t_plain.append(timed(model, plain["inputs"]))
-        att = Attached(model, setup, seed=args.seed)
-        try:
-            t_cfg.append(timed(model, inp))
-        finally:
-            att.remove()
-        speedups.append(t_plain[-1] / t_cfg[-1])
+    twin = copy.deepcopy(model)  # the config applied once, on a copy: applying is not timed
+    att = Attached(twin, setup, seed=args.seed)
+    try:  # paired, interleaved prefills of the unmodified model and the config (mmskip.timing)
+        t = harness.paired(lambda: prefill(model, plain["inputs"]), {"config": lambda: prefill(twin, inp)},
+                           repeats=args.repeats)["config"]
+    finally:
+        att.remove()
     row = {
         "config": setup.name, "signal": setup.signal, "kind": setup.kind, "ratio": setup.ratio,
         "vision_skipped_predicted": skipped[0], "vision_skipped_measured": skipped[1],
         "flops_predicted": pred_flops, "flops_measured": flops / plain["flops"],
         "kv_predicted": pred_kv, "kv_measured": kv / plain["kv"],
-        "prefill_speedup": statistics.median(speedups), "prefill_s": statistics.median(t_cfg),
+        "prefill_speedup": t.speedup, "prefill_speedup_spread": list(t.spread), "prefill_s": t.seconds,
+        "prefill_s_plain": t.baseline_seconds,
         **{f"acc_{t}": v for t, v in acc.items()},
         "acc_all_se": math.sqrt(acc["all"] * (1 - acc["all"]) / len(preds)),
         "agree_unmodified": None if plain.get("preds") is None
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.smoke:
         args.model = args.model if args.model != "digits-video" else SMOKE_MODEL
-        args.n, args.batch, args.repeats, args.stream = 4, 4, 1, 2
+        args.n, args.batch, args.repeats, args.stream = 4, 4, 3, 2
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model, tok = build_model(args.model)

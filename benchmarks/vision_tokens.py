@@ -33,21 +33,22 @@ Measured per config, on the held-out questions (the first N of each type of the 
   ``flops_model_measured`` (the whole forward: vision tower, projector, LM head on the last token);
 * KV bytes: predicted ``kv_fraction`` from the stats vs measured = the bytes of every layer's cached K and V
   after that prefill / the unmodified model's;
-* prefill time: ``--repeats`` pairs (unmodified, then config) of a batch-16 prefill with
-  ``torch.set_num_threads(1)``; speedup = median over pairs of ``t_plain / t_config``.
+* prefill time: ``--repeats`` interleaved pairs (``mmskip.timing.paired``: unmodified and config, the
+  config applied once on a copy) of a batch-16 prefill with ``torch.set_num_threads(1)``; speedup =
+  median over pairs of ``t_plain / t_config``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import harness
 import torch
-from _token_meters import eager_layer_flops, kv_per_token, layer_flops, prefill, timed
+from _token_meters import eager_layer_flops, kv_per_token, layer_flops, prefill
 from _token_peers import fastv_ranking, pool_2x2, random_ranking
 from mmskip.vision import MoDConfig
 
@@ -284,15 +285,13 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
         acc, preds = accuracy(model, tok, data, att.n_image, args.eval_batch)
     finally:
         att.remove()
-    speedups, t_cfg, t_plain = [], [], []
-    for _ in range(args.repeats):  # paired: unmodified, then the config
-        t_plain.append(timed(model, plain["inputs"]))
-        att = Attached(model, setup, seed=args.seed)
-        try:
-            t_cfg.append(timed(model, inp))
-        finally:
-            att.remove()
-        speedups.append(t_plain[-1] / t_cfg[-1])
+    twin = copy.deepcopy(model)  # the config applied once, on a copy: applying is not timed
+    att = Attached(twin, setup, seed=args.seed)
+    try:  # paired, interleaved prefills of the unmodified model and the config (mmskip.timing)
+        t = harness.paired(lambda: prefill(model, plain["inputs"]), {"config": lambda: prefill(twin, inp)},
+                           repeats=args.repeats)["config"]
+    finally:
+        att.remove()
     row = {
         "config": setup.name,
         "signal": setup.signal,
@@ -308,9 +307,8 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
         "kv_bytes_predicted": kv_per_token(model) * tokens
         if stats is None
         else stats["kv_bytes_full"] - stats["kv_bytes_saved"],
-        "prefill_speedup": statistics.median(speedups),
-        "prefill_s": statistics.median(t_cfg),
-        "prefill_s_plain": statistics.median(t_plain),
+        "prefill_speedup": t.speedup, "prefill_speedup_spread": list(t.spread),
+        "prefill_s": t.seconds, "prefill_s_plain": t.baseline_seconds,
         **{f"acc_{t}": v for t, v in acc.items()},
         "acc_all_se": math.sqrt(acc["all"] * (1 - acc["all"]) / len(preds)),
         "agree_unmodified": None
@@ -328,7 +326,7 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
 
 def main(argv: list[str] | None = None) -> dict:
     p = harness.arguments(__doc__, repeats=7, threads=None,
-                          smoke=f"seconds: {SMOKE_MODEL}, 4 questions per type, 1 pair")
+                          smoke=f"seconds: {SMOKE_MODEL}, 4 questions per type, 3 pairs")
     p.add_argument("--model", default="digits-llava", help="zoo name or from_pretrained folder")
     p.add_argument("--n", type=int, default=100, help="held-out questions per type")
     p.add_argument("--batch", type=int, default=16, help="prefill batch for FLOPs, KV and timing")
@@ -337,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.smoke:
         args.model = args.model if args.model != "digits-llava" else SMOKE_MODEL
-        args.n, args.batch, args.repeats = 4, 4, 1
+        args.n, args.batch, args.repeats = 4, 4, 3
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model, tok = build_model(args.model)
@@ -396,7 +394,7 @@ cost; pooling: prompt tokens / plain prompt tokens); measured = FlopCounterMode 
 one prefill of the probe batch, / the unmodified model's (sdpa's attention scores are not counted on CPU;
 JSON `flops_eager_measured` counts them, with eager attention; `flops_model_measured` is the whole forward).
 KV: predicted `kv_fraction` vs bytes of every layer's cached K/V after that prefill / the unmodified model's.
-Speedup: median over pairs (unmodified, then config) of batch-size prefill times, 1 thread, whole forward
+Speedup: median over interleaved pairs (unmodified and config) of batch-size prefill times, 1 thread, whole forward
 (vision tower included). Accuracy: argmax of the prefill's last logits vs the one-token answer.
 FastV: layers < K full; at layer K the vision tokens are ranked once by layer K-1's last-token attention
 (mean over heads) and the rest dropped for all later layers; R chosen to match the p-MoD config's kept
