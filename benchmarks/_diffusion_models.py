@@ -147,7 +147,7 @@ def _digits(name: str, smoke: bool, sampler: str, steps: int, guidance: float, m
 def _tiny_digits(dit: bool) -> Any:
     import tempfile
 
-    from mmskip.diffusion.testing import tiny_pipeline_components, tiny_unet
+    from _test_denoisers import tiny_pipeline_components, tiny_unet
     from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
 
     from mmskip.zoo.sd_model import make_text_encoder

@@ -54,8 +54,8 @@ def _randn(*shape: int, seed: int, dev: torch.device, dtype: torch.dtype = torch
 
 
 def build_sd15(dev: torch.device, smoke: bool, steps: int, args: argparse.Namespace) -> Bench:
+    from _test_denoisers import tiny_unet
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from mmskip.diffusion.testing import tiny_unet
 
     dtype = torch.float32 if smoke else torch.float16
     hw, txt = (8, (5, 16)) if smoke else (64, (77, 768))

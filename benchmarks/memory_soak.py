@@ -73,8 +73,8 @@ def llm_steps() -> dict[str, Callable[[], None]]:
 
 
 def pipeline_step() -> Callable[[], None]:
+    from _test_denoisers import tiny_pipeline_components
     from mmskip.diffusion import FeatureInheritanceConfig
-    from mmskip.diffusion.testing import tiny_pipeline_components
     from mmskip.pipelines import SkipStableDiffusionPipeline
 
     from mmskip.schedules import interval

@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from mmskip.diffusion import assembly
-from mmskip.diffusion.testing import tiny_unet
 from torch import nn
+
+from ._tiny import tiny_unet
 
 
 def _inputs(n: int = 3, seed: int = 0) -> assembly.CalibrationBatch:

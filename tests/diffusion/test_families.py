@@ -11,14 +11,15 @@ import torch
 from mmskip.diffusion import FeatureInheritanceConfig
 from mmskip.diffusion.adapters.block_registry import registered_block_classes, registry_io
 from mmskip.diffusion.adapters.denoisers import _IO_BY_CLASS, registry_families
-from mmskip.diffusion.testing import target_modules
-from mmskip.diffusion.testing_families import FAMILIES, family_inputs, family_timesteps, tiny_family
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmskip.inject import applied, apply
 from mmskip.registry import UnsupportedModelError, get_adapter, supported
 from mmskip.schedules import adaptive, interval
+
+from ._tiny import target_modules
+from ._tiny_families import FAMILIES, family_inputs, family_timesteps, tiny_family
 
 STACKS = {
     "flux": ("transformer_blocks", "single_transformer_blocks"),

@@ -6,7 +6,13 @@ import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig
 from mmskip.diffusion.step_schedules import from_changes, nonuniform
-from mmskip.diffusion.testing import (
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmskip.inject import SkipConfig, applied, apply
+from mmskip.registry import UnsupportedModelError
+from mmskip.schedules import adaptive, explicit, interval
+
+from ._tiny import (
     example_inputs,
     target_modules,
     tiny_dit,
@@ -14,11 +20,6 @@ from mmskip.diffusion.testing import (
     tiny_sd3,
     tiny_unet,
 )
-from torch.utils.flop_counter import FlopCounterMode
-
-from mmskip.inject import SkipConfig, applied, apply
-from mmskip.registry import UnsupportedModelError
-from mmskip.schedules import adaptive, explicit, interval
 
 BUILDERS = {
     "unet": tiny_unet,

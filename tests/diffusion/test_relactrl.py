@@ -19,8 +19,9 @@ from mmskip.diffusion.relactrl import (
     train_control,
 )
 from mmskip.diffusion.relactrl.tdsm import GroupedLinear, channel_shuffle
-from mmskip.diffusion.testing import tiny_sd3
-from mmskip.diffusion.testing_families import tiny_family
+
+from ._tiny import tiny_sd3
+from ._tiny_families import tiny_family
 
 
 def _grid_ids(h: int, w: int) -> torch.Tensor:

@@ -69,9 +69,9 @@ def test_refusals():
     with pytest.raises(ValueError, match="planned for 10 steps"):
         plan_sampler(EulerDiscreteScheduler(), 10, [0, 5]).set_timesteps(20)
     with pytest.raises(TypeError, match="enable_skip"):
-        from mmskip.diffusion.testing import tiny_dit
-
         from mmskip.inject import apply
+
+        from ._tiny import tiny_dit
 
         apply(tiny_dit(), StepSkipConfig())
     cfg = StepSkipConfig(schedule=interval(3, offset=2))

@@ -10,10 +10,11 @@ import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig
 from mmskip.diffusion.inheritance.state import MAX_SLOTS
-from mmskip.diffusion.testing import example_inputs, tiny_dit, tiny_unet
 
 from mmskip.inject import ConcurrentUseError, applied, apply
 from mmskip.schedules import explicit
+
+from ._tiny import example_inputs, tiny_dit, tiny_unet
 
 TIMESTEPS = (900.0, 700.0, 500.0)
 INHERIT = FeatureInheritanceConfig(schedule=explicit(keep=[0]))  # step 0 computes, later steps inherit

@@ -6,10 +6,11 @@ import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig, UNetSwitchConfig
 from mmskip.diffusion.assembly import assemble_unet, save_assembled
-from mmskip.diffusion.testing import tiny_pipeline_components
 from mmskip.pipelines import SkipStableDiffusionPipeline
 
 from mmskip.schedules import explicit, interval
+
+from ._tiny import tiny_pipeline_components
 
 
 def _pipe():

@@ -19,8 +19,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from mmskip.diffusion import FeatureInheritanceConfig, GaussianStats, GaussianTeleportConfig, StepSkipConfig
-from mmskip.diffusion.testing import tiny_pipeline_components
-from mmskip.diffusion.testing_families import family_inputs, tiny_family, tiny_family_pipeline_components
 from mmskip.pipelines import (
     SkipFluxControlNetPipeline,
     SkipStableDiffusionControlNetPipeline,
@@ -31,6 +29,9 @@ from mmskip.pipelines import (
 
 from mmskip.inject import applied
 from mmskip.schedules import explicit, interval
+
+from ..diffusion._tiny import tiny_pipeline_components
+from ..diffusion._tiny_families import family_inputs, tiny_family, tiny_family_pipeline_components
 
 
 def _img(pipe, kw, seed=0):

@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig, StepSkipConfig
-from mmskip.diffusion.testing import tiny_pipeline_components
 from mmskip.pipelines import SkipStableDiffusionPipeline
 
 from mmskip.schedules import interval
+
+from ..diffusion._tiny import tiny_pipeline_components
 
 
 def _pipe():

@@ -10,12 +10,12 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, DiTPipeline, EulerDiscreteScheduler, StableDiffusionPipeline
 from mmskip.diffusion import FeatureInheritanceConfig
-from mmskip.diffusion.testing import tiny_pipeline_components
 from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
 
 from mmskip.inject import applied
 from mmskip.schedules import interval
 
+from ..diffusion._tiny import tiny_pipeline_components
 from .test_skip_pipelines import PAIRS
 
 

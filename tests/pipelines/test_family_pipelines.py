@@ -11,10 +11,11 @@ import pytest
 import torch
 from diffusers import FluxPipeline, QwenImagePipeline, WanPipeline
 from mmskip.diffusion import FeatureInheritanceConfig, GaussianStats, GaussianTeleportConfig, StepSkipConfig
-from mmskip.diffusion.testing_families import tiny_family_pipeline_components
 from mmskip.pipelines import SkipFluxPipeline, SkipQwenImagePipeline, SkipWanPipeline
 
 from mmskip.schedules import interval
+
+from ..diffusion._tiny_families import tiny_family_pipeline_components
 
 PAIRS = {
     "flux": (FluxPipeline, SkipFluxPipeline),

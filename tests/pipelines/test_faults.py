@@ -18,11 +18,12 @@ from mmskip.diffusion import (
     UNetSwitchConfig,
 )
 from mmskip.diffusion.assembly import assemble_unet, save_assembled
-from mmskip.diffusion.testing import tiny_pipeline_components
 from mmskip.pipelines import SkipStableDiffusionPipeline
 
 import mmskip
 from mmskip.schedules import interval
+
+from ..diffusion._tiny import tiny_pipeline_components
 
 
 def _img(pipe, kw):

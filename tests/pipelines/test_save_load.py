@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig, GaussianStats, GaussianTeleportConfig, StepSkipConfig
-from mmskip.diffusion.testing import tiny_pipeline_components
 from mmskip.pipelines import SKIP_CONFIG_NAME, SkipDiTPipeline
 from mmskip.pipelines.mixin import load_skip_configs
 
 from mmskip.schedules import interval
+
+from ..diffusion._tiny import tiny_pipeline_components
 
 
 def _call(pipe, kw, seed=0):

@@ -16,12 +16,13 @@ import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline
 from mmskip.diffusion import FeatureInheritanceConfig, StepSkipConfig, UNetSwitchConfig
 from mmskip.diffusion.assembly import assemble_unet, save_assembled
-from mmskip.diffusion.testing import tiny_pipeline_components
-from mmskip.diffusion.testing_families import tiny_family_pipeline_components
 from mmskip.pipelines import SkipFluxPipeline, SkipStableDiffusionPipeline
 
 from mmskip import ConcurrentUseError
 from mmskip.schedules import interval
+
+from ..diffusion._tiny import tiny_pipeline_components
+from ..diffusion._tiny_families import tiny_family_pipeline_components
 
 WAIT = 60
 

@@ -28,7 +28,6 @@ from mmskip.diffusion import (
 )
 from mmskip.diffusion.gaussian_teleport import teleport_step
 from mmskip.diffusion.sampler import plan_sampler
-from mmskip.diffusion.testing import tiny_pipeline_components
 from mmskip.pipelines import (
     SKIP_CONFIG_NAME,
     SkipDiTPipeline,
@@ -40,6 +39,8 @@ from mmskip.pipelines import (
 
 from mmskip.inject import _CONFIGS, ConcurrentUseError, applied
 from mmskip.schedules import explicit, interval
+
+from ..diffusion._tiny import tiny_pipeline_components
 
 PAIRS = {
     "sd": (StableDiffusionPipeline, SkipStableDiffusionPipeline),

@@ -173,7 +173,7 @@ def tiny_family_pipeline_components(kind: str, seed: int = 0) -> tuple[dict, dic
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from .testing import tiny_vae
+    from ._tiny import tiny_vae
 
     g = torch.Generator().manual_seed(seed)
 
