@@ -14,9 +14,10 @@ Writes ``benchmarks/results/device_check_<device>.json``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import statistics
 import time
+from collections.abc import Callable
 
 import harness
 import torch
@@ -52,39 +53,49 @@ def _configs() -> dict[str, mmskip.SkipConfig]:
     }
 
 
+def _paired_on_copy(model: torch.nn.Module, config: mmskip.SkipConfig, gen: Callable[[torch.nn.Module], torch.Tensor],
+                    repeats: int) -> tuple[harness.Timing, torch.Tensor, torch.Tensor, dict]:
+    """Time ``gen(model)`` against ``gen(copy with config applied)`` in paired, interleaved rounds; the copy is
+    made and applied once, so applying is not timed. Returns the timing, both outputs and the last call's stats."""
+    twin, got = copy.deepcopy(model), {}
+    with mmskip.applied(twin, config) as handle:
+
+        def plain() -> None:
+            got["plain"] = gen(model)
+
+        def skip() -> None:
+            handle.reset_stats()  # the stats of the last call
+            got["skipped"] = gen(twin)
+
+        timing = harness.paired(plain, {"skip": skip}, repeats=repeats)["skip"]
+        return timing, got["plain"], got["skipped"], handle.stats()
+
+
 @torch.no_grad()
 def check_lm(name: str, device: torch.device, dtype: torch.dtype, new_tokens: int, repeats: int) -> list[dict]:
     model, ids = _lm(name, device, dtype)
     ref_logits = model(input_ids=ids).logits
 
-    def gen() -> tuple[float, torch.Tensor]:
-        harness.sync()
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0)
-        harness.sync()
-        return time.perf_counter() - t0, out[0, ids.shape[1]:]
+    def gen(m: torch.nn.Module) -> torch.Tensor:
+        out = m.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0)
+        return out[0, ids.shape[1]:]
 
-    gen()  # warm-up
+    gen(model)  # warm-up
     rows = []
     for label, config in _configs().items():
         with mmskip.applied(model, config) as handle:
-            gen()  # warm-up; SWIFT searches its layer set here
+            gen(model)  # warm-up; SWIFT searches its layer set here
             found = handle.stats().get("layer_set")
         if found:  # time SWIFT with the layer set it found (set reuse), not the search
             config = dataclasses.replace(config, attn_skip=tuple(found["attn_skip"]), mlp_skip=tuple(found["mlp_skip"]))
-        ratios, spent = [], {}
-        for _ in range(repeats):  # paired: plain, then the technique, back to back, so drift cancels
-            t_plain, plain = gen()
-            with mmskip.applied(model, config) as handle:
-                t_skip, skipped = gen()
-                spent = handle.stats()
-            ratios.append(t_plain / t_skip)
+        timing, plain_out, skipped, spent = _paired_on_copy(model, config, gen, repeats)
         exact = bool(torch.equal(ref_logits, model(input_ids=ids).logits))
         frac = spent.get("flops_fraction") or 1.0
         rows.append({
-            "model": name, "config": label, "speedup": statistics.median(ratios), "bound": 1.0 / frac,
-            "agreement": float((plain == skipped).float().mean()), "identical": bool(torch.equal(plain, skipped)),
+            "model": name, "config": label, "speedup": timing.speedup, "spread": list(timing.spread),
+            "bound": 1.0 / frac, "agreement": float((plain_out == skipped).float().mean()),
+            "identical": bool(torch.equal(plain_out, skipped)),
             "remove_exact": exact,
         })
         print(f"| {name} | {label} | {rows[-1]['speedup']:.2f}x | {rows[-1]['bound']:.2f}x | "
@@ -100,30 +111,25 @@ def check_dit(device: torch.device, dtype: torch.dtype, steps: int, batch: int, 
     from mmskip.eval import psnr
 
     pipe = SkipDiTPipeline.from_pretrained(mmskip.zoo.path("digits-dit"), dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    skip_pipe = SkipDiTPipeline.from_pretrained(mmskip.zoo.path("digits-dit"), dtype=dtype).to(device)
     labels = [i % 10 for i in range(batch)]
+    got: dict[str, torch.Tensor] = {}
 
-    def run() -> tuple[float, torch.Tensor]:
+    def run(p: SkipDiTPipeline, key: str) -> None:
         g = torch.Generator(device).manual_seed(0)
-        harness.sync()
-        t0 = time.perf_counter()
-        out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=4.0, generator=g, output_type="pt")
-        harness.sync()
-        return time.perf_counter() - t0, out.images.float().cpu()
+        out = p(class_labels=labels, num_inference_steps=steps, guidance_scale=4.0, generator=g, output_type="pt")
+        got[key] = out.images.float().cpu()
 
-    run()
-    ratios = []
-    config = FeatureInheritanceConfig(schedule=schedules.interval(3))
-    for _ in range(repeats):
-        pipe.disable_skip()
-        t_plain, plain = run()
-        pipe.enable_skip(config)
-        t_skip, skipped = run()
-        ratios.append(t_plain / t_skip)
-    stats = pipe.skip_stats()
-    pipe.disable_skip()
-    _, again = run()
-    row = {"model": "digits-dit", "config": "inheritance every 3", "speedup": statistics.median(ratios),
+    for p in (pipe, skip_pipe):
+        p.set_progress_bar_config(disable=True)
+    skip_pipe.enable_skip(FeatureInheritanceConfig(schedule=schedules.interval(3)))  # once: enabling is not timed
+    timing = harness.paired(lambda: run(pipe, "plain"), {"fi": lambda: run(skip_pipe, "skipped")}, repeats=repeats)["fi"]
+    plain, skipped = got["plain"], got["skipped"]
+    stats = skip_pipe.skip_stats()
+    skip_pipe.disable_skip()
+    run(skip_pipe, "again")
+    again = got["again"]
+    row = {"model": "digits-dit", "config": "inheritance every 3", "speedup": timing.speedup, "spread": list(timing.spread),
            "bound": 1.0 / (stats.get("flops_fraction") or 1.0), "psnr_db": float(psnr(skipped, plain)),
            "disable_exact": bool(torch.equal(again, plain))}
     print(f"| digits-dit | inheritance every 3 | {row['speedup']:.2f}x | {row['bound']:.2f}x | "
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    new_tokens, repeats, steps, batch = (8, 1, 4, 2) if args.smoke else (64, 5, 50, 64)
+    new_tokens, repeats, steps, batch = (8, 3, 4, 2) if args.smoke else (64, 5, 50, 64)
     name = harness.machine(device)
     print(f"{name}, {dtype}, mmskip {mmskip.__version__}, torch {torch.__version__}")
     print("| model | config | speedup | FLOPs bound | agreement / PSNR | identical | remove() exact |")
