@@ -98,17 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.repeats = 5, 3
     harness.setup(args)
     rows = run(args.steps, args.repeats)
-    print("\n| method | compiled | s / call | vs eager baseline | vs baseline, same compile | compile s | graphs "
-          "(then after other steps) | FLOPs bound (denoiser) | max diff vs eager |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "—"
-        print(f"| {r['method']} | {r['compiled']} | {r['steady_s']:.3f} | {r['speedup_vs_eager_baseline']:.2f}x | "
-              f"{r['speedup_vs_same_compile_baseline']:.2f}x | {comp} | {r['graphs']} ({r['graphs_after_other_steps']})"
-              f" | {1 / r['flops_fraction']:.2f}x | {r['max_abs_diff_vs_eager']:.1e} |")
+    text = harness.table(
+        ["method", "compiled", "s / call", "vs eager baseline", "vs baseline, same compile", "compile s",
+         "graphs (then after other steps)", "FLOPs bound (denoiser)", "max diff vs eager"],
+        [[r["method"], r["compiled"], f"{r['steady_s']:.3f}", f"{r['speedup_vs_eager_baseline']:.2f}x",
+          f"{r['speedup_vs_same_compile_baseline']:.2f}x", "—" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+          f"{r['graphs']} ({r['graphs_after_other_steps']})", f"{1 / r['flops_fraction']:.2f}x",
+          f"{r['max_abs_diff_vs_eager']:.1e}"] for r in rows])
+    print("\n" + text)
     meta = {"torch": torch.__version__, "threads": args.threads, "steps": args.steps, "device": "cpu"}
     out = args.out or harness.RESULTS / ("compile_cpu_smoke.json" if args.smoke else "compile_cpu.json")
-    harness.write(out, {"meta": meta, "rows": rows}, indent=2)
+    harness.write(out, {"meta": meta, "rows": rows}, text, indent=2)
     return 0
 
 

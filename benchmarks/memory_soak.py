@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [soak(name, step, args.cycles, args.warmup) for name, step in llm_steps().items()]
     rows.append(soak("SkipStableDiffusionPipeline call (inheritance every 2)", pipeline_step(), args.calls,
                      args.warmup))
-    print("\n| run | iterations | RSS first (MiB) | last | max | growth per 100 (MiB) |\n|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['name']} | {r['iterations']} | {r['first']:.1f} | {r['last']:.1f} | {r['max']:.1f} | "
-              f"{r['growth_mb_per_100']:+.2f} |")
+    text = harness.table(["run", "iterations", "RSS first (MiB)", "last", "max", "growth per 100 (MiB)"],
+                         [[r["name"], r["iterations"], f"{r['first']:.1f}", f"{r['last']:.1f}", f"{r['max']:.1f}",
+                           f"{r['growth_mb_per_100']:+.2f}"] for r in rows], align="lrrrrr")
+    print("\n" + text)
     result = {"meta": vars(args), "rows": rows}
-    harness.write(args.out or harness.RESULTS / f"memory_soak{'_smoke' if args.smoke else ''}.json", result)
+    harness.write(args.out or harness.RESULTS / f"memory_soak{'_smoke' if args.smoke else ''}.json", result, text)
     return result
 
 
