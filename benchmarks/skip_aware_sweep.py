@@ -5,7 +5,7 @@ GPU (one process each), scored on held-out text.
     python benchmarks/skip_aware_sweep.py --smoke        # seconds on the CPU: 2 variants, 2 steps
 
 Every variant spends the same weight multiply-adds as ``stdlib-lm``'s 800 steps
-(``mmskip.train.zoo_lm_skip.matched_steps``: early exits cost a head each). Scored on up to 64
+(``recipes/stdlib_lm_skip.py``'s ``matched_steps``: early exits cost a head each). Scored on up to 64
 held-out 256-token windows: perplexity, how often an early exit at L/4, L/2, 3L/4 (the final norm
 and the shared head on that layer) predicts the full model's argmax, and the same agreement under
 ``LayerSkipConfig(unified(s), phase="all")``. Writes ``results/skip_aware_sweep.json`` / ``.md``.
@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 
-RESULTS = Path(__file__).parent / "results"
-VARIANTS = {  # name -> recipe overrides (mmskip.train.zoo_lm_skip.RECIPE)
+VARIANTS = {  # name -> recipe overrides (RECIPE of recipes/stdlib_lm_skip.py)
     "16x128 LM only (stdlib-lm's recipe)": dict(layers=16, d=128, p_max=0.0, rotation=None),
     "24x64 LM only": dict(layers=24, d=64, p_max=0.0, rotation=None),
     "24x64 p0.1 e0.1 R8": dict(layers=24, d=64, p_max=0.1, e_scale=0.1, rotation=8),
@@ -44,12 +44,13 @@ def score(folder: Path, device: str, windows: int) -> dict[str, float]:
 
     import mmskip
     from mmskip.eval.lm import heldout_ids
+    from mmskip.registry import get_adapter
 
     model = AutoModelForCausalLM.from_pretrained(folder).float().to(device).eval()
     ids = heldout_ids(AutoTokenizer.from_pretrained(folder))
     n = min(windows, len(ids) // 256)
     x = ids[: n * 256].view(n, 256).to(device)
-    adapter = mmskip.registry.get_adapter(model)
+    adapter = get_adapter(model)
     L, hidden = adapter.num_layers, {}
     hooks = [layer.register_forward_hook(lambda m, a, o, i=i: hidden.__setitem__(i, o))
              for i, layer in enumerate(adapter.layers)]
@@ -69,7 +70,9 @@ def score(folder: Path, device: str, windows: int) -> dict[str, float]:
 
 
 def one(name: str, work: Path, device: str, steps: int | None, windows: int) -> None:
-    from mmskip.train.zoo_lm_skip import train_stdlib_lm_skip
+    from mmskip.cli import recipe
+
+    train_stdlib_lm_skip = recipe("stdlib_lm_skip").train_stdlib_lm_skip
 
     torch.set_num_threads(1)
     folder = work / name.replace(" ", "_")
@@ -104,10 +107,8 @@ def render(rows: dict[str, dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true")
+    p = harness.arguments(__doc__, repeats=None, threads=None, smoke="seconds on the CPU: 2 variants, 2 steps")
     p.add_argument("--windows", type=int, default=64)
-    p.add_argument("--out", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # worker process
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -132,10 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "windows": args.windows,
             "smoke": args.smoke, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     text = render(rows, meta)
-    out = Path(args.out) if args.out else RESULTS / "skip_aware_sweep.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
+    harness.write(args.out or harness.RESULTS / "skip_aware_sweep.json", {"meta": meta, "rows": rows}, text)
     return {"meta": meta, "rows": rows}
 
 
