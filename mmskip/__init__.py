@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from .swift import SelfSpeculativeConfig
     from .void_layers import VoidLayerConfig
 
-_LAZY = ("analysis", "diffusion", "eval", "pipelines", "vision", "zoo", "schedules")
+# submodules reachable as attributes (``mmskip.registry.get_adapter``), imported on first access
+_LAZY = ("analysis", "diffusion", "eval", "pipelines", "vision", "zoo", "schedules", "registry", "timing",
+         "inject", "train")
 
 # public name -> the core module that defines it; the first access imports them all (one piece)
 _CORE = {
@@ -54,7 +56,7 @@ __all__ = [
     "SelfSpeculativeConfig",
     "RouterConfig",
     "UnsupportedModelError",
-    *[m for m in _LAZY if m != "schedules"],
+    "analysis", "diffusion", "eval", "pipelines", "vision", "zoo",
 ]
 __version__ = "0.1.0"
 

@@ -69,3 +69,14 @@ def test_plot_without_matplotlib_names_the_analysis_extra(monkeypatch, tmp_path)
                          min_agreement=0.9, suggested_skip=[])
     with pytest.raises(ImportError, match=r"pip install 'mmskip\[analysis\]'"):
         report.plot(tmp_path)
+
+
+def test_core_submodules_are_attributes_after_import_mmskip():
+    """``import mmskip`` is lazy, yet ``mmskip.registry`` / ``mmskip.timing`` / ``mmskip.inject`` work
+    as attributes, as they did when the package imported them eagerly."""
+    import subprocess
+    import sys
+
+    code = ("import mmskip; assert callable(mmskip.registry.get_adapter); assert callable(mmskip.timing.paired); "
+            "assert mmskip.inject.apply is mmskip.apply")
+    subprocess.run([sys.executable, "-c", code], check=True)
