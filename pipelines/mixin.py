@@ -8,8 +8,14 @@ Configs come in two kinds:
   ``transformer``) with :func:`mmskip.apply`; at most one;
 * **sampler-level** (:class:`mmskip.diffusion.SamplerConfig`: ``StepSkipConfig``,
   ``GaussianTeleportConfig``, ...): at the start of each call every one is validated for the
-  call's ``num_inference_steps`` and refines a :class:`mmskip.diffusion.SamplerPlan`; the call
-  then runs on a planned copy of the scheduler (the pipeline's own scheduler is never modified).
+  call's ``num_inference_steps``, refines a :class:`mmskip.diffusion.SamplerPlan` and may route
+  the denoiser's calls (``route``); the call then runs on a planned copy of the scheduler (the
+  pipeline's own scheduler is never modified).
+
+The pipeline calls only the methods these configs and their states declare
+(:mod:`mmskip.diffusion.plan`, :class:`mmskip.inject.TechniqueState`); the running call's plan
+lives in a :class:`~mmskip.pipelines.skip_call.SkipCall` that the mixin's ``scheduler``,
+``prepare_latents`` and ``get_timesteps`` consult.
 
 Every step number (in any schedule) is an index of the call's ``num_inference_steps`` grid.
 With skipping disabled, ``__call__`` is the parent's, unchanged.
