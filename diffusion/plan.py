@@ -99,6 +99,10 @@ class SamplerRoute:
         """Remove what :meth:`attach` added; the denoiser is left exactly as it was."""
         raise NotImplementedError(f"{type(self).__name__} must implement remove()")
 
+    def begin_call(self, num_steps: int, visited: tuple[int, ...]) -> None:
+        """The call visits only grid steps ``visited`` of ``num_steps`` (img2img / inpainting
+        ``strength`` narrows the plan after :meth:`attach`). Default: nothing to do."""
+
     def stats(self) -> dict[str, Any]:
         """This route's entries in the pipeline's ``skip_stats()``. Default: none."""
         return {}

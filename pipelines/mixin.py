@@ -266,7 +266,7 @@ class SkipPipelineMixin:
         n = self._num_steps(args, kwargs, custom_ok=not state.samplers)
         # validate and plan everything before anything changes
         call = plan_call(self.scheduler, state.configs, state.samplers, n, self._mmskip_prepares_latents)
-        routes = tuple(r for r in (c.route(call.plan) for c in state.samplers) if r is not None)
+        routes = call.routes = tuple(r for r in (c.route(call.plan) for c in state.samplers) if r is not None)
         hooks = state.model is not None or bool(routes)
         with hooking(self._denoiser() if hooks else None), serving_this_thread():
             state.last_plan = call.plan

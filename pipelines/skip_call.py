@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from mmskip.diffusion.plan import DenoiserConfig, SamplerConfig, SamplerPlan
+from mmskip.diffusion.plan import DenoiserConfig, SamplerConfig, SamplerPlan, SamplerRoute
 from mmskip.diffusion.sampler import begin_at, plan_sampler
 
 from mmskip.inject import ConcurrentUseError, SkipConfig, SkipHandle
@@ -40,6 +40,7 @@ class SkipCall:
     planned: Any = None
     via_latents: bool = False
     handle: SkipHandle | None = None
+    routes: tuple[SamplerRoute, ...] = ()
 
 
 def validate(configs: tuple[SkipConfig, ...], num_steps: int | None) -> None:
@@ -123,6 +124,8 @@ def strength_steps(call: SkipCall, original: Callable[..., Any], scheduler: Any,
         begin_at(planned, pos)
     if call.handle is not None:
         call.handle.state.begin_call(n, visited)
+    for route in call.routes:
+        route.begin_call(n, visited)
     call.plan = SamplerPlan(n, visited, plan.first_step)
     logger.debug("strength: grid steps %d..%d run; visiting %s", t_start, n - 1, list(visited))
     return timesteps, len(visited)

@@ -148,6 +148,9 @@ def test_save_pretrained_round_trip(tmp_path):
 
 def _registered_configs() -> dict:
     import mmskip.diffusion  # (registers the diffusion techniques)
+    import mmskip.diffusion.assembly  # noqa: F401  (AssemblyBypassConfig)
+    import mmskip.diffusion.relactrl  # noqa: F401  (ControlSkipConfig)
+    import mmskip.vision  # noqa: F401  (p-MoD, VideoLLM-MoD, MuE)
 
     mmskip.SkipConfig  # noqa: B018  (the package's first API access registers the language techniques)
 

@@ -44,6 +44,9 @@ class UNetSwitchRoute(SamplerRoute):
         self.state.tracker.begin(self.plan.num_steps, self.plan.keep)
         self._detach = attach_hook(denoiser, hook, _HOOK)
 
+    def begin_call(self, num_steps: int, visited: tuple[int, ...]) -> None:
+        self.state.tracker.begin(num_steps, visited)  # grid steps, not the call's own step count
+
     def remove(self) -> None:
         if self._detach is not None:
             self._detach()

@@ -83,3 +83,26 @@ def test_bad_configs_are_refused(tmp_path):
     pipe, _ = _pipe()
     with pytest.raises(FileNotFoundError, match="python -m mmskip.diffusion.assembly"):
         pipe.enable_skip(UNetSwitchConfig(light=str(tmp_path / "nowhere")))
+
+
+def test_img2img_strength_routes_the_grid_steps_it_runs(tmp_path):
+    """strength=0.5 of 6 steps runs grid steps 3..5: with full_first and full_fraction 0.5 the
+    full UNet owns grid steps 0..2, so every step this call runs goes to the light UNet."""
+    from mmskip.pipelines import SkipStableDiffusionImg2ImgPipeline
+
+    comps, kw = tiny_pipeline_components("sd")
+    kw = dict(kw, num_inference_steps=6, strength=0.5,
+              image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)))
+    pipe = SkipStableDiffusionImg2ImgPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    light = assemble_unet(pipe.unet, ["mid", "up_attn.1"])
+    save_assembled(light, tmp_path / "light")
+    pipe.enable_skip(UNetSwitchConfig(light=str(tmp_path / "light"), full_fraction=0.5, full_first=True))
+    out = _img(pipe, kw)
+    stats = pipe.skip_stats()
+    assert stats["full_unet_steps"] == [] and stats["light_unet_steps"] == [3, 4, 5]
+    comps2, _ = tiny_pipeline_components("sd")
+    comps2["unet"] = light
+    other = SkipStableDiffusionImg2ImgPipeline(**comps2)
+    other.set_progress_bar_config(disable=True)
+    assert torch.equal(out, _img(other, kw))  # the same as the light UNet alone
