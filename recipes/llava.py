@@ -7,7 +7,6 @@ minutes (bf16 autocast, batch 256); the CPU default (batch 32) is for testing th
 
 from __future__ import annotations
 
-import math
 import queue
 import re
 import threading
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mmskip.train.lr_schedule import warmup_cosine
 from mmskip.zoo import llava_data as D
 from mmskip.zoo.card import write_card
 from mmskip.zoo.llava_data import COPIES, PALETTE
@@ -155,8 +155,7 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), fused=dev.type == "cuda")
     warm = min(WARMUP, max(1, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warm, 0.05))
     curve: list[tuple[int, float]] = []
     every = max(1, steps // 20)
     run_loss = None

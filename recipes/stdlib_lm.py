@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from mmskip.train.lr_schedule import warmup_cosine
 from mmskip.zoo.card import write_card
 from mmskip.zoo.lm_model import SEQ, make_model, perplexity, train_tokenizer
 from mmskip.zoo.loaders import LOADERS
@@ -34,8 +34,7 @@ def _train_stage(model, train_ids: torch.Tensor, steps: int, lr: float, seed: in
     """AdamW (fresh state) with 50 warm-up steps and a cosine decay to 10 % over ``steps``."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warm, 0.1))
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in (bar := tqdm(range(steps), desc=desc)):

@@ -7,7 +7,6 @@ half an hour; ``--device cuda`` (bf16 autocast, a larger batch) trains a better 
 
 from __future__ import annotations
 
-import math
 import queue
 import re
 import threading
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mmskip.train.lr_schedule import warmup_cosine
 from mmskip.zoo import video_data as D
 from mmskip.zoo.card import write_card
 from mmskip.zoo.video_model import make_model
@@ -189,9 +189,8 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
 
     def lr_at(s: int) -> float:  # vision stage: warm-up, then flat; whole model: warm-up, cosine to 5 %
         if s < vision_steps:
-            return min(1.0, (s + 1) / warm_v)
-        s -= vision_steps
-        return min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+            return warmup_cosine(s, vision_steps, warm_v, floor=1.0)
+        return warmup_cosine(s - vision_steps, steps, warm, 0.05)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     curve: list[tuple[int, float]] = []

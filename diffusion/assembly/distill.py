@@ -15,7 +15,6 @@ written every ``checkpoint_every`` steps into ``out`` and a rerun resumes from t
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -104,6 +103,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Callable[[int], tup
     ``uncond``: the empty prompt's hidden states (one ``(tokens, dim)`` tensor), for the guidance loss.
     """
     from mmskip.train.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+    from mmskip.train.lr_schedule import warmup_cosine
 
     cfg = config or DistillConfig()
     if cfg.guidance_weight and uncond is None:
@@ -115,10 +115,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Callable[[int], tup
     warm = max(1, cfg.steps // 20)
 
     def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        p = (step - warm) / max(1, cfg.steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(p * math.pi))
+        return warmup_cosine(step, cfg.steps, warm, 0.1, decay_after_warmup=True)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = {k: v.detach().clone() for k, v in student.state_dict().items()} if cfg.ema else None

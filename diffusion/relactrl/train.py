@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +103,7 @@ def train_control(controlnet: nn.Module, transformer: nn.Module, data: ControlDa
     With ``out``, checkpoints go to ``out/checkpoint`` and a rerun resumes from the last one.
     """
     from mmskip.train.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+    from mmskip.train.lr_schedule import warmup_cosine
     from mmskip.zoo.ema import ema_update
 
     cfg = config or ControlTrainConfig()
@@ -115,10 +115,7 @@ def train_control(controlnet: nn.Module, transformer: nn.Module, data: ControlDa
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+        return warmup_cosine(step, cfg.steps, cfg.warmup, 0.1, decay_after_warmup=True)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start = 0

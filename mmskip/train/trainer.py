@@ -19,6 +19,7 @@ from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import FixedWindows, TokenWindows
 from .lora import add_lora, merge_lora
+from .lr_schedule import warmup_cosine
 from .objectives import EarlyExitLoss, LanguageModeling, Objective, StepContext
 from .objectives.language_modeling import next_token_loss
 
@@ -64,10 +65,7 @@ def check_objectives(model: nn.Module, objectives: list[Objective], config: Trai
 
 def _lr_lambda(config: TrainConfig):
     def fn(step: int) -> float:
-        warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
-        progress = min(1.0, step / max(config.steps - 1, 1))
-        floor = config.min_lr_ratio
-        return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, max(config.steps - 1, 1), config.warmup, config.min_lr_ratio)
     return fn
 
 

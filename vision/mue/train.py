@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmskip._training import save_checkpoint, skip_batches
+from mmskip.train.lr_schedule import warmup_cosine
 
 __all__ = ["CHECKPOINT", "layerwise_loss", "mixed_depth", "train_mue", "main"]
 
@@ -111,7 +111,7 @@ def layerwise_loss(model: nn.Module, batch: Mapping[str, Any], *, encoder_mix: f
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 5 %."""
-    return min(1.0, (step + 1) / max(1, warmup)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+    return warmup_cosine(step, steps, warmup, 0.05)
 
 
 def _curve(losses: list[float], points: int = 20) -> list[list[float]]:

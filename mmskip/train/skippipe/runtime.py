@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..lr_schedule import warmup_cosine
 from .config import Node, SkipPipeConfig
 from .schedule import BWD, EMBED, EMBED_BWD, FWD, HEAD, Schedule, StageCosts, plan
 from .stages import join, run_path, split
@@ -190,10 +191,8 @@ class _Worker:
 
 
 def _lr_factor(progress: float) -> float:
-    """Linear warm-up over the first 10 % of the run, then cosine decay to 10 %."""
-    if progress < 0.1:
-        return max(progress / 0.1, 0.01)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - 0.1) / 0.9)))
+    """Linear warm-up over the first 10 % of the run (at least 1 %), then cosine decay to 10 %."""
+    return warmup_cosine(progress, 1.0, 0.1, 0.1, decay_after_warmup=True, count_from=0, ramp_min=0.01)
 
 
 def _gather_state(worker: _Worker) -> dict[int, dict[str, torch.Tensor]] | None:
