@@ -9,6 +9,7 @@ BART encoder-decoder) captioning and answering questions about strips of 2-3 dig
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def train_florence(out: Path, steps: int | None = None, batch: int | None = None
     """Train ``digits-florence`` into ``out`` and write its model card; returns the metrics.
 
     ``steps``/``batch`` default to :data:`STEPS`/:data:`BATCH`. ``size="tiny"`` and a small ``n_eval``
-    (held-out strips per task) are for tests. ``resume`` continues ``out/checkpoint.pt`` (removed when
+    (held-out strips per task) are for tests. ``resume`` continues ``out/checkpoint/`` (removed when
     the run finishes)."""
     from mmskip.vision.mue.train import CHECKPOINT, train_mue
 
@@ -111,7 +112,7 @@ def train_florence(out: Path, steps: int | None = None, batch: int | None = None
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     model.float()
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    shutil.rmtree((out / CHECKPOINT).parent, ignore_errors=True)
     n_params = sum(p.numel() for p in model.parameters())
     n_vision = sum(p.numel() for p in model.model.vision_tower.parameters())
     n_text = sum(p.numel() for p in model.model.language_model.parameters())

@@ -1,12 +1,28 @@
-"""Training data for causal LMs: fixed-length windows of one token stream."""
+"""Training data: fixed-length windows of one token stream (causal LMs), and resuming a batch stream."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 
 from mmskip.eval.lm import token_stream  # the held-out stream and training streams tokenize alike
 
-__all__ = ["TokenWindows", "FixedWindows", "token_stream"]
+__all__ = ["TokenWindows", "FixedWindows", "token_stream", "skip_batches"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def skip_batches(batches: Iterable[T], start: int) -> Iterator[T]:
+    """``batches`` read once from item ``start`` on (a resumed run skips what the first run used)."""
+    it = iter(batches)
+    for i in range(start):
+        if next(it, None) is None:
+            raise ValueError(f"batches ran out after {i} of the {start} batches a resumed run skips")
+    return it
 
 
 class TokenWindows:

@@ -82,13 +82,13 @@ def test_resume_continues_the_step_count(tmp_path):
 
     T.train_mod_routers(model, cfg, stream(), steps=2, lr=1e-2, out=tmp_path / "b", progress=False,
                         checkpoint_every=1)
-    assert torch.load(tmp_path / "b" / T.CHECKPOINT, weights_only=True)["step"] == 2
+    assert json.loads((tmp_path / "b" / T.CHECKPOINT).read_text())["step"] == 2
     used.clear()
     resumed = T.train_mod_routers(model, cfg, stream(), steps=4, lr=1e-2, out=tmp_path / "b", progress=False,
                                   resume=True)
     assert used == [0, 1, 2, 3]  # the first two batches are skipped, two more train
     assert resumed.meta["steps"] == 4 and len(resumed.meta["loss_curve"]) == 4
-    assert torch.load(tmp_path / "b" / T.CHECKPOINT, weights_only=True)["step"] == 4
+    assert json.loads((tmp_path / "b" / T.CHECKPOINT).read_text())["step"] == 4
     for a, b in zip(straight.parameters(), resumed.parameters()):  # same as an uninterrupted run
         torch.testing.assert_close(a, b)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -154,7 +154,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         T.main(["--model", "digits-llava"])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
-    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / T.CHECKPOINT).parent.mkdir(parents=True)
     (tmp_path / "c" / T.CHECKPOINT).write_bytes(b"")
     assert T.main(["--out", str(tmp_path / "c")]) == 2
     assert "--resume to continue" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def test_recipe_runs_two_steps_and_loads_back(tmp_path):
     card = (out / "README.md").read_text()
     assert "digits-florence" in card and "--steps 2 --batch 8" in card and "BLEU" in card
     assert json.loads((out / "metrics.json").read_text())["metrics"]["steps"] == 2
-    assert (out / "model.safetensors").is_file() and not (out / "checkpoint.pt").exists()
+    assert (out / "model.safetensors").is_file() and not (out / "checkpoint").exists()
     model, tok = loaders.load_florence(out)
     assert next(model.parameters()).dtype == torch.float32 and not model.training
     g = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ layer's state as if it were the last one, so the model is trained for that ("lay
   exits need; the paper's own encoder objective is not reproduced here (see ``vision/mue/README.md``).
 
 :func:`layerwise_loss` computes the loss on one batch; :func:`train_mue` trains a model with it (AdamW,
-warm-up + cosine, progress bar, ``checkpoint.pt`` every ``checkpoint_every`` steps, ``resume=True``
+warm-up + cosine, progress bar, ``out/checkpoint/`` every ``checkpoint_every`` steps, ``resume=True``
 continues it, final weights as safetensors). The CLI fine-tunes an existing Florence-2 (a zoo name or a
 ``from_pretrained`` folder with its tokenizer) on the ``digits-florence`` tasks
 (:mod:`mmskip.zoo.florence_data`) and prints held-out exact match per task before and after.
@@ -39,12 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mmskip._training import save_checkpoint, skip_batches
+from mmskip.train.checkpoint import STATE_PATH, legacy_note, load_checkpoint, save_checkpoint, weights_under
+from mmskip.train.data import skip_batches
 from mmskip.train.lr_schedule import warmup_cosine
 
 __all__ = ["CHECKPOINT", "layerwise_loss", "mixed_depth", "train_mue", "main"]
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = STATE_PATH  # under ``out``: the state file of the checkpoint folder (mmskip.train.checkpoint)
 PROG = "python -m mmskip.vision.mue.train"
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels", "decoder_input_ids", "decoder_attention_mask")
 
@@ -152,8 +153,9 @@ def train_mue(
     ``aux_module``'s parameters are optimised and checkpointed with the model's.
 
     AdamW (``lr``, betas 0.9/0.98, ``weight_decay`` on matrices other than embeddings), ``warmup`` linear
-    warm-up steps then cosine to 5 %, gradient norm clipped to ``clip``. ``out/checkpoint.pt`` (model, aux
-    module, optimizer, step, losses, seconds) is written every ``checkpoint_every`` steps and at the end;
+    warm-up steps then cosine to 5 %, gradient norm clipped to ``clip``. ``out/checkpoint/``
+    (:mod:`mmskip.train.checkpoint`: model, aux module, optimizer, step, losses, seconds) is written
+    every ``checkpoint_every`` steps and at the end;
     ``resume=True`` continues it (``FileNotFoundError`` without one). The mixed-depth draws use a generator
     seeded by ``(seed, step)``, so a resumed run is the same run. With ``save`` the final weights go to
     ``out`` with ``save_pretrained`` (safetensors, the model's dtype). The model is left in eval mode.
@@ -164,16 +166,17 @@ def train_mue(
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     _text(model)
     out = Path(out)
-    ckpt_path = out / CHECKPOINT
     state: dict[str, Any] | None = None
+    opt_state: dict[str, Any] | None = None
     if resume:
-        if not ckpt_path.is_file():
+        got = load_checkpoint(out)
+        if got is None:
             raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); start without "
-                                    "resume to train from scratch")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+                                    f"resume to train from scratch{legacy_note(out)}")
+        state, weights, opt_state = got
+        model.load_state_dict(weights_under(weights, "model."))
         if aux_module is not None:
-            aux_module.load_state_dict(state["aux"])
+            aux_module.load_state_dict(weights_under(weights, "aux."))
     device = next(model.parameters()).device
     named = list(model.named_parameters()) + ([(f"aux.{n}", p) for n, p in aux_module.named_parameters()]
                                               if aux_module is not None else [])
@@ -188,16 +191,17 @@ def train_mue(
     layer_curve: list[list[Any]] = []
     seconds = 0.0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(opt_state)
         start, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
         layer_curve = list(state.get("layer_curve", []))
 
     def checkpoint(step: int) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(ckpt_path, {"step": step, "losses": losses, "seconds": seconds, "layer_curve": layer_curve,
-                                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                    "aux": aux_module.state_dict() if aux_module is not None else {},
-                                    "optimizer": opt.state_dict()})
+        weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if aux_module is not None:
+            weights.update({f"aux.{k}": v for k, v in aux_module.state_dict().items()})
+        save_checkpoint(out, step, weights, opt, None, {"losses": losses, "seconds": seconds,
+                                                         "layer_curve": layer_curve})
 
     every = max(1, steps // 20)
     model.train()
@@ -280,7 +284,7 @@ def digit_batches(tokenizer: Any, batch: int, seed: int) -> Iterator[dict[str, A
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="digits-florence", help="zoo name or from_pretrained folder (with tokenizer)")
-    ap.add_argument("--out", required=True, help="folder for checkpoint.pt, the weights and eval.json")
+    ap.add_argument("--out", required=True, help="folder for the checkpoint, the weights and eval.json")
     ap.add_argument("--steps", type=int, default=300, help="training steps in all (a resumed run counts the earlier ones)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)

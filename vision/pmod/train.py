@@ -15,7 +15,7 @@ q/v projections, with ``--lora``) learn. p-MoD instead trains the whole MLLM wit
 through pre-training and instruction tuning.
 
 Output (``--out``): ``mod_routers.safetensors`` + ``mod_routers.json`` (load with
-``MoDConfig(signal="router", routers=out)``), ``checkpoint.pt`` (routers, optimizer, step, losses
+``MoDConfig(signal="router", routers=out)``), ``checkpoint/`` (routers, optimizer, step, losses
 and any LoRA weights; ``--resume`` continues it), ``lora.safetensors`` + ``lora.json`` with
 ``--lora``, and ``eval.json`` (the table the command prints).
 """
@@ -37,9 +37,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mmskip._training import save_checkpoint, skip_batches
 from mmskip.inject import SkipConfig, apply
 from mmskip.registry import get_adapter
+from mmskip.train.checkpoint import STATE_PATH, legacy_note, load_checkpoint, save_checkpoint, weights_under
+from mmskip.train.data import skip_batches
 
 from .eval import digit_batches, evaluate_configs, heldout, load_model, parse_schedule, results_table
 from .lora import (
@@ -65,11 +66,16 @@ __all__ = [
     "main",
 ]
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = STATE_PATH  # under ``out``: the state file of the checkpoint folder (mmskip.train.checkpoint)
 PROG = "python -m mmskip.vision.pmod.train"
 
 
 # -- training ------------------------------------------------------------------------------------
+
+
+def _as_saved(value: Any) -> Any:
+    """``value`` as the checkpoint's JSON gives it back (tuples become lists), for comparing with it."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _stream(batches: Iterable[Mapping[str, Any]], start: int) -> Iterator[Mapping[str, Any]]:
@@ -139,9 +145,9 @@ def train_mod_routers(
     base model's) and taken out again at the end; their weights go to ``out/lora.safetensors``
     (:func:`merged_with_lora` gives a model with them merged).
 
-    Every ``checkpoint_every`` steps and at the end, ``out/checkpoint.pt`` holds the routers, the
-    optimizer, the step, the losses and any LoRA weights; ``resume=True`` continues from it up to
-    ``steps`` in all, at this call's ``lr`` (``FileNotFoundError`` without a checkpoint, ``ValueError``
+    Every ``checkpoint_every`` steps and at the end, ``out/checkpoint/`` (:mod:`mmskip.train.checkpoint`)
+    holds the routers, the optimizer, the step, the losses and any LoRA weights; ``resume=True``
+    continues from it up to ``steps`` in all, at this call's ``lr`` (``FileNotFoundError`` without a checkpoint, ``ValueError``
     when its schedule or LoRA setting differs). The final routers are written with
     ``MoDRouters.save(out, ...)`` (metadata: steps, lr, schedule, MoD layers, loss curve, LoRA,
     ``meta``) and their ``.meta`` holds the same. When it returns (or raises), the model is as it
@@ -159,22 +165,25 @@ def train_mod_routers(
             f"got {type(config).__name__}"
         )
     out = Path(out)
-    ckpt_path = out / CHECKPOINT
     state: dict[str, Any] | None = None
+    saved_weights: dict[str, torch.Tensor] = {}
+    opt_state: dict[str, Any] | None = None
     if resume:
-        if not ckpt_path.is_file():
+        got = load_checkpoint(out)
+        if got is None:
             raise FileNotFoundError(
                 f"resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); start without resume to train "
-                "from scratch"
+                f"from scratch{legacy_note(out)}"
             )
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state, saved_weights, opt_state = got
 
     ref = next(model.parameters())
     device, dtype = ref.device, ref.dtype
     routers = MoDRouters.for_model(model, config).to(device=device, dtype=torch.float32)
     schedule = config.schedule.to_dict()
     if state is not None:
-        if state["layers"] != routers.layers or state.get("schedule", schedule) != schedule:
+        saved_schedule = state.get("schedule", _as_saved(schedule))
+        if state["layers"] != _as_saved(routers.layers) or saved_schedule != _as_saved(schedule):
             raise ValueError(
                 f"the checkpoint in {str(out)!r} was trained with schedule {state.get('schedule')} (MoD layers "
                 f"{state['layers']}), not {schedule} (MoD layers {routers.layers}); resume with the schedule it "
@@ -185,7 +194,7 @@ def train_mod_routers(
                 f"the checkpoint in {str(out)!r} was trained {'with' if state.get('lora') else 'without'} LoRA; "
                 "resume it the same way"
             )
-        routers.load_state_dict(state["routers"])
+        routers.load_state_dict(weights_under(saved_weights, "routers."))
     start = int(state["step"]) if state is not None else 0
     losses: list[float] = list(state["losses"]) if state is not None else []
     seconds = float(state.get("seconds", 0.0)) if state is not None else 0.0
@@ -219,24 +228,25 @@ def train_mod_routers(
             lora_info = {"r": lora_cfg.r, "lora_alpha": lora_cfg.lora_alpha,
                          "target_modules": sorted(targets) if not isinstance(targets, str) else targets}
             if state is not None:
-                saved = state["lora_weights"]
+                saved = weights_under(saved_weights, "lora.")
                 if set(saved) != set(_lora_named(model)):
                     raise ValueError(f"the checkpoint in {str(out)!r} has LoRA weights of other modules; resume it "
                                      "with the LoRA config it was trained with")
                 model.load_state_dict({k: v.to(device) for k, v in saved.items()}, strict=False)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         if state is not None:
-            opt.load_state_dict(state["optimizer"])
+            opt.load_state_dict(opt_state)
             for group in opt.param_groups:  # the checkpoint's moments, this call's learning rate
                 group["lr"] = lr
 
         def checkpoint(step: int) -> None:
             out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(ckpt_path, {
-                "step": step, "layers": routers.layers, "schedule": schedule, "losses": losses, "seconds": seconds,
-                "routers": {k: v.detach().cpu() for k, v in routers.state_dict().items()},
-                "optimizer": opt.state_dict(), "lora": lora_info is not None,
-                "lora_weights": {k: v.detach().cpu() for k, v in _lora_named(model).items()} if lora_layers else {},
+            weights = {f"routers.{k}": v for k, v in routers.state_dict().items()}
+            if lora_layers:
+                weights.update({f"lora.{k}": v for k, v in _lora_named(model).items()})
+            save_checkpoint(out, step, weights, opt, None, {
+                "layers": routers.layers, "schedule": schedule, "losses": losses, "seconds": seconds,
+                "lora": lora_info is not None,
             })
 
         routers.train()
@@ -322,7 +332,7 @@ def _error(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="digits-llava", help="zoo name (digits-llava) or from_pretrained folder")
-    ap.add_argument("--out", required=True, help="folder for the routers, checkpoint.pt, any LoRA and eval.json")
+    ap.add_argument("--out", required=True, help="folder for the routers, the checkpoint, any LoRA and eval.json")
     ap.add_argument("--steps", type=int, default=300, help="training steps in all (a resumed run counts the earlier ones)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
