@@ -38,7 +38,6 @@ from mmskip.cli import (
 __all__ = ["main", "load_config", "format_table", "build_parser", "LEGEND"]
 
 CONFIG_NAME = "mmskip_config.json"  # what SkipConfig.save_pretrained writes (mmskip.inject.CONFIG_NAME)
-WINGS = ("mmskip.vision", "mmskip.diffusion")  # their techniques register when imported
 
 LEGEND = ("token_agreement: plain forwards on prompt + baseline tokens (teacher-forced; decode-only techniques skip "
           "nothing there). decode_agreement: the same tokens scored as generated, with the technique deployed.")
@@ -46,16 +45,11 @@ LEGEND = ("token_agreement: plain forwards on prompt + baseline tokens (teacher-
 
 def _register_all() -> None:
     """Import every technique module, so that a config names one of them or the error lists them all."""
-    import importlib
-
     import mmskip
+    from mmskip.wings import load_wings
 
     mmskip.SkipConfig  # noqa: B018  (the package's first API access registers the language techniques)
-    for wing in WINGS:
-        try:
-            importlib.import_module(wing)
-        except ImportError:  # a wing whose dependencies are missing has nothing to offer here
-            pass
+    load_wings()  # the vision and diffusion techniques register when their wing is imported
 
 
 def load_config(spec: str | None) -> Any:

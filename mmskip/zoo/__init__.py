@@ -5,9 +5,11 @@ model or pipeline. Missing models are reproduced from a clone of the repository 
 ``mmskip zoo NAME --overwrite-shipped`` (the recipes live in its ``recipes/``, not in the installed
 package; without the flag a recipe writes to ``runs/zoo/NAME``).
 
-The zoo imports no wing: a model whose classes live in a wing (the ControlNet / RelaCtrl branches of
+The zoo names no wing: a model whose classes live in a wing (the ControlNet / RelaCtrl branches of
 ``scenes-flux``, in ``mmskip.diffusion``) is loaded by the loader that wing registers with
-:func:`register_loader` when it is imported; :data:`WINGS` names the wing to import for each.
+:func:`register_loader` when it is imported. :func:`load` imports the wings declared in the package's
+metadata (:func:`mmskip.wings.load_wings`) when a name has no loader yet; :data:`WINGS` names the
+wing for the error message when that wing is not installed.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def load(name: str, **kwargs: Any) -> Any:
     assembled UNet (its ME-CondConv variant, when present: ``mmskip.diffusion.assembly.load_assembled(path /
     "unet_condconv")``); ``scenes-flux-controlnet`` / ``scenes-flux-relactrl`` -> ``FluxControlNetPipeline`` (``scenes-flux`` with the
     full ControlNet / the RelaCtrl branch; control images: :func:`mmskip.zoo.scenes_control.control_images`;
-    their loader is registered by ``import mmskip.diffusion``, else :class:`LoaderNotRegisteredError`);
+    their loader is registered by the diffusion wing, imported here when needed, else
+    :class:`LoaderNotRegisteredError`);
     ``digits-clip`` -> ``(model, preprocess, tokenizer)`` from
     open_clip; ``stdlib-lm`` and ``stdlib-lm-skip`` -> ``(LlamaForCausalLM, tokenizer)``; ``digits-llava`` ->
     ``(LlavaForConditionalGeneration, tokenizer)`` (inputs: :func:`mmskip.zoo.llava_data.encode`, answers:
@@ -101,6 +104,10 @@ def load(name: str, **kwargs: Any) -> Any:
     folder = path(name)  # UnknownModelError / FileNotFoundError with what to do
     from .loaders import LOADERS
 
+    if name not in LOADERS:
+        from mmskip.wings import load_wings
+
+        load_wings()  # the wing that defines its classes registers its loader on import
     if name not in LOADERS:
         raise LoaderNotRegisteredError(name)
     try:

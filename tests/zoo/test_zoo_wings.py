@@ -15,16 +15,37 @@ REPO = Path(__file__).resolve().parents[2]
 INSTALLED = ("mmskip", "vision", "diffusion", "pipelines")
 
 
-def test_a_wing_model_names_the_wing_to_import_until_the_wing_registers_its_loader():
+def test_a_wing_model_loads_through_the_wing_declared_in_the_package_metadata():
+    """zoo.load imports no wing by name: the diffusion wing, declared under the ``mmskip.wings``
+    entry points, is imported by mmskip.wings.load_wings and registers the loader."""
     probe = ("import sys\nfrom mmskip import zoo\n"
-             "try:\n    zoo.load('scenes-flux-relactrl')\nexcept zoo.LoaderNotRegisteredError as e:\n    print(e)\n"
              "print('mmskip.diffusion' in sys.modules)\n"
-             "import mmskip.diffusion\nfrom mmskip.zoo.loaders import LOADERS\n"
-             "print(sorted(n for n in zoo.WINGS if n in LOADERS) == sorted(zoo.WINGS))\n")
+             "pipe = zoo.load('scenes-flux-relactrl')\n"
+             "print(type(pipe).__name__, 'mmskip.diffusion' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=240, check=True)
-    said, imported, registered = out.stdout.strip().splitlines()[-3:]
-    assert "`import mmskip.diffusion` first" in said and "scenes-flux-relactrl" in said
-    assert imported == "False" and registered == "True"
+    before, after = out.stdout.strip().splitlines()[-2:]
+    assert before == "False" and after == "FluxControlNetPipeline True"
+
+
+def test_a_wing_model_whose_wing_is_not_installed_names_the_wing(monkeypatch):
+    import mmskip.wings
+    from mmskip.zoo.loaders import LOADERS
+
+    monkeypatch.delitem(LOADERS, "scenes-flux-relactrl", raising=False)
+    monkeypatch.setattr(mmskip.wings, "entry_points", lambda group: [])
+    mmskip.wings.load_wings.cache_clear()
+    try:
+        with pytest.raises(zoo.LoaderNotRegisteredError, match=r"`import mmskip.diffusion` first"):
+            zoo.load("scenes-flux-relactrl")
+    finally:
+        mmskip.wings.load_wings.cache_clear()
+
+
+def test_wings_are_declared_entry_points():
+    from importlib.metadata import entry_points
+
+    declared = {ep.name: ep.value for ep in entry_points(group="mmskip.wings")}
+    assert declared == {"vision": "mmskip.vision", "diffusion": "mmskip.diffusion"}
 
 
 def test_register_loader_refuses_names_outside_the_zoo():
