@@ -35,6 +35,13 @@ class CallGuard:
         self._owner: int | None = None  # thread of the generation / trajectory in progress
         self._inside: dict[int, int] = {}  # thread -> nesting depth of forwards in flight
 
+    def __deepcopy__(self, memo: dict) -> CallGuard:
+        """A copy guards its own object (a copied model or pipeline): a fresh guard, nobody inside."""
+        return CallGuard(self.what)
+
+    def __reduce__(self) -> tuple:
+        return (CallGuard, (self.what,))
+
     def enter(self, starts: bool) -> None:
         me = threading.get_ident()
         with self._lock:

@@ -45,6 +45,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _HANDLE_ATTR = "_mmskip_handle"
+_INSTANCE_ATTRS = (_HANDLE_ATTR, "__deepcopy__", "__reduce_ex__")  # what apply() puts in the model's __dict__
 _HOOK_PREFIX = "mmskip."
 CONFIG_NAME = "mmskip_config.json"
 _CONFIGS: dict[str, type[SkipConfig]] = {}
@@ -276,14 +277,23 @@ class SkipHandle:
         self._hooked.clear()
         self._attached.clear()
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
-            del self.model.__dict__[_HANDLE_ATTR]
-            self.model.__dict__.pop("__deepcopy__", None)
+            for key in _INSTANCE_ATTRS:
+                self.model.__dict__.pop(key, None)
         self._removed = True
         logger.debug("removed %s", self.hook_name)
 
     @property
     def removed(self) -> bool:
         return self._removed
+
+    def _refuse_pickle(self, protocol: int = 2) -> Any:
+        """``pickle`` / ``torch.save(model)`` / ``copy.copy`` while applied: one clear error (the
+        hooks are closures over this process's modules and cannot be pickled)."""
+        raise TypeError(
+            f"cannot pickle or shallow-copy a {type(self.model).__name__} with mmskip {self.config.technique!r} "
+            "applied: save model.state_dict() (or save_pretrained) and apply the config again after loading, "
+            "call handle.remove() first, or use copy.deepcopy(model), which re-applies the config to the copy"
+        )
 
     def _deepcopy_model(self, memo: dict[int, Any]) -> torch.nn.Module:
         """``copy.deepcopy(model)`` while applied: a copy of the unmodified model with this config
@@ -294,7 +304,7 @@ class SkipHandle:
         model = self.model
         for detach in reversed(self._hooked):
             detach()
-        extras = {k: model.__dict__.pop(k) for k in (_HANDLE_ATTR, "__deepcopy__") if k in model.__dict__}
+        extras = {k: model.__dict__.pop(k) for k in _INSTANCE_ATTRS if k in model.__dict__}
         try:
             clone = copy.deepcopy(model, memo)
         finally:
@@ -377,7 +387,9 @@ def apply(model: torch.nn.Module, config: SkipConfig) -> SkipHandle:
         handle.remove()
         raise
     model.__dict__[_HANDLE_ATTR] = handle
-    model.__dict__["__deepcopy__"] = handle._deepcopy_model  # copy.deepcopy looks it up on the instance
+    # copy.deepcopy and pickle look these up on the instance
+    model.__dict__["__deepcopy__"] = handle._deepcopy_model
+    model.__dict__["__reduce_ex__"] = handle._refuse_pickle
     logger.debug("applied %s to %s (%d hooks)", config.technique, type(model).__name__, len(handle._hooked))
     return handle
 

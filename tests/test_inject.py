@@ -266,3 +266,17 @@ def test_configs_saved_under_the_old_module_names_still_load():
         ["FFNSkipConfig", "mmskip.ffn_skip"],
         ["VoidLayerConfig", "mmskip.void_layers"],
     ]
+
+
+def test_pickling_an_applied_model_says_what_to_do_instead(llama):
+    import copy
+    import io
+    import pickle
+
+    handle = mmskip.apply(llama, mmskip.LayerSkipConfig(schedule=schedules.unified(2.0)))
+    for attempt in (lambda: torch.save(llama, io.BytesIO()), lambda: pickle.dumps(llama), lambda: copy.copy(llama)):
+        with pytest.raises(TypeError, match=r"state_dict\(\).*apply the config again.*copy\.deepcopy"):
+            attempt()
+    handle.remove()
+    assert "__reduce_ex__" not in llama.__dict__
+    torch.save(llama, io.BytesIO())  # the unmodified model pickles as before

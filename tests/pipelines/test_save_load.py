@@ -88,3 +88,22 @@ def test_skip_config_empty_loads_without_the_saved_configs(tmp_path, none):
     assert not bare.skip_enabled and bare.skip_configs == ()
     assert torch.equal(_call(bare, kw), plain)
     assert torch.equal(_call(_load(tmp_path), kw), fast) and not torch.equal(fast, plain)
+
+
+def test_deepcopy_of_an_enabled_skip_pipeline_is_an_independent_copy():
+    """copy.deepcopy of a Skip pipeline with skipping enabled (it holds a call guard with a lock)
+    gives a copy that skips the same way, with its own guard."""
+    import copy
+
+    from mmskip.pipelines import SkipStableDiffusionPipeline
+
+    comps, kw = tiny_pipeline_components("sd")
+    pipe = SkipStableDiffusionPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_skip(FeatureInheritanceConfig(interval(2)))
+    want = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    clone = copy.deepcopy(pipe)
+    assert torch.equal(clone(generator=torch.Generator().manual_seed(0), **kw).images, want)
+    assert clone.unet is not pipe.unet
+    clone.disable_skip()
+    assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kw).images, want)
