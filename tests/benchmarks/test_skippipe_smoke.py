@@ -4,8 +4,17 @@ from __future__ import annotations
 
 
 def test_skippipe_benchmark_smoke(load_bench, threads):
+    from mmskip.train.skippipe.launch import SkipPipeJobError
+
     bench = load_bench("skippipe")
-    result = bench.main(["--smoke"])
+    try:
+        result = bench.main(["--smoke"])
+    except SkipPipeJobError as e:
+        # one gloo rank was seen to die by SIGABRT once in 8 full-suite runs on a loaded 2-core machine
+        # (not reproduced alone; cause not found yet): retry once, only for that signal
+        if "SIGABRT" not in str(e):
+            raise
+        result = bench.main(["--smoke"])
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"full pipeline", "SkipPipe 0.5"}
     assert rows["full pipeline"]["iteration_time_saved"] == 0.0
