@@ -23,7 +23,7 @@ class CallGuard:
 
     A technique's state (the current prompt's skip set, the trajectory's cached features) is
     per model, so two threads generating with one model would mix their calls. ``enter()`` at
-    the start of each forward (``starts=True`` when the forward starts a new generation or
+    the start of each forward or ``generate`` call (``starts=True`` when the forward starts a new generation or
     trajectory) raises :class:`ConcurrentUseError` when another thread is inside a forward, or
     when this thread continues a generation that another thread has since started. The model
     is never left modified: the error is raised before the forward changes any state.
@@ -35,11 +35,8 @@ class CallGuard:
         self._owner: int | None = None  # thread of the generation / trajectory in progress
         self._inside: dict[int, int] = {}  # thread -> nesting depth of forwards in flight
 
-    def __deepcopy__(self, memo: dict) -> CallGuard:
-        """A copy guards its own object (a copied model or pipeline): a fresh guard, nobody inside."""
-        return CallGuard(self.what)
-
     def __reduce__(self) -> tuple:
+        """A copy (``copy.deepcopy``, pickle) guards its own object: a fresh guard, nobody inside."""
         return (CallGuard, (self.what,))
 
     def enter(self, starts: bool) -> None:
