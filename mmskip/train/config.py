@@ -9,6 +9,7 @@ __all__ = ["TrainConfig"]
 
 _PRECISIONS = ("no", "fp16", "bf16")
 _TRAINABLE = ("all", "lora", "none")
+_SCHEDULES = ("cosine", "cosine_after_warmup", "constant")
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,11 @@ class TrainConfig:
         batch_size: token windows per optimizer step, split into ``grad_accum`` micro-batches.
         seq_len: tokens per window.
         lr: peak AdamW learning rate: linear warm-up over ``warmup`` steps, then cosine decay to
-            ``min_lr_ratio * lr``.
+            ``min_lr_ratio * lr`` (see ``lr_schedule``).
         warmup: warm-up steps.
+        lr_schedule: ``"cosine"`` (the cosine runs over the whole run and the warm-up ramp multiplies
+            it), ``"cosine_after_warmup"`` (the ramp alone, then the cosine over the steps after it) or
+            ``"constant"`` (``lr`` throughout; ``warmup`` ignored). All come from ``warmup_cosine``.
         min_lr_ratio: where the cosine decay ends, as a fraction of ``lr``.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -41,6 +45,13 @@ class TrainConfig:
         save_every: steps between checkpoints when the trainer has an ``out`` folder (0: only at the end).
         log_every: steps between loss entries in the history.
         cpu: train on the CPU even when a GPU is present.
+        ema: decay of an exponential moving average of the trained weights that the loop keeps,
+            checkpoints and returns (0: none).
+        ema_warmup: the EMA decay warms up as ``min(ema, (1 + step) / (10 + step))``.
+        time_limit_s: stop (with a checkpoint and a warning) once training has run this long.
+
+    ``batch_size``, ``seq_len``, ``trainable``, ``lora_*`` and ``eval_windows`` are read by the LM
+    trainer (:func:`mmskip.train.train`); other tasks read ``batch_size`` and ``seed`` for their batches.
     """
 
     steps: int = 300
@@ -65,6 +76,10 @@ class TrainConfig:
     save_every: int = 0
     log_every: int = 10
     cpu: bool = False
+    lr_schedule: str = "cosine"
+    ema: float = 0.0
+    ema_warmup: bool = False
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
@@ -84,6 +99,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.mixed_precision must be one of {_PRECISIONS}, got {self.mixed_precision!r}")
         if self.trainable not in _TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {_TRAINABLE}, got {self.trainable!r}")
+        if self.lr_schedule not in _SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"TrainConfig.ema must lie in [0, 1), got {self.ema}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"TrainConfig.time_limit_s must be > 0 (or None), got {self.time_limit_s}")
         if self.trainable == "lora" and self.lora_rank < 1:
             raise ValueError(f"TrainConfig.lora_rank must be >= 1, got {self.lora_rank}")
 

@@ -1,11 +1,10 @@
-"""One training loop for every technique that learns: accelerate for devices, mixed precision and
-gradient accumulation; objectives for what is learned; safetensors + JSON checkpoints to resume."""
+"""The LM trainer: a causal LM trained for composable objectives on token windows, as one
+:class:`~mmskip.train.loop.TrainTask` of the one loop (:func:`~mmskip.train.loop.fit`)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +12,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import fingerprint, load_checkpoint
 from .config import TrainConfig
 from .data import FixedWindows, TokenWindows
+from .loop import TrainTask, fit
 from .lora import add_lora, merge_lora
-from .lr_schedule import warmup_cosine
 from .objectives import EarlyExitLoss, LanguageModeling, Objective, StepContext
 from .objectives.language_modeling import next_token_loss
 
@@ -63,25 +61,12 @@ def check_objectives(model: nn.Module, objectives: list[Objective], config: Trai
         obj.check(model)
 
 
-def _lr_lambda(config: TrainConfig):
-    def fn(step: int) -> float:
-        return warmup_cosine(step, max(config.steps - 1, 1), config.warmup, config.min_lr_ratio)
-    return fn
-
-
 def _windows(data: Any, seq_len: int, name: str) -> TokenWindows | FixedWindows:
     if isinstance(data, (TokenWindows, FixedWindows)):
         if data.seq_len != seq_len:
             raise ValueError(f"{name} has {data.seq_len}-token windows but TrainConfig.seq_len is {seq_len}")
         return data
     return TokenWindows(data, seq_len, name)
-
-
-def _trainable_weights(model: nn.Module, objectives: list[Objective]) -> dict[str, nn.Parameter]:
-    named = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    for i, obj in enumerate(objectives):
-        named.update({f"objective{i}.{j}": p for j, p in enumerate(obj.parameters())})
-    return named
 
 
 def _paused(stack: ExitStack, objectives: list[Objective]) -> None:
@@ -111,15 +96,86 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, objectives: list[Objectiv
     return out
 
 
-def _fresh_accelerator_state(config: TrainConfig) -> None:
-    """accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another
-    precision or device; a library may train several times in one process, so start afresh then."""
-    from accelerate.state import AcceleratorState
+class _LanguageModelTask(TrainTask):
+    """A causal LM trained for composable objectives on token windows (what :func:`train` fits)."""
 
-    if AcceleratorState._shared_state:
-        state = AcceleratorState()
-        if state.mixed_precision != config.mixed_precision or (config.cpu and state.device.type != "cpu"):
-            AcceleratorState._reset_state(reset_partial_state=True)
+    desc = "train"
+
+    def __init__(self, model: nn.Module, objectives: list[Objective], windows: TokenWindows | FixedWindows,
+                 eval_set: torch.Tensor | None, config: TrainConfig) -> None:
+        self.model, self.objectives, self.windows, self.eval_set, self.config = (model, objectives, windows,
+                                                                                   eval_set, config)
+        self.model_print = fingerprint(model)
+        self.originally_trainable = list(model.parameters())
+        self.trainable_flags = [p.requires_grad for p in self.originally_trainable]
+        for p in self.originally_trainable:
+            p.requires_grad_(config.trainable == "all")
+        if config.trainable == "lora":
+            self.model = add_lora(model, config.lora_rank, config.lora_targets)
+        base = self.model.get_base_model() if config.trainable == "lora" else self.model
+        for obj in objectives:
+            obj.attach(base)
+        self._weights = {f"model.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+        for i, obj in enumerate(objectives):
+            self._weights.update({f"objective{i}.{j}": p for j, p in enumerate(obj.parameters())})
+        self.device = torch.device("cpu")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.model_print
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self._weights
+
+    def prepare(self, accelerator: Any) -> None:
+        self.model = accelerator.prepare(self.model)
+        self.device = accelerator.device
+        for obj in self.objectives:
+            for p in obj.parameters():
+                p.data = p.data.to(self.device)
+        self.model.train()
+
+    def batch(self, step: int) -> torch.Tensor:
+        for obj in self.objectives:
+            obj.begin_step(step, self.config.steps)
+        return self.windows.batch(step, self.config.batch_size, self.config.seed).to(self.device)
+
+    def _teacher(self, x: torch.Tensor):
+        def run() -> torch.Tensor:
+            with ExitStack() as stack, torch.no_grad():
+                _paused(stack, self.objectives)
+                stack.enter_context(self.model.disable_adapter() if self.config.trainable == "lora"
+                                    else nullcontext())
+                return self.model(input_ids=x, use_cache=False).logits
+        return run
+
+    def loss(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        logits = self.model(input_ids=batch, use_cache=False).logits
+        ctx = StepContext(step, self.config.steps, batch, logits, self._teacher(batch))
+        return {k: v for obj in self.objectives for k, v in obj.loss(ctx).items()}
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v for obj in self.objectives for k, v in obj.metrics().items()}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if self.eval_set is None:
+            return {}
+        return _evaluate(self.model, self.eval_set, self.objectives, self.device,
+                         self.config.batch_size // self.config.grad_accum)
+
+    def finish(self) -> None:
+        for obj in self.objectives:
+            obj.detach()
+
+    def result_model(self) -> nn.Module:
+        from accelerate.utils import extract_model_from_parallel
+
+        model = extract_model_from_parallel(self.model)
+        if self.config.trainable == "lora" and self.config.merge_lora:
+            model = merge_lora(model)
+        if self.config.trainable != "lora" or self.config.merge_lora:  # a returned peft model keeps adapters trainable
+            for p, flag in zip(self.originally_trainable, self.trainable_flags):
+                p.requires_grad_(flag)
+        return model
 
 
 def train(model: nn.Module, objectives: list[Objective], data: Any, config: TrainConfig | None = None,
@@ -135,126 +191,22 @@ def train(model: nn.Module, objectives: list[Objective], data: Any, config: Trai
     ``eval_data`` (held-out tokens) is scored every ``config.eval_every`` steps and at the end.
     ``stop_at``: stop after that step with a checkpoint (a time-boxed run; resume it later).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     config = config or TrainConfig()
     objectives = list(objectives)
     check_objectives(model, objectives, config)
     train_windows = _windows(data, config.seq_len, "training data")
     eval_set = None
     if eval_data is not None and config.eval_windows:
-        eval_windows = _windows(eval_data, config.seq_len, "eval data")
-        eval_set = eval_windows.ordered(config.eval_windows)
-    out = Path(out) if out is not None else None
+        eval_set = _windows(eval_data, config.seq_len, "eval data").ordered(config.eval_windows)
     if resume and out is None:
         raise ValueError("resume=True needs the out folder the checkpoint was written to")
-    model_print = fingerprint(model)
-    resumed = load_checkpoint(out, model_print) if resume else None
-
-    set_seed(config.seed)
-    _fresh_accelerator_state(config)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
-                              cpu=config.cpu)
-    originally_trainable = list(model.parameters())
-    trainable_flags = [p.requires_grad for p in originally_trainable]
-    for p in originally_trainable:
-        p.requires_grad_(config.trainable == "all")
-    if config.trainable == "lora":
-        model = add_lora(model, config.lora_rank, config.lora_targets)
-    base = model.get_base_model() if config.trainable == "lora" else model
-    for obj in objectives:
-        obj.attach(base)
-    weights = _trainable_weights(model, objectives)
-    if not weights:
-        raise ValueError("nothing to train: no parameter requires a gradient")
-    opt = torch.optim.AdamW(list(weights.values()), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
-    model, opt = accelerator.prepare(model, opt)
-    for obj in objectives:
-        for p in obj.parameters():
-            p.data = p.data.to(accelerator.device)
-    start, history = 0, []
-    if resumed is not None:
-        state, saved, optim = resumed
-        if set(saved) != set(weights):
-            raise ValueError(f"the checkpoint in {out} trained other parameters ({len(saved)} tensors vs "
-                             f"{len(weights)}): resume with the same objectives and TrainConfig.trainable")
-        with torch.no_grad():
-            for k, p in weights.items():
-                p.copy_(saved[k].to(p.device, p.dtype))
-        opt.load_state_dict(optim)
-        sched.load_state_dict(state["scheduler"])
-        start, history = state["step"], state["history"]
-        logger.info("resumed from %s at step %d", out, start)
-
-    def teacher(x: torch.Tensor):
-        def run() -> torch.Tensor:
-            with ExitStack() as stack, torch.no_grad():
-                _paused(stack, objectives)
-                stack.enter_context(model.disable_adapter() if config.trainable == "lora" else nullcontext())
-                return model(input_ids=x, use_cache=False).logits
-        return run
-
-    def checkpoint(step: int) -> None:
-        if out is not None and accelerator.is_main_process:
-            meta = {"model": model_print, "config": config.to_dict(), "objectives": [repr(o) for o in objectives],
-                    "history": history}
-            save_checkpoint(out, step, weights, opt, sched, meta)
-
-    t0 = time.perf_counter()
-    micro = config.batch_size // config.grad_accum
-    model.train()
-    done = start
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train", disable=not progress)
+    if resume:
+        load_checkpoint(out, fingerprint(model))  # a checkpoint of another model is refused before any change
+    task = _LanguageModelTask(model, objectives, train_windows, eval_set, config)
     try:
-        for step in bar:
-            for obj in objectives:
-                obj.begin_step(step, config.steps)
-            windows = train_windows.batch(step, config.batch_size, config.seed).to(accelerator.device)
-            terms_sum: dict[str, float] = {}
-            metrics: dict[str, float] = {}
-            for x in windows.split(micro):
-                with accelerator.accumulate(model), accelerator.autocast():
-                    logits = model(input_ids=x, use_cache=False).logits
-                    ctx = StepContext(step, config.steps, x, logits, teacher(x))
-                    terms = {k: v for obj in objectives for k, v in obj.loss(ctx).items()}
-                    loss = sum(terms.values())
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(list(weights.values()), config.max_grad_norm)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / config.grad_accum
-                for obj in objectives:
-                    for k, v in obj.metrics().items():
-                        metrics[k] = metrics.get(k, 0.0) + v / config.grad_accum
-            sched.step()
-            total = sum(terms_sum.values())
-            if not math.isfinite(total):
-                raise FloatingPointError(f"the loss became {total} at step {step} ({terms_sum}); lower the lr or "
-                                         "use mixed_precision='bf16' instead of 'fp16'")
-            bar.set_postfix(loss=f"{total:.3f}")
-            done = step + 1
-            if step % config.log_every == 0 or done == config.steps:
-                history.append({"step": done, "loss": total, **terms_sum, **metrics, "lr": sched.get_last_lr()[0]})
-            if eval_set is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
-                history.append({"step": done, **_evaluate(model, eval_set, objectives, accelerator.device, micro)})
-                logger.info("step %d: %s", done, history[-1])
-            if done == stop_at:
-                break
-            if config.save_every and done % config.save_every == 0 and done < config.steps:
-                checkpoint(done)
-        checkpoint(done)
-    finally:
-        bar.close()
-        for obj in objectives:
-            obj.detach()
-    model = accelerator.unwrap_model(model)
-    if config.trainable == "lora" and config.merge_lora:
-        model = merge_lora(model)
-    if config.trainable != "lora" or config.merge_lora:  # a returned peft model keeps only adapters trainable
-        for p, flag in zip(originally_trainable, trainable_flags):
-            p.requires_grad_(flag)
-    return TrainResult(model, history, done, time.perf_counter() - t0)
+        fitted = fit(task, config, out, resume=resume, progress=progress, stop_at=stop_at,
+                     meta={"objectives": [repr(o) for o in objectives]})
+    except BaseException:
+        task.result_model()
+        raise
+    return TrainResult(task.result_model(), fitted.history, fitted.steps, fitted.seconds)
