@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from mmskip.timing import Timing, paired, repeated, sync
+from mmskip.timing import Candidate, Timing, paired, repeated, sync
 
-__all__ = ["RESULTS", "Timing", "arguments", "figure", "machine", "paired", "repeated", "setup", "sync", "table",
+__all__ = ["RESULTS", "Candidate", "Timing", "arguments", "figure", "machine", "paired", "repeated", "setup", "sync", "table",
            "write"]
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "paired", "repeated", "sync"]
+__all__ = ["Candidate", "Timing", "paired", "repeated", "sync"]
 
 
 def sync() -> None:
@@ -38,12 +38,38 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def _clock(fn: Callable[[], Any]) -> tuple[float, Any]:
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t0, out
+@dataclass(frozen=True)
+class Candidate:
+    """A timed call with untimed work around it: ``setup()`` before each timed ``call()``,
+    ``teardown()`` after it (also when the call raises).
+
+    For a call that needs per-run preparation that must not be timed and must not leak into the other
+    calls of the round: apply a technique and remove it again, reset a cache, reseed. Either may be
+    ``None``. Plain callables passed to :func:`paired` / :func:`repeated` mean ``Candidate(call)``.
+    """
+
+    call: Callable[[], Any]
+    setup: Callable[[], Any] | None = None
+    teardown: Callable[[], Any] | None = None
+
+
+Timed = Callable[[], Any] | Candidate
+
+
+def _clock(fn: Timed) -> tuple[float, Any]:
+    """Seconds of one call (CUDA synced both sides); a :class:`Candidate`'s setup/teardown run untimed."""
+    c = fn if isinstance(fn, Candidate) else Candidate(fn)
+    if c.setup is not None:
+        c.setup()
+    try:
+        sync()
+        t0 = time.perf_counter()
+        out = c.call()
+        sync()
+        return time.perf_counter() - t0, out
+    finally:
+        if c.teardown is not None:
+            c.teardown()
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float]:
@@ -123,14 +149,15 @@ class Timing:
         return out
 
 
-def paired(baseline: Callable[[], Any], candidates: Mapping[str, Callable[[], Any]], repeats: int = 5,
+def paired(baseline: Timed, candidates: Mapping[str, Timed], repeats: int = 5,
            warmup: int = 1, progress: Callable[[int, int], None] | None = None) -> dict[str, Timing]:
     """Time ``baseline`` against each candidate in ``repeats`` interleaved rounds after ``warmup``.
 
     Args:
-        baseline: the unmodified call (no arguments; wrap yours in a lambda).
+        baseline: the unmodified call (no arguments; wrap yours in a lambda), or a :class:`Candidate`.
         candidates: name -> the accelerated call. A candidate that must apply a technique around
-            its call does so inside the callable (``with mmskip.applied(model, cfg): ...``).
+            its call does so inside the callable (``with mmskip.applied(model, cfg): ...``), or is a
+            :class:`Candidate` whose untimed ``setup``/``teardown`` run around every timed call.
         repeats: measured rounds (each gives one ratio per candidate); at least 3.
         warmup: rounds run first and dropped (compilation, allocator, caches).
         progress: called with (round done, rounds in all) after every round.
@@ -164,11 +191,12 @@ def paired(baseline: Callable[[], Any], candidates: Mapping[str, Callable[[], An
     return {n: Timing(tuple(base), tuple(cand[n])) for n in names}
 
 
-def repeated(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tuple[float, ...]:
+def repeated(fn: Timed, repeats: int = 5, warmup: int = 1) -> tuple[float, ...]:
     """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` dropped calls (CUDA synced).
 
     For a figure with no baseline to pair with (a baseline's own tokens/s when no candidate is
-    given); report its median. A speedup is always :func:`paired`, never a ratio of two of these.
+    given); report its median. ``fn`` may be a :class:`Candidate` (untimed setup/teardown around each
+    call). A speedup is always :func:`paired`, never a ratio of two of these.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeated() needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")

@@ -59,3 +59,31 @@ def test_to_dict_puts_the_flops_bound_and_its_warning_beside_the_speedup():
     assert d["speedup"] == 4.5 and d["spread"] == [3.5, 6.25] and d["flops_bound"] == 2.0
     assert d["bound_warning"] == t.bound_warning(0.5) and d["bound_warning"].startswith("measured 4.50x")
     assert t.to_dict(0.1)["bound_warning"] is None
+
+
+def test_candidate_setup_and_teardown_run_untimed_around_every_timed_call():
+    from mmskip.timing import Candidate
+
+    calls: list[str] = []
+    cand = Candidate(lambda: calls.append("a"), setup=lambda: calls.append("+a"), teardown=lambda: calls.append("-a"))
+    base = Candidate(lambda: calls.append("base"), setup=lambda: calls.append("+base"))
+    out = paired(base, {"a": cand}, repeats=3, warmup=0)
+    assert calls == ["+base", "base", "+a", "a", "-a", "+a", "a", "-a", "+base", "base",
+                     "+base", "base", "+a", "a", "-a"]
+    assert out["a"].pairs == 3
+    calls.clear()
+    assert len(repeated(cand, repeats=2, warmup=1)) == 2
+    assert calls == ["+a", "a", "-a"] * 3
+
+
+def test_candidate_teardown_runs_when_the_call_raises():
+    from mmskip.timing import Candidate
+
+    calls: list[str] = []
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        paired(lambda: None, {"a": Candidate(boom, teardown=lambda: calls.append("-a"))}, repeats=3)
+    assert calls == ["-a"]
