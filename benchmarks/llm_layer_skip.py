@@ -4,10 +4,12 @@
     python benchmarks/llm_layer_skip.py --model stdlib-lm     # the zoo's trained LM, held-out prompts
     python benchmarks/llm_layer_skip.py --smoke               # seconds: tiny random model, one round
 
-All configs run in one process, round-robin over ``--repeats`` rounds (median), after a
-warm-up of each. Each round times ``generate`` twice, for 1 and for N new tokens; the
-difference is the decode time of N - 1 tokens, which is what decode-time skipping speeds
-up (the prompt always runs through every layer in decode mode). "bound" is 1 / (decode FLOPs
+All configs run in one process, timed with ``mmskip.timing.paired``: ``--repeats`` interleaved
+rounds against the unmodified model after a dropped warm-up round, speedup = median paired ratio
+with its quartiles as the spread. Each timed call is ``generate`` for N new tokens minus
+``generate`` for 1 (``Candidate.minus``, same applied config): the decode time of N - 1 tokens,
+which is what decode-time skipping speeds up (the prompt always runs through every layer in
+decode mode); applying and removing the config is untimed setup/teardown. "bound" is 1 / (decode FLOPs
 spent / decode FLOPs of the full model) from ``handle.stats()`` on the same calls, counting
 the LM head, which never skips. Quality beside speed: agreement of the greedy tokens with the
 unmodified model's — teacher-forced while decoding (``mmskip.eval.decode_agreement``: each step
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 
 import harness
@@ -109,6 +110,25 @@ def run_once(model, ids, mask, new_tokens, config):
     return seconds[1] - seconds[0], frac, out[:, ids.shape[1]:]
 
 
+def decode_call(model, ids, mask, new_tokens, config) -> harness.Candidate:
+    """``generate(new_tokens) - generate(1)`` with ``config`` applied around the pair (untimed)."""
+    held: dict = {}
+
+    def gen(n: int):
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=0)
+
+    def setup() -> None:
+        if config is not None:
+            held["h"] = mmskip.apply(model, config)
+
+    def teardown() -> None:
+        if "h" in held:
+            held.pop("h").remove()
+
+    return harness.Candidate(torch.no_grad()(gen(new_tokens)), setup, teardown, minus=torch.no_grad()(gen(1)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = harness.arguments(__doc__, smoke=f"seconds-long run that exercises every path: {SMOKE_MODEL} random model, "
                           "batch 1, 6 new tokens, 1 round")
@@ -118,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-len", type=int, default=32)
     args = p.parse_args(argv)
     if args.smoke:
-        args.model, args.batch, args.new_tokens, args.prompt_len, args.repeats = SMOKE_MODEL, [1], 6, 8, 1
+        args.model, args.batch, args.new_tokens, args.prompt_len, args.repeats = SMOKE_MODEL, [1], 6, 8, 3
     harness.setup(args)
     model, tok = build_model(args.model)
     L = get_adapter(model).num_layers
@@ -127,30 +147,31 @@ def main(argv: list[str] | None = None) -> dict:
     for batch in args.batch:
         ids = prompts(model, tok, batch, args.prompt_len)
         mask = torch.ones_like(ids)
-        for cfg in cfgs.values():  # warm-up
-            run_once(model, ids, mask, 4, cfg)
-        times = {name: [] for name in cfgs}
         fracs, tokens = {}, {}
-        for _ in range(args.repeats):
-            for name, cfg in cfgs.items():
-                t, f, toks = run_once(model, ids, mask, args.new_tokens, cfg)
-                times[name].append(t)
-                fracs[name], tokens[name] = f, toks
-        base_t = statistics.median(times["baseline"])
+        for name, cfg in cfgs.items():  # untimed: decode FLOPs and tokens (greedy, so every run's)
+            _, fracs[name], tokens[name] = run_once(model, ids, mask, args.new_tokens, cfg)
+        timings = harness.paired(decode_call(model, ids, mask, args.new_tokens, None),
+                                 {n: decode_call(model, ids, mask, args.new_tokens, c) for n, c in cfgs.items()
+                                  if c is not None}, repeats=args.repeats)
+        any_t = next(iter(timings.values()))
         forced = {}
         for name, cfg in cfgs.items():
             with mmskip.applied(model, cfg) if cfg else contextlib.nullcontext():
                 forced[name] = decode_agreement(model, ids, mask, tokens["baseline"])
         for name in cfgs:
-            t = statistics.median(times[name])
-            speedup, bound = base_t / t, 1.0 / fracs[name]
+            t = timings.get(name)
+            secs = t.candidate_s if t else any_t.baseline_s
+            median_s = t.seconds if t else any_t.baseline_seconds
+            speedup, bound = (t.speedup if t else 1.0), 1.0 / fracs[name]
             rows.append({
                 "model": args.model, "batch": batch, "config": name,
-                "decode_tokens_per_s": batch * (args.new_tokens - 1) / t, "speedup": speedup, "bound": bound,
+                "decode_tokens_per_s": batch * (args.new_tokens - 1) / median_s, "speedup": speedup, "bound": bound,
+                "speedup_spread": list(t.spread) if t else [1.0, 1.0], "pairs": any_t.pairs,
                 "speedup_over_bound": speedup / bound, "flops_fraction": fracs[name],
+                "bound_warning": t.bound_warning(fracs[name]) if t else None,
                 "decode_agreement": forced[name],
                 "free_running_agreement": float((tokens[name] == tokens["baseline"]).float().mean()),
-                "times_s": times[name],
+                "times_s": list(secs),
             })
     _print(rows, args)
     meta = {
@@ -167,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\n{args.model}: {args.new_tokens} new tokens after {args.prompt_len}-token prompts, "
-          f"CPU, {args.threads} thread(s), median of {args.repeats}")
+          f"CPU, {args.threads} thread(s), median of {args.repeats} paired rounds (quartiles in the JSON)")
     print("| batch | config | decode tokens/s | speedup | bound | speedup/bound | teacher-forced agreement | free-running agreement |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -46,14 +46,27 @@ class Candidate:
     For a call that needs per-run preparation that must not be timed and must not leak into the other
     calls of the round: apply a technique and remove it again, reset a cache, reseed. Either may be
     ``None``. Plain callables passed to :func:`paired` / :func:`repeated` mean ``Candidate(call)``.
+
+    ``minus``, when given, is timed too (right before ``call``, inside the same setup) and its seconds
+    are subtracted: the time of the part of ``call`` that ``minus`` does not do, e.g. decode alone as
+    ``generate(N tokens) - generate(1 token)``.
     """
 
     call: Callable[[], Any]
     setup: Callable[[], Any] | None = None
     teardown: Callable[[], Any] | None = None
+    minus: Callable[[], Any] | None = None
 
 
 Timed = Callable[[], Any] | Candidate
+
+
+def _seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
 
 
 def _clock(fn: Timed) -> tuple[float, Any]:
@@ -62,11 +75,9 @@ def _clock(fn: Timed) -> tuple[float, Any]:
     if c.setup is not None:
         c.setup()
     try:
-        sync()
-        t0 = time.perf_counter()
-        out = c.call()
-        sync()
-        return time.perf_counter() - t0, out
+        ref = _seconds(c.minus)[0] if c.minus is not None else 0.0
+        secs, out = _seconds(c.call)
+        return secs - ref, out
     finally:
         if c.teardown is not None:
             c.teardown()

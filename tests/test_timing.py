@@ -87,3 +87,16 @@ def test_candidate_teardown_runs_when_the_call_raises():
     with pytest.raises(RuntimeError, match="boom"):
         paired(lambda: None, {"a": Candidate(boom, teardown=lambda: calls.append("-a"))}, repeats=3)
     assert calls == ["-a"]
+
+
+def test_candidate_minus_is_timed_inside_the_setup_and_subtracted():
+    import time
+
+    from mmskip.timing import Candidate
+
+    calls: list[str] = []
+    cand = Candidate(lambda: (calls.append("n"), time.sleep(0.02)), setup=lambda: calls.append("+"),
+                     teardown=lambda: calls.append("-"), minus=lambda: calls.append("1"))
+    secs = repeated(cand, repeats=1, warmup=0)
+    assert calls == ["+", "1", "n", "-"]
+    assert 0.0 < secs[0]
