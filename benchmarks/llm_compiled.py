@@ -8,7 +8,11 @@ The fastest way users run a decoder on a GPU is transformers' compiled decoding:
 cache and the decoding step compiled as one graph (``CompileConfig(fullgraph=True)``, CUDA graphs
 with ``mode="reduce-overhead"``), the prompt eager. Each config is timed eager (dynamic cache) and
 compiled (static cache) in one process; "speedup" compares with the unmodified model run the
-same way, "vs eager" with the unmodified eager model. Decode time is ``generate`` of N new tokens
+same way, "vs eager" with the unmodified eager model. Eager speedups are ``mmskip.timing.paired``
+(interleaved rounds, warm-up dropped, median with quartile spread). Compiled figures are
+``mmskip.timing.repeated`` per config (median; the compiled speedup is a ratio of medians, not
+paired): each config compiles its own graph after ``torch._dynamo.reset()``, so configs cannot be
+interleaved without recompiling inside the timed rounds. Decode time is ``generate`` of N new tokens
 minus ``generate`` of 1 (the prompt runs in full in decode mode). "bound" is 1 / the decode FLOPs
 fraction from ``handle.stats()`` (eager; the LM head counts and never skips). Quality beside speed:
 agreement of the compiled greedy tokens with the unmodified model's, teacher-forced
@@ -24,7 +28,7 @@ import time
 
 import harness
 import torch
-from llm_layer_skip import SMOKE_MODEL, build_model, prompts
+from llm_layer_skip import SMOKE_MODEL, build_model, decode_call, prompts
 from transformers import CompileConfig
 
 import mmskip
@@ -40,23 +44,17 @@ def configs() -> dict[str, mmskip.SkipConfig | None]:
     }
 
 
-@torch.no_grad()
 def decode_seconds(model, ids, new_tokens: int, compiled: CompileConfig | None, repeats: int) -> tuple[list, torch.Tensor]:
-    """Per repeat: seconds of ``generate(new_tokens)`` minus ``generate(1)``; and the tokens."""
+    """Per repeat: seconds of ``generate(new_tokens)`` minus ``generate(1)`` (``harness.repeated``); and the tokens."""
     kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     if compiled is not None:
         kw.update(cache_implementation="static", compile_config=compiled)
-    times, out = [], None
-    for _ in range(repeats):
-        spans = []
-        for n in (1, new_tokens):
-            harness.sync()
-            start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-            harness.sync()
-            spans.append(time.perf_counter() - start)
-        times.append(spans[1] - spans[0])
-    return times, out[:, ids.shape[1]:]
+
+    def gen(n: int):
+        return torch.no_grad()(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw))
+
+    times = harness.repeated(harness.Candidate(gen(new_tokens), minus=gen(1)), repeats=repeats, warmup=0)
+    return list(times), gen(new_tokens)()[:, ids.shape[1]:]
 
 
 def compile_config(device: torch.device, backend: str) -> CompileConfig:
@@ -71,7 +69,10 @@ def run_config(model, ids, args, cfg, compiled: CompileConfig) -> dict:
     torch._dynamo.reset()  # each config compiles its own graph; nothing carries over
     handle = mmskip.apply(model, cfg) if cfg is not None else None
     try:
-        eager_t, eager_tokens = decode_seconds(model, ids, args.new_tokens, None, args.repeats)
+        with torch.no_grad():  # eager timing is paired across configs in main(); here its tokens
+            eager_tokens = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                          do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        eager_tokens = eager_tokens[:, ids.shape[1]:]
         frac = 1.0
         if handle is not None:  # decode FLOPs fraction of one eager generate
             handle.reset_stats()
@@ -88,7 +89,7 @@ def run_config(model, ids, args, cfg, compiled: CompileConfig) -> dict:
     finally:
         if handle is not None:
             handle.remove()
-    return {"eager_s": eager_t, "compiled_s": comp_t, "compile_warmup_s": warmup, "flops_fraction": frac,
+    return {"compiled_s": comp_t, "compile_warmup_s": warmup, "flops_fraction": frac,
             "eager_tokens": eager_tokens, "compiled_tokens": comp_tokens, "config": cfg}
 
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.batch, args.new_tokens, args.prompt_len, args.repeats, args.backend = (
-            SMOKE_MODEL, [1], 6, 8, 1, "eager")
+            SMOKE_MODEL, [1], 6, 8, 3, "eager")
     harness.setup(args)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     device = torch.device(args.device)
@@ -114,24 +115,32 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for batch in args.batch:
         ids = prompts(model, tok, batch, args.prompt_len).to(device)
+        mask = torch.ones_like(ids)
+        eager = harness.paired(decode_call(model, ids, mask, args.new_tokens, None),
+                               {n: decode_call(model, ids, mask, args.new_tokens, c) for n, c in configs().items()
+                                if c is not None}, repeats=args.repeats)
+        base_eager_s = list(next(iter(eager.values())).baseline_s)
         runs = {name: run_config(model, ids, args, cfg, compiled) for name, cfg in configs().items()}
         base = runs["baseline"]
-        base_eager, base_comp = statistics.median(base["eager_s"]), statistics.median(base["compiled_s"])
-        mask = torch.ones_like(ids)
+        base_comp = statistics.median(base["compiled_s"])
         for name, r in runs.items():
             with mmskip.applied(model, r["config"]) if r["config"] is not None else contextlib.nullcontext():
                 forced = decode_agreement(model, ids, mask, base["eager_tokens"])
-            eager_t, comp_t = statistics.median(r["eager_s"]), statistics.median(r["compiled_s"])
+            t = eager.get(name)
+            eager_s = list(t.candidate_s) if t else base_eager_s
+            eager_t, comp_t = statistics.median(eager_s), statistics.median(r["compiled_s"])
             rows.append({
                 "model": args.model, "batch": batch, "config": name,
                 "eager_tokens_per_s": batch * (args.new_tokens - 1) / eager_t,
                 "compiled_tokens_per_s": batch * (args.new_tokens - 1) / comp_t,
-                "eager_speedup": base_eager / eager_t, "compiled_speedup": base_comp / comp_t,
-                "compiled_vs_eager_baseline": base_eager / comp_t, "bound": 1.0 / r["flops_fraction"],
+                "eager_speedup": t.speedup if t else 1.0, "eager_speedup_spread": list(t.spread) if t else [1.0, 1.0],
+                "eager_pairs": len(base_eager_s), "compiled_speedup": base_comp / comp_t,
+                "compiled_vs_eager_baseline": statistics.median(base_eager_s) / comp_t, "bound": 1.0 / r["flops_fraction"],
+                "bound_warning": t.bound_warning(r["flops_fraction"]) if t else None,
                 "compile_warmup_s": r["compile_warmup_s"], "decode_agreement": forced,
                 "free_running_agreement": float((r["compiled_tokens"] == base["eager_tokens"]).float().mean()),
                 "compiled_equals_eager": bool(torch.equal(r["compiled_tokens"], r["eager_tokens"])),
-                "eager_s": r["eager_s"], "compiled_s": r["compiled_s"],
+                "eager_s": eager_s, "compiled_s": r["compiled_s"],
             })
     meta = {"model": args.model, "device": harness.machine(device), "dtype": str(dtype).removeprefix("torch."),
             "backend": args.backend, "mode": compiled.mode, "threads": args.threads, "new_tokens": args.new_tokens,
@@ -147,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['model']} on {meta['device']} ({meta['dtype']}, {meta['backend']}/{meta['mode']}): "
-          f"{meta['new_tokens']} new tokens after {meta['prompt_len']}-token prompts, median of {meta['repeats']}")
+          f"{meta['new_tokens']} new tokens after {meta['prompt_len']}-token prompts, median of {meta['repeats']} "
+          "(eager: paired rounds)")
     print("| batch | config | eager tok/s | compiled tok/s | speedup eager | speedup compiled | bound | "
           "compiled vs eager baseline | compile s | teacher-forced agr. | free-running agr. |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
