@@ -5,8 +5,9 @@
     python benchmarks/llm_speculative.py --smoke                  # seconds: a tiny random model (CI check)
 
 Configs, each timed on the same held-out prompts (``--prompts`` prompts of ``--prompt-len``
-tokens from held-out stdlib modules, ``--new-tokens`` greedy tokens each), round-robin over
-``--repeats`` rounds after a warm-up, with ``torch.set_num_threads(--threads)``:
+tokens from held-out stdlib modules, ``--new-tokens`` greedy tokens each), in ``--repeats``
+interleaved rounds against plain after a dropped warm-up round (``mmskip.timing.paired``; applying a
+config is untimed setup), with ``torch.set_num_threads(--threads)``:
 
 - ``plain``: ``model.generate`` (greedy), the reference for speed and output.
 - ``swift``: ``mmskip.apply(model, SelfSpeculativeConfig(...))`` then ``model.generate`` (which runs
@@ -18,7 +19,8 @@ tokens from held-out stdlib modules, ``--new-tokens`` greedy tokens each), round
   the LM head, verify with the full model; the same cache).
 - ``layer-skip ...``: the foundation's static ``LayerSkipConfig`` (lossy: compare equality).
 
-Reported per config: tokens/s over all prompts (median round), ratio to plain in the same run,
+Reported per config: tokens/s over all prompts (median round), ratio to plain (median paired
+ratio, quartiles as ``ratio_spread``),
 output equality (prompts whose tokens equal plain's) and token agreement, and for speculative
 configs the acceptance rate (accepted / drafted tokens) and the mean accepted length (drafted
 tokens accepted per full-model verification forward; each verification adds one more token).
@@ -95,26 +97,45 @@ class DraftCounter:
         self.cls.get_candidates = self.original
 
 
-def run(model, prompts, new_tokens, kind, arg) -> dict[str, Any]:
-    """Generate for every prompt with one config; seconds, outputs and speculative counters."""
-    handle = mmskip.apply(model, arg) if kind == "apply" else None
+def generation(model, prompts, new_tokens, kind, arg, sink: list[dict[str, Any]]) -> harness.Candidate:
+    """One config's generate over every prompt as a timed call: applying the config (and the draft
+    counter) is untimed setup; teardown reads the stats, removes them and appends outputs + counters to ``sink``."""
+    state: dict[str, Any] = {}
     extra = {"assistant_early_exit": arg} if kind == "early_exit" else {}
-    calls = DraftCounter() if kind == "early_exit" else None
-    outs = []
-    try:
-        start = time.perf_counter()
+
+    def setup() -> None:
+        state.clear()
+        state["handle"] = mmskip.apply(model, arg) if kind == "apply" else None
+        state["calls"] = DraftCounter() if kind == "early_exit" else None
+
+    def call() -> None:
         with torch.no_grad():
-            for ids in prompts:
-                out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, **extra)
-                outs.append(out[0, ids.shape[1]:])
-        seconds = time.perf_counter() - start
-        stats = handle.stats() if handle else {}
-    finally:
-        if handle:
-            handle.remove()
-        if calls:
-            calls.remove()
-    res: dict[str, Any] = {"seconds": seconds, "tokens": outs}
+            state["outs"] = [model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, **extra)
+                             [0, ids.shape[1]:] for ids in prompts]
+
+    def teardown() -> None:
+        handle, calls = state["handle"], state["calls"]
+        try:
+            if "outs" in state:
+                sink.append(_result(state["outs"], handle.stats() if handle else {}, calls))
+        finally:
+            if handle:
+                handle.remove()
+            if calls:
+                calls.remove()
+
+    return harness.Candidate(call, setup, teardown)
+
+
+def run(model, prompts, new_tokens, kind, arg) -> dict[str, Any]:
+    """Generate for every prompt with one config, once; seconds, outputs and speculative counters."""
+    sink: list[dict[str, Any]] = []
+    seconds = harness.repeated(generation(model, prompts, new_tokens, kind, arg, sink), repeats=1, warmup=0)[0]
+    return {"seconds": seconds, **sink[0]}
+
+
+def _result(outs: list[torch.Tensor], stats: dict[str, Any], calls: DraftCounter | None) -> dict[str, Any]:
+    res: dict[str, Any] = {"tokens": outs}
     if "verify_forwards" in stats:
         res.update({k: stats[k] for k in ("acceptance_rate", "mean_accepted_length", "search_seconds", "search_evals",
                                           "layer_set", "matchness", "drafted_tokens", "verify_forwards",
@@ -144,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--confidence", type=float, default=0.6)
     args = p.parse_args(argv)
     if args.smoke:
-        args.model, args.prompts, args.prompt_len, args.new_tokens, args.repeats = "random-4x64", 2, 12, 8, 1
+        args.model, args.prompts, args.prompt_len, args.new_tokens, args.repeats = "random-4x64", 2, 12, 8, 3
         args.skip_ratio, args.early_exit = [0.3], [2]
         if args.out is None:
             import tempfile
@@ -177,22 +198,26 @@ def main(argv: list[str] | None = None) -> dict:
             attn_skip=tuple(res["layer_set"]["attn_skip"]), mlp_skip=tuple(res["layer_set"]["mlp_skip"]),
             max_draft=args.max_draft, confidence=args.confidence))
 
-    results: dict[str, list[dict]] = {name: [] for name in configs}
-    for _ in range(args.repeats):
-        for name, (kind, arg) in configs.items():
-            results[name].append(run(model, prompts, args.new_tokens, kind, arg))
+    sinks: dict[str, list[dict]] = {name: [] for name in configs}
+    timed = {name: generation(model, prompts, args.new_tokens, kind, arg, sinks[name])
+             for name, (kind, arg) in configs.items()}
+    timings = harness.paired(timed.pop("plain"), timed, repeats=args.repeats)
+    results = {name: sink[-args.repeats:] for name, sink in sinks.items()}  # the measured rounds' counters
     rows = []
-    base = statistics.median(r["seconds"] for r in results["plain"])
+    any_t = next(iter(timings.values()))
+    base = any_t.baseline_seconds
     ref = results["plain"][0]["tokens"]
     for name, runs in results.items():
-        t = statistics.median(r["seconds"] for r in runs)
+        tm = timings.get(name)
+        secs = tm.candidate_s if tm else any_t.baseline_s
+        t = statistics.median(secs)
         last = runs[-1]
         n_tok = sum(len(o) for o in last["tokens"])
         equal = sum(torch.equal(a, b) for a, b in zip(last["tokens"], ref))
         agree = sum(int((a[: len(b)] == b[: len(a)]).sum()) for a, b in zip(last["tokens"], ref)) / sum(map(len, ref))
-        row = {"config": name, "tokens_per_s": n_tok / t, "ratio_vs_plain": base / t, "seconds": t,
-               "equal_outputs": f"{equal}/{len(ref)}", "token_agreement": agree,
-               "times_s": [r["seconds"] for r in runs]}
+        row = {"config": name, "tokens_per_s": n_tok / t, "ratio_vs_plain": tm.speedup if tm else 1.0, "seconds": t,
+               "ratio_spread": list(tm.spread) if tm else [1.0, 1.0], "pairs": any_t.pairs,
+               "equal_outputs": f"{equal}/{len(ref)}", "token_agreement": agree, "times_s": list(secs)}
         for key in ("acceptance_rate", "mean_accepted_length", "search_seconds", "search_evals", "layer_set",
                     "matchness", "drafted_tokens", "verify_forwards", "draft_forwards", "draft_ms", "verify_ms"):
             if key in last:
