@@ -3,7 +3,9 @@
 ``SkipStableDiffusionPipeline`` on the zoo's ``digits-sd`` (UNet 1.8M, 8x8 latents, DDIM, CFG
 batched), CPU. For the denoiser eager and ``pipe.unet.compile()`` (inductor), with skipping off
 and with ``FeatureInheritanceConfig`` (DeepCache-shaped split every 3 steps): compile seconds
-(first call minus a steady call), steady seconds per call (median of ``--repeats``), dynamo
+(first call minus a steady call), steady seconds per call (median of ``--repeats`` rounds in which
+all four settings run interleaved, ``mmskip.timing.paired``; speedups are median paired ratios with
+their quartiles), dynamo
 graphs compiled (must not grow with the number of steps or calls) and fidelity to the eager
 output of the same setting. Writes ``benchmarks/results/compile_cpu.json`` and prints a table.
 
@@ -13,7 +15,6 @@ output of the same setting. Writes ``benchmarks/results/compile_cpu.json`` and p
 from __future__ import annotations
 
 import statistics
-import time
 
 import harness
 import torch
@@ -36,57 +37,64 @@ def _call(pipe, steps: int) -> torch.Tensor:
 
 def _timed(pipe, steps: int) -> tuple[float, torch.Tensor]:
     """Seconds and images of one call (the first call of a compiled pipeline includes its compilation)."""
-    harness.sync()
-    t = time.perf_counter()
-    out = _call(pipe, steps)
-    harness.sync()
-    return time.perf_counter() - t, out
+    out: dict[str, torch.Tensor] = {}
+    secs = harness.repeated(lambda: out.__setitem__("x", _call(pipe, steps)), repeats=1, warmup=0)[0]
+    return secs, out["x"]
 
 
 def run(steps: int, repeats: int) -> list[dict]:
+    """Build the four settings (each compiled one compiles and is counted on its own), then time all of them
+    in the same interleaved rounds (``harness.paired``) against the eager baseline."""
     from mmskip.diffusion import FeatureInheritanceConfig
+    from torch._dynamo.utils import counters
 
     from mmskip.schedules import interval
 
-    rows = []
+    rows, pipes = [], {}
     deepcache = FeatureInheritanceConfig(interval(3))  # default targets: every block but the outermost two
+    torch._dynamo.reset()
     for name, cfg in (("baseline", None), ("mmskip FI DeepCache-shape every 3", deepcache)):
         ref = None
         for compiled in (False, True):
-            torch._dynamo.reset()
             pipe = _pipe()
             if cfg is not None:
                 pipe.enable_skip(cfg)
             graphs = {"n": 0}
             if compiled:
-                from torch._dynamo.utils import counters
-
-                counters.clear()
+                counters.clear()  # the other pipes' graphs are compiled already: what is new here is this one's
                 pipe.unet.compile()
             first, out = _timed(pipe, steps)
-            times = harness.repeated(lambda p=pipe: _call(p, steps), repeats=repeats, warmup=0)
             if compiled:
                 graphs["n"] = int(counters["stats"]["unique_graphs"])
                 _timed(pipe, steps + 5)  # other timesteps and step count: no new graphs
                 graphs["after_other_steps"] = int(counters["stats"]["unique_graphs"])
-            steady = statistics.median(times)
             if ref is None:
                 ref = out
-            row = {
-                "method": name, "compiled": compiled, "steady_s": steady, "first_call_s": first,
-                "compile_s": max(first - steady, 0.0) if compiled else None,
+            pipes[(name, compiled)] = pipe
+            rows.append({
+                "method": name, "compiled": compiled, "first_call_s": first,
                 "graphs": graphs.get("n"), "graphs_after_other_steps": graphs.get("after_other_steps"),
                 "max_abs_diff_vs_eager": float((out - ref).abs().max()),
                 "flops_fraction": pipe.skip_stats().get("flops_fraction") if cfg is not None else 1.0,
-            }
-            rows.append(row)
-            print(f"{name:36s} compiled={compiled!s:5s} steady {steady:.3f}s first {first:.2f}s graphs "
-                  f"{row['graphs']} -> {row['graphs_after_other_steps']} diff {row['max_abs_diff_vs_eager']:.2e}",
-                  flush=True)
-    base = {r["compiled"]: r["steady_s"] for r in rows if r["method"] == "baseline"}
-    for r in rows:
-        r["speedup_vs_eager_baseline"] = base[False] / r["steady_s"]
-        r["speedup_vs_same_compile_baseline"] = base[r["compiled"]] / r["steady_s"]
+            })
+    key = [(r["method"], r["compiled"]) for r in rows]
+    calls = {k: (lambda p=pipes[k]: _call(p, steps)) for k in key}
+    base_key = ("baseline", False)
+    timings = harness.paired(calls.pop(base_key), calls, repeats=repeats)
+    secs = {base_key: next(iter(timings.values())).baseline_s, **{k: t.candidate_s for k, t in timings.items()}}
+    for r, k in zip(rows, key):
+        steady = statistics.median(secs[k])
+        vs_eager = harness.Timing(secs[base_key], secs[k])  # the same rounds: paired
+        vs_same = harness.Timing(secs[("baseline", r["compiled"])], secs[k])
+        r.update({"steady_s": steady, "compile_s": max(r["first_call_s"] - steady, 0.0) if r["compiled"] else None,
+                  "times_s": list(secs[k]), "speedup_vs_eager_baseline": vs_eager.speedup,
+                  "speedup_vs_eager_baseline_spread": list(vs_eager.spread),
+                  "speedup_vs_same_compile_baseline": vs_same.speedup,
+                  "speedup_vs_same_compile_baseline_spread": list(vs_same.spread), "pairs": vs_eager.pairs,
+                  "bound_warning": vs_same.bound_warning(r["flops_fraction"])})
+        print(f"{r['method']:36s} compiled={r['compiled']!s:5s} steady {steady:.3f}s first {r['first_call_s']:.2f}s "
+              f"graphs {r['graphs']} -> {r['graphs_after_other_steps']} diff {r['max_abs_diff_vs_eager']:.2e}",
+              flush=True)
     return rows
 
 
