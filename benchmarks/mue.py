@@ -26,8 +26,8 @@ Measured per config on the held-out strips (the recipe's held-out set, the first
   unmodified model's output;
 * layer-token computations: encoder (image + text tokens x layers run) and decoder (generated tokens x layers
   run), as fractions of the unmodified model's; MuE's from ``handle.stats()`` after each generation;
-* time: ``--repeats`` rounds of paired runs over chunks of 10 strips (the unmodified model on the chunk, then
-  the config on the same chunk), 1 thread; *decode time* = the whole ``generate`` call (vision tower,
+* time: ``mmskip.timing.paired`` over chunks of 10 strips, every chunk ``--repeats`` times (at least 3 rounds):
+  the unmodified model and the config on the same chunk in each interleaved round, 1 thread; *decode time* = the whole ``generate`` call (vision tower,
   encoder, decoding loop), *decoder time* = the time spent inside the BART decoder's forward calls (measured
   with module hooks on both sides of the pair); fraction = median over chunk pairs of config / unmodified.
 
@@ -211,15 +211,44 @@ def generate_one(model, tok, data: D.Batch, i: int) -> str:
     return tok.decode(out[0], skip_special_tokens=True).strip()
 
 
-def _timed_chunk(model, tok, data: D.Batch, idx: list[int]) -> tuple[float, float]:
-    clock = DecoderClock(model)
-    try:
-        t = time.perf_counter()
-        for i in idx:
-            generate_one(model, tok, data, i)
-        return time.perf_counter() - t, clock.seconds
-    finally:
-        clock.remove()
+def _chunk_runner(model, tok, data: D.Batch, chunks: list[list[int]], decoder_s: list[float]):
+    """A call that generates the next chunk's strips (cycling) and appends its decoder seconds to ``decoder_s``."""
+    state = {"i": 0}
+
+    def call() -> None:
+        idx = chunks[state["i"] % len(chunks)]
+        state["i"] += 1
+        clock = DecoderClock(model)
+        try:
+            with torch.no_grad():
+                for i in idx:
+                    generate_one(model, tok, data, i)
+            decoder_s.append(clock.seconds)
+        finally:
+            clock.remove()
+
+    return call
+
+
+def _paired_chunks(model, tok, setup: Setup, data: D.Batch, repeats: int) -> tuple[Any, list[float], list[float], int]:
+    """The unmodified model and the config on the same chunk in each round of ``harness.paired`` (every chunk
+    ``repeats`` times, at least 3 rounds); attaching the config is untimed setup. Returns the timing,
+    both sides' decoder seconds per round and the strips timed per side."""
+    order = list(range(len(data)))
+    chunks = [order[a:a + CHUNK] for a in range(0, len(order), CHUNK)]
+    dec_plain: list[float] = []
+    dec_cfg: list[float] = []
+    held: dict[str, Any] = {}
+
+    def attach() -> None:
+        held["cm"] = attached(model, setup)
+        held["cm"].__enter__()
+
+    cand = harness.Candidate(_chunk_runner(model, tok, data, chunks, dec_cfg), attach,
+                             lambda: held.pop("cm").__exit__(None, None, None))
+    t = harness.paired(_chunk_runner(model, tok, data, chunks, dec_plain), {"cfg": cand},
+                       repeats=max(3, len(chunks) * repeats), warmup=0)["cfg"]
+    return t, dec_plain, dec_cfg, sum(len(chunks[r % len(chunks)]) for r in range(t.pairs))
 
 
 def run_config(model, tok, setup: Setup, data: D.Batch, plain_preds: list[str] | None, args, n_enc: int,
@@ -250,19 +279,10 @@ def run_config(model, tok, setup: Setup, data: D.Batch, plain_preds: list[str] |
             dec_run = dec_all = 1.0
     acc = D.score(preds, data)
     ref = plain_preds if plain_preds is not None else preds
-    # paired timing over chunks: unmodified, then the config, on the same strips
-    ratios, dec_ratios, t_plain, t_cfg = [], [], 0.0, 0.0
-    order = list(range(len(data)))
-    chunks = [order[a:a + CHUNK] for a in range(0, len(order), CHUNK)]
-    with torch.no_grad():
-        for _ in range(args.repeats):
-            for c in chunks:
-                tp, dp = _timed_chunk(model, tok, data, c)
-                with attached(model, setup):
-                    tc, dc = _timed_chunk(model, tok, data, c)
-                ratios.append(tc / tp)
-                dec_ratios.append(dc / dp)
-                t_plain, t_cfg = t_plain + tp, t_cfg + tc
+    # paired timing over chunks: unmodified and the config on the same strips, interleaved (mmskip.timing)
+    t, dec_plain, dec_cfg, strips = _paired_chunks(model, tok, setup, data, args.repeats)
+    ratios = [c / b for b, c in zip(t.baseline_s, t.candidate_s, strict=True)]
+    dec_ratios = [c / b for b, c in zip(dec_plain, dec_cfg, strict=True)]
     base = args.plain_acc if args.plain_acc is not None else acc["all"]
     row = {
         "config": setup.name, "kind": setup.kind, "params": setup.params,
@@ -273,9 +293,11 @@ def run_config(model, tok, setup: Setup, data: D.Batch, plain_preds: list[str] |
         "encoder_layer_tokens": enc_run / enc_all if enc_all else 1.0,
         "decoder_layer_tokens": dec_run / dec_all if dec_all else 1.0,
         "decode_time_fraction": statistics.median(ratios),
+        "decode_time_fraction_spread": list(harness.Timing(t.candidate_s, t.baseline_s).spread),
+        "speedup": t.speedup, "speedup_spread": list(t.spread), "pairs": t.pairs,
         "decoder_time_fraction": statistics.median(dec_ratios),
-        "ms_per_strip_config": 1000 * t_cfg / (len(data) * args.repeats),
-        "ms_per_strip_unmodified": 1000 * t_plain / (len(data) * args.repeats),
+        "ms_per_strip_config": 1000 * sum(t.candidate_s) / strips,
+        "ms_per_strip_unmodified": 1000 * sum(t.baseline_s) / strips,
     }
     row["goal_met"] = bool(row["decode_time_fraction"] <= 0.6 and (row["acc_relative"] or 0.0) >= 0.97)
     row["preds"] = preds
