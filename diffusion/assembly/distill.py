@@ -7,8 +7,8 @@ A-SDM's model assembly also distils with. Added here (``guidance_weight``): a lo
 guidance direction (conditional minus unconditional prediction). On the zoo's digits-sd the
 three terms alone left the assembled UNet at 0.36 prompt accuracy (teacher 0.975) although its
 output KD loss was 0.1 % of the target's: the conditional part is a tiny share of the noise
-prediction, and CFG multiplies exactly that part. Training is plain PyTorch on the given device with a
-tqdm bar; checkpoints (safetensors weights + optimizer, via ``mmskip.train.checkpoint``) are
+prediction, and CFG multiplies exactly that part. Training is one task of the project's loop
+(:func:`mmskip.train.fit`: AdamW, schedule, clipping, EMA, progress bar); its checkpoints are
 written every ``checkpoint_every`` steps into ``out`` and a rerun resumes from them.
 """
 
@@ -25,11 +25,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from mmskip.train import TrainTask
+from mmskip.train.checkpoint import fingerprint
+from mmskip.train.loop import named_weights
 
 __all__ = ["DistillConfig", "distill", "shared_features"]
 
 logger = logging.getLogger(__name__)
+
+_NOISE_SEED = 1_000_003  # seeds each step's noise and timesteps (plus the step), apart from callers' seeds
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,77 @@ def _capture(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Ten
             h.remove()
 
 
+class _DistillTask(TrainTask):
+    """Task, output-KD, feature-KD (and guidance) losses of the student against the frozen teacher."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module,
+                 batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]], noise_scheduler: Any,
+                 cfg: DistillConfig, desc: str, uncond: torch.Tensor | None) -> None:
+        self.student, self.teacher, self.batches, self.noise_scheduler = student, teacher, batches, noise_scheduler
+        self.cfg, self.desc, self.uncond = cfg, desc, uncond
+        self.names = shared_features(teacher, student)
+        self.pred_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
+        self.history: list[dict[str, float]] = []
+        self.last: dict[str, torch.Tensor] = {}
+        self.t0 = time.perf_counter()
+
+    def prepare(self, accelerator: Any) -> None:
+        self.teacher.eval().requires_grad_(False)
+        self.student.train().requires_grad_(True)
+        self.t0 = time.perf_counter()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return named_weights(self.student)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self.student)
+
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        latents, context = self.batches(step)
+        g = torch.Generator(device=latents.device).manual_seed(_NOISE_SEED + step)
+        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g,
+                          device=latents.device)
+        return {"latents": latents, "context": context, "noise": noise, "t": t}
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        cfg, names, sched = self.cfg, self.names, self.noise_scheduler
+        latents, context, noise, t = batch["latents"], batch["context"], batch["noise"], batch["t"]
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if self.pred_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        n = latents.shape[0]
+        if cfg.guidance_weight:  # the same noisy inputs, also with the empty prompt
+            noisy, t = torch.cat([noisy, noisy]), torch.cat([t, t])
+            context = torch.cat([context, self.uncond.to(context).expand(n, *self.uncond.shape[-2:])])
+        with torch.no_grad(), _capture(self.teacher, names) as tf:
+            t_out = self.teacher(noisy, t, context).sample
+        with _capture(self.student, names) as sf:
+            s_out = self.student(noisy, t, context).sample
+        task = F.mse_loss(s_out[:n], target)
+        out_kd = F.mse_loss(s_out, t_out)
+        feat_kd = sum(F.mse_loss(sf[k], tf[k]) for k in names)
+        terms = {"task": cfg.task_weight * task, "output_kd": cfg.output_weight * out_kd,
+                 "feature_kd": cfg.feature_weight * feat_kd}
+        guide = torch.zeros(())
+        if cfg.guidance_weight:
+            guide = F.mse_loss(s_out[:n] - s_out[n:], t_out[:n] - t_out[n:])
+            terms["guidance_kd"] = cfg.guidance_weight * guide
+        self.last = {"loss": sum(terms.values()).detach(), "task": task.detach(), "output_kd": out_kd.detach(),
+                     "feature_kd": feat_kd.detach(), "guidance_kd": guide.detach()}
+        return terms
+
+    def after_step(self, step: int) -> None:
+        if step % 50 == 0 or step == self.cfg.steps - 1:
+            self.history.append({"step": step, **{k: float(v) for k, v in self.last.items()},
+                                 "seconds": time.perf_counter() - self.t0})
+
+
 def distill(student: nn.Module, teacher: nn.Module, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
             noise_scheduler: Any, config: DistillConfig | None = None, out: Path | None = None,
             desc: str = "distil", uncond: torch.Tensor | None = None) -> list[dict[str, float]]:
@@ -101,86 +177,25 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Callable[[int], tup
     the VAE's scaling factor; text encoder hidden states). ``noise_scheduler`` is a diffusers
     training scheduler (``add_noise``, ``config.num_train_timesteps``, epsilon or v prediction).
     ``uncond``: the empty prompt's hidden states (one ``(tokens, dim)`` tensor), for the guidance loss.
+    One :class:`~mmskip.train.TrainTask` of :func:`mmskip.train.fit`; the noise and timesteps of a
+    step are drawn from a generator seeded by the step, so a resumed run trains as an uninterrupted one.
     """
-    from mmskip.train.checkpoint import fingerprint, load_checkpoint, save_checkpoint
-    from mmskip.train.lr_schedule import warmup_cosine
+    from mmskip.train import TrainConfig, fit
 
     cfg = config or DistillConfig()
     if cfg.guidance_weight and uncond is None:
         raise ValueError("guidance_weight > 0 needs uncond= (the empty prompt's text encoder hidden states)")
-    teacher.eval().requires_grad_(False)
-    student.train().requires_grad_(True)
-    names = shared_features(teacher, student)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    warm = max(1, cfg.steps // 20)
-
-    def lr_at(step: int) -> float:
-        return warmup_cosine(step, cfg.steps, warm, 0.1, decay_after_warmup=True)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    ema = {k: v.detach().clone() for k, v in student.state_dict().items()} if cfg.ema else None
-    start, history = 0, []
-    if out is not None:
-        got = load_checkpoint(Path(out), fingerprint(student))
-        if got is not None:
-            state, weights, optim = got
-            student.load_state_dict({k: v.to(student.device) for k, v in weights.items()})
-            opt.load_state_dict(optim)
-            sched.load_state_dict(state["scheduler"])
-            start, history = state["step"], state.get("history", [])
-            if ema is not None and (Path(out) / "checkpoint" / "ema.safetensors").is_file():
-                from safetensors.torch import load_file
-
-                ema = load_file(str(Path(out) / "checkpoint" / "ema.safetensors"))
-            logger.info("resuming %s at step %d", desc, start)
-    pred_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
-    t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
-    for step in bar:
-        latents, context = batches(step)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        target = noise if pred_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-        n = latents.shape[0]
-        if cfg.guidance_weight:  # the same noisy inputs, also with the empty prompt
-            noisy, t = torch.cat([noisy, noisy]), torch.cat([t, t])
-            context = torch.cat([context, uncond.to(context).expand(n, *uncond.shape[-2:])])
-        with torch.no_grad(), _capture(teacher, names) as tf:
-            t_out = teacher(noisy, t, context).sample
-        with _capture(student, names) as sf:
-            s_out = student(noisy, t, context).sample
-        task = F.mse_loss(s_out[:n], target)
-        out_kd = F.mse_loss(s_out, t_out)
-        feat_kd = sum(F.mse_loss(sf[k], tf[k]) for k in names)
-        loss = cfg.task_weight * task + cfg.output_weight * out_kd + cfg.feature_weight * feat_kd
-        guide = torch.zeros(())
-        if cfg.guidance_weight:
-            guide = F.mse_loss(s_out[:n] - s_out[n:], t_out[:n] - t_out[n:])
-            loss = loss + cfg.guidance_weight * guide
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            with torch.no_grad():
-                for k, v in student.state_dict().items():
-                    ema[k].mul_(cfg.ema).add_(v.detach(), alpha=1 - cfg.ema) if v.is_floating_point() else ema[k].copy_(v)
-        if step % 50 == 0 or step == cfg.steps - 1:
-            rec = {"step": step, "loss": loss.item(), "task": task.item(), "output_kd": out_kd.item(),
-                   "feature_kd": float(feat_kd), "guidance_kd": guide.item(), "seconds": time.perf_counter() - t0}
-            history.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", out_kd=f"{rec['output_kd']:.4f}")
-        done = step + 1
-        if out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            folder = save_checkpoint(Path(out), done, student.state_dict(), opt, sched,
-                                     {"model": fingerprint(student), "history": history})
-            if ema is not None:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in ema.items()}, str(folder / "ema.safetensors"))
-    if ema is not None:
-        student.load_state_dict(ema)
+    task = _DistillTask(student, teacher, batches, noise_scheduler, cfg, desc, uncond)
+    device = next(student.parameters()).device
+    train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 20),
+                            lr_schedule="cosine_after_warmup", min_lr_ratio=0.1, weight_decay=0.0,
+                            betas=(0.9, 0.999), max_grad_norm=1.0, ema=cfg.ema, ema_warmup=False,
+                            save_every=cfg.checkpoint_every, log_every=50, cpu=device.type == "cpu")
+    result = fit(task, train_cfg, out=out, resume=out is not None)
+    if result.ema is not None:
+        with torch.no_grad():
+            params = dict(student.named_parameters())
+            for k, v in result.ema.items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
     student.eval().requires_grad_(False)
-    return history
+    return task.history

@@ -2,22 +2,25 @@
 
 The rectified-flow loss of the base model (velocity ``noise − x0`` at logit-normal noise
 levels), with the control residuals added to the frozen base transformer; only the branch
-learns. AdamW with warm-up and cosine decay, an EMA copy (the one returned), a tqdm bar, and
-checkpoints through ``mmskip.train.checkpoint`` so an interrupted run resumes.
+learns. One task of the project's training loop (:func:`mmskip.train.fit`): AdamW with warm-up and
+cosine decay, an EMA copy (the one returned), the progress bar and resumable checkpoints are the loop's.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from mmskip.train import TrainTask
+from mmskip.train.checkpoint import fingerprint
+from mmskip.train.loop import named_weights
 
 __all__ = ["ControlData", "ControlTrainConfig", "train_control"]
 
@@ -95,47 +98,30 @@ def _ids(h: int, w: int, text_len: int, device: torch.device) -> tuple[torch.Ten
     return img.reshape(-1, 3), torch.zeros(text_len, 3, device=device)
 
 
-def train_control(controlnet: nn.Module, transformer: nn.Module, data: ControlData,
-                  config: ControlTrainConfig | None = None, out: str | Path | None = None,
-                  desc: str = "control branch") -> nn.Module:
-    """Train ``controlnet`` against the frozen ``transformer``; returns its EMA copy (eval mode).
+class _ControlTask(TrainTask):
+    """The rectified-flow loss of the frozen base with the branch's residuals added; only the branch learns."""
 
-    With ``out``, checkpoints go to ``out/checkpoint`` and a rerun resumes from the last one.
-    """
-    from mmskip.train.checkpoint import fingerprint, load_checkpoint, save_checkpoint
-    from mmskip.train.lr_schedule import warmup_cosine
-    from mmskip.zoo.ema import ema_update
+    def __init__(self, controlnet: nn.Module, transformer: nn.Module, data: ControlData, cfg: ControlTrainConfig,
+                 desc: str) -> None:
+        self.controlnet, self.transformer, self.data, self.cfg, self.desc = controlnet, transformer, data, cfg, desc
+        self.device = data.latents.device
+        h, w = data.latents.shape[2:]
+        self.img_ids, self.txt_ids = _ids(h, w, data.prompt_embeds.shape[1], self.device)
 
-    cfg = config or ControlTrainConfig()
-    device = data.latents.device
-    transformer.requires_grad_(False).eval()
-    controlnet.to(device).train()
-    ema = copy.deepcopy(controlnet).requires_grad_(False).eval()
-    params = [p for p in controlnet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    def prepare(self, accelerator: Any) -> None:
+        self.transformer.requires_grad_(False).eval()
+        self.controlnet.to(self.device).train()
 
-    def lr_at(step: int) -> float:
-        return warmup_cosine(step, cfg.steps, cfg.warmup, 0.1, decay_after_warmup=True)
+    def weights(self) -> dict[str, torch.Tensor]:
+        return named_weights(self.controlnet)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start = 0
-    if out is not None:
-        got = load_checkpoint(Path(out), fingerprint(controlnet))
-        if got is not None:
-            state, weights, optim = got
-            controlnet.load_state_dict({k: v.to(device) for k, v in weights.items() if not k.startswith("ema.")})
-            ema.load_state_dict({k[4:]: v.to(device) for k, v in weights.items() if k.startswith("ema.")})
-            opt.load_state_dict(optim)
-            sched.load_state_dict(state["scheduler"])
-            start = state["step"]
-            logger.info("resumed %s from step %d", desc, start)
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed + start)
-    n, (h, w) = len(data.latents), data.latents.shape[2:]
-    img_ids, txt_ids = _ids(h, w, data.prompt_embeds.shape[1], device)
-    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
-    t0, done = time.monotonic(), start
-    for step in bar:
-        idx = torch.randint(0, n, (cfg.batch,), generator=g).to(device)
+    def fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self.controlnet)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        cfg, data, device = self.cfg, self.data, self.device
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(data.latents), (cfg.batch,), generator=g).to(device)
         z0 = data.latents[idx]
         ctrl = data.control_mean[idx] + data.control_std[idx] * torch.randn(z0.shape, generator=g).to(device)
         drop = (torch.rand(cfg.batch, generator=g) < cfg.drop_text).to(device)
@@ -144,30 +130,46 @@ def train_control(controlnet: nn.Module, transformer: nn.Module, data: ControlDa
         pooled = torch.where(drop[:, None], data.empty_pooled.expand_as(data.pooled[idx]), data.pooled[idx])
         s = torch.sigmoid(torch.randn(cfg.batch, generator=g)).to(device)
         noise = torch.randn(z0.shape, generator=g).to(device)
+        return {"z0": z0, "ctrl": ctrl, "seq": seq, "pooled": pooled, "s": s, "noise": noise}
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        z0, s, noise = batch["z0"], batch["s"], batch["noise"]
         xt = _pack((1 - s.view(-1, 1, 1, 1)) * z0 + s.view(-1, 1, 1, 1) * noise)
-        common = dict(encoder_hidden_states=seq, pooled_projections=pooled, timestep=s, img_ids=img_ids,
-                      txt_ids=txt_ids)
-        double, single = controlnet(hidden_states=xt, controlnet_cond=_pack(ctrl), return_dict=False, **common)
-        pred = transformer(hidden_states=xt, controlnet_block_samples=double, controlnet_single_block_samples=single,
-                           return_dict=False, **common)[0]
-        loss = F.mse_loss(pred.float(), _pack(noise - z0).float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_update([ema], [controlnet], step, cfg.ema)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        if out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            weights = {**controlnet.state_dict(), **{f"ema.{k}": v for k, v in ema.state_dict().items()}}
-            save_checkpoint(Path(out), done, weights, opt, sched,
-                            {"model": fingerprint(controlnet), "config": cfg.__dict__})
-        if cfg.time_limit_s is not None and time.monotonic() - t0 > cfg.time_limit_s:
-            logger.warning("%s: time limit %.0f s reached after %d of %d steps", desc, cfg.time_limit_s, done,
-                           cfg.steps)
-            break
-    ema.steps_done = done
+        common = dict(encoder_hidden_states=batch["seq"], pooled_projections=batch["pooled"], timestep=s,
+                      img_ids=self.img_ids, txt_ids=self.txt_ids)
+        double, single = self.controlnet(hidden_states=xt, controlnet_cond=_pack(batch["ctrl"]), return_dict=False,
+                                         **common)
+        pred = self.transformer(hidden_states=xt, controlnet_block_samples=double,
+                                controlnet_single_block_samples=single, return_dict=False, **common)[0]
+        return {"mse": F.mse_loss(pred.float(), _pack(noise - z0).float())}
+
+
+def train_control(controlnet: nn.Module, transformer: nn.Module, data: ControlData,
+                  config: ControlTrainConfig | None = None, out: str | Path | None = None,
+                  desc: str = "control branch") -> nn.Module:
+    """Train ``controlnet`` against the frozen ``transformer``; returns its EMA copy (eval mode).
+
+    One :class:`~mmskip.train.TrainTask` of :func:`mmskip.train.fit` (AdamW, warm-up then cosine to
+    10 %, clipping at 1, the EMA with its decay warm-up, the time limit). With ``out``, checkpoints go
+    to ``out/checkpoint`` and a rerun resumes from the last one (each step's draws are seeded by the
+    step, so a resumed run trains as an uninterrupted one). The returned copy has ``steps_done``.
+    """
+    from mmskip.train import TrainConfig, fit
+
+    cfg = config or ControlTrainConfig()
+    task = _ControlTask(controlnet, transformer, data, cfg, desc)
+    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr, warmup=cfg.warmup,
+                            lr_schedule="cosine_after_warmup", min_lr_ratio=0.1, weight_decay=0.0,
+                            betas=(0.9, 0.999), max_grad_norm=1.0, ema=cfg.ema, ema_warmup=True,
+                            save_every=cfg.checkpoint_every, log_every=20, seed=cfg.seed,
+                            cpu=data.latents.device.type == "cpu", time_limit_s=cfg.time_limit_s)
+    result = fit(task, train_cfg, out=out, resume=out is not None, meta={"control_config": cfg.__dict__})
+    ema = copy.deepcopy(controlnet).requires_grad_(False).eval()
+    if result.ema is not None:
+        with torch.no_grad():
+            params = dict(ema.named_parameters())
+            for k, v in result.ema.items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+    ema.steps_done = result.steps
     controlnet.eval()
     return ema
