@@ -6,7 +6,8 @@ CFG 4): no control (the base model: how well silhouettes match by chance), the f
 ControlNet with its least relevant control blocks skipped at inference (RelaCtrl's relevance
 used without retraining), and RelaCtrl (``scenes-flux-relactrl``). For each: control-branch
 parameters, FLOPs per image and denoising step (branch, and branch + base with CFG), wall time
-per step, FID on scenes-classifier features, prompt accuracy and silhouette IoU. The full
+per step and its speedup vs the full ControlNet (``mmskip.timing.paired``: interleaved rounds, median
+ratio with quartiles; FLOPs bound beside it), FID on scenes-classifier features, prompt accuracy and silhouette IoU. The full
 ControlNet is rerun at other seeds to give the seed-noise band. Writes
 ``benchmarks/results/relactrl.json`` / ``.md`` and copies the relevance plot.
 
@@ -67,7 +68,8 @@ def active_params(controlnet: Any, drop: list[str]) -> int:
 @torch.no_grad()
 def cost(pipe: Any, controlnet: Any, device: torch.device, batch: int, reps: int,
          drop: list[str] = ()) -> dict[str, float]:
-    """Branch parameters (those that run) and FLOPs per image per step, and the median wall time of one step."""
+    """Branch parameters (those that run) and FLOPs per image per step (``reps`` > 0: and the median wall time
+    of one step, a lone figure; :func:`step_timings` times the methods against each other)."""
     inputs, one = _step_inputs(pipe, batch, device), _step_inputs(pipe, 1, device)
     control = torch.randn_like(inputs["hidden_states"])
     with FlopCounterMode(display=False) as fc:
@@ -78,10 +80,34 @@ def cost(pipe: Any, controlnet: Any, device: torch.device, batch: int, reps: int
         with FlopCounterMode(display=False) as fc:
             controlnet(controlnet_cond=control[:1], return_dict=False, **one)
         branch_flops = fc.get_total_flops()
-    times = harness.repeated(lambda: _step(pipe, controlnet, inputs, control), repeats=reps, warmup=3)
     params = active_params(controlnet, drop) if controlnet is not None else 0
-    return {"branch_params": params, "branch_gflops": branch_flops / 1e9,
-            "step_gflops": (branch_flops + base_flops) / 1e9, "step_ms": 1e3 * statistics.median(times)}
+    out = {"branch_params": params, "branch_gflops": branch_flops / 1e9, "step_gflops": (branch_flops + base_flops) / 1e9}
+    if reps > 0:
+        times = harness.repeated(lambda: _step(pipe, controlnet, inputs, control), repeats=reps, warmup=3)
+        out["step_ms"] = 1e3 * statistics.median(times)
+    return out
+
+
+@torch.no_grad()
+def step_timings(pipe: Any, methods: dict[str, tuple[Any, list[str]]], device: torch.device, batch: int,
+                 reps: int, baseline: str = "full ControlNet") -> dict[str, harness.Timing]:
+    """One denoising step of every method against ``baseline`` in interleaved rounds (``harness.paired``);
+    each method's skipped positions are set, untimed, around each of its calls."""
+    inputs = _step_inputs(pipe, batch, device)
+    control = torch.randn_like(inputs["hidden_states"])
+
+    def timed(cn: Any, drop: list[str]) -> harness.Candidate:
+        held: dict[str, Any] = {}
+
+        def setup() -> None:
+            held["cm"] = skipped_control(cn, drop) if cn is not None else nullcontext()
+            held["cm"].__enter__()
+
+        return harness.Candidate(lambda: _step(pipe, cn, inputs, control), setup,
+                                 lambda: held.pop("cm").__exit__(None, None, None))
+
+    calls = {name: timed(cn, drop) for name, (cn, drop) in methods.items()}
+    return harness.paired(calls.pop(baseline), calls, repeats=max(reps, 3), warmup=3)
 
 
 def _methods(args: argparse.Namespace, pipe: Any) -> tuple[dict[str, tuple[Any, list[str]]], RelevanceReport]:
@@ -122,14 +148,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full_cost = None
     for name, (cn, drop) in methods.items():
         with skipped_control(cn, drop) if cn is not None else nullcontext():
-            row = {"method": name, **cost(pipe, cn, device, args.batch, args.repeats, drop)}
+            row = {"method": name, **cost(pipe, cn, device, args.batch, 0, drop)}
         if name == "full ControlNet":
             full_cost = row
         rows.append(row)
+    timings = step_timings(pipe, methods, device, args.batch, args.repeats)
+    full_t = next(iter(timings.values()))
     for row in rows:
+        t = timings.get(row["method"])
         row["params_vs_full"] = row["branch_params"] / full_cost["branch_params"]
         row["branch_flops_vs_full"] = row["branch_gflops"] / full_cost["branch_gflops"]
-        row["step_speedup_vs_full"] = full_cost["step_ms"] / row["step_ms"]
+        row["step_ms"] = 1e3 * (t.seconds if t else full_t.baseline_seconds)
+        row["step_times_s"] = list(t.candidate_s if t else full_t.baseline_s)
+        row["step_speedup_vs_full"] = t.speedup if t else 1.0
+        row["step_speedup_spread"] = list(t.spread) if t else [1.0, 1.0]
+        row["step_flops_bound_vs_full"] = full_cost["step_gflops"] / row["step_gflops"]
+        row["bound_warning"] = t.bound_warning(row["step_gflops"] / full_cost["step_gflops"]) if t else None
     band = {}
     if not args.timing_only:
         full = methods["full ControlNet"][0]
