@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from mmskip.train.checkpoint import STATE_PATH, legacy_note, load_checkpoint, save_checkpoint, weights_under
-from mmskip.train.data import skip_batches
-from mmskip.train.lr_schedule import warmup_cosine
+from mmskip.train.batches import StepBatches, loss_curve_trailing, to_device
+from mmskip.train.checkpoint import STATE_PATH, legacy_note
+from mmskip.train.config import TrainConfig
+from mmskip.train.loop import TrainTask, fit
 
 __all__ = ["CHECKPOINT", "layerwise_loss", "mixed_depth", "train_mue", "main"]
 
@@ -110,17 +109,78 @@ def layerwise_loss(model: nn.Module, batch: Mapping[str, Any], *, encoder_mix: f
     return loss, parts
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 5 %."""
-    return warmup_cosine(step, steps, warmup, 0.05)
+class _LayerwiseTask(TrainTask):
+    """Every parameter of a Florence-2 (and ``aux_module``'s) trained for :func:`layerwise_loss` (:func:`fit`)."""
 
+    def __init__(self, model: nn.Module, data: StepBatches, *, steps: int, encoder_mix: float, seed: int,
+                 aux_loss: Callable[[Mapping[str, Any]], torch.Tensor] | None, aux_module: nn.Module | None,
+                 desc: str) -> None:
+        self.model, self.data, self.steps, self.encoder_mix, self.seed = model, data, steps, encoder_mix, seed
+        self.aux_loss, self.aux_module, self.desc = aux_loss, aux_module, desc
+        self.device = next(model.parameters()).device
+        self.every = max(1, steps // 20)
+        self.losses: list[float] = []
+        self.layer_curve: list[list[Any]] = []
+        self._parts: dict[str, Any] = {}
+        self._last: torch.Tensor | None = None
 
-def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
-    if not losses:
-        return []
-    every = max(1, len(losses) // points)
-    return [[i + 1, round(sum(losses[max(0, i - every + 1): i + 1]) / len(losses[max(0, i - every + 1): i + 1]), 4)]
-            for i in range(every - 1, len(losses), every)]
+    def _modules(self) -> list[tuple[str, nn.Module]]:
+        return [("model.", self.model)] + ([("aux.", self.aux_module)] if self.aux_module is not None else [])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {f"{pre}{n}": p for pre, m in self._modules() for n, p in m.named_parameters()}
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        """Weight decay on matrices other than embeddings (the shared token table included); none elsewhere."""
+        named = list(self.model.named_parameters()) + ([(f"aux.{n}", p) for n, p in self.aux_module.named_parameters()]
+                                                       if self.aux_module is not None else [])
+        decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n and "shared" not in n]
+        ids = {id(p) for p in decay}
+        return [{"params": decay, "weight_decay": config.weight_decay},
+                {"params": [p for _, p in named if id(p) not in ids], "weight_decay": 0.0}]
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Persistent buffers (e.g. normalisation statistics), so a resumed run continues the same state."""
+        out = {}
+        for pre, m in self._modules():
+            kept = set(m.state_dict())
+            out.update({f"{pre}{n}": b for n, b in m.named_buffers() if n in kept})
+        return out
+
+    def prepare(self, accelerator: Any) -> None:
+        self.model.train()
+
+    def batch(self, step: int) -> dict[str, Any]:
+        return to_device(self.data.at(step), self.device)
+
+    def loss(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        loss, self._parts = layerwise_loss(self.model, batch, encoder_mix=self.encoder_mix, generator=g)
+        self._last = loss.detach()
+        terms = {"layerwise": loss}
+        if self.aux_loss is not None:
+            terms["aux"] = self.aux_loss(batch)
+        return terms
+
+    def metrics(self) -> dict[str, float]:
+        return {"last_layer": self._parts["final"]} if self._parts else {}
+
+    def after_step(self, step: int) -> None:
+        self.losses.append(round(float(self._last), 5))
+        done, parts = step + 1, self._parts
+        if done % self.every == 0 or done == self.steps:
+            mix = parts["encoder_mix"]
+            self.layer_curve.append([done, [round(v, 4) for v in parts["decoder"]],
+                                     None if mix is None else round(sum(mix) / len(mix), 4)])
+
+    def state(self) -> dict[str, Any]:
+        return {"losses": self.losses, "layer_curve": self.layer_curve}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.losses, self.layer_curve = list(state["losses"]), list(state.get("layer_curve", []))
+
+    def finish(self) -> None:
+        self.model.eval()
 
 
 def train_mue(
@@ -152,10 +212,11 @@ def train_mue(
     training-only term computed after the model's forward (e.g. a probe on captured features);
     ``aux_module``'s parameters are optimised and checkpointed with the model's.
 
-    AdamW (``lr``, betas 0.9/0.98, ``weight_decay`` on matrices other than embeddings), ``warmup`` linear
-    warm-up steps then cosine to 5 %, gradient norm clipped to ``clip``. ``out/checkpoint/``
-    (:mod:`mmskip.train.checkpoint`: model, aux module, optimizer, step, losses, seconds) is written
-    every ``checkpoint_every`` steps and at the end;
+    One :class:`~mmskip.train.TrainTask` of :func:`mmskip.train.fit`: AdamW (``lr``, betas 0.9/0.98,
+    ``weight_decay`` on matrices other than embeddings), ``warmup`` linear warm-up steps then cosine to
+    5 % (``TrainConfig(lr_schedule="cosine", min_lr_ratio=0.05)``), gradient norm clipped to ``clip``.
+    ``out/checkpoint/`` (:mod:`mmskip.train.checkpoint`: model, aux module, optimizer, step, losses,
+    seconds) is written every ``checkpoint_every`` steps and at the end;
     ``resume=True`` continues it (``FileNotFoundError`` without one). The mixed-depth draws use a generator
     seeded by ``(seed, step)``, so a resumed run is the same run. With ``save`` the final weights go to
     ``out`` with ``save_pretrained`` (safetensors, the model's dtype). The model is left in eval mode.
@@ -166,92 +227,30 @@ def train_mue(
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     _text(model)
     out = Path(out)
-    state: dict[str, Any] | None = None
-    opt_state: dict[str, Any] | None = None
+    start = 0
     if resume:
-        got = load_checkpoint(out)
-        if got is None:
+        if not (out / CHECKPOINT).is_file():
             raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); start without "
                                     f"resume to train from scratch{legacy_note(out)}")
-        state, weights, opt_state = got
-        model.load_state_dict(weights_under(weights, "model."))
-        if aux_module is not None:
-            aux_module.load_state_dict(weights_under(weights, "aux."))
-    device = next(model.parameters()).device
-    named = list(model.named_parameters()) + ([(f"aux.{n}", p) for n, p in aux_module.named_parameters()]
-                                              if aux_module is not None else [])
-    params = [p for _, p in named]
-    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n and "shared" not in n]
-    ids = {id(p) for p in decay}
-    other = [p for p in params if id(p) not in ids]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
-    start = 0
-    losses: list[float] = []
-    layer_curve: list[list[Any]] = []
-    seconds = 0.0
-    if state is not None:
-        opt.load_state_dict(opt_state)
-        start, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
-        layer_curve = list(state.get("layer_curve", []))
-
-    def checkpoint(step: int) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        weights = {f"model.{k}": v for k, v in model.state_dict().items()}
-        if aux_module is not None:
-            weights.update({f"aux.{k}": v for k, v in aux_module.state_dict().items()})
-        save_checkpoint(out, step, weights, opt, None, {"losses": losses, "seconds": seconds,
-                                                         "layer_curve": layer_curve})
-
-    every = max(1, steps // 20)
-    model.train()
-    data = skip_batches(batches, start) if start < steps else iter(())
-    bar = tqdm(total=steps, initial=min(start, steps), desc=desc, disable=not progress, mininterval=2.0)
-    t0 = time.perf_counter()
-    step = start
-    try:
-        while step < steps:
-            batch = next(data, None)
-            if batch is None:
-                raise ValueError(f"batches ran out after {step} steps; give at least steps={steps} batches")
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            for group in opt.param_groups:
-                group["lr"] = lr * _lr_factor(step, steps, warmup)
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            loss, parts = layerwise_loss(model, batch, encoder_mix=encoder_mix, generator=g)
-            aux = aux_loss(batch) if aux_loss is not None else None
-            total = loss + aux if aux is not None else loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
-            losses.append(round(float(loss.detach()), 5))
-            step += 1
-            bar.update(1)
-            if step % every == 0 or step == steps:
-                layer_curve.append([step, [round(v, 4) for v in parts["decoder"]],
-                                    None if parts["encoder_mix"] is None else round(sum(parts["encoder_mix"])
-                                                                                     / len(parts["encoder_mix"]), 4)])
-            if step % 10 == 0 or step == steps:
-                post = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", "last": f"{parts['final']:.3f}"}
-                if aux is not None:
-                    post["aux"] = f"{float(aux.detach()):.3f}"
-                bar.set_postfix(post)
-            if step % checkpoint_every == 0 or step == steps:
-                seconds += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                checkpoint(step)
-    finally:
-        bar.close()
-        model.eval()
+        saved = json.loads((out / CHECKPOINT).read_text())
+        start = int(saved["step"])
+        if "task" not in saved:
+            raise ValueError(f"the checkpoint in {str(out)!r} was written by an earlier mmskip (before the one "
+                             "training loop) that this one cannot continue: finish it with that version, or start anew")
+    task = _LayerwiseTask(model, StepBatches(batches, steps), steps=steps, encoder_mix=encoder_mix, seed=seed,
+                          aux_loss=aux_loss, aux_module=aux_module, desc=desc)
+    config = TrainConfig(steps=steps, lr=lr, warmup=warmup, lr_schedule="cosine", min_lr_ratio=0.05,
+                         weight_decay=weight_decay, betas=(0.9, 0.98), max_grad_norm=clip or 0.0,
+                         save_every=checkpoint_every, seed=seed, cpu=task.device.type == "cpu")
+    result = fit(task, config, out=out, resume=resume, progress=progress)
+    seconds, losses = result.seconds, task.losses
     if save:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
     return {"trainer": "mmskip.vision.mue.train", "steps": len(losses), "lr": lr, "warmup": warmup,
             "encoder_mix": encoder_mix, "train_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / max(1, len(losses) - start), 4) if len(losses) > start else None,
-            "loss_curve": _curve(losses), "layer_curve": layer_curve, "losses": losses}
+            "loss_curve": loss_curve_trailing(losses), "layer_curve": task.layer_curve, "losses": losses}
 
 
 # -- CLI: fine-tune a Florence-2 on the digits-florence tasks --------------------------------------------

@@ -25,22 +25,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from mmskip.inject import SkipConfig, apply
 from mmskip.registry import get_adapter
-from mmskip.train.checkpoint import STATE_PATH, legacy_note, load_checkpoint, save_checkpoint, weights_under
-from mmskip.train.data import skip_batches
+from mmskip.train.batches import StepBatches, loss_curve_windows, to_device
+from mmskip.train.checkpoint import STATE_PATH, legacy_note
+from mmskip.train.config import TrainConfig
+from mmskip.train.loop import TrainTask, fit
 
 from .eval import digit_batches, evaluate_configs, heldout, load_model, parse_schedule, results_table
 from .lora import (
@@ -78,37 +78,109 @@ def _as_saved(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _stream(batches: Iterable[Mapping[str, Any]], start: int) -> Iterator[Mapping[str, Any]]:
-    """Batches from step ``start`` on: a sequence is cycled; any other iterable is read once, its first
-    ``start`` items skipped (so a resumed run sees what an uninterrupted one would have)."""
-    if isinstance(batches, Mapping):
-        raise TypeError("batches must yield dicts of model kwargs; for one batch pass [batch]")
-    if isinstance(batches, Sequence):
-        if not batches:
-            raise ValueError("batches is empty")
-        i = start
-        while True:
-            yield batches[i % len(batches)]
-            i += 1
-    yield from skip_batches(batches, start)
+class _RouterTask(TrainTask):
+    """p-MoD routers (and optional LoRA adapters) on a frozen model, trained for its LM loss (:func:`fit`)."""
+
+    desc = "p-MoD routers"
+
+    def __init__(self, model: nn.Module, config: SkipConfig, routers: MoDRouters, data: StepBatches,
+                 lora: Any) -> None:
+        self.model, self.config, self.routers, self.data, self.lora = model, config, routers, data, lora
+        ref = next(model.parameters())
+        self.device, self.dtype = ref.device, ref.dtype
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.was_training = model.training
+        self.lora_layers: list[tuple[nn.Module, str, nn.Module]] = []
+        self.lora_info: dict[str, Any] | None = None
+        self.lora_final: dict[str, torch.Tensor] = {}
+        self.handle: Any = None
+        self.losses: list[float] = []
+        self._last: torch.Tensor | None = None
+
+    def prepare(self, accelerator: Any) -> None:
+        """Freeze the model, apply the router config reading ``self.routers`` live, inject any LoRA."""
+        model = self.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            MoDRouters.for_model(model, self.config).save(tmp)
+            self.handle = apply(model, dataclasses.replace(self.config, signal="router", routers=tmp))
+        if not hasattr(self.handle.state, "routers"):
+            raise TypeError(f"{type(self.config).__name__}'s applied state has no 'routers' to train")
+        self.handle.state.routers = self.routers  # the hooks read it live: gradients reach these parameters
+        if self.lora:
+            lora_cfg = default_lora_config(model) if self.lora is True else self.lora
+            self.lora_layers = _inject_lora(model, lora_cfg)
+            for p in model.parameters():  # peft leaves only its own parameters trainable; be sure of it
+                p.requires_grad_(False)
+            for p in _lora_params(self.lora_layers):
+                p.requires_grad_(True)
+            targets = lora_cfg.target_modules
+            self.lora_info = {"r": lora_cfg.r, "lora_alpha": lora_cfg.lora_alpha,
+                              "target_modules": sorted(targets) if not isinstance(targets, str) else targets}
+        self.routers.train()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        named = {f"routers.{k}": p for k, p in self.routers.named_parameters()}
+        if self.lora_layers:
+            named.update({f"lora.{k}": p for k, p in _lora_named(self.model).items()})
+        return named
+
+    def batch(self, step: int) -> dict[str, Any]:
+        kwargs = {"use_cache": False, **to_device(self.data.at(step), self.device, self.dtype)}
+        if "labels" not in kwargs:
+            raise ValueError("each batch needs 'labels' (the answer tokens; -100 elsewhere) for the LM loss")
+        return kwargs
+
+    def loss(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        loss = self.model(**batch).loss
+        self._last = loss.detach()
+        return {"lm": loss}
+
+    def after_step(self, step: int) -> None:
+        self.losses.append(float(self._last))
+
+    def state(self) -> dict[str, Any]:
+        return {"losses": self.losses}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.losses = list(state["losses"])
+
+    def finish(self) -> None:
+        """Keep the LoRA weights, then put the model back as it was (also after an error)."""
+        if self.lora_layers:
+            self.lora_final = {k: v.detach().float().cpu().contiguous() for k, v in _lora_named(self.model).items()}
+            _unwrap_lora(self.lora_layers)
+        if self.handle is not None and not self.handle.removed:
+            self.handle.remove()
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.was_training)
 
 
-def _to(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device)
-        out[k] = v
-    return out
-
-
-def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
-    """``[[last step of the window, mean loss over the window], ...]`` (about ``points`` windows)."""
-    if not losses:
-        return []
-    size = max(1, math.ceil(len(losses) / points))
-    return [[min(s + size, len(losses)), round(sum(losses[s:s + size]) / len(losses[s:s + size]), 4)]
-            for s in range(0, len(losses), size)]
+def _check_resumable(out: Path, routers: MoDRouters, schedule: dict[str, Any], lora: Any) -> None:
+    """``FileNotFoundError`` without a checkpoint in ``out``; ``ValueError`` when it was trained with
+    another schedule or LoRA setting (or by the trainer before :func:`fit`)."""
+    if not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); start without "
+                                f"resume to train from scratch{legacy_note(out)}")
+    state = json.loads((out / CHECKPOINT).read_text())
+    if "task" not in state or "config" not in state:
+        raise ValueError(f"the checkpoint in {str(out)!r} was written by an earlier mmskip (before the one training "
+                         "loop) that this one cannot continue: finish it with that version, or start anew")
+    saved_schedule = state.get("schedule", _as_saved(schedule))
+    if state["layers"] != _as_saved(routers.layers) or saved_schedule != _as_saved(schedule):
+        raise ValueError(
+            f"the checkpoint in {str(out)!r} was trained with schedule {state.get('schedule')} (MoD layers "
+            f"{state['layers']}), not {schedule} (MoD layers {routers.layers}); resume with the schedule it "
+            "was trained with"
+        )
+    if bool(state.get("lora")) != bool(lora):
+        raise ValueError(
+            f"the checkpoint in {str(out)!r} was trained {'with' if state.get('lora') else 'without'} LoRA; "
+            "resume it the same way"
+        )
 
 
 def train_mod_routers(
@@ -138,18 +210,19 @@ def train_mod_routers(
     :class:`~collections.abc.Sequence` of batches is cycled; another iterable must yield ``steps``
     batches (a resumed run skips the ones already used).
 
-    Only the routers train (AdamW, ``lr``, no weight decay, gradient norm clipped to ``clip``), plus
-    LoRA adapters when ``lora`` is ``True`` (rank 8 on the language model's q/v projections, see
-    :func:`default_lora_config`) or a peft ``LoraConfig``. LoRA layers are injected in place
-    (``peft.inject_adapter_in_model``) *after* ``mmskip.apply`` (so the handle's FLOP costs are the
+    Training is one :class:`~mmskip.train.TrainTask` of :func:`mmskip.train.fit`: only the routers
+    train (AdamW, constant ``lr``, no weight decay, gradient norm clipped to ``clip``; ``None``/0: no
+    clipping), plus LoRA adapters when ``lora`` is ``True`` (rank 8 on the language model's q/v
+    projections, see :func:`default_lora_config`) or a peft ``LoraConfig``. LoRA layers are injected in
+    place (``peft.inject_adapter_in_model``) *after* ``mmskip.apply`` (so the handle's FLOP costs are the
     base model's) and taken out again at the end; their weights go to ``out/lora.safetensors``
     (:func:`merged_with_lora` gives a model with them merged).
 
     Every ``checkpoint_every`` steps and at the end, ``out/checkpoint/`` (:mod:`mmskip.train.checkpoint`)
     holds the routers, the optimizer, the step, the losses and any LoRA weights; ``resume=True``
-    continues from it up to ``steps`` in all, at this call's ``lr`` (``FileNotFoundError`` without a checkpoint, ``ValueError``
-    when its schedule or LoRA setting differs). The final routers are written with
-    ``MoDRouters.save(out, ...)`` (metadata: steps, lr, schedule, MoD layers, loss curve, LoRA,
+    continues from it up to ``steps`` in all, at this call's ``lr`` (``FileNotFoundError`` without a
+    checkpoint, ``ValueError`` when its schedule or LoRA setting differs). The final routers are written
+    with ``MoDRouters.save(out, ...)`` (metadata: steps, lr, schedule, MoD layers, loss curve, LoRA,
     ``meta``) and their ``.meta`` holds the same. When it returns (or raises), the model is as it
     was: hooks removed, LoRA layers out, ``requires_grad`` flags and train/eval mode restored, base
     weights untouched.
@@ -165,138 +238,25 @@ def train_mod_routers(
             f"got {type(config).__name__}"
         )
     out = Path(out)
-    state: dict[str, Any] | None = None
-    saved_weights: dict[str, torch.Tensor] = {}
-    opt_state: dict[str, Any] | None = None
-    if resume:
-        got = load_checkpoint(out)
-        if got is None:
-            raise FileNotFoundError(
-                f"resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); start without resume to train "
-                f"from scratch{legacy_note(out)}"
-            )
-        state, saved_weights, opt_state = got
-
-    ref = next(model.parameters())
-    device, dtype = ref.device, ref.dtype
+    device = next(model.parameters()).device
     routers = MoDRouters.for_model(model, config).to(device=device, dtype=torch.float32)
     schedule = config.schedule.to_dict()
-    if state is not None:
-        saved_schedule = state.get("schedule", _as_saved(schedule))
-        if state["layers"] != _as_saved(routers.layers) or saved_schedule != _as_saved(schedule):
-            raise ValueError(
-                f"the checkpoint in {str(out)!r} was trained with schedule {state.get('schedule')} (MoD layers "
-                f"{state['layers']}), not {schedule} (MoD layers {routers.layers}); resume with the schedule it "
-                "was trained with"
-            )
-        if bool(state.get("lora")) != bool(lora):
-            raise ValueError(
-                f"the checkpoint in {str(out)!r} was trained {'with' if state.get('lora') else 'without'} LoRA; "
-                "resume it the same way"
-            )
-        routers.load_state_dict(weights_under(saved_weights, "routers."))
-    start = int(state["step"]) if state is not None else 0
-    losses: list[float] = list(state["losses"]) if state is not None else []
-    seconds = float(state.get("seconds", 0.0)) if state is not None else 0.0
+    if resume:
+        _check_resumable(out, routers, schedule, lora)
+    task = _RouterTask(model, config, routers, StepBatches(batches, steps, cycle=True), lora)
+    train_config = TrainConfig(steps=steps, lr=lr, lr_schedule="constant", weight_decay=0.0, betas=(0.9, 0.999),
+                               max_grad_norm=clip or 0.0, save_every=checkpoint_every, cpu=device.type == "cpu")
+    result = fit(task, train_config, out=out, resume=resume, progress=progress,
+                 meta={"layers": routers.layers, "schedule": schedule, "lora": bool(lora)})
+    if task.lora_final:
+        from safetensors.torch import save_file
 
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    lora_layers: list[tuple[nn.Module, str, nn.Module]] = []
-    lora_info: dict[str, Any] | None = None
-    handle = None
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            MoDRouters.for_model(model, config).save(tmp)
-            applied = dataclasses.replace(config, signal="router", routers=tmp)
-            handle = apply(model, applied)
-        if not hasattr(handle.state, "routers"):
-            raise TypeError(f"{type(config).__name__}'s applied state has no 'routers' to train")
-        handle.state.routers = routers  # the hooks read it live: gradients reach these parameters
-        params = list(routers.parameters())
-        if lora:
-            lora_cfg = default_lora_config(model) if lora is True else lora
-            lora_layers = _inject_lora(model, lora_cfg)
-            for p in model.parameters():  # peft leaves only its own parameters trainable; be sure of it
-                p.requires_grad_(False)
-            for p in _lora_params(lora_layers):
-                p.requires_grad_(True)
-            params += _lora_params(lora_layers)
-            targets = lora_cfg.target_modules
-            lora_info = {"r": lora_cfg.r, "lora_alpha": lora_cfg.lora_alpha,
-                         "target_modules": sorted(targets) if not isinstance(targets, str) else targets}
-            if state is not None:
-                saved = weights_under(saved_weights, "lora.")
-                if set(saved) != set(_lora_named(model)):
-                    raise ValueError(f"the checkpoint in {str(out)!r} has LoRA weights of other modules; resume it "
-                                     "with the LoRA config it was trained with")
-                model.load_state_dict({k: v.to(device) for k, v in saved.items()}, strict=False)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        if state is not None:
-            opt.load_state_dict(opt_state)
-            for group in opt.param_groups:  # the checkpoint's moments, this call's learning rate
-                group["lr"] = lr
-
-        def checkpoint(step: int) -> None:
-            out.mkdir(parents=True, exist_ok=True)
-            weights = {f"routers.{k}": v for k, v in routers.state_dict().items()}
-            if lora_layers:
-                weights.update({f"lora.{k}": v for k, v in _lora_named(model).items()})
-            save_checkpoint(out, step, weights, opt, None, {
-                "layers": routers.layers, "schedule": schedule, "losses": losses, "seconds": seconds,
-                "lora": lora_info is not None,
-            })
-
-        routers.train()
-        data = _stream(batches, start) if start < steps else iter(())
-        bar = tqdm(total=steps, initial=min(start, steps), desc="p-MoD routers", disable=not progress,
-                   mininterval=1.0)
-        t0 = time.perf_counter()
-        step = start
-        try:
-            while step < steps:
-                batch = next(data, None)
-                if batch is None:
-                    raise ValueError(f"batches ran out after {step} steps; give at least steps={steps} batches")
-                kwargs = {"use_cache": False, **_to(batch, device, dtype)}
-                if "labels" not in kwargs:
-                    raise ValueError("each batch needs 'labels' (the answer tokens; -100 elsewhere) for the LM loss")
-                loss = model(**kwargs).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-                opt.step()
-                losses.append(float(loss.detach()))
-                step += 1
-                bar.update(1)
-                if step % 10 == 0 or step == steps:
-                    bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
-                if step % checkpoint_every == 0 or step == steps:
-                    seconds += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    checkpoint(step)
-        finally:
-            bar.close()
-        if lora_layers:
-            from safetensors.torch import save_file
-
-            out.mkdir(parents=True, exist_ok=True)
-            weights = {k: v.detach().float().cpu().contiguous() for k, v in _lora_named(model).items()}
-            save_file(weights, str(out / LORA_WEIGHTS))
-            (out / LORA_META).write_text(json.dumps(lora_info, indent=1) + "\n")
-    finally:
-        if lora_layers:
-            _unwrap_lora(lora_layers)
-        if handle is not None and not handle.removed:
-            handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(task.lora_final, str(out / LORA_WEIGHTS))
+        (out / LORA_META).write_text(json.dumps(task.lora_info, indent=1) + "\n")
 
     routers.eval().requires_grad_(False)
+    losses = task.losses
     tail = losses[-max(1, min(50, len(losses) // 10)):] if losses else []
     head = losses[:max(1, min(50, len(losses) // 10))] if losses else []
     info = {
@@ -310,9 +270,9 @@ def train_mod_routers(
         "tanh_scale": getattr(config, "tanh_scale", None),
         "loss_first": round(sum(head) / len(head), 4) if head else None,
         "loss_last": round(sum(tail) / len(tail), 4) if tail else None,
-        "loss_curve": _curve(losses),
-        "train_seconds": round(seconds, 1),
-        "lora": lora_info,
+        "loss_curve": loss_curve_windows(losses),
+        "train_seconds": round(result.seconds, 1),
+        "lora": task.lora_info,
         **dict(meta or {}),
     }
     routers.save(out, **info)
