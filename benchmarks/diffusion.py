@@ -6,9 +6,10 @@ text-to-image model) with flow-matching Euler at 28 steps; CFG 4, CPU. ``--sampl
 gives the secondary DDIM-50 baseline. Every method generates the same conditions with the same
 seeds; for each we report
 
-* speedup: median over ``--repeats`` pairs of (baseline seconds / method seconds), each pair
-  timed back to back on the same ``--time-batch`` images, so the drift of a shared machine
-  cancels (warm-up call first);
+* speedup: median over ``--repeats`` (at least 3) pairs of (baseline seconds / method seconds),
+  ``mmskip.timing.paired``: interleaved rounds on the same ``--time-batch`` images, so the drift of a
+  shared machine cancels; ``speedup_spread`` its quartiles; setting the method up and tearing it
+  down is untimed (the quality run before is the warm-up);
 * bound: 1 / (FLOPs spent / baseline FLOPs), whole pipeline (text encoders, VAE included),
   counted with ``torch.utils.flop_counter`` on a 2-image run;
 * PSNR / SSIM of the images vs the baseline's images (fidelity);
@@ -124,33 +125,31 @@ def run_model(name: str, args: argparse.Namespace,
     base_imgs: torch.Tensor | None = None
     base_times: list[float] = []
     base_flops = 1.0
-    held: dict[str, Any] = {}
 
     def steps_of(method: dm.Method) -> int:
         steps = method.steps or model.steps
         return min(steps, model.steps) if args.smoke else steps
 
-    def paired(method: dm.Method, teardown: Callable[[], None] | None) -> tuple[list[float], list[float]]:
-        """Alternate timed runs of the baseline and the method on the same images (drift cancels).
+    def paired(method: dm.Method) -> harness.Timing:
+        """The baseline and the method on the same images in interleaved rounds (drift cancels); the method
+        is set up before and torn down after each of its timed calls, untimed."""
+        held: dict[str, Any] = {}
 
-        Returns (baseline seconds, method seconds); the method is set up again after each
-        baseline run and left set up (its teardown in ``held``).
-        """
-        tb, tm = [], []
-        for r in range(args.repeats):
-            if teardown is not None:
-                teardown()
-            t0 = time.perf_counter()
-            model.generate(model.pipe, args.time_batch, model.steps, 100 + r, args.time_batch)
-            tb.append(time.perf_counter() - t0)
-            teardown = method.setup(model)
-            runner = model.pipe.__dict__.get("_bench_pipe", model.pipe)
-            before = model.pipe.__dict__.get("_bench_before")
-            t0 = time.perf_counter()
-            model.generate(runner, args.time_batch, steps_of(method), 100 + r, args.time_batch, before)
-            tm.append(time.perf_counter() - t0)
-        held["teardown"] = teardown
-        return tb, tm
+        def setup() -> None:
+            held["teardown"] = method.setup(model)
+            held["runner"] = model.pipe.__dict__.get("_bench_pipe", model.pipe)
+            held["before"] = model.pipe.__dict__.get("_bench_before")
+
+        def teardown() -> None:
+            if held.get("teardown") is not None:
+                held.pop("teardown")()
+
+        base = lambda: model.generate(model.pipe, args.time_batch, model.steps, 100, args.time_batch)  # noqa: E731
+        cand = harness.Candidate(lambda: model.generate(held["runner"], args.time_batch, steps_of(method), 100,
+                                                        args.time_batch, held["before"]), setup, teardown)
+        # warm-up 0: the quality run just before ran (and warmed) both paths; a dropped round costs 2 x time-batch
+        # at least 3 rounds: a median and quartiles
+        return harness.paired(base, {"m": cand}, repeats=max(args.repeats, 3), warmup=0)["m"]
 
     for method in methods:
         print(f"[{name}] {method.name} ...", flush=True)
@@ -172,8 +171,12 @@ def run_model(name: str, args: argparse.Namespace,
                 row["skip_stats"] = {k: v for k, v in model.pipe.skip_stats().items() if k != "items"}
             row["flops"] = pipeline_flops(model, runner, steps, before)
             if args.repeats and method.family != "baseline":
-                row["paired_baseline_s"], row["paired_method_s"] = paired(method, teardown)
-                teardown = held.pop("teardown")
+                if teardown is not None:
+                    teardown()
+                teardown = None
+                t = paired(method)
+                row["paired_baseline_s"], row["paired_method_s"] = list(t.baseline_s), list(t.candidate_s)
+                row["speedup"], row["speedup_spread"], row["pairs"] = t.speedup, list(t.spread), t.pairs
         except Exception as err:  # a peer that does not apply to this model
             row["error"] = f"{type(err).__name__}: {err}"
             traceback.print_exc(limit=3)
@@ -199,10 +202,9 @@ def run_model(name: str, args: argparse.Namespace,
     base_times.append(time.perf_counter() - t0)
     for row in rows:
         if "paired_method_s" in row:
-            ratios = [b / m for b, m in zip(row["paired_baseline_s"], row["paired_method_s"], strict=True)]
-            row["speedup"] = statistics.median(ratios)
-            row["speedup_spread"] = [min(ratios), max(ratios)]
-        elif "quality_run_s" in row:
+            row["bound_warning"] = harness.Timing(tuple(row["paired_baseline_s"]), tuple(row["paired_method_s"])
+                                                  ).bound_warning(row.get("flops_fraction"))
+        elif "quality_run_s" in row:  # --repeats 0: one unpaired run, indicative only
             row["speedup"] = statistics.median(base_times) / row["quality_run_s"]
         if row["family"] == "baseline":
             # by definition; how much the machine's speed drifted between its two timed runs:
@@ -350,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args.merge, args.out or RESULTS / "diffusion.json")
     harness.setup(args)
     if args.smoke:  # every code path, as little work as possible
-        args.n, args.steps, args.repeats = min(args.n, 2), min(args.steps or 4, 4), min(args.repeats, 1)
+        args.n, args.steps, args.repeats = min(args.n, 2), min(args.steps or 4, 4), min(args.repeats, 3)
         args.batch, args.time_batch = min(args.batch, 2), min(args.time_batch, 2)
     out = args.out or RESULTS / ("diffusion_smoke.json" if args.smoke else "diffusion.json")
     args.out = out

@@ -24,7 +24,10 @@ compiles the whole hooked model instead (fresh per method; Python-level hooks gr
 recompile, e.g. mmskip's step tracking once per timestep).
 
 Per row: seconds per trajectory (median of ``--repeats`` after a warm-up trajectory), speedup vs
-the baseline with the same compile setting, FLOPs bound (mmskip: 1 / ``handle.stats()
+the baseline with the same compile setting (``mmskip.timing.paired``: interleaved rounds with the
+method set up and torn down, untimed, around each of its calls; median ratio, quartiles as
+``speedup_spread``; with ``--compile-scope model`` a ratio of medians, as each method compiles
+afresh), FLOPs bound (mmskip: 1 / ``handle.stats()
 ["flops_fraction"]``; others: baseline / method FLOPs counted by ``torch.utils.flop_counter`` over
 the eager warm-up trajectory, also given for mmskip as ``bound_counted``), speedup / bound,
 fidelity of the final latent vs the eager baseline's from the same noise (PSNR with the
@@ -222,31 +225,39 @@ def run_row(b: Bench, method: Method, compiled: bool, args: argparse.Namespace,
             torch._dynamo.reset()
             b.model.compile(backend=args.compile_backend, dynamic=False)
         x0 = noise(b)
-        harness.sync()
-        t0 = time.perf_counter()
-        if compiled:
-            trajectory(b, x0, applied)
-        else:  # the eager warm-up counts FLOPs
-            from torch.utils.flop_counter import FlopCounterMode
 
-            with FlopCounterMode(display=False) as fc:
+        def warm_up() -> None:
+            if compiled:
                 trajectory(b, x0, applied)
-            row["flops"] = float(fc.get_total_flops())
-        harness.sync()
-        warm = time.perf_counter() - t0
+            else:  # the eager warm-up counts FLOPs
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as fc:
+                    trajectory(b, x0, applied)
+                row["flops"] = float(fc.get_total_flops())
+
+        warm = harness.repeated(warm_up, repeats=1, warmup=0)[0]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        last: dict[str, torch.Tensor] = {}
-        row["times"] = list(harness.repeated(lambda: last.__setitem__("x", trajectory(b, x0, applied)),
-                                             repeats=args.repeats, warmup=0))
-        out = last["x"]
-        row["s_per_traj"] = statistics.median(row["times"])
-        if compiled:
-            row["compile_s"] = max(warm - row["s_per_traj"], 0.0)
+        out = trajectory(b, x0, applied)  # untimed: the output, the peak memory and the stats
         if dev.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if stats := applied.stats():
             row["mmskip_stats"] = stats
+        if method.family.startswith("baseline") or whole:  # a lone figure (whole-model compile: per method)
+            row["times"] = list(harness.repeated(lambda: trajectory(b, x0, applied), repeats=args.repeats, warmup=0))
+        else:  # paired with the baseline (same compile), the method set up and torn down around each call
+            applied.teardown()
+            applied, held = None, {}
+            cand = harness.Candidate(lambda: trajectory(b, x0, held["a"]),
+                                     setup=lambda: held.__setitem__("a", method.setup(b, compiled)),
+                                     teardown=lambda: held.pop("a").teardown())
+            t = harness.paired(lambda: trajectory(b, x0), {"m": cand}, repeats=args.repeats)["m"]
+            row.update({"times": list(t.candidate_s), "baseline_times": list(t.baseline_s),
+                        "paired_speedup": t.speedup, "speedup_spread": list(t.spread), "pairs": t.pairs})
+        row["s_per_traj"] = statistics.median(row["times"])
+        if compiled:
+            row["compile_s"] = max(warm - row["s_per_traj"], 0.0)
     except Skipped as err:
         row["skipped"] = str(err)
         return row
@@ -267,7 +278,7 @@ def run_row(b: Bench, method: Method, compiled: bool, args: argparse.Namespace,
     if "x" in ref:  # (unless the eager baseline failed)
         row.update(fidelity(out, ref["x"]))
     base_s = ref.get(f"base_s_{compiled}")
-    row["speedup"] = base_s / row["s_per_traj"] if base_s else None
+    row["speedup"] = row.pop("paired_speedup", None) or (base_s / row["s_per_traj"] if base_s else None)
     eager, base = ref.get(method.name, {}), ref.get("baseline", {})
     if eager.get("flops") and base.get("flops"):
         row["bound_counted"] = base["flops"] / eager["flops"]
@@ -275,6 +286,9 @@ def run_row(b: Bench, method: Method, compiled: bool, args: argparse.Namespace,
     row["bound"] = 1 / frac if frac else row.get("bound_counted")
     if row["bound"] and row["speedup"]:
         row["of_bound"] = row["speedup"] / row["bound"]
+    if "baseline_times" in row and row["bound"]:
+        row["bound_warning"] = harness.Timing(tuple(row["baseline_times"]), tuple(row["times"])
+                                              ).bound_warning(1 / row["bound"])
     return row
 
 
@@ -309,7 +323,7 @@ def _status(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = harness.arguments(__doc__, threads=None, full_doc=True,
-                           smoke="CPU, float32, tiny models, 3 steps, 1 repeat; compile (backend eager) on flux, wan")
+                           smoke="CPU, float32, tiny models, 3 steps, 3 repeats; compile (backend eager) on flux, wan")
     ap.add_argument("--models", default="sd15,flux,wan", help="comma-separated: sd15, flux, wan")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: sd15 50, flux/wan 28)")
     ap.add_argument("--no-compile", action="store_true", help="eager rows only")
@@ -326,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dev = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
-        args.steps, args.repeats, args.compile_backend = args.steps or 3, 1, "eager"
+        args.steps, args.repeats, args.compile_backend = args.steps or 3, 3, "eager"
     dyn = torch._dynamo.config  # blocks of one class share graphs; UNet blocks differ in shape
     setattr(dyn, "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit", 64)
     out = args.out or harness.RESULTS / ("diffusion_gpu_smoke.json" if args.smoke else "diffusion_gpu.json")
