@@ -1,15 +1,21 @@
-"""Meters for the vision- and video-token benchmarks: prefill FLOPs and KV bytes.
+"""Meters for the vision- and video-token benchmarks: prefill FLOPs, KV bytes and paired prefill time.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` inside the language model's
-decoder layers (and over the whole forward); KV bytes are read off the cache a prefill leaves.
+decoder layers (and over the whole forward); KV bytes are read off the cache a prefill leaves;
+:func:`paired_prefill` times a config's prefill against the unmodified model's (``mmskip.timing``).
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmskip.registry import get_adapter
+from mmskip.timing import Timing, paired
 
 
 @torch.no_grad()
@@ -54,3 +60,17 @@ def layer_flops(model, inp: dict[str, torch.Tensor]) -> tuple[float, float, int]
     inside = sum(sum(v.values()) for name, v in counts.items() if name in keys)
     return float(inside), float(fc.get_total_flops()), cache_bytes(out)
 
+
+
+def paired_prefill(model, plain_inputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                   attach: Callable[[torch.nn.Module], Any], repeats: int) -> Timing:
+    """The config's prefill of ``inputs`` against the unmodified model's of ``plain_inputs``, in paired,
+    interleaved rounds. ``attach(twin)`` applies the config to a deep copy once (applying is not timed)
+    and returns an object with ``remove()``, called at the end."""
+    twin = copy.deepcopy(model)
+    att = attach(twin)
+    try:
+        return paired(lambda: prefill(model, plain_inputs), {"config": lambda: prefill(twin, inputs)},
+                      repeats=repeats)["config"]
+    finally:
+        att.remove()

@@ -30,7 +30,6 @@ frame and seconds per clip, unmodified vs VideoLLM-MoD.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import statistics
@@ -41,7 +40,7 @@ from typing import Any, NamedTuple
 import harness
 import torch
 import torch.nn.functional as F
-from _token_meters import layer_flops, prefill
+from _token_meters import layer_flops, paired_prefill, prefill
 from _token_peers import fastv_ranking, random_ranking
 from mmskip.vision import MoDConfig, VideoMoDConfig, VideoStream
 
@@ -207,19 +206,15 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
         acc, preds = accuracy(model, tok, data, att.per_frame, args.eval_batch)
     finally:
         att.remove()
-    twin = copy.deepcopy(model)  # the config applied once, on a copy: applying is not timed
-    att = Attached(twin, setup, seed=args.seed)
-    try:  # paired, interleaved prefills of the unmodified model and the config (mmskip.timing)
-        t = harness.paired(lambda: prefill(model, plain["inputs"]), {"config": lambda: prefill(twin, inp)},
-                           repeats=args.repeats)["config"]
-    finally:
-        att.remove()
+    t = paired_prefill(model, plain["inputs"], inp, lambda twin: Attached(twin, setup, seed=args.seed), args.repeats)
     row = {
         "config": setup.name, "signal": setup.signal, "kind": setup.kind, "ratio": setup.ratio,
         "vision_skipped_predicted": skipped[0], "vision_skipped_measured": skipped[1],
         "flops_predicted": pred_flops, "flops_measured": flops / plain["flops"],
         "kv_predicted": pred_kv, "kv_measured": kv / plain["kv"],
-        "prefill_speedup": t.speedup, "prefill_speedup_spread": list(t.spread), "prefill_s": t.seconds,
+        "prefill_speedup": t.speedup, "prefill_speedup_spread": list(t.spread), "prefill_pairs": t.pairs,
+        "prefill_flops_bound": plain["flops"] / flops if flops else None,
+        "prefill_bound_warning": t.bound_warning(flops / plain["flops"]), "prefill_s": t.seconds,
         "prefill_s_plain": t.baseline_seconds,
         **{f"acc_{t}": v for t, v in acc.items()},
         "acc_all_se": math.sqrt(acc["all"] * (1 - acc["all"]) / len(preds)),
@@ -244,9 +239,7 @@ def stream_eval(model, tok, data: D.Batch, n: int, setup: Setup | None) -> dict[
         for i in rows:
             stream = VideoStream(model, prefix=torch.tensor(D.prefix_ids(tok)))
             for clip in D.pixel_values_videos([data.videos.clips()[i]]):
-                start = time.perf_counter()
-                stream.add_clip(clip)
-                clip_s.append(time.perf_counter() - start)
+                clip_s.append(harness.repeated(lambda c=clip, s=stream: s.add_clip(c), repeats=1, warmup=0)[0])
             per_frame.append(stream.kv_bytes() / stream.frames)
             got = stream.ask(torch.tensor(D.question_ids(tok, data.questions[i])))
             right += int(got[0, 0]) == vocab[data.answers[i]]

@@ -40,7 +40,6 @@ Measured per config, on the held-out questions (the first N of each type of the 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import NamedTuple
 
 import harness
 import torch
-from _token_meters import eager_layer_flops, kv_per_token, layer_flops, prefill
+from _token_meters import eager_layer_flops, kv_per_token, layer_flops, paired_prefill, prefill
 from _token_peers import fastv_ranking, pool_2x2, random_ranking
 from mmskip.vision import MoDConfig
 
@@ -285,13 +284,7 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
         acc, preds = accuracy(model, tok, data, att.n_image, args.eval_batch)
     finally:
         att.remove()
-    twin = copy.deepcopy(model)  # the config applied once, on a copy: applying is not timed
-    att = Attached(twin, setup, seed=args.seed)
-    try:  # paired, interleaved prefills of the unmodified model and the config (mmskip.timing)
-        t = harness.paired(lambda: prefill(model, plain["inputs"]), {"config": lambda: prefill(twin, inp)},
-                           repeats=args.repeats)["config"]
-    finally:
-        att.remove()
+    t = paired_prefill(model, plain["inputs"], inp, lambda twin: Attached(twin, setup, seed=args.seed), args.repeats)
     row = {
         "config": setup.name,
         "signal": setup.signal,
@@ -307,7 +300,9 @@ def run_config(model, tok, setup: Setup, data: D.Batch, probe: list[int], plain:
         "kv_bytes_predicted": kv_per_token(model) * tokens
         if stats is None
         else stats["kv_bytes_full"] - stats["kv_bytes_saved"],
-        "prefill_speedup": t.speedup, "prefill_speedup_spread": list(t.spread),
+        "prefill_speedup": t.speedup, "prefill_speedup_spread": list(t.spread), "prefill_pairs": t.pairs,
+        "prefill_flops_bound": plain["flops"] / flops if flops else None,
+        "prefill_bound_warning": t.bound_warning(flops / plain["flops"]),
         "prefill_s": t.seconds, "prefill_s_plain": t.baseline_seconds,
         **{f"acc_{t}": v for t, v in acc.items()},
         "acc_all_se": math.sqrt(acc["all"] * (1 - acc["all"]) / len(preds)),
