@@ -37,9 +37,7 @@ def _call(pipe, steps: int) -> torch.Tensor:
 
 def _timed(pipe, steps: int) -> tuple[float, torch.Tensor]:
     """Seconds and images of one call (the first call of a compiled pipeline includes its compilation)."""
-    out: dict[str, torch.Tensor] = {}
-    secs = harness.repeated(lambda: out.__setitem__("x", _call(pipe, steps)), repeats=1, warmup=0)[0]
-    return secs, out["x"]
+    return harness.once(lambda: _call(pipe, steps))
 
 
 def run(steps: int, repeats: int) -> list[dict]:

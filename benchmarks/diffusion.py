@@ -30,11 +30,11 @@ meaningless; results beside ``--out``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -164,9 +164,9 @@ def run_model(name: str, args: argparse.Namespace,
             steps = steps_of(method)
             if not args.smoke:
                 model.generate(runner, 2, steps, 99, 2, before)  # warm-up
-            t0 = time.perf_counter()
-            imgs = model.generate(runner, args.n, steps, args.seed + method.seed_offset, args.batch, before)
-            row["quality_run_s"] = time.perf_counter() - t0
+            # a lone run: its wall time is indicative (the drift check, --repeats 0)
+            row["quality_run_s"], imgs = harness.once(functools.partial(
+                model.generate, runner, args.n, steps, args.seed + method.seed_offset, args.batch, before))
             if model.pipe.skip_enabled:
                 row["skip_stats"] = {k: v for k, v in model.pipe.skip_stats().items() if k != "items"}
             row["flops"] = pipeline_flops(model, runner, steps, before)
@@ -197,9 +197,7 @@ def run_model(name: str, args: argparse.Namespace,
         rows.append(row)
     # the baseline again at the end: drift of the machine's speed shows here
     print(f"[{name}] baseline (again) ...", flush=True)
-    t0 = time.perf_counter()
-    model.generate(model.pipe, args.n, model.steps, args.seed, args.batch)
-    base_times.append(time.perf_counter() - t0)
+    base_times.append(harness.once(lambda: model.generate(model.pipe, args.n, model.steps, args.seed, args.batch))[0])
     for row in rows:
         if "paired_method_s" in row:
             row["bound_warning"] = harness.Timing(tuple(row["paired_baseline_s"]), tuple(row["paired_method_s"])

@@ -236,7 +236,7 @@ def run_row(b: Bench, method: Method, compiled: bool, args: argparse.Namespace,
                     trajectory(b, x0, applied)
                 row["flops"] = float(fc.get_total_flops())
 
-        warm = harness.repeated(warm_up, repeats=1, warmup=0)[0]
+        warm = harness.once(warm_up)[0]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         out = trajectory(b, x0, applied)  # untimed: the output, the peak memory and the stats

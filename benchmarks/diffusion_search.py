@@ -66,10 +66,8 @@ def measure(model: zm.ZooModel, method: dm.Method, n: int, batch: int, base: tor
     steps = method.steps or model.steps
     teardown = method.setup(model)
     try:
-        got: dict[str, torch.Tensor] = {}  # one run, its wall time a lone indicative figure (ranking is by FLOPs)
-        wall = harness.repeated(lambda: got.__setitem__("x", model.generate(model.pipe, n, steps, SEED, batch,
-                                                                             offset=OFFSET)), repeats=1, warmup=0)[0]
-        imgs = got["x"]
+        # one run, its wall time a lone indicative figure (ranking is by FLOPs)
+        wall, imgs = harness.once(lambda: model.generate(model.pipe, n, steps, SEED, batch, offset=OFFSET))
         flops = bench.pipeline_flops(model, model.pipe, steps, None)
     finally:
         if teardown is not None:

@@ -6,7 +6,7 @@ keeps only what it measures:
 * :func:`arguments` — an ``ArgumentParser`` with the common options (``--smoke``, ``--repeats``,
   ``--threads``, ``--out``, optionally ``--device``); the script adds its own.
 * :func:`setup` — the torch thread count from ``--threads`` (1 keeps timings stable on a shared CPU).
-* ``paired`` / ``repeated`` / ``sync`` — :mod:`mmskip.timing`, the one way mmskip times a speedup
+* ``paired`` / ``repeated`` / ``once`` / ``Candidate`` / ``sync`` — :mod:`mmskip.timing`, the one way mmskip times a speedup
   (interleaved pairs, warm-up dropped, CUDA synced, median and quartiles).
 * :func:`write` — the results: JSON, the Markdown table beside it (``.md``), and an optional PNG.
 * :func:`table` — a Markdown table from a header and rows; :func:`figure` — a matplotlib figure that
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from mmskip.timing import Candidate, Timing, paired, repeated, sync
+from mmskip.timing import Candidate, Timing, once, paired, repeated, sync
 
-__all__ = ["RESULTS", "Candidate", "Timing", "arguments", "figure", "machine", "paired", "repeated", "setup", "sync", "table",
-           "write"]
+__all__ = ["RESULTS", "Candidate", "Timing", "arguments", "figure", "machine", "once", "paired", "repeated", "setup",
+           "sync", "table", "write"]
 
 logger = logging.getLogger(__name__)
 

@@ -69,22 +69,23 @@ def run_config(model, ids, args, cfg, compiled: CompileConfig) -> dict:
     torch._dynamo.reset()  # each config compiles its own graph; nothing carries over
     handle = mmskip.apply(model, cfg) if cfg is not None else None
     try:
-        with torch.no_grad():  # eager timing is paired across configs in main(); here its tokens
-            eager_tokens = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                          do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-        eager_tokens = eager_tokens[:, ids.shape[1]:]
+        def eager(n: int) -> torch.Tensor:
+            with torch.no_grad():
+                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                      attention_mask=torch.ones_like(ids))
+
+        eager_tokens = eager(args.new_tokens)[:, ids.shape[1]:]  # eager timing is paired across configs in main()
         frac = 1.0
         if handle is not None:  # decode FLOPs fraction of one eager generate
             handle.reset_stats()
-            decode_seconds(model, ids, 1, None, 1)
+            eager(1)
             s1, f1 = handle.counts.flops()
             handle.reset_stats()
-            decode_seconds(model, ids, args.new_tokens, None, 1)
+            eager(args.new_tokens)
             sn, fn = handle.counts.flops()
             frac = (sn - s1) / (fn - f1)
-        start = time.perf_counter()
-        decode_seconds(model, ids, args.new_tokens, compiled, 2)  # compiles (prefill stays eager)
-        warmup = time.perf_counter() - start
+        # compiles (prefill stays eager): a lone figure, the first calls of a fresh graph
+        warmup = harness.once(lambda: decode_seconds(model, ids, args.new_tokens, compiled, 2))[0]
         comp_t, comp_tokens = decode_seconds(model, ids, args.new_tokens, compiled, args.repeats)
     finally:
         if handle is not None:

@@ -96,11 +96,10 @@ def run_once(model, ids, mask, new_tokens, config):
         for n in (1, new_tokens):
             if handle:
                 handle.reset_stats()
-            start = time.perf_counter()
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-            )
-            seconds.append(time.perf_counter() - start)
+            secs, out = harness.once(lambda n=n: model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                pad_token_id=0))
+            seconds.append(secs)
             flops.append(handle.counts.flops() if handle else (1.0, 1.0))
     finally:
         if handle:

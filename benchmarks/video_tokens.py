@@ -239,7 +239,7 @@ def stream_eval(model, tok, data: D.Batch, n: int, setup: Setup | None) -> dict[
         for i in rows:
             stream = VideoStream(model, prefix=torch.tensor(D.prefix_ids(tok)))
             for clip in D.pixel_values_videos([data.videos.clips()[i]]):
-                clip_s.append(harness.repeated(lambda c=clip, s=stream: s.add_clip(c), repeats=1, warmup=0)[0])
+                clip_s.append(harness.once(lambda c=clip, s=stream: s.add_clip(c))[0])
             per_frame.append(stream.kv_bytes() / stream.frames)
             got = stream.ask(torch.tensor(D.question_ids(tok, data.questions[i])))
             right += int(got[0, 0]) == vocab[data.answers[i]]

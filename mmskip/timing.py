@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Candidate", "Timing", "paired", "repeated", "sync"]
+__all__ = ["Candidate", "Timing", "once", "paired", "repeated", "sync"]
 
 
 def sync() -> None:
@@ -214,3 +214,12 @@ def repeated(fn: Timed, repeats: int = 5, warmup: int = 1) -> tuple[float, ...]:
     for _ in range(warmup):
         _clock(fn)
     return tuple(_clock(fn)[0] for _ in range(repeats))
+
+
+def once(fn: Timed) -> tuple[float, Any]:
+    """Seconds and result of one call of ``fn`` (CUDA synced; a :class:`Candidate`'s setup/teardown untimed).
+
+    For a lone, indicative figure that also needs the call's output (a quality run's wall time, a
+    compile's first call); never a speedup, which is :func:`paired`.
+    """
+    return _clock(fn)

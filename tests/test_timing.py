@@ -100,3 +100,11 @@ def test_candidate_minus_is_timed_inside_the_setup_and_subtracted():
     secs = repeated(cand, repeats=1, warmup=0)
     assert calls == ["+", "1", "n", "-"]
     assert 0.0 < secs[0]
+
+
+def test_once_returns_the_seconds_and_the_result_of_one_call():
+    from mmskip.timing import Candidate, once
+
+    calls: list[str] = []
+    secs, out = once(Candidate(lambda: calls.append("x") or 42, setup=lambda: calls.append("+")))
+    assert out == 42 and secs >= 0 and calls == ["+", "x"]
