@@ -8,6 +8,10 @@ dropped, and each round's ratio ``baseline / candidate`` is one sample. The repo
 the median ratio, with the lower and upper quartile as its spread. CUDA work is synchronised
 before every clock read.
 
+A call that needs untimed work around it (apply and remove a technique, reset a cache) is a
+:class:`Candidate` with ``setup``/``teardown`` (and ``minus``, a part timed and subtracted);
+:func:`repeated` gives a lone figure's seconds, :func:`once` one call's seconds and result.
+
 :meth:`Timing.bound_warning` says when a measured speedup exceeds the FLOPs bound by more than its
 spread allows, which is worth a look (launch-bound models can beat their FLOPs bound; noise can too).
 
