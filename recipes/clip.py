@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from mmskip.train import fit
 from mmskip.zoo.card import write_card
 from mmskip.zoo.clip_model import PREPROCESS, ROWS_KEY, create, model_config
 from mmskip.zoo.data import DIGIT_NAMES, TEMPLATES, augment, caption, load_split
+
+from ._fit import RecipeTask, one_cycle
 
 __all__ = ["train_clip", "zero_shot_accuracy"]
 
@@ -31,6 +33,33 @@ def zero_shot_accuracy(model, tokenizer, x: torch.Tensor, y: torch.Tensor) -> fl
     return float(((img @ txt.T).argmax(-1) == y).float().mean())
 
 
+class _Contrast(RecipeTask):
+    """CLIP's symmetric contrastive loss where every caption of the same digit is a positive."""
+
+    def __init__(self, model, x: torch.Tensor, y: torch.Tensor, tok: torch.Tensor, seed: int) -> None:
+        super().__init__({"model": model}, seed, "digits-clip")
+        self.model, self.x, self.y, self.tok = model, x, y, tok
+
+    def draw(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(self.y), (BATCH,), generator=g)
+        tmpl = torch.randint(0, len(TEMPLATES), (BATCH,), generator=g)
+        return {"x": augment(self.x[idx], g), "lab": self.y[idx], "tmpl": tmpl}
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        lab = batch["lab"]
+        img = F.normalize(self.model.encode_image(batch["x"].repeat(1, 3, 1, 1)), dim=-1)
+        txt = F.normalize(self.model.encode_text(self.tok[lab, batch["tmpl"]]), dim=-1)
+        logits = self.model.logit_scale.exp() * img @ txt.T
+        same = (lab[:, None] == lab[None, :]).float()
+        target = same / same.sum(1, keepdim=True)  # every caption of the same digit is a positive
+        return {"contrastive": 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
+                                      + torch.sum(-target * logits.T.log_softmax(1), 1).mean())}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        self.model.logit_scale.clamp_(0, 4.6052)
+
+
 def train_clip(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     from safetensors.torch import save_file
 
@@ -41,28 +70,8 @@ def train_clip(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     model, _, tokenizer = create()
     texts = [[t.format(name=DIGIT_NAMES[c], d=c) for t in TEMPLATES] for c in range(10)]
     tok = torch.stack([tokenizer(texts[c]) for c in range(10)])  # (10, T, ctx)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.05)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in (bar := tqdm(range(steps), desc="digits-clip")):
-        idx = torch.randint(0, len(y), (BATCH,), generator=g)
-        lab = y[idx]
-        tmpl = torch.randint(0, len(TEMPLATES), (BATCH,), generator=g)
-        img = F.normalize(model.encode_image(augment(x[idx], g).repeat(1, 3, 1, 1)), dim=-1)
-        txt = F.normalize(model.encode_text(tok[lab, tmpl]), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.T
-        same = (lab[:, None] == lab[None, :]).float()
-        target = same / same.sum(1, keepdim=True)  # every caption of the same digit is a positive
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
-                      + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, 4.6052)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    fit(_Contrast(model, x, y, tok, seed), one_cycle(steps, LR, pct_start=0.05, weight_decay=0.05, batch_size=BATCH,
+                                                    seed=seed))
     acc = zero_shot_accuracy(model, tokenizer, xt, yt)
     wall = time.time() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +95,7 @@ def train_clip(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
                "scikit-learn `load_digits` train split (augmented), captions from templates "
                f"{TEMPLATES} with the digit's name or numeral. Images: grey repeated to 3 channels, mean/std 0.5.",
                f"CLIP contrastive loss where all captions of the same digit in the batch count as positives "
-               f"(soft targets), AdamW one-cycle lr {LR}, batch {BATCH}, {steps} steps, logit scale ≤ 100. "
+               f"(soft targets), AdamW lr {LR} (5 % warm-up, cosine to 0; `mmskip.train.fit`), batch {BATCH}, {steps} steps, logit scale ≤ 100. "
                "Saved in fp16.",
                metrics, wall)
     return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -10,11 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from mmskip.train import fit
 from mmskip.zoo.card import write_card
 from mmskip.zoo.data import DIGIT_NAMES, encode_augmented, load_split
-from mmskip.zoo.ema import ema_update
+
+from ._fit import RecipeTask, ema_copies, one_cycle
 
 __all__ = ["make_dit", "make_scheduler", "train_dit", "ID2LABEL"]
 
@@ -42,8 +42,32 @@ def make_scheduler():
                          clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
 
 
+class _Denoise(RecipeTask):
+    """eps-prediction on noised latents, class label dropped to the null label 10 % of the time."""
+
+    def __init__(self, model, lat: torch.Tensor, lab: torch.Tensor, seed: int) -> None:
+        from diffusers import DDPMScheduler
+
+        super().__init__({"transformer": model}, seed, "digits-dit")
+        self.model, self.lat, self.lab = model, lat, lab
+        self.noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                         beta_end=0.02)
+
+    def draw(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(self.lab), (BATCH,), generator=g)
+        z0, c = self.lat[idx], self.lab[idx].clone()
+        c[torch.rand(BATCH, generator=g) < 0.1] = NULL_CLASS
+        t = torch.randint(0, 1000, (BATCH,), generator=g)
+        return {"z0": z0, "c": c, "t": t, "noise": torch.randn(z0.shape, generator=g)}
+
+    def loss(self, b: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        pred = self.model(self.noise_sched.add_noise(b["z0"], b["noise"], b["t"]), timestep=b["t"],
+                          class_labels=b["c"]).sample
+        return {"mse": F.mse_loss(pred, b["noise"])}
+
+
 def train_dit(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
 
     from mmskip.zoo import path
 
@@ -55,26 +79,10 @@ def train_dit(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     lat = encode_augmented(vae, x, COPIES, g)
     lab = y.repeat(COPIES)
     model = make_dit()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.03)
-    model.train()
-    for step in (bar := tqdm(range(steps), desc="digits-dit")):
-        idx = torch.randint(0, len(lab), (BATCH,), generator=g)
-        z0, c = lat[idx], lab[idx].clone()
-        c[torch.rand(BATCH, generator=g) < 0.1] = NULL_CLASS
-        t = torch.randint(0, 1000, (BATCH,), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
-        pred = model(noise_sched.add_noise(z0, noise, t), timestep=t, class_labels=c).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema_update([ema], [model], step, EMA)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    task = _Denoise(model, lat, lab, seed)
+    result = fit(task, one_cycle(steps, LR, pct_start=0.03, max_grad_norm=1.0, ema=EMA, ema_warmup=True,
+                                 batch_size=BATCH, seed=seed))
+    ema = ema_copies(task.modules, result.ema)["transformer"]
     wall = time.time() - t0
     save_pipeline_folder(out, ema, path("digits-vae"))
     (out / "train_info.json").write_text(json.dumps({"wall_time_s": wall, "steps": steps}) + "\n")
@@ -116,7 +124,7 @@ def finish_card(out: Path, wall: float, steps: int, n: int = 300) -> dict:
                "`mmskip.zoo.load('digits-dit')` (passes `id2label.json`).",
                f"scikit-learn `load_digits` train split, {COPIES} augmented copies encoded once by `digits-vae`.",
                f"6 DiT blocks, hidden 128 (4 heads × 32), adaLN-zero, {params / 1e6:.2f}M params; eps-prediction, "
-               f"linear betas 1e-4..0.02, 1000 steps; label dropout 0.1; AdamW one-cycle lr {LR}, batch {BATCH}, "
+               f"linear betas 1e-4..0.02, 1000 steps; label dropout 0.1; AdamW lr {LR} (3 % warm-up, cosine to 0; `mmskip.train.fit`), batch {BATCH}, "
                f"{steps} steps, grad clip 1, EMA {EMA} (the EMA weights are saved, fp16). Sampled with DDIM "
                "(trailing spacing).",
                metrics, wall, extra="\nAccuracy = the zoo `digits-classifier` agrees with the requested label; FID uses "

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from mmskip.train.lr_schedule import warmup_cosine
+from mmskip.train import TrainConfig, TrainTask, fit
 from mmskip.zoo import llava_data as D
 from mmskip.zoo.card import write_card
 from mmskip.zoo.llava_data import COPIES, PALETTE
@@ -120,6 +119,63 @@ def _batches(tok, bank, batch: int, steps: int, seed: int, pin: bool, palette: t
         yield q.get()
 
 
+def decay_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    """AdamW groups of the VLM recipes: ``weight_decay`` on matrices except embeddings, none elsewhere."""
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+class _AnswerTask(TrainTask):
+    """The answer-token loss plus ``aux`` × the probe's per-patch digit loss on the projector's output.
+
+    Batches come in order from the recipe's background stream (its runs are not resumed)."""
+
+    desc = "digits-llava"
+
+    def __init__(self, model, probe: torch.nn.Module, stream, aux: float, every: int, steps: int) -> None:
+        self.model, self.probe, self.stream, self.aux, self.every, self.steps = model, probe, stream, aux, every, steps
+        self.captured: dict[str, torch.Tensor] = {}
+        self.curve: list[tuple[int, float]] = []
+        self.hook = None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(list(self.model.named_parameters()) + [(f"probe.{n}", p) for n, p in self.probe.named_parameters()])
+
+    def param_groups(self, config: TrainConfig) -> list[dict]:
+        return decay_groups(list(self.weights().items()), config.weight_decay)
+
+    def prepare(self, accelerator) -> None:
+        self.device = accelerator.device
+        self.model.to(self.device).train()
+        self.probe.to(self.device)
+        self.hook = self.model.model.multi_modal_projector.register_forward_hook(
+            lambda mod, args, output: self.captured.__setitem__("feats", output))
+
+    def batch(self, step: int):
+        return next(self.stream)
+
+    def loss(self, item, step: int) -> dict[str, torch.Tensor]:
+        b, grid = item
+        b = b.to(self.device)
+        lm = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                        labels=b.labels).loss
+        self.lm = lm.detach()
+        if not self.aux:
+            return {"lm": lm}
+        cells = _patch_labels(grid).to(self.device, non_blocking=True)
+        return {"lm": lm, "probe": self.aux * F.cross_entropy(self.probe(self.captured["feats"]).flatten(0, 1).float(),
+                                                              cells.flatten())}
+
+    def after_step(self, step: int) -> None:
+        if step % self.every == 0 or step == self.steps - 1:
+            self.curve.append((step + 1, round(self.lm.item(), 4)))
+
+    def finish(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+
+
 def train_llava(out: Path, steps: int | None = None, batch: int | None = None, device: str | None = None,
                 seed: int = 0, size: str = "base", n_eval: int = 500, lr: float = LR,
                 palette: tuple[int, int] = PALETTE, aux: float = AUX) -> dict:
@@ -144,46 +200,16 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     # Real LLaVAs start from a pretrained vision encoder; here a linear probe on the projector's output
     # (64 tokens -> the digit of each token's cell) gives the vision side that signal from step one.
     # The probe is dropped after training: the saved model is a plain LlavaForConditionalGeneration.
-    d_text = model.config.text_config.hidden_size
-    probe = torch.nn.Linear(d_text, 10).to(dev)
-    captured: dict[str, torch.Tensor] = {}
-    hook = model.model.multi_modal_projector.register_forward_hook(
-        lambda mod, args, output: captured.__setitem__("feats", output))
-    named = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
-    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), fused=dev.type == "cuda")
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, 10).to(dev)
     warm = min(WARMUP, max(1, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warm, 0.05))
-    curve: list[tuple[int, float]] = []
-    every = max(1, steps // 20)
-    run_loss = None
+    task = _AnswerTask(model, probe, _batches(tok, bank, batch, steps, seed, dev.type == "cuda", palette), aux,
+                       max(1, steps // 20), steps)
     t_train = time.time()
-    for step, (b, grid) in enumerate(bar := tqdm(_batches(tok, bank, batch, steps, seed, dev.type == "cuda", palette),
-                                                 total=steps, desc="digits-llava", mininterval=2.0)):
-        b = b.to(dev)
-        with _autocast(dev):
-            lm_loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                            labels=b.labels).loss
-            aux_loss = torch.zeros((), device=dev)
-            if aux:
-                cells = _patch_labels(grid).to(dev, non_blocking=True)
-                aux_loss = F.cross_entropy(probe(captured["feats"]).flatten(0, 1).float(), cells.flatten())
-            loss = lm_loss + aux * aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        opt.step()
-        sched.step()
-        if step % 10 == 0 or step == steps - 1:
-            v = torch.stack([lm_loss.detach().float(), aux_loss.detach().float()]).tolist()
-            run_loss = v if run_loss is None else [0.8 * r + 0.2 * x for r, x in zip(run_loss, v, strict=True)]
-            bar.set_postfix(lm=f"{run_loss[0]:.3f}", probe=f"{run_loss[1]:.3f}")
-        if step % every == 0 or step == steps - 1:
-            curve.append((step + 1, round(lm_loss.item(), 4)))
+    fit(task, TrainConfig(steps=steps, lr=lr, warmup=warm, min_lr_ratio=0.05, betas=(0.9, 0.98), weight_decay=0.05,
+                          max_grad_norm=1.0, batch_size=batch, seed=seed, cpu=dev.type == "cpu",
+                          mixed_precision="bf16" if dev.type == "cuda" else "no"))
+    curve = task.curve
     train_s = time.time() - t_train
-    hook.remove()
     chance = majority_baseline(heldout)
     acc, metrics = save_and_score(model, tok, out, dev, evaluate, heldout, train_probe, D.QTYPES, chance, n_eval,
                                   "train-digit grids")

@@ -10,18 +10,16 @@ loss (velocity ``noise - x0`` at logit-normal noise levels), 10 % empty prompts 
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mmskip.eval.fid import scenes_fid
+from mmskip.train import fit
 from mmskip.zoo.card import write_card
-from mmskip.zoo.ema import ema_update
 from mmskip.zoo.scenes_data import (
     _NUMBER,
     COLORS,
@@ -33,6 +31,8 @@ from mmskip.zoo.scenes_data import (
     scenes_tensor,
 )
 from mmskip.zoo.sd_tokenizer import build_clip_tokenizer
+
+from ._fit import RecipeTask, ema_copies, one_cycle
 
 __all__ = ["make_transformer", "make_text_encoders", "train_scenes_flux", "caption_vocabulary", "generate_scenes",
            "evaluate_scenes_pipeline"]
@@ -79,6 +79,40 @@ def _scheduler():
                                            base_shift=0.5, max_shift=1.15, shift=1.0)
 
 
+class _Flow(RecipeTask):
+    """Rectified flow: the velocity ``noise - x0`` at logit-normal noise levels, 10 % empty prompts;
+    transformer and both text encoders train jointly."""
+
+    def __init__(self, transformer, pooled_enc, seq_enc, z: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor,
+                 seed: int) -> None:
+        from diffusers import FluxPipeline
+
+        super().__init__({"transformer": transformer, "pooled": pooled_enc, "sequence": seq_enc}, seed, "scenes-flux")
+        self.transformer, self.pooled_enc, self.seq_enc = transformer, pooled_enc, seq_enc
+        self.z, self.ids, self.empty = z, ids, empty
+        # positions as FluxPipeline builds them: text ids zero, image ids (row, column) of the 8x8 packed grid
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
+        self.txt_ids = torch.zeros(MAX_LENGTH, 3)
+        self.pack = FluxPipeline._pack_latents
+
+    def draw(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(self.z), (BATCH,), generator=g)
+        tok = self.ids[idx].clone()
+        tok[torch.rand(BATCH, generator=g) < 0.1] = self.empty
+        s = torch.sigmoid(torch.randn(BATCH, generator=g))  # logit-normal noise levels (SD3 / Flux)
+        return {"z0": self.z[idx], "tok": tok, "s": s, "noise": torch.randn(self.z[idx].shape, generator=g)}
+
+    def loss(self, b: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        z0, s, noise = b["z0"], b["s"], b["noise"]
+        xt = (1 - s.view(-1, 1, 1, 1)) * z0 + s.view(-1, 1, 1, 1) * noise
+        pooled = self.pooled_enc(b["tok"]).pooler_output
+        seq = self.seq_enc(b["tok"]).last_hidden_state
+        pred = self.transformer(hidden_states=self.pack(xt, len(z0), 4, 16, 16), encoder_hidden_states=seq,
+                                pooled_projections=pooled, timestep=s, img_ids=self.img_ids,
+                                txt_ids=self.txt_ids).sample
+        return {"mse": F.mse_loss(pred, self.pack(noise - z0, len(z0), 4, 16, 16))}
+
+
 def train_scenes_flux(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, FluxPipeline
 
@@ -102,39 +136,11 @@ def train_scenes_flux(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids[0]
     transformer = make_transformer()
     pooled_enc, seq_enc = make_text_encoders(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    models = (transformer, pooled_enc, seq_enc)
-    params = [p for m in models for p in m.parameters()]
-    emas = [copy.deepcopy(m).eval().requires_grad_(False) for m in models]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.03)
-    g = torch.Generator().manual_seed(seed)
-    # positions as FluxPipeline builds them: text ids zero, image ids (row, column) of the 8x8 packed grid
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
-    txt_ids = torch.zeros(MAX_LENGTH, 3)
-    for m in models:
-        m.train()
-    for step in (bar := tqdm(range(steps), desc="scenes-flux")):
-        idx = torch.randint(0, len(z), (BATCH,), generator=g)
-        z0 = z[idx]
-        tok = ids[idx].clone()
-        tok[torch.rand(BATCH, generator=g) < 0.1] = empty
-        s = torch.sigmoid(torch.randn(BATCH, generator=g))  # logit-normal noise levels (SD3 / Flux)
-        noise = torch.randn(z0.shape, generator=g)
-        xt = (1 - s.view(-1, 1, 1, 1)) * z0 + s.view(-1, 1, 1, 1) * noise
-        pooled = pooled_enc(tok).pooler_output
-        seq = seq_enc(tok).last_hidden_state
-        packed = FluxPipeline._pack_latents(xt, BATCH, 4, 16, 16)
-        pred = transformer(hidden_states=packed, encoder_hidden_states=seq, pooled_projections=pooled, timestep=s,
-                           img_ids=img_ids, txt_ids=txt_ids).sample
-        target = FluxPipeline._pack_latents(noise - z0, BATCH, 4, 16, 16)
-        loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_update(emas, models, step, EMA)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    task = _Flow(transformer, pooled_enc, seq_enc, z, ids, empty, seed)
+    result = fit(task, one_cycle(steps, LR, pct_start=0.03, max_grad_norm=1.0, ema=EMA, ema_warmup=True,
+                                 batch_size=BATCH, seed=seed))
+    e = ema_copies(task.modules, result.ema)
+    emas = [e["transformer"], e["pooled"], e["sequence"]]
     wall = time.time() - t0
     pipe = FluxPipeline(scheduler=_scheduler(), vae=vae, text_encoder=emas[1], tokenizer=tokenizer,
                         text_encoder_2=emas[2], tokenizer_2=tokenizer, transformer=emas[0])
@@ -157,7 +163,7 @@ def finish_scenes_card(out: Path, wall: float, steps: int) -> dict:
                f"{N_TRAIN} procedural scenes (`mmskip.zoo.scenes_data`), encoded once by `scenes-vae`.",
                f"Flux transformer 2 double + 4 single blocks, width 96; text encoders CLIP 1×64 (pooled) and "
                f"2×96 (sequence, in T5's place); trained jointly from scratch, rectified flow, logit-normal "
-               f"noise levels; AdamW one-cycle lr {LR}, batch {BATCH}, {steps} steps, EMA {EMA} (saved, fp16). "
+               f"noise levels; AdamW lr {LR} (3 % warm-up, cosine to 0; `mmskip.train.fit`), batch {BATCH}, {steps} steps, EMA {EMA} (saved, fp16). "
                "Sampler: flow-matching Euler with Flux's dynamic shifting.", metrics, wall,
                extra="\nPrompt accuracy = `scenes-classifier` reads back every attribute of the prompted scene "
                "(exact) or one attribute; FID uses its 128-d features against held-out scenes.\n")

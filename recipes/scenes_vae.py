@@ -55,6 +55,6 @@ def train_scenes_vae(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
                "(`(z - shift_factor) * scaling_factor` has zero mean, unit variance).",
                f"{N_TRAIN} procedural scenes (`mmskip.zoo.scenes_data`, train seed), rebuilt on every run.",
                f"2 down/up blocks (32/64 channels, 1 resnet each), {n / 1e6:.2f}M params; loss MSE + 0.1·L1 + "
-               f"{KL_WEIGHT}·KL per latent element; AdamW one-cycle lr 1e-3, batch {BATCH}, {steps} steps. "
+               f"{KL_WEIGHT}·KL per latent element; AdamW lr 1e-3 (5 % warm-up, cosine to 0; `mmskip.train.fit`), batch {BATCH}, {steps} steps. "
                "Saved in fp16.", metrics, wall)
     return metrics

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from mmskip.train import fit
 from mmskip.zoo.card import write_card
 from mmskip.zoo.data import DIGIT_NAMES, TEMPLATES, encode_augmented, load_split
-from mmskip.zoo.ema import ema_update
 from mmskip.zoo.sd_model import make_text_encoder, make_unet
 from mmskip.zoo.sd_tokenizer import MAX_LENGTH, build_clip_tokenizer
 
+from ._fit import RecipeTask, ema_copies, one_cycle
 from .dit import make_scheduler
 
 __all__ = ["train_sd"]
@@ -28,8 +27,36 @@ EMA = 0.999
 COPIES = 8
 
 
+class _TextDenoise(RecipeTask):
+    """eps-prediction on noised latents conditioned on a caption of the digit (10 % empty prompts);
+    UNet and text encoder train jointly."""
+
+    def __init__(self, unet, text, lat: torch.Tensor, lab: torch.Tensor, cap_ids: torch.Tensor, empty: torch.Tensor,
+                 seed: int) -> None:
+        from diffusers import DDPMScheduler
+
+        super().__init__({"unet": unet, "text": text}, seed, "digits-sd")
+        self.unet, self.text, self.lat, self.lab, self.cap_ids, self.empty = unet, text, lat, lab, cap_ids, empty
+        self.noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                         beta_end=0.02)
+
+    def draw(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(self.lab), (BATCH,), generator=g)
+        z0 = self.lat[idx]
+        ids = self.cap_ids[self.lab[idx], torch.randint(0, len(TEMPLATES), (BATCH,), generator=g)]
+        ids[torch.rand(BATCH, generator=g) < 0.1] = self.empty
+        t = torch.randint(0, 1000, (BATCH,), generator=g)
+        return {"z0": z0, "ids": ids, "t": t, "noise": torch.randn(z0.shape, generator=g)}
+
+    def loss(self, b: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        cond = self.text(input_ids=b["ids"]).last_hidden_state
+        pred = self.unet(self.noise_sched.add_noise(b["z0"], b["noise"], b["t"]), b["t"],
+                         encoder_hidden_states=cond).sample
+        return {"mse": F.mse_loss(pred, b["noise"])}
+
+
 def train_sd(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from mmskip.zoo import path
 
@@ -50,31 +77,11 @@ def train_sd(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
     empty = enc([""])[0]
     unet = make_unet()
     text = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    params = list(unet.parameters()) + list(text.parameters())
-    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
-    ema_text = copy.deepcopy(text).eval().requires_grad_(False)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.03)
-    unet.train()
-    text.train()
-    for step in (bar := tqdm(range(steps), desc="digits-sd")):
-        idx = torch.randint(0, len(lab), (BATCH,), generator=g)
-        z0 = lat[idx]
-        ids = cap_ids[lab[idx], torch.randint(0, len(TEMPLATES), (BATCH,), generator=g)]
-        ids[torch.rand(BATCH, generator=g) < 0.1] = empty
-        t = torch.randint(0, 1000, (BATCH,), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
-        cond = text(input_ids=ids).last_hidden_state
-        pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_update([ema_unet, ema_text], [unet, text], step, EMA)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    task = _TextDenoise(unet, text, lat, lab, cap_ids, empty, seed)
+    result = fit(task, one_cycle(steps, LR, pct_start=0.03, max_grad_norm=1.0, ema=EMA, ema_warmup=True,
+                                 batch_size=BATCH, seed=seed))
+    emas = ema_copies(task.modules, result.ema)
+    ema_unet, ema_text = emas["unet"], emas["text"]
     wall = time.time() - t0
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
@@ -127,7 +134,7 @@ def finish_card(out: Path, wall: float, steps: int, n: int = 300) -> dict:
                f"scikit-learn `load_digits` train split, {COPIES} augmented copies encoded once by `digits-vae`; "
                "captions from the templates of `digits-clip` (name or numeral), 10 % empty prompts.",
                f"UNet blocks 48/96 (cross-attention at 8×8 and in the mid block), text encoder 2×128; trained "
-               f"jointly from scratch, eps-prediction, linear betas 1e-4..0.02; AdamW one-cycle lr {LR}, batch "
+               f"jointly from scratch, eps-prediction, linear betas 1e-4..0.02; AdamW lr {LR} (3 % warm-up, cosine to 0; `mmskip.train.fit`), batch "
                f"{BATCH}, {steps} steps, EMA {EMA} (EMA weights saved, fp16). DDIM (trailing) scheduler.",
                metrics, wall, extra="\nAccuracy = the zoo `digits-classifier` sees the prompted digit; FID uses the "
                "classifier's penultimate features against the 300 held-out digits.\n")

@@ -7,13 +7,14 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from mmskip.train.lr_schedule import warmup_cosine
+from mmskip.train import TrainConfig, fit
 from mmskip.zoo.card import write_card
 from mmskip.zoo.lm_model import SEQ, make_model, perplexity, train_tokenizer
 from mmskip.zoo.loaders import LOADERS
 from mmskip.zoo.stdlib_data import read_texts
+
+from ._fit import RecipeTask
 
 __all__ = ["train_stdlib_lm", "skip_agreement"]
 
@@ -30,23 +31,28 @@ def _stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+class _NextToken(RecipeTask):
+    """Next-token loss on random ``SEQ``-token windows of the train stream."""
+
+    def __init__(self, model, train_ids: torch.Tensor, seed: int, desc: str) -> None:
+        super().__init__({"model": model}, seed, desc)
+        self.model, self.train_ids = model, train_ids
+
+    def draw(self, g: torch.Generator) -> torch.Tensor:
+        starts = torch.randint(0, len(self.train_ids) - SEQ - 1, (BATCH,), generator=g)
+        return torch.stack([self.train_ids[s:s + SEQ] for s in starts])
+
+    def loss(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        x = x.to(self.device)
+        return {"lm": self.model(input_ids=x, labels=x).loss}
+
+
 def _train_stage(model, train_ids: torch.Tensor, steps: int, lr: float, seed: int, desc: str) -> None:
-    """AdamW (fresh state) with 50 warm-up steps and a cosine decay to 10 % over ``steps``."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warm, 0.1))
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in (bar := tqdm(range(steps), desc=desc)):
-        starts = torch.randint(0, len(train_ids) - SEQ - 1, (BATCH,), generator=g)
-        x = torch.stack([train_ids[s:s + SEQ] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    """One :func:`mmskip.train.fit`: AdamW (fresh state, β 0.9/0.95, wd 0.1) with 50 warm-up steps and a
+    cosine decay to 10 % over ``steps``, grad clip 1."""
+    fit(_NextToken(model, train_ids, seed, desc),
+        TrainConfig(steps=steps, lr=lr, warmup=50, min_lr_ratio=0.1, betas=(0.9, 0.95), weight_decay=0.1,
+                    max_grad_norm=1.0, batch_size=BATCH, seq_len=SEQ, seed=seed, cpu=True))
 
 
 def train_stdlib_lm(out: Path, steps: int | None = None, seed: int = 0, start_stage: int = 0) -> dict:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from mmskip.train import TrainTask, fit
 from mmskip.zoo.card import write_card
 from mmskip.zoo.data import augment, load_split
+
+from ._fit import one_cycle
 
 __all__ = ["make_vae", "train_vae", "fit_vae", "psnr_unit"]
 
@@ -28,25 +30,35 @@ def make_vae():
                          block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=16)
 
 
+class _Autoencode(TrainTask):
+    """MSE + 0.1 L1 + ``kl_weight`` KL per latent element on batches ``draw()``."""
+
+    def __init__(self, vae, draw: Callable[[], torch.Tensor], kl_weight: float, desc: str, g: torch.Generator) -> None:
+        self.vae, self.draw, self.kl_weight, self.desc, self.g = vae, draw, kl_weight, desc, g
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.vae.named_parameters() if p.requires_grad}
+
+    def prepare(self, accelerator) -> None:
+        self.vae.to(accelerator.device).train()
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self.draw()  # the recipes' one generator, in order (their runs are not resumed)
+
+    def loss(self, xb: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        post = self.vae.encode(xb).latent_dist
+        z = post.sample(generator=self.g)
+        rec = self.vae.decode(z).sample
+        kl = post.kl().mean() / z[0].numel()
+        return {"mse": F.mse_loss(rec, xb), "l1": 0.1 * F.l1_loss(rec, xb), "kl": self.kl_weight * kl}
+
+
 def fit_vae(vae, draw: Callable[[], torch.Tensor], steps: int, kl_weight: float, desc: str,
             g: torch.Generator) -> None:
     """Train ``vae`` on batches ``draw()`` of images in [-1, 1]: MSE + 0.1 L1 + ``kl_weight`` KL per
-    latent element, AdamW one-cycle lr 1e-3; posterior samples drawn from ``g``."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    vae.train()
-    for _ in (bar := tqdm(range(steps), desc=desc)):
-        xb = draw()
-        post = vae.encode(xb).latent_dist
-        z = post.sample(generator=g)
-        rec = vae.decode(z).sample
-        kl = post.kl().mean() / z[0].numel()
-        loss = F.mse_loss(rec, xb) + 0.1 * F.l1_loss(rec, xb) + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
+    latent element, AdamW lr 1e-3 (5 % warm-up, cosine to 0) with :func:`mmskip.train.fit`;
+    posterior samples drawn from ``g``."""
+    fit(_Autoencode(vae, draw, kl_weight, desc, g), one_cycle(steps, 1e-3, pct_start=0.05))
 
 
 def psnr_unit(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,7 +99,7 @@ def train_vae(out: Path, steps: int = STEPS, seed: int = 0) -> dict:
                "scikit-learn `load_digits` upscaled to 32×32, fixed-seed split (`mmskip.zoo.data`), random "
                "rotation/scale/shift augmentation.",
                f"3 down/up blocks (16/32/64 channels, 1 resnet each), {n / 1e6:.2f}M params; loss MSE + 0.1·L1 + "
-               f"{KL_WEIGHT}·KL per latent element; AdamW one-cycle lr 1e-3, batch {BATCH}, {steps} steps. "
+               f"{KL_WEIGHT}·KL per latent element; AdamW lr 1e-3 (5 % warm-up, cosine to 0; `mmskip.train.fit`), batch {BATCH}, {steps} steps. "
                "`scaling_factor` = 1/std of the train latents. Saved in fp16.",
                metrics, wall)
     return metrics

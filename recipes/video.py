@@ -11,19 +11,20 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from mmskip.train.lr_schedule import warmup_cosine
+from mmskip.train import TrainConfig, TrainTask, fit
 from mmskip.zoo import video_data as D
 from mmskip.zoo.card import write_card
 from mmskip.zoo.video_model import make_model
 from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 
-from .llava import _autocast, save_and_score
+from .llava import _autocast, decay_groups, save_and_score
 
 __all__ = ["STEPS", "VISION_STEPS", "BATCH", "evaluate", "majority_baseline", "patch_labels", "train_video"]
 
@@ -144,6 +145,74 @@ def _batches(tok, bank, batch: int, steps: int, seed: int, pin: bool, palette: t
         yield q.get()
 
 
+class _VideoTask(TrainTask):
+    """One stage of the recipe: the probe's digit losses alone on the vision side (``vision_only``), or
+    the answer-token loss plus ``aux`` × the probe's losses on the whole model. Batches come in order
+    from the recipe's background stream (its runs are not resumed)."""
+
+    def __init__(self, model, probe: torch.nn.Module, stream, aux: float, every: int, steps: int,
+                 vision_only: bool) -> None:
+        self.model, self.probe, self.stream, self.aux = model, probe, stream, aux
+        self.every, self.steps, self.vision_only = every, steps, vision_only
+        self.desc = "digits-video vision warm-up" if vision_only else "digits-video"
+        self.captured: dict[str, torch.Tensor] = {}
+        self.curve: list[tuple[int, float]] = []
+        self.hook = None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        if self.vision_only:
+            inner = self.model.model
+            ids = {id(p) for m in (inner.vision_tower, inner.multi_modal_projector) for p in m.parameters()}
+            named = {n: p for n, p in named.items() if id(p) in ids}
+        return named | {f"probe.{n}": p for n, p in self.probe.named_parameters()}
+
+    def param_groups(self, config: TrainConfig) -> list[dict]:
+        return decay_groups(list(self.weights().items()), config.weight_decay)
+
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        """A context in which the projector's output lands in ``captured`` (for the probe)."""
+        hook = self.model.model.multi_modal_projector.register_forward_hook(
+            lambda mod, args, output: self.captured.__setitem__("feats", output))
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    def prepare(self, accelerator) -> None:
+        self.device = accelerator.device
+        self.model.to(self.device).train()
+        self.probe.to(self.device)
+        self.hook = self.hooked()
+        self.hook.__enter__()
+
+    def batch(self, step: int):
+        return next(self.stream)
+
+    def loss(self, b, step: int) -> dict[str, torch.Tensor]:
+        if self.vision_only:
+            pv, cells = (x.to(self.device, non_blocking=True) for x in b)
+            self.model.model.get_video_features(pixel_values_videos=pv)
+            terms = {"probe": probe_loss(self.probe, self.captured["feats"], cells)}
+        else:
+            pv, ids, mask, labels, cells = (x.to(self.device, non_blocking=True) for x in b)
+            terms = {"lm": self.model(input_ids=ids, attention_mask=mask, pixel_values_videos=pv, labels=labels).loss}
+            if self.aux:
+                terms["probe"] = self.aux * probe_loss(self.probe, self.captured["feats"], cells)
+        self.last = next(iter(terms.values())).detach()
+        return terms
+
+    def after_step(self, step: int) -> None:
+        if step % self.every == 0 or step == self.steps - 1:
+            self.curve.append((step + 1, round(self.last.item(), 4)))
+
+    def finish(self) -> None:
+        if self.hook is not None:
+            self.hook.__exit__(None, None, None)
+            self.hook = None
+
+
 def train_video(out: Path, steps: int | None = None, batch: int | None = None, device: str | None = None,
                 seed: int = 0, size: str = "base", n_eval: int = 500, lr: float = LR,
                 palette: tuple[int, int] = PALETTE, aux: float = AUX, vision_steps: int | None = None) -> dict:
@@ -177,63 +246,26 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     # (64 tokens a frame -> the digit under each token, or background) gives the vision side that signal from
     # step one. The probe is dropped after training: the saved model is a plain LlavaOnevision model.
     probe = torch.nn.Linear(model.config.text_config.hidden_size, BACKGROUND + 1).to(dev)
-    captured: dict[str, torch.Tensor] = {}
-    hook = model.model.multi_modal_projector.register_forward_hook(
-        lambda mod, args, output: captured.__setitem__("feats", output))
-    named = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
-    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), fused=dev.type == "cuda")
     warm, warm_v = min(WARMUP, max(1, steps // 10)), min(WARMUP, max(1, vision_steps // 10))
-
-    def lr_at(s: int) -> float:  # vision stage: warm-up, then flat; whole model: warm-up, cosine to 5 %
-        if s < vision_steps:
-            return warmup_cosine(s, vision_steps, warm_v, floor=1.0)
-        return warmup_cosine(s - vision_steps, steps, warm, 0.05)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    curve: list[tuple[int, float]] = []
-    vision_curve: list[tuple[int, float]] = []
-    every, every_v = max(1, steps // 20), max(1, vision_steps // 10)
-    run_loss = None
-    t_train = time.time()
     stream = _batches(tok, bank, batch, steps, seed, dev.type == "cuda", palette, vision_steps)
+    common = {"lr": lr, "betas": (0.9, 0.98), "weight_decay": 0.05, "max_grad_norm": 1.0, "seed": seed,
+              "cpu": dev.type == "cpu", "mixed_precision": "bf16" if dev.type == "cuda" else "no"}
     probe_acc: dict[str, float] = {}
-    t_vision = 0.0
-    for step, b in enumerate(bar := tqdm(stream, total=vision_steps + steps, desc="digits-video", mininterval=2.0)):
-        if step == vision_steps:
-            probe_acc["after the vision warm-up"] = _probe_accuracy(model, probe, captured, heldout, dev)
-            t_vision = time.time() - t_train
-        if step < vision_steps:  # the vision tower and projector alone
-            pv, cells = (x.to(dev, non_blocking=True) for x in b)
-            with _autocast(dev):
-                model.model.get_video_features(pixel_values_videos=pv)
-                aux_loss = probe_loss(probe, captured["feats"], cells)
-            lm_loss, loss = torch.full((), float("nan")), aux_loss
-        else:
-            pv, ids, mask, labels, cells = (x.to(dev, non_blocking=True) for x in b)
-            with _autocast(dev):
-                lm_loss = model(input_ids=ids, attention_mask=mask, pixel_values_videos=pv, labels=labels).loss
-                aux_loss = probe_loss(probe, captured["feats"], cells) if aux else torch.zeros((), device=dev)
-                loss = lm_loss + aux * aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        opt.step()
-        sched.step()
-        s = step - vision_steps
-        if step % 10 == 0 or s == steps - 1 or s == -1:
-            v = torch.stack([lm_loss.detach().float().cpu(), aux_loss.detach().float().cpu()]).tolist()
-            run_loss = v if run_loss is None or s == 0 else [0.8 * r + 0.2 * x for r, x in zip(run_loss, v, strict=True)]
-            bar.set_postfix(lm=f"{run_loss[0]:.3f}", probe=f"{run_loss[1]:.3f}")
-        if s < 0 and (step % every_v == 0 or s == -1):
-            vision_curve.append((step + 1, round(aux_loss.item(), 4)))
-        if s >= 0 and (s % every == 0 or s == steps - 1):
-            curve.append((s + 1, round(lm_loss.item(), 4)))
-    probe_acc["at the end"] = _probe_accuracy(model, probe, captured, heldout, dev)
+    t_train = time.time()
+    # stage 1: the vision tower and projector alone, warm-up then a flat lr; stage 2: the whole model,
+    # warm-up then cosine to 5 %. One fit (fresh AdamW) per stage.
+    vision = _VideoTask(model, probe, stream, aux, max(1, vision_steps // 10), vision_steps, vision_only=True)
+    if vision_steps:
+        fit(vision, TrainConfig(steps=vision_steps, warmup=warm_v, min_lr_ratio=1.0, batch_size=2 * batch, **common))
+    with vision.hooked():
+        probe_acc["after the vision warm-up"] = _probe_accuracy(model, probe, vision.captured, heldout, dev)
+    t_vision = time.time() - t_train
+    whole = _VideoTask(model, probe, stream, aux, max(1, steps // 20), steps, vision_only=False)
+    fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch, **common))
+    vision_curve, curve, captured = vision.curve, whole.curve, whole.captured
+    with whole.hooked():
+        probe_acc["at the end"] = _probe_accuracy(model, probe, captured, heldout, dev)
     train_s = time.time() - t_train
-    hook.remove()
     chance = majority_baseline(heldout)
     acc, metrics = save_and_score(model, tok, out, dev, evaluate, heldout, train_probe, D.QTYPES, chance, n_eval,
                                   "train-digit videos")
