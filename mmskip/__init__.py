@@ -28,11 +28,12 @@ if TYPE_CHECKING:
     from .layer_skip import LayerSkipConfig
     from .registry import UnsupportedModelError
     from .swift import SelfSpeculativeConfig
+    from .tuning import TuneResult, tune
     from .void_layers import VoidLayerConfig
 
 # submodules reachable as attributes (``mmskip.registry.get_adapter``), imported on first access
 _LAZY = ("analysis", "diffusion", "eval", "pipelines", "vision", "zoo", "schedules", "registry", "timing",
-         "inject", "train")
+         "inject", "train", "tuning")
 
 # public name -> the core module that defines it; the first access imports them all (one piece)
 _CORE = {
@@ -56,6 +57,8 @@ __all__ = [
     "SelfSpeculativeConfig",
     "RouterConfig",
     "UnsupportedModelError",
+    "tune",
+    "TuneResult",
     "analysis", "diffusion", "eval", "pipelines", "vision", "zoo",
 ]
 __version__ = "0.1.0"
@@ -66,6 +69,10 @@ def __getattr__(name: str) -> Any:
         modules = {m: importlib.import_module(f"{__name__}.{m}") for m in dict.fromkeys(_CORE.values())}
         globals().update({n: getattr(modules[m], n) for n, m in _CORE.items()})
         return globals()[name]
+    if name in ("tune", "TuneResult"):  # mmskip.tune(...): the function of mmskip.tuning
+        module = importlib.import_module(f"{__name__}.tuning")
+        globals()[name] = getattr(module, name)
+        return globals()[name]
     if name in _LAZY:
         module = importlib.import_module(f"{__name__}.{name}")
         globals()[name] = module
@@ -74,4 +81,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | set(_CORE))
+    return sorted(set(globals()) | set(_LAZY) | set(_CORE) | {"tune", "TuneResult"})

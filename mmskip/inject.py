@@ -109,6 +109,18 @@ class SkipConfig:
             f"{type(self).__name__} is not a model-level technique and cannot be applied with mmskip.apply()"
         )
 
+    # -- tuning ---------------------------------------------------------------------------
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """The fields ``mmskip.tune`` may tune on ``context`` (a ``mmskip.tuning.TuneContext``) and how a
+        sample becomes a config, as a ``mmskip.tuning.Space``; ``None`` (the default): not tuned there."""
+        return None
+
+    @staticmethod
+    def registered() -> list[type[SkipConfig]]:
+        """Every config class known so far (a wing's classes once the wing is imported)."""
+        return list(_CONFIGS.values())
+
     # -- serialization ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"technique": self.technique, "module": _public_module(type(self))}

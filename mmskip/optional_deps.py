@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "eval"),
     "matplotlib": ("matplotlib", "analysis"),
     "peft": ("peft", "lora"),
+    "optuna": ("optuna", "tune"),
 }
 
 

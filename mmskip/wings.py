@@ -14,7 +14,7 @@ import functools
 import logging
 from importlib.metadata import entry_points
 
-__all__ = ["load_wings"]
+__all__ = ["load_wings", "load_techniques"]
 
 GROUP = "mmskip.wings"
 logger = logging.getLogger(__name__)
@@ -33,3 +33,12 @@ def load_wings() -> tuple[str, ...]:
             continue
         loaded.append(ep.name)
     return tuple(loaded)
+
+
+def load_techniques() -> tuple[str, ...]:
+    """Register every technique: the core's language techniques (imported with ``mmskip``'s
+    public names) and every wing's (:func:`load_wings`); returns the wings that loaded."""
+    import mmskip
+
+    mmskip.SkipConfig  # noqa: B018  (the first public name imports every core technique)
+    return load_wings()

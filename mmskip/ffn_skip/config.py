@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,6 +43,20 @@ class FFNSkipConfig(SkipConfig):
             raise ValueError(f"FFNSkipConfig.span must be >= 1, got {self.span}")
         if self.cold is not None and min(self.cold) < 0:
             raise ValueError(f"FFNSkipConfig.cold must be (first, last) non-negative layer counts, got {self.cold}")
+
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """Tunable on causal LMs: the cosine threshold, the skip cap and the span."""
+        if context.kind != "lm" or not context.num_layers or context.num_layers < 4:
+            return None
+        from ..tuning.space import FloatRange, IntRange, Space
+
+        def build(v: dict[str, Any]) -> FFNSkipConfig:
+            schedule = AdaptiveSchedule(threshold=v["threshold"], signal="cosine", warmup=4, max_skip=v["max_skip"])
+            return cls(schedule=schedule, span=v["span"])
+
+        return Space(cls.technique, {"threshold": FloatRange(0.8, 0.999), "max_skip": FloatRange(0.1, 0.6),
+                                     "span": IntRange(1, 3)}, build)
 
     def hot_layers(self, num_layers: int) -> range:
         first, last = self.cold if self.cold is not None else (round(0.15 * num_layers), round(0.10 * num_layers))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,6 +43,18 @@ class LayerSkipConfig(SkipConfig):
             )
         if self.phase not in _PHASES:
             raise ValueError(f"mmskip.LayerSkipConfig.phase must be one of {_PHASES}, got {self.phase!r}")
+
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """Tunable on causal LMs: the unified schedule's target speedup and the phase."""
+        if context.kind != "lm" or not context.num_layers or context.num_layers < 3:
+            return None
+        from ..schedules import unified
+        from ..tuning.space import Choice, FloatRange, Space
+
+        top = min(3.0, context.num_layers / 2)
+        return Space(cls.technique, {"speedup": FloatRange(1.05, top), "phase": Choice(("decode", "all"))},
+                     lambda v: cls(schedule=unified(speedup=v["speedup"]), phase=v["phase"]))
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         from .hooks import attach_layer_skip

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -78,6 +78,18 @@ class SelfSpeculativeConfig(SkipConfig):
             raise ValueError(f"SelfSpeculativeConfig.reoptimize_below must lie in [0, 1], got {self.reoptimize_below}")
         if self.search_window < 2:
             raise ValueError(f"SelfSpeculativeConfig.search_window must be >= 2, got {self.search_window}")
+
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """Tunable on causal LMs: the draft's skip ratio, draft length and confidence cut-off
+        (lossless for greedy decoding: only speed changes)."""
+        if context.kind != "lm" or not context.num_layers or context.num_layers < 4:
+            return None
+        from ..tuning.space import FloatRange, IntRange, Space
+
+        return Space(cls.technique, {"skip_ratio": FloatRange(0.2, 0.6), "max_draft": IntRange(2, 10),
+                                     "confidence": FloatRange(0.3, 0.9)},
+                     lambda v: cls(skip_ratio=v["skip_ratio"], max_draft=v["max_draft"], confidence=v["confidence"]))
 
     @property
     def fixed(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -46,6 +46,20 @@ class VoidLayerConfig(SkipConfig):
             raise ValueError(f"min_void_fraction must lie in (0, 1], got {self.min_void_fraction}")
         if self.lift_layers < 0:
             raise ValueError(f"lift_layers must be >= 0, got {self.lift_layers}")
+
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """Tunable on causal LMs: LAC's alpha, the skip cap and the void fraction."""
+        if context.kind != "lm" or not context.num_layers or context.num_layers < 3:
+            return None
+        from ..tuning.space import FloatRange, Space
+
+        def build(v: dict[str, Any]) -> VoidLayerConfig:
+            schedule = AdaptiveSchedule(threshold=v["alpha"], signal="l2_change", max_skip=v["max_skip"])
+            return cls(schedule=schedule, min_void_fraction=v["min_void_fraction"])
+
+        return Space(cls.technique, {"alpha": FloatRange(0.1, 0.9), "max_skip": FloatRange(0.1, 0.6),
+                                     "min_void_fraction": FloatRange(0.3, 1.0)}, build)
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         from .hooks import attach_void_layers

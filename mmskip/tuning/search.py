@@ -1,0 +1,260 @@
+"""``mmskip.tune``: the fastest configuration under a quality floor, on the user's model, data and device.
+
+Two stages, with calibration and held-out inputs kept apart:
+
+1. **Search** (calibration inputs): Optuna's multi-objective TPE sampler (seeded) proposes a
+   technique and its declared fields (``SkipConfig.search_space``) plus the target's settings
+   (diffusion: steps, sampler); each trial runs once under ``torch.utils.flop_counter`` and is
+   scored on two objectives: quality against the baseline (higher is better) and the measured
+   FLOPs fraction (lower is better). FLOPs rank candidates cheaply and deterministically. The
+   target's fixed candidates (fewer steps, peers) are always measured too. TPE rather than NSGA-II:
+   a budget of tens of trials is smaller than one NSGA-II population, and the space is
+   conditional (each technique has its own fields), which TPE's ``group`` mode models.
+2. **Confirm** (held-out inputs): the finalists (the calibration front meeting the floor, the
+   cheapest of each technique and family, and the best points just under the floor) are re-scored
+   and timed against the baseline with :func:`mmskip.timing.paired` (interleaved, warm-up dropped,
+   median and quartiles). The best is the fastest finalist whose held-out quality meets the floor;
+   if none is faster than the baseline, the baseline is returned with a message saying so.
+
+Every trial is appended to ``out/trials.jsonl``: rerunning with the same ``out`` continues a
+stopped search (Ctrl-C keeps the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .space import Candidate, Choice, Space, describe
+from .target import TuneTarget
+from .trial_log import TrialLog
+
+__all__ = ["parse_budget", "TuneError"]
+
+logger = logging.getLogger(__name__)
+
+
+class TuneError(ValueError):
+    """A tuning request that cannot run (bad inputs, a metric that raises, a budget too small)."""
+
+
+def parse_budget(budget: int | str | float | timedelta) -> tuple[int | None, float | None]:
+    """``(trials, seconds)``: an int is a number of trials; ``"10m"``, ``"90s"``, ``"1h30m"`` or a
+    ``timedelta`` (or a float of seconds) is wall time for the search."""
+    if isinstance(budget, bool):
+        raise TuneError(f"budget must be trials (an int) or time ('10m', '90s'), got {budget!r}")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise TuneError(f"budget={budget} trials leaves no trial; give at least 1 (or a time such as '5m')")
+        return budget, None
+    if isinstance(budget, timedelta):
+        budget = budget.total_seconds()
+    if isinstance(budget, float):
+        if not budget > 0:
+            raise TuneError(f"budget must be positive, got {budget}")
+        return None, budget
+    if isinstance(budget, str):
+        text = budget.strip().lower()
+        if text.isdigit():
+            return parse_budget(int(text))
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+        if text and parts and any(parts.groups()):
+            h, m, s = (float(x) if x else 0.0 for x in parts.groups())
+            return parse_budget(3600 * h + 60 * m + s)
+    raise TuneError(f"budget {budget!r} is neither a number of trials (40) nor a time ('10m', '90s', '1h30m')")
+
+
+def _scorer(target: TuneTarget, metric: str | Callable[[Any, Any], float] | None) -> tuple[str, Callable]:
+    if metric is None or isinstance(metric, str):
+        name = metric or target.metric
+
+        def score(out: Any, ref: Any) -> dict[str, float]:
+            q = target.quality(out, ref)
+            if name not in q:
+                raise TuneError(f"metric {name!r} is not one of this target's metrics {sorted(q)}; "
+                                "pass one of them or a callable metric(outputs, reference) -> float")
+            return q
+        return name, score
+    if not callable(metric):
+        raise TuneError(f"metric must be a name or a callable metric(outputs, reference) -> float, got {metric!r}")
+    name = getattr(metric, "__name__", "metric")
+
+    def score_fn(out: Any, ref: Any) -> dict[str, float]:
+        try:
+            value = float(metric(out, ref))
+        except Exception as e:  # a user's metric: say which one failed and how
+            raise TuneError(f"the quality metric {name!r} raised {type(e).__name__}: {e}") from e
+        return {**target.quality(out, ref), name: value}
+    return name, score_fn
+
+
+def _run(target: TuneTarget, candidate: Candidate, inputs: list[Any]) -> tuple[Any, float, float]:
+    """Outputs and seconds of ``candidate`` on ``inputs``, and the FLOPs of a second run of the first
+    input under ``torch.utils.flop_counter`` (counting every op costs ~4x, so only that one run pays it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with target.applied(candidate):
+        t0 = time.perf_counter()
+        out = target.run(inputs)
+        secs = time.perf_counter() - t0
+        with FlopCounterMode(display=False) as counter:
+            target.run(inputs[:1])
+    return out, float(counter.get_total_flops()), secs
+
+
+def _dominated(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether calibration record ``a`` is dominated by ``b`` (higher quality, lower cost)."""
+    return b["q"] >= a["q"] and b["cost"] <= a["cost"] and (b["q"] > a["q"] or b["cost"] < a["cost"])
+
+
+def _finalists(records: list[dict[str, Any]], floor: float, k: int) -> list[dict[str, Any]]:
+    ok = [r for r in records if r.get("q") is not None]
+    front = [r for r in ok if not any(_dominated(r, o) for o in ok)]
+    meets = sorted((r for r in front if r["q"] >= floor), key=lambda r: r["cost"])
+    chosen = {r["key"]: r for r in meets[:k]}
+    for group in {r["group"] for r in ok}:  # the cheapest of each technique / family meeting the floor
+        best = min((r for r in ok if r["group"] == group and r["q"] >= floor), key=lambda r: r["cost"], default=None)
+        if best is not None:
+            chosen.setdefault(best["key"], best)
+    below = sorted((r for r in front if r["q"] < floor), key=lambda r: -r["q"])
+    for r in below[:2 if meets else k]:  # the front just under the floor, for the picture
+        chosen.setdefault(r["key"], r)
+    return sorted(chosen.values(), key=lambda r: r["cost"])[: 2 * k]
+
+
+class _Search:
+    """The calibration stage: fixed candidates, then Optuna trials, every one logged."""
+
+    def __init__(self, target: TuneTarget, calib: list[Any], reference: Any, base_flops: float, base_s: float,
+                 score: Callable, metric: str, floor: float, log: TrialLog, seed: int) -> None:
+        self.t, self.calib, self.reference, self.score = target, calib, reference, score
+        self.base_flops, self.base_s, self.metric, self.floor, self.log, self.seed = (
+            base_flops, base_s, metric, floor, log, seed)
+        self.spaces = {s.technique: s for s in target.spaces()}
+        self.settings = target.settings_space()
+        names = list(self.spaces) + (["none"] if self.settings else [])
+        if not names:
+            raise TuneError(f"nothing to tune on this {type(target.model).__name__}: no technique declares a "
+                            "search space for it and it has no settings to vary")
+        self.choice = Choice(tuple(names))
+        self.records: list[dict[str, Any]] = []
+
+    def measure(self, candidate: Candidate, kind: str, group: str,
+                params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Calibration record of ``candidate`` (measured, or the logged one: a candidate runs once)."""
+        logged = self.log.find(kind, candidate.key)
+        if logged is not None:
+            if params is None:  # a fixed candidate of a continued search
+                self.records.append(logged)
+                return logged
+            rec = {**logged, "params": params}  # a trial that proposed a measured candidate again
+            self.log.append(rec)
+            self.records.append(rec)
+            return rec
+        rec: dict[str, Any] = {"kind": kind, "key": candidate.key, "group": group, "candidate": candidate.to_dict()}
+        if params is not None:
+            rec["params"] = params
+        try:
+            out, flops, secs = _run(self.t, candidate, self.calib)
+        except TuneError:
+            raise
+        except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:  # a setting that does not fit
+            rec.update(q=None, error=f"{type(e).__name__}: {e}")
+            logger.info("candidate %s failed: %s", candidate.label, rec["error"])
+        else:
+            quality = self.score(out, self.reference)
+            cost = flops / self.base_flops if self.base_flops else secs / self.base_s
+            rec.update(q=quality[self.metric], quality=quality, cost=cost, seconds=secs)
+        self.log.append(rec)
+        self.records.append(rec)
+        return rec
+
+    def distributions(self, params: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name in params:
+            if name == "technique":
+                out[name] = self.choice.distribution()
+            elif name.startswith("setting."):
+                out[name] = self.settings[name[8:]].distribution()
+            else:
+                tech, _, field_name = name.partition(".")
+                out[name] = self.spaces[tech].params[field_name].distribution()
+        return out
+
+    def suggest(self, trial: Any) -> Candidate:
+        tech = self.choice.suggest(trial, "technique")
+        values: dict[str, Any] = {}
+        space: Space | None = self.spaces.get(tech)
+        if space is not None:
+            values = {k: p.suggest(trial, f"{tech}.{k}") for k, p in space.params.items()}
+        settings = {k: p.suggest(trial, f"setting.{k}") for k, p in self.settings.items()}
+        built = space.build(values) if space is not None else None  # ValueError: a combination that does not fit
+        configs: tuple[Any, ...] = ()
+        if isinstance(built, dict):  # a peer's settings (e.g. a diffusers cache)
+            settings = {**settings, **built}
+        elif built is not None:
+            configs = (built,)
+        family = space.family if space is not None else "fewer-steps"
+        return Candidate(configs, settings, family, describe(tech, values, settings), dict(trial.params))
+
+    def run(self, trials: int | None, seconds: float | None, progress: bool) -> int:
+        import optuna
+        from optuna.trial import TrialState, create_trial
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=self.seed, multivariate=True, group=True, n_startup_trials=8)
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        done = 0
+        for r in self.log.records:  # a continued search: the sampler learns from the logged trials
+            if r.get("kind") == "trial" and "params" in r:
+                ok = r.get("q") is not None
+                study.add_trial(create_trial(params=r["params"], distributions=self.distributions(r["params"]),
+                                             values=[r["q"], r["cost"]] if ok else None,
+                                             state=TrialState.COMPLETE if ok else TrialState.FAIL))
+                self.records.append(r)
+                done += 1
+        start, spent = time.perf_counter(), []
+        bar = tqdm(total=trials, initial=done, desc="tune: search", disable=not progress, unit="trial")
+        try:
+            while trials is None or done < trials:
+                left = None if seconds is None else seconds - (time.perf_counter() - start)
+                if left is not None and left < (sum(spent) / len(spent) if spent else 0.0):
+                    break
+                t0 = time.perf_counter()
+                trial = study.ask()
+                try:
+                    cand = self.suggest(trial)
+                except ValueError as e:
+                    study.tell(trial, state=TrialState.FAIL)
+                    self.log.append({"kind": "trial", "key": f"invalid:{trial.number}", "params": trial.params,
+                                     "q": None, "error": str(e)})
+                    done += 1
+                    continue
+                group = cand.configs[0].technique if cand.configs else cand.family
+                rec = self.measure(cand, "trial", group, dict(trial.params))
+                if rec.get("q") is None:
+                    study.tell(trial, state=TrialState.FAIL)
+                else:
+                    study.tell(trial, [rec["q"], rec["cost"]])
+                done += 1
+                spent.append(time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix_str(self._postfix(left))
+        finally:
+            bar.close()
+        return done
+
+    def _postfix(self, left: float | None) -> str:
+        ok = [r for r in self.records if r.get("q") is not None and r["q"] >= self.floor]
+        best = min(ok, key=lambda r: r["cost"], default=None)
+        text = f"best FLOPs {best['cost']:.2f} at {self.metric} {best['q']:.3g}" if best else "none meets the floor yet"
+        return text + (f", {max(0.0, left):.0f} s left" if left is not None else "")
+
+
+__all__ += ["_Search", "_finalists", "_run", "_scorer"]

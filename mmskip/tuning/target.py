@@ -1,0 +1,135 @@
+"""What the tuner tunes: a declared protocol each kind of model implements once.
+
+A :class:`TuneTarget` wraps the user's object (a causal LM, a diffusers pipeline, a VLM) and
+answers the tuner's few questions: which spaces to search (read from the config classes'
+declarations), which candidates to always measure (the baseline, fewer steps, peers), how to run
+a candidate on inputs, how to score outputs against the baseline's, and how to apply a candidate
+for good. Wings register targets for their models with :func:`register_target`; the core names no
+wing.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from .space import Candidate, Param, Space
+
+__all__ = ["TuneTarget", "register_target", "make_target", "UnsupportedTargetError"]
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedTargetError(TypeError):
+    """``mmskip.tune`` was given an object no registered target handles."""
+
+
+class TuneTarget(ABC):
+    """The tuner's view of one model. Subclasses implement the abstract methods; the rest have
+    defaults that fit a target without sampler settings or peers.
+
+    Attributes:
+        kind: ``"lm"``, ``"vlm"``, ``"encoder_decoder"`` or ``"pipeline"``.
+        metric: the default quality metric (higher is better), a key of :meth:`quality`'s result.
+        default_floor: the floor on ``metric`` when the user gives none.
+        model: the wrapped object.
+    """
+
+    kind: str = ""
+    metric: str = ""
+    default_floor: float = 1.0
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @abstractmethod
+    def spaces(self) -> list[Space]:
+        """The technique spaces to search (from ``SkipConfig.search_space`` declarations)."""
+
+    def settings_space(self) -> dict[str, Param]:
+        """Target settings sampled with every candidate (diffusion: steps, sampler); ``{}``: none."""
+        return {}
+
+    def fixed_candidates(self) -> list[Candidate]:
+        """Candidates always measured besides the sampled ones (fewer steps, peers); the baseline is
+        :meth:`baseline` and is not listed here."""
+        return []
+
+    def baseline(self) -> Candidate:
+        """The unmodified model at its full setting."""
+        return Candidate(family="baseline", label="baseline")
+
+    @abstractmethod
+    def check_inputs(self, inputs: Sequence[Any], name: str) -> list[Any]:
+        """``inputs`` as the target runs them; raise ``ValueError`` / ``TypeError`` saying what to give."""
+
+    @abstractmethod
+    def applied(self, candidate: Candidate) -> AbstractContextManager[Any]:
+        """A context in which the model runs ``candidate`` (applied on enter, removed exactly on exit)."""
+
+    @abstractmethod
+    def run(self, inputs: list[Any]) -> Any:
+        """Outputs of the model as it is now (inside :meth:`applied`) on ``inputs``, seeded."""
+
+    @abstractmethod
+    def quality(self, outputs: Any, reference: Any) -> dict[str, float]:
+        """Quality of ``outputs`` against the baseline's ``reference`` (higher is better)."""
+
+    @abstractmethod
+    def timing_pair(self, candidate: Candidate, inputs: list[Any]
+                    ) -> AbstractContextManager[tuple[Callable[[], Any], Callable[[], Any]]]:
+        """A context giving ``(baseline call, candidate call)`` on ``inputs`` for paired timing: both
+        usable alternately (e.g. the candidate applied to a copy of the model)."""
+
+    def extra_metrics(self, inputs: list[Any]) -> dict[str, float]:
+        """Further held-out numbers for finalists, inside :meth:`applied` (e.g. perplexity)."""
+        return {}
+
+    def settings_kwargs(self, candidate: Candidate) -> dict[str, Any]:
+        """Call arguments a user passes to run ``candidate`` (e.g. ``num_inference_steps``)."""
+        return {}
+
+    def apply(self, candidate: Candidate) -> Any:
+        """Apply ``candidate`` for good (what ``TuneResult.apply`` does); returns what removes it."""
+        from ..inject import apply
+
+        if len(candidate.configs) != 1:
+            raise ValueError(f"{type(self).__name__} applies exactly one config, got {len(candidate.configs)}")
+        return apply(self.model, candidate.configs[0])
+
+
+_TARGETS: list[tuple[Callable[[Any], bool], Callable[..., TuneTarget]]] = []
+
+
+def register_target(matches: Callable[[Any], bool], factory: Callable[..., TuneTarget]) -> None:
+    """Let ``mmskip.tune`` handle objects for which ``matches(obj)`` is true with ``factory(obj, **options)``
+    (newest registration first)."""
+    _TARGETS.insert(0, (matches, factory))
+
+
+def make_target(obj: Any, **options: Any) -> TuneTarget:
+    """The registered target for ``obj`` (a :class:`TuneTarget` is returned as is)."""
+    if isinstance(obj, TuneTarget):
+        return obj
+    from ..wings import load_techniques
+
+    _builtin()
+    load_techniques()  # the configs declare the spaces; the wings register targets for pipelines and VLMs
+    for matches, factory in _TARGETS:
+        if matches(obj):
+            return factory(obj, **options)
+    raise UnsupportedTargetError(
+        f"mmskip.tune cannot tune a {type(obj).__name__}: give a causal LM (transformers *ForCausalLM), a diffusers "
+        "pipeline, a LLaVA / Qwen2-VL / OneVision model or a Florence-2 model (see docs: tuning)")
+
+
+def _builtin() -> None:
+    if getattr(_builtin, "done", False):
+        return
+    from .lm import CausalLMTarget, is_causal_lm
+
+    register_target(is_causal_lm, CausalLMTarget)
+    _builtin.done = True

@@ -1,0 +1,133 @@
+"""The ``mmskip.tune`` entry point: validate, search on calibration inputs, confirm on held-out ones."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .result import Measured, TuneResult
+from .search import TuneError, _finalists, _run, _scorer, _Search, parse_budget
+from .space import Candidate
+from .target import make_target
+from .trial_log import TrialLog
+
+__all__ = ["tune"]
+
+logger = logging.getLogger(__name__)
+
+
+def _split(inputs: list[Any]) -> tuple[list[Any], list[Any]]:
+    if len(inputs) < 2:
+        raise TuneError("give held_out= inputs, or at least 2 inputs to split into calibration and held-out halves")
+    half = (len(inputs) + 1) // 2
+    return inputs[:half], inputs[half:]
+
+
+def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], score: Callable, metric: str,
+             repeats: int, progress: bool) -> list[Measured]:
+    """Re-score each finalist on the held-out inputs and time it against the baseline (paired)."""
+    from ..timing import paired
+
+    base = target.baseline()
+    ref, base_flops, _ = _run(target, base, held)
+    with target.applied(base):
+        base_extra = target.extra_metrics(held)
+    measured = [Measured(base, {**score(ref, ref), **base_extra}, flops_fraction=1.0 if base_flops else None)]
+    bar = tqdm(records, desc="tune: confirm on held-out", disable=not progress, unit="candidate")
+    for rec in bar:
+        cand = Candidate.from_dict(rec["candidate"])
+        bar.set_postfix_str(cand.label[:40])
+        out, flops, _ = _run(target, cand, held)
+        with target.applied(cand):
+            extra = target.extra_metrics(held)
+        with target.timing_pair(cand, held) as (run_base, run_cand):
+            t = paired(run_base, {"c": run_cand}, repeats=repeats, warmup=1)["c"]
+        measured.append(Measured(cand, {**score(out, ref), **extra}, t.speedup, t.spread,
+                                 flops / base_flops if base_flops else None, t.seconds, t.baseline_seconds,
+                                 {metric: rec["q"], "flops_fraction": rec["cost"]}))
+        measured[0].seconds = measured[0].baseline_seconds = t.baseline_seconds
+    return measured
+
+
+def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget: int | str | float | timedelta = "5m",
+         held_out: Sequence[Any] | None = None, metric: str | Callable[[Any, Any], float] | None = None,
+         out: str | Path | None = None, seed: int = 0, finalists: int = 6, repeats: int = 5, progress: bool = True,
+         **target_options: Any) -> TuneResult:
+    """Find the fastest configuration of ``target`` whose quality on ``held_out`` meets ``floor``.
+
+    Args:
+        target: a causal LM, a diffusers pipeline, a VLM, or a :class:`~mmskip.tuning.TuneTarget`.
+        inputs: calibration inputs (prompts; a pipeline's prompts or call-argument dicts).
+        floor: the quality the result must keep, on ``metric`` (default: the target's, e.g. 1.0
+            agreement for a causal LM: lossless).
+        budget: trials (an int) or search time (``"10m"``, ``"90s"``); confirming the finalists comes after.
+        held_out: inputs the reported figures come from (default: the second half of ``inputs``).
+        metric: the target's metric name (``"agreement"``, ``"psnr"``, ...) or a callable
+            ``metric(outputs, reference) -> float`` (higher is better).
+        out: folder for the trial log (``trials.jsonl``); rerunning with it continues the search.
+        seed: the sampler's seed (targets seed their own generation).
+        finalists: how many calibration-front candidates are confirmed on the held-out inputs.
+        repeats: paired timing rounds per finalist (after one warm-up round).
+        target_options: passed to the target (e.g. ``tokenizer=``, ``max_new_tokens=``).
+    """
+    t_start = time.perf_counter()
+    trials, seconds = parse_budget(budget)
+    if finalists < 1 or repeats < 3:
+        raise TuneError(f"finalists must be >= 1 and repeats >= 3, got {finalists} and {repeats}")
+    from ..optional_deps import require
+
+    require("optuna", "mmskip.tune")
+    t = make_target(target, **target_options)
+    calib = t.check_inputs(inputs, "inputs")
+    held = t.check_inputs(held_out, "held_out") if held_out is not None else None
+    if held is None:
+        calib, held = _split(calib)
+    name, score = _scorer(t, metric)
+    floor = t.default_floor if floor is None else floor
+    if not isinstance(floor, (int, float)) or math.isnan(floor):
+        raise TuneError(f"floor must be a number on {name!r}, got {floor!r}")
+
+    reference, base_flops, base_s = _run(t, t.baseline(), calib)
+    score(reference, reference)  # a metric that raises fails here, before any search
+    if seconds is not None and seconds < 2 * base_s:
+        raise TuneError(f"budget {budget!r} is too small: one run of the calibration inputs takes {base_s:.1f} s; "
+                        f"give at least {math.ceil(2 * base_s)} s, or fewer inputs")
+    header = {"target": type(t.model).__name__, "kind": t.kind, "metric": name, "floor": floor, "seed": seed,
+              "inputs": len(calib), "held_out": len(held), "flops": base_flops}
+    log = TrialLog(out, header)
+    search = _Search(t, calib, reference, base_flops, base_s, score, name, float(floor), log, seed)
+    for cand in t.fixed_candidates():
+        search.measure(cand, "fixed", cand.family)
+    try:
+        n = search.run(trials, seconds, progress)
+    except KeyboardInterrupt:
+        where = f"; the trial log is kept in {log.path}: rerun with out={str(out)!r} to continue" if log.path else ""
+        logger.warning("tuning interrupted after %d logged trials%s", len(log.records), where)
+        raise
+    chosen = _finalists(search.records, float(floor), finalists)
+    measured = _confirm(t, chosen, held, score, name, repeats, progress)
+    ok = [m for m in measured[1:] if m.quality[name] >= floor]
+    best = max(ok, key=lambda m: m.speedup, default=None)
+    base = measured[0]
+    if best is None:
+        msg = (f"no candidate keeps {name} >= {floor:g} on the held-out inputs; the baseline is returned "
+               f"(the front shows the best trade-offs measured)")
+        best = base
+    elif best.speedup <= 1.0:
+        msg = (f"none faster than the baseline at {name} >= {floor:g}: the fastest candidate meeting it ran at "
+               f"{best.speedup:.2f}x; the baseline is returned")
+        best = base
+    else:
+        msg = (f"{best.candidate.label}: {best.speedup:.2f}x ({best.spread[0]:.2f}-{best.spread[1]:.2f}) at "
+               f"{name} {best.quality[name]:.3g} (floor {floor:g}), held-out")
+    logger.info("tune: %s", msg)
+    return TuneResult(best.candidate, name, float(floor), measured, msg, n, time.perf_counter() - t_start,
+                      type(t.model).__name__, {"calibration_inputs": len(calib), "held_out_inputs": len(held),
+                                               "repeats": repeats, "seed": seed})
