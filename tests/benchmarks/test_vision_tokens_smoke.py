@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 
 def test_smoke_run_covers_every_config(load_bench, tmp_path, capsys):
     bench = load_bench("vision_tokens")
     out = tmp_path / "vt.json"
-    start = time.perf_counter()
     res = bench.main(["--smoke", "--out", str(out)])
-    assert time.perf_counter() - start < 15
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(res))
     assert saved["meta"]["model"] == bench.SMOKE_MODEL and saved["meta"]["n_per_type"] == 4
