@@ -109,7 +109,9 @@ class CausalLMTarget(TuneTarget):
         from ..eval.language import perplexity
 
         ids = torch.cat(inputs)
-        seq_len = max(2, min(256, len(ids)))
+        if len(ids) < 3:
+            return {}
+        seq_len = min(256, len(ids) - 1)
         return {"perplexity": perplexity(self.model, ids, seq_len=seq_len, max_windows=16)}
 
     @contextmanager

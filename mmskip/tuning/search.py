@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -208,7 +209,9 @@ class _Search:
         from optuna.trial import TrialState, create_trial
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=self.seed, multivariate=True, group=True, n_startup_trials=8)
+        with warnings.catch_warnings():  # multivariate/group are marked experimental; they model our conditional space
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=self.seed, multivariate=True, group=True, n_startup_trials=8)
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
         done = 0
         for r in self.log.records:  # a continued search: the sampler learns from the logged trials
