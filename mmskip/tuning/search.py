@@ -195,7 +195,8 @@ class _Search:
         if space is not None:
             values = {k: p.suggest(trial, f"{tech}.{k}") for k, p in space.params.items()}
         settings = {k: p.suggest(trial, f"setting.{k}") for k, p in self.settings.items()}
-        built = space.build(values) if space is not None else None  # ValueError: a combination that does not fit
+        # the build sees the target settings sampled with it (e.g. num_inference_steps, for step schedules)
+        built = space.build({**settings, **values}) if space is not None else None  # ValueError: does not fit
         configs: tuple[Any, ...] = ()
         if isinstance(built, dict):  # a peer's settings (e.g. a diffusers cache)
             settings = {**settings, **built}

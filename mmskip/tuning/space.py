@@ -111,7 +111,9 @@ class Space:
     Attributes:
         technique: the config's technique id (the name the sample is logged under).
         params: field name -> what it may take.
-        build: sampled values -> the config (raise ``ValueError`` for a combination that does not fit).
+        build: sampled values -> the config (raise ``ValueError`` for a combination that does not fit);
+            the dict also holds the target settings sampled with them (e.g. ``num_inference_steps``)
+            under their own names, so a step schedule can be built for the sampled step count.
         family: how the result table groups it (``"mmskip"``; a target's peers use their own name).
     """
 
