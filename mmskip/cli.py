@@ -7,6 +7,7 @@
     mmskip analyze --model M --text F        depth-efficiency analysis of a language model
     mmskip train --objective ...             skip-aware training (mmskip.train)
     mmskip zoo NAME                          reproduce a zoo model (recipes/zoo.py)
+    mmskip tune --model M --floor psnr=35    the fastest configuration under a quality floor
 
 Each subcommand lives in its own module (or script) with a ``main(argv)``; this file only
 dispatches, and imports nothing heavy (no torch), so ``mmskip --help`` answers at once. The
@@ -50,6 +51,7 @@ _COMMANDS = {
     "analyze": ("mmskip.analysis.cli", "depth-efficiency analysis of a language model on a text file"),
     "train": ("mmskip.train.__main__", "skip-aware training: schedule-aware, layer dropout, early exits, LoRA"),
     "zoo": ("recipe:zoo", "reproduce a zoo model with its recipe (recipes/, from a clone)"),
+    "tune": ("mmskip.tuning.cli", "the fastest configuration that keeps a quality floor, measured here (mmskip.tune)"),
 }
 
 

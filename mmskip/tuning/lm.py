@@ -68,6 +68,20 @@ class CausalLMTarget(TuneTarget):
 
         return spaces_of(SkipConfig.registered(), TuneContext(self.model, "lm", num_layers=self.num_layers))
 
+    def default_inputs(self, n: int, offset: int = 0, prompt_len: int = 48) -> list[torch.Tensor]:
+        """Prompts of ``prompt_len`` tokens cut from the held-out stdlib text (mmskip's evaluation
+        text, never trained on by the zoo), tokenized with ``tokenizer``."""
+        if self.tokenizer is None:
+            raise ValueError("stock prompts are tokenized text: pass tokenizer= (or give token-id prompts)")
+        from ..eval.lm import heldout_ids
+
+        ids = heldout_ids(self.tokenizer)
+        stride = max(prompt_len, (len(ids) - prompt_len) // 64)  # 64 disjoint slots spread over the text
+        prompts = [ids[i:i + prompt_len] for i in range(0, len(ids) - prompt_len, stride)][offset:offset + n]
+        if len(prompts) < n:
+            raise ValueError(f"the held-out text gives {len(prompts)} prompts from {offset}; ask for fewer")
+        return prompts
+
     def check_inputs(self, inputs: Sequence[Any], name: str) -> list[torch.Tensor]:
         if isinstance(inputs, (str, torch.Tensor)) or not isinstance(inputs, Sequence):
             raise TypeError(f"{name} must be a list of prompts (strings or 1-D token-id tensors), "

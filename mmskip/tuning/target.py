@@ -62,6 +62,11 @@ class TuneTarget(ABC):
         """The unmodified model at its full setting."""
         return Candidate(family="baseline", label="baseline")
 
+    def default_inputs(self, n: int, offset: int = 0) -> list[Any]:
+        """``n`` stock inputs starting at ``offset`` (what ``mmskip tune`` uses when given no inputs;
+        disjoint ranges give disjoint calibration and held-out sets)."""
+        raise ValueError(f"{type(self).__name__} has no stock inputs; give inputs")
+
     @abstractmethod
     def check_inputs(self, inputs: Sequence[Any], name: str) -> list[Any]:
         """``inputs`` as the target runs them; raise ``ValueError`` / ``TypeError`` saying what to give."""
