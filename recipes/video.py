@@ -315,7 +315,8 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
                f"videos a step, {warm_v} warm-up steps, then flat). Stage 2: {steps} steps of the whole model, batch "
                f"{batch} videos (all 1-clip or all 2-clip in a step), loss on the answer token and `</s>` + {aux} × the "
                f"probe's loss, {warm} warm-up steps, cosine to 5 %. AdamW lr {lr} (β 0.9/0.98, wd 0.05 on "
-               f"matrices), grad clip 1{', bf16 autocast' if dev.type == 'cuda' else ''}. Saved in fp16.",
+               f"matrices; a fresh AdamW per stage, each one `mmskip.train.fit`), grad clip 1"
+               f"{', bf16 autocast' if dev.type == 'cuda' else ''}. Saved in fp16.",
                metrics, wall,
                extra="\nAccuracy is greedy (argmax) on the answer token. Majority-answer baseline = always giving "
                "the most frequent answer of that question type (chance level). The probe rows measure the vision "
