@@ -17,6 +17,28 @@ from .step_schedules import from_changes, nonuniform
 from .step_skip import StepSkipConfig
 from .unet_switch import UNetSwitchConfig
 
+
+def _is_pipeline(obj: object) -> bool:
+    from .tune_target import is_pipeline
+
+    return is_pipeline(obj)
+
+
+def _pipeline_target(obj: object, **options: object) -> object:
+    from .tune_target import PipelineTarget
+
+    return PipelineTarget(obj, **options)
+
+
+def _register_tune_target() -> None:
+    """``mmskip.tune`` handles diffusers pipelines with :class:`~mmskip.diffusion.tune_target.PipelineTarget`."""
+    from mmskip.tuning.target import register_target
+
+    register_target(_is_pipeline, _pipeline_target)
+
+
+_register_tune_target()
+
 __all__ = [
     "FeatureInheritanceConfig",
     "InheritanceState",

@@ -64,6 +64,23 @@ class GaussianTeleportConfig(SamplerConfig):
         if not self.stats_path:
             raise ValueError("stats_path= is required: build it with GaussianStats.fit(...).save(path)")
 
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """Tunable on a pipeline's denoiser when the target knows the data's Gaussian statistics
+        (``context.facts["gaussian_stats"]``, a stats file): the fraction of steps the jump replaces."""
+        stats = context.facts.get("gaussian_stats") if context.kind == "denoiser" else None
+        if not stats or not context.num_steps or context.num_steps < 3:
+            return None
+        from mmskip.tuning.space import FloatRange, Space
+
+        def build(v: dict[str, Any]) -> GaussianTeleportConfig:
+            n = int(v.get("num_inference_steps") or context.num_steps)
+            if round(v["skip_fraction"] * n) < 1:
+                raise ValueError(f"skip_fraction={v['skip_fraction']:.3g} of {n} steps jumps over no step")
+            return cls(stats_path=str(stats), skip_fraction=v["skip_fraction"])
+
+        return Space(cls.technique, {"skip_fraction": FloatRange(0.05, 0.4)}, build)
+
     def start(self, num_steps: int) -> int:
         """The first grid step the sampler runs."""
         return min(int(round(self.skip_fraction * num_steps)), num_steps - 1)

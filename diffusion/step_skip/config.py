@@ -54,6 +54,26 @@ class StepSkipConfig(SamplerConfig):
         if num_steps is not None:
             check_step_schedule(self.schedule, num_steps, "StepSkipConfig")
 
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """Tunable on a pipeline's denoiser: the fraction of the grid visited and how the visited
+        steps bunch (``power`` > 1: denser early, < 1: denser late; 1 is plain fewer steps, which
+        the target measures anyway). Built for the sampled ``num_inference_steps``."""
+        if context.kind != "denoiser" or not context.num_steps or context.num_steps < 4:
+            return None
+        from mmskip.tuning.space import FloatRange, Space
+
+        from ..step_schedules import nonuniform
+
+        def build(v: dict[str, Any]) -> StepSkipConfig:
+            n = int(v.get("num_inference_steps") or context.num_steps)
+            keep = max(2, min(n - 1, round(v["keep_fraction"] * n)))
+            if n < 4:
+                raise ValueError(f"step skipping needs at least 4 grid steps, got {n}")
+            return cls(nonuniform(n, keep, power=v["power"]))
+
+        return Space(cls.technique, {"keep_fraction": FloatRange(0.3, 0.85), "power": FloatRange(0.6, 2.0)}, build)
+
     def keep(self, num_steps: int) -> list[int]:
         """The grid steps the sampler visits (of ``num_steps``)."""
         runs = check_step_schedule(self.schedule, num_steps, "StepSkipConfig")
