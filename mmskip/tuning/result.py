@@ -119,8 +119,8 @@ class TuneResult:
         if self.best.configs:
             from ..inject import SkipConfig  # noqa: F401  (configs serialise themselves)
 
-            (folder / "mmskip_skip_config.json").write_text(
-                json.dumps([c.to_dict() for c in self.best.configs], indent=1) + "\n")
+            (folder / "mmskip_skip_config.json").write_text(  # the pipelines' format (load_skip_configs)
+                json.dumps({"configs": [c.to_dict() for c in self.best.configs]}, indent=1) + "\n")
         return folder / RESULT_NAME
 
     @staticmethod
