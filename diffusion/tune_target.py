@@ -117,8 +117,8 @@ def _skip_class(pipe: Any) -> type | None:
         return type(pipe)
     for name in mp.__all__:
         cls = getattr(mp, name)
-        if isinstance(cls, type) and issubclass(cls, mp.SkipPipelineMixin):
-            parent = next(b for b in cls.__mro__ if b.__module__.startswith("diffusers."))
+        if isinstance(cls, type) and issubclass(cls, mp.SkipPipelineMixin) and cls is not mp.SkipPipelineMixin:
+            parent = next((b for b in cls.__mro__ if b.__module__.startswith("diffusers.")), None)
             if parent is type(pipe):
                 return cls
     return None

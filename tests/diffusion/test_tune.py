@@ -1,0 +1,197 @@
+"""mmskip.tune on diffusers pipelines: the fewer-steps front, the held-out floor, save/load/apply,
+exact restoration, content seeds, declared spaces, diffusers' caches as peers, bad input."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from mmskip.diffusion import FeatureInheritanceConfig, StepSkipConfig
+from mmskip.diffusion.tune_target import PipelineTarget, sampler_name
+from mmskip.pipelines import SkipDiTPipeline, SkipFluxPipeline, load_skip_configs
+
+import mmskip
+from mmskip.schedules import interval
+from mmskip.tuning import Candidate, TuneError, TuneResult, UnsupportedTargetError
+from mmskip.tuning.trial_log import LOG_NAME
+
+from ._tiny import tiny_pipeline_components
+from ._tiny_families import tiny_family_pipeline_components
+
+pytest.importorskip("optuna")
+pytest.importorskip("torchmetrics")
+
+STEPS = 4
+FAST = dict(steps=STEPS, guidance_scale=3.0, repeats=3, finalists=2, progress=False)
+
+
+def _dit(plain: bool = False):
+    comps, _ = tiny_pipeline_components("dit")
+    if plain:
+        from diffusers import DiTPipeline
+
+        return DiTPipeline(**comps)
+    return SkipDiTPipeline(**comps)
+
+
+def _images(pipe, labels=(1, 5)):
+    return PipelineTarget(pipe, steps=STEPS, guidance_scale=3.0).run(list(labels))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    pipe = _dit()
+    sched, before = pipe.scheduler, _images(pipe)
+    folder = tmp_path_factory.mktemp("tune")
+    result = mmskip.tune(pipe, [1, 2], held_out=[5, 7], floor=20.0, budget=3, out=folder, **FAST)
+    return pipe, sched, before, folder, result
+
+
+def test_best_meets_the_floor_on_held_out_and_the_front_is_measured(tuned):
+    pipe, _, _, folder, r = tuned
+    base = r.measured[0]
+    assert base.candidate.family == "baseline" and base.quality["psnr"] == 100.0  # identical images: finite, capped
+    assert r.metric == "psnr" and r.best_measured.quality["psnr"] >= 20.0
+    assert "ssim" in r.best_measured.quality
+    assert r.best.family == "baseline" or r.best_measured.speedup == max(m.speedup for m in r.measured[1:])
+    assert any(m.candidate.family == "fewer-steps" for m in r.measured)
+    fixed = [json.loads(x) for x in (folder / LOG_NAME).read_text().splitlines()[1:]]
+    fixed = [x for x in fixed if x["kind"] == "fixed"]
+    target = PipelineTarget(pipe, steps=STEPS)
+    assert {(c["candidate"]["settings"]["sampler"], c["candidate"]["settings"]["num_inference_steps"]) for c in fixed} \
+        == {(s, n) for s in target.samplers for n in (2, 3)}
+    assert all(x["candidate"]["family"] == "fewer-steps" for x in fixed)
+    assert target.samplers[0] == "ddim" and {"dpm++2m", "euler", "unipc"} <= set(target.samplers)
+
+
+def test_tuning_restores_the_pipeline_exactly(tuned):
+    pipe, sched, before, _, _ = tuned
+    assert pipe.scheduler is sched and not pipe.skip_enabled
+    assert torch.equal(before, _images(pipe))
+    assert not getattr(pipe.transformer, "_diffusers_hook", None) or not pipe.transformer._diffusers_hook._hooks
+
+
+def test_result_save_load_round_trips(tuned, tmp_path):
+    *_, r = tuned
+    r.save(tmp_path)
+    back = TuneResult.load(tmp_path)
+    assert json.dumps(back.to_dict(), sort_keys=True, default=str) == json.dumps(r.to_dict(), sort_keys=True,
+                                                                                default=str)
+    with_config = dataclasses.replace(r, best=Candidate((FeatureInheritanceConfig(interval(2)),),
+                                                        {"num_inference_steps": 3, "sampler": "dpm++2m"}))
+    with_config.save(tmp_path / "fi")
+    assert mmskip.SkipConfig.from_pretrained(tmp_path / "fi") == with_config.best.configs[0]
+    assert load_skip_configs(tmp_path / "fi") == list(with_config.best.configs)
+
+
+def test_apply_enables_the_configs_and_sampler_and_returns_the_call_kwargs(tuned):
+    *_, r = tuned
+    fi = FeatureInheritanceConfig(interval(2), measure_flops=False)
+    best = dataclasses.replace(r, best=Candidate((fi,), {"num_inference_steps": 3, "sampler": "dpm++2m"}))
+    pipe = _dit()
+    assert best.apply(pipe) == {"num_inference_steps": 3}
+    assert pipe.skip_configs == (fi,) and sampler_name(pipe.scheduler) == "dpm++2m"
+    plain = _dit(plain=True)
+    with pytest.raises(TypeError, match="SkipDiTPipeline"):
+        best.apply(plain)
+    assert sampler_name(plain.scheduler) == "ddim"  # nothing changed
+    steps_only = dataclasses.replace(r, best=Candidate((), {"num_inference_steps": 2, "sampler": "euler"}))
+    assert steps_only.apply(plain) == {"num_inference_steps": 2} and sampler_name(plain.scheduler) == "euler"
+
+
+def test_a_plain_pipeline_is_tuned_through_its_drop_in_and_left_unchanged():
+    plain = _dit(plain=True)
+    sched = plain.scheduler
+    target = PipelineTarget(plain, steps=STEPS)
+    assert isinstance(target.pipe, SkipDiTPipeline) and target.pipe is not plain
+    assert target.pipe.transformer is plain.transformer
+    cand = Candidate((StepSkipConfig(interval(2)),), {"num_inference_steps": STEPS, "sampler": "dpm++2m"})
+    with target.applied(cand):
+        target.run([3])
+    assert plain.scheduler is sched and target.pipe.scheduler is sched
+
+
+def test_applied_restores_configs_the_user_had_enabled():
+    pipe = _dit()
+    mine = FeatureInheritanceConfig(interval(3))
+    pipe.enable_skip(mine)
+    target = PipelineTarget(pipe, steps=STEPS)
+    with target.applied(target.baseline()):
+        assert not pipe.skip_enabled
+    with target.applied(Candidate((StepSkipConfig(interval(2)),), {"num_inference_steps": STEPS, "sampler": "euler"})):
+        assert pipe.skip_configs == (StepSkipConfig(interval(2)),)
+    assert pipe.skip_configs == (mine,) and sampler_name(pipe.scheduler) == "ddim"
+
+
+def test_each_input_has_its_own_seed_so_splitting_never_changes_an_image():
+    target = PipelineTarget(_dit(), steps=2)
+    both = target.run([1, 2])
+    assert torch.equal(both[1:], target.run([2])) and not torch.equal(both[0], both[1])
+    assert both.shape == (2, 3, 16, 16) and 0.0 <= float(both.min()) and float(both.max()) <= 1.0
+
+
+def test_declared_spaces_build_for_the_sampled_step_count():
+    target = PipelineTarget(_dit(), steps=10)
+    spaces = {s.technique: s for s in target.spaces()}
+    assert {"feature_inheritance", "step_skip"} <= set(spaces) and "gaussian_teleport" not in spaces
+    assert not any(s.family.startswith("diffusers-") for s in spaces.values())  # DiT is no CacheMixin
+    fi = spaces["feature_inheritance"]
+    assert set(fi.params["targets"].values) == {"default", "deep", "all"}
+    cfg = fi.build({"num_inference_steps": 6, "schedule": "nonuniform", "interval": 2, "compute_fraction": 0.5,
+                    "threshold": 0.1, "targets": "all", "granularity": "block"})
+    cfg.validate(6)
+    assert cfg.targets == ("transformer_blocks.0:4",)
+    with pytest.raises(ValueError):
+        fi.build({"num_inference_steps": 3, "schedule": "interval", "interval": 4, "compute_fraction": 0.5,
+                  "threshold": 0.1, "targets": "default", "granularity": "layer"})
+    skip = spaces["step_skip"].build({"num_inference_steps": 8, "keep_fraction": 0.5, "power": 1.5})
+    assert len(skip.keep(8)) == 4
+    settings = target.settings_space()
+    assert (settings["num_inference_steps"].low, settings["num_inference_steps"].high) == (2, 10)
+
+
+def test_diffusers_caches_are_peers_on_a_cache_mixin_denoiser():
+    comps, call = tiny_family_pipeline_components("flux")
+    pipe = SkipFluxPipeline(**comps)
+    inputs = [{k: call[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}]
+    target = PipelineTarget(pipe, steps=3, height=16, width=16, guidance_scale=3.5)
+    assert target.samplers == ("flow-euler",)  # flow matching: its own sampler only
+    spaces = {s.technique: s for s in target.spaces()}
+    assert spaces["diffusers-fbc"].family == "diffusers-FirstBlockCache"
+    settings = spaces["diffusers-fbc"].build({"num_inference_steps": 3, "threshold": 0.2})
+    cand = Candidate((), {"num_inference_steps": 3, "sampler": "flow-euler", **settings}, "diffusers-FirstBlockCache")
+    with target.applied(target.baseline()):
+        ref = target.run(inputs)
+    with target.applied(cand):
+        assert pipe.transformer.is_cache_enabled
+        out = target.run(inputs)
+    assert not pipe.transformer.is_cache_enabled and out.shape == ref.shape
+    assert target.quality(ref, ref)["psnr"] == 100.0
+
+
+@pytest.mark.parametrize(("inputs", "error", "match"), [
+    ([], ValueError, "empty"),
+    (1, TypeError, "list of"),
+    (["a digit"], TypeError, "takes no prompt"),
+    ([{"generator": None}], ValueError, "set by the tuner"),
+    ([{"not_an_argument": 1}], ValueError, "takes no"),
+    ([1.5], TypeError, "float"),
+])
+def test_bad_inputs_get_clear_errors(inputs, error, match):
+    with pytest.raises(error, match=match):
+        mmskip.tune(_dit(), inputs, held_out=[1], budget=1, **FAST)
+
+
+def test_bad_options_and_unsupported_pipelines():
+    with pytest.raises(ValueError, match="flow matching"):
+        PipelineTarget(SkipFluxPipeline(**tiny_family_pipeline_components("flux")[0]), samplers=["dpm++2m"])
+    with pytest.raises(ValueError, match="unknown sampler"):
+        PipelineTarget(_dit(), samplers=["no-such"])
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(UnsupportedTargetError, match="DDPMPipeline"):
+        mmskip.tune(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), [1, 2], budget=1)
+    with pytest.raises(TuneError):
+        mmskip.tune(_dit(), [1, 2], budget=0, **FAST)
