@@ -11,6 +11,8 @@ and Qwen2.5-VL) and the techniques p-MoD (images) and VideoLLM-MoD (video, frame
 
 Routers are trained by ``python -m mmskip.vision.pmod.train`` (``mmskip.vision.pmod.train.train_mod_routers``).
 
+``mmskip.tune(model, questions, tokenizer=tok)`` tunes these on a VLM or Florence-2 (``tune_target.py``).
+
 MuE early exits for Florence-2: ``MuEConfig`` (see ``vision/mue/README.md``). See ``vision/README.md``.
 
 Layout: one folder per technique (``pmod/``: p-MoD, VideoLLM-MoD and streaming; ``mue/``: MuE),
@@ -24,6 +26,10 @@ from __future__ import annotations
 from .adapters import EncDecVLMAdapter, UnsupportedLanguageModelError, UnsupportedTextModelError, VLMAdapter
 from .mue import EncoderRecord, MuEConfig, MuEState
 from .pmod import LayerRecord, MoDConfig, MoDRouters, MoDState, VideoMoDConfig, VideoStream, mod_layers
+from .tune_target import Florence2Target, VLMTarget
+from .tune_target import register as _register_tune_targets
+
+_register_tune_targets()  # mmskip.tune takes VLMs and Florence-2 once the wing is imported
 
 __all__ = [
     "VLMAdapter",
@@ -40,4 +46,6 @@ __all__ = [
     "EncoderRecord",
     "EncDecVLMAdapter",
     "UnsupportedLanguageModelError",
+    "VLMTarget",
+    "Florence2Target",
 ]

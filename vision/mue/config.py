@@ -144,6 +144,32 @@ class MuEConfig(SkipConfig):
         if self.min_layers is not None and self.min_layers < 1:
             raise ValueError(f"MuEConfig.min_layers must be >= 1 (every token runs a layer), got {self.min_layers}")
 
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """Tunable on Florence-2 (``context.kind == "encoder_decoder"``): one encoder threshold for image and
+        text tokens (``>= 0.999``: no encoder exits) and its granularity, the decoder threshold (its floor
+        0.05 below it) with its decay, and ``min_layers`` (from ``facts["decoder_layers"]``)."""
+        if context.kind != "encoder_decoder":
+            return None
+        from mmskip.tuning.space import Choice, FloatRange, IntRange, Space
+
+        depth = int(context.facts.get("decoder_layers") or context.num_layers or 0)
+        if depth < 2:
+            return None
+        params = {"encoder": FloatRange(0.8, 1.0), "granularity": Choice(GRANULARITIES),
+                  "decoder": FloatRange(0.7, 1.0), "decay": FloatRange(0.95, 1.0), "min_layers": IntRange(1, depth - 1)}
+
+        def build(v: dict[str, Any]) -> MuEConfig:
+            enc = None if v["encoder"] >= 0.999 else float(v["encoder"])
+            dec = float(v["decoder"])
+            if not 1 <= int(v["min_layers"]) < depth:
+                raise ValueError(f"MuEConfig: min_layers {v['min_layers']} does not fit a {depth}-layer decoder")
+            return cls(image_threshold=enc, text_threshold=enc, encoder_granularity=v["granularity"],
+                       decoder_threshold=dec, decay=float(v["decay"]), floor=max(0.0, dec - 0.05),
+                       min_layers=int(v["min_layers"]))
+
+        return Space(cls.technique, params, build)
+
     # -- thresholds ---------------------------------------------------------------------------
     def decoder_threshold_at(self, position: int) -> float | None:
         """The decoder exit threshold at decoder position ``position`` (None: no exits)."""

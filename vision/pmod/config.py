@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from mmskip.inject import SkipConfig, SkipHandle
-from mmskip.schedules import AdaptiveSchedule, ConstantSchedule, ProgressiveSchedule, Schedule
+from mmskip.schedules import (
+    AdaptiveSchedule,
+    ConstantSchedule,
+    ExplicitSchedule,
+    ProgressiveSchedule,
+    Schedule,
+)
 
 __all__ = ["MoDConfig", "VideoMoDConfig", "mod_layers", "SIGNALS"]
 
@@ -96,6 +102,45 @@ class MoDConfig(SkipConfig):
             raise ValueError(f"{name}.tanh_scale must lie in [0, 1) so weights stay positive, got {self.tanh_scale}")
         if getattr(self.schedule, "num", None) is not None or getattr(self.schedule, "ratio_list", None) is not None:
             mod_layers(self, None)  # the ratios are known now: validate them early
+
+    @classmethod
+    def search_space(cls, context: Any) -> Any:
+        """Tunable on VLMs (``context.kind == "vlm"``): the schedule family (``progressive``: PRD with floor
+        ``keep``; ``constant``: ``keep`` from layer ``first``; ``steep``: ``keep`` at layer ``first``, then
+        x0.75 per layer, floored at 0.1), and the signal: the training-free ones, plus ``"router"`` when
+        ``context.facts["routers"]`` names trained routers. VideoMoD only where the inputs carry video
+        (``facts["video"]``)."""
+        facts = context.facts
+        if context.kind != "vlm" or not context.num_layers or context.num_layers < 2:
+            return None
+        if cls.routing == "frames" and not facts.get("video"):
+            return None
+        from mmskip.tuning.space import Choice, FloatRange, IntRange, Space
+
+        L = context.num_layers
+        routers = facts.get("routers")
+        signals = ("attention", "norm") + (("router",) if routers else ())
+        params = {"schedule": Choice(("progressive", "constant", "steep")), "keep": FloatRange(0.1, 0.9),
+                  "first": IntRange(1, L - 1), "signal": Choice(signals)}
+
+        def build(v: dict[str, Any]) -> MoDConfig:
+            keep, first = float(v["keep"]), int(v["first"])
+            if not 0.0 < keep <= 1.0 or not 1 <= first < L:
+                raise ValueError(f"{cls.__name__}: keep {keep} / first {first} do not fit a {L}-layer model")
+            if v["schedule"] == "progressive":
+                schedule: Schedule = ProgressiveSchedule(floor=min(keep, 0.85))
+            elif v["schedule"] == "constant":
+                schedule = ConstantSchedule(ratio=keep, first=first)
+            elif v["schedule"] == "steep":
+                schedule = ExplicitSchedule(ratio_list=tuple(
+                    1.0 if i < first else round(max(0.1, keep * 0.75 ** (i - first)), 4) for i in range(L)))
+            else:
+                raise ValueError(f"{cls.__name__}: unknown schedule family {v['schedule']!r}")
+            sig = v["signal"]
+            return cls(schedule=schedule, signal=sig, routers=routers if sig == "router" else None)
+
+        return Space(cls.technique, params, build)
+
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         from .hooks import attach_mod  # imported here: the hooks import mod_layers from this module
 
