@@ -4,7 +4,7 @@
 through its drop-in class with the same module objects). Inputs are prompts (text-to-image),
 class labels (DiT-style class-conditional pipelines) or dicts of call arguments; each input is
 generated alone with a seed fixed by its content, so splitting inputs into calibration and
-held-out sets never changes an image. Quality is PSNR (and SSIM) against the pipeline's own
+held-out sets never changes an image (a dict input may set its own ``"seed"``). Quality is PSNR (and SSIM) against the pipeline's own
 images at its full setting. The settings sampled with every candidate are ``num_inference_steps``
 and the sampler (the pipeline's own plus DPM-Solver++ 2M / Euler / UniPC; flow-matching models
 keep their flow-matching Euler). The fewer-steps front (no technique) is always measured, so the
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 ALTERNATIVE_SAMPLERS = ("dpm++2m", "euler", "unipc")
 FRONT_FRACTIONS = (0.8, 0.6, 0.48, 0.36, 0.28, 0.2)  # the fewer-steps grid, as fractions of the baseline's steps
 _OWNED_KWARGS = ("generator", "num_inference_steps", "output_type", "return_dict", "latents")
+SEED_KEY = "seed"  # in a dict input: its seed (else one fixed by the input's content); not a call argument
 _NAMES = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler", "UniPCMultistepScheduler": "unipc",
           "FlowMatchEulerDiscreteScheduler": "flow-euler"}
 
@@ -300,7 +301,9 @@ class PipelineTarget(TuneTarget):
                 raise TypeError(f"{name}[{i}] is a class label, but {type(self.pipe).__name__} takes none; give {what}")
             elif isinstance(x, dict):
                 takes_any = any(p.kind is p.VAR_KEYWORD for p in self.params.values())
-                unknown = sorted(k for k in x if k not in self.params and not takes_any)
+                unknown = sorted(k for k in x if k not in self.params and k != SEED_KEY and not takes_any)
+                if SEED_KEY in x and (not isinstance(x[SEED_KEY], int) or isinstance(x[SEED_KEY], bool)):
+                    raise TypeError(f"{name}[{i}]['seed'] must be an int, got {x[SEED_KEY]!r}")
                 owned = sorted(k for k in x if k in _OWNED_KWARGS)
                 if unknown or owned or not x:
                     raise ValueError(f"{name}[{i}]: " + (f"{type(self.pipe).__name__} takes no {unknown}" if unknown
@@ -317,7 +320,7 @@ class PipelineTarget(TuneTarget):
         elif isinstance(x, int):
             kw["class_labels"] = [x]
         else:
-            kw.update(x)
+            kw.update({k: v for k, v in x.items() if k != SEED_KEY})
         return kw
 
     def _generate(self, inputs: list[Any], steps: int, cached: bool) -> torch.Tensor:
@@ -331,7 +334,8 @@ class PipelineTarget(TuneTarget):
             for x in inputs:
                 if cached:
                     HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks()
-                g = torch.Generator().manual_seed(self.seed + _content_seed(x))
+                own = x.get(SEED_KEY) if isinstance(x, dict) else None
+                g = torch.Generator().manual_seed(self.seed + (own if own is not None else _content_seed(x)))
                 with torch.no_grad():
                     images.append(_to_images(self.pipe(**self._call_kwargs(x, steps), generator=g)))
         finally:

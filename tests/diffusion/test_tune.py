@@ -128,6 +128,9 @@ def test_each_input_has_its_own_seed_so_splitting_never_changes_an_image():
     both = target.run([1, 2])
     assert torch.equal(both[1:], target.run([2])) and not torch.equal(both[0], both[1])
     assert both.shape == (2, 3, 16, 16) and 0.0 <= float(both.min()) and float(both.max()) <= 1.0
+    seeded = target.run([{"class_labels": [1], "seed": 3}, {"class_labels": [1], "seed": 4}])
+    assert torch.equal(seeded[:1], target.run([{"class_labels": [1], "seed": 3}]))
+    assert not torch.equal(seeded[0], seeded[1])  # same label, own seeds: independent samples
 
 
 def test_declared_spaces_build_for_the_sampled_step_count():
@@ -176,6 +179,7 @@ def test_diffusers_caches_are_peers_on_a_cache_mixin_denoiser():
     ([{"generator": None}], ValueError, "set by the tuner"),
     ([{"not_an_argument": 1}], ValueError, "takes no"),
     ([1.5], TypeError, "float"),
+    ([{"class_labels": [1], "seed": "x"}], TypeError, "seed"),
 ])
 def test_bad_inputs_get_clear_errors(inputs, error, match):
     with pytest.raises(error, match=match):
