@@ -314,8 +314,6 @@ class Florence2Target(_AnswerTarget):
         from mmskip.registry import get_adapter
 
         self.adapter = get_adapter(model, "encdec-vlm")
-        text = model.config.text_config
-        self.eos_ids = {int(text.eos_token_id)} if text.eos_token_id is not None else self.eos_ids
 
     def spaces(self) -> list[Space]:
         from mmskip.inject import SkipConfig
@@ -333,7 +331,7 @@ class Florence2Target(_AnswerTarget):
         for o, r in zip(outputs, reference, strict=True):
             a, b = o["tokens"], r["tokens"]
             same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            prefix += same / max(1, len(b))
+            prefix += same / len(b) if b else float(not a)
         q["token_agreement"] = prefix / len(reference)
         return q
 

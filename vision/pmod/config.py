@@ -105,9 +105,9 @@ class MoDConfig(SkipConfig):
 
     @classmethod
     def search_space(cls, context: Any) -> Any:
-        """Tunable on VLMs (``context.kind == "vlm"``): the schedule family (``progressive``: PRD with floor
-        ``keep``; ``constant``: ``keep`` from layer ``first``; ``steep``: ``keep`` at layer ``first``, then
-        x0.75 per layer, floored at 0.1), and the signal: the training-free ones, plus ``"router"`` when
+        """Tunable on VLMs (``context.kind == "vlm"``): the schedule family (``progressive``: PRD floored at
+        ``keep``; ``constant``: ``keep``; ``steep``: ``keep``, then x0.75 per layer, floored at 0.1), each
+        with no MoD before layer ``first``, and the signal: the training-free ones, plus ``"router"`` when
         ``context.facts["routers"]`` names trained routers. VideoMoD only where the inputs carry video
         (``facts["video"]``)."""
         facts = context.facts
@@ -129,6 +129,10 @@ class MoDConfig(SkipConfig):
                 raise ValueError(f"{cls.__name__}: keep {keep} / first {first} do not fit a {L}-layer model")
             if v["schedule"] == "progressive":
                 schedule: Schedule = ProgressiveSchedule(floor=min(keep, 0.85))
+                ratios = schedule.ratios(L)
+                if any(r < 1.0 for r in ratios[:first]):  # no MoD before layer `first`
+                    schedule = ExplicitSchedule(ratio_list=tuple(1.0 if i < first else round(r, 4)
+                                                                 for i, r in enumerate(ratios)))
             elif v["schedule"] == "constant":
                 schedule = ConstantSchedule(ratio=keep, first=first)
             elif v["schedule"] == "steep":
