@@ -32,16 +32,15 @@ import torch
 from mmskip.tuning.space import Candidate, Choice, FloatRange, IntRange, Param, Space, TuneContext, spaces_of
 from mmskip.tuning.target import TuneTarget, UnsupportedTargetError
 
-__all__ = ["PipelineTarget", "is_pipeline", "sampler_name", "make_scheduler", "target_sets", "ALTERNATIVE_SAMPLERS"]
+from .sampler_names import ALTERNATIVE_SAMPLERS, is_flow, make_scheduler, plannable, sampler_name
+
+__all__ = ["PipelineTarget", "is_pipeline", "target_sets"]
 
 logger = logging.getLogger(__name__)
 
-ALTERNATIVE_SAMPLERS = ("dpm++2m", "euler", "unipc")
 FRONT_FRACTIONS = (0.8, 0.6, 0.48, 0.36, 0.28, 0.2)  # the fewer-steps grid, as fractions of the baseline's steps
 _OWNED_KWARGS = ("generator", "num_inference_steps", "output_type", "return_dict", "latents")
 SEED_KEY = "seed"  # in a dict input: its seed (else one fixed by the input's content); not a call argument
-_NAMES = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler", "UniPCMultistepScheduler": "unipc",
-          "FlowMatchEulerDiscreteScheduler": "flow-euler"}
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -49,40 +48,6 @@ def is_pipeline(obj: Any) -> bool:
     from diffusers import DiffusionPipeline
 
     return isinstance(obj, DiffusionPipeline)
-
-
-def sampler_name(scheduler: Any) -> str:
-    """``"dpm++2m"``, ``"ddim"``, ``"euler"``, ``"unipc"``, ``"flow-euler"``, else the class name."""
-    name = type(scheduler).__name__
-    if name == "DPMSolverMultistepScheduler":
-        cfg = scheduler.config
-        return "dpm++2m" if cfg.algorithm_type == "dpmsolver++" and cfg.solver_order == 2 else name
-    return _NAMES.get(name, name)
-
-
-def _is_flow(scheduler: Any) -> bool:
-    return any(c.__name__.startswith("FlowMatch") for c in type(scheduler).__mro__)
-
-
-def make_scheduler(scheduler: Any, name: str) -> Any:
-    """The sampler ``name`` on ``scheduler``'s trained noise schedule (its config); ``scheduler``
-    itself when it already is that sampler. Flow-matching models keep their own sampler."""
-    if name == sampler_name(scheduler):
-        return scheduler
-    if _is_flow(scheduler):
-        raise ValueError(f"sampler {name!r} needs a diffusion (epsilon / v) model; {type(scheduler).__name__} is "
-                         f"flow matching: use its own {sampler_name(scheduler)!r}")
-    import diffusers
-
-    cfg = scheduler.config
-    if name == "dpm++2m":
-        return diffusers.DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
-    classes = {v: k for k, v in _NAMES.items() if v != "flow-euler"}
-    cls = getattr(diffusers, classes.get(name, name), None)
-    if cls is None or not hasattr(cls, "from_config") or not name[:1].isalpha():
-        raise ValueError(f"unknown sampler {name!r}; choose the pipeline's own, or one of "
-                         f"{('ddim',) + ALTERNATIVE_SAMPLERS}")
-    return cls.from_config(cfg)
 
 
 def target_sets(adapter: Any) -> dict[str, tuple[str, ...] | None]:
@@ -205,7 +170,7 @@ class PipelineTarget(TuneTarget):
         self.seed, self.gaussian_stats = seed, gaussian_stats
         self.own = sampler_name(self.pipe.scheduler)
         if samplers is None:
-            samplers = () if _is_flow(self.pipe.scheduler) else ALTERNATIVE_SAMPLERS
+            samplers = () if is_flow(self.pipe.scheduler) else ALTERNATIVE_SAMPLERS
         elif isinstance(samplers, str) or not samplers:
             raise ValueError(f"samplers must be a non-empty list of sampler names, got {samplers!r}")
         for name in samplers:
@@ -224,6 +189,7 @@ class PipelineTarget(TuneTarget):
             logger.info("no named target sets for %s: %s", type(self.denoiser).__name__, e)
         if self.gaussian_stats:
             facts["gaussian_stats"] = str(self.gaussian_stats)
+        facts["plannable_samplers"] = tuple(s for s in self.samplers if plannable(self.pipe.scheduler, s))
         return TuneContext(self.denoiser, "denoiser", num_steps=self.steps, facts=facts)
 
     def spaces(self) -> list[Space]:

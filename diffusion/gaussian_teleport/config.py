@@ -75,6 +75,9 @@ class GaussianTeleportConfig(SamplerConfig):
 
         def build(v: dict[str, Any]) -> GaussianTeleportConfig:
             n = int(v.get("num_inference_steps") or context.num_steps)
+            plannable = context.facts.get("plannable_samplers")
+            if plannable is not None and v.get("sampler") not in plannable:
+                raise ValueError(f"the teleport cannot plan the {v.get('sampler')} sampler; it plans {plannable}")
             if round(v["skip_fraction"] * n) < 1:
                 raise ValueError(f"skip_fraction={v['skip_fraction']:.3g} of {n} steps jumps over no step")
             return cls(stats_path=str(stats), skip_fraction=v["skip_fraction"])

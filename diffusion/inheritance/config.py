@@ -101,38 +101,39 @@ class FeatureInheritanceConfig(DenoiserConfig):
 
     @classmethod
     def search_space(cls, context: Any) -> Any:
-        """Tunable on a pipeline's denoiser: the schedule family (``interval`` every k-th step,
-        ``nonuniform`` recomputing a fraction of the steps, denser early, or ``adaptive`` on the
-        probe's relative change) with its parameter, the named target set (``context.facts
-        ["target_sets"]``: ``default`` and the target's others, e.g. ``deep`` / ``all``) and the
-        granularity. Non-block granularities use their default region (target sets are block ranges)."""
+        """Tunable on a pipeline's denoiser: the schedule (``interval:k``, recompute every k-th step;
+        ``nonuniform:f``, recompute a fraction f of the steps, denser early; ``adaptive:t``, recompute
+        when the probe moved more than t), the named target set (``context.facts["target_sets"]``:
+        ``default`` and the target's others, e.g. ``deep`` / ``all``) and the granularity. One
+        categorical per field keeps the space small enough for a budget of tens of trials.
+        Non-block granularities use their default region (target sets are block ranges)."""
         if context.kind != "denoiser" or not context.num_steps or context.num_steps < 3:
             return None
         from mmskip.schedules import adaptive
-        from mmskip.tuning.space import Choice, FloatRange, IntRange, Space
+        from mmskip.tuning.space import Choice, Space
 
         from ..step_schedules import nonuniform
 
         sets: dict[str, Any] = dict(context.facts.get("target_sets") or {"default": None})
-        grans = tuple(g for g in GRANULARITIES if g in context.facts.get("granularities", GRANULARITIES))
 
         def build(v: dict[str, Any]) -> FeatureInheritanceConfig:
             n = int(v.get("num_inference_steps") or context.num_steps)
-            if v["schedule"] == "interval":
-                if v["interval"] >= n:
-                    raise ValueError(f"interval({v['interval']}) recomputes only step 0 of {n} steps")
-                sched: Schedule = interval(v["interval"])
-            elif v["schedule"] == "nonuniform":
-                sched = nonuniform(n, max(2, min(n - 1, round(v["compute_fraction"] * n))), power=1.5)
+            kind, _, arg = v["schedule"].partition(":")
+            if kind == "interval":
+                if int(arg) >= n:
+                    raise ValueError(f"interval({arg}) recomputes only step 0 of {n} steps")
+                sched: Schedule = interval(int(arg))
+            elif kind == "nonuniform":
+                sched = nonuniform(n, max(2, min(n - 1, round(float(arg) * n))), power=1.5)
             else:
-                sched = adaptive(v["threshold"], "relative_change", warmup=2)
+                sched = adaptive(float(arg), "relative_change", warmup=2)
             targets = sets[v["targets"]] if v["granularity"] == "block" else None  # sets are block ranges
             return cls(sched, granularity=v["granularity"], targets=targets, measure_flops=False)
 
-        return Space(cls.technique, {
-            "schedule": Choice(("interval", "nonuniform", "adaptive")), "interval": IntRange(2, 4),
-            "compute_fraction": FloatRange(0.25, 0.75), "threshold": FloatRange(0.02, 0.5, log=True),
-            "targets": Choice(tuple(sets)), "granularity": Choice(grans)}, build)
+        schedules = ("interval:2", "interval:3", "interval:4", "nonuniform:0.35", "nonuniform:0.5", "nonuniform:0.65",
+                     "adaptive:0.05", "adaptive:0.1", "adaptive:0.2")
+        return Space(cls.technique, {"schedule": Choice(schedules), "targets": Choice(tuple(sets)),
+                                     "granularity": Choice(GRANULARITIES)}, build)
 
     def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
         from .hooks import attach

@@ -67,9 +67,12 @@ class StepSkipConfig(SamplerConfig):
 
         def build(v: dict[str, Any]) -> StepSkipConfig:
             n = int(v.get("num_inference_steps") or context.num_steps)
-            keep = max(2, min(n - 1, round(v["keep_fraction"] * n)))
             if n < 4:
                 raise ValueError(f"step skipping needs at least 4 grid steps, got {n}")
+            plannable = context.facts.get("plannable_samplers")
+            if plannable is not None and v.get("sampler") not in plannable:
+                raise ValueError(f"step skipping cannot plan the {v.get('sampler')} sampler; it plans {plannable}")
+            keep = max(2, min(n - 1, round(v["keep_fraction"] * n)))
             return cls(nonuniform(n, keep, power=v["power"]))
 
         return Space(cls.technique, {"keep_fraction": FloatRange(0.3, 0.85), "power": FloatRange(0.6, 2.0)}, build)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig, StepSkipConfig
-from mmskip.diffusion.tune_target import PipelineTarget, sampler_name
+from mmskip.diffusion.sampler_names import sampler_name
+from mmskip.diffusion.tune_target import PipelineTarget
 from mmskip.pipelines import SkipDiTPipeline, SkipFluxPipeline, load_skip_configs
 
 import mmskip
@@ -140,15 +141,15 @@ def test_declared_spaces_build_for_the_sampled_step_count():
     assert not any(s.family.startswith("diffusers-") for s in spaces.values())  # DiT is no CacheMixin
     fi = spaces["feature_inheritance"]
     assert set(fi.params["targets"].values) == {"default", "deep", "all"}
-    cfg = fi.build({"num_inference_steps": 6, "schedule": "nonuniform", "interval": 2, "compute_fraction": 0.5,
-                    "threshold": 0.1, "targets": "all", "granularity": "block"})
+    cfg = fi.build({"num_inference_steps": 6, "schedule": "nonuniform:0.5", "targets": "all", "granularity": "block"})
     cfg.validate(6)
     assert cfg.targets == ("transformer_blocks.0:4",)
     with pytest.raises(ValueError):
-        fi.build({"num_inference_steps": 3, "schedule": "interval", "interval": 4, "compute_fraction": 0.5,
-                  "threshold": 0.1, "targets": "default", "granularity": "layer"})
-    skip = spaces["step_skip"].build({"num_inference_steps": 8, "keep_fraction": 0.5, "power": 1.5})
+        fi.build({"num_inference_steps": 3, "schedule": "interval:4", "targets": "default", "granularity": "layer"})
+    skip = spaces["step_skip"].build({"num_inference_steps": 8, "keep_fraction": 0.5, "power": 1.5, "sampler": "ddim"})
     assert len(skip.keep(8)) == 4
+    with pytest.raises(ValueError, match="unipc"):  # refused before anything runs
+        spaces["step_skip"].build({"num_inference_steps": 8, "keep_fraction": 0.5, "power": 1.5, "sampler": "unipc"})
     settings = target.settings_space()
     assert (settings["num_inference_steps"].low, settings["num_inference_steps"].high) == (2, 10)
 
