@@ -219,8 +219,8 @@ class _Search:
             if r.get("kind") == "trial" and "params" in r:
                 ok = r.get("q") is not None
                 study.add_trial(create_trial(params=r["params"], distributions=self.distributions(r["params"]),
-                                             values=[r["q"], r["cost"]] if ok else None,
-                                             state=TrialState.COMPLETE if ok else TrialState.FAIL))
+                                             values=[r["q"], r["cost"]] if ok else self._dominated_values(),
+                                             state=TrialState.COMPLETE))
                 self.records.append(r)
                 done += 1
         start, spent = time.perf_counter(), []
@@ -235,7 +235,7 @@ class _Search:
                 try:
                     cand = self.suggest(trial)
                 except ValueError as e:
-                    study.tell(trial, state=TrialState.FAIL)
+                    study.tell(trial, self._dominated_values())
                     self.log.append({"kind": "trial", "key": f"invalid:{trial.number}", "params": trial.params,
                                      "q": None, "error": str(e)})
                     done += 1
@@ -243,7 +243,7 @@ class _Search:
                 group = cand.configs[0].technique if cand.configs else cand.family
                 rec = self.measure(cand, "trial", group, dict(trial.params))
                 if rec.get("q") is None:
-                    study.tell(trial, state=TrialState.FAIL)
+                    study.tell(trial, self._dominated_values())
                 else:
                     study.tell(trial, [rec["q"], rec["cost"]])
                 done += 1
@@ -253,6 +253,13 @@ class _Search:
         finally:
             bar.close()
         return done
+
+    def _dominated_values(self) -> list[float]:
+        """What a trial that does not fit (or fails) tells the sampler: worse than every measured one on both
+        objectives, so TPE learns to avoid its region (a FAIL state teaches TPE nothing, and it proposes
+        the same unfit combination again)."""
+        ok = [r for r in self.records if r.get("q") is not None]
+        return [min((r["q"] for r in ok), default=0.0), max((r["cost"] for r in ok), default=1.0) + 1.0]
 
     def _postfix(self, left: float | None) -> str:
         ok = [r for r in self.records if r.get("q") is not None and r["q"] >= self.floor]
