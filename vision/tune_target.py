@@ -207,9 +207,6 @@ class _AnswerTarget(TuneTarget):
             for h in reversed(handles):
                 h.remove()
 
-    def settings_kwargs(self, candidate: Candidate) -> dict[str, Any]:
-        return {}
-
     # -- stock inputs ---------------------------------------------------------------------------
     def _stock_inputs(self) -> list[dict[str, Any]] | None:
         return None
@@ -242,13 +239,13 @@ class VLMTarget(_AnswerTarget):
     scored by ``answer_agreement`` with the unmodified model (and accuracy when answers are given).
 
     Options: ``tokenizer`` (decodes answers; the zoo's gives stock questions), ``max_new_tokens``
-    (default 4), ``batch_size`` (default 8), ``routers`` (a folder of trained p-MoD routers: adds the
-    ``"router"`` signal to the search)."""
+    (default 4), ``batch_size`` (default 32: larger batches amortize per-call overhead), ``routers``
+    (a folder of trained p-MoD routers: adds the ``"router"`` signal to the search)."""
 
     kind = "vlm"
     pad_side = "left"
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, max_new_tokens: int = 4, batch_size: int = 8,
+    def __init__(self, model: nn.Module, tokenizer: Any = None, max_new_tokens: int = 4, batch_size: int = 32,
                  routers: str | None = None) -> None:
         super().__init__(model, tokenizer, max_new_tokens, batch_size)
         from mmskip.registry import get_adapter

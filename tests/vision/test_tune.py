@@ -11,7 +11,15 @@ from mmskip.vision import Florence2Target, MoDConfig, MuEConfig, VideoMoDConfig,
 import mmskip
 from mmskip.tuning import Choice, FloatRange, IntRange, TuneContext, make_target
 
-from ._tiny import onevision_video_prompts, padded_prompts, tiny_llava, tiny_onevision, tiny_qwen2vl
+from ._tiny import (
+    onevision_video_prompts,
+    padded_prompts,
+    qwen_clip,
+    qwen_video_prompt,
+    tiny_llava,
+    tiny_onevision,
+    tiny_qwen2vl,
+)
 from ._tiny_florence import florence_prompts, row, tiny_florence
 
 pytest.importorskip("optuna")
@@ -66,6 +74,17 @@ def test_tune_florence_meets_floor_and_restores():
 def test_registry_takes_qwen2vl_and_onevision():
     assert isinstance(make_target(tiny_qwen2vl()), VLMTarget)
     assert isinstance(make_target(tiny_onevision()), VLMTarget)
+
+
+def test_qwen2vl_video_questions_batch_and_run():
+    model = tiny_qwen2vl()
+    t = make_target(model, max_new_tokens=2, batch_size=2)
+    rows = [qwen_video_prompt([qwen_clip(seed=4)]), qwen_video_prompt([qwen_clip(seed=5)], pre=(5,))]
+    items = [{k: v[0] if k in ("input_ids", "mm_token_type_ids") else v for k, v in r.items()} for r in rows]
+    questions = t.check_inputs(items, "inputs")
+    assert [s.technique for s in t.spaces()] == ["pmod", "videomod"]  # video inputs: VideoMoD is searched too
+    out = t.run(questions)
+    assert [len(o["tokens"]) for o in out] == [2, 2] and t.quality(out, out) == {"answer_agreement": 1.0}
 
 
 def _corners(space) -> list[dict]:
