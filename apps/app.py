@@ -8,8 +8,8 @@ Tabs: Language (code completion: plain vs a technique, tokens/s, agreement, iden
 badge for lossless SWIFT), Diffusion (baseline vs accelerated image from the same seed, speedup,
 PSNR, FLOPs fraction, and "fewer steps in the same time"), Vision (p-MoD on ``digits-llava``:
 keep-ratio slider, answers, accuracy, prefill FLOPs and KV kept), Video (VideoLLM-MoD streamed on
-``digits-video``: KV per frame), MuE (decoder exits on ``digits-florence``), Analysis (the depth
-report's plots). The work behind each tab lives in ``app_language.py``, ``app_diffusion.py`` and
+``digits-video``: KV per frame), MuE (decoder exits on ``digits-florence``), Tune (``mmskip.tune``:
+the measured front and the tuned output beside the baseline's), Analysis (the depth report's plots). The work behind each tab lives in ``app_language.py``, ``app_diffusion.py`` and
 ``app_vision.py`` beside this file; ``app_core.py`` holds what they share.
 Needs the ``app`` extra (``pip install 'mmskip[app]'``).
 """
@@ -36,6 +36,7 @@ _EXPORTS = {
                       "pipeline_folder", "run_diffusion"),
     "app_language": ("LM_TECHNIQUES", "check_language_model", "language_models", "lm_config", "run_analysis",
                      "run_language"),
+    "app_tune": ("TUNE_MODELS", "run_tune"),
     "app_vision": ("MUE_EXAMPLES", "VIDEO_EXAMPLES", "VISION_EXAMPLES", "run_mue", "run_video", "run_vision",
                    "video_strip"),
 }
@@ -106,6 +107,7 @@ def build_app() -> Any:
     from app_core import DEFAULT_PAIRS
     from app_diffusion import DIFF_TECHNIQUES, DIFFUSION_MODELS, GRANULARITIES, controls_for, run_diffusion
     from app_language import LM_TECHNIQUES, language_models, run_analysis, run_language
+    from app_tune import TUNE_MODELS, run_tune
     from app_vision import MUE_EXAMPLES, VIDEO_EXAMPLES, VISION_EXAMPLES, run_mue, run_video, run_vision
 
     def bind(button: Any, fn: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> None:
@@ -197,6 +199,40 @@ def build_app() -> Any:
             m_image = gr.Image(label="strip", type="pil", elem_id="m-image")
             m_stats = gr.Markdown(elem_id="m-stats")
             bind(m_go, run_mue, [m_example, m_threshold, pairs], [m_image, m_stats])
+        with gr.Tab("Tune", elem_id="tab-tune"):
+            gr.Markdown("`mmskip.tune`: the fastest setting that keeps a quality floor, searched over every "
+                        "technique's declared fields (and a pipeline's steps and sampler) on calibration inputs, "
+                        "then confirmed on held-out inputs with paired timing. Clicking again continues the search.")
+            with gr.Row():
+                t_model = gr.Dropdown(TUNE_MODELS, value="digits-dit", allow_custom_value=True, elem_id="t-model",
+                                      label="model (zoo name or local folder)")
+                t_floor = gr.Textbox("", label="floor (METRIC=NUMBER, e.g. psnr=30 or agreement=0.9; empty: the "
+                                     "model's default)", elem_id="t-floor")
+                t_budget = gr.Textbox("60s", label="budget: trials (12) or search time (60s, 5m)", elem_id="t-budget")
+                t_inputs = gr.Slider(1, 16, value=4, step=1, label="calibration inputs (as many held out)",
+                                     elem_id="t-inputs")
+            t_go = gr.Button("Tune", variant="primary", elem_id="t-go")
+            with gr.Row():
+                t_plot = gr.Image(label="speedup against held-out quality", elem_id="t-plot")
+                t_base = gr.Image(label="baseline", type="pil", elem_id="t-base")
+                t_tuned = gr.Image(label="tuned", type="pil", elem_id="t-tuned")
+                t_fewer = gr.Image(label="best fewer steps meeting the floor", type="pil", elem_id="t-fewer")
+            with gr.Row():
+                t_base_text = gr.Textbox(label="baseline output", lines=3, elem_id="t-base-text")
+                t_tuned_text = gr.Textbox(label="tuned output", lines=3, elem_id="t-tuned-text")
+            t_labels = gr.Markdown(elem_id="t-labels")
+            t_table = gr.Markdown(elem_id="t-table")
+
+            def tune_view(model: str, floor: str, budget: str, inputs: int, pairs: int, progress: Any = None) -> list:
+                plot, table, base, tuned, fewer, labels = run_tune(model, floor, budget, inputs, pairs,
+                                                                   progress=progress)
+                texts = [x if isinstance(x, str) else "" for x in (base, tuned)]
+                pics = [x if not isinstance(x, str) else None for x in (base, tuned, fewer)]
+                return [plot, *pics, *texts, labels, table]
+
+            tune_view.__name__ = "run_tune"
+            bind(t_go, tune_view, [t_model, t_floor, t_budget, t_inputs, pairs],
+                 [t_plot, t_base, t_tuned, t_fewer, t_base_text, t_tuned_text, t_labels, t_table])
         with gr.Tab("Analysis", elem_id="tab-analysis"):
             a_model = gr.Dropdown(lms, value=lms[0], allow_custom_value=True, elem_id="a-model",
                                   label="causal language model (zoo name or local folder)")

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..cli import ArgumentParser, UsageError, positive_int, writable_dir
 
-__all__ = ["main", "parse_floor"]
+__all__ = ["main", "parse_floor", "load_model"]
 
 logger = logging.getLogger(__name__)
 PROG = "mmskip tune"
@@ -37,7 +37,7 @@ def parse_floor(text: str | None) -> tuple[str | None, float | None]:
     return (name.strip() or None), number
 
 
-def _load(spec: str) -> tuple[Any, dict[str, Any]]:
+def load_model(spec: str) -> tuple[Any, dict[str, Any]]:
     """The model (or pipeline) and the target options it needs (a tokenizer)."""
     from .. import zoo
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except TuneError as e:
         raise UsageError(f"--budget: {e}", PROG) from None
     try:
-        model, options = _load(args.model)
+        model, options = load_model(args.model)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model {args.model}: {e}", PROG) from None
     if args.steps is not None:

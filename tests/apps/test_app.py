@@ -69,6 +69,7 @@ TEXT = Path(json.__file__).read_text()[:1500]
     ("run_video", [8, 0.2, 3], "streaming 9 videos", "KV cache per frame"),  # 8: the last two-clip video
     ("run_mue", [23, 0.9, 3], "answering 24 tasks", "decoder layer-tokens run"),
     ("run_analysis", ["stdlib-lm", TEXT], "analysing every layer", "median relative layer contribution"),
+    ("run_tune", ["stdlib-lm", "agreement=0", "2", 1, 3], "tuning stdlib-lm", "trials;"),
 ])
 def test_every_tab_runs_as_gradio_calls_it_and_reports_progress(blocks, progress_log, name, inputs, stage, expect):
     """Regression: Gradio passed ``progress`` twice to the Analysis tab (it failed for every input)

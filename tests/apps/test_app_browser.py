@@ -19,7 +19,7 @@ import pytest
 APP = Path(__file__).resolve().parents[2] / "apps" / "app.py"
 ARTIFACTS = Path(os.environ.get("MMSKIP_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "runs" / "test-artifacts"))
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-TABS = ["Language", "Diffusion", "Vision", "Video", "MuE", "Analysis"]
+TABS = ["Language", "Diffusion", "Vision", "Video", "MuE", "Tune", "Analysis"]
 
 
 def _missing() -> str | None:
@@ -141,6 +141,14 @@ def test_every_tab_runs_in_a_real_browser(browser):
     _tab(browser, "MuE")
     stats = _run(browser, "m-go", "m-stats", "decoder layer-tokens run")
     assert "exact match" in stats and _has_image(browser, "m-image")
+
+    _tab(browser, "Tune")
+    _fill(browser, "#t-model input", "stdlib-lm")
+    _fill(browser, "#t-floor textarea, #t-floor input", "agreement=0")
+    _fill(browser, "#t-budget textarea, #t-budget input", "2")
+    _fill(browser, "#t-inputs input[type=number]", 1)
+    table = _run(browser, "t-go", "t-table", "trials;")
+    assert "speedup (median, IQR)" in table and _has_image(browser, "t-plot")
 
     _tab(browser, "Analysis")
     _fill(browser, "#a-text textarea", Path(json.__file__).read_text()[:1500])
