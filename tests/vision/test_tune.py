@@ -9,6 +9,7 @@ import torch
 from mmskip.vision import Florence2Target, MoDConfig, MuEConfig, VideoMoDConfig, VLMTarget
 
 import mmskip
+from mmskip.inject import SkipConfig
 from mmskip.tuning import Choice, FloatRange, IntRange, TuneContext, make_target
 
 from ._tiny import (
@@ -106,7 +107,7 @@ def test_mod_space_corners_build_and_apply(cls, make, video):
     assert space.technique == cls.technique and "router" not in space.params["signal"].values
     for values in _corners(space):
         config = space.build(values)
-        assert isinstance(config, cls)
+        assert isinstance(config, cls) and SkipConfig.from_dict(config.to_dict()) == config  # saves and loads
         with mmskip.applied(model, config), torch.no_grad():  # fits the model's depth and runs
             assert torch.isfinite(model(**batch).logits).all()
     with_routers = cls.search_space(TuneContext(model, "vlm", num_layers=4, facts={"video": video, "routers": "r/"}))
@@ -126,6 +127,7 @@ def test_mue_space_corners_build_and_apply():
     for values in corners:
         config = space.build(values)
         assert isinstance(config, MuEConfig) and config.floor <= config.decoder_threshold
+        assert SkipConfig.from_dict(config.to_dict()) == config
         with mmskip.applied(model, config):
             assert model.generate(**batch, max_new_tokens=2).shape[0] == 3
     assert space.build({**corners[0], "encoder": 1.0}).image_threshold is None  # 1.0: no encoder exits
