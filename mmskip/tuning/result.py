@@ -158,12 +158,12 @@ class TuneResult:
         from ..optional_deps import require
 
         require("matplotlib", "TuneResult.plot()")
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        fig = Figure(figsize=(6.4, 4.4))  # no pyplot: no global figure state in a library
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         families = sorted({m.candidate.family for m in self.measured})
         markers = dict(zip(families, "osD^vP*X<>"))
         for fam in families:

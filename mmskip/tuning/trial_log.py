@@ -28,7 +28,7 @@ class TrialLog:
             lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             if not lines or lines[0].get("header") != self.header:
                 raise ValueError(
-                    f"{self.path} logs another tuning run (other model, inputs, metric or floor); tune into "
+                    f"{self.path} logs another tuning run (other model, inputs, metric or seed); tune into "
                     "another out folder, or delete the log to start over")
             self.records = lines[1:]
             logger.info("continuing %s: %d trials logged", self.path, len(self.records))

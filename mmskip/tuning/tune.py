@@ -99,7 +99,8 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     if seconds is not None and seconds < 2 * base_s:
         raise TuneError(f"budget {budget!r} is too small: one run of the calibration inputs takes {base_s:.1f} s; "
                         f"give at least {math.ceil(2 * base_s)} s, or fewer inputs")
-    header = {"target": type(t.model).__name__, "kind": t.kind, "metric": name, "floor": floor, "seed": seed,
+    # the floor only picks the finalists: runs at other floors share (and extend) one search
+    header = {"target": type(t.model).__name__, "kind": t.kind, "metric": name, "seed": seed,
               "inputs": len(calib), "held_out": len(held), "flops": base_flops}
     log = TrialLog(out, header)
     search = _Search(t, calib, reference, base_flops, base_s, score, name, float(floor), log, seed)

@@ -75,7 +75,14 @@ def test_same_seed_proposes_the_same_trials(tmp_path):
 def test_a_log_of_another_run_is_refused(tuned, tmp_path):
     model, _, _, folder, _ = tuned
     with pytest.raises(ValueError, match="another tuning run"):
-        mmskip.tune(model, PROMPTS[:3], held_out=PROMPTS[3:], floor=0.5, budget=5, out=folder, **FAST)
+        mmskip.tune(model, PROMPTS[:2], held_out=PROMPTS[3:], floor=0.0, budget=5, out=folder, **FAST)
+
+
+def test_another_floor_reuses_the_logged_search(tuned):
+    model, _, _, folder, r = tuned
+    n = len((folder / LOG_NAME).read_text().splitlines())
+    other = mmskip.tune(model, PROMPTS[:3], held_out=PROMPTS[3:], floor=0.5, budget=5, out=folder, **FAST)
+    assert len((folder / LOG_NAME).read_text().splitlines()) == n and other.floor == 0.5
 
 
 def test_save_load_apply(tuned, tmp_path):
