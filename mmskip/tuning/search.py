@@ -129,6 +129,15 @@ def _finalists(records: list[dict[str, Any]], floor: float, k: int) -> list[dict
     return sorted(chosen.values(), key=lambda r: r["cost"])[: 2 * k]
 
 
+def _fits(param: Any, value: Any) -> bool:
+    """Whether a seed's ``value`` is one ``param`` can take (seeds outside the space are sampled instead)."""
+    if isinstance(param, Choice):
+        return value in param.values
+    if param is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return param.low <= value <= param.high
+
+
 class _Search:
     """The calibration stage: fixed candidates, then Optuna trials, every one logged."""
 
@@ -223,6 +232,8 @@ class _Search:
                                              state=TrialState.COMPLETE))
                 self.records.append(r)
                 done += 1
+        if not done:  # a fresh search tries the spaces' declared seeds first
+            self._enqueue_seeds(study)
         start, spent = time.perf_counter(), []
         bar = tqdm(total=trials, initial=done, desc="tune: search", disable=not progress, unit="trial")
         try:
@@ -253,6 +264,13 @@ class _Search:
         finally:
             bar.close()
         return done
+
+    def _enqueue_seeds(self, study: Any) -> None:
+        for tech, space in self.spaces.items():
+            for seed in space.seeds:
+                params = {"technique": tech, **{f"{tech}.{k}": v for k, v in seed.items() if _fits(space.params.get(k), v)},
+                          **{f"setting.{k}": v for k, v in seed.items() if _fits(self.settings.get(k), v)}}
+                study.enqueue_trial(params, skip_if_exists=True)
 
     def _dominated_values(self) -> list[float]:
         """What a trial that does not fit (or fails) tells the sampler: worse than every measured one on both

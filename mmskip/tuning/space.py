@@ -115,12 +115,16 @@ class Space:
             the dict also holds the target settings sampled with them (e.g. ``num_inference_steps``)
             under their own names, so a step schedule can be built for the sampled step count.
         family: how the result table groups it (``"mmskip"``; a target's peers use their own name).
+        seeds: a few known-good samples (e.g. the paper's setting) the search tries first: values of
+            ``params`` and, optionally, of target settings (``num_inference_steps``, ``sampler``);
+            what a seed leaves out is sampled.
     """
 
     technique: str
     params: dict[str, Param]
     build: Callable[[dict[str, Any]], Any]
     family: str = "mmskip"
+    seeds: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
