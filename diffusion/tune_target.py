@@ -189,6 +189,7 @@ class PipelineTarget(TuneTarget):
             logger.info("no named target sets for %s: %s", type(self.denoiser).__name__, e)
         if self.gaussian_stats:
             facts["gaussian_stats"] = str(self.gaussian_stats)
+        facts["sampler"] = self.own
         facts["plannable_samplers"] = tuple(s for s in self.samplers if plannable(self.pipe.scheduler, s))
         return TuneContext(self.denoiser, "denoiser", num_steps=self.steps, facts=facts)
 
@@ -214,10 +215,12 @@ class PipelineTarget(TuneTarget):
             return {"cache": "TaylorSeerCache", "cache_interval": v["cache_interval"],
                     "disable_cache_before_step": v["warmup"], "max_order": v["max_order"]}
 
+        full = {"num_inference_steps": self.steps, "sampler": self.own}  # seeds: their defaults, as users run them
         return [Space("diffusers-fbc", {"threshold": FloatRange(0.01, 0.4, log=True)}, fbc,
-                      family="diffusers-FirstBlockCache"),
+                      family="diffusers-FirstBlockCache", seeds=({"threshold": 0.05, **full},)),
                 Space("diffusers-taylorseer", {"cache_interval": IntRange(2, 6), "warmup": IntRange(1, 4),
-                                               "max_order": IntRange(1, 2)}, taylor, family="diffusers-TaylorSeerCache")]
+                                               "max_order": IntRange(1, 2)}, taylor, family="diffusers-TaylorSeerCache",
+                      seeds=({"cache_interval": 5, "warmup": 3, "max_order": 1, **full},))]
 
     def settings_space(self) -> dict[str, Param]:
         low = max(2, round(0.2 * self.steps))

@@ -132,8 +132,12 @@ class FeatureInheritanceConfig(DenoiserConfig):
 
         schedules = ("interval:2", "interval:3", "interval:4", "nonuniform:0.35", "nonuniform:0.5", "nonuniform:0.65",
                      "adaptive:0.05", "adaptive:0.1", "adaptive:0.2")
+        # seeds: DeepCache-style inheritance of the deep blocks every 2nd step at about half the steps
+        half = {"num_inference_steps": max(3, round(context.num_steps / 2)), "sampler": context.facts.get("sampler")}
+        seeds = tuple({"schedule": "interval:2", "targets": t, "granularity": "block", **half}
+                      for t in ("all", "deep", "deepcache") if t in sets)[:2]
         return Space(cls.technique, {"schedule": Choice(schedules), "targets": Choice(tuple(sets)),
-                                     "granularity": Choice(GRANULARITIES)}, build)
+                                     "granularity": Choice(GRANULARITIES)}, build, seeds=seeds)
 
     def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
         from .hooks import attach

@@ -62,6 +62,9 @@ def test_best_meets_the_floor_on_held_out_and_the_front_is_measured(tuned):
     assert {(c["candidate"]["settings"]["sampler"], c["candidate"]["settings"]["num_inference_steps"]) for c in fixed} \
         == {(s, n) for s in target.samplers for n in (2, 3)}
     assert all(x["candidate"]["family"] == "fewer-steps" for x in fixed)
+    trials = [json.loads(x) for x in (folder / LOG_NAME).read_text().splitlines()[1:]]
+    first = next(x for x in trials if x["kind"] == "trial")  # the declared seeds go first
+    assert first["params"]["feature_inheritance.schedule"] == "interval:2" and first.get("q") is not None
     assert target.samplers[0] == "ddim" and {"dpm++2m", "euler", "unipc"} <= set(target.samplers)
 
 
@@ -141,6 +144,9 @@ def test_declared_spaces_build_for_the_sampled_step_count():
     assert not any(s.family.startswith("diffusers-") for s in spaces.values())  # DiT is no CacheMixin
     fi = spaces["feature_inheritance"]
     assert set(fi.params["targets"].values) == {"default", "deep", "all"}
+    assert [(d["targets"], d["num_inference_steps"], d["sampler"]) for d in fi.seeds] == [("all", 5, "ddim"),
+                                                                                         ("deep", 5, "ddim")]
+    assert fi.build(fi.seeds[0]).schedule == interval(2)
     cfg = fi.build({"num_inference_steps": 6, "schedule": "nonuniform:0.5", "targets": "all", "granularity": "block"})
     cfg.validate(6)
     assert cfg.targets == ("transformer_blocks.0:4",)
