@@ -38,7 +38,7 @@ __all__ = ["PipelineTarget", "is_pipeline", "target_sets"]
 
 logger = logging.getLogger(__name__)
 
-FRONT_FRACTIONS = (0.8, 0.6, 0.48, 0.36, 0.28, 0.2)  # the fewer-steps grid, as fractions of the baseline's steps
+FRONT_FRACTIONS = (0.8, 0.6, 0.48, 0.4, 0.32, 0.28, 0.24, 0.2)  # the fewer-steps grid, as fractions of the baseline's steps
 _OWNED_KWARGS = ("generator", "num_inference_steps", "output_type", "return_dict", "latents")
 SEED_KEY = "seed"  # in a dict input: its seed (else one fixed by the input's content); not a call argument
 
