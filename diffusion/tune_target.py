@@ -240,12 +240,13 @@ class PipelineTarget(TuneTarget):
         return out
 
     def default_inputs(self, n: int, offset: int = 0) -> list[Any]:
-        """Class labels ``offset .. offset + n`` (mod the number of classes) for class-conditional pipelines."""
+        """Class-conditional pipelines: input ``i`` is class ``i`` mod the number of classes with seed ``i``
+        (``offset .. offset + n``), so disjoint ranges are disjoint samples even where classes repeat."""
         if "class_labels" not in self.params:
             return super().default_inputs(n, offset)
-        k = len(getattr(self.pipe, "labels", None) or {}) or int(
+        k = len(set((getattr(self.pipe, "labels", None) or {}).values())) or int(
             getattr(self.denoiser.config, "num_embeds_ada_norm", 0) or 0) or 10
-        return [(offset + i) % k for i in range(n)]
+        return [{"class_labels": [i % k], SEED_KEY: i} for i in range(offset, offset + n)]
 
     # -- inputs and runs -----------------------------------------------------------------------
     def check_inputs(self, inputs: Sequence[Any], name: str) -> list[Any]:

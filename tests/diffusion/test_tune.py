@@ -132,6 +132,8 @@ def test_each_input_has_its_own_seed_so_splitting_never_changes_an_image():
     both = target.run([1, 2])
     assert torch.equal(both[1:], target.run([2])) and not torch.equal(both[0], both[1])
     assert both.shape == (2, 3, 16, 16) and 0.0 <= float(both.min()) and float(both.max()) <= 1.0
+    calib, held = target.default_inputs(3), target.default_inputs(2, offset=3)
+    assert calib == [{"class_labels": [i], "seed": i} for i in range(3)] and held[0] == {"class_labels": [3], "seed": 3}
     seeded = target.run([{"class_labels": [1], "seed": 3}, {"class_labels": [1], "seed": 4}])
     assert torch.equal(seeded[:1], target.run([{"class_labels": [1], "seed": 3}]))
     assert not torch.equal(seeded[0], seeded[1])  # same label, own seeds: independent samples
