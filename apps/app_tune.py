@@ -52,6 +52,7 @@ def run_tune(model_name: str, floor: str = "", budget: str = "60s", inputs: int 
              progress: Progress = None) -> tuple[Any, str, Any, Any, Any, str]:
     """(front plot, markdown table + message, baseline output, tuned output, fewer-steps output, labels)."""
     from mmskip.tuning import TuneError, make_target, parse_budget, tune
+    from mmskip.tuning.cli import stock_inputs
 
     pairs = check_pairs(pairs)
     metric, value = _floor(floor or "")
@@ -68,8 +69,8 @@ def run_tune(model_name: str, floor: str = "", budget: str = "60s", inputs: int 
         options["max_new_tokens"] = 16
     target = make_target(model, **options)
     try:
-        calib = target.default_inputs(inputs)
-        held = target.default_inputs(inputs, offset=inputs)
+        calib = stock_inputs(model_name, target, inputs)
+        held = stock_inputs(model_name, target, inputs, offset=inputs)
     except ValueError as e:
         raise AppError(str(e)) from None
     out = _ROOT / f"{Path(model_name).name}-{metric or 'default'}-{value}-{budget}-{inputs}"

@@ -20,6 +20,9 @@ Speedups are paired against the unmodified model in this run (``mmskip.timing.pa
 interleaved rounds after a warm-up round, the median ratio with its quartiles, and the FLOPs bound
 beside it; a line warns when a speedup beats its bound by more than its spread allows);
 ``benchmarks/`` has the full comparisons with peers, FID and CLIP score.
+
+4. Summary: ``mmskip.tune`` on each language and diffusion model (``--tune-budget`` each), the
+   best held-out speedup at each quality level from the tuned fronts (``demo_tune.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from demo_tune import tune_demo, tuned_summary  # beside this file (its folder is on sys.path while it loads)
 from mmskip.diffusion import FeatureInheritanceConfig, nonuniform
 from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
 
@@ -373,35 +377,6 @@ def vision_demo(n: int = 40) -> list[dict]:
     return rows
 
 
-def summary(language: list[dict], speculative: list[dict], diffusion: dict[str, list[dict]]) -> list[str]:
-    """The best measured speedup at each quality level (only configurations faster than the baseline)."""
-    levels: list[tuple[str, list[tuple[str, float]]]] = []
-    for model, rows in _by(language, "model").items():
-        for floor in (0.95, 0.8):
-            ok = [(r["config"], r["speedup"]) for r in rows if r["agreement"] >= floor and r["config"] != "full model"]
-            levels.append((f"{model}, agreement >= {floor}", ok))
-    for model, rows in _by(speculative, "model").items():
-        same = [(r["config"], r["speedup"]) for r in rows if r["identical"].split("/")[0] == r["identical"].split("/")[1]]
-        levels.append((f"{model}, identical output", same))
-    for name, rows in diffusion.items():
-        for floor in (40.0, 30.0):
-            levels.append((f"{name}, PSNR >= {floor:.0f} dB", [(r["method"], r["speedup"]) for r in rows[1:]
-                                                                if r["psnr_db"] >= floor]))
-    lines = []
-    for label, options in levels:
-        best = max(options, key=lambda o: o[1], default=None)
-        won = best is not None and best[1] > 1.0
-        lines.append(f"{label:40s} " + (f"{best[1]:5.2f}x  {best[0]}" if won else "  --   nothing faster than the baseline"))
-    return lines
-
-
-def _by(rows: list[dict], key: str) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in rows:
-        out.setdefault(r[key], []).append(r)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="folder for the image grids")
@@ -411,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed pairs per configuration, interleaved with the baseline after a warm-up round "
                         "(median and quartiles; at least 3)")
+    p.add_argument("--tune-budget", default="60s",
+                   help="mmskip.tune's search budget per model for the summary (trials, or time such as 60s)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every section's rows to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 3:
@@ -426,16 +403,23 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("digits-dit", "digits-sd"):
             diffusion[name] = diffusion_demo(name, Path(args.out), args.steps, repeats=args.repeats)
     vision = vision_demo() if args.only in (None, "vision") else []
+    tuned: list[dict] = []
+    if args.only in (None, "language", "diffusion"):
+        models = [n for n in ("stdlib-lm", "stdlib-lm-skip") if language and n in zoo.available()]
+        models += list(diffusion)
+        tuned = tune_demo(models, args.tune_budget, args.repeats, Path(args.out))
     if args.json:
         import json
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"language": [{k: v for k, v in r.items() if k != "sample"}
                                                             for r in language], "speculative": speculative,
-                                               "diffusion": diffusion, "vision": vision}, indent=1) + "\n")
-    if language or diffusion:
-        print("\n== Summary: the best speedup measured at each quality level in this run ==")
-        print("\n".join(summary(language, speculative, diffusion)))
+                                               "diffusion": diffusion, "vision": vision, "tuned": tuned},
+                                              indent=1) + "\n")
+    if tuned:
+        print("\n== Summary: the best speedup at each quality level, from fronts tuned in this run (mmskip.tune; "
+              "held-out inputs, paired against the unmodified model) ==")
+        print("\n".join(tuned_summary(tuned)))
     return 0
 
 

@@ -23,7 +23,7 @@ import harness
 
 import mmskip
 from mmskip.tuning import make_target
-from mmskip.tuning.cli import load_model
+from mmskip.tuning.cli import load_model, stock_inputs
 
 SAMPLER = {"digits-dit": "dpm++2m", "digits-sd": "dpm++2m"}  # the headline samplers of benchmarks/diffusion.py
 STEPS = {"digits-dit": 25, "digits-sd": 25, "scenes-flux": 28}
@@ -40,7 +40,7 @@ def tune_model(name: str, floors: list[float], args: Any) -> dict[str, Any]:
 
             model.scheduler = make_scheduler(model.scheduler, SAMPLER[name])
     target = make_target(model, **options)
-    calib, held = target.default_inputs(args.inputs), target.default_inputs(args.held_out, offset=args.inputs)
+    calib, held = stock_inputs(name, target, args.inputs), stock_inputs(name, target, args.held_out, offset=args.inputs)
     rows, results = [], {}
     for floor in floors:
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..cli import ArgumentParser, UsageError, positive_int, writable_dir
 
-__all__ = ["main", "parse_floor", "load_model"]
+__all__ = ["main", "parse_floor", "load_model", "stock_inputs"]
 
 logger = logging.getLogger(__name__)
 PROG = "mmskip tune"
@@ -56,6 +56,15 @@ def load_model(spec: str) -> tuple[Any, dict[str, Any]]:
     from ..eval.images import load_pipeline
 
     return load_pipeline(spec), {}
+
+
+def stock_inputs(name: str, target: Any, n: int, offset: int = 0) -> list[Any]:
+    """``n`` stock inputs from ``offset`` for model ``name``: the zoo's captions for its text-to-image
+    pipelines (:func:`mmskip.zoo.prompts.zoo_inputs`), else the target's own (``default_inputs``)."""
+    from ..zoo.prompts import zoo_inputs
+
+    own = zoo_inputs(Path(name).name if Path(name).is_dir() else name, n, offset)
+    return own if own is not None else target.default_inputs(n, offset)
 
 
 def build_parser() -> ArgumentParser:
@@ -99,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         target = make_target(model, **options)
-        calib = target.default_inputs(args.inputs)
-        held = target.default_inputs(args.held_out, offset=args.inputs)
+        calib = stock_inputs(args.model, target, args.inputs)
+        held = stock_inputs(args.model, target, args.held_out, offset=args.inputs)
         result = tune(target, calib, held_out=held, floor=floor, metric=metric, budget=args.budget, out=out,
                       seed=args.seed, finalists=args.finalists, repeats=args.repeats, progress=not args.no_progress)
     except KeyboardInterrupt:

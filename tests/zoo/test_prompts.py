@@ -1,0 +1,20 @@
+"""Stock inputs of the zoo's text-to-image pipelines: captions with disjoint seeds per range."""
+
+from mmskip.zoo.data import caption
+from mmskip.zoo.prompts import zoo_inputs
+
+
+def test_digits_sd_inputs_are_captions_with_disjoint_seeds():
+    calib, held = zoo_inputs("digits-sd", 4), zoo_inputs("digits-sd", 12, offset=4)
+    assert [x["prompt"] for x in calib] == [caption(i) for i in range(4)]
+    assert not {x["seed"] for x in calib} & {x["seed"] for x in held}
+
+
+def test_scenes_flux_inputs_are_held_out_captions():
+    xs = zoo_inputs("scenes-flux", 3, offset=2)
+    assert [x["seed"] for x in xs] == [2, 3, 4] and all(isinstance(x["prompt"], str) and x["prompt"] for x in xs)
+    assert zoo_inputs("scenes-flux", 5)[2:] == xs
+
+
+def test_models_with_their_own_stock_inputs_get_none():
+    assert zoo_inputs("stdlib-lm", 3) is None and zoo_inputs("digits-dit", 3) is None
