@@ -56,7 +56,8 @@ class FFNSkipConfig(SkipConfig):
             return cls(schedule=schedule, span=v["span"])
 
         return Space(cls.technique, {"threshold": FloatRange(0.8, 0.999), "max_skip": FloatRange(0.1, 0.6),
-                                     "span": IntRange(1, 3)}, build)
+                                     "span": IntRange(1, 3)}, build,
+                     seeds=({"threshold": 0.95, "max_skip": 0.25, "span": 2},))  # the paper's operating point
 
     def hot_layers(self, num_layers: int) -> range:
         first, last = self.cold if self.cold is not None else (round(0.15 * num_layers), round(0.10 * num_layers))

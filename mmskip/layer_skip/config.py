@@ -54,7 +54,8 @@ class LayerSkipConfig(SkipConfig):
 
         top = min(3.0, context.num_layers / 2)
         return Space(cls.technique, {"speedup": FloatRange(1.05, top), "phase": Choice(("decode", "all"))},
-                     lambda v: cls(schedule=unified(speedup=v["speedup"]), phase=v["phase"]))
+                     lambda v: cls(schedule=unified(speedup=v["speedup"]), phase=v["phase"]),
+                     seeds=({"speedup": 1.5, "phase": "decode"}, {"speedup": 2.0, "phase": "decode"}))
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         from .hooks import attach_layer_skip

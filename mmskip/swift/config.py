@@ -89,7 +89,8 @@ class SelfSpeculativeConfig(SkipConfig):
 
         return Space(cls.technique, {"skip_ratio": FloatRange(0.2, 0.6), "max_draft": IntRange(2, 10),
                                      "confidence": FloatRange(0.3, 0.9)},
-                     lambda v: cls(skip_ratio=v["skip_ratio"], max_draft=v["max_draft"], confidence=v["confidence"]))
+                     lambda v: cls(skip_ratio=v["skip_ratio"], max_draft=v["max_draft"], confidence=v["confidence"]),
+                     seeds=({"skip_ratio": 0.45, "max_draft": 10, "confidence": 0.6},))  # the defaults
 
     @property
     def fixed(self) -> bool:

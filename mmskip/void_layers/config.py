@@ -59,7 +59,8 @@ class VoidLayerConfig(SkipConfig):
             return cls(schedule=schedule, min_void_fraction=v["min_void_fraction"])
 
         return Space(cls.technique, {"alpha": FloatRange(0.1, 0.9), "max_skip": FloatRange(0.1, 0.6),
-                                     "min_void_fraction": FloatRange(0.3, 1.0)}, build)
+                                     "min_void_fraction": FloatRange(0.3, 1.0)}, build,
+                     seeds=({"alpha": 0.5, "max_skip": 0.25, "min_void_fraction": 0.5},))  # the defaults
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         from .hooks import attach_void_layers

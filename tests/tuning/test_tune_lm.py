@@ -162,3 +162,10 @@ def test_parse_budget():
     assert parse_budget(40) == (40, None)
     assert parse_budget("10m") == (None, 600.0) and parse_budget("1h30m") == (None, 5400.0)
     assert parse_budget("90s") == (None, 90.0) and parse_budget("12") == (12, None)
+
+
+def test_a_fresh_search_tries_the_declared_seeds_first(tuned):
+    _, _, _, folder, _ = tuned
+    first = [json.loads(x) for x in (folder / LOG_NAME).read_text().splitlines()[1:3]]
+    assert [r["candidate"]["label"] for r in first] == ["layer_skip speedup=1.5 phase=decode",
+                                                         "layer_skip speedup=2 phase=decode"]
