@@ -105,7 +105,7 @@ def test_mod_space_corners_build_and_apply(cls, make, video):
     ctx = TuneContext(model, "vlm", num_layers=4, facts={"video": video, "routers": None})
     space = cls.search_space(ctx)
     assert space.technique == cls.technique and "router" not in space.params["signal"].values
-    for values in _corners(space):
+    for values in _corners(space) + list(space.seeds):
         config = space.build(values)
         assert isinstance(config, cls) and SkipConfig.from_dict(config.to_dict()) == config  # saves and loads
         with mmskip.applied(model, config), torch.no_grad():  # fits the model's depth and runs
@@ -124,7 +124,7 @@ def test_mue_space_corners_build_and_apply():
     batch = florence_prompts()
     space = MuEConfig.search_space(TuneContext(model, "encoder_decoder", num_layers=3, facts={"decoder_layers": 3}))
     corners = _corners(space)
-    for values in corners:
+    for values in corners + list(space.seeds):
         config = space.build(values)
         assert isinstance(config, MuEConfig) and config.floor <= config.decoder_threshold
         assert SkipConfig.from_dict(config.to_dict()) == config

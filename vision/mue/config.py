@@ -168,7 +168,9 @@ class MuEConfig(SkipConfig):
                        decoder_threshold=dec, decay=float(v["decay"]), floor=max(0.0, dec - 0.05),
                        min_layers=int(v["min_layers"]))
 
-        return Space(cls.technique, params, build)
+        default = {"encoder": 0.99, "granularity": "token", "decoder": 0.95, "decay": 0.99,
+                   "min_layers": min(depth - 1, -(-depth // 3))}  # the config's defaults (the paper-like point)
+        return Space(cls.technique, params, build, seeds=(default,))
 
     # -- thresholds ---------------------------------------------------------------------------
     def decoder_threshold_at(self, position: int) -> float | None:

@@ -143,7 +143,11 @@ class MoDConfig(SkipConfig):
             sig = v["signal"]
             return cls(schedule=schedule, signal=sig, routers=routers if sig == "router" else None)
 
-        return Space(cls.technique, params, build)
+        # p-MoD's PRD with its training-free signal, and a mild constant schedule (VideoLLM-MoD keeps 0.2)
+        seeds = ({"schedule": "progressive", "keep": 0.15, "first": 1, "signal": "attention"},
+                 {"schedule": "constant", "keep": 0.2 if cls.routing == "frames" else 0.9, "first": 1,
+                  "signal": "attention"})
+        return Space(cls.technique, params, build, seeds=seeds)
 
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         from .hooks import attach_mod  # imported here: the hooks import mod_layers from this module
