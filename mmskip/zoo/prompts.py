@@ -1,4 +1,4 @@
-"""Stock inputs for the zoo's text-to-image pipelines: captions with a seed each, disjoint by range.
+"""Stock inputs for the zoo's image pipelines: digits or captions with a seed each, disjoint by range.
 
 ``mmskip tune``, the app's Tune tab, the demo and ``benchmarks/tune.py`` take calibration inputs
 ``0 .. n-1`` and held-out inputs ``n .. 2n-1``; each input carries its own seed, so two inputs with
@@ -16,8 +16,10 @@ logger = logging.getLogger(__name__)
 
 
 def zoo_inputs(name: str, n: int, offset: int = 0) -> list[dict[str, Any]] | None:
-    """``n`` call-argument dicts (``prompt`` + ``seed``) for zoo text-to-image pipeline ``name``
-    starting at ``offset``; ``None`` for a model whose tuning target has its own stock inputs."""
+    """``n`` call-argument dicts (``prompt`` or ``class_labels``, and ``seed``) for zoo image pipeline
+    ``name`` starting at ``offset``; ``None`` for a model whose tuning target has its own stock inputs."""
+    if name == "digits-dit":  # class-conditional: the ten digits (its embedding table is larger than that)
+        return [{"class_labels": [(offset + i) % 10], "seed": offset + i} for i in range(n)]
     if name == "digits-sd":
         from .data import caption
 

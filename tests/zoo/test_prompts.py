@@ -17,4 +17,11 @@ def test_scenes_flux_inputs_are_held_out_captions():
 
 
 def test_models_with_their_own_stock_inputs_get_none():
-    assert zoo_inputs("stdlib-lm", 3) is None and zoo_inputs("digits-dit", 3) is None
+    assert zoo_inputs("stdlib-lm", 3) is None
+
+
+def test_digits_dit_inputs_stay_on_the_ten_trained_classes():
+    """Regression: the target's generic class labels ran past 9 into untrained embeddings (held-out PSNR 22
+    dB where calibration gave 33 dB for the same setting)."""
+    xs = zoo_inputs("digits-dit", 16, offset=8)
+    assert all(0 <= x["class_labels"][0] <= 9 for x in xs) and [x["seed"] for x in xs] == list(range(8, 24))
