@@ -16,17 +16,15 @@ one point). With the zoo's ``digits-llava`` / ``digits-video`` / ``digits-floren
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmskip.tuning.space import Candidate, Space, TuneContext, spaces_of
-from mmskip.tuning.target import TuneTarget
+from mmskip.tuning.space import Space, TuneContext, spaces_of
+from mmskip.tuning.target import ModelTarget
 
 __all__ = ["VLMTarget", "Florence2Target", "is_vlm", "is_florence2", "register"]
 
@@ -62,7 +60,7 @@ def _eq(a: Any, b: Any) -> bool:
     return a["tokens"] == b["tokens"]
 
 
-class _AnswerTarget(TuneTarget):
+class _AnswerTarget(ModelTarget):
     """Shared machinery: batching question dicts, greedy answers, agreement and accuracy."""
 
     pad_side = "left"
@@ -149,7 +147,7 @@ class _AnswerTarget(TuneTarget):
         raise NotImplementedError
 
     @torch.no_grad()
-    def _generate(self, model: nn.Module, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def generate(self, model: nn.Module, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         answers = []
         for s in range(0, len(inputs), self.batch_size):
             chunk = inputs[s:s + self.batch_size]
@@ -171,9 +169,6 @@ class _AnswerTarget(TuneTarget):
             out.append(t)
         return tuple(out)
 
-    def run(self, inputs: list[Any]) -> list[dict[str, Any]]:
-        return self._generate(self.model, inputs)
-
     def quality(self, outputs: Any, reference: Any) -> dict[str, float]:
         """``answer_agreement`` with the unmodified model; ``accuracy`` / ``accuracy_delta`` with true answers."""
         if len(outputs) != len(reference) or not reference:
@@ -184,28 +179,6 @@ class _AnswerTarget(TuneTarget):
             q["accuracy"] = acc
             q["accuracy_delta"] = acc - sum(r["text"] == r["answer"] for r in reference) / len(reference)
         return q
-
-    @contextmanager
-    def applied(self, candidate: Candidate) -> Iterator[None]:
-        from mmskip.inject import applied
-
-        with ExitStack() as stack:
-            for config in candidate.configs:
-                stack.enter_context(applied(self.model, config))
-            yield
-
-    @contextmanager
-    def timing_pair(self, candidate: Candidate, inputs: list[Any]
-                    ) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
-        from mmskip.inject import apply
-
-        fast = copy.deepcopy(self.model)  # the candidate on a copy: both calls usable alternately
-        handles = [apply(fast, c) for c in candidate.configs]
-        try:
-            yield (lambda: self._generate(self.model, inputs)), (lambda: self._generate(fast, inputs))
-        finally:
-            for h in reversed(handles):
-                h.remove()
 
     # -- stock inputs ---------------------------------------------------------------------------
     def _stock_inputs(self) -> list[dict[str, Any]] | None:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .space import Candidate, Space, TuneContext, spaces_of
-from .target import TuneTarget
+from .space import Space, TuneContext, spaces_of
+from .target import ModelTarget
 
 __all__ = ["CausalLMTarget", "is_causal_lm", "agreement_of"]
 
@@ -46,7 +44,7 @@ def agreement_of(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> 
     return {"agreement": prefix / k, "exact_match": exact / k}
 
 
-class CausalLMTarget(TuneTarget):
+class CausalLMTarget(ModelTarget):
     """A causal LM: inputs are prompts (strings with ``tokenizer``, or 1-D token-id tensors); a
     candidate's outputs are greedy continuations of ``max_new_tokens`` tokens, scored by
     :func:`agreement_of` against the unmodified model's."""
@@ -99,22 +97,10 @@ class CausalLMTarget(TuneTarget):
             out.append(p)
         return out
 
-    @contextmanager
-    def applied(self, candidate: Candidate) -> Iterator[None]:
-        from ..inject import applied
-
-        with ExitStack() as stack:
-            for config in candidate.configs:
-                stack.enter_context(applied(self.model, config))
-            yield
-
-    def _generate(self, model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def generate(self, model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         from ..eval.language import greedy_generate
 
         return greedy_generate(model, inputs, self.max_new_tokens)
-
-    def run(self, inputs: list[Any]) -> list[torch.Tensor]:
-        return self._generate(self.model, inputs)
 
     def quality(self, outputs: Any, reference: Any) -> dict[str, float]:
         return agreement_of(outputs, reference)
@@ -127,16 +113,3 @@ class CausalLMTarget(TuneTarget):
             return {}
         seq_len = min(256, len(ids) - 1)
         return {"perplexity": perplexity(self.model, ids, seq_len=seq_len, max_windows=16)}
-
-    @contextmanager
-    def timing_pair(self, candidate: Candidate, inputs: list[Any]
-                    ) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
-        fast = copy.deepcopy(self.model)  # the candidate keeps what it learns between calls, as deployed
-        from ..inject import apply
-
-        handles = [apply(fast, c) for c in candidate.configs]
-        try:
-            yield (lambda: self._generate(self.model, inputs)), (lambda: self._generate(fast, inputs))
-        finally:
-            for h in reversed(handles):
-                h.remove()

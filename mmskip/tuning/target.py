@@ -10,15 +10,16 @@ wing.
 
 from __future__ import annotations
 
+import copy
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 from .space import Candidate, Param, Space
 
-__all__ = ["TuneTarget", "register_target", "make_target", "UnsupportedTargetError"]
+__all__ = ["TuneTarget", "ModelTarget", "register_target", "make_target", "UnsupportedTargetError"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,42 @@ class TuneTarget(ABC):
         if len(candidate.configs) != 1:
             raise ValueError(f"{type(self).__name__} applies exactly one config, got {len(candidate.configs)}")
         return apply(self.model, candidate.configs[0])
+
+
+class ModelTarget(TuneTarget):
+    """A target whose candidates are mmskip configs applied to one ``torch.nn.Module`` (language and
+    vision-language models): :meth:`applied` applies them with ``mmskip.applied``, :meth:`run` and
+    the timing call :meth:`generate` on the model, and :meth:`timing_pair` runs the candidate on a
+    deep copy (so it keeps what it learns between calls, as deployed; the model's memory twice)."""
+
+    @abstractmethod
+    def generate(self, model: Any, inputs: list[Any]) -> Any:
+        """Outputs of ``model`` (the target's model, or a copy with a candidate applied) on ``inputs``."""
+
+    def run(self, inputs: list[Any]) -> Any:
+        return self.generate(self.model, inputs)
+
+    @contextmanager
+    def applied(self, candidate: Candidate) -> Iterator[None]:
+        from ..inject import applied
+
+        with ExitStack() as stack:
+            for config in candidate.configs:
+                stack.enter_context(applied(self.model, config))
+            yield
+
+    @contextmanager
+    def timing_pair(self, candidate: Candidate, inputs: list[Any]
+                    ) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
+        from ..inject import apply
+
+        fast = copy.deepcopy(self.model)
+        handles = [apply(fast, c) for c in candidate.configs]
+        try:
+            yield (lambda: self.generate(self.model, inputs)), (lambda: self.generate(fast, inputs))
+        finally:
+            for h in reversed(handles):
+                h.remove()
 
 
 _TARGETS: list[tuple[Callable[[Any], bool], Callable[..., TuneTarget]]] = []
