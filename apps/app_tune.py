@@ -8,6 +8,7 @@ only re-confirms the finalists).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def run_tune(model_name: str, floor: str = "", budget: str = "60s", inputs: int 
     """(front plot, markdown table + message, baseline output, tuned output, fewer-steps output, labels)."""
     from mmskip.tuning import TuneError, make_target, parse_budget, tune
     from mmskip.tuning.cli import stock_inputs
+    from mmskip.tuning.trial_log import TrialLogMismatch
 
     pairs = check_pairs(pairs)
     metric, value = _floor(floor or "")
@@ -75,9 +77,16 @@ def run_tune(model_name: str, floor: str = "", budget: str = "60s", inputs: int 
         raise AppError(str(e)) from None
     out = _ROOT / f"{Path(model_name).name}-{metric or 'default'}-{value}-{budget}-{inputs}"
     stage(progress, 0.1, f"tuning {model_name} (budget {budget}): searching, then timing the finalists")
+    def run() -> Any:
+        return tune(target, calib, held_out=held, floor=value, metric=metric, budget=budget, out=out,
+                    repeats=pairs, progress=False)
+
     try:
-        result = tune(target, calib, held_out=held, floor=value, metric=metric, budget=budget, out=out,
-                      repeats=pairs, progress=False)
+        try:
+            result = run()
+        except TrialLogMismatch:  # the app's own cache folder, from another mmskip version: start it afresh
+            shutil.rmtree(out, ignore_errors=True)
+            result = run()
     except TuneError as e:
         raise AppError(str(e)) from None
     stage(progress, 0.9, "drawing the front and the tuned output")

@@ -28,12 +28,13 @@ beside it; a line warns when a speedup beats its bound by more than its spread a
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from demo_tune import tune_demo, tuned_summary  # beside this file (its folder is on sys.path while it loads)
 from mmskip.diffusion import FeatureInheritanceConfig, nonuniform
 from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
 
@@ -377,6 +378,19 @@ def vision_demo(n: int = 40) -> list[dict]:
     return rows
 
 
+def _demo_tune() -> Any:
+    """``apps/demo_tune.py``, beside this file (apps/ is no package)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("demo_tune")
+
+
+def tune_demo(*args: Any, **kwargs: Any) -> list[dict]:
+    """The summary's tuned fronts (``demo_tune.tune_demo``)."""
+    return _demo_tune().tune_demo(*args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="folder for the image grids")
@@ -419,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if tuned:
         print("\n== Summary: the best speedup at each quality level, from fronts tuned in this run (mmskip.tune; "
               "held-out inputs, paired against the unmodified model) ==")
-        print("\n".join(tuned_summary(tuned)))
+        print("\n".join(_demo_tune().tuned_summary(tuned)))
     return 0
 
 

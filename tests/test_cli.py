@@ -196,19 +196,19 @@ def test_mmskip_demo_module_is_gone():
     assert importlib.util.find_spec("mmskip.demo") is None
 
 
-def test_demo_summary_names_the_best_speedup_per_quality_level(demo):
-    language = [{"model": "m", "config": "full model", "speedup": 1.0, "agreement": 1.0},
-                {"model": "m", "config": "a", "speedup": 1.5, "agreement": 0.97},
-                {"model": "m", "config": "b", "speedup": 2.0, "agreement": 0.85},
-                {"model": "m", "config": "c", "speedup": 0.7, "agreement": 0.99}]
-    speculative = [{"model": "m", "config": "swift", "speedup": 0.8, "identical": "4/4"}]
-    diffusion = {"p": [{"method": "full", "speedup": 1.0, "psnr_db": 100.0},
-                       {"method": "fewer", "speedup": 2.5, "psnr_db": 35.0}]}
-    lines = demo.summary(language, speculative, diffusion)
-    assert lines[0].startswith("m, agreement >= 0.95") and lines[0].endswith("1.50x  a")
-    assert lines[1].endswith("2.00x  b")
-    assert "nothing faster than the baseline" in lines[2]  # lossless: SWIFT was slower
-    assert "nothing faster" in lines[3] and lines[4].endswith("2.50x  fewer")
+def test_demo_summary_names_the_tuned_best_speedup_per_quality_level(demo):
+    """The summary comes from tuned fronts (mmskip.tune), one line per model and floor."""
+    tuned_summary = demo._demo_tune().tuned_summary
+    rows = [{"model": "m", "metric": "agreement", "floor": 0.95, "best": "layer_skip speedup=1.5", "faster": True,
+             "speedup": 1.5, "spread": [1.4, 1.6], "quality": 0.97, "trials": 12},
+            {"model": "m", "metric": "agreement", "floor": 1.0, "best": "baseline", "faster": False, "speedup": 1.0,
+             "spread": [1.0, 1.0], "quality": 1.0, "trials": 12},
+            {"model": "p", "metric": "psnr", "floor": 35.0, "best": "unipc-8", "faster": True, "speedup": 2.5,
+             "spread": [2.4, 2.6], "quality": 35.7, "trials": 40}]
+    lines = tuned_summary(rows)
+    assert lines[0].startswith("m, agreement >= 0.95") and "1.50x (1.40-1.60)  layer_skip speedup=1.5" in lines[0]
+    assert "nothing faster than the baseline" in lines[1]
+    assert lines[2].startswith("p, psnr >= 35") and "2.50x" in lines[2] and "unipc-8" in lines[2]
 
 
 def test_analyze_json_prints_the_report(tiny_lm_folder, tmp_path, capsys):
@@ -226,9 +226,13 @@ def test_demo_json_writes_every_section(demo, monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "language_demo", lambda **kw: [{"config": "full model", "speedup": 1.0,
                                                                "agreement": 1.0, "sample": "x"}])
     monkeypatch.setattr(demo, "speculative_demo", lambda name, **kw: [])
+    tuned = [{"model": "stdlib-lm", "metric": "agreement", "floor": 0.8, "best": "baseline", "faster": False,
+              "speedup": 1.0, "spread": [1.0, 1.0], "quality": 1.0, "trials": 1}]
+    monkeypatch.setattr(demo, "tune_demo", lambda *a, **kw: tuned)
     out = tmp_path / "demo.json"
     assert demo.main(["--only", "language", "--json", str(out)]) == 0
     import json
 
     data = json.loads(out.read_text())
-    assert set(data) == {"language", "speculative", "diffusion", "vision"} and "sample" not in data["language"][0]
+    assert set(data) == {"language", "speculative", "diffusion", "vision", "tuned"} and "sample" not in data["language"][0]
+    assert data["tuned"] == tuned

@@ -146,7 +146,7 @@ class _Search:
         self.t, self.calib, self.reference, self.score = target, calib, reference, score
         self.base_flops, self.base_s, self.metric, self.floor, self.log, self.seed = (
             base_flops, base_s, metric, floor, log, seed)
-        self.spaces = {s.technique: s for s in target.spaces()}
+        self.spaces = {s.technique: s for s in sorted(target.spaces(), key=lambda s: s.technique)}  # import order must not matter
         self.settings = target.settings_space()
         names = list(self.spaces) + (["none"] if self.settings else [])
         if not names:

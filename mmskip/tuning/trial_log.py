@@ -7,11 +7,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialLog", "LOG_NAME"]
+__all__ = ["TrialLog", "TrialLogMismatch", "LOG_NAME"]
 
 logger = logging.getLogger(__name__)
 
 LOG_NAME = "trials.jsonl"
+
+
+class TrialLogMismatch(ValueError):
+    """The out folder's trial log belongs to another tuning run."""
 
 
 class TrialLog:
@@ -27,7 +31,7 @@ class TrialLog:
         if self.path.is_file():
             lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             if not lines or lines[0].get("header") != self.header:
-                raise ValueError(
+                raise TrialLogMismatch(
                     f"{self.path} logs another tuning run (other model, inputs, metric or seed); tune into "
                     "another out folder, or delete the log to start over")
             self.records = lines[1:]
