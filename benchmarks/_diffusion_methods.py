@@ -66,15 +66,10 @@ def targets_for(model: Any, name: str) -> tuple[str, ...] | None:
 
 
 def _deepcache_shape(unet: torch.nn.Module) -> tuple[str, ...]:
-    """DeepCache's branch-0 split: only conv_in and the last up block's last layers recompute."""
-    up = len(unet.up_blocks) - 1
-    last = unet.up_blocks[up]
-    shallow = tuple(f"down_blocks.{i}" for i in range(len(unet.down_blocks)))
-    shallow += ("mid_block",) if unet.mid_block is not None else ()
-    shallow += tuple(f"up_blocks.{i}" for i in range(up))
-    shallow += tuple(f"up_blocks.{up}.resnets.{j}" for j in range(len(last.resnets) - 1))
-    shallow += tuple(f"up_blocks.{up}.attentions.{j}" for j in range(len(getattr(last, "attentions", None) or []) - 1))
-    return shallow
+    """DeepCache's branch-0 split (the library's, which the tuner offers as a target set too)."""
+    from mmskip.diffusion.tune_target import deepcache_split
+
+    return deepcache_split(unet)
 
 
 def parse_spec(spec: str) -> dict[str, str]:

@@ -34,7 +34,7 @@ from mmskip.tuning.target import TuneTarget, UnsupportedTargetError
 
 from .sampler_names import ALTERNATIVE_SAMPLERS, is_flow, make_scheduler, plannable, sampler_name
 
-__all__ = ["PipelineTarget", "is_pipeline", "target_sets"]
+__all__ = ["PipelineTarget", "is_pipeline", "target_sets", "deepcache_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,19 @@ def is_pipeline(obj: Any) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
+def deepcache_split(unet: Any) -> tuple[str, ...]:
+    """DeepCache's branch-0 split of a UNet as inheritance targets: everything but ``conv_in``'s
+    branch and the last up block's last layers (which recompute every step)."""
+    up = len(unet.up_blocks) - 1
+    last = unet.up_blocks[up]
+    shallow = tuple(f"down_blocks.{i}" for i in range(len(unet.down_blocks)))
+    shallow += ("mid_block",) if unet.mid_block is not None else ()
+    shallow += tuple(f"up_blocks.{i}" for i in range(up))
+    shallow += tuple(f"up_blocks.{up}.resnets.{j}" for j in range(len(last.resnets) - 1))
+    shallow += tuple(f"up_blocks.{up}.attentions.{j}" for j in range(len(getattr(last, "attentions", None) or []) - 1))
+    return shallow
+
+
 def target_sets(adapter: Any) -> dict[str, tuple[str, ...] | None]:
     """Named feature-inheritance target sets: ``default`` (the adapter's deep region); transformers:
     ``deep`` (every main block but the first) and ``all``; UNets: ``deepcache`` (DeepCache's
@@ -57,14 +70,7 @@ def target_sets(adapter: Any) -> dict[str, tuple[str, ...] | None]:
     sets: dict[str, tuple[str, ...] | None] = {"default": None}
     model = adapter.model
     if adapter.is_unet:
-        up = len(model.up_blocks) - 1
-        last = model.up_blocks[up]
-        shallow = tuple(f"down_blocks.{i}" for i in range(len(model.down_blocks)))
-        shallow += ("mid_block",) if model.mid_block is not None else ()
-        shallow += tuple(f"up_blocks.{i}" for i in range(up))
-        shallow += tuple(f"up_blocks.{up}.resnets.{j}" for j in range(len(last.resnets) - 1))
-        shallow += tuple(f"up_blocks.{up}.attentions.{j}" for j in range(len(getattr(last, "attentions", None) or []) - 1))
-        sets["deepcache"] = shallow
+        sets["deepcache"] = deepcache_split(model)
         return sets
     stacks = adapter.default_stacks or adapter.stacks
     sizes = {s: len(model.get_submodule(s)) for s in stacks}
