@@ -171,3 +171,11 @@ def test_a_fresh_search_tries_the_declared_seeds_first(tuned):
                           "ffn_skip threshold=0.95 max_skip=0.25 span=2",
                           "void_layers alpha=0.5 max_skip=0.25 min_void_fraction=0.5",
                           "self_speculative skip_ratio=0.45 max_draft=10 confidence=0.6"}
+
+
+def test_missing_optuna_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an environment without optuna gives
+    with pytest.raises(ImportError, match=r"mmskip\[tune\]"):
+        mmskip.tune(tiny_lm("llama", layers=4), PROMPTS[:2], held_out=PROMPTS[2:4], budget=2, **FAST)
