@@ -39,7 +39,7 @@ def _load(name: str) -> tuple[Any, dict[str, Any]]:
         raise AppError(f"{name}: {e}") from None
 
 
-def _show(target: Any, outputs: Any, tokenizer: Any) -> Any:
+def _show(outputs: Any, tokenizer: Any) -> Any:
     """An output for the screen: a picture for images, text for token ids, else its repr."""
     if isinstance(outputs, torch.Tensor) and outputs.dim() == 4:
         img = outputs[0].float()
@@ -103,7 +103,7 @@ def run_tune(model_name: str, floor: str = "", budget: str = "60s", inputs: int 
     for key, m in picks.items():
         if m is not None:
             with target.applied(m.candidate):
-                shown[key] = _show(target, target.run(held[:1]), tokenizer)
+                shown[key] = _show(target.run(held[:1]), tokenizer)
     labels = " · ".join(f"**{k}**: {m.candidate.label} ({m.speedup:.2f}×)" for k, m in picks.items() if m is not None)
     table = f"{result.message}\n\n{result.table()}\n\n_{result.trials} trials; figures on {len(held)} held-out inputs._"
     return plot, table, shown["baseline"], shown["tuned"], shown["fewer"], labels

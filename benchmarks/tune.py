@@ -112,14 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fig = harness.figure(figsize=(6.4 * min(3, len(fronts)), 4.4 * ((len(fronts) + 2) // 3)))
         for i, (title, r) in enumerate(fronts.items()):
             ax = fig.add_subplot((len(fronts) + 2) // 3, min(3, len(fronts)), i + 1)
-            for fam in sorted({m.candidate.family for m in r.measured}):
-                pts = [m for m in r.measured if m.candidate.family == fam]
-                ax.scatter([m.quality[r.metric] for m in pts], [m.speedup for m in pts], label=fam, s=30)
-            ax.axvline(r.floor, ls="--", c="grey", lw=0.8)
+            r.plot(ax=ax)  # the library's front plot, one panel per model and floor
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel(f"{r.metric} (held-out)")
-            ax.set_ylabel("speedup (paired median)")
-            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(png, dpi=110)
 

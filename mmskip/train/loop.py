@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, weights_under
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .lr_schedule import warmup_cosine
 
-__all__ = ["TrainTask", "FitResult", "fit", "split_batch"]
+__all__ = ["TrainTask", "FitResult", "fit", "split_batch", "named_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -295,5 +295,3 @@ def named_weights(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor
     """``module``'s parameters that require a gradient, named ``prefix + name`` (for :meth:`TrainTask.weights`)."""
     return {f"{prefix}{n}": p for n, p in module.named_parameters() if p.requires_grad}
 
-
-__all__ += ["named_weights", "weights_under"]

@@ -117,8 +117,6 @@ class TuneResult:
         if len(self.best.configs) == 1:
             self.best.configs[0].save_pretrained(folder)
         if self.best.configs:
-            from ..inject import SkipConfig  # noqa: F401  (configs serialise themselves)
-
             (folder / "mmskip_skip_config.json").write_text(  # the pipelines' format (load_skip_configs)
                 json.dumps({"configs": [c.to_dict() for c in self.best.configs]}, indent=1) + "\n")
         return folder / RESULT_NAME
@@ -152,18 +150,21 @@ class TuneResult:
             rows.append("| " + " | ".join(cells) + " |")
         return "\n".join(rows)
 
-    def plot(self, path: str | Path | None = None) -> Any:
+    def plot(self, path: str | Path | None = None, ax: Any = None) -> Any:
         """Speedup against held-out quality: every finalist by family, the front joined, the floor
-        dashed. Saves to ``path`` when given; returns the matplotlib figure."""
-        from ..optional_deps import require
+        dashed. Draws on ``ax`` when given (one panel of a larger figure), else on a figure of its
+        own; saves the figure to ``path`` when given; returns the figure."""
+        if ax is None:
+            from ..optional_deps import require
 
-        require("matplotlib", "TuneResult.plot()")
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+            require("matplotlib", "TuneResult.plot()")
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(6.4, 4.4))  # no pyplot: no global figure state in a library
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
+            fig = Figure(figsize=(6.4, 4.4))  # no pyplot: no global figure state in a library
+            FigureCanvasAgg(fig)
+            ax = fig.subplots()
+        fig = ax.figure
         families = sorted({m.candidate.family for m in self.measured})
         markers = dict(zip(families, "osD^vP*X<>"))
         for fam in families:
