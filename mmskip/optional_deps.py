@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "analysis"),
     "peft": ("peft", "lora"),
     "optuna": ("optuna", "tune"),
+    "ray": ("ray", "ray"),
 }
 
 

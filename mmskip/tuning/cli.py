@@ -81,6 +81,10 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--max-new-tokens", type=positive_int, default=None, help="language models: tokens per prompt")
     ap.add_argument("--finalists", type=positive_int, default=6, help="candidates confirmed on held-out inputs")
     ap.add_argument("--repeats", type=positive_int, default=5, help="paired timing rounds per finalist (>= 3)")
+    ap.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="where calibration trials run: this process, or Ray actors (pip install 'mmskip[ray]')")
+    ap.add_argument("--workers", type=positive_int, default=None, help="trials per round (Ray: actors; default 2)")
+    ap.add_argument("--ray-address", default=None, help="a running Ray cluster (auto); default: start a local one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -89,6 +93,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     metric, floor = parse_floor(args.floor)
+    from .backends import check_backend
     from .search import TuneError, parse_budget
     from .target import UnsupportedTargetError, make_target
     from .tune import tune
@@ -97,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         parse_budget(args.budget)
     except TuneError as e:
         raise UsageError(f"--budget: {e}", PROG) from None
+    try:
+        check_backend(args.backend, args.workers, args.ray_address)
+    except (TuneError, ImportError) as e:
+        raise UsageError(str(e), PROG) from None
     try:
         model, options = load_model(args.model)
     except (FileNotFoundError, ValueError) as e:
@@ -111,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         calib = stock_inputs(args.model, target, args.inputs)
         held = stock_inputs(args.model, target, args.held_out, offset=args.inputs)
         result = tune(target, calib, held_out=held, floor=floor, metric=metric, budget=args.budget, out=out,
-                      seed=args.seed, finalists=args.finalists, repeats=args.repeats, progress=not args.no_progress)
+                      seed=args.seed, finalists=args.finalists, repeats=args.repeats, progress=not args.no_progress,
+                      backend=args.backend, workers=args.workers, ray_address=args.ray_address)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the trial log is kept in {out / 'trials.jsonl'}: rerun the same command to "
               "continue", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .backends import Evaluator
 from .space import Candidate, Choice, Space, describe
 from .target import TuneTarget
 from .trial_log import TrialLog
@@ -141,11 +142,10 @@ def _fits(param: Any, value: Any) -> bool:
 class _Search:
     """The calibration stage: fixed candidates, then Optuna trials, every one logged."""
 
-    def __init__(self, target: TuneTarget, calib: list[Any], reference: Any, base_flops: float, base_s: float,
-                 score: Callable, metric: str, floor: float, log: TrialLog, seed: int) -> None:
-        self.t, self.calib, self.reference, self.score = target, calib, reference, score
-        self.base_flops, self.base_s, self.metric, self.floor, self.log, self.seed = (
-            base_flops, base_s, metric, floor, log, seed)
+    def __init__(self, target: TuneTarget, evaluator: Evaluator, metric: str, floor: float, log: TrialLog,
+                 seed: int) -> None:
+        self.t, self.evaluator, self.metric, self.floor, self.log, self.seed = (
+            target, evaluator, metric, floor, log, seed)
         self.spaces = {s.technique: s for s in sorted(target.spaces(), key=lambda s: s.technique)}  # import order must not matter
         self.settings = target.settings_space()
         names = list(self.spaces) + (["none"] if self.settings else [])
@@ -155,35 +155,36 @@ class _Search:
         self.choice = Choice(tuple(names))
         self.records: list[dict[str, Any]] = []
 
-    def measure(self, candidate: Candidate, kind: str, group: str,
-                params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Calibration record of ``candidate`` (measured, or the logged one: a candidate runs once)."""
-        logged = self.log.find(kind, candidate.key)
-        if logged is not None:
-            if params is None:  # a fixed candidate of a continued search
-                self.records.append(logged)
-                return logged
-            rec = {**logged, "params": params}  # a trial that proposed a measured candidate again
+    def measure(self, items: list[tuple[Candidate, str, str, dict[str, Any] | None]]) -> list[dict[str, Any]]:
+        """Calibration records of ``(candidate, kind, group, params)`` items, in order. A candidate runs
+        once: those not in the log are measured as one round on the evaluator; a repeat (in the log or
+        earlier in ``items``) reuses the measurement."""
+        todo: dict[str, Candidate] = {}
+        for cand, kind, _, _ in items:
+            if self.log.find(kind, cand.key) is None:
+                todo.setdefault(cand.key, cand)
+        fields = dict(zip(todo, self.evaluator.map(list(todo.values()))))
+        for f in fields.values():
+            if "fatal" in f:
+                raise TuneError(f["fatal"])
+        records = []
+        for cand, kind, group, params in items:
+            logged = self.log.find(kind, cand.key)
+            if logged is not None:
+                if params is None:  # a fixed candidate of a continued search
+                    self.records.append(logged)
+                    records.append(logged)
+                    continue
+                rec = {**logged, "params": params}  # a trial that proposed a measured candidate again
+            else:
+                rec = {"kind": kind, "key": cand.key, "group": group, "candidate": cand.to_dict(),
+                       **({"params": params} if params is not None else {}), **fields[cand.key]}
+                if rec.get("q") is None:
+                    logger.info("candidate %s failed: %s", cand.label, rec.get("error"))
             self.log.append(rec)
             self.records.append(rec)
-            return rec
-        rec: dict[str, Any] = {"kind": kind, "key": candidate.key, "group": group, "candidate": candidate.to_dict()}
-        if params is not None:
-            rec["params"] = params
-        try:
-            out, flops, secs = _run(self.t, candidate, self.calib)
-        except TuneError:
-            raise
-        except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:  # a setting that does not fit
-            rec.update(q=None, error=f"{type(e).__name__}: {e}")
-            logger.info("candidate %s failed: %s", candidate.label, rec["error"])
-        else:
-            quality = self.score(out, self.reference)
-            cost = flops / self.base_flops if self.base_flops else secs / self.base_s
-            rec.update(q=quality[self.metric], quality=quality, cost=cost, seconds=secs)
-        self.log.append(rec)
-        self.records.append(rec)
-        return rec
+            records.append(rec)
+        return records
 
     def distributions(self, params: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -242,24 +243,24 @@ class _Search:
                 if left is not None and left < (sum(spent) / len(spent) if spent else 0.0):
                     break
                 t0 = time.perf_counter()
-                trial = study.ask()
-                try:
-                    cand = self.suggest(trial)
-                except ValueError as e:
-                    study.tell(trial, self._dominated_values())
-                    self.log.append({"kind": "trial", "key": f"invalid:{trial.number}", "params": trial.params,
-                                     "q": None, "error": str(e)})
-                    done += 1
-                    continue
-                group = cand.configs[0].technique if cand.configs else cand.family
-                rec = self.measure(cand, "trial", group, dict(trial.params))
-                if rec.get("q") is None:
-                    study.tell(trial, self._dominated_values())
-                else:
-                    study.tell(trial, [rec["q"], rec["cost"]])
-                done += 1
-                spent.append(time.perf_counter() - t0)
-                bar.update(1)
+                n = self.evaluator.workers if trials is None else min(self.evaluator.workers, trials - done)
+                pending = []
+                for trial in [study.ask() for _ in range(n)]:  # one round: measured together, told in order
+                    try:
+                        pending.append((trial, self.suggest(trial)))
+                    except ValueError as e:
+                        study.tell(trial, self._dominated_values())
+                        self.log.append({"kind": "trial", "key": f"invalid:{trial.number}", "params": trial.params,
+                                         "q": None, "error": str(e)})
+                        done += 1
+                items = [(c, "trial", c.configs[0].technique if c.configs else c.family, dict(t.params))
+                         for t, c in pending]
+                for (trial, _), rec in zip(pending, self.measure(items)):
+                    study.tell(trial, self._dominated_values() if rec.get("q") is None else [rec["q"], rec["cost"]])
+                done += len(pending)
+                if pending:
+                    spent.append(time.perf_counter() - t0)
+                    bar.update(len(pending))
                 bar.set_postfix_str(self._postfix(left))
         finally:
             bar.close()

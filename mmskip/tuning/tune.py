@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .backends import check_backend, make_evaluator
 from .result import Measured, TuneResult
 from .search import TuneError, _finalists, _run, _scorer, _Search, parse_budget
 from .space import Candidate
@@ -59,6 +60,7 @@ def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], score:
 def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget: int | str | float | timedelta = "5m",
          held_out: Sequence[Any] | None = None, metric: str | Callable[[Any, Any], float] | None = None,
          out: str | Path | None = None, seed: int = 0, finalists: int = 6, repeats: int = 5, progress: bool = True,
+         backend: str = "local", workers: int | None = None, ray_address: str | None = None,
          **target_options: Any) -> TuneResult:
     """Find the fastest configuration of ``target`` whose quality on ``held_out`` meets ``floor``.
 
@@ -75,6 +77,11 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
         seed: the sampler's seed (targets seed their own generation).
         finalists: how many calibration-front candidates are confirmed on the held-out inputs.
         repeats: paired timing rounds per finalist (after one warm-up round).
+        backend: where calibration trials run: ``"local"`` (this process) or ``"ray"`` (Ray actors,
+            ``pip install 'mmskip[ray]'``). The search is the same on both; held-out timing runs here.
+        workers: trials measured per round (Ray: that many actors; default 2). Local rounds of the
+            same size measure one trial after another and find exactly what Ray finds.
+        ray_address: a running Ray cluster (``"auto"``); default: start a local one with ``workers`` CPUs.
         target_options: passed to the target (e.g. ``tokenizer=``, ``max_new_tokens=``).
     """
     t_start = time.perf_counter()
@@ -84,6 +91,7 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     from ..optional_deps import require
 
     require("optuna", "mmskip.tune")
+    check_backend(backend, workers, ray_address)
     t = make_target(target, **target_options)
     calib = t.check_inputs(inputs, "inputs")
     held = t.check_inputs(held_out, "held_out") if held_out is not None else None
@@ -103,15 +111,18 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     header = {"target": type(t.model).__name__, "kind": t.kind, "metric": name, "seed": seed,
               "inputs": len(calib), "held_out": len(held), "flops": base_flops}
     log = TrialLog(out, header)
-    search = _Search(t, calib, reference, base_flops, base_s, score, name, float(floor), log, seed)
-    for cand in t.fixed_candidates():
-        search.measure(cand, "fixed", cand.family)
+    evaluator = make_evaluator(backend, t, calib, reference, score, metric, name, base_flops, base_s, workers,
+                               ray_address)
     try:
+        search = _Search(t, evaluator, name, float(floor), log, seed)
+        search.measure([(cand, "fixed", cand.family, None) for cand in t.fixed_candidates()])
         n = search.run(trials, seconds, progress)
     except KeyboardInterrupt:
         where = f"; the trial log is kept in {log.path}: rerun with out={str(out)!r} to continue" if log.path else ""
         logger.warning("tuning interrupted after %d logged trials%s", len(log.records), where)
         raise
+    finally:
+        evaluator.close()
     chosen = _finalists(search.records, float(floor), finalists)
     measured = _confirm(t, chosen, held, score, name, repeats, progress)
     ok = [m for m in measured[1:] if m.quality[name] >= floor]
@@ -131,4 +142,5 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     logger.info("tune: %s", msg)
     return TuneResult(best.candidate, name, float(floor), measured, msg, n, time.perf_counter() - t_start,
                       type(t.model).__name__, {"calibration_inputs": len(calib), "held_out_inputs": len(held),
-                                               "repeats": repeats, "seed": seed})
+                                               "repeats": repeats, "seed": seed, "backend": backend,
+                                               "workers": evaluator.workers})

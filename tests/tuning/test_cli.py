@@ -42,6 +42,7 @@ def test_tune_writes_result_table_and_plot(lm_folder, tmp_path, capsys):
     (["--model", "stdlib-lm", "--budget", "soon"], "--budget"),
     (["--model", "stdlib-lm", "--floor", "psnr=high"], "METRIC=NUMBER"),
     (["--model", "stdlib-lm", "--inputs", "0"], "--inputs"),
+    (["--model", "stdlib-lm", "--ray-address", "auto"], "--backend ray"),
 ])
 def test_user_errors_are_one_line(args, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
