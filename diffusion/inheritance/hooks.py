@@ -185,7 +185,7 @@ class OutputHook(ModelHook):
         cache = owner.slot_cache()
         shape = input_shape(args, kwargs)
         compute = owner.computes(self.name)
-        if not compute and (self.name not in cache or cache[self.name][0] != shape):
+        if not compute and (cache.get(self.name) is None or cache[self.name][0] != shape):
             logger.warning(
                 "feature inheritance: %s has no cached output for input shape %s in this trajectory; recomputing "
                 "it on step %d", self.name, shape, owner.tracker.step

@@ -107,14 +107,18 @@ class InheritanceState(TechniqueState):
             self._clear()
         if tr.slot in self.cache:
             self.cache.move_to_end(tr.slot)
-        elif len(self.cache) >= MAX_SLOTS:
-            old, _ = self.cache.popitem(last=False)
-            self.probe_ref.pop(old, None)
-            logger.warning(
-                "feature inheritance: more than %d calls with different conditioning in one step; dropping the "
-                "oldest one's cached features (it will recompute)", MAX_SLOTS
-            )
-        if tr.slot not in self.cache:
+        else:
+            if len(self.cache) >= MAX_SLOTS:
+                old, _ = self.cache.popitem(last=False)
+                self.probe_ref.pop(old, None)
+                logger.warning(
+                    "feature inheritance: more than %d calls with different conditioning in one step; dropping the "
+                    "oldest one's cached features (it will recompute)", MAX_SLOTS
+                )
+            # every target's entry exists from the start (None until computed): the compiled denoiser then
+            # sees the same dict keys on the first call of a trajectory as on later ones (no extra graph)
+            self.cache[tr.slot] = dict.fromkeys(self.names)
+        if all(v is None for v in self.cache[tr.slot].values()):
             self.decision = True  # nothing to inherit yet
         elif isinstance(self.config.schedule, AdaptiveSchedule):
             self.decision = None  # the probe decides
@@ -165,7 +169,8 @@ class InheritanceState(TechniqueState):
         return self.decision
 
     def slot_cache(self) -> dict[str, Any]:
-        return self.cache.setdefault(self.tracker.slot, {})
+        """This call's cached features by target name (``None``: not computed in this trajectory yet)."""
+        return self.cache[self.tracker.slot]
 
     def flops_now(self) -> float:
         return float(self.fc.get_total_flops()) if self.fc is not None else 0.0

@@ -76,6 +76,29 @@ def test_compiled_denoiser_compiles_once_not_per_step(idiom):
     assert not torch.equal(plain, eager) and not _hooks(pipe.unet)
 
 
+@pytest.mark.parametrize("regional", [False, True], ids=["whole-model", "compile_repeated_blocks"])
+def test_usual_order_compile_enable_call_compiles_only_on_the_first_call(regional):
+    """compile, then enable_skip, then call: the first call compiles every graph the settings need (the
+    FLOPs-measuring first step included); later calls and other step counts reuse them."""
+    ref_pipe, kw = _pipe()
+    ref_pipe.enable_skip(FeatureInheritanceConfig(interval(2)))
+    eager = _img(ref_pipe, kw)
+    pipe, _ = _pipe()
+    backend = _Counting()
+    if regional:
+        pipe.unet.compile_repeated_blocks(backend=backend)
+    else:
+        pipe.unet.compile(backend=backend)
+    pipe.enable_skip(FeatureInheritanceConfig(interval(2)))
+    assert torch.equal(_img(pipe, kw), eager)
+    graphs = backend.graphs
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(_img(pipe, kw), eager)
+        _img(pipe, kw, num_inference_steps=12)
+    assert backend.graphs == graphs and pipe.skip_stats()["recomputed_steps"] == [0, 2, 4, 6, 8, 10]
+    assert pipe.skip_stats()["flops_fraction"] == ref_pipe.skip_stats()["flops_fraction"]
+
+
 def test_step_skipping_under_compile():
     pipe, kw = _pipe()
     pipe.enable_skip(StepSkipConfig(interval(2)))
