@@ -162,6 +162,15 @@ class SkipPipelineMixin:
             pipe.enable_skip(skip_config)
         return pipe
 
+    @classmethod
+    def from_pipe(cls, pipeline: Any, skip_config: Any = None, **kwargs: Any) -> Any:
+        """The parent's ``from_pipe`` (a pipeline of this class sharing ``pipeline``'s components), then
+        ``enable_skip(skip_config)`` when one is given: ``SkipFluxPipeline.from_pipe(pipe, skip_config=cfg)``."""
+        pipe = super().from_pipe(pipeline, **kwargs)
+        if skip_config is not None:
+            pipe.enable_skip(skip_config)
+        return pipe
+
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """The parent's ``save_pretrained`` under the parent's class name (so plain diffusers loads it),
         plus the enabled skip configs in ``mmskip_skip_config.json``; files the configs read (Gaussian

@@ -73,6 +73,9 @@ def test_from_pipe_both_ways():
     back = DiTPipeline.from_pipe(fast)
     back.set_progress_bar_config(disable=True)
     assert torch.equal(_call(back, kw), ref)  # a plain pipeline over the same denoiser never skips
+    direct = SkipDiTPipeline.from_pipe(plain, skip_config=FeatureInheritanceConfig(schedule=interval(2)))
+    direct.set_progress_bar_config(disable=True)
+    assert direct.skip_enabled and torch.equal(_call(direct, kw), skipped)  # the one-liner the errors suggest
     assert torch.equal(_call(fast, kw), skipped)
 
 
