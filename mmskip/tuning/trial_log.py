@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrialLog", "TrialLogMismatch", "LOG_NAME"]
+import torch
+
+__all__ = ["TrialLog", "TrialLogMismatch", "LOG_NAME", "digest"]
 
 logger = logging.getLogger(__name__)
 
 LOG_NAME = "trials.jsonl"
+
+
+def _feed(h: Any, x: Any) -> None:
+    if isinstance(x, torch.Tensor):  # contents, not the (truncated) repr
+        h.update(f"tensor{tuple(x.shape)}{x.dtype}".encode())
+        h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(x, dict):
+        for k in sorted(x, key=str):
+            h.update(repr(k).encode())
+            _feed(h, x[k])
+    elif isinstance(x, (list, tuple)):
+        h.update(f"{type(x).__name__}{len(x)}".encode())
+        for v in x:
+            _feed(h, v)
+    elif callable(getattr(x, "tobytes", None)):  # numpy arrays, PIL images
+        h.update(f"{type(x).__name__}{getattr(x, 'shape', getattr(x, 'size', ''))}".encode())
+        h.update(x.tobytes())
+    else:
+        text = repr(x)
+        h.update((type(x).__name__ if " at 0x" in text else text).encode())  # no memory addresses
+
+
+def digest(inputs: list[Any]) -> str:
+    """A short fingerprint of a list of inputs (prompts, call-argument dicts, token tensors, images),
+    kept in the log's header so a continued search never mixes trials measured on other inputs."""
+    h = hashlib.sha256()
+    _feed(h, inputs)
+    return h.hexdigest()[:16]
 
 
 class TrialLogMismatch(ValueError):

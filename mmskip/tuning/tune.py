@@ -17,7 +17,7 @@ from .result import Measured, TuneResult
 from .search import TuneError, _finalists, _run, _scorer, _Search, parse_budget
 from .space import Candidate
 from .target import make_target
-from .trial_log import TrialLog
+from .trial_log import TrialLog, digest
 
 __all__ = ["tune"]
 
@@ -109,7 +109,7 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
                         f"give at least {math.ceil(2 * base_s)} s, or fewer inputs")
     # the floor only picks the finalists: runs at other floors share (and extend) one search
     header = {"target": type(t.model).__name__, "kind": t.kind, "metric": name, "seed": seed,
-              "inputs": len(calib), "held_out": len(held), "flops": base_flops}
+              "inputs": len(calib), "held_out": len(held), "inputs_digest": digest(calib), "flops": base_flops}
     log = TrialLog(out, header)
     evaluator = make_evaluator(backend, t, calib, reference, score, metric, name, base_flops, base_s, workers,
                                ray_address)

@@ -76,6 +76,9 @@ def test_a_log_of_another_run_is_refused(tuned, tmp_path):
     model, _, _, folder, _ = tuned
     with pytest.raises(ValueError, match="another tuning run"):
         mmskip.tune(model, PROMPTS[:2], held_out=PROMPTS[3:], floor=0.0, budget=5, out=folder, **FAST)
+    other_prompts = [p.flip(0) for p in PROMPTS[:3]]  # as many calibration inputs, other contents
+    with pytest.raises(ValueError, match="another tuning run"):
+        mmskip.tune(model, other_prompts, held_out=PROMPTS[3:], floor=0.0, budget=5, out=folder, **FAST)
 
 
 def test_another_floor_reuses_the_logged_search(tuned):

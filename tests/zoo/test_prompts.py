@@ -25,3 +25,13 @@ def test_digits_dit_inputs_stay_on_the_ten_trained_classes():
     dB where calibration gave 33 dB for the same setting)."""
     xs = zoo_inputs("digits-dit", 16, offset=8)
     assert all(0 <= x["class_labels"][0] <= 9 for x in xs) and [x["seed"] for x in xs] == list(range(8, 24))
+
+
+def test_scenes_flux_inputs_run_on_the_zoo_pipeline():
+    """Regression: without the zoo's prompt length the tokenizer's 512 overflowed the 16-position text encoder."""
+    from mmskip import zoo
+    from mmskip.tuning import make_target
+
+    target = make_target(zoo.load("scenes-flux"), steps=2)
+    images = target.run(target.check_inputs(zoo_inputs("scenes-flux", 2), "inputs"))
+    assert len(images) == 2 and images[0].shape[-1] == 32
