@@ -1,0 +1,41 @@
+"""benchmarks/overhead.py --smoke: an LM and a pipeline technique measured end to end; the zero-skip
+configs really skip nothing (FLOPs fraction 1.0, outputs equal to the baseline's)."""
+
+import json
+
+
+def test_overhead_benchmark_smoke(load_bench, tmp_path, threads):
+    bench = load_bench("overhead")
+    out = tmp_path / "overhead.json"
+    res = bench.main(["--smoke", "--techniques", "ffn_skip,feature_inheritance", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(res["rows"], default=str))
+    got = {(r["technique"], r["model"]) for r in saved["rows"]}
+    assert got == {("ffn_skip", "stdlib-lm"), ("feature_inheritance", "digits-dit")}
+    for row in saved["rows"]:
+        assert row["status"] == "measured", row["status"]
+        assert row["zero_flops_fraction"] == 1.0 and row["zero_outputs_equal"] and row["zero_skips_nothing"]
+        assert row["zero_quality"][row["metric"]] == (1.0 if row["metric"] == "agreement" else 100.0)
+        for key in ("zero", "default", "null"):
+            lo, hi = row[f"{key}_spread"]
+            assert lo <= row[f"{key}_speedup"] <= hi and row[f"{key}_timing"]["pairs"] == 3
+        assert abs(row["zero_overhead_pct"] - 100 * (1 / row["zero_speedup"] - 1)) < 1e-9
+        lo, hi = row["zero_vs_null_iqr_pct"]
+        assert lo <= row["zero_vs_null_overhead_pct"] <= hi
+        assert len(row["zero_timing"]["rounds_s"]) == len(row["null_timing"]["baseline_rounds_s"]) == 3
+        assert 0 < row["flops_fraction"] <= 1.0 and row["flops_bound"] == 1.0 / row["flops_fraction"]
+        assert row["speedup_over_bound"] == row["default_speedup"] / row["flops_bound"]
+        assert row["metric"] in row["quality"] and row["default_config"]["technique"] == row["technique"]
+    inherit = next(r for r in saved["rows"] if r["technique"] == "feature_inheritance")
+    assert inherit["flops_fraction"] < 1.0  # the default (a seed of its search space) skips
+    md = out.with_suffix(".md").read_text()
+    assert "zero-skip overhead % (IQR)" in md and "zero config skips" not in md
+
+
+def test_overhead_lists_unmeasured_techniques(load_bench, tmp_path, threads):
+    bench = load_bench("overhead")
+    out = tmp_path / "overhead.json"
+    res = bench.main(["--smoke", "--techniques", "first_routers", "--out", str(out)])
+    assert [(r["technique"], r["status"]) for r in res["rows"]] == [
+        ("first_routers", "not measured: no trained routers ship in the zoo")]
+    assert "not measured: no trained routers" in out.with_suffix(".md").read_text()
