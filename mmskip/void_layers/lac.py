@@ -32,5 +32,5 @@ def void_skip_set(rec: VoidRecord, alpha: float, lift: int, min_fraction: float,
     frac = (void & valid).sum(-1).float() / valid.sum(-1).clamp(min=1).float()  # (L, B)
     worst = frac.amin(dim=1)  # a layer is skipped only if void for every sequence in the batch
     worst[0] = -1.0  # layer 0 always runs: skipped layers copy their KV from a lower kept layer
-    order = torch.argsort(worst, descending=True, stable=True)
-    return {int(i) for i in order[:max_layers] if worst[i] >= min_fraction}
+    top = torch.argsort(worst, descending=True, stable=True)[:max_layers]
+    return set(top[worst[top] >= min_fraction].tolist())  # one host read per prompt, not one per layer
