@@ -81,8 +81,8 @@ class _FFNSkipHook(ModelHook):
                 if s:
                     tok.run[i] -= 1
                     tok.budget[i] -= 1
-        if n_skip < len(skip):
-            # FFN-SkipLLM's saturation test on the rows that computed this FFN
+        if n_skip < len(skip) and any(tok.budget):
+            # FFN-SkipLLM's saturation test on the rows that computed this FFN (none left to skip: not needed)
             h = tok.residual[:, -1].float()
             cos = torch.nn.functional.cosine_similarity(h, h + out[:, -1].float(), dim=-1).tolist()
             for i, s in enumerate(skip):
@@ -115,7 +115,8 @@ def attach_ffn_skip(config: FFNSkipConfig, model: torch.nn.Module, handle: SkipH
     costs = {f"attn.{i}": adapter.attn_flops(i) for i in range(L)}
     costs.update({f"mlp.{i}": adapter.mlp_flops(i) for i in range(L)})
     state = track_forwards(adapter, handle, costs)
-    tok = TokenState(budget=int(config.schedule.max_skip * L))
+    # a cosine similarity never exceeds 1: above that threshold nothing can skip, so nothing is tracked
+    tok = TokenState(budget=int(config.schedule.max_skip * L) if config.schedule.threshold <= 1.0 else 0)
     state.listeners.append(lambda s: tok.reset(s, config.schedule.warmup))
     for i in hot:
         handle.add_hook(adapter.mlp_norm(i), _ResidualCapture(tok), ".residual")

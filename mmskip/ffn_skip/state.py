@@ -46,7 +46,8 @@ class TokenState:
             self.steps.add_(1)
         self.masked = s.phase == "recompute" or torch.compiler.is_compiling()
         if not self.masked:
-            self.active = s.phase == "decode" and s.decode_step > warmup
+            # no budget (max_skip 0, or a threshold no cosine reaches): no bookkeeping at all
+            self.active = s.phase == "decode" and s.decode_step > warmup and self.budget_per_token > 0
             self.run = [0] * s.batch
             self.budget = [self.budget_per_token] * s.batch
             self.step = s.decode_step

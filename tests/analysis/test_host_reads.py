@@ -42,3 +42,14 @@ def _reads(layers: int, config) -> int:
 def test_reads_do_not_grow_with_depth(config):
     """Twice the layers, the same host reads: decisions are made once per token (or per prompt)."""
     assert _reads(4, config) == _reads(8, config)
+
+
+@pytest.mark.parametrize("config", [mmskip.FFNSkipConfig(schedule=schedules.adaptive(threshold=1.5)),
+                                    mmskip.FFNSkipConfig(schedule=schedules.adaptive(threshold=0.9, max_skip=0.0))],
+                         ids=["unreachable-threshold", "no-budget"])
+def test_ffn_skipping_that_cannot_skip_adds_no_reads(config):
+    """No bookkeeping when nothing can be skipped: the same host reads as the plain model."""
+    model = tiny_lm("llama", layers=8)
+    with HostReads() as plain:
+        model.generate(IDS, max_new_tokens=6, do_sample=False)
+    assert _reads(8, config) == plain.total
