@@ -50,9 +50,14 @@ class _RouterHook(ModelHook):
         self.threshold, self.budget, self.last, self.decisions = config.threshold, budget, last, decisions
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if self.state.phase != "prefill":
-            return args, kwargs
-        h = args[0] if args else kwargs["hidden_states"]
+        if self.state.phase == "prefill":
+            self._decide(args[0] if args else kwargs["hidden_states"])
+        return args, kwargs
+
+    @torch.compiler.disable
+    def _decide(self, h: torch.Tensor) -> None:
+        """The prompt's decision, eager under ``torch.compile``: a data-dependent branch, and Python
+        bookkeeping (the decision log, the keep probabilities) that a graph would guard on."""
         mask = self.state.attention_mask
         if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(h.shape[:2])):
             logger.warning(
@@ -68,7 +73,6 @@ class _RouterHook(ModelHook):
             self.plan.skip = self.plan.skip | {self.index}
         if self.last:
             self.decisions.log.append(sorted(self.plan.skip))
-        return args, kwargs
 
 
 def attach_first_routers(config: RouterConfig, model: nn.Module, handle: SkipHandle) -> None:
