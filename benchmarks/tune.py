@@ -35,6 +35,9 @@ def tune_model(name: str, floors: list[float], args: Any) -> dict[str, Any]:
         options["max_new_tokens"] = args.max_new_tokens
     else:
         options["steps"] = args.steps or STEPS.get(name)
+        stats = harness.RESULTS / f"diffusion_gaussian_{name}.safetensors"  # fitted by benchmarks/diffusion.py
+        if stats.is_file():
+            options["gaussian_stats"] = str(stats)  # the analytic jump over the first steps becomes a candidate
         if name in SAMPLER:
             from mmskip.diffusion.sampler_names import make_scheduler
 

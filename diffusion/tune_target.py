@@ -29,7 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmskip.tuning.space import Candidate, Choice, FloatRange, IntRange, Param, Space, TuneContext, spaces_of
+from mmskip.tuning.space import (
+    Candidate,
+    Choice,
+    FloatRange,
+    IntRange,
+    Param,
+    Space,
+    TuneContext,
+    combine,
+    spaces_of,
+)
 from mmskip.tuning.target import TuneTarget, UnsupportedTargetError
 
 from .sampler_names import ALTERNATIVE_SAMPLERS, is_flow, make_scheduler, plannable, sampler_name
@@ -200,9 +210,17 @@ class PipelineTarget(TuneTarget):
         return TuneContext(self.denoiser, "denoiser", num_steps=self.steps, facts=facts)
 
     def spaces(self) -> list[Space]:
+        """Every declared technique alone, each model-level technique together with each sampler-level
+        one (what ``enable_skip([...])`` accepts: e.g. inheritance plus the Gaussian jump), and the peers."""
         from mmskip.inject import SkipConfig
 
-        return spaces_of(SkipConfig.registered(), self.context()) + self._peer_spaces()
+        from .plan import SamplerConfig
+
+        context, classes = self.context(), SkipConfig.registered()
+        models = spaces_of([c for c in classes if not issubclass(c, SamplerConfig)], context)
+        samplers = spaces_of([c for c in classes if issubclass(c, SamplerConfig)], context)
+        pairs = [combine(m, s) for m in models for s in samplers]
+        return models + samplers + pairs + self._peer_spaces()
 
     def _peer_spaces(self) -> list[Space]:
         """diffusers' caches, where the denoiser is a ``CacheMixin`` (their builds return settings)."""

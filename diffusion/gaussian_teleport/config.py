@@ -82,7 +82,7 @@ class GaussianTeleportConfig(SamplerConfig):
                 raise ValueError(f"skip_fraction={v['skip_fraction']:.3g} of {n} steps jumps over no step")
             return cls(stats_path=str(stats), skip_fraction=v["skip_fraction"])
 
-        return Space(cls.technique, {"skip_fraction": FloatRange(0.05, 0.4)}, build)
+        return Space(cls.technique, {"skip_fraction": FloatRange(0.05, 0.4)}, build, seeds=({"skip_fraction": 0.2},))
 
     def start(self, num_steps: int) -> int:
         """The first grid step the sampler runs."""

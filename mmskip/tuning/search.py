@@ -219,6 +219,8 @@ class _Search:
         configs: tuple[Any, ...] = ()
         if isinstance(built, dict):  # a peer's settings (e.g. a diffusers cache)
             settings = {**settings, **built}
+        elif isinstance(built, tuple):  # techniques applied together (a combined space)
+            configs = built
         elif built is not None:
             configs = (built,)
         family = space.family if space is not None else "fewer-steps"
@@ -262,8 +264,8 @@ class _Search:
                         self.log.append({"kind": "trial", "key": f"invalid:{trial.number}", "params": trial.params,
                                          "q": None, "error": str(e)})
                         done += 1
-                items = [(c, "trial", c.configs[0].technique if c.configs else c.family, dict(t.params))
-                         for t, c in pending]
+                items = [(c, "trial", "+".join(x.technique for x in c.configs) if c.configs else c.family,
+                          dict(t.params)) for t, c in pending]
                 for (trial, _), rec in zip(pending, self.measure(items)):
                     study.tell(trial, self._dominated_values() if rec.get("q") is None else [rec["q"], rec["cost"]])
                 done += len(pending)

@@ -187,4 +187,30 @@ def spaces_of(config_classes: Sequence[type], context: TuneContext) -> list[Spac
     return out
 
 
-__all__ += ["describe", "spaces_of"]
+def combine(first: Space, second: Space) -> Space:
+    """The space of two techniques applied together (e.g. feature inheritance on the denoiser plus an
+    analytic jump over the first steps): technique ``"a+b"``, each field named ``"a:field"``; its build
+    returns both configs. The target decides which pairs compose (a pipeline: one model-level technique
+    plus sampler-level ones); the seed is the first space's first seed with the second's, if any."""
+    def split(values: dict[str, Any], space: Space) -> dict[str, Any]:
+        mine = {k.split(":", 1)[1]: v for k, v in values.items() if k.startswith(space.technique + ":")}
+        shared = {k: v for k, v in values.items() if ":" not in k}  # target settings (num_inference_steps, ...)
+        return {**shared, **mine}
+
+    def build(values: dict[str, Any]) -> tuple[Any, Any]:
+        a, b = first.build(split(values, first)), second.build(split(values, second))
+        if isinstance(a, dict) or isinstance(b, dict):
+            raise ValueError("a peer's settings do not combine with another technique")
+        return a, b
+
+    params = {f"{sp.technique}:{k}": p for sp in (first, second) for k, p in sp.params.items()}
+    seeds: tuple[dict[str, Any], ...] = ()
+    if first.seeds:  # what the second space's seed leaves out (or a second space without seeds) is sampled
+        both = [(sp, sp.seeds[0]) for sp in (first, second) if sp.seeds]
+        seed = {f"{sp.technique}:{k}": v for sp, sd in both for k, v in sd.items() if k in sp.params}
+        seed.update({k: v for sp, sd in both for k, v in sd.items() if k not in sp.params})
+        seeds = (seed,)
+    return Space(f"{first.technique}+{second.technique}", params, build, first.family, seeds)
+
+
+__all__ += ["describe", "spaces_of", "combine"]

@@ -208,3 +208,28 @@ def test_bad_options_and_unsupported_pipelines():
         mmskip.tune(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), [1, 2], budget=1)
     with pytest.raises(TuneError):
         mmskip.tune(_dit(), [1, 2], budget=0, **FAST)
+
+
+def test_a_model_level_and_a_sampler_level_technique_are_tried_together(tmp_path):
+    from mmskip.diffusion import GaussianStats
+
+    pipe = _dit()
+    cfg = pipe.transformer.config
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(32, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    stats = str(GaussianStats.fit(latents, rank=4).save(tmp_path / "stats.safetensors"))
+    target = PipelineTarget(pipe, steps=8, guidance_scale=3.0, gaussian_stats=stats)
+    both = {s.technique: s for s in target.spaces()}["feature_inheritance+gaussian_teleport"]
+    fi, gt = both.build({**both.seeds[0], "sampler": "ddim"})
+    assert isinstance(fi, FeatureInheritanceConfig) and gt.skip_fraction == 0.2 and fi.schedule == interval(2)
+    mmskip.tune(target, [1, 2], held_out=[5, 7], floor=0.0, budget=5, out=tmp_path / "log", repeats=3, finalists=2,
+                progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "log" / LOG_NAME).read_text().splitlines()[1:]]
+    paired = [r for r in rows if r.get("group") == "feature_inheritance+gaussian_teleport"]
+    assert paired and paired[0]["q"] is not None, rows  # the seed pair ran: both configs enabled together
+    assert [c["technique"] for c in paired[0]["candidate"]["configs"]] == ["feature_inheritance", "gaussian_teleport"]
+    alone = [r for r in rows if r.get("group") == "feature_inheritance" and r.get("q") is not None
+             and r["candidate"]["settings"] == paired[0]["candidate"]["settings"]
+             and r["candidate"]["configs"][0] == paired[0]["candidate"]["configs"][0]]
+    if alone:  # the same inheritance at the same steps costs more without the jump over the first steps
+        assert paired[0]["cost"] < alone[0]["cost"]

@@ -30,6 +30,8 @@ def test_rounds_of_two_measure_the_same_trials_as_asked_and_logged(tmp_path):
     assert len(trials) == 5 and all("params" in t for t in trials)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # starting a local Ray cluster takes ~20 s on an idle 2-core machine, minutes on a loaded one
 def test_ray_backend_finds_exactly_the_local_search(tmp_path):
     ray = pytest.importorskip("ray")
     model = tiny_lm("llama", layers=4)
