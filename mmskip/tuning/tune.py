@@ -32,8 +32,9 @@ def _split(inputs: list[Any]) -> tuple[list[Any], list[Any]]:
 
 
 def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], score: Callable, metric: str,
-             repeats: int, progress: bool) -> list[Measured]:
-    """Re-score each finalist on the held-out inputs and time it against the baseline (paired)."""
+             repeats: int, progress: bool, timed: int) -> list[Measured]:
+    """Re-score each finalist on the held-out inputs and time it against the baseline (paired) on the
+    first ``timed`` of them (wall time needs repeated rounds, quality one pass)."""
     from ..timing import paired
 
     base = target.baseline()
@@ -48,7 +49,7 @@ def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], score:
         out, flops, _ = _run(target, cand, held)
         with target.applied(cand):
             extra = target.extra_metrics(held)
-        with target.timing_pair(cand, held) as (run_base, run_cand):
+        with target.timing_pair(cand, held[:timed]) as (run_base, run_cand):
             t = paired(run_base, {"c": run_cand}, repeats=repeats, warmup=1)["c"]
         measured.append(Measured(cand, {**score(out, ref), **extra}, t.speedup, t.spread,
                                  flops / base_flops if base_flops else None, t.seconds, t.baseline_seconds,
@@ -61,7 +62,7 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
          held_out: Sequence[Any] | None = None, metric: str | Callable[[Any, Any], float] | None = None,
          out: str | Path | None = None, seed: int = 0, finalists: int = 6, repeats: int = 5, progress: bool = True,
          backend: str = "local", workers: int | None = None, ray_address: str | None = None,
-         **target_options: Any) -> TuneResult:
+         timed_inputs: int = 4, **target_options: Any) -> TuneResult:
     """Find the fastest configuration of ``target`` whose quality on ``held_out`` meets ``floor``.
 
     Args:
@@ -82,12 +83,15 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
         workers: trials measured per round (Ray: that many actors; default 2). Local rounds of the
             same size measure one trial after another and find exactly what Ray finds.
         ray_address: a running Ray cluster (``"auto"``); default: start a local one with ``workers`` CPUs.
+        timed_inputs: how many of the held-out inputs the paired wall-time rounds run (quality is
+            scored on all of them); default 4.
         target_options: passed to the target (e.g. ``tokenizer=``, ``max_new_tokens=``).
     """
     t_start = time.perf_counter()
     trials, seconds = parse_budget(budget)
-    if finalists < 1 or repeats < 3:
-        raise TuneError(f"finalists must be >= 1 and repeats >= 3, got {finalists} and {repeats}")
+    if finalists < 1 or repeats < 3 or timed_inputs < 1:
+        raise TuneError(f"finalists and timed_inputs must be >= 1 and repeats >= 3, got {finalists}, "
+                        f"{timed_inputs} and {repeats}")
     from ..optional_deps import require
 
     require("optuna", "mmskip.tune")
@@ -124,7 +128,7 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     finally:
         evaluator.close()
     chosen = _finalists(search.records, float(floor), finalists)
-    measured = _confirm(t, chosen, held, score, name, repeats, progress)
+    measured = _confirm(t, chosen, held, score, name, repeats, progress, timed_inputs)
     ok = [m for m in measured[1:] if m.quality[name] >= floor]
     best = max(ok, key=lambda m: m.speedup, default=None)
     base = measured[0]
@@ -142,5 +146,6 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     logger.info("tune: %s", msg)
     return TuneResult(best.candidate, name, float(floor), measured, msg, n, time.perf_counter() - t_start,
                       type(t.model).__name__, {"calibration_inputs": len(calib), "held_out_inputs": len(held),
-                                               "repeats": repeats, "seed": seed, "backend": backend,
+                                               "repeats": repeats, "timed_inputs": min(timed_inputs, len(held)),
+                                               "seed": seed, "backend": backend,
                                                "workers": evaluator.workers})

@@ -142,6 +142,7 @@ def test_interrupted_search_keeps_its_log_and_continues(tmp_path):
     (dict(metric="bleu"), TuneError, "not one of this target's metrics"),
     (dict(metric=lambda o, r: 1 / 0), TuneError, "raised ZeroDivisionError"),
     (dict(repeats=1), TuneError, "repeats"),
+    (dict(timed_inputs=0), TuneError, "timed_inputs"),
 ])
 def test_bad_input_is_refused_before_any_search(kwargs, error, match):
     args = dict(inputs=PROMPTS[:2], held_out=PROMPTS[2:4], floor=0.0, budget=2, **FAST)
