@@ -26,11 +26,14 @@ class SkipStats:
         self.cost: dict[str, float] = {}
         self.fixed_cost: float = 0.0
         self.fixed_units: float = 0.0
+        self.uncounted = False  # some work ran inside a compiled graph, where nothing is counted
 
     def record(self, name: str, units: float = 1.0, skipped: float = 0.0) -> None:
         """``units`` reached item ``name``; ``skipped`` of them were not computed. Not counted
-        inside a ``torch.compile``d graph (a counter there would be a guard on every value)."""
+        inside a ``torch.compile``d graph (a counter there would be a guard on every value): the
+        stats then say so instead of reporting the uncounted work as not skipped."""
         if torch.compiler.is_compiling():
+            self.uncounted = True
             return
         self.seen[name] += units
         if skipped:
@@ -40,6 +43,7 @@ class SkipStats:
         self.seen.clear()
         self.skipped.clear()
         self.fixed_units = 0.0
+        self.uncounted = False
 
     def flops(self) -> tuple[float, float]:
         """(FLOPs spent, FLOPs the unmodified model would spend on the same work), estimated."""
@@ -61,13 +65,17 @@ class SkipStats:
         for n in names:
             seen, skipped = self.seen.get(n, 0.0), self.skipped.get(n, 0.0)
             items[n] = {"executed": seen - skipped, "skipped": skipped}
-        return {
+        out = {
             "items": items,
             "executed": sum(v["executed"] for v in items.values()),
             "skipped": sum(v["skipped"] for v in items.values()),
             "flops_fraction": self.flops_fraction(),
             "flops": dict(zip(("spent", "full"), self.flops())),
         }
+        if self.uncounted:  # never report compiled work as unskipped
+            out.update(flops_fraction=None, flops=None,
+                       counted="partly: decisions made inside torch.compile graphs are not counted")
+        return out
 
 
 def _natural_key(name: str) -> tuple:
