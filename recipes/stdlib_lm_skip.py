@@ -29,17 +29,18 @@ __all__ = ["train_stdlib_lm_skip", "matched_steps", "RECIPE"]
 # chosen by a sweep of 9 variants on a GPU (README "Skip-aware training"), every one compute-matched
 RECIPE: dict[str, Any] = {"layers": 24, "d": 64, "p_max": 0.2, "e_scale": 1.0, "rotation": 8,
                           "dropout_curriculum": "exponential"}
-REF_STEPS, REF_MACS = 800, 4.72e6  # stdlib-lm: steps, weight multiply-adds per token (layers + head)
+REF_STEPS, REF_MACS = 800, 4.72e6  # the first stdlib-lm: steps, weight multiply-adds per token (layers + head)
+LONG_STEPS = 12_000  # stdlib-lm's recipe now (recipes/stdlib_lm.py STAGES): steps are matched to this
 BATCH, SEQ, LR = 12, 256, 3e-3
 
 
-def matched_steps(layers: int, d: int, vocab: int, rotation: int | None) -> int:
-    """Steps whose multiply-adds equal ``stdlib-lm``'s 800: per token, ``layers`` Llama layers
+def matched_steps(layers: int, d: int, vocab: int, rotation: int | None, ref_steps: int = REF_STEPS) -> int:
+    """Steps whose multiply-adds equal ``ref_steps`` of ``stdlib-lm``: per token, ``layers`` Llama layers
     (4 d^2 attention + 12 d^2 SwiGLU) and the head once plus once per enabled early exit
     (about ``(layers - 1) / rotation`` of them)."""
     exits = 0.0 if rotation is None else (layers - 1) / rotation
     macs = layers * 16 * d * d + vocab * d * (1 + exits)
-    return round(REF_STEPS * REF_MACS / macs)
+    return round(ref_steps * REF_MACS / macs)
 
 
 def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, device: str | None = None,
@@ -66,7 +67,7 @@ def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, dev
     train_texts, test_texts = texts if texts is not None else (read_texts("train"), read_texts("test"))
     train_ids, test_ids = token_stream(tok, train_texts), token_stream(tok, test_texts)
     model = make_model(len(tok), layers=r["layers"], d=r["d"])
-    n_steps = steps if steps is not None else matched_steps(r["layers"], r["d"], len(tok), r["rotation"])
+    n_steps = steps if steps is not None else matched_steps(r["layers"], r["d"], len(tok), r["rotation"], LONG_STEPS)
     objectives: list = []
     if r["p_max"] > 0:
         objectives.append(LayerDropout(r["p_max"], curriculum=r["dropout_curriculum"], seed=seed))
@@ -76,8 +77,10 @@ def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, dev
         objectives.append(LanguageModeling())
     cfg = TrainConfig(steps=n_steps, batch_size=BATCH, seq_len=SEQ, lr=LR, warmup=50, weight_decay=0.1,
                       seed=seed, cpu=device == "cpu" or (device is None and not torch.cuda.is_available()),
-                      log_every=50)
-    result = train(model, objectives, train_ids, cfg)
+                      log_every=50, save_every=50 if steps is None else 0)
+    # a full run checkpoints under OUT/training and continues a stopped one when started again
+    result = train(model, objectives, train_ids, cfg, out=Path(out) / "training" if steps is None else None,
+                   resume=steps is None)
     wall = time.time() - t0
     model = result.model.to("cpu").float().eval()
     model.to(torch.float16).float()  # measure what is saved
@@ -111,6 +114,7 @@ def _card(out: Path, r: dict[str, Any], objectives: list, steps: int, metrics: d
                f"`LlamaForCausalLM`, {r['layers']} layers, d={r['d']}, SwiGLU {4 * r['d']}, tied embeddings, "
                f"{metrics['parameters'] / 1e6:.2f}M parameters. Objectives: {', '.join(map(repr, objectives))}. "
                f"AdamW lr {LR} (β 0.9/0.95, wd 0.1, 50 warm-up steps, cosine to 10 %), batch {BATCH}×{SEQ} tokens, "
-               f"{steps} steps: the same weight multiply-adds as `stdlib-lm`'s 800 (`matched_steps`). Saved in fp16.",
+               f"{steps} steps: the same weight multiply-adds as `stdlib-lm`'s {LONG_STEPS} (`matched_steps`). "
+               "Saved in fp16.",
                metrics, wall)
     skip_agreement(out)
