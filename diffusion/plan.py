@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,16 +132,6 @@ class SamplerConfig(SkipConfig):
         attached: the pipeline attaches it, see :class:`SamplerRoute`). Default: ``None``, no
         routing (the pipeline's own denoiser runs every visited step)."""
         return None
-
-    def saved_in(self, folder: Path) -> SamplerConfig:
-        """The config to store in a pipeline saved to ``folder`` (``save_pretrained``): a config that
-        reads a file copies it there and names it relative to the folder. Default: itself."""
-        return self
-
-    def loaded_from(self, folder: Path) -> SamplerConfig:
-        """This config as stored in the saved pipeline ``folder``, with file names relative to the
-        folder resolved against it (``from_pretrained``). Default: itself."""
-        return self
 
     def _attach(self, model: nn.Module, handle: SkipHandle) -> None:
         raise TypeError(

@@ -172,12 +172,21 @@ class SkipConfig:
             kwargs[key] = value
         return cls(**kwargs)
 
+    def saved_in(self, folder: Path) -> SkipConfig:
+        """The config as stored in ``folder``: one that reads a file copies it there and names it
+        relative to the folder, so the folder loads from anywhere. Default: itself."""
+        return self
+
+    def loaded_from(self, folder: Path) -> SkipConfig:
+        """The config as read from ``folder``, file names relative to it resolved. Default: itself."""
+        return self
+
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Write the config as ``mmskip_config.json`` in ``save_directory`` (created if needed)."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.saved_in(folder).to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -188,7 +197,7 @@ class SkipConfig:
             p = p / CONFIG_NAME
         if not p.is_file():
             raise FileNotFoundError(f"no mmskip config at {p}; write one with config.save_pretrained(folder)")
-        config = SkipConfig.from_dict(p.read_text())
+        config = SkipConfig.from_dict(p.read_text()).loaded_from(p.parent)
         if cls is not SkipConfig and not isinstance(config, cls):
             raise TypeError(f"{p} holds a {type(config).__name__}, not a {cls.__name__}")
         return config

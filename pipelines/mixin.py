@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 from mmskip.diffusion.plan import SamplerConfig, SamplerPlan, SamplerRoute
 from mmskip.diffusion.tracker import serving_this_thread
 
+from mmskip._config_files import SKIP_CONFIG_NAME, read_configs, write_configs
 from mmskip.inject import CallGuard, SkipConfig, SkipHandle, applied, apply
 
 from .skip_call import SkipCall, hooking, plan_call, strength_steps, validate
@@ -58,7 +59,6 @@ __all__ = ["SkipPipelineMixin", "SKIP_CONFIG_NAME"]
 
 logger = logging.getLogger(__name__)
 
-SKIP_CONFIG_NAME = "mmskip_skip_config.json"
 
 
 @dataclass
@@ -187,9 +187,7 @@ class SkipPipelineMixin:
             index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         target = folder / SKIP_CONFIG_NAME
         if state is not None:
-            saved = [c.saved_in(folder) if isinstance(c, SamplerConfig) else c for c in state.configs]
-            payload = {"configs": [c.to_dict() for c in saved]}
-            target.write_text(json.dumps(payload, indent=2) + "\n")
+            write_configs(state.configs, folder)
         elif target.exists():
             target.unlink()
 
@@ -353,12 +351,7 @@ class SkipPipelineMixin:
 def load_skip_configs(path: str | Path) -> list[SkipConfig]:
     """The configs a Skip pipeline's ``save_pretrained`` wrote (``mmskip_skip_config.json``); file
     names relative to the folder (the copied Gaussian stats) are resolved against it."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / SKIP_CONFIG_NAME
-    data = json.loads(p.read_text())
-    configs = [SkipConfig.from_dict(d) for d in data["configs"]]
-    return [c.loaded_from(p.parent) if isinstance(c, SamplerConfig) else c for c in configs]
+    return read_configs(path)
 
 
 def _diffusers_parent(cls: type) -> type:

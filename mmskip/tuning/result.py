@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._config_files import write_configs
 from .space import Candidate
 
 __all__ = ["Measured", "TuneResult", "RESULT_NAME"]
@@ -116,9 +117,8 @@ class TuneResult:
         (folder / RESULT_NAME).write_text(json.dumps(self.to_dict(), indent=1, default=str) + "\n")
         if len(self.best.configs) == 1:
             self.best.configs[0].save_pretrained(folder)
-        if self.best.configs:
-            (folder / "mmskip_skip_config.json").write_text(  # the pipelines' format (load_skip_configs)
-                json.dumps({"configs": [c.to_dict() for c in self.best.configs]}, indent=1) + "\n")
+        if self.best.configs:  # the pipelines' format (load_skip_configs); files the configs read are copied in
+            write_configs(self.best.configs, folder)
         return folder / RESULT_NAME
 
     @staticmethod

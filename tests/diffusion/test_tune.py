@@ -3,6 +3,7 @@ exact restoration, content seeds, declared spaces, diffusers' caches as peers, b
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,27 @@ def test_result_save_load_round_trips(tuned, tmp_path):
     with_config.save(tmp_path / "fi")
     assert mmskip.SkipConfig.from_pretrained(tmp_path / "fi") == with_config.best.configs[0]
     assert load_skip_configs(tmp_path / "fi") == list(with_config.best.configs)
+
+
+def test_a_saved_result_carries_the_files_its_configs_read(tuned, tmp_path):
+    """A tuned Gaussian jump names a stats file: the saved folder gets a copy and loads without the original."""
+    from mmskip.diffusion import GaussianStats, GaussianTeleportConfig
+
+    *_, r = tuned
+    stats = GaussianStats.fit(torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(1)), rank=2)
+    original = stats.save(tmp_path / "elsewhere" / "stats.safetensors")
+    jump = GaussianTeleportConfig(str(original), 0.2)
+    best = Candidate((FeatureInheritanceConfig(interval(2)), jump), {"num_inference_steps": 8})
+    dataclasses.replace(r, best=best).save(tmp_path / "tuned")
+    original.unlink()
+    fi, loaded = load_skip_configs(tmp_path / "tuned")
+    assert fi == best.configs[0] and loaded.skip_fraction == 0.2
+    assert Path(loaded.stats_path).parent == tmp_path / "tuned" and loaded.load_stats().mean.shape == stats.mean.shape
+    alone = dataclasses.replace(r, best=Candidate((jump,), {"num_inference_steps": 8}))
+    stats.save(original)
+    alone.save(tmp_path / "alone")
+    original.unlink()
+    assert mmskip.SkipConfig.from_pretrained(tmp_path / "alone").load_stats().mean.shape == stats.mean.shape
 
 
 def test_apply_enables_the_configs_and_sampler_and_returns_the_call_kwargs(tuned):
