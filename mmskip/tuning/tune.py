@@ -161,15 +161,18 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
         chosen += more
         measured += _confirm(t, more, held, score, name, repeats, progress, timed_inputs)[1:]
     ok = [m for m in measured[1:] if m.quality[name] >= floor]
-    best = max(ok, key=lambda m: m.speedup, default=None)
+    # faster means faster in most paired rounds: the lower quartile of the ratios is above 1
+    best = max((m for m in ok if m.spread[0] > 1.0), key=lambda m: m.speedup, default=None)
+    fastest = max(ok, key=lambda m: m.speedup, default=None)
     base = measured[0]
-    if best is None:
+    if fastest is None:
         msg = (f"no candidate keeps {name} >= {floor:g} on the held-out inputs; the baseline is returned "
                f"(the front shows the best trade-offs measured)")
         best = base
-    elif best.speedup <= 1.0:
+    elif best is None:
         msg = (f"none faster than the baseline at {name} >= {floor:g}: the fastest candidate meeting it ran at "
-               f"{best.speedup:.2f}x; the baseline is returned")
+               f"{fastest.speedup:.2f}x ({fastest.spread[0]:.2f}-{fastest.spread[1]:.2f}), not above 1 in most "
+               "paired rounds; the baseline is returned")
         best = base
     else:
         msg = (f"{best.candidate.label}: {best.speedup:.2f}x ({best.spread[0]:.2f}-{best.spread[1]:.2f}) at "
