@@ -31,17 +31,24 @@ def _split(inputs: list[Any]) -> tuple[list[Any], list[Any]]:
     return inputs[:half], inputs[half:]
 
 
-def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], score: Callable, metric: str,
-             repeats: int, progress: bool, timed: int) -> list[Measured]:
-    """Re-score each finalist on the held-out inputs and time it against the baseline (paired) on the
-    first ``timed`` of them (wall time needs repeated rounds, quality one pass)."""
-    from ..timing import paired
-
+def _held_out_baseline(target: Any, held: list[Any], score: Callable) -> tuple[Measured, Any, float]:
+    """The baseline on the held-out inputs, measured once: its entry, its outputs (the reference every
+    finalist is scored against) and its FLOPs."""
     base = target.baseline()
     ref, base_flops, _ = _run(target, base, held)
     with target.applied(base):
         base_extra = target.extra_metrics(held)
-    measured = [Measured(base, {**score(ref, ref), **base_extra}, flops_fraction=1.0 if base_flops else None)]
+    return Measured(base, {**score(ref, ref), **base_extra}, flops_fraction=1.0 if base_flops else None), ref, base_flops
+
+
+def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], base: Measured, ref: Any, base_flops: float,
+             score: Callable, metric: str, repeats: int, progress: bool, timed: int) -> list[Measured]:
+    """Re-score each finalist on the held-out inputs against ``ref`` and time it against the baseline
+    (paired) on the first ``timed`` of them (wall time needs repeated rounds, quality one pass);
+    ``base`` gets the baseline's seconds."""
+    from ..timing import paired
+
+    measured = []
     bar = tqdm(records, desc="tune: confirm on held-out", disable=not progress, unit="candidate")
     for rec in bar:
         cand = Candidate.from_dict(rec["candidate"])
@@ -54,7 +61,7 @@ def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], score:
         measured.append(Measured(cand, {**score(out, ref), **extra}, t.speedup, t.spread,
                                  flops / base_flops if base_flops else None, t.seconds, t.baseline_seconds,
                                  {metric: rec["q"], "flops_fraction": rec["cost"]}))
-        measured[0].seconds = measured[0].baseline_seconds = t.baseline_seconds
+        base.seconds = base.baseline_seconds = t.baseline_seconds
     return measured
 
 
@@ -153,18 +160,20 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     finally:
         evaluator.close()
     chosen = _finalists(search.records, float(floor), finalists)
-    measured = _confirm(t, chosen, held, score, name, repeats, progress, timed_inputs)
+    base, ref, held_flops = _held_out_baseline(t, held, score)
+    confirm = dict(held=held, base=base, ref=ref, base_flops=held_flops, score=score, metric=name, repeats=repeats,
+                   progress=progress, timed=timed_inputs)
+    measured = [base, *_confirm(t, chosen, **confirm)]
     for _ in range(ESCALATIONS):  # a group whose finalists all missed the floor held-out sends a safer one
         more = _escalate(search.records, chosen, measured, name, float(floor))
         if not more:
             break
         chosen += more
-        measured += _confirm(t, more, held, score, name, repeats, progress, timed_inputs)[1:]
+        measured += _confirm(t, more, **confirm)
     ok = [m for m in measured[1:] if m.quality[name] >= floor]
     # faster means faster in most paired rounds: the lower quartile of the ratios is above 1
     best = max((m for m in ok if m.spread[0] > 1.0), key=lambda m: m.speedup, default=None)
     fastest = max(ok, key=lambda m: m.speedup, default=None)
-    base = measured[0]
     if fastest is None:
         msg = (f"no candidate keeps {name} >= {floor:g} on the held-out inputs; the baseline is returned "
                f"(the front shows the best trade-offs measured)")
