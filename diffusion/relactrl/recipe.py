@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from mmskip.zoo.scenes_data import SAMPLING as SCENES_SAMPLING
+
 from .allocate import allocate
 from .branch import RelaCtrlFluxNet
 from .relevance import RelevanceReport, generate_controlled, relevance
@@ -37,7 +39,7 @@ NUM_BLOCKS = 3
 BATCH = 128
 CONTROLNET_STEPS = 3025
 RELACTRL_STEPS = 4000
-SAMPLING = {"height": 32, "width": 32, "num_inference_steps": 28, "max_sequence_length": 16, "true_cfg_scale": 4.0}
+SAMPLING = {**SCENES_SAMPLING, "num_inference_steps": 28}
 
 
 def _device(device: str | None) -> torch.device:

@@ -25,10 +25,9 @@ def zoo_inputs(name: str, n: int, offset: int = 0) -> list[dict[str, Any]] | Non
 
         return [{"prompt": caption((offset + i) % 10), "guidance_scale": 4.0, "seed": offset + i} for i in range(n)]
     if name == "scenes-flux":
-        from .scenes_data import MAX_LENGTH, make_split
+        from .scenes_data import SAMPLING, make_split
 
         captions = make_split("test", offset + n)[1]
-        # as trained and benchmarked: 32x32, MAX_LENGTH-token prompts (its text encoders' length), true CFG 4
-        call = {"height": 32, "width": 32, "max_sequence_length": MAX_LENGTH, "negative_prompt": "", "true_cfg_scale": 4.0}
-        return [{"prompt": captions[offset + i], **call, "seed": offset + i} for i in range(n)]
+        return [{"prompt": captions[offset + i], **SAMPLING, "negative_prompt": "", "seed": offset + i}
+                for i in range(n)]
     return None

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["SHAPES", "COLORS", "COUNTS", "RELATIONS", "Group", "Scene", "sample_scene", "render", "caption", "make_split",
-           "scenes_tensor", "MAX_LENGTH"]
+           "scenes_tensor", "MAX_LENGTH", "SAMPLING"]
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
@@ -36,6 +36,8 @@ _NUMBER = {1: "a", 2: "two", 3: "three"}
 _SEEDS = {"train": 0, "val": 1, "test": 2}
 _BACKGROUND = (24, 24, 28)
 MAX_LENGTH = 16  # scenes-flux's prompt length in tokens (its CLIP tokenizer and text encoders)
+# scenes-flux's call settings as trained and benchmarked (with negative_prompt="" for the true CFG)
+SAMPLING = {"height": 32, "width": 32, "max_sequence_length": MAX_LENGTH, "true_cfg_scale": 4.0}
 
 
 @dataclass(frozen=True)
