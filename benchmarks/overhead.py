@@ -37,10 +37,9 @@ from typing import Any
 
 import harness
 import torch
-from tune import SAMPLER, STEPS  # the headline samplers and step counts of the pipeline benchmarks
+from tune import STEPS, headline_target  # the zoo models at the pipeline benchmarks' headline settings
 
-from mmskip.tuning import make_target
-from mmskip.tuning.cli import load_model, stock_inputs
+from mmskip.tuning.cli import stock_inputs
 from mmskip.tuning.search import _run
 from mmskip.tuning.space import Candidate
 
@@ -163,17 +162,7 @@ def default_config(target: Any, name: str) -> tuple[Any, str]:
 
 def model_target(name: str, args: Any) -> tuple[Any, list[Any]]:
     """The tuning target of zoo model ``name`` and its stock inputs (checked as the tuner checks them)."""
-    model, options = load_model(name)
-    if "tokenizer" not in options:  # a pipeline
-        options["steps"] = args.steps or STEPS.get(name)
-        stats = harness.RESULTS / f"diffusion_gaussian_{name}.safetensors"  # written by benchmarks/diffusion.py
-        if stats.is_file():
-            options["gaussian_stats"] = str(stats)
-        if name in SAMPLER:
-            from mmskip.diffusion.sampler_names import make_scheduler
-
-            model.scheduler = make_scheduler(model.scheduler, SAMPLER[name])
-    target = make_target(model, **options)
+    target = headline_target(name, args.steps)
     if target.kind == "lm":  # VLMs and Florence-2 keep their targets' answer lengths
         target.max_new_tokens = args.max_new_tokens
     n = args.inputs or INPUTS.get(target.kind, 4)

@@ -29,20 +29,28 @@ SAMPLER = {"digits-dit": "dpm++2m", "digits-sd": "dpm++2m"}  # the headline samp
 STEPS = {"digits-dit": 25, "digits-sd": 25, "scenes-flux": 28}
 
 
-def tune_model(name: str, floors: list[float], args: Any) -> dict[str, Any]:
+def headline_target(name: str, steps: int | None = None, max_new_tokens: int | None = None) -> Any:
+    """The tuning target of zoo model ``name`` at the benchmarks' headline settings: pipelines get their
+    sampler and step count and, when ``benchmarks/diffusion.py`` fitted them, the Gaussian stats (so
+    the analytic jump over the first steps is a candidate); language models ``max_new_tokens``."""
     model, options = load_model(name)
     if "tokenizer" in options:
-        options["max_new_tokens"] = args.max_new_tokens
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
     else:
-        options["steps"] = args.steps or STEPS.get(name)
-        stats = harness.RESULTS / f"diffusion_gaussian_{name}.safetensors"  # fitted by benchmarks/diffusion.py
+        options["steps"] = steps or STEPS.get(name)
+        stats = harness.RESULTS / f"diffusion_gaussian_{name}.safetensors"
         if stats.is_file():
-            options["gaussian_stats"] = str(stats)  # the analytic jump over the first steps becomes a candidate
+            options["gaussian_stats"] = str(stats)
         if name in SAMPLER:
             from mmskip.diffusion.sampler_names import make_scheduler
 
             model.scheduler = make_scheduler(model.scheduler, SAMPLER[name])
-    target = make_target(model, **options)
+    return make_target(model, **options)
+
+
+def tune_model(name: str, floors: list[float], args: Any) -> dict[str, Any]:
+    target = headline_target(name, args.steps, args.max_new_tokens)
     calib, held = stock_inputs(name, target, args.inputs), stock_inputs(name, target, args.held_out, offset=args.inputs)
     rows, results = [], {}
     for floor in floors:
