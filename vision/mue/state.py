@@ -18,7 +18,19 @@ from ..generation_replay import Generations
 if TYPE_CHECKING:
     from .config import MuEConfig
 
-__all__ = ["MuEState", "EncoderRecord", "EncoderPass", "DecoderPass"]
+__all__ = ["MuEState", "EncoderRecord", "EncoderPass", "DecoderPass", "NEVER", "or_never", "cosine"]
+
+NEVER = 2.0  # a threshold the clamped cosine (<= 1) can never exceed
+
+
+def or_never(value: float | None) -> float:
+    """A threshold as a float: ``None`` (no exits there) becomes :data:`NEVER`."""
+    return NEVER if value is None else float(value)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity over the last dim in float32, clamped to [-1, 1]: the exit signal."""
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).clamp(-1.0, 1.0)
 
 
 @dataclass

@@ -1,0 +1,139 @@
+"""MuE's decoder hooks: exits per generated token and the KV rule.
+
+``DecoderHook`` on the decoder opens a :class:`DecoderPass` per forward (the threshold at each
+position, pinned or replayed exits) and records its exits; ``DecoderLayerHook`` runs, skips (only
+computing the exited tokens' K/V for the cache, through the adapter) or runs densely and keeps the
+exited tokens' state, then decides who exits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+
+from mmskip._phase import ArgumentsHook, get_cache
+from mmskip.inject import CallGuard, SkipHandle
+
+from .state import DecoderPass, MuEState, cosine, or_never
+
+__all__ = ["DecoderHook", "DecoderLayerHook"]
+
+
+class DecoderHook(ArgumentsHook):
+    """On the decoder: opens a :class:`DecoderPass` per forward and records its exits."""
+
+    def __init__(self, state: MuEState, handle: SkipHandle, guard: CallGuard) -> None:
+        super().__init__()
+        self.state, self.handle, self.guard = state, handle, guard
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(module.forward)  # read now: a lazy read is a guard under compile
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        bound = self.arguments(args, kwargs)
+        x = bound.get("inputs_embeds")
+        x = bound.get("input_ids") if x is None else x
+        if x is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        cache = get_cache(bound)
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        st = self.state
+        gen = st.generations.current()
+        no_cache = cache is None or bound.get("use_cache") is False
+        with self.guard.call(starts=past == 0):
+            # generate(use_cache=False) recomputes every position at each step: earlier ones replay their exits
+            replay = gen.decisions if gen is not None and gen.forwards > 0 and no_cache else None
+            st.dec = self._open(int(x.shape[0]), int(x.shape[1]), past, x.device, replay)
+            try:
+                out = self.fn_ref.original_forward(*args, **kwargs)
+            except BaseException:
+                st.dec = None
+                raise
+            p, st.dec = st.dec, None
+            self._record(p)
+            if gen is not None:
+                gen.forwards += 1
+                gen.decisions = p.exit_layer if no_cache else None
+            return out
+
+    def _open(self, B: int, q: int, past: int, dev: torch.device, replay: torch.Tensor | None) -> DecoderPass:
+        st, cfg = self.state, self.state.config
+        L = st.adapter.num_decoder_layers
+        pinned, measure_from = st.pinned_decoder, 0
+        if pinned is None and replay is not None and replay.shape[0] == B and replay.shape[1] < q:
+            measure_from = replay.shape[1]
+            pinned = torch.cat([replay.to(dev), replay.new_full((B, q - measure_from), -1, device=dev)], dim=1)
+        elif pinned is not None:
+            measure_from = q
+            if pinned.shape[0] != B or pinned.shape[1] < past + q:
+                raise ValueError(
+                    f"mmskip MuE: pinned decoder exits cover {pinned.shape[0]} rows x {pinned.shape[1]} positions; this "
+                    f"forward needs {B} rows x positions {past}..{past + q - 1}. unpin_exits() or stay within them"
+                )
+            pinned = pinned[:, past: past + q].to(dev)
+        thr = torch.tensor([or_never(cfg.decoder_threshold_at(past + j)) for j in range(q)], device=dev)
+        return DecoderPass(
+            layers=L, batch=B, q=q, past=past, done=torch.zeros(B, q, dtype=torch.bool, device=dev),
+            exit_layer=torch.full((B, q), L, dtype=torch.long, device=dev), thr=thr,
+            measure=L > 1 and bool((thr < 1.0).any()), pinned=pinned, measure_from=measure_from,
+        )
+
+    def _record(self, p: DecoderPass) -> None:
+        st = self.state
+        if p.past == 0:
+            st.decoder_exits, st.decoder_dense, st.decoder_complete = p.exit_layer, p.dense, True
+            return
+        prev = st.decoder_exits
+        st.decoder_dense += p.dense
+        if prev is not None and st.decoder_complete and tuple(prev.shape) == (p.batch, p.past):
+            st.decoder_exits = torch.cat([prev, p.exit_layer.to(prev.device)], dim=1)
+        else:
+            st.decoder_exits, st.decoder_complete = p.exit_layer, False
+
+
+class DecoderLayerHook(ModelHook):
+    """A decoder layer under MuE. Tokens that exited pass their state on unchanged, and this
+    layer's self-attention K/V for them are computed from that state (the KV rule): when every
+    token of the forward has exited, only those K/V run (appended to the cache); in a mixed batch
+    the layer runs densely and the exited tokens' outputs are replaced by their inputs."""
+
+    def __init__(self, index: int, state: MuEState, handle: SkipHandle) -> None:
+        super().__init__()
+        self.index, self.state, self.handle = index, state, handle
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        p = self.state.dec
+        if p is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        h = args[0] if args else kwargs["hidden_states"]
+        i, n = self.index, p.batch * p.q
+        kv_skipped = rest_skipped = 0
+        if not bool(p.done.any()):
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        elif bool(p.done.all()):
+            adapter = self.state.adapter
+            cache = adapter.decoder_layer_cache(args, kwargs)
+            if cache is not None:
+                adapter.append_self_kv(i, cache, h, args, kwargs)
+            else:
+                kv_skipped = n  # no cache and no running query: nobody needs this layer's K/V
+            out, rest_skipped = h, n
+        else:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            out = torch.where(p.done[..., None], h, out)
+            p.dense += int(p.done.sum())
+        self.handle.counts.record(f"decoder.{i}", n, rest_skipped)
+        self.handle.counts.record(f"decoder.{i}.kv", n, kv_skipped)
+        st = self.state
+        if i + 1 >= st.min_layers and i < p.layers - 1 and (p.measure or p.pinned is not None):
+            run, k = ~p.done, p.measure_from
+            new = run & (p.pinned == i + 1) if p.pinned is not None else torch.zeros_like(run)
+            if p.measure and k < p.q:
+                new[:, k:] |= run[:, k:] & (cosine(h[:, k:], out[:, k:]) > p.thr[None, k:])
+            p.done |= new
+            p.exit_layer = torch.where(new, i + 1, p.exit_layer)
+        return out
