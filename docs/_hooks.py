@@ -1,0 +1,59 @@
+"""MkDocs hooks for mmskip's docs site (declared under ``hooks:`` in ``mkdocs.yml``).
+
+* The ``mmskip`` package is installed from four folders (``mmskip/``, ``vision/``, ``diffusion/``,
+  ``pipelines/``; setuptools ``package-dir`` in ``pyproject.toml``). mkdocstrings reads the source
+  statically (griffe), which finds a package in one folder only, so before the build this hook lays
+  the package out as it is installed (a temporary ``mmskip/`` of links to every entry of
+  ``mmskip/`` plus the three wings) and points mkdocstrings' Python handler at it.
+* The figures stay where the benchmarks write them (``benchmarks/results/*.png``, served as
+  ``results/NAME.png``), and each zoo model card (``mmskip/zoo/models/NAME/README.md``) is served
+  as the page ``zoo/NAME.md``: nothing is copied into ``docs/``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+from mkdocs.plugins import event_priority
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parents[1]
+WINGS = {"vision": "vision", "diffusion": "diffusion", "pipelines": "pipelines"}
+RESULTS = ROOT / "benchmarks" / "results"
+CARDS = ROOT / "mmskip" / "zoo" / "models"
+
+
+def installed_layout(dest: Path) -> Path:
+    """Build ``dest/mmskip`` as the installed package (links into the repository); returns ``dest``."""
+    pkg = dest / "mmskip"
+    pkg.mkdir(parents=True)
+    for entry in (ROOT / "mmskip").iterdir():
+        if entry.name not in WINGS and entry.name != "__pycache__":
+            (pkg / entry.name).symlink_to(entry)
+    for name, folder in WINGS.items():
+        (pkg / name).symlink_to(ROOT / folder)
+    return dest
+
+
+@event_priority(100)  # before mkdocstrings' on_config, which creates the Python handler
+def on_config(config):  # noqa: ANN001, ANN201  (MkDocs' hook signature)
+    src = Path(tempfile.mkdtemp(prefix="mmskip-api-src-"))
+    atexit.register(shutil.rmtree, src, ignore_errors=True)
+    installed_layout(src)
+    handlers = config.plugins["mkdocstrings"].config["handlers"]
+    handlers.setdefault("python", {})["paths"] = [str(src)]
+    return config
+
+
+def on_files(files, config):  # noqa: ANN001, ANN201
+    for png in sorted(RESULTS.glob("*.png")):
+        files.append(File(f"results/{png.name}", src_dir=str(RESULTS.parent), dest_dir=config.site_dir,
+                          use_directory_urls=config.use_directory_urls))
+    files.append(File("app_screenshot.png", src_dir=str(ROOT / "apps"), dest_dir=config.site_dir,
+                      use_directory_urls=config.use_directory_urls))
+    for card in sorted(CARDS.glob("*/README.md")):
+        files.append(File.generated(config, f"zoo/{card.parent.name}.md", abs_src_path=str(card)))
+    return files
