@@ -1,6 +1,6 @@
 """The compatibility matrix: ControlNet, img2img / inpainting (strength), LoRA, from_pipe, on tiny models.
 
-Each test is one cell (technique x feature) of the table in ``diffusion/README.md``.
+Each test is one cell (technique x feature) of the table in ``docs/pipelines.md``.
 torch.compile and offloading are in ``test_compile_offload.py``; video (Wan) in
 ``test_family_pipelines.py``.
 """

@@ -1,6 +1,6 @@
 """torch.compile and offloading under a drop-in pipeline (tiny SD; CPU; a counting dynamo backend).
 
-Rows of the compatibility matrix in ``diffusion/README.md``.
+Rows of the compatibility matrix in ``docs/pipelines.md``.
 """
 
 from __future__ import annotations
