@@ -1,4 +1,4 @@
-"""MuE: multiple early exits in an encoder-decoder vision-language model (Florence-2).
+"""MuE: multiple early exits in an encoder-decoder vision-language model (Florence-2, T5Gemma 2).
 
 Tang et al., "You Need Multiple Exiting: Dynamic Early Exiting for Accelerating Unified Vision
 Language Model" (CVPR 2023, https://arxiv.org/abs/2211.11152) exit twice per input, both times
@@ -23,9 +23,10 @@ on the cosine similarity of a layer's input and output (the "saturation" signal,
   new one is measured, so its tokens are the cached run's.
 
 See ``vision/mue/README.md``. Files: ``config.py`` (:class:`MuEConfig`), ``state.py``
-(:class:`MuEState`, :class:`EncoderRecord` and the per-call passes), ``hooks.py`` (the hooks and
-:func:`attach_mue`), ``train.py`` (layer-wise training, ``python -m mmskip.vision.mue.train``);
-the model facts are in :mod:`mmskip.vision.adapters.encdec_vlm`.
+(:class:`MuEState`, :class:`EncoderRecord` and the per-call passes), ``encoder.py`` and
+``decoder.py`` (the hooks), ``hooks.py`` (:func:`attach_mue`), ``train.py`` (layer-wise training,
+``python -m mmskip.vision.mue.train``); the model facts are in
+:mod:`mmskip.vision.adapters.encdec_vlm` and :mod:`mmskip.vision.adapters.t5gemma2`.
 """
 
 from __future__ import annotations

@@ -45,8 +45,9 @@ class MuEConfig(SkipConfig):
     Unified Vision Language Model", https://arxiv.org/abs/2211.11152 (authors' code: the ``MuE``
     classes of github.com/Tangshengku/OFA). Every exit compares a layer's input and output by
     cosine similarity and exits when it *exceeds* the threshold (``cos > threshold``, cosine
-    clamped to 1, so 1.0 never exits). Supported: ``Florence2ForConditionalGeneration`` and
-    ``Florence2Model`` (registry kind ``"encdec-vlm"``). See ``vision/mue/README.md``.
+    clamped to 1, so 1.0 never exits). Supported: ``Florence2ForConditionalGeneration``,
+    ``Florence2Model``, ``T5Gemma2ForConditionalGeneration`` and ``T5Gemma2Model`` (registry kind
+    ``"encdec-vlm"``). See ``vision/mue/README.md``.
 
     Args:
         image_threshold: encoder exit threshold for image tokens, default 0.99; in [0, 1] or None
