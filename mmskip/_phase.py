@@ -144,8 +144,10 @@ class _PhaseHook(ModelHook):
             phase = "prefill" if s.generate_past == 0 else "decode"
         else:
             phase = "prefill" if _cache_empty(cache) else "decode"
-        if torch.compiler.is_compiling():  # no thread ids, no counters: nothing a graph must guard on
+        if torch.compiler.is_compiling():  # no thread ids: nothing a graph must guard on (counts stay on the device)
             self._classify(s, phase, x, bound)
+            for name in self.layer_names:
+                self.handle.counts.record(name, s.tokens, like=x)
             return self.fn_ref.original_forward(*args, **kwargs)
         with self.guard.call(starts=phase == "prefill"):  # refuses a second thread before any state changes
             s.decode_step = 0 if phase == "prefill" else s.decode_step + (phase == "decode")
@@ -207,9 +209,8 @@ class HeadCounter(ModelHook):
         self.handle = handle
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if not torch.compiler.is_compiling():
-            x = args[0] if args else next(iter(kwargs.values()))
-            self.handle.counts.fixed_units += x.shape[:-1].numel()
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.handle.counts.record_fixed(x.shape[:-1].numel(), like=x)
         return args, kwargs
 
 
@@ -220,6 +221,8 @@ def track_forwards(adapter: DecoderAdapter, handle: SkipHandle, costs: dict[str,
     guard = CallGuard(handle.config.technique)
     handle.counts.cost.update(costs)
     handle.counts.fixed_cost = adapter.head_flops()
+    param = next(adapter.model.parameters(), None)
+    handle.counts.declare(list(costs), param.device if param is not None else torch.device("cpu"))
     handle.add_hook(adapter.decoder, _PhaseHook(state, handle, list(costs), adapter.decoder.forward, guard), ".phase")
     if adapter.head is not None:
         handle.add_hook(adapter.head, HeadCounter(handle), ".head")

@@ -1,26 +1,52 @@
-"""SkipStats never reports work it could not count (inside torch.compile graphs) as unskipped."""
+"""SkipStats counts work recorded inside torch.compile graphs and as device tensors exactly as
+Python numbers recorded eagerly, and reads the device-side counts only when asked."""
 
+import pytest
 import torch
 
 from mmskip._skip_stats import SkipStats
 
 
-def test_records_inside_a_compiled_graph_make_the_stats_say_they_are_partial():
+def test_records_inside_a_compiled_graph_are_counted_like_eager_ones():
     stats = SkipStats()
     stats.cost["layer"] = 10.0
+    stats.fixed_cost = 5.0
     stats.record("layer", 4, 2)
-    assert stats.as_dict()["flops_fraction"] == 0.5 and "counted" not in stats.as_dict()
+    stats.record_fixed(2)
 
     @torch.compile(backend="eager", fullgraph=True)
     def step(x):
-        stats.record("layer", 4, 4)
+        stats.record("layer", x.shape[0], x.shape[0], like=x)
+        stats.record_fixed(x.shape[0], like=x)
         return x + 1
 
     torch._dynamo.reset()
-    step(torch.zeros(2))
+    step(torch.zeros(4))
+    step(torch.zeros(4))
     d = stats.as_dict()
-    assert d["flops_fraction"] is None and d["flops"] is None and "torch.compile" in d["counted"]
-    assert d["items"]["layer"] == {"executed": 2.0, "skipped": 2.0}  # the eager record is kept
+    assert d["items"]["layer"] == {"executed": 2.0, "skipped": 10.0}
+    assert d["flops"] == {"spent": 20.0 + 50.0, "full": 120.0 + 50.0}  # fixed: 2 + 8 units of 5
+    assert d["flops_fraction"] == pytest.approx(70.0 / 170.0)
+    assert stats.as_dict() == d  # reading twice does not count twice
+
+
+def test_tensor_counts_are_read_lazily_and_reset_clears_them():
+    stats = SkipStats()
+    stats.cost["ffn"] = 1.0
+    mask = torch.tensor([True, False, True])
+    stats.record("ffn", 0, mask.sum())
+    stats.record("ffn", 3)
+    assert stats.seen == {"ffn": 3} and not stats.skipped  # the tensor count is not read yet
+    assert stats.as_dict()["items"]["ffn"] == {"executed": 1.0, "skipped": 2.0}
     stats.reset()
-    stats.record("layer", 2, 1)
-    assert stats.as_dict()["flops_fraction"] == 0.5 and "counted" not in stats.as_dict()
+    stats.record("ffn", 2, torch.tensor(0))
+    assert stats.as_dict()["items"] == {"ffn": {"executed": 2.0, "skipped": 0.0}}
+    stats.reset()
+    assert stats.as_dict()["items"] == {}  # a zeroed accumulator is no recorded item
+
+
+def test_an_item_recorded_with_nothing_skipped_is_listed_as_in_eager():
+    eager, dev = SkipStats(), SkipStats()
+    eager.record("b", 3, 0)
+    dev.record("b", torch.tensor(3), 0)
+    assert dev.as_dict()["items"]["b"] == eager.as_dict()["items"]["b"]

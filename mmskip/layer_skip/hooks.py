@@ -107,7 +107,7 @@ class LayerSkipHook(ModelHook):
         if cache is not None and kwargs.get("use_cache", True) is not False:
             fill_skipped_kv(cache, self.plan, self.index, hidden.shape[1])
         record_skipped_attention(self.adapter, self.plan.cache_idx[self.index], hidden, kwargs)
-        self.handle.counts.record(self.name, 0, hidden.shape[0] * hidden.shape[1])
+        self.handle.counts.record(self.name, 0, hidden.shape[0] * hidden.shape[1], like=hidden)
         return self.adapter.skipped("layer", args, kwargs)
 
     def _splice(self, args: tuple, kwargs: dict) -> Any:
