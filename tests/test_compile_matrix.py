@@ -84,7 +84,6 @@ def _vision(name: str) -> Any:
     return {"pmod": MoDConfig, "videomod": VideoMoDConfig}[name]()
 
 
-_NO_STATS = "stats() under compile counts nothing: SkipStats.record returns while torch.compiler.is_compiling()"
 _REPLAY = ("fullgraph: Unsupported: threading.get_ident in vision/generation_replay.py:48 (the thread's generation), "
            "then in the CallGuard InputHook holds (mmskip/_guard.py enter), then InputHook's data-dependent "
            "bool(routed.any()): p-MoD's prefill / decode / replay decisions are host-side Python by design")
@@ -92,20 +91,16 @@ _REPLAY = ("fullgraph: Unsupported: threading.get_ident in vision/generation_rep
 CASES: dict[str, Case] = {
     "plain-llama": Case(_lm, lambda t: None, _lm_prompts),
     "layer_skip-decode": Case(
-        _lm, lambda t: mmskip.LayerSkipConfig(schedule=schedules.explicit(skip=[1, 2]), phase="decode"), _lm_prompts,
-        xfail={"stats": _NO_STATS}),
+        _lm, lambda t: mmskip.LayerSkipConfig(schedule=schedules.explicit(skip=[1, 2]), phase="decode"), _lm_prompts),
     "layer_skip-all": Case(
-        _lm, lambda t: mmskip.LayerSkipConfig(schedule=schedules.explicit(skip=[1, 2]), phase="all"), _lm_prompts,
-        xfail={"stats": _NO_STATS}),
+        _lm, lambda t: mmskip.LayerSkipConfig(schedule=schedules.explicit(skip=[1, 2]), phase="all"), _lm_prompts),
     "ffn_skip": Case(
         _lm, lambda t: mmskip.FFNSkipConfig(schedule=schedules.adaptive(0.5, "cosine", warmup=2, max_skip=0.5),
-                                            cold=(1, 0), span=1), _lm_prompts,
-        xfail={"stats": _NO_STATS}),
+                                            cold=(1, 0), span=1), _lm_prompts),
     "void_layers": Case(
         _lm, lambda t: mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.9, "l2_change", max_skip=0.5),
                                               min_void_fraction=0.1), _lm_prompts, slow=True,
-        xfail={"stats": _NO_STATS,
-               "no_recompile": "second call recompiles (a hook's new_forward): guard "
+        xfail={"no_recompile": "second call recompiles (a hook's new_forward): guard "
                                "kwargs['cache'].layers[0].is_initialized == False",
                "fullgraph": "fullgraph: GuardOnDataDependentSymNode at void_layers/lac.py void_skip_set .tolist()"}),
     "swift": Case(
@@ -117,22 +112,21 @@ CASES: dict[str, Case] = {
                             "per-thread skip predicate)"}),
     "first_routers": Case(
         _lm, _routers, _lm_prompts,
-        xfail={"stats": _NO_STATS,
-               "fullgraph": "fullgraph: Unsupported: skip inlining the torch.compiler.disable'd prefill decision "
+        xfail={"fullgraph": "fullgraph: Unsupported: skip inlining the torch.compiler.disable'd prefill decision "
                             "(_RouterHook._decide: a data-dependent branch)"}),
     "plain-llava": Case(tiny_llava, lambda t: None, lambda: (padded_prompts(), padded_prompts(seed=7)), static=False,
                         slow=True),
     "pmod": Case(
         tiny_llava, lambda t: _vision("pmod"), lambda: (padded_prompts(), padded_prompts(seed=7)),
         static=False, slow=True,  # p-MoD keeps a per-layer number of tokens: DynamicCache only
-        xfail={"stats": _NO_STATS, "fullgraph": _REPLAY}),
+        xfail={"fullgraph": _REPLAY}),
     "plain-onevision": Case(tiny_onevision, lambda t: None,
                             lambda: (onevision_video_prompts(), onevision_video_prompts(seed=9)), static=False,
                             slow=True),
     "videomod": Case(
         tiny_onevision, lambda t: _vision("videomod"),
         lambda: (onevision_video_prompts(), onevision_video_prompts(seed=9)), static=False, slow=True,
-        xfail={"stats": _NO_STATS, "fullgraph": _REPLAY}),
+        xfail={"fullgraph": _REPLAY}),
     "plain-florence": Case(tiny_florence, lambda t: None, lambda: (florence_prompts(), florence_prompts(seed=5))),
     "mue": Case(
         tiny_florence, lambda t: copy.deepcopy(EXITS), lambda: (florence_prompts(), florence_prompts(seed=5)),
