@@ -167,7 +167,7 @@ def test_a_bad_input_shows_one_clear_message(browser):
 
 @pytest.mark.skipif(not os.environ.get("MMSKIP_APP_SCREENSHOT"), reason="set MMSKIP_APP_SCREENSHOT=PATH to redraw it")
 def test_readme_screenshot(browser):
-    """The README's picture: every tab's header and the Diffusion tab's default run (30 steps).
+    """The app's picture in docs/cli.md: every tab's header and the Diffusion tab's default run (30 steps).
     ``MMSKIP_APP_SCREENSHOT=apps/app_screenshot.png pytest tests/apps/test_app_browser.py``."""
     browser.refresh()  # the defaults back, no toasts left from other tests
     _tab(browser, "Diffusion")
