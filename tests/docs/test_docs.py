@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,23 @@ def test_api_reference_covers_every_public_name(site):
     missing = [n for n in want if n not in have and defined_at(n) not in have]
     assert not missing, f"not in the API reference (add them to docs/api/): {missing}"
     assert len(want) > 150
+
+
+POINTERS = ("README.md", "diffusion/README.md", "vision/README.md", "vision/mue/README.md")
+LINK = re.compile(r"\]\((?!https?://)([^)#\s]+)(?:#([^)\s]+))?\)")
+
+
+@pytest.mark.parametrize("readme", POINTERS)
+def test_readme_links_reach_the_docs(site, readme):
+    """The READMEs point into docs/: every relative link names a file that exists, and every anchor
+    into a docs page is an id on the built page."""
+    source = ROOT / readme
+    links = LINK.findall(source.read_text())
+    assert links, f"{readme} links nowhere"
+    for target, anchor in links:
+        path = (source.parent / target).resolve()
+        assert path.exists(), f"{readme} links to {target}, which does not exist"
+        if anchor and path.suffix == ".md" and (ROOT / "docs") in path.parents:
+            page = path.relative_to(ROOT / "docs").with_suffix("")
+            html = site / (page.parent if page.name == "index" else page) / "index.html"
+            assert f'id="{anchor}"' in html.read_text(), f"{readme} links to {target}#{anchor}: no such anchor"
