@@ -53,3 +53,10 @@ def test_page_examples_run(page: Path, tmp_path, monkeypatch):
             exec(compile(block, f"{page.relative_to(DOCS.parent)} (block {i + 1})", "exec"), scope)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.rglob("*.md")), ids=lambda p: str(p.relative_to(DOCS)))
+def test_code_fences_are_closed(page: Path):
+    """An unclosed fence turns the rest of a page into one code block, which a strict build accepts."""
+    fences = [line for line in page.read_text().splitlines() if line.lstrip().startswith("```")]
+    assert len(fences) % 2 == 0, f"{page.name}: an odd number of ``` fences"
