@@ -100,20 +100,24 @@ CASES: dict[str, Case] = {
     "void_layers": Case(
         _lm, lambda t: mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.9, "l2_change", max_skip=0.5),
                                               min_void_fraction=0.1), _lm_prompts, slow=True,
-        xfail={"no_recompile": "second call recompiles (a hook's new_forward): guard "
-                               "kwargs['cache'].layers[0].is_initialized == False",
-               "fullgraph": "fullgraph: GuardOnDataDependentSymNode at void_layers/lac.py void_skip_set .tolist()"}),
+        xfail={"no_recompile": "the skip set is decided per prompt ({2} for one prompt, {3} for the other) and is "
+                               "Python control flow in the decode graph: each set compiles its own graph (recompile-"
+                               "free would need a device-side branch per layer, torch.cond); first failing guard: "
+                               "kwargs['cache'].layers[0].is_initialized in a layer's frame resumed after the "
+                               ".tolist() break",
+               "fullgraph": "fullgraph: GuardOnDataDependentSymNode at void_layers/lac.py void_skip_set .tolist(): "
+                            "the prompt's skip set is read to the host (once per prompt) by design"}),
     "swift": Case(
         _lm, lambda t: mmskip.SelfSpeculativeConfig(attn_skip=(2,), mlp_skip=(1, 2), confidence=0.0, max_draft=4),
         _lm_prompts, static=False, slow=True,  # SWIFT takes the dynamic cache only
-        xfail={"no_recompile": "second call recompiles: input_ids size mismatch at index 1, expected 1, actual 2 "
-                               "(draft / verify lengths)",
-               "fullgraph": "fullgraph: Unsupported: threading.get_ident in mmskip/swift/draft.py:49 (the draft's "
-                            "per-thread skip predicate)"}),
+        xfail={"fullgraph": "fullgraph: Unsupported: threading.get_ident in mmskip/swift/draft.py when (the draft's "
+                            "per-thread skip predicate: a compiled graph cannot tell threads apart)"}),
     "first_routers": Case(
         _lm, _routers, _lm_prompts,
         xfail={"fullgraph": "fullgraph: Unsupported: skip inlining the torch.compiler.disable'd prefill decision "
-                            "(_RouterHook._decide: a data-dependent branch)"}),
+                            "(_RouterHook._decide): the routers pick during prefill, layer by layer, which layers "
+                            "run, a data-dependent branch; a full graph would need torch.cond around each routed "
+                            "layer (its KV copy inside the branch)"}),
     "plain-llava": Case(tiny_llava, lambda t: None, lambda: (padded_prompts(), padded_prompts(seed=7)), static=False,
                         slow=True),
     "pmod": Case(

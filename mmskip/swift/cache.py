@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["unsupported", "prepare", "crop", "length"]
+__all__ = ["unsupported", "prepare", "crop", "length", "full_layers"]
 
 _SUPPORTED = (DynamicLayer, DynamicSlidingWindowLayer)
 
@@ -61,3 +61,12 @@ def crop(cache: Any, n: int) -> None:
         if extra < 0:
             raise RuntimeError(f"cache layer holds {length(layer)} tokens, fewer than the {n} verified ones")
         layer.crop(-extra)  # crop(0) trims a sliding-window layer back to its window
+        if extra and type(layer) is DynamicLayer:  # a view into the longer tensor: give it its own storage, so
+            # a compiled forward sees the strides of any other cache of this length (one graph for all lengths)
+            layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
+
+
+def full_layers(cache: Any) -> list[DynamicLayer]:
+    """The cache's initialised full-attention layers (their keys and values grow with the sequence)."""
+    return [layer for layer in getattr(cache, "layers", None) or []
+            if type(layer) is DynamicLayer and layer.is_initialized]

@@ -31,6 +31,7 @@ __all__ = ["decode"]
 def _forward(state: SwiftState, model: torch.nn.Module, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None,
              pos: torch.Tensor, keep: int, draft: bool) -> torch.Tensor:
     kwargs = {cache_kwarg(model): cache}  # `cache` in transformers >= 5.2x, `past_key_values` before
+    _dynamic_lengths(ids, mask, pos, cache)
     if draft:
         with state.draft.drafting():
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -46,6 +47,19 @@ def _forward(state: SwiftState, model: torch.nn.Module, ids: torch.Tensor, cache
         st.record(f"mlp.{i}", rows, rows if i in mlp else 0)
     st.fixed_units += keep if keep else rows
     return out.logits[0]
+
+def _dynamic_lengths(ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any) -> None:
+    """Tell ``torch.compile`` (a compiled ``model.forward``) that sequence and cache lengths vary:
+    prompts, verifications of 2..max_draft + 1 tokens and every cache length then share one graph
+    instead of compiling one per length the first time it appears (a hint only: length 1, the
+    draft step, keeps its own graph)."""
+    for t in (ids, mask, pos):
+        if t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+    for layer in kv.full_layers(cache):
+        torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+        torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+
 
 @torch.no_grad()
 def _score(state: SwiftState, model: torch.nn.Module, window: torch.Tensor, target: torch.Tensor,
