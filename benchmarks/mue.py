@@ -3,6 +3,7 @@
     python benchmarks/mue.py                                  # zoo digits-florence, 50 held-out strips per task
     python benchmarks/mue.py --model runs/zoo/digits-florence # any from_pretrained folder with its tokenizer
     python benchmarks/mue.py --smoke                          # seconds: tiny random Florence-2
+    python benchmarks/mue.py --family t5gemma2                # random T5Gemma 2: speed and FLOPs only
 
 Configs, all on the same model, greedy generation at batch 1 (up to 12 new tokens):
 
@@ -32,6 +33,9 @@ Measured per config on the held-out strips (the recipe's held-out set, the first
   with module hooks on both sides of the pair); fraction = median over chunk pairs of config / unmodified.
 
 The issue's goal: >= 40 % less decoding time at >= 97 % of the unaccelerated exact match.
+
+``--family t5gemma2`` (``benchmarks/_mue_t5gemma2.py``) runs MuE on the second family, T5Gemma 2, with
+*random* weights (no trained one here): times, layer-token and FLOPs fractions only, no quality.
 """
 
 from __future__ import annotations
@@ -311,7 +315,12 @@ def main(argv: list[str] | None = None) -> dict:
                           smoke=f"seconds: {SMOKE_MODEL}, 1 strip per task, 5 configs, 1 round")
     p.add_argument("--model", default="digits-florence", help="zoo name or from_pretrained folder")
     p.add_argument("--n", type=int, default=50, help="held-out strips per task")
+    p.add_argument("--family", choices=("florence2", "t5gemma2"), default="florence2",
+                   help="t5gemma2: a random T5Gemma 2 (speed and FLOPs only; --model and --n do not apply)")
+    p.add_argument("--prompts", type=int, default=8, help="t5gemma2: random prompts per timed round")
     args = p.parse_args(argv)
+    if args.family == "t5gemma2":
+        return _t5gemma2(args)
     if args.smoke:
         args.n, args.repeats = 1, 1
     torch.set_num_threads(1)
@@ -343,6 +352,18 @@ def main(argv: list[str] | None = None) -> dict:
         return res
     harness.write(args.out or harness.RESULTS / "mue.json", res, table + "\n" + NOTES,
                   lambda png: _plot(rows, meta, png))
+    return res
+
+
+def _t5gemma2(args) -> dict:
+    import _mue_t5gemma2 as T5G
+
+    torch.set_num_threads(1)
+    res = T5G.run(args)
+    table = T5G.table(res)
+    print("\n" + table)
+    if not (args.smoke and not args.out):
+        harness.write(args.out or harness.RESULTS / "mue_t5gemma2.json", res, table + "\n" + T5G.NOTES)
     return res
 
 

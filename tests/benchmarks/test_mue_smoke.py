@@ -33,3 +33,20 @@ def test_smoke_run_writes_finite_results(load_bench, tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
     assert "| unmodified |" in (tmp_path / "mue.md").read_text()
     assert "| CALM conf 0.9 |" in capsys.readouterr().out
+
+
+def test_t5gemma2_smoke_run_reports_speed_and_flops_only(load_bench, tmp_path):
+    """``--family t5gemma2 --smoke``: a random T5Gemma 2; MuE's fractions come from its stats; the table
+    says the weights are random (speed and FLOPs only)."""
+    bench = load_bench("mue", "bench_mue_t5g")
+    out = tmp_path / "mue_t5gemma2.json"
+    res = bench.main(["--smoke", "--family", "t5gemma2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert res["meta"]["weights"] == "random"
+    rows = {r["config"]: r for r in res["rows"]}
+    assert set(rows) == {"unmodified", "MuE dec 0.9", "truncate dec 1/2"}
+    mue = rows["MuE dec 0.9"]
+    assert 0 < mue["decoder_layer_tokens"] <= 1 and mue["encoder_layer_tokens"] == 1.0
+    assert 0 < mue["flops_fraction"] <= 1 and math.isfinite(mue["time_fraction"])
+    assert rows["truncate dec 1/2"]["decoder_layer_tokens"] == 0.5
+    assert "random weights: speed and FLOPs only, not quality" in (tmp_path / "mue_t5gemma2.md").read_text()
