@@ -181,6 +181,26 @@ def test_layer_set_is_reused_across_calls_and_confidence_stops_drafts():
         assert stats["verify_forwards"] - 1 <= stats["drafted_tokens"] <= stats["verify_forwards"]
 
 
+def test_found_layer_set_saves_and_later_applications_skip_the_search(tmp_path):
+    """The search runs once per model: the config with the found set, saved and loaded, drafts with
+    that set and never searches, and greedy output is still the plain model's."""
+    model = tiny_lm("llama", layers=8)
+    ps = prompts(2)
+    with mmskip.applied(model, SelfSpeculativeConfig(**EAGER)) as handle:
+        assert handle.state.found_config() is None
+        plain(model, ps[0])
+        found = handle.state.found_config()
+        searched = handle.stats()
+    assert searched["search_evals"] > 0 and found.fixed
+    loaded = mmskip.SkipConfig.from_pretrained(found.save_pretrained(tmp_path))
+    assert loaded == found
+    ref = plain(model, ps[1])
+    with mmskip.applied(model, loaded) as handle:
+        assert torch.equal(plain(model, ps[1]), ref)
+        stats = handle.stats()
+    assert stats["search_evals"] == 0 and stats["layer_set"] == searched["layer_set"] and stats["drafted_tokens"] > 0
+
+
 def test_remove_restores_generate_and_outputs():
     model = tiny_lm("llama", layers=6)
     ids = prompts(1)[0]

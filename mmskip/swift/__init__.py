@@ -13,6 +13,8 @@ the drafted tokens with the full model in one forward: no extra model, no traini
   proposed: its draft forward is already paid for and verifying one more token is nearly free.
 - **Reuse**: the layer set found in one call is kept on the handle and reused by later calls;
   a call whose acceptance rate falls below ``reoptimize_below`` makes the next call search again.
+  ``handle.state.found_config()`` is the config with that set fixed: saved (``save_pretrained``),
+  it lets the search run once per model, not once per process.
 - **Lossless**: greedy output is the full model's greedy output token for token; sampling uses
   the speculative-sampling acceptance rule (Leviathan et al., 2023; Chen et al., 2023) on the
   distributions transformers' own logits processors and warpers produce, so the sampled tokens

@@ -3,6 +3,7 @@ found, and the counters behind ``handle.stats()``."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,15 @@ class SwiftState(TechniqueState):
             self.warned.add(fallback.key)
             warnings.warn(f"{fallback.why}; falling back to transformers' generate (mmskip warns once per reason)",
                           UserWarning, stacklevel=3)
+
+    def found_config(self) -> SelfSpeculativeConfig | None:
+        """The applied config with the layer set found so far fixed (``attn_skip`` / ``mlp_skip``),
+        or None before the first search: save it (``save_pretrained``) to search once per model and
+        draft with that set in later processes, without searching again."""
+        if self.layer_set is None:
+            return None
+        attn, mlp = self.layer_set
+        return dataclasses.replace(self.config, attn_skip=tuple(sorted(attn)), mlp_skip=tuple(sorted(mlp)))
 
     def reset_layer_set(self) -> None:
         """Forget the found layer set; the next ``generate`` searches again."""
