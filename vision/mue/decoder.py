@@ -17,7 +17,7 @@ from diffusers.hooks import ModelHook
 from mmskip._phase import ArgumentsHook, get_cache
 from mmskip.inject import CallGuard, SkipHandle
 
-from .state import DecoderPass, MuEState, cosine, or_never
+from .state import DecoderPass, MuEState, cosine, guarded, or_never
 
 __all__ = ["DecoderHook", "DecoderLayerHook"]
 
@@ -42,9 +42,10 @@ class DecoderHook(ArgumentsHook):
         cache = get_cache(bound)
         past = int(cache.get_seq_length()) if cache is not None else 0
         st = self.state
-        gen = st.generations.current()
         no_cache = cache is None or bound.get("use_cache") is False
-        with self.guard.call(starts=past == 0):
+        # only generate(use_cache=False) replays (a per-thread lookup: kept out of cached, compiled steps)
+        gen = st.generations.current() if no_cache else None
+        with guarded(self.guard, starts=past == 0):
             # generate(use_cache=False) recomputes every position at each step: earlier ones replay their exits
             replay = gen.decisions if gen is not None and gen.forwards > 0 and no_cache else None
             st.dec = self._open(int(x.shape[0]), int(x.shape[1]), past, x.device, replay)

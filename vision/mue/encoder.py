@@ -24,7 +24,7 @@ from mmskip._phase import ArgumentsHook
 from mmskip.inject import CallGuard, SkipHandle
 
 from ..adapters import EncDecVLMAdapter
-from .state import NEVER, EncoderPass, EncoderRecord, MuEState, cosine, or_never
+from .state import NEVER, EncoderPass, EncoderRecord, MuEState, cosine, guarded, or_never
 
 __all__ = ["PlaceholderHook", "EncoderHook", "EncoderKVHook", "EncoderLayerHook"]
 
@@ -90,7 +90,7 @@ class EncoderHook(ArgumentsHook):
         image = st.take_image_mask()
         if x is None:  # transformers raises its own error
             return self.fn_ref.original_forward(*args, **kwargs)
-        with self.guard.call(starts=True):
+        with guarded(self.guard, starts=True):
             st.enc = self._open(x, image, bound.get("attention_mask"))
             try:
                 out = self.fn_ref.original_forward(*args, **kwargs)

@@ -4,13 +4,14 @@ the layer hooks), the last encoder pass's exits per token, the current generatio
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmskip.inject import TechniqueState
+from mmskip.inject import CallGuard, TechniqueState
 
 from ..adapters import EncDecVLMAdapter
 from ..generation_replay import Generations
@@ -18,7 +19,7 @@ from ..generation_replay import Generations
 if TYPE_CHECKING:
     from .config import MuEConfig
 
-__all__ = ["MuEState", "EncoderRecord", "EncoderPass", "DecoderPass", "NEVER", "or_never", "cosine"]
+__all__ = ["MuEState", "EncoderRecord", "EncoderPass", "DecoderPass", "NEVER", "or_never", "cosine", "guarded"]
 
 NEVER = 2.0  # a threshold the clamped cosine (<= 1) can never exceed
 
@@ -31,6 +32,12 @@ def or_never(value: float | None) -> float:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity over the last dim in float32, clamped to [-1, 1]: the exit signal."""
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).clamp(-1.0, 1.0)
+
+
+def guarded(guard: CallGuard, starts: bool) -> contextlib.AbstractContextManager:
+    """``guard.call(starts)`` eagerly; nothing inside a ``torch.compile`` trace, where a thread id and
+    a lock cannot be traced (a compiled caller does not get the concurrent-use check)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else guard.call(starts=starts)
 
 
 @dataclass
