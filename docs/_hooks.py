@@ -5,8 +5,8 @@
   statically (griffe), which finds a package in one folder only, so before the build this hook lays
   the package out as it is installed (a temporary ``mmskip/`` of links to every entry of
   ``mmskip/`` plus the three wings) and points mkdocstrings' Python handler at it.
-* The figures stay where the benchmarks write them (``benchmarks/results/*.png``, served as
-  ``results/NAME.png``), and each zoo model card (``mmskip/zoo/models/NAME/README.md``) is served
+* The figures stay where the benchmarks write them (``benchmarks/results/**/*.png``, served as
+  ``results/...png``), and each zoo model card (``mmskip/zoo/models/NAME/README.md``) is served
   as the page ``zoo/NAME.md``: nothing is copied into ``docs/``.
 """
 
@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WINGS = {"vision": "vision", "diffusion": "diffusion", "pipelines": "pipelines"}
 RESULTS = ROOT / "benchmarks" / "results"
 CARDS = ROOT / "mmskip" / "zoo" / "models"
+# per-run scratch folders under benchmarks/results (git-ignored trial logs), not figures to serve
+RUN_FOLDERS = {"tune_runs", "tune_smoke_runs"}
 
 
 def installed_layout(dest: Path) -> Path:
@@ -49,9 +51,11 @@ def on_config(config):  # noqa: ANN001, ANN201  (MkDocs' hook signature)
 
 
 def on_files(files, config):  # noqa: ANN001, ANN201
-    for png in sorted(RESULTS.glob("*.png")):
-        files.append(File(f"results/{png.name}", src_dir=str(RESULTS.parent), dest_dir=config.site_dir,
-                          use_directory_urls=config.use_directory_urls))
+    for png in sorted(RESULTS.rglob("*.png")):
+        if png.relative_to(RESULTS).parts[0] in RUN_FOLDERS:
+            continue
+        files.append(File(png.relative_to(RESULTS.parent).as_posix(), src_dir=str(RESULTS.parent),
+                          dest_dir=config.site_dir, use_directory_urls=config.use_directory_urls))
     files.append(File("app_screenshot.png", src_dir=str(ROOT / "apps"), dest_dir=config.site_dir,
                       use_directory_urls=config.use_directory_urls))
     for card in sorted(CARDS.glob("*/README.md")):
