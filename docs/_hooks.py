@@ -17,8 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.plugins import event_priority
-from mkdocs.structure.files import File
+from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
 WINGS = {"vision": "vision", "diffusion": "diffusion", "pipelines": "pipelines"}
@@ -41,7 +42,8 @@ def installed_layout(dest: Path) -> Path:
 
 
 @event_priority(100)  # before mkdocstrings' on_config, which creates the Python handler
-def on_config(config):  # noqa: ANN001, ANN201  (MkDocs' hook signature)
+def on_config(config: MkDocsConfig) -> MkDocsConfig:
+    """Point mkdocstrings at a temporary copy of the installed layout (links, removed at exit)."""
     src = Path(tempfile.mkdtemp(prefix="mmskip-api-src-"))
     atexit.register(shutil.rmtree, src, ignore_errors=True)
     installed_layout(src)
@@ -50,7 +52,8 @@ def on_config(config):  # noqa: ANN001, ANN201  (MkDocs' hook signature)
     return config
 
 
-def on_files(files, config):  # noqa: ANN001, ANN201
+def on_files(files: Files, config: MkDocsConfig) -> Files:
+    """Serve the benchmark figures and the zoo's model cards from where they live."""
     for png in sorted(RESULTS.rglob("*.png")):
         if png.relative_to(RESULTS).parts[0] in RUN_FOLDERS:
             continue
