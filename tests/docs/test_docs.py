@@ -94,3 +94,16 @@ def check_links(site: Path, readme: str) -> None:
             page = path.relative_to(ROOT / "docs").with_suffix("")
             html = site / (page.parent if page.name == "index" else page) / "index.html"
             assert f'id="{anchor}"' in html.read_text(), f"{readme} links to {target}#{anchor}: no such anchor"
+
+
+def test_docs_hook_lays_out_every_package_folder():
+    """docs/_hooks.py rebuilds the installed layout for mkdocstrings from the same folders as
+    pyproject.toml's package-dir (a new wing folder must be added to both)."""
+    tomllib = pytest.importorskip("tomllib")
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        hooks = importlib.import_module("_hooks")
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {f"mmskip.{k}": v for k, v in hooks.WINGS.items()} | {"mmskip": "mmskip"} == package_dir
