@@ -373,6 +373,7 @@ def attach_mod(config: MoDConfig, model: torch.nn.Module, handle: SkipHandle) ->
     text = adapter.text
     state.costs = [text.layer_flops(i) for i in range(text.num_layers)]
     handle.counts.cost.update({f"layer.{i}": c for i, c in enumerate(state.costs)})
+    handle.counts.declare([f"layer.{i}" for i in range(text.num_layers)], next(model.parameters()).device)
     if adapter.head is not None:
         handle.counts.fixed_cost = text._linear_flops(adapter.head)
         handle.add_hook(adapter.head, HeadCounter(handle), ".head")
