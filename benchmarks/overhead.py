@@ -12,8 +12,9 @@ its runs, its quality metric):
    recorded, and the table flags a zero config that fails either.
 2. **Default config**: the first seed of the technique's declared ``search_space`` (with the
    target's settings, steps and sampler, left at the baseline's) or, without seeds, the config's
-   defaults: paired speedup, FLOPs bound (1 / FLOPs fraction, counted by ``mmskip.tune``'s
-   ``_run`` on the first input, prompt included) and speedup / bound.
+   defaults: paired speedup, FLOPs bound (1 / FLOPs fraction, counted with
+   ``torch.utils.flop_counter`` over every timed input, prompts included: a language model that
+   stops early on some input is then not reported faster than its bound) and speedup / bound.
 3. **Quality** at the default: the target's own metric (greedy agreement for LMs, PSNR for
    pipelines, answer agreement for VLMs and Florence-2).
 
@@ -28,19 +29,21 @@ makes), whose ratio shows the pairing's own bias and noise.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import harness
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tune import STEPS, headline_target  # the zoo models at the pipeline benchmarks' headline settings
 
 from mmskip.tuning.cli import stock_inputs
-from mmskip.tuning.search import _run
 from mmskip.tuning.space import Candidate
 
 INPUTS = {"lm": 8, "pipeline": 4, "vlm": 32, "encoder_decoder": 8}  # stock inputs per run, by target kind
@@ -169,6 +172,16 @@ def model_target(name: str, args: Any) -> tuple[Any, list[Any]]:
     return target, target.check_inputs(stock_inputs(name, target, n), "inputs")
 
 
+def counted_run(target: Any, candidate: Candidate, inputs: list[Any]) -> tuple[Any, float, float]:
+    """Outputs of ``candidate`` on every input, their FLOPs (``torch.utils.flop_counter``) and the
+    seconds of that counted run (a flop counter slows every op: not a timing)."""
+    with target.applied(candidate):
+        t0 = time.perf_counter()
+        with FlopCounterMode(display=False) as counter:
+            out = target.run(inputs)
+        return out, float(counter.get_total_flops()), time.perf_counter() - t0
+
+
 def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any, base_flops: float,
             repeats: int) -> dict[str, Any]:
     """One row: the zero config's checks and overhead, the default's speedup, bound and quality."""
@@ -181,7 +194,7 @@ def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any
     if tech.zero is not None:
         zero = tech.zero(target)
         timed["zero"] = Candidate(configs=(zero,), settings=settings, label=f"{tech.name} zero")
-        out, flops, _ = _run(target, timed["zero"], inputs)
+        out, flops, _ = counted_run(target, timed["zero"], inputs)
         frac = flops / base_flops
         equal = same(out, ref)
         row.update(zero_config=zero.to_dict(), zero_note=tech.zero_note, zero_flops_fraction=frac,
@@ -191,7 +204,7 @@ def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any
         row.update(zero_config=None, zero_note=tech.zero_note)
     default, label = default_config(target, tech.name)
     timed["default"] = Candidate(configs=(default,), settings=settings, label=label)
-    out, flops, _ = _run(target, timed["default"], inputs)
+    out, flops, _ = counted_run(target, timed["default"], inputs)
     frac = flops / base_flops
     row.update(default_config=default.to_dict(), default_label=label, flops_fraction=frac,
                flops_bound=1.0 / frac if frac > 0 else None, quality=target.quality(out, ref))
@@ -228,8 +241,8 @@ def model_rows(name: str, techs: list[Technique], args: Any) -> list[dict[str, A
     if not todo:
         return rows
     target, inputs = model_target(name, args)
-    ref, base_flops, base_s = _run(target, target.baseline(), inputs)
-    print(f"{name}: {len(inputs)} inputs, baseline {base_s:.2f} s, {base_flops / 1e9:.3g} GFLOPs on the first")
+    ref, base_flops, base_s = counted_run(target, target.baseline(), inputs)
+    print(f"{name}: {len(inputs)} inputs, {base_flops / 1e9:.3g} GFLOPs (counted run {base_s:.1f} s)")
     for tech in todo:
         try:
             row = measure(tech, name, target, inputs, ref, base_flops, args.repeats)
@@ -260,6 +273,8 @@ def table_row(r: dict[str, Any]) -> list[str]:
     lo, hi = r["default_spread"]
     bound = f"{r['flops_bound']:.2f}x" if r["flops_bound"] else "-"
     ratio = f"{r['speedup_over_bound']:.2f}" if r["speedup_over_bound"] is not None else "-"
+    if r["flops_bound"] and lo > r["flops_bound"]:  # faster than its FLOPs allow: not the skipping alone
+        ratio += " **above the bound (quartiles too)**"
     quality = f"{r['metric']} {r['quality'][r['metric']]:.3g}"
     return [r["technique"], r["model"], zero, r["default_label"], f"{r['default_speedup']:.2f}x ({lo:.2f}-{hi:.2f})",
             bound, ratio, quality]
@@ -273,7 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--inputs", type=int, default=None, help=f"stock inputs per run (default by kind: {INPUTS})")
     p.add_argument("--steps", type=int, default=None, help="pipelines: baseline steps (default: 25)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="language models: greedy tokens per prompt")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: join the rows of earlier runs (one per model, say) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        out = {"meta": {**runs[0]["meta"], "merged": [str(f) for f in args.merge]},
+               "rows": [row for r in runs for row in r["rows"]]}
+        return report(out, args.out)
     if args.smoke:
         args.models = args.models or "stdlib-lm,digits-dit"
         args.inputs, args.steps, args.max_new_tokens, args.repeats = 1, 4, 4, 3
@@ -294,6 +316,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "rows": []}
     for name, techs in by_model.items():
         out["rows"] += model_rows(name, techs, args)
+    return report(out, args.out)
+
+
+def report(out: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Print and write ``out``'s table (Markdown beside the JSON)."""
     head = ["technique", "model", "zero-skip overhead % (IQR)", "default config", "speedup (IQR)", "FLOPs bound",
             "speedup / bound", "quality"]
     summary = harness.table(head, [table_row(r) for r in out["rows"]])
@@ -301,11 +328,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              + (f", zero vs null {pct(r['zero_vs_null_overhead_pct'])}" if "zero_vs_null_overhead_pct" in r else "")
              for r in out["rows"] if "null_speedup" in r]
     notes = ("Eager, paired against the unmodified model (median of the paired ratios, quartiles in brackets); "
-             f"{args.repeats} pairs per figure; overhead % = 1 / speedup - 1. Null pairs (the baseline against "
+             f"{out['meta']['repeats']} pairs per figure; overhead % = 1 / speedup - 1. Null pairs (the baseline against "
              "itself, run as the target's timing_pair runs a candidate; LMs: a deep copy of the model), and the "
              "zero-skip overhead against that null candidate in the same rounds: " + ("; ".join(nulls) or "none") + ".")
     print(summary + "\n\n" + notes)
-    harness.write(args.out, out, summary + "\n\n" + notes)
+    harness.write(path, out, summary + "\n\n" + notes)
     return out
 
 

@@ -39,3 +39,14 @@ def test_overhead_lists_unmeasured_techniques(load_bench, tmp_path, threads):
     assert [(r["technique"], r["status"]) for r in res["rows"]] == [
         ("first_routers", "not measured: no trained routers ship in the zoo")]
     assert "not measured: no trained routers" in out.with_suffix(".md").read_text()
+
+
+def test_overhead_merges_runs_into_one_table(load_bench, tmp_path, threads):
+    bench = load_bench("overhead")
+    a, b, joined = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "all.json"
+    bench.main(["--smoke", "--techniques", "first_routers", "--out", str(a)])
+    bench.main(["--smoke", "--techniques", "first_routers", "--models", "stdlib-lm", "--out", str(b)])
+    res = bench.main(["--merge", str(a), str(b), "--out", str(joined)])
+    assert len(res["rows"]) == 2 and res["meta"]["merged"] == [str(a), str(b)]
+    assert json.loads(joined.read_text())["rows"] == res["rows"]
+    assert joined.with_suffix(".md").read_text().count("no trained routers ship") == 2
