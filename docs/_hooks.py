@@ -14,15 +14,27 @@ from __future__ import annotations
 
 import atexit
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the docs extra's `build` brings tomli on Python 3.10
+    import tomli as tomllib
 
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
-WINGS = {"vision": "vision", "diffusion": "diffusion", "pipelines": "pipelines"}
+
+def package_dirs() -> dict[str, str]:
+    """``mmskip``'s subpackages that live in their own folder: pyproject.toml's package-dir, e.g.
+    ``{"vision": "vision", "diffusion": "diffusion", "pipelines": "pipelines"}``."""
+    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {name.removeprefix("mmskip."): folder for name, folder in dirs.items() if name.startswith("mmskip.")}
+
 RESULTS = ROOT / "benchmarks" / "results"
 CARDS = ROOT / "mmskip" / "zoo" / "models"
 # per-run scratch folders under benchmarks/results (git-ignored trial logs), not figures to serve
@@ -33,10 +45,11 @@ def installed_layout(dest: Path) -> Path:
     """Build ``dest/mmskip`` as the installed package (links into the repository); returns ``dest``."""
     pkg = dest / "mmskip"
     pkg.mkdir(parents=True)
+    wings = package_dirs()
     for entry in (ROOT / "mmskip").iterdir():
-        if entry.name not in WINGS and entry.name != "__pycache__":
+        if entry.name not in wings and entry.name != "__pycache__":
             (pkg / entry.name).symlink_to(entry)
-    for name, folder in WINGS.items():
+    for name, folder in wings.items():
         (pkg / name).symlink_to(ROOT / folder)
     return dest
 
