@@ -134,8 +134,7 @@ CASES: dict[str, Case] = {
     "plain-florence": Case(tiny_florence, lambda t: None, lambda: (florence_prompts(), florence_prompts(seed=5))),
     "mue": Case(
         tiny_florence, lambda t: copy.deepcopy(EXITS), lambda: (florence_prompts(), florence_prompts(seed=5)),
-        xfail={"stats": "stats() under compile loses the decoder's items (decoder.0/1 missing, others short)",
-               "fullgraph": "fullgraph: data-dependent branch bool(p.done.any()) in vision/mue/decoder.py "
+        xfail={"fullgraph": "fullgraph: data-dependent branch bool(p.done.any()) in vision/mue/decoder.py "
                             "DecoderLayerHook.new_forward (whether a layer runs is the exit decision)"}),
 }
 

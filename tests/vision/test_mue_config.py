@@ -237,3 +237,23 @@ def test_scheduled_config_round_trip(tmp_path):
         assert again == cfg and isinstance(again.decoder_schedule, (schedules.DecayingThreshold, type(None)))
     SCHEDULED.save_pretrained(tmp_path)
     assert SkipConfig.from_pretrained(tmp_path) == SCHEDULED
+
+
+@pytest.mark.parametrize("cfg", [
+    MuEConfig(decoder_threshold=0.95, decay=0.9, floor=0.5),
+    MuEConfig(decoder_threshold=1.0, decay=0.99, floor=0.9),  # never at position 0, from position 1 on
+    MuEConfig(decoder_threshold=1.0, decay=1.0, floor=0.9),  # never
+    MuEConfig(decoder_threshold=None),
+    MuEConfig(decoder_schedule=schedules.decaying(0.97, decay=0.95, floor=0.8, warmup=2)),
+], ids=["decaying", "from-1", "never", "none", "schedule"])
+def test_decoder_threshold_table_is_the_configs(florence, cfg):
+    """The per-position thresholds the decoder reads (a table, grown past 512 positions) are the
+    config's own floats, and 'can any exit' agrees with them."""
+    from mmskip.vision.mue.state import or_never
+
+    with mmskip.applied(florence, cfg) as h:
+        for past, q in ((0, 1), (3, 4), (0, 9), (509, 6), (1500, 2)):
+            thr, active = h.state.decoder_thresholds(past, q, torch.device("cpu"))
+            want = torch.tensor([or_never(cfg.decoder_threshold_at(t)) for t in range(past, past + q)])
+            assert torch.equal(thr, want)
+            assert active == bool((want < 1.0).any())

@@ -17,7 +17,7 @@ from diffusers.hooks import ModelHook
 from mmskip._phase import ArgumentsHook, get_cache
 from mmskip.inject import CallGuard, SkipHandle
 
-from .state import DecoderPass, MuEState, cosine, guarded, or_never
+from .state import DecoderPass, MuEState, cosine, guarded
 
 __all__ = ["DecoderHook", "DecoderLayerHook"]
 
@@ -62,7 +62,7 @@ class DecoderHook(ArgumentsHook):
             return out
 
     def _open(self, B: int, q: int, past: int, dev: torch.device, replay: torch.Tensor | None) -> DecoderPass:
-        st, cfg = self.state, self.state.config
+        st = self.state
         L = st.adapter.num_decoder_layers
         pinned, measure_from = st.pinned_decoder, 0
         if pinned is None and replay is not None and replay.shape[0] == B and replay.shape[1] < q:
@@ -76,11 +76,11 @@ class DecoderHook(ArgumentsHook):
                     f"forward needs {B} rows x positions {past}..{past + q - 1}. unpin_exits() or stay within them"
                 )
             pinned = pinned[:, past: past + q].to(dev)
-        thr = torch.tensor([or_never(cfg.decoder_threshold_at(past + j)) for j in range(q)], device=dev)
+        thr, active = st.decoder_thresholds(past, q, dev)
         return DecoderPass(
             layers=L, batch=B, q=q, past=past, done=torch.zeros(B, q, dtype=torch.bool, device=dev),
             exit_layer=torch.full((B, q), L, dtype=torch.long, device=dev), thr=thr,
-            measure=L > 1 and bool((thr < 1.0).any()), pinned=pinned, measure_from=measure_from,
+            measure=L > 1 and active, pinned=pinned, measure_from=measure_from,
         )
 
     def _record(self, p: DecoderPass) -> None:

@@ -103,6 +103,8 @@ class MuEState(TechniqueState):
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # thread -> image mask awaiting its encoder
     generations: Generations = field(default_factory=Generations)  # generate calls in flight, per thread
     warned_no_image: bool = False
+    thr_table: torch.Tensor | None = None  # the decoder threshold at positions 0..n-1 (float32, CPU)
+    first_exit: int = 0  # the first decoder position whose threshold is below 1 (table length: none)
 
     def reset(self) -> None:
         """Forget the last encoder pass and decoder generation, and any pins; counts stay."""
@@ -120,6 +122,20 @@ class MuEState(TechniqueState):
 
     def take_image_mask(self) -> torch.Tensor | None:
         return self.pending.pop(threading.get_ident(), None)
+
+    def decoder_thresholds(self, past: int, q: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """The exit thresholds at decoder positions ``past .. past + q - 1`` and whether any can trigger.
+
+        Read from a table of ``config.decoder_threshold_at`` computed once in Python (grown when a
+        generation runs past it), so a compiled decoder step indexes a tensor by position instead of
+        specializing on each position's float. The thresholds never rise with the position (decay
+        <= 1, then the floor), so some threshold in the range is below 1 iff the last one is."""
+        if self.thr_table is None or self.thr_table.numel() < past + q:
+            n = max(past + q, 512, 2 * (0 if self.thr_table is None else self.thr_table.numel()))
+            values = [or_never(self.config.decoder_threshold_at(t)) for t in range(n)]
+            self.thr_table = torch.tensor(values)
+            self.first_exit = next((t for t, v in enumerate(values) if v < 1.0), n)
+        return self.thr_table[past: past + q].to(device), past + q - 1 >= self.first_exit
 
     # -- exit replay -------------------------------------------------------------------------
     def pin_exits(self) -> None:
