@@ -1,0 +1,14 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins``): registers mmskip's model classes."""
+
+from __future__ import annotations
+
+__all__ = ["register"]
+
+
+def register() -> None:
+    """Called by vLLM in every process: make ``MmskipLlamaForCausalLM`` an architecture
+    (imported lazily, when a config names it)."""
+    from vllm import ModelRegistry
+
+    if "MmskipLlamaForCausalLM" not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model("MmskipLlamaForCausalLM", "mmskip_vllm.layer_skip:MmskipLlamaForCausalLM")
