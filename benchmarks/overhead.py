@@ -31,11 +31,12 @@ makes), whose ratio shows the pairing's own bias and noise.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,11 +185,47 @@ def counted_run(target: Any, candidate: Candidate, inputs: list[Any]) -> tuple[A
         return out, float(counter.get_total_flops()), time.perf_counter() - t0
 
 
+def static_generate(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
+    """Greedy continuations of each prompt with a static KV cache (what compiled decoding needs)."""
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = p.view(1, -1)
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                               cache_implementation="static")
+            out.append(g[0, ids.shape[1]:])
+    return out
+
+
+@contextmanager
+def compiled_pair(target: Any, candidate: Candidate, inputs: list[Any], backend: str
+                  ) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
+    """``timing_pair`` for compiled decoding: the unmodified model and one with ``candidate`` applied,
+    each a deep copy whose ``forward`` is ``torch.compile``d, both decoding on a static cache."""
+    from mmskip import apply
+
+    base, fast = copy.deepcopy(target.model), copy.deepcopy(target.model)
+    handles = [apply(fast, c) for c in candidate.configs]
+    for m in (base, fast):
+        m.forward = torch.compile(m.forward, backend=backend)
+    n = target.max_new_tokens
+    try:
+        yield (lambda: static_generate(base, inputs, n)), (lambda: static_generate(fast, inputs, n))
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
 def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any, base_flops: float,
-            repeats: int) -> dict[str, Any]:
-    """One row: the zero config's checks and overhead, the default's speedup, bound and quality."""
+            repeats: int, backend: str | None = None) -> dict[str, Any]:
+    """One row: the zero config's checks and overhead, the default's speedup, bound and quality
+    (timed compiled, with ``backend``, when one is given)."""
     t0 = time.perf_counter()
     row: dict[str, Any] = {"technique": tech.name, "model": name, "metric": target.metric, "status": "measured"}
+    if backend is not None and (target.kind != "lm" or tech.name == "self_speculative"):
+        return {**row, "status": "not measured compiled: the compiled mode covers the LM techniques that decode "
+                                 "on a static cache (pipelines: benchmarks/compile_cpu.py; SWIFT: dynamic cache)"}
     if tech.name == "gaussian_teleport" and not getattr(target, "gaussian_stats", None):
         return {**row, "status": "not measured: no Gaussian stats (run benchmarks/diffusion.py to write them)"}
     settings = dict(target.baseline().settings)
@@ -213,8 +250,11 @@ def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any
     with ExitStack() as stack:
         calls = {}
         for key, cand in timed.items():
-            run_base, calls[key] = stack.enter_context(target.timing_pair(cand, inputs))
-        timings = harness.paired(run_base, calls, repeats=repeats, warmup=1)
+            pair = target.timing_pair(cand, inputs) if backend is None else compiled_pair(target, cand, inputs, backend)
+            run_base, calls[key] = stack.enter_context(pair)
+        timings = harness.paired(run_base, calls, repeats=repeats, warmup=1)  # warm-up: the compilation
+        if backend is not None:  # the compiled decoding gives the eager tokens of the same config
+            row["compiled_outputs_equal_eager"] = same([t.cpu() for t in calls["default"]()], out)
     for key, t in timings.items():
         lo, hi = t.spread
         row[f"{key}_timing"] = t.to_dict(row["flops_fraction"] if key == "default" else None)
@@ -247,7 +287,7 @@ def model_rows(name: str, techs: list[Technique], args: Any) -> list[dict[str, A
     print(f"{name}: {len(inputs)} inputs, {base_flops / 1e9:.3g} GFLOPs (counted run {base_s:.1f} s)")
     for tech in todo:
         try:
-            row = measure(tech, name, target, inputs, ref, base_flops, args.repeats)
+            row = measure(tech, name, target, inputs, ref, base_flops, args.repeats, args.compile)
         except Exception as e:  # one technique failing must not lose the others' rows; the row says why
             row = {"technique": tech.name, "model": name, "status": f"failed: {type(e).__name__}: {e}"}
         row["inputs"] = len(inputs)
@@ -278,6 +318,8 @@ def table_row(r: dict[str, Any]) -> list[str]:
     if r["flops_bound"] and lo > r["flops_bound"]:  # faster than its FLOPs allow: not the skipping alone
         ratio += " (above: FLOPs are not time, see notes)"
     quality = f"{r['metric']} {r['quality'][r['metric']]:.3g}"
+    if r.get("compiled_outputs_equal_eager") is False:
+        quality += " **compiled tokens differ from eager**"
     return [r["technique"], r["model"], zero, r["default_label"], f"{r['default_speedup']:.2f}x ({lo:.2f}-{hi:.2f})",
             bound, ratio, quality]
 
@@ -290,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--inputs", type=int, default=None, help=f"stock inputs per run (default by kind: {INPUTS})")
     p.add_argument("--steps", type=int, default=None, help="pipelines: baseline steps (default: 25)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="language models: greedy tokens per prompt")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="time compiled decoding (torch.compile, static cache; default backend inductor): LM techniques")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: join the rows of earlier runs (one per model, say) into --out")
     args = p.parse_args(argv)
@@ -302,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.models = args.models or "stdlib-lm,digits-dit"
         args.inputs, args.steps, args.max_new_tokens, args.repeats = 1, 4, 4, 3
     harness.setup(args)
+    if args.compile:  # every config compiles its own graphs (a copy of the model each)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     known = {t.name for t in TECHNIQUES}
     chosen = set(args.techniques.split(",")) if args.techniques else known
     if chosen - known:
@@ -314,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 by_model.setdefault(m, []).append(t)
     out: dict[str, Any] = {"meta": {"machine": harness.machine(), "threads": torch.get_num_threads(),
                                     "repeats": args.repeats, "max_new_tokens": args.max_new_tokens,
-                                    "steps": args.steps or STEPS, "smoke": args.smoke, "mode": "eager"},
+                                    "steps": args.steps or STEPS, "smoke": args.smoke,
+                                    "mode": f"compiled ({args.compile})" if args.compile else "eager"},
                            "rows": []}
     for name, techs in by_model.items():
         out["rows"] += model_rows(name, techs, args)
@@ -329,7 +376,7 @@ def report(out: dict[str, Any], path: str | Path) -> dict[str, Any]:
     nulls = [f"{r['model']} / {r['technique']}: null {r['null_speedup']:.3f}x"
              + (f", zero vs null {pct(r['zero_vs_null_overhead_pct'])}" if "zero_vs_null_overhead_pct" in r else "")
              for r in out["rows"] if "null_speedup" in r]
-    notes = ("Eager, paired against the unmodified model (median of the paired ratios, quartiles in brackets); "
+    notes = (f"{out['meta']['mode'].capitalize()}, paired against the unmodified model (median of the paired ratios, quartiles in brackets); "
              f"{out['meta']['repeats']} pairs per figure; overhead % = 1 / speedup - 1. Null pairs (the baseline against "
              "itself, run as the target's timing_pair runs a candidate; LMs: a deep copy of the model), and the "
              "zero-skip overhead against that null candidate in the same rounds: " + ("; ".join(nulls) or "none") + ".")

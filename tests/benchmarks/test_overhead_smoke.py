@@ -50,3 +50,17 @@ def test_overhead_merges_runs_into_one_table(load_bench, tmp_path, threads):
     assert len(res["rows"]) == 2 and res["meta"]["merged"] == [str(a), str(b)]
     assert json.loads(joined.read_text())["rows"] == res["rows"]
     assert joined.with_suffix(".md").read_text().count("no trained routers ship") == 2
+
+
+def test_overhead_compiled_mode_times_compiled_decoding(load_bench, tmp_path, threads):
+    bench = load_bench("overhead")
+    out = tmp_path / "compiled.json"
+    res = bench.main(["--smoke", "--compile", "eager", "--techniques", "layer_skip,feature_inheritance",
+                      "--out", str(out)])
+    rows = {r["technique"]: r for r in res["rows"]}
+    assert res["meta"]["mode"] == "compiled (eager)"
+    ls = rows["layer_skip"]
+    assert ls["status"] == "measured" and ls["compiled_outputs_equal_eager"] is True
+    assert ls["zero_skips_nothing"] and ls["default_timing"]["pairs"] == 3
+    assert rows["feature_inheritance"]["status"].startswith("not measured compiled")
+    assert out.with_suffix(".md").read_text().startswith("| technique")
