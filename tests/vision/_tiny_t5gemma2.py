@@ -10,6 +10,7 @@ sliding-window (8) and full attention, as T5Gemma 2 does.
 from __future__ import annotations
 
 import torch
+from mmskip.vision.mue import MuEConfig
 from transformers import SiglipVisionConfig, T5Gemma2Config, T5Gemma2ForConditionalGeneration
 from transformers.models.t5gemma2.configuration_t5gemma2 import (
     T5Gemma2DecoderConfig,
@@ -20,6 +21,8 @@ from transformers.models.t5gemma2.configuration_t5gemma2 import (
 PAD, EOS, BOS, IMAGE_TOKEN, EOI = 0, 1, 2, 99, 100
 IMAGE_SIZE = 16
 N_IMAGE = 4  # (16 / 4)^2 patches pooled 2x2
+# MuE thresholds inside this model's cosine range (encoder ~0.5-0.93, decoder ~0.6-0.86 after layer 2)
+EXITS = MuEConfig(image_threshold=0.85, text_threshold=0.8, decoder_threshold=0.8, decay=0.99, floor=0.75)
 
 
 def tiny_t5gemma2(layers: int = 4, seed: int = 0, attn: str = "sdpa", std: float = 0.1) -> T5Gemma2ForConditionalGeneration:

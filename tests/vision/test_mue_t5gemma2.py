@@ -13,10 +13,7 @@ from mmskip.vision.mue import MuEConfig
 import mmskip
 
 from ._mue_common import NEVER, STEPS, _generate, _hooked, _logits
-from ._tiny_t5gemma2 import BOS, IMAGE_TOKEN, N_IMAGE, t5gemma2_prompts, tiny_t5gemma2
-
-# thresholds inside this model's cosine range (encoder ~0.5-0.93, decoder ~0.6-0.86 after layer 2)
-EXITS = MuEConfig(image_threshold=0.85, text_threshold=0.8, decoder_threshold=0.8, decay=0.99, floor=0.75)
+from ._tiny_t5gemma2 import BOS, EXITS, IMAGE_TOKEN, N_IMAGE, t5gemma2_prompts, tiny_t5gemma2
 
 
 @pytest.fixture(scope="module")
