@@ -111,9 +111,7 @@ CASES: dict[str, Case] = {
                             "the prompt's skip set is read to the host (once per prompt) by design"}),
     "swift": Case(
         _lm, lambda t: mmskip.SelfSpeculativeConfig(attn_skip=(2,), mlp_skip=(1, 2), confidence=0.0, max_draft=4),
-        _lm_prompts, static=False, slow=True,  # SWIFT takes the dynamic cache only
-        xfail={"fullgraph": "fullgraph: Unsupported: threading.get_ident in mmskip/swift/draft.py when (the draft's "
-                            "per-thread skip predicate: a compiled graph cannot tell threads apart)"}),
+        _lm_prompts, static=False, slow=True),  # SWIFT takes the dynamic cache only
     "first_routers": Case(
         _lm, _routers, _lm_prompts,
         xfail={"fullgraph": "fullgraph: Unsupported: skip inlining the torch.compiler.disable'd prefill decision "

@@ -1,4 +1,5 @@
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -179,6 +180,33 @@ def test_layer_set_is_reused_across_calls_and_confidence_stops_drafts():
         stats = handle.stats()
         # one (unconfident) draft per round, none in a last round with room for one token only
         assert stats["verify_forwards"] - 1 <= stats["drafted_tokens"] <= stats["verify_forwards"]
+
+
+def test_compiled_draft_skips_only_in_the_drafting_thread():
+    """Under ``torch.compile(fullgraph=True)`` the draft's thread check is a guard on a thread-local
+    flag: while this thread drafts, its compiled forward is the draft's and another thread's
+    compiled forward at the same time is the full model's (served correctly, as eager does)."""
+    model = tiny_lm("llama", layers=6)
+    ids = prompts(1, seed=5)[0]
+    handle = mmskip.apply(model, SelfSpeculativeConfig(attn_skip=(2,), mlp_skip=(3, 4), confidence=0.0))
+    draft = handle.state.draft
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with draft.drafting():
+            drafted = model(input_ids=ids).logits
+        assert not torch.equal(drafted, full)
+        model.forward = torch.compile(model.forward, backend="eager", fullgraph=True)
+        try:
+            with draft.drafting():
+                mine = model(input_ids=ids).logits
+                with ThreadPoolExecutor(max_workers=1) as other:
+                    theirs = other.submit(lambda: model(input_ids=ids).logits).result()
+            after = model(input_ids=ids).logits
+        finally:
+            del model.forward
+            torch._dynamo.reset()
+    assert torch.equal(mine, drafted) and torch.equal(theirs, full) and torch.equal(after, full)
+    handle.remove()
 
 
 def test_found_layer_set_saves_and_later_applications_skip_the_search(tmp_path):

@@ -5,7 +5,10 @@ Skipping goes through the shared :class:`mmskip._skip_unit.SkipUnitHook`, regist
 layer for when both are skipped), so "skip" means what it means for every other technique and
 ``handle.remove()`` takes it all off. A hook skips only while :meth:`Draft.drafting` is active
 *in the thread that entered it*: a verification forward, or a forward another thread runs at the
-same time, computes the untouched model.
+same time, computes the untouched model. Which thread drafts is a ``threading.local`` flag, not a
+thread id: ``torch.compile`` traces the read and guards on it, and a guard reads the calling
+thread's own flag, so a compiled forward (``fullgraph=True`` included) drafts only in the thread
+that drafts, with one graph for drafting and one for the full model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,17 @@ from ..registry import DecoderAdapter
 __all__ = ["Draft"]
 
 
+class _Drafting(threading.local):
+    """Whether the calling thread is inside :meth:`Draft.drafting` (each thread sees its own)."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def __reduce__(self) -> tuple:
+        """A copy (``copy.deepcopy``, pickle) starts with no thread drafting."""
+        return (_Drafting, ())
+
+
 class Draft:
     """What the draft skips now (``attn`` / ``mlp`` layer indices) and the hooks that skip it."""
 
@@ -29,7 +43,7 @@ class Draft:
         self.attn: frozenset[int] = frozenset()
         self.mlp: frozenset[int] = frozenset()
         self.both: frozenset[int] = frozenset()  # layers whose two sublayers are skipped: the whole layer is
-        self._thread: int | None = None  # the thread inside drafting(), if any
+        self._local = _Drafting()  # per thread: inside drafting()?
         for i in sorted(set(layers)):
             handle.add_hook(adapter.unit("layer", i), SkipUnitHook(adapter, "layer", i, self._when(self._both, i)), ".draft")
             handle.add_hook(adapter.unit("attn", i), SkipUnitHook(adapter, "attn", i, self._when(self._attn, i)), ".draft")
@@ -46,7 +60,7 @@ class Draft:
 
     def _when(self, current, i: int):  # noqa: ANN001, ANN202
         def when() -> bool:
-            return self._thread is not None and i in current() and self._thread == threading.get_ident()
+            return self._local.active and i in current()
 
         return when
 
@@ -61,11 +75,11 @@ class Draft:
     @contextmanager
     def drafting(self) -> Iterator[None]:
         """Forwards this thread runs inside the block skip the draft's sublayers."""
-        self._thread = threading.get_ident()
+        outer, self._local.active = self._local.active, True
         try:
             yield
         finally:
-            self._thread = None
+            self._local.active = outer
 
     @contextmanager
     def using(self, attn: Iterable[int], mlp: Iterable[int]) -> Iterator[None]:
