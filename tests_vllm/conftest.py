@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests_vllm.support import ENGINE, SKIP_LM, close, held_out_prompts, tokens_of
+from tests_vllm.support import ENGINE, SKIP_LM, close, greedy, held_out_prompts
 
 
 @pytest.fixture(scope="session")
@@ -15,14 +15,19 @@ def prompts() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def plain_tokens(prompts: list[str]) -> Iterator[list[list[int]]]:
-    """Plain vLLM's greedy tokens for ``prompts`` on ``stdlib-lm-skip``: the reference every
-    mmskip path must reproduce."""
+def plain_outputs(prompts: list[str]) -> Iterator[list[tuple[list[int], str]]]:
+    """Plain vLLM's greedy tokens and text for ``prompts`` on ``stdlib-lm-skip``: the reference
+    every mmskip path must reproduce."""
     from vllm import LLM
 
     llm = LLM(model=SKIP_LM, **ENGINE)
     try:
-        out = tokens_of(llm, prompts)
+        outs = llm.generate(prompts, greedy(), use_tqdm=False)
     finally:
         close(llm)
-    yield out
+    yield [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in outs]
+
+
+@pytest.fixture(scope="session")
+def plain_tokens(plain_outputs: list[tuple[list[int], str]]) -> list[list[int]]:
+    return [tokens for tokens, _ in plain_outputs]
