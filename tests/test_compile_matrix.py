@@ -103,8 +103,11 @@ CASES: dict[str, Case] = {
         _lm, lambda t: mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.9, "l2_change", max_skip=0.5),
                                               min_void_fraction=0.1), _lm_prompts, slow=True,
         xfail={"no_recompile": "the skip set is decided per prompt ({2} for one prompt, {3} for the other) and is "
-                               "Python control flow in the decode graph: each set compiles its own graph (recompile-"
-                               "free would need a device-side branch per layer, torch.cond); first failing guard: "
+                               "Python control flow in the decode graph: each set compiles its own graph. A device-"
+                               "side branch (torch.cond per layer) is refused by dynamo around transformers' layers: "
+                               "HOP: Unsafe side effect (a mutated CompileableContextVar, transformers' output "
+                               "collector, around a whole layer; the kernels hub's _ACTIVE_KERNEL_FUNCS ContextVar "
+                               "reset around the MLP; reproduced without mmskip); first failing guard: "
                                "kwargs['cache'].layers[0].is_initialized in a layer's frame resumed after the "
                                ".tolist() break",
                "fullgraph": "fullgraph: GuardOnDataDependentSymNode at void_layers/lac.py void_skip_set .tolist(): "
@@ -116,8 +119,8 @@ CASES: dict[str, Case] = {
         _lm, _routers, _lm_prompts,
         xfail={"fullgraph": "fullgraph: Unsupported: skip inlining the torch.compiler.disable'd prefill decision "
                             "(_RouterHook._decide): the routers pick during prefill, layer by layer, which layers "
-                            "run, a data-dependent branch; a full graph would need torch.cond around each routed "
-                            "layer (its KV copy inside the branch)"}),
+                            "run, a data-dependent branch; torch.cond around a transformers layer, the one graph-"
+                            "friendly branch, is refused by dynamo (HOP: Unsafe side effect, see void_layers)"}),
     "plain-llava": Case(tiny_llava, lambda t: None, lambda: (padded_prompts(), padded_prompts(seed=7)), static=False,
                         slow=True),
     "pmod": Case(
