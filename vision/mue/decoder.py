@@ -55,6 +55,7 @@ class DecoderHook(ArgumentsHook):
                 st.dec = None
                 raise
             p, st.dec = st.dec, None
+            p.settle()
             self._record(p)
             if gen is not None:
                 gen.forwards += 1
@@ -80,7 +81,7 @@ class DecoderHook(ArgumentsHook):
         return DecoderPass(
             layers=L, batch=B, q=q, past=past, done=torch.zeros(B, q, dtype=torch.bool, device=dev),
             exit_layer=torch.full((B, q), L, dtype=torch.long, device=dev), thr=thr,
-            measure=L > 1 and active, pinned=pinned, measure_from=measure_from,
+            measure=L > 1 and active, pinned=pinned, measure_from=measure_from, single=B * q == 1 and pinned is None,
         )
 
     def _record(self, p: DecoderPass) -> None:
@@ -111,6 +112,8 @@ class DecoderLayerHook(ModelHook):
         if p is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         h = args[0] if args else kwargs["hidden_states"]
+        if p.single:
+            return self._single(p, h, args, kwargs)
         i, n = self.index, p.batch * p.q
         kv_skipped = rest_skipped = 0
         if not bool(p.done.any()):
@@ -137,4 +140,23 @@ class DecoderLayerHook(ModelHook):
                 new[:, k:] |= run[:, k:] & (cosine(h[:, k:], out[:, k:]) > p.thr[None, k:])
             p.done |= new
             p.exit_layer = torch.where(new, i + 1, p.exit_layer)
+        return out
+
+    def _single(self, p: DecoderPass, h: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """One token (batch-1 decoding), nothing pinned: the same decisions as the masked path with
+        one Python int for the exit and one host read per layer (the cosine test) instead of the
+        mask bookkeeping. An exited token skips the whole layer call (only its K/V are appended)."""
+        i, st = self.index, self.state
+        if p.exit_at:
+            cache = st.adapter.decoder_layer_cache(args, kwargs)
+            if cache is not None:
+                st.adapter.append_self_kv(i, cache, h, args, kwargs)
+            self.handle.counts.record(f"decoder.{i}", 1, 1)
+            self.handle.counts.record(f"decoder.{i}.kv", 1, 0 if cache is not None else 1)
+            return h
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        self.handle.counts.record(f"decoder.{i}", 1, 0)
+        self.handle.counts.record(f"decoder.{i}.kv", 1, 0)
+        if p.measure and st.min_layers <= i + 1 < p.layers and bool((cosine(h, out) > p.thr).any()):
+            p.exit_at = i + 1
         return out

@@ -79,6 +79,14 @@ class DecoderPass:
     pinned: torch.Tensor | None = None  # (B, q) long: exit layers to replay, -1 = measure
     measure_from: int = 0  # positions before this one replay ``pinned``; from here on they are measured
     dense: int = 0  # exited (layer, token) pairs computed anyway (mixed batch)
+    single: bool = False  # one token, nothing pinned: the layers keep ``exit_at`` instead of the masks
+    exit_at: int = 0  # single: the layer the token exited after (0: still running)
+
+    def settle(self) -> None:
+        """After the forward: a single token's ``exit_at`` written into ``done`` / ``exit_layer``."""
+        if self.single and self.exit_at:
+            self.done.fill_(True)
+            self.exit_layer.fill_(self.exit_at)
 
 
 @dataclass
