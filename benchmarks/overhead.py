@@ -159,7 +159,8 @@ def default_config(target: Any, name: str) -> tuple[Any, str]:
     space = next((s for s in target.spaces() if s.technique == name), None)
     if space is not None and space.seeds:
         values = {k: v for k, v in space.seeds[0].items() if k in space.params}
-        return space.build(values), "seed: " + " ".join(f"{k}={v}" for k, v in values.items())
+        # built at the baseline's settings (a sampler-level technique plans the baseline's sampler)
+        return space.build({**target.baseline().settings, **values}), "seed: " + " ".join(f"{k}={v}" for k, v in values.items())
     cls = next(c for c in SkipConfig.registered() if c.technique == name)
     if name == "gaussian_teleport":
         return cls(stats_path=str(target.gaussian_stats)), "defaults (skip_fraction 0.2)"
