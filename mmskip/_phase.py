@@ -70,6 +70,12 @@ class ArgumentsHook(ModelHook):
 
     _signature: inspect.Signature | None = None
 
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Read the wrapped forward's signature now, at attach: written on the first call instead, it
+        makes a compiled first call's graph guard on its absence, and later calls recompile."""
+        self._signature = inspect.signature(module.forward)
+        return module
+
     def arguments(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         if self._signature is None:
             self._signature = inspect.signature(self.fn_ref.original_forward)

@@ -8,7 +8,6 @@ exited tokens' state, then decides who exits.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -28,10 +27,6 @@ class DecoderHook(ArgumentsHook):
     def __init__(self, state: MuEState, handle: SkipHandle, guard: CallGuard) -> None:
         super().__init__()
         self.state, self.handle, self.guard = state, handle, guard
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._signature = inspect.signature(module.forward)  # read now: a lazy read is a guard under compile
-        return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = self.arguments(args, kwargs)

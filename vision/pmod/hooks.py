@@ -73,12 +73,6 @@ class InputHook(ArgumentsHook):
         self.state, self.handle = state, handle
         self.guard = CallGuard(handle.config.technique)
 
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Read the forward's signature now, eagerly: written on the first call instead, it would make
-        a compiled first call's graph guard on its absence, and every later prefill recompile."""
-        self._signature = inspect.signature(module.forward)  # the forward this hook wraps
-        return module
-
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = self.arguments(args, kwargs)
         cache = bound.get("cache", bound.get("past_key_values"))
