@@ -82,14 +82,14 @@ def run_batch(llm: Any, prompts: list[str], c: int, params: Any) -> tuple[float,
     return time.perf_counter() - t0, tokens
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = harness.arguments(__doc__, repeats=5, threads=None,
                           out=harness.RESULTS / "vllm_serving.json", full_doc=True)
     p.add_argument("--model", default="stdlib-lm-skip")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--server", action="store_true", help="measure vLLM's OpenAI server instead of LLM.generate")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.server:
         from _vllm_server_bench import run_servers
 
