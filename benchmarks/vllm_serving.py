@@ -34,11 +34,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests_vllm.support import ENGINE, ZOO, held_out_prompts  # noqa: E402
 
 CUSTOM = "mmskip_vllm.SelfSpeculativeProposer"
-LATE = tuple(range(17, 23))  # the card's 'explicit 6' set: token agreement 0.83 on stdlib-lm-skip
 
 
-def methods(k: int) -> dict[str, dict[str, Any]]:
-    """Engine keyword arguments per method."""
+def late(num_layers: int) -> tuple[int, ...]:
+    """The six layers below the last one: on stdlib-lm-skip (24 layers) 17-22, the card's
+    'explicit 6' set (teacher-forced token agreement 0.83)."""
+    return tuple(range(num_layers - 7, num_layers - 1))
+
+
+def num_layers(model: str) -> int:
+    import json
+
+    return int(json.loads((ZOO / model / "config.json").read_text())["num_hidden_layers"])
+
+
+def methods(k: int, layers: int) -> dict[str, dict[str, Any]]:
+    """Engine keyword arguments per method for a model of ``layers`` layers."""
+    skip = late(layers)
+    span = f"{skip[0]}-{skip[-1]}"
     spec = {"method": "custom_class", "model": CUSTOM, "num_speculative_tokens": k}
     return {
         "plain": {},
@@ -46,22 +59,22 @@ def methods(k: int) -> dict[str, dict[str, Any]]:
                                          "prompt_lookup_min": 2}},
         "mmskip early exit 8": {"hf_overrides": {"mmskip_draft": {"exit_layer": 8}}, "speculative_config": spec},
         "mmskip early exit 12": {"hf_overrides": {"mmskip_draft": {"exit_layer": 12}}, "speculative_config": spec},
-        "mmskip layer set 17-22": {"hf_overrides": {"mmskip_draft": {"attn_skip": list(LATE), "mlp_skip": list(LATE)}},
-                                   "speculative_config": spec},
-        "mmskip layer skip 17-22": {"hf_overrides": {"architectures": ["MmskipLlamaForCausalLM"],
-                                                     "mmskip_layer_skip": _layer_skip_dict()}},
+        f"mmskip layer set {span}": {"hf_overrides": {"mmskip_draft": {"attn_skip": list(skip), "mlp_skip": list(skip)}},
+                                     "speculative_config": spec},
+        f"mmskip layer skip {span}": {"hf_overrides": {"architectures": ["MmskipLlamaForCausalLM"],
+                                                       "mmskip_layer_skip": _layer_skip_dict(skip)}},
     }
 
 
-def _layer_skip_dict() -> dict[str, Any]:
+def _layer_skip_dict(skip: tuple[int, ...]) -> dict[str, Any]:
     from mmskip.layer_skip import LayerSkipConfig
     from mmskip.schedules import explicit
 
-    return LayerSkipConfig(schedule=explicit(skip=LATE), phase="all").to_dict()
+    return LayerSkipConfig(schedule=explicit(skip=skip), phase="all").to_dict()
 
 
 def flops_bound(model: str) -> float:
-    """Speed bound of skipping ``LATE``: per-token multiply-adds kept (decoder layers' projections
+    """Speed bound of skipping ``late(L)``: per-token multiply-adds kept (decoder layers' projections
     and MLP, plus the LM head that always runs; attention scores left out)."""
     import json
 
@@ -69,7 +82,7 @@ def flops_bound(model: str) -> float:
     d, f, v, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
     kv = c["num_key_value_heads"] * c.get("head_dim", d // c["num_attention_heads"])
     layer = d * (d + 2 * kv) + d * d + 3 * d * f
-    return (n * layer + d * v) / ((n - len(LATE)) * layer + d * v)
+    return (n * layer + d * v) / ((n - len(late(n))) * layer + d * v)
 
 
 def run_batch(llm: Any, prompts: list[str], c: int, params: Any) -> tuple[float, list[list[int]]]:
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.server:
         from _vllm_server_bench import run_servers
 
-        run_servers(args, methods(args.k))
+        run_servers(args, methods(args.k, num_layers(args.model)))
         return
     from vllm import LLM, SamplingParams
 
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     prompts = {c: held_out_prompts(4 if c == 1 else c) for c in conc}
     engines = {}
-    for name, kw in methods(args.k).items():
+    for name, kw in methods(args.k, num_layers(args.model)).items():
         t0 = time.perf_counter()
         engines[name] = LLM(model=str(ZOO / args.model), **ENGINE, **kw)
         print(f"loaded {name} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -148,11 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     header = ["method", *[f"c={c}: tok/s (x plain, IQR)" for c in conc], "acceptance", "agreement"]
     md = (f"# vLLM serving, offline ({args.model}, float32, k={args.k}, {args.tokens} new tokens, "
           f"{rounds} paired rounds, {harness.machine()})\n\n" + harness.table(header, rows, "l" + "r" * (len(header) - 1))
-          + f"\n\nLayer skip 17-22: FLOPs bound {bound:.2f}x (LM head and embeddings counted, attention scores not).\n")
+          + f"\n\nLayer skip {'-'.join(map(str, late(num_layers(args.model))[::5]))}: FLOPs bound {bound:.2f}x (LM head and embeddings counted, attention scores not).\n")
     print(md)
     for e in engines.values():
         e.llm_engine.engine_core.shutdown()
-    harness.write(args.out if not args.smoke else args.out.with_name("vllm_serving_smoke.json"), result, md)
+    out = args.out if args.model == "stdlib-lm-skip" else args.out.with_name(f"vllm_serving_{args.model}.json")
+    harness.write(out if not args.smoke else out.with_name(out.stem + "_smoke.json"), result, md)
 
 
 def _drafter_stats(worker: Any) -> dict[str, Any]:
