@@ -339,12 +339,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="time compiled decoding (torch.compile, static cache; default backend inductor): LM techniques")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="measure nothing: join the rows of earlier runs (one per model, say) into --out")
+                   help="measure nothing: join the rows of earlier runs (one per model, say) into --out; "
+                        "a later file's row for the same technique and model replaces an earlier one")
     args = p.parse_args(argv)
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
-        out = {"meta": {**runs[0]["meta"], "merged": [str(f) for f in args.merge]},
-               "rows": [row for r in runs for row in r["rows"]]}
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in (row for r in runs for row in r["rows"]):  # a later file's row replaces an earlier one's
+            rows[row["technique"], row["model"]] = row
+        out = {"meta": {**runs[0]["meta"], "merged": [str(f) for f in args.merge]}, "rows": list(rows.values())}
         return report(out, args.out)
     if args.smoke:
         args.models = args.models or "stdlib-lm,digits-dit"

@@ -47,9 +47,11 @@ def test_overhead_merges_runs_into_one_table(load_bench, tmp_path, threads):
     bench.main(["--smoke", "--techniques", "first_routers", "--out", str(a)])
     bench.main(["--smoke", "--techniques", "first_routers", "--models", "stdlib-lm", "--out", str(b)])
     res = bench.main(["--merge", str(a), str(b), "--out", str(joined)])
-    assert len(res["rows"]) == 2 and res["meta"]["merged"] == [str(a), str(b)]
+    assert res["meta"]["merged"] == [str(a), str(b)]
     assert json.loads(joined.read_text())["rows"] == res["rows"]
-    assert joined.with_suffix(".md").read_text().count("no trained routers ship") == 2
+    # a's rows (first_routers on stdlib-lm) come again in b: b's replaces it, in a's place
+    assert [(r["technique"], r["model"]) for r in res["rows"]] == [("first_routers", "stdlib-lm")]
+    assert joined.with_suffix(".md").read_text().count("no trained routers ship") == 1
 
 
 def test_overhead_compiled_mode_times_compiled_decoding(load_bench, tmp_path, threads):
