@@ -35,6 +35,7 @@ import copy
 import json
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -202,6 +203,18 @@ def static_generate(model: torch.nn.Module, prompts: list[torch.Tensor], new_tok
     return out
 
 
+def _own_code(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
+    """``fn`` behind a function with a code object of its own. Dynamo keeps compiled graphs per code
+    object: copies of one model compiled through the same ``forward`` would share one list of
+    entries, and every call would check the guards of the other configs' graphs first."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    name = "forward_" + "".join(c if c.isalnum() else "_" for c in tag)
+    code = call.__code__.replace(co_name=name)
+    return types.FunctionType(code, call.__globals__, name, call.__defaults__, call.__closure__)
+
+
 @contextmanager
 def compiled_pair(target: Any, candidate: Candidate, inputs: list[Any], backend: str
                   ) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
@@ -211,8 +224,8 @@ def compiled_pair(target: Any, candidate: Candidate, inputs: list[Any], backend:
 
     base, fast = copy.deepcopy(target.model), copy.deepcopy(target.model)
     handles = [apply(fast, c) for c in candidate.configs]
-    for m in (base, fast):
-        m.forward = torch.compile(m.forward, backend=backend)
+    for m, tag in ((base, "base"), (fast, candidate.label)):
+        m.forward = torch.compile(_own_code(m.forward, tag), backend=backend)
     n = target.max_new_tokens
     try:
         yield (lambda: static_generate(base, inputs, n)), (lambda: static_generate(fast, inputs, n))
