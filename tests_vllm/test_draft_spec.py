@@ -34,6 +34,10 @@ def test_swift_config_folder_gives_its_fixed_set(tmp_path) -> None:
         ({"attn_skip": [30]}, "skips layers [30]"),
         ({"attn_skip": []}, "skips nothing"),
         ({"exit_layer": 4, "max_drafting_requests": 0}, "max_drafting_requests must be >= 1"),
+        ({"exit_layer": 4, "max_drafting_requests": 2.5}, "max_drafting_requests must be an int >= 1, got 2.5"),
+        ({"exit_layer": True}, "exit_layer must be an int in 1..23"),
+        ({"mlp_skip": "3"}, "mlp_skip must be a list of layer indices"),
+        ([8], "mmskip_draft must be a dict"),
     ],
 )
 def test_bad_settings_say_what_to_change(settings, message: str) -> None:

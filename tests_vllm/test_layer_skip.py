@@ -51,13 +51,14 @@ def test_served_tokens_equal_mmskip_transformers_path(prompts: list[str]) -> Non
 
 
 def test_layer_skip_set_refusals() -> None:
-    from mmskip_vllm.layer_skip import layer_skip_set
+    from mmskip_vllm.config_check import layer_skip_set
+    from mmskip_vllm.errors import LayerSkipConfigError
 
     assert layer_skip_set(LayerSkipConfig(schedule=explicit(skip=SKIP), phase="all").to_dict(), 24) == SKIP
     assert len(layer_skip_set(LayerSkipConfig(schedule=unified(2.0), phase="all").to_json(), 24)) == 12
-    with pytest.raises(ValueError, match="only phase='all'"):
+    with pytest.raises(LayerSkipConfigError, match="only phase='all'"):
         layer_skip_set(LayerSkipConfig(schedule=explicit(skip=SKIP)).to_dict(), 24)
-    with pytest.raises(ValueError, match="needs hf_overrides"):
+    with pytest.raises(LayerSkipConfigError, match="needs hf_overrides"):
         layer_skip_set(None, 24)
-    with pytest.raises(ValueError, match="mmskip_layer_skip: unknown technique"):
+    with pytest.raises(LayerSkipConfigError, match="mmskip_layer_skip: unknown technique"):
         layer_skip_set({"technique": "nope"}, 24)

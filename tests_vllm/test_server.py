@@ -1,7 +1,7 @@
 """A real OpenAI-compatible vLLM server with mmskip self-speculation: started on 127.0.0.1,
 queried with the ``openai`` client (completions, chat, streaming, a stream cancelled mid-way),
-stopped; greedy text equals plain vLLM's. A bad mmskip config stops the server at start-up with
-the config's own message."""
+stopped; greedy text equals plain vLLM's. A bad mmskip config stops the server while it parses
+its arguments, with the config's own one-line message."""
 
 from __future__ import annotations
 
@@ -76,4 +76,9 @@ def test_bad_mmskip_config_refuses_to_start(tmp_path: Path) -> None:
     finally:
         stop_server(proc)
     assert proc.returncode != 0
-    assert "mmskip_draft.exit_layer must be an int in 1..23 (the served model has 24 layers), got 99" in log.read_text()
+    text = log.read_text()
+    # refused while parsing the config: one traceback, in the API server process, ending in the message
+    assert text.strip().splitlines()[-1] == (
+        "mmskip_vllm.errors.DraftConfigError: mmskip_draft.exit_layer must be an int in 1..23 "
+        "(the served model has 24 layers), got 99")
+    assert text.count("Traceback (most recent call last)") == 1

@@ -2,7 +2,9 @@
 (``SelfSpeculativeProposer``, vLLM's ``custom_class`` drafter) and layer skipping
 (``MmskipLlamaForCausalLM``, registered by the ``vllm.general_plugins`` entry point)."""
 
-from .draft_spec import DRAFT_KEY, DraftConfigError, DraftSpec
+from .draft_spec import DRAFT_KEY, DraftSpec
+from .errors import DraftConfigError, LayerSkipConfigError, MmskipConfigError
 from .proposer import SelfSpeculativeProposer
 
-__all__ = ["DRAFT_KEY", "DraftConfigError", "DraftSpec", "SelfSpeculativeProposer"]
+__all__ = ["DRAFT_KEY", "DraftConfigError", "DraftSpec", "LayerSkipConfigError", "MmskipConfigError",
+           "SelfSpeculativeProposer"]

@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import DraftConfigError
+
 __all__ = ["DRAFT_KEY", "DraftSpec", "DraftConfigError"]
 
 DRAFT_KEY = "mmskip_draft"
 _FIELDS = ("exit_layer", "attn_skip", "mlp_skip", "swift_config", "max_drafting_requests", "adaptive")
-
-
-class DraftConfigError(ValueError):
-    """A bad ``mmskip_draft`` setting; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,15 @@ class DraftSpec:
                 f"mmskip_draft takes exactly one of exit_layer, attn_skip/mlp_skip, swift_config; got {chosen or 'none'}"
             )
         policy = {k: settings[k] for k in ("max_drafting_requests", "adaptive") if k in settings}
+        if "max_drafting_requests" in policy and not _is_int(policy["max_drafting_requests"]):
+            raise DraftConfigError(
+                f"mmskip_draft.max_drafting_requests must be an int >= 1, got {policy['max_drafting_requests']!r}"
+            )
+        if not isinstance(policy.get("adaptive", True), bool):
+            raise DraftConfigError(f"mmskip_draft.adaptive must be true or false, got {policy['adaptive']!r}")
         if "exit_layer" in settings:
             e = settings["exit_layer"]
-            if not isinstance(e, int) or isinstance(e, bool) or not 1 <= e < num_layers:
+            if not _is_int(e) or not 1 <= e < num_layers:
                 raise DraftConfigError(
                     f"mmskip_draft.exit_layer must be an int in 1..{num_layers - 1} (the served model has "
                     f"{num_layers} layers), got {e!r}"
@@ -116,8 +120,12 @@ class DraftSpec:
         return cls(num_layers, _layer_set(attn, "attn_skip"), _layer_set(mlp, "mlp_skip"), **policy)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _layer_set(value: Any, name: str) -> frozenset[int]:
-    if not isinstance(value, list | tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+    if not isinstance(value, list | tuple) or not all(_is_int(i) for i in value):
         raise DraftConfigError(f"mmskip_draft.{name} must be a list of layer indices, got {value!r}")
     return frozenset(value)
 

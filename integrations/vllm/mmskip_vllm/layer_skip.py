@@ -20,38 +20,9 @@ from typing import Any
 import torch
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
+from .config_check import LAYER_SKIP_KEY, layer_skip_set
+
 __all__ = ["LAYER_SKIP_KEY", "MmskipLlamaForCausalLM", "layer_skip_set"]
-
-LAYER_SKIP_KEY = "mmskip_layer_skip"
-
-
-def layer_skip_set(settings: Any, num_layers: int) -> tuple[int, ...]:
-    """The layers an ``mmskip.LayerSkipConfig`` (as ``to_dict()``, its JSON, or a saved config
-    folder) skips in a model of ``num_layers`` layers; refuses anything vLLM cannot serve."""
-    from mmskip.inject import SkipConfig
-    from mmskip.layer_skip import LayerSkipConfig
-
-    if settings is None:
-        raise ValueError(
-            "MmskipLlamaForCausalLM needs hf_overrides={'mmskip_layer_skip': LayerSkipConfig(..., phase='all').to_dict()}"
-        )
-    try:
-        config = SkipConfig.from_pretrained(settings) if isinstance(settings, str) and not settings.lstrip().startswith(
-            "{") else SkipConfig.from_dict(settings)
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        raise ValueError(f"mmskip_layer_skip: {err}") from None
-    if not isinstance(config, LayerSkipConfig):
-        raise ValueError(f"mmskip_layer_skip holds a {type(config).__name__}; vLLM serving takes a LayerSkipConfig")
-    if config.phase != "all":
-        raise ValueError(
-            "mmskip_layer_skip: vLLM serving offers only phase='all' (prompt and generated tokens share one "
-            f"batch and one attention metadata per forward), got phase={config.phase!r}"
-        )
-    ratios = config.schedule.ratios(num_layers)
-    skip = tuple(i for i, r in enumerate(ratios) if r < 0.5)
-    if len(skip) >= num_layers:
-        raise ValueError(f"mmskip_layer_skip skips all {num_layers} layers; keep at least one")
-    return skip
 
 
 def _passthrough(positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
