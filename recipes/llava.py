@@ -1,36 +1,39 @@
 """Recipe for ``digits-llava``: a tiny LLaVA (``LlavaForConditionalGeneration``) answering questions about
 4×4 grids of digits (see :mod:`mmskip.zoo.llava_data`), trained from scratch.
 
-``mmskip zoo digits-llava --device cuda`` trains the shipped model on a GPU in a few
-minutes (bf16 autocast, batch 256); the CPU default (batch 32) is for testing the recipe.
+Two stages (:mod:`recipes._vlm_stages`): a vision warm-up of the vision tower and projector on a
+training-only probe's digit loss, then the whole model on the answers. ``mmskip zoo digits-llava
+--device cuda`` trains on a GPU in minutes (bf16 autocast); on a CPU, ``train_llava(...,
+save_every=N)`` checkpoints, and a rerun continues.
 """
 
 from __future__ import annotations
 
-import queue
 import re
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mmskip.train import TrainConfig, TrainTask, fit
+from mmskip.train import TrainConfig, fit
 from mmskip.zoo import llava_data as D
 from mmskip.zoo.card import write_card
 from mmskip.zoo.llava_data import COPIES, PALETTE
 from mmskip.zoo.llava_model import make_model
 from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 
-__all__ = ["STEPS", "BATCH", "evaluate", "train_llava"]
+from ._fit import step_generator
+from ._vlm_stages import StageTask
 
-STEPS = {"cuda": 3000, "cpu": 3000}
-BATCH = {"cuda": 512, "cpu": 32}
+__all__ = ["STEPS", "VISION_STEPS", "BATCH", "evaluate", "probe_loss", "train_llava"]
+
+STEPS = {"cuda": 3000, "cpu": 3000}  # steps of the whole model
+VISION_STEPS = {"cuda": 1000, "cpu": 1000}  # vision warm-up steps before them (see train_llava)
+BATCH = {"cuda": 512, "cpu": 32}  # grids a step (a vision warm-up step: 2 × BATCH grids, no text)
 LR = 1e-3
-AUX = 0.5  # weight of the per-patch digit loss on the projector's output (a training-only linear probe)
+AUX = 0.5  # weight of the probe's digit loss on the projector's output (a training-only linear probe)
 WARMUP = 200
-
 
 
 def _autocast(device: torch.device):
@@ -100,92 +103,90 @@ def _patch_labels(grid: torch.Tensor) -> torch.Tensor:
     return grid.repeat_interleave(per, 1).repeat_interleave(per, 2).flatten(1)
 
 
-def _batches(tok, bank, batch: int, steps: int, seed: int, pin: bool, palette: tuple[int, int] = PALETTE):
-    """Training batches made by a background thread (fixed seed, so the same stream on any device)."""
-    q: queue.Queue = queue.Queue(maxsize=8)
-
-    def work():
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            images, labels = D.make_grids(bank, batch, g, palette=palette)
-            b = D.make_batch(tok, images, *D.sample_questions(labels, g))
-            if pin:
-                b = D.Batch(b.pixel_values.pin_memory(), b.input_ids.pin_memory(), b.attention_mask.pin_memory(),
-                            b.labels.pin_memory(), b.answer_pos, b.qtypes, b.questions, b.answers)
-            q.put((b, labels))
-
-    threading.Thread(target=work, daemon=True).start()
-    for _ in range(steps):
-        yield q.get()
+def probe_loss(probe: torch.nn.Module, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """The vision side's training signal: ``probe`` (linear, 10 digits) on the projector's output ``feats``
+    ``(n, 64, d)``: each patch -> its cell's digit (``cells``, :func:`_patch_labels`), plus the mean of a
+    cell's 2×2 patches -> the cell's digit."""
+    n, per = len(feats), D.IMAGE_SIZE // D.PATCH // D.GRID
+    per_patch = F.cross_entropy(probe(feats).flatten(0, 1).float(), cells.flatten())
+    cell_feats = feats.reshape(n, D.GRID, per, D.GRID, per, -1).mean((2, 4)).flatten(1, 2)  # (n, 16, d)
+    cell_digit = cells.reshape(n, D.GRID, per, D.GRID, per)[:, :, 0, :, 0].flatten(1)
+    return per_patch + F.cross_entropy(probe(cell_feats).flatten(0, 1).float(), cell_digit.flatten())
 
 
-def decay_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
-    """AdamW groups of the VLM recipes: ``weight_decay`` on matrices except embeddings, none elsewhere."""
-    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+def _vision_draw(bank, batch: int, seed: int):
+    """Step-seeded vision warm-up batches: ``2 * batch`` grids of any of the 10 classes (pixels, patch labels)."""
+    def draw(step: int) -> list[torch.Tensor]:
+        images, labels = D.make_grids(bank, 2 * batch, step_generator(seed, step), palette=(10, 10))
+        return [D.pixel_values(images), _patch_labels(labels)]
+    return draw
 
 
-class _AnswerTask(TrainTask):
-    """The answer-token loss plus ``aux`` × the probe's per-patch digit loss on the projector's output.
+def _question_draw(tok, bank, batch: int, seed: int, palette: tuple[int, int] = PALETTE):
+    """Step-seeded question batches (so a resumed run draws what an uninterrupted one would)."""
+    def draw(step: int) -> list[torch.Tensor]:
+        g = step_generator(seed + 1, step)
+        images, labels = D.make_grids(bank, batch, g, palette=palette)
+        b = D.make_batch(tok, images, *D.sample_questions(labels, g))
+        return [b.pixel_values, b.input_ids, b.attention_mask, b.labels, _patch_labels(labels)]
+    return draw
 
-    Batches come in order from the recipe's background stream (its runs are not resumed)."""
 
-    desc = "digits-llava"
+class _LlavaTask(StageTask):
+    """A stage of the recipe (:class:`recipes._vlm_stages.StageTask`) on LLaVA's ``pixel_values``."""
 
-    def __init__(self, model, probe: torch.nn.Module, stream, aux: float, every: int, steps: int) -> None:
-        self.model, self.probe, self.stream, self.aux, self.every, self.steps = model, probe, stream, aux, every, steps
-        self.captured: dict[str, torch.Tensor] = {}
-        self.curve: list[tuple[int, float]] = []
-        self.hook = None
+    def encode(self, pixels: torch.Tensor) -> None:
+        self.model.model.get_image_features(pixel_values=pixels)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        return dict(list(self.model.named_parameters()) + [(f"probe.{n}", p) for n, p in self.probe.named_parameters()])
+    def answer_loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
 
-    def param_groups(self, config: TrainConfig) -> list[dict]:
-        return decay_groups(list(self.weights().items()), config.weight_decay)
+    def probe_loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        return probe_loss(self.probe, feats, cells)
 
-    def prepare(self, accelerator) -> None:
-        self.device = accelerator.device
-        self.model.to(self.device).train()
-        self.probe.to(self.device)
-        self.hook = self.model.model.multi_modal_projector.register_forward_hook(
-            lambda mod, args, output: self.captured.__setitem__("feats", output))
 
-    def batch(self, step: int):
-        return next(self.stream)
-
-    def loss(self, item, step: int) -> dict[str, torch.Tensor]:
-        b, grid = item
-        b = b.to(self.device)
-        lm = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                        labels=b.labels).loss
-        self.lm = lm.detach()
-        if not self.aux:
-            return {"lm": lm}
-        cells = _patch_labels(grid).to(self.device, non_blocking=True)
-        return {"lm": lm, "probe": self.aux * F.cross_entropy(self.probe(self.captured["feats"]).flatten(0, 1).float(),
-                                                              cells.flatten())}
-
-    def after_step(self, step: int) -> None:
-        if step % self.every == 0 or step == self.steps - 1:
-            self.curve.append((step + 1, round(self.lm.item(), 4)))
-
-    def finish(self) -> None:
-        if self.hook is not None:
-            self.hook.remove()
+@torch.no_grad()
+def _probe_accuracy(task: _LlavaTask, pixels: torch.Tensor, grid: torch.Tensor, device: torch.device,
+                    chunk: int = 250) -> float:
+    """How often the probe reads a cell's digit (``grid``, ``(n, 4, 4)``) from the mean of its 2×2
+    projected patches of ``pixels``."""
+    model, per = task.model, D.IMAGE_SIZE // D.PATCH // D.GRID
+    was_training = model.training
+    model.eval()
+    preds = []
+    with task.hooked():
+        for i in range(0, len(pixels), chunk):
+            with _autocast(device):
+                task.encode(pixels[i:i + chunk].to(device))
+            feats = task.captured["feats"]
+            cell_feats = feats.reshape(len(feats), D.GRID, per, D.GRID, per, -1).mean((2, 4)).flatten(1, 2)
+            preds.append(task.probe(cell_feats).argmax(-1).cpu())
+    model.train(was_training)
+    return (torch.cat(preds) == grid.flatten(1)).float().mean().item()
 
 
 def train_llava(out: Path, steps: int | None = None, batch: int | None = None, device: str | None = None,
                 seed: int = 0, size: str = "base", n_eval: int = 500, lr: float = LR,
-                palette: tuple[int, int] = PALETTE, aux: float = AUX) -> dict:
+                palette: tuple[int, int] = PALETTE, aux: float = AUX, vision_steps: int | None = None,
+                save_every: int = 0, eval_every: int = 0) -> dict:
     """Train ``digits-llava`` into ``out`` and write its model card; returns the metrics.
 
+    Two stages (:mod:`recipes._vlm_stages`): ``vision_steps`` steps of the vision tower and projector alone
+    on the probe's digit loss (:func:`probe_loss`), then ``steps`` steps of the whole model on the answers
+    (+ ``aux`` × the probe's loss). ``save_every > 0`` checkpoints each stage under ``out/training`` every
+    that many steps, and a rerun with the same arguments continues from there. ``eval_every > 0`` prints
+    held-out accuracy (100 questions a type) every that many whole-model steps.
+
     ``device`` defaults to ``cpu``; ``steps``/``batch`` default to :data:`STEPS`/:data:`BATCH` of that
-    device type. ``size="tiny"`` and a small ``n_eval`` (questions per type) are for tests."""
+    device type; ``vision_steps`` to :data:`VISION_STEPS`, scaled by ``steps / STEPS`` when ``steps`` is
+    given. ``size="tiny"`` and a small ``n_eval`` (questions per type) are for tests."""
     dev = torch.device(device or "cpu")
-    steps = steps if steps is not None else STEPS[dev.type if dev.type in STEPS else "cpu"]
-    batch = batch if batch is not None else BATCH[dev.type if dev.type in BATCH else "cpu"]
+    kind = dev.type if dev.type in STEPS else "cpu"
+    if vision_steps is None:
+        vision_steps = VISION_STEPS[kind] if steps is None else round(steps * VISION_STEPS[kind] / STEPS[kind])
+    steps = steps if steps is not None else STEPS[kind]
+    batch = batch if batch is not None else BATCH[kind]
     torch.manual_seed(seed)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -195,30 +196,50 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     bank = D.digit_bank("train", copies=COPIES, seed=seed)
     heldout = D.heldout_set(tok, n_per_type=n_eval, seed=1234, split="test")
     train_probe = D.heldout_set(tok, n_per_type=max(1, n_eval // 2), seed=4321, split="train")
+    probe_images, probe_grid = D.make_grids(D.digit_bank("test"), 200, torch.Generator().manual_seed(99))
     model = make_model(size).to(dev)
     model.train()
     # Real LLaVAs start from a pretrained vision encoder; here a linear probe on the projector's output
-    # (64 tokens -> the digit of each token's cell) gives the vision side that signal from step one.
-    # The probe is dropped after training: the saved model is a plain LlavaForConditionalGeneration.
+    # (64 tokens -> the digit of each token's cell) gives the vision side that signal. The probe is
+    # dropped after training: the saved model is a plain LlavaForConditionalGeneration.
     probe = torch.nn.Linear(model.config.text_config.hidden_size, 10).to(dev)
-    warm = min(WARMUP, max(1, steps // 10))
-    task = _AnswerTask(model, probe, _batches(tok, bank, batch, steps, seed, dev.type == "cuda", palette), aux,
-                       max(1, steps // 20), steps)
-    t_train = time.time()
-    fit(task, TrainConfig(steps=steps, lr=lr, warmup=warm, min_lr_ratio=0.05, betas=(0.9, 0.98), weight_decay=0.05,
-                          max_grad_norm=1.0, batch_size=batch, seed=seed, cpu=dev.type == "cpu",
-                          mixed_precision="bf16" if dev.type == "cuda" else "no"))
-    curve = task.curve
-    train_s = time.time() - t_train
+    warm, warm_v = min(WARMUP, max(1, steps // 10)), min(WARMUP, max(1, vision_steps // 10))
+    common = {"lr": lr, "betas": (0.9, 0.98), "weight_decay": 0.05, "max_grad_norm": 1.0, "seed": seed,
+              "cpu": dev.type == "cpu", "mixed_precision": "bf16" if dev.type == "cuda" else "no",
+              "save_every": save_every}
+    ckpt = Path(out) / "training" if save_every else None
+    small = D.heldout_set(tok, n_per_type=100, seed=1234, split="test") if eval_every else None
+    probe_acc: dict[str, float] = {}
+    # stage 1: the vision tower and projector alone, warm-up then a flat lr; stage 2: the whole model,
+    # warm-up then cosine to 5 %. One fit (fresh AdamW) per stage.
+    vision = _LlavaTask(model, probe, _vision_draw(bank, batch, seed), aux, vision_steps, True, "digits-llava", seed)
+    t_vision = 0.0
+    if vision_steps:
+        t_vision = fit(vision, TrainConfig(steps=vision_steps, warmup=warm_v, min_lr_ratio=1.0, batch_size=2 * batch,
+                                           **common), out=ckpt and ckpt / "vision", resume=ckpt is not None).seconds
+    probe_acc["after the vision warm-up"] = _probe_accuracy(vision, D.pixel_values(probe_images), probe_grid, dev)
+    print(f"probe: held-out cell digit accuracy after the vision warm-up {probe_acc['after the vision warm-up']:.3f}",
+          flush=True)
+    whole = _LlavaTask(model, probe, _question_draw(tok, bank, batch, seed, palette), aux, steps, False,
+                       "digits-llava", seed, evaluate_fn=small and (lambda: evaluate(model, small, dev)))
+    t_whole = fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch,
+                                     eval_every=eval_every, **common),
+                  out=ckpt and ckpt / "whole", resume=ckpt is not None).seconds
+    vision_curve, curve = vision.curve, whole.curve
+    probe_acc["at the end"] = _probe_accuracy(whole, D.pixel_values(probe_images), probe_grid, dev)
+    train_s = t_vision + t_whole
     chance = majority_baseline(heldout)
     acc, metrics = save_and_score(model, tok, out, dev, evaluate, heldout, train_probe, D.QTYPES, chance, n_eval,
                                   "train-digit grids")
-    wall = time.time() - t0
+    wall = max(time.time() - t0, train_s)  # a resumed run counts the runs before it
     out = Path(out)
     n_params, n_vision, n_text = (metrics[k] for k in ("parameters", "vision tower parameters", "language model parameters"))
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    metrics.update({"steps": steps, "batch": batch, "device": where, "training seconds": round(train_s, 1),
-                    "seconds per step": round(train_s / steps, 4), "final train loss (language model)": curve[-1][1]})
+    metrics.update({"vision warm-up steps": vision_steps, "steps": steps, "batch": batch, "device": where,
+                    "training seconds": round(train_s, 1), "vision warm-up seconds": round(t_vision, 1),
+                    "seconds per step (whole model)": round(t_whole / steps, 4),
+                    "final train loss (language model)": curve[-1][1]})
+    metrics.update({f"probe: held-out cell digit accuracy, {k}": v for k, v in probe_acc.items()})
     vc, tc = model.config.vision_config, model.config.text_config
     write_card(out, "digits-llava",
                "Tiny LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower, LLaVA MLP projector, Llama) that "
@@ -241,19 +262,25 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
                f"LLaVA 2-layer GELU MLP. Text: Llama, {tc.num_hidden_layers} layers, d={tc.hidden_size}, "
                f"{tc.num_attention_heads} heads, SwiGLU {tc.intermediate_size}. {n_params / 1e6:.2f}M parameters "
                f"(vision {n_vision / 1e6:.2f}M, text {n_text / 1e6:.2f}M), all trained from scratch. AdamW lr {lr} "
-               f"(β 0.9/0.98, wd 0.05 on matrices), {warm} warm-up steps, cosine to 5 %, grad clip 1, batch {batch}, "
-               f"{steps} steps; loss on the answer token and `</s>`, plus {aux} × a per-patch digit loss through a training-only "
-               "linear probe on the projector's output (each of the 64 vision tokens -> its cell's digit; standing in "
-               "for the pretrained vision encoder a real LLaVA starts from; the probe is not saved)"
+               "(β 0.9/0.98, wd 0.05 on matrices; a fresh AdamW per stage, each one `mmskip.train.fit`), grad clip 1. "
+               "A training-only linear probe on the projector's output (not saved) stands in for the pretrained "
+               "vision encoder a real LLaVA starts from: its loss is a per-patch digit loss (each of the 64 vision "
+               "tokens -> its cell's digit) plus a cell loss (the mean of a cell's 2×2 tokens -> its digit). Stage 1, "
+               f"vision warm-up: {vision_steps} steps of the vision tower + projector alone on the probe's loss "
+               f"({2 * batch} grids of any of the 10 classes a step, {warm_v} warm-up steps, then flat). Stage 2: "
+               f"{steps} steps of the whole model, batch {batch}, loss on the answer token and `</s>` + {aux} × the "
+               f"probe's loss, {warm} warm-up steps, cosine to 5 %"
                f"{'; bf16 autocast' if dev.type == 'cuda' else ''}. Saved in fp16.",
                metrics, wall,
                extra="\nAccuracy is greedy (argmax) on the answer token. Majority-answer baseline = always giving "
-               "the most frequent answer of that question type (chance level).\n\n"
+               "the most frequent answer of that question type (chance level). The probe rows measure the vision "
+               "side alone: how often the training probe reads a held-out cell's digit from its tokens (200 "
+               "held-out grids).\n\n"
+               "## Vision warm-up loss (step, probe loss)\n" + ", ".join(f"{s}: {v}" for s, v in vision_curve) + "\n\n"
                "## Training loss (step, language-model loss on answer + `</s>`; probe loss excluded)\n" + ", ".join(f"{s}: {v}" for s, v in curve) + "\n")
     card = out / "README.md"
     text = re.sub(r"^Training wall time: .*$", f"Training wall time: {wall / 60:.1f} min in all ({train_s / 60:.1f} min "
                   f"of training steps) on {where}.", card.read_text(), flags=re.M)
-    kind = dev.type if dev.type in STEPS else "cpu"
     cmd = (f"mmskip zoo digits-llava{' --device cuda' if dev.type == 'cuda' else ''}"
            f"{'' if steps == STEPS[kind] else f' --steps {steps}'}{'' if batch == BATCH[kind] else f' --batch {batch}'}")
     text = re.sub(r"^Reproduce: .*$", f"Reproduce: `{cmd}` (fixed seeds; bf16 on a GPU, so not bit-exact).",

@@ -11,20 +11,19 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mmskip.train import TrainConfig, TrainTask, fit
+from mmskip.train import TrainConfig, fit
 from mmskip.zoo import video_data as D
 from mmskip.zoo.card import write_card
 from mmskip.zoo.video_model import make_model
 from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 
-from .llava import _autocast, decay_groups, save_and_score
+from ._vlm_stages import StageTask
+from .llava import _autocast, save_and_score
 
 __all__ = ["STEPS", "VISION_STEPS", "BATCH", "evaluate", "majority_baseline", "patch_labels", "train_video"]
 
@@ -145,72 +144,19 @@ def _batches(tok, bank, batch: int, steps: int, seed: int, pin: bool, palette: t
         yield q.get()
 
 
-class _VideoTask(TrainTask):
-    """One stage of the recipe: the probe's digit losses alone on the vision side (``vision_only``), or
-    the answer-token loss plus ``aux`` × the probe's losses on the whole model. Batches come in order
-    from the recipe's background stream (its runs are not resumed)."""
+class _VideoTask(StageTask):
+    """A stage of the recipe (:class:`recipes._vlm_stages.StageTask`) on ``pixel_values_videos``. Batches come
+    in order from the recipe's background stream (its runs are not resumed)."""
 
-    def __init__(self, model, probe: torch.nn.Module, stream, aux: float, every: int, steps: int,
-                 vision_only: bool) -> None:
-        self.model, self.probe, self.stream, self.aux = model, probe, stream, aux
-        self.every, self.steps, self.vision_only = every, steps, vision_only
-        self.desc = "digits-video vision warm-up" if vision_only else "digits-video"
-        self.captured: dict[str, torch.Tensor] = {}
-        self.curve: list[tuple[int, float]] = []
-        self.hook = None
+    def encode(self, pixels: torch.Tensor) -> None:
+        self.model.model.get_video_features(pixel_values_videos=pixels)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        named = dict(self.model.named_parameters())
-        if self.vision_only:
-            inner = self.model.model
-            ids = {id(p) for m in (inner.vision_tower, inner.multi_modal_projector) for p in m.parameters()}
-            named = {n: p for n, p in named.items() if id(p) in ids}
-        return named | {f"probe.{n}": p for n, p in self.probe.named_parameters()}
+    def answer_loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, labels=labels).loss
 
-    def param_groups(self, config: TrainConfig) -> list[dict]:
-        return decay_groups(list(self.weights().items()), config.weight_decay)
-
-    @contextmanager
-    def hooked(self) -> Iterator[None]:
-        """A context in which the projector's output lands in ``captured`` (for the probe)."""
-        hook = self.model.model.multi_modal_projector.register_forward_hook(
-            lambda mod, args, output: self.captured.__setitem__("feats", output))
-        try:
-            yield
-        finally:
-            hook.remove()
-
-    def prepare(self, accelerator) -> None:
-        self.device = accelerator.device
-        self.model.to(self.device).train()
-        self.probe.to(self.device)
-        self.hook = self.hooked()
-        self.hook.__enter__()
-
-    def batch(self, step: int):
-        return next(self.stream)
-
-    def loss(self, b, step: int) -> dict[str, torch.Tensor]:
-        if self.vision_only:
-            pv, cells = (x.to(self.device, non_blocking=True) for x in b)
-            self.model.model.get_video_features(pixel_values_videos=pv)
-            terms = {"probe": probe_loss(self.probe, self.captured["feats"], cells)}
-        else:
-            pv, ids, mask, labels, cells = (x.to(self.device, non_blocking=True) for x in b)
-            terms = {"lm": self.model(input_ids=ids, attention_mask=mask, pixel_values_videos=pv, labels=labels).loss}
-            if self.aux:
-                terms["probe"] = self.aux * probe_loss(self.probe, self.captured["feats"], cells)
-        self.last = next(iter(terms.values())).detach()
-        return terms
-
-    def after_step(self, step: int) -> None:
-        if step % self.every == 0 or step == self.steps - 1:
-            self.curve.append((step + 1, round(self.last.item(), 4)))
-
-    def finish(self) -> None:
-        if self.hook is not None:
-            self.hook.__exit__(None, None, None)
-            self.hook = None
+    def probe_loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        return probe_loss(self.probe, feats, cells)
 
 
 def train_video(out: Path, steps: int | None = None, batch: int | None = None, device: str | None = None,
@@ -254,13 +200,13 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     t_train = time.time()
     # stage 1: the vision tower and projector alone, warm-up then a flat lr; stage 2: the whole model,
     # warm-up then cosine to 5 %. One fit (fresh AdamW) per stage.
-    vision = _VideoTask(model, probe, stream, aux, max(1, vision_steps // 10), vision_steps, vision_only=True)
+    vision = _VideoTask(model, probe, lambda step: next(stream), aux, vision_steps, True, "digits-video", seed)
     if vision_steps:
         fit(vision, TrainConfig(steps=vision_steps, warmup=warm_v, min_lr_ratio=1.0, batch_size=2 * batch, **common))
     with vision.hooked():
         probe_acc["after the vision warm-up"] = _probe_accuracy(model, probe, vision.captured, heldout, dev)
     t_vision = time.time() - t_train
-    whole = _VideoTask(model, probe, stream, aux, max(1, steps // 20), steps, vision_only=False)
+    whole = _VideoTask(model, probe, lambda step: next(stream), aux, steps, False, "digits-video", seed)
     fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch, **common))
     vision_curve, curve, captured = vision.curve, whole.curve, whole.captured
     with whole.hooked():

@@ -89,6 +89,45 @@ def test_five_step_cpu_run_on_a_tiny_config_writes_a_loadable_folder(tmp_path):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_a_checkpointed_run_resumes_where_its_checkpoints_stop(tmp_path, monkeypatch):
+    from mmskip.cli import recipe
+
+    llava = recipe("llava")
+    drawn: list[tuple[str, int]] = []
+
+    def recording(name, make):
+        def wrap(*args, **kwargs):
+            draw = make(*args, **kwargs)
+            return lambda step: drawn.append((name, step)) or draw(step)
+        return wrap
+
+    monkeypatch.setattr(llava, "_vision_draw", recording("vision", llava._vision_draw))
+    monkeypatch.setattr(llava, "_question_draw", recording("whole", llava._question_draw))
+    out = tmp_path / "run"
+    args = {"batch": 2, "device": "cpu", "size": "tiny", "n_eval": 4, "vision_steps": 2, "save_every": 2}
+    m = llava.train_llava(out, steps=4, **args)
+    assert drawn == [("vision", 0), ("vision", 1)] + [("whole", s) for s in range(4)]
+    assert m["vision warm-up steps"] == 2 and (out / "training" / "whole" / "checkpoint").is_dir()
+    drawn.clear()
+    llava.train_llava(out, steps=6, **args)  # both stages resume: only the 2 new whole-model steps are drawn
+    assert drawn == [("whole", 4), ("whole", 5)]
+
+
+def test_probe_loss_is_low_only_for_features_that_carry_each_cell_digit():
+    from mmskip.cli import recipe
+
+    llava = recipe("llava")
+    grid = torch.randint(0, 10, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    cells = llava._patch_labels(grid)
+    assert cells.shape == (3, 64) and cells[0, 0] == cells[0, 9] == grid[0, 0, 0] and cells[0, 6] == grid[0, 0, 3]
+    probe = torch.nn.Linear(10, 10, bias=False)
+    with torch.no_grad():
+        probe.weight.copy_(20 * torch.eye(10))
+    right = torch.nn.functional.one_hot(cells, 10).float()
+    wrong = torch.nn.functional.one_hot((cells + 1) % 10, 10).float()
+    assert llava.probe_loss(probe, right, cells) < 1e-3 < 20 < llava.probe_loss(probe, wrong, cells)
+
+
 def test_base_config_has_enough_decoder_layers_for_mod_and_stays_small():
     from mmskip.zoo.llava_model import make_model
 
