@@ -31,19 +31,18 @@ makes), whose ratio shows the pairing's own bias and noise.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
-import types
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import harness
 import torch
+from _compiled_pairs import compile_in_place, compiled_pair, eager_stance, graphs_compiled
 from torch.utils.flop_counter import FlopCounterMode
 from tune import STEPS, headline_target  # the zoo models at the pipeline benchmarks' headline settings
 
@@ -152,6 +151,17 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _cpu(x: Any) -> Any:
+    """``x`` with its tensors on the CPU (containers item for item)."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu(v) for v in x)
+    return x
+
+
 def default_config(target: Any, name: str) -> tuple[Any, str]:
     """The technique's default on ``target`` and a label: its space's first seed (target settings
     dropped, so the baseline's steps and sampler stay), else the config class's defaults."""
@@ -182,56 +192,12 @@ def counted_run(target: Any, candidate: Candidate, inputs: list[Any]) -> tuple[A
     seconds of that counted run (a flop counter slows every op: not a timing). Counted on a second
     run, as the timing drops its warm-up: what a technique does once per model (SWIFT's layer-set
     search) is then in neither."""
-    with target.applied(candidate):
+    with eager_stance(target), target.applied(candidate):
         target.run(inputs)
         t0 = time.perf_counter()
         with FlopCounterMode(display=False) as counter:
             out = target.run(inputs)
         return out, float(counter.get_total_flops()), time.perf_counter() - t0
-
-
-def static_generate(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
-    """Greedy continuations of each prompt with a static KV cache (what compiled decoding needs)."""
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = p.view(1, -1)
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                               cache_implementation="static")
-            out.append(g[0, ids.shape[1]:])
-    return out
-
-
-def _own_code(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
-    """``fn`` behind a function with a code object of its own. Dynamo keeps compiled graphs per code
-    object: copies of one model compiled through the same ``forward`` would share one list of
-    entries, and every call would check the guards of the other configs' graphs first."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    name = "forward_" + "".join(c if c.isalnum() else "_" for c in tag)
-    code = call.__code__.replace(co_name=name)
-    return types.FunctionType(code, call.__globals__, name, call.__defaults__, call.__closure__)
-
-
-@contextmanager
-def compiled_pair(target: Any, candidate: Candidate, inputs: list[Any], backend: str
-                  ) -> Iterator[tuple[Callable[[], Any], Callable[[], Any]]]:
-    """``timing_pair`` for compiled decoding: the unmodified model and one with ``candidate`` applied,
-    each a deep copy whose ``forward`` is ``torch.compile``d, both decoding on a static cache."""
-    from mmskip import apply
-
-    base, fast = copy.deepcopy(target.model), copy.deepcopy(target.model)
-    handles = [apply(fast, c) for c in candidate.configs]
-    for m, tag in ((base, "base"), (fast, candidate.label)):
-        m.forward = torch.compile(_own_code(m.forward, tag), backend=backend)
-    n = target.max_new_tokens
-    try:
-        yield (lambda: static_generate(base, inputs, n)), (lambda: static_generate(fast, inputs, n))
-    finally:
-        for h in reversed(handles):
-            h.remove()
 
 
 def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any, base_flops: float,
@@ -240,9 +206,6 @@ def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any
     (timed compiled, with ``backend``, when one is given)."""
     t0 = time.perf_counter()
     row: dict[str, Any] = {"technique": tech.name, "model": name, "metric": target.metric, "status": "measured"}
-    if backend is not None and (target.kind != "lm" or tech.name == "self_speculative"):
-        return {**row, "status": "not measured compiled: the compiled mode covers the LM techniques that decode "
-                                 "on a static cache (pipelines: benchmarks/compile_cpu.py; SWIFT: dynamic cache)"}
     if tech.name == "gaussian_teleport" and not getattr(target, "gaussian_stats", None):
         return {**row, "status": "not measured: no Gaussian stats (run benchmarks/diffusion.py to write them)"}
     settings = dict(target.baseline().settings)
@@ -264,14 +227,27 @@ def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any
     frac = flops / base_flops
     row.update(default_config=default.to_dict(), default_label=label, flops_fraction=frac,
                flops_bound=1.0 / frac if frac > 0 else None, quality=target.quality(out, ref))
+    static = target.kind == "lm" and tech.name != "self_speculative"  # SWIFT: dynamic cache only
+    if backend is not None and target.kind != "pipeline":
+        row["compiled_cache"] = "static" if static else "dynamic"
     with ExitStack() as stack:
         calls = {}
         for key, cand in timed.items():
-            pair = target.timing_pair(cand, inputs) if backend is None else compiled_pair(target, cand, inputs, backend)
+            pair = (target.timing_pair(cand, inputs) if backend is None
+                    else compiled_pair(target, cand, inputs, backend, static))
             run_base, calls[key] = stack.enter_context(pair)
-        timings = harness.paired(run_base, calls, repeats=repeats, warmup=1)  # warm-up: the compilation
-        if backend is not None:  # the compiled decoding gives the eager tokens of the same config
-            row["compiled_outputs_equal_eager"] = same([t.cpu() for t in calls["default"]()], out)
+        if backend is not None:  # compile every graph before the rounds: a graph compiled later is timed
+            for call in (run_base, *calls.values()):
+                harness.once(call)
+        graphs = graphs_compiled()
+        timings = harness.paired(run_base, calls, repeats=repeats, warmup=1)
+        if backend is not None:  # the compiled run of the default config against its eager run
+            row["graphs_in_timed_rounds"] = graphs_compiled() - graphs
+            compiled_out = harness.once(calls["default"])[1]
+            if target.kind == "pipeline":
+                row["compiled_vs_eager"] = target.quality(compiled_out, out)
+            else:
+                row["compiled_outputs_equal_eager"] = same(_cpu(compiled_out), out)
     for key, t in timings.items():
         lo, hi = t.spread
         row[f"{key}_timing"] = t.to_dict(row["flops_fraction"] if key == "default" else None)
@@ -300,6 +276,8 @@ def model_rows(name: str, techs: list[Technique], args: Any) -> list[dict[str, A
     if not todo:
         return rows
     target, inputs = model_target(name, args)
+    if args.compile and target.kind == "pipeline":
+        compile_in_place(target, args.compile)
     ref, base_flops, base_s = counted_run(target, target.baseline(), inputs)
     print(f"{name}: {len(inputs)} inputs, {base_flops / 1e9:.3g} GFLOPs (counted run {base_s:.1f} s)")
     for tech in todo:
@@ -337,6 +315,10 @@ def table_row(r: dict[str, Any]) -> list[str]:
     quality = f"{r['metric']} {r['quality'][r['metric']]:.3g}"
     if r.get("compiled_outputs_equal_eager") is False:
         quality += " **compiled tokens differ from eager**"
+    if "compiled_vs_eager" in r:
+        quality += f" (compiled vs eager: psnr {r['compiled_vs_eager']['psnr']:.3g})"
+    if r.get("graphs_in_timed_rounds"):
+        quality += f" **{r['graphs_in_timed_rounds']} graphs compiled in the timed rounds**"
     return [r["technique"], r["model"], zero, r["default_label"], f"{r['default_speedup']:.2f}x ({lo:.2f}-{hi:.2f})",
             bound, ratio, quality]
 
@@ -350,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="pipelines: baseline steps (default: 25)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="language models: greedy tokens per prompt")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="time compiled decoding (torch.compile, static cache; default backend inductor): LM techniques")
+                   help="time compiled runs (torch.compile, default backend inductor): LMs decode on a static cache, "
+                        "pipelines compile their denoiser in place (see benchmarks/_compiled_pairs.py)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: join the rows of earlier runs (one per model, say) into --out; "
                         "a later file's row for the same technique and model replaces an earlier one")
