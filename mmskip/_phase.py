@@ -77,6 +77,8 @@ class ArgumentsHook(ModelHook):
         return module
 
     def arguments(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not args:  # keywords only (how ``generate`` calls a model): already by name, nothing to bind
+            return dict(kwargs)
         if self._signature is None:
             self._signature = inspect.signature(self.fn_ref.original_forward)
         bound = dict(self._signature.bind_partial(*args, **kwargs).arguments)

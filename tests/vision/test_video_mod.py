@@ -3,6 +3,8 @@ LLaVA-OneVision (SigLIP + Qwen2) and Qwen2-VL (3-D M-RoPE) models, CPU float32."
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from mmskip.vision import MoDConfig, VideoMoDConfig, VideoStream
@@ -12,6 +14,7 @@ from mmskip import schedules
 from mmskip.inject import SkipConfig
 from mmskip.registry import get_adapter
 
+from .._ops import op_counts
 from ._tiny import (
     ONEVISION_FRAME,
     QWEN_VIDEO,
@@ -82,6 +85,25 @@ def test_ratio_one_is_identical_and_remove_restores(build, onevision):
         assert not torch.equal(_logits(model, batch), ref)
     assert torch.equal(_logits(model, batch), ref)
     assert not _hooked(model)
+
+
+def test_ratio_one_groups_no_frames(onevision, monkeypatch):
+    """No MoD layer: no frame groups built, only the video-token mask on top of the plain ops."""
+    batch = onevision_video_prompts((1, 2), frames=3)
+    adapter = get_adapter(onevision, "vlm")
+
+    def never(*a, **k):
+        raise AssertionError("frame groups built with no MoD layer")
+
+    ref, plain = op_counts(lambda: _logits(onevision, batch))
+    with mmskip.applied(onevision, VideoMoDConfig(schedule=schedules.constant(1.0))) as h:
+        monkeypatch.setattr(type(h.state.adapter), "frame_groups", never)
+        out, zero = op_counts(lambda: _logits(onevision, batch))
+        s = h.stats()
+    assert torch.equal(out, ref) and adapter.num_layers == len(s["items"])
+    assert plain - zero == Counter()
+    assert set(zero - plain) <= {"zeros_like", "eq", "bitwise_or_", "any", "_local_scalar_dense"}
+    assert s["mode"] == "mod" and s["skipped"] == 0 and s["prefill_flops_fraction"] == 1.0
 
 
 @pytest.mark.parametrize("signal", ["attention", "norm"])

@@ -72,8 +72,11 @@ class InputHook(ArgumentsHook):
         super().__init__()
         self.state, self.handle = state, handle
         self.guard = CallGuard(handle.config.technique)
+        self.names = [f"layer.{i}" for i in range(state.adapter.num_layers)]
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.state.ratios:  # no MoD layer (every keep ratio 1.0): nothing to route, only counts
+            return self._counted(args, kwargs)
         bound = self.arguments(args, kwargs)
         cache = bound.get("cache", bound.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None else 0
@@ -90,19 +93,9 @@ class InputHook(ArgumentsHook):
         has_routed = bool(routed.any())
         with self.guard.call(starts=past == 0):  # refuses a second thread before any state changes
             B, q = routed.shape
-            if past == 0:
-                st.reset()
-                st.batch = B
-                st.mode = "plain"
-                if not has_routed and not st.warned_plain:
-                    st.warned_plain = True
-                    what = "video frames" if st.config.routing == "frames" else "vision tokens"
-                    logger.warning("mmskip %s: a prompt with no %s: the plain model runs (nothing to skip); "
-                                   "stats()['mode'] == 'plain' (expected for a VideoStream's text prefix)", st.config.technique, what)
             if past == 0 or has_routed:
+                self._prefill_chunk(past, B, q, has_routed)
                 st.phase = "prefill"
-                st.mode = "mod" if has_routed or st.mode == "mod" else "plain"
-                st.tokens += B * q
                 st.vision, st.groups = routed, groups
                 st.group_sizes = group_sizes(groups) if has_routed else [[] for _ in range(B)]
                 pad = bound.get("attention_mask")
@@ -114,8 +107,8 @@ class InputHook(ArgumentsHook):
             else:
                 st.phase = "decode"
             st.past, st.q = past, q
-            for i in range(st.adapter.num_layers):
-                self.handle.counts.record(f"layer.{i}", B * q)
+            for name in self.names:
+                self.handle.counts.record(name, B * q)
             # generate(use_cache=False): each step recomputes the prompt; it replays the first forward's routing
             recompute = gen is not None and gen.forwards > 0 and no_cache
             st.replay = st.pinned if st.pinned is not None else gen.decisions if recompute else None
@@ -129,6 +122,41 @@ class InputHook(ArgumentsHook):
                     gen.decisions = {i: st.kept_vision_mask(i) for i in st.records}
                 gen.forwards += 1
             return out
+
+    def _prefill_chunk(self, past: int, B: int, q: int, has_routed: bool) -> None:
+        """A forward that starts a prompt (``past == 0``) or appends routed tokens to it: the mode
+        and token counts of ``stats()``."""
+        st = self.state
+        if past == 0:
+            st.reset()
+            st.batch = B
+            st.mode = "plain"
+            if not has_routed and not st.warned_plain:
+                st.warned_plain = True
+                what = "video frames" if st.config.routing == "frames" else "vision tokens"
+                logger.warning("mmskip %s: a prompt with no %s: the plain model runs (nothing to skip); "
+                               "stats()['mode'] == 'plain' (expected for a VideoStream's text prefix)", st.config.technique, what)
+        st.mode = "mod" if has_routed or st.mode == "mod" else "plain"
+        st.tokens += B * q
+
+    def _counted(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The plain forward of a config with no MoD layer, keeping the stats a routed one keeps (mode,
+        tokens, per-layer counts): no routing groups, no padding or last-token reads, no guard (no
+        state a second thread could mix) and no routing to replay."""
+        bound = self.arguments(args, kwargs)
+        cache = bound.get("cache", bound.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        st = self.state
+        frames = st.config.routing == "frames"  # a frame's tokens are video tokens (frame_groups checks the layout)
+        routed = st.adapter.vision_mask(bound.get("input_ids"), bound.get("inputs_embeds"), video_only=frames)
+        B, q = routed.shape
+        has_routed = bool(routed.any())
+        if past == 0 or has_routed:
+            self._prefill_chunk(past, B, q, has_routed)
+        st.past, st.q = past, q
+        for name in self.names:
+            self.handle.counts.record(name, B * q)
+        return self.fn_ref.original_forward(*args, **kwargs)
 
     def _routed(self, bound: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens MoD routes ((batch, seq) bool) and their routing groups ((batch, seq) long,
@@ -372,7 +400,8 @@ def attach_mod(config: MoDConfig, model: torch.nn.Module, handle: SkipHandle) ->
         handle.counts.fixed_cost = text._linear_flops(adapter.head)
         handle.add_hook(adapter.head, HeadCounter(handle), ".head")
     handle.add_hook(adapter.mm_model, InputHook(state, handle), ".input")
-    bind_generations(handle, model, state.generations)  # generate(use_cache=False) replays its routing
+    if ratios:  # generate(use_cache=False) replays its routing (with no MoD layer there is none)
+        bind_generations(handle, model, state.generations)
     for i, ratio in sorted(ratios.items()):
         layer = text.layers[i]
         scale = None
