@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 import torch
 
-__all__ = ["StepTracker", "call_key", "serving_this_thread", "bound_thread", "serves"]
+__all__ = ["StepTracker", "call_key", "DeferredKey", "serving_this_thread", "bound_thread", "serves"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,32 @@ class StepTracker:
         self.slot = key
         self.last_t = t
         return new_traj
+
+
+class DeferredKey:
+    """A call's key (:func:`call_key`), computed only when the tracker compares it: the tracker
+    compares keys only of calls at one timestep (the branches of one step, a restart), so along a
+    trajectory of one call per step no fingerprint is computed (no device sync). For a technique
+    that keeps nothing per conditioning (the key is never hashed as a cache slot). Holds the
+    call's inputs until the tracker drops the key (the next step)."""
+
+    __slots__ = ("_compute", "_value")
+
+    def __init__(self, compute: Callable[[], Hashable]) -> None:
+        self._compute: Callable[[], Hashable] | None = compute
+        self._value: Hashable = None
+
+    @property
+    def value(self) -> Hashable:
+        if self._compute is not None:
+            self._value, self._compute = self._compute(), None
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return self.value == (other.value if isinstance(other, DeferredKey) else other)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
 
 
 # Keyword inputs that change every step without being new conditioning: ControlNet / T2I-Adapter

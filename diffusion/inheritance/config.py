@@ -31,12 +31,12 @@ from typing import Any, ClassVar
 from torch import nn
 
 from mmskip.inject import SkipHandle
-from mmskip.schedules import AdaptiveSchedule, ExplicitSchedule, Schedule, interval
+from mmskip.schedules import AdaptiveSchedule, ExplicitSchedule, IntervalSchedule, Schedule, interval
 
 from ..adapters import GRANULARITIES
 from ..plan import DenoiserConfig, check_step_schedule
 
-__all__ = ["FeatureInheritanceConfig", "step_computes"]
+__all__ = ["FeatureInheritanceConfig", "step_computes", "never_inherits"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +161,13 @@ def step_computes(schedule: Schedule, step: int, num_steps: int | None) -> bool:
     if 0.0 < r < 1.0:
         raise ValueError(f"a step schedule must give 0 (inherit) or 1 (recompute) per step, got {r}")
     return r > 0
+
+
+def never_inherits(schedule: Schedule) -> bool:
+    """Whether a static ``schedule`` recomputes every step of any trajectory (``interval(1)``,
+    ``explicit(skip=())``, ``explicit(ratios=[1.0, ...])``): then no feature is ever cached."""
+    if isinstance(schedule, IntervalSchedule):
+        return schedule.every == 1
+    if isinstance(schedule, ExplicitSchedule):
+        return schedule.skip_idx == () or (schedule.ratio_list is not None and all(r == 1.0 for r in schedule.ratio_list))
+    return False

@@ -310,7 +310,9 @@ def _add_target(state: InheritanceState, name: str, claimed: list[str]) -> None:
     _claim(name, claimed)
     io = ad.io(module)
     residual = io is not None and (state.config.granularity != "block" or not ad.is_unet)
-    if residual:
+    if state.recompute_only:  # checked and counted (RootHook), never inherited: not hooked
+        pass
+    elif residual:
         rng = Range(name, [module], io)
         state.handle.add_hook(module, RangeHook(state, rng, 0), "")
     else:
@@ -343,7 +345,8 @@ def _add_range(state: InheritanceState, name: str, claimed: list[str]) -> None:
         _claim(m, claimed)
     rng = Range(name, modules, io)
     for k, mod in enumerate(modules):
-        state.handle.add_hook(mod, RangeHook(state, rng, k), "")
+        if not state.recompute_only:
+            state.handle.add_hook(mod, RangeHook(state, rng, k), "")
     state.names.append(name)
 
 def _claim(name: str, claimed: list[str]) -> None:

@@ -18,8 +18,8 @@ from mmskip.inject import CallGuard, SkipHandle, TechniqueState
 from mmskip.schedules import AdaptiveSchedule
 
 from ..adapters import DiffusionAdapter
-from ..tracker import StepTracker, bound_thread
-from .config import FeatureInheritanceConfig, step_computes
+from ..tracker import DeferredKey, StepTracker, bound_thread
+from .config import FeatureInheritanceConfig, never_inherits, step_computes
 
 __all__ = ["InheritanceState", "MAX_SLOTS"]
 
@@ -59,6 +59,8 @@ class InheritanceState(TechniqueState):
         self.costs_known = not config.measure_flops
         self.names: list[str] = []  # stats names of targets, for FLOPs accounting
         self.fc: FlopCounterMode | None = None  # set during the one measured call
+        # every step recomputes (interval(1), ...): no target is hooked, nothing cached, keys deferred
+        self.recompute_only = never_inherits(config.schedule)
 
     # -- measured costs ------------------------------------------------------------------------
     def measured_costs(self) -> tuple[dict[str, float], float] | None:
@@ -98,6 +100,8 @@ class InheritanceState(TechniqueState):
         self.changes = []
 
     def key(self, args: tuple, kwargs: dict) -> Hashable:
+        if self.recompute_only:  # no per-conditioning cache: the step tracker alone compares keys
+            return DeferredKey(lambda: self.adapter.call_key(args, kwargs))
         return self.adapter.call_key(args, kwargs)
 
     # -- decisions ---------------------------------------------------------------------------
@@ -105,6 +109,10 @@ class InheritanceState(TechniqueState):
         tr = self.tracker
         if tr.observe(t, key):
             self._clear()
+        if self.recompute_only:
+            self.decision = True
+            self._note(True)
+            return
         if tr.slot in self.cache:
             self.cache.move_to_end(tr.slot)
         else:

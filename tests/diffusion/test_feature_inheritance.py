@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig
@@ -12,6 +14,7 @@ from mmskip.inject import SkipConfig, applied, apply
 from mmskip.registry import UnsupportedModelError
 from mmskip.schedules import adaptive, explicit, interval
 
+from .._ops import op_counts
 from ._tiny import (
     example_inputs,
     target_modules,
@@ -125,6 +128,45 @@ def test_cfg_batch_and_separate_calls_keep_separate_caches():
         st = h.stats()
     assert st["recomputed_steps"] == [0, 2]
     assert st["items"]["transformer_blocks.1:3"]["skipped"] == 4
+
+
+@pytest.mark.parametrize("schedule", [interval(1), explicit(skip=())])
+def test_recompute_every_step_runs_the_plain_ops(model, schedule, monkeypatch):
+    """Nothing ever inherited: no target hooked, no residual kept, no conditioning fingerprint
+    along a trajectory (one call per step): the plain model's ops plus the timestep read."""
+    from mmskip.diffusion.adapters import denoisers
+
+    def never(*a, **k):
+        raise AssertionError("fingerprinted the conditioning of a single-call step")
+
+    ref, plain = op_counts(lambda: _run(model))
+    with applied(model, FeatureInheritanceConfig(schedule=schedule, measure_flops=False)) as h:
+        assert not any("_diffusers_hook" in m.__dict__ for m in model.modules() if m is not model)
+        with monkeypatch.context() as mp:
+            mp.setattr(denoisers, "call_key", never)
+            out, zero = op_counts(lambda: _run(model))
+        st = h.stats()
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+    assert plain - zero == Counter()
+    assert set(zero - plain) <= {"select", "view", "_local_scalar_dense"}  # float(timestep) per call
+    assert st["recomputed_steps"] == [0, 1, 2, 3] and st["skipped"] == 0
+    assert all(st["items"][n]["executed"] == len(TIMESTEPS) for n in st["targets"])
+
+
+def test_recompute_every_step_still_tells_branches_and_restarts():
+    """Deferred keys: two calls per step (cond, uncond) are one step; the same conditioning at the
+    same timestep again is a new trajectory."""
+    m = tiny_dit()
+    with applied(m, FeatureInheritanceConfig(schedule=interval(1), measure_flops=False)) as h:
+        with torch.no_grad():
+            for t in TIMESTEPS:
+                m(**example_inputs(m, t, batch=2, seed=1))
+                m(**example_inputs(m, t, batch=4, seed=2))
+        assert h.stats()["recomputed_steps"] == [0, 1, 2, 3]
+        first = h.state.tracker.trajectory
+        with torch.no_grad():
+            m(**example_inputs(m, 300.0, batch=2, seed=1))  # seen at this timestep already: a restart
+        assert h.state.tracker.trajectory == first + 1 and h.stats()["recomputed_steps"] == [0]
 
 
 def test_new_trajectory_resets_cache():
