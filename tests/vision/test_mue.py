@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from mmskip.vision.mue import MuEConfig
 
 import mmskip
 
+from .._ops import op_counts
 from ._mue_common import EXITS, NEVER, STEPS, _generate, _hooked, _logits, _rows_run  # noqa: F401
 from ._tiny_florence import IMAGE_TOKEN, N_IMAGE, florence_prompts, row, tiny_florence
 
@@ -36,6 +39,30 @@ def test_never_triggering_thresholds_are_identical(florence, cfg, padding):
         assert s["skipped"] == 0 and s["flops_fraction"] == 1.0
         assert s["encoder"]["image"]["tokens"] == 3 * N_IMAGE  # captured inside generate too
         assert s["encoder"]["image"]["skipped"] == s["encoder"]["text"]["skipped"] == s["decoder"]["skipped"] == 0
+
+
+@pytest.mark.parametrize("cfg", NEVER, ids=["one", "none", "modality"])
+def test_never_triggering_thresholds_cost_nothing_per_step(florence, batch, cfg):
+    """No exit can trigger: no layer hook, no similarity or exit mask; what runs on top of the
+    plain model (the image mask's read, the encoder record) is the same for 2 and 5 new tokens."""
+
+    def gen(n):
+        with torch.no_grad():
+            return florence.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    layers = [*florence.model.language_model.encoder.layers, *florence.model.language_model.decoder.layers]
+    extra = []
+    for n in (2, 5):
+        ref, plain = op_counts(lambda n=n: gen(n))
+        with mmskip.applied(florence, cfg) as h:
+            assert not any("_diffusers_hook" in m.__dict__ for layer in layers for m in layer.modules())
+            out, zero = op_counts(lambda n=n: gen(n))
+            s = h.stats()["decoder"]
+            exits = h.state.decoder_exits
+        assert torch.equal(out, ref) and plain - zero == Counter()
+        extra.append(zero - plain)
+        assert s["tokens"] == 3 * n and s["skipped"] == 0 and torch.equal(exits, torch.full((3, n), s["layers"]))
+    assert extra[0] == extra[1] and sum(extra[0].values()) <= 8
 
 
 def test_remove_restores_exact_outputs(florence, batch):

@@ -200,5 +200,12 @@ class MuEConfig(SkipConfig):
         """True when some encoder threshold can trigger (not None, below 1)."""
         return any(t is not None and t < 1.0 for t in map(self.encoder_threshold, ("image", "text")))
 
+    def decoder_active(self) -> bool:
+        """True when the decoder threshold falls below 1 at some position (it never rises: decay <= 1)."""
+        p = self.decoder_params()
+        if p["threshold"] is None:
+            return False
+        return max(p["floor"], p["threshold"] if p["decay"] == 1.0 else 0.0) < 1.0
+
     def _attach(self, model: torch.nn.Module, handle: SkipHandle) -> None:
         attach_mue(self, model, handle)

@@ -24,9 +24,13 @@ __all__ = ["DecoderHook", "DecoderLayerHook"]
 class DecoderHook(ArgumentsHook):
     """On the decoder: opens a :class:`DecoderPass` per forward and records its exits."""
 
-    def __init__(self, state: MuEState, handle: SkipHandle, guard: CallGuard) -> None:
+    def __init__(self, state: MuEState, handle: SkipHandle, guard: CallGuard, measures: bool = True) -> None:
         super().__init__()
         self.state, self.handle, self.guard = state, handle, guard
+        # False: no threshold can trigger, so no layer hook is attached and this hook counts the layers
+        self.measures = measures
+        L = state.adapter.num_decoder_layers
+        self.names = [n for i in range(L) for n in (f"decoder.{i}", f"decoder.{i}.kv")]
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = self.arguments(args, kwargs)
@@ -36,6 +40,8 @@ class DecoderHook(ArgumentsHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         cache = get_cache(bound)
         past = int(cache.get_seq_length()) if cache is not None else 0
+        if not self.measures:
+            return self._counted(x, past, args, kwargs)
         st = self.state
         no_cache = cache is None or bound.get("use_cache") is False
         # only generate(use_cache=False) replays (a per-thread lookup: kept out of cached, compiled steps)
@@ -66,11 +72,7 @@ class DecoderHook(ArgumentsHook):
             pinned = torch.cat([replay.to(dev), replay.new_full((B, q - measure_from), -1, device=dev)], dim=1)
         elif pinned is not None:
             measure_from = q
-            if pinned.shape[0] != B or pinned.shape[1] < past + q:
-                raise ValueError(
-                    f"mmskip MuE: pinned decoder exits cover {pinned.shape[0]} rows x {pinned.shape[1]} positions; this "
-                    f"forward needs {B} rows x positions {past}..{past + q - 1}. unpin_exits() or stay within them"
-                )
+            self._check_pin(B, q, past)
             pinned = pinned[:, past: past + q].to(dev)
         thr, active = st.decoder_thresholds(past, q, dev)
         return DecoderPass(
@@ -78,6 +80,31 @@ class DecoderHook(ArgumentsHook):
             exit_layer=torch.full((B, q), L, dtype=torch.long, device=dev), thr=thr,
             measure=L > 1 and active, pinned=pinned, measure_from=measure_from, single=B * q == 1 and pinned is None,
         )
+
+    def _check_pin(self, B: int, q: int, past: int) -> None:
+        pinned = self.state.pinned_decoder
+        if pinned is not None and (pinned.shape[0] != B or pinned.shape[1] < past + q):
+            raise ValueError(
+                f"mmskip MuE: pinned decoder exits cover {pinned.shape[0]} rows x {pinned.shape[1]} positions; this "
+                f"forward needs {B} rows x positions {past}..{past + q - 1}. unpin_exits() or stay within them"
+            )
+
+    def _counted(self, x: torch.Tensor, past: int, args: tuple, kwargs: dict) -> Any:
+        """No exit can trigger: the plain decoder, every token counted through every layer, and the
+        generation's exits kept as a shape (every entry the depth) instead of a tensor per step."""
+        st = self.state
+        B, q = int(x.shape[0]), int(x.shape[1])
+        self._check_pin(B, q, past)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        for name in self.names:
+            self.handle.counts.record(name, B * q)
+        if past == 0:
+            st.decoder_dense, st.decoder_complete = 0, True
+        elif not (st.decoder_complete and st.decoder_shape() == (B, past)):
+            st.decoder_complete, past = False, 0  # as _record: only this forward's exits are known
+        st.decoder_exits = None
+        st.never_exited = (B, past + q, x.device)
+        return out
 
     def _record(self, p: DecoderPass) -> None:
         st = self.state

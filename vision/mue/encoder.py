@@ -73,9 +73,13 @@ class PlaceholderHook(ModelHook):
 class EncoderHook(ArgumentsHook):
     """On the encoder: opens the :class:`EncoderPass` the layer hooks share, records it when done."""
 
-    def __init__(self, state: MuEState, handle: SkipHandle, guard: CallGuard) -> None:
+    def __init__(self, state: MuEState, handle: SkipHandle, guard: CallGuard, measures: bool = True) -> None:
         super().__init__()
         self.state, self.handle, self.guard = state, handle, guard
+        # False: no threshold can trigger, so no layer hook is attached and this hook counts the layers
+        self.measures = measures
+        L = state.adapter.num_encoder_layers
+        self.names = [n for i in range(L) for n in (f"encoder.{i}", f"encoder.{i}.kv")]
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = self.arguments(args, kwargs)
@@ -85,6 +89,8 @@ class EncoderHook(ArgumentsHook):
         image = st.take_image_mask()
         if x is None:  # transformers raises its own error
             return self.fn_ref.original_forward(*args, **kwargs)
+        if not self.measures:
+            return self._counted(x, image, bound.get("attention_mask"), args, kwargs)
         with guarded(self.guard, starts=True):
             st.enc = self._open(x, image, bound.get("attention_mask"))
             try:
@@ -96,8 +102,22 @@ class EncoderHook(ArgumentsHook):
             st.encoder_record = EncoderRecord(image=p.image, valid=p.valid, exit_layer=p.exit_layer)
             return out
 
-    def _open(self, x: torch.Tensor, image: torch.Tensor | None, mask: Any) -> EncoderPass:
-        st, cfg = self.state, self.state.config
+    def _counted(self, x: torch.Tensor, image: torch.Tensor | None, mask: Any, args: tuple, kwargs: dict) -> Any:
+        """No exit can trigger: the plain encoder, every token counted through every layer."""
+        st = self.state
+        image, valid = self._masks(x, image, mask)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        n = image.numel()
+        for name in self.names:
+            self.handle.counts.record(name, n)
+        L = st.adapter.num_encoder_layers
+        st.encoder_record = EncoderRecord(image=image, valid=valid, exit_layer=torch.where(valid, L, 0).long())
+        return out
+
+    def _masks(self, x: torch.Tensor, image: torch.Tensor | None, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, valid): the (B, N) image-token and non-padding masks of encoder input ``x``; the
+        pinned exits checked against it."""
+        st = self.state
         B, N = int(x.shape[0]), int(x.shape[1])
         dev = x.device
         if image is not None and tuple(image.shape) != (B, N):
@@ -116,15 +136,20 @@ class EncoderHook(ArgumentsHook):
             valid = mask.to(dev).bool()
         else:
             valid = torch.ones(B, N, dtype=torch.bool, device=dev)
-        L = st.adapter.num_encoder_layers
         pinned = st.pinned_encoder
-        if pinned is not None:
-            if tuple(pinned.shape) != (B, N):
-                raise ValueError(
-                    f"mmskip MuE: pinned encoder exits are for inputs of shape {tuple(pinned.shape)}, this one is "
-                    f"({B}, {N}); unpin_exits() or call with the inputs that were pinned"
-                )
-            pinned = pinned.to(dev)
+        if pinned is not None and tuple(pinned.shape) != (B, N):
+            raise ValueError(
+                f"mmskip MuE: pinned encoder exits are for inputs of shape {tuple(pinned.shape)}, this one is "
+                f"({B}, {N}); unpin_exits() or call with the inputs that were pinned"
+            )
+        return image, valid
+
+    def _open(self, x: torch.Tensor, image: torch.Tensor | None, mask: Any) -> EncoderPass:
+        st, cfg = self.state, self.state.config
+        image, valid = self._masks(x, image, mask)
+        (B, N), dev = image.shape, image.device
+        L = st.adapter.num_encoder_layers
+        pinned = None if st.pinned_encoder is None else st.pinned_encoder.to(dev)
         thr = torch.where(image, or_never(cfg.encoder_threshold("image")), or_never(cfg.encoder_threshold("text"))).float()
         return EncoderPass(
             layers=L, image=image, valid=valid, done=torch.zeros(B, N, dtype=torch.bool, device=dev),

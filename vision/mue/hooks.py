@@ -72,15 +72,18 @@ def attach_mue(config: MuEConfig, model: torch.nn.Module, handle: SkipHandle) ->
     for i in range(L):
         kv, rest = adapter.decoder_costs(i)
         counts.cost[f"decoder.{i}"], counts.cost[f"decoder.{i}.kv"] = rest, kv
+    # a part whose thresholds never trigger (>= 1, None) gets no layer hooks: its outer hook counts
+    encoder_exits, decoder_exits = config.encoder_active(), config.decoder_active() and L > 1
     handle.add_hook(adapter.mm_model, PlaceholderHook(state), ".placeholder")
-    handle.add_hook(adapter.encoder, EncoderHook(state, handle, guard), ".encoder")
-    for i, layer in enumerate(adapter.encoder_layers):
+    handle.add_hook(adapter.encoder, EncoderHook(state, handle, guard, encoder_exits), ".encoder")
+    for i, layer in enumerate(adapter.encoder_layers if encoder_exits else ()):
         kv_hook = EncoderKVHook(adapter)
         handle.add_hook(layer.self_attn, kv_hook, ".kv")
         handle.add_hook(layer, EncoderLayerHook(i, state, handle, kv_hook), ".layer")
-    handle.add_hook(adapter.decoder, DecoderHook(state, handle, guard), ".decoder")
-    bind_generations(handle, model, state.generations)  # generate(use_cache=False) replays its exits
-    for i, layer in enumerate(adapter.decoder_layers):
+    handle.add_hook(adapter.decoder, DecoderHook(state, handle, guard, decoder_exits), ".decoder")
+    if decoder_exits:  # generate(use_cache=False) replays its exits
+        bind_generations(handle, model, state.generations)
+    for i, layer in enumerate(adapter.decoder_layers if decoder_exits else ()):
         handle.add_hook(layer, DecoderLayerHook(i, state, handle), ".layer")
     if adapter.head is not None:
         counts.fixed_cost = adapter.head_flops()

@@ -101,7 +101,10 @@ class MuEState(TechniqueState):
     adapter: EncDecVLMAdapter
     min_layers: int
     encoder_record: EncoderRecord | None = None
-    decoder_exits: torch.Tensor | None = None  # (batch, positions) long: layers each decoder token ran
+    _exits: torch.Tensor | None = None  # decoder_exits, when held as a tensor
+    # decoder_exits when no token could exit (a config whose thresholds never trigger): (rows, positions,
+    # device), every entry the decoder depth; the tensor is built when read, not per decoder step
+    never_exited: tuple[int, int, torch.device] | None = None
     decoder_dense: int = 0  # exited (layer, token) pairs a mixed batch still computed, this generation
     decoder_complete: bool = True  # False: a forward continued a cache whose history was not recorded
     pinned_encoder: torch.Tensor | None = None
@@ -113,6 +116,25 @@ class MuEState(TechniqueState):
     warned_no_image: bool = False
     thr_table: torch.Tensor | None = None  # the decoder threshold at positions 0..n-1 (float32, CPU)
     first_exit: int = 0  # the first decoder position whose threshold is below 1 (table length: none)
+
+    @property
+    def decoder_exits(self) -> torch.Tensor | None:
+        """(batch, positions) long: the layers each decoder token of the current generation ran."""
+        if self.never_exited is not None:
+            rows, n, dev = self.never_exited
+            self._exits = torch.full((rows, n), self.adapter.num_decoder_layers, dtype=torch.long, device=dev)
+            self.never_exited = None
+        return self._exits
+
+    @decoder_exits.setter
+    def decoder_exits(self, value: torch.Tensor | None) -> None:
+        self._exits, self.never_exited = value, None
+
+    def decoder_shape(self) -> tuple[int, int] | None:
+        """``decoder_exits``' (rows, positions), without building it."""
+        if self.never_exited is not None:
+            return self.never_exited[:2]
+        return None if self._exits is None else (int(self._exits.shape[0]), int(self._exits.shape[1]))
 
     def reset(self) -> None:
         """Forget the last encoder pass and decoder generation, and any pins; counts stay."""
@@ -178,8 +200,12 @@ class MuEState(TechniqueState):
                 sel = rec.valid & (rec.image if name == "image" else ~rec.image)
                 tokens, run = int(sel.sum()), int(rec.exit_layer[sel].sum())
             encoder[name] = _tally(tokens, run, Le)
-        ex = self.decoder_exits
-        tokens, run = (0, 0) if ex is None else (ex.numel(), int(ex.sum()))
+        if self.never_exited is not None:  # every token ran every layer
+            tokens = self.never_exited[0] * self.never_exited[1]
+            run = tokens * Ld
+        else:
+            ex = self.decoder_exits
+            tokens, run = (0, 0) if ex is None else (ex.numel(), int(ex.sum()))
         decoder = {"layers": Ld, "min_layers": self.min_layers, **_tally(tokens, run, Ld),
                    "computed_anyway": self.decoder_dense, "complete": self.decoder_complete,
                    **c.decoder_params()}
