@@ -206,6 +206,9 @@ def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any
     (timed compiled, with ``backend``, when one is given)."""
     t0 = time.perf_counter()
     row: dict[str, Any] = {"technique": tech.name, "model": name, "metric": target.metric, "status": "measured"}
+    if backend is not None and tech.name == "self_speculative":
+        return {**row, "status": "not measured compiled: each layer set SWIFT's search tries is Python state the "
+                                 "compiled forward guards on, so the search recompiles the model per trial"}
     if tech.name == "gaussian_teleport" and not getattr(target, "gaussian_stats", None):
         return {**row, "status": "not measured: no Gaussian stats (run benchmarks/diffusion.py to write them)"}
     settings = dict(target.baseline().settings)
@@ -227,7 +230,7 @@ def measure(tech: Technique, name: str, target: Any, inputs: list[Any], ref: Any
     frac = flops / base_flops
     row.update(default_config=default.to_dict(), default_label=label, flops_fraction=frac,
                flops_bound=1.0 / frac if frac > 0 else None, quality=target.quality(out, ref))
-    static = target.kind == "lm" and tech.name != "self_speculative"  # SWIFT: dynamic cache only
+    static = target.kind == "lm"
     if backend is not None and target.kind != "pipeline":
         row["compiled_cache"] = "static" if static else "dynamic"
     with ExitStack() as stack:
