@@ -331,21 +331,27 @@ class SkipPipelineMixin:
     def _num_steps(self, args: Sequence[Any], kwargs: dict[str, Any], custom_ok: bool) -> int:
         """The call's grid size: ``num_inference_steps`` (or the length of custom ``timesteps`` /
         ``sigmas``, which sampler-level techniques refuse)."""
-        parent = super().__call__
-        sig = inspect.signature(parent)
-        bound = sig.bind_partial(*args, **kwargs)
-        custom = bound.arguments.get("timesteps")
+        sig = _call_signature(type(self))
+        arguments = sig.bind_partial(*args, **kwargs).arguments if args else kwargs  # keywords: by name already
+        custom = arguments.get("timesteps")
         if custom is None:
-            custom = bound.arguments.get("sigmas")
+            custom = arguments.get("sigmas")
         if custom is not None:
             if not custom_ok:
                 raise ValueError(
                     "custom timesteps/sigmas cannot be combined with step skipping or teleport; pass num_inference_steps"
                 )
             return len(custom)
-        if bound.arguments.get("num_inference_steps") is not None:
-            return int(bound.arguments["num_inference_steps"])
+        if arguments.get("num_inference_steps") is not None:
+            return int(arguments["num_inference_steps"])
         return int(sig.parameters["num_inference_steps"].default)
+
+
+@functools.cache
+def _call_signature(cls: type) -> inspect.Signature:
+    """The parent pipeline's ``__call__`` signature (without ``self``) of drop-in class ``cls``, read once."""
+    sig = inspect.signature(super(SkipPipelineMixin, cls).__call__)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def load_skip_configs(path: str | Path) -> list[SkipConfig]:

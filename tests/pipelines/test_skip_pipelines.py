@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ from mmskip.pipelines import (
 from mmskip.inject import _CONFIGS, ConcurrentUseError, applied
 from mmskip.schedules import explicit, interval
 
+from .._ops import op_counts
 from ..diffusion._tiny import tiny_pipeline_components
 
 PAIRS = {
@@ -291,3 +293,25 @@ def test_num_images_per_prompt_and_nothing_to_skip_is_exact():
     skip.disable_skip()
     with applied(parent.unet, cfg):
         assert torch.equal(_call(parent, kw), out)
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_nothing_to_skip_runs_the_parent_ops(kind):
+    """A step plan that keeps every step runs exactly the parent pipeline's ops; inheritance that
+    recomputes every step adds only the timestep read per denoiser call. The drop-in's own
+    per-call bookkeeping reads the parent's signature once per class, not per call."""
+    from mmskip.pipelines import mixin
+
+    parent, skip, kw = _pipes(kind)
+    steps = kw["num_inference_steps"]
+    ref, plain = op_counts(lambda: _call(parent, kw))
+    skip.enable_skip(StepSkipConfig(schedule=interval(1)))
+    _call(skip, kw)
+    read = mixin._call_signature.cache_info().misses
+    out, zero = op_counts(lambda: _call(skip, kw))
+    assert torch.equal(out, ref) and zero == plain and mixin._call_signature.cache_info().misses == read
+    skip.enable_skip(FeatureInheritanceConfig(schedule=interval(1), measure_flops=False))
+    out, zero = op_counts(lambda: _call(skip, kw))
+    assert torch.equal(out, ref) and plain - zero == Counter()
+    assert set(zero - plain) <= {"select", "view", "_local_scalar_dense"}
+    assert sum((zero - plain).values()) <= 3 * steps
