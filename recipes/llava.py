@@ -103,15 +103,25 @@ def _patch_labels(grid: torch.Tensor) -> torch.Tensor:
     return grid.repeat_interleave(per, 1).repeat_interleave(per, 2).flatten(1)
 
 
+PROBE_OUT = 10 + 2 * D.GRID  # the probe's outputs: 10 digits, then the cell's row (4), then its column (4)
+
+
 def probe_loss(probe: torch.nn.Module, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-    """The vision side's training signal: ``probe`` (linear, 10 digits) on the projector's output ``feats``
-    ``(n, 64, d)``: each patch -> its cell's digit (``cells``, :func:`_patch_labels`), plus the mean of a
-    cell's 2×2 patches -> the cell's digit."""
+    """The vision side's training signal: ``probe`` (linear, :data:`PROBE_OUT` outputs) on the projector's
+    output ``feats`` ``(n, 64, d)``: each patch -> its cell's digit (``cells``, :func:`_patch_labels`), its
+    cell's row and its cell's column, plus the mean of a cell's 2×2 patches -> the cell's digit. (The
+    position terms make each token say where it is, so a question's row/column can find it by content.)"""
     n, per = len(feats), D.IMAGE_SIZE // D.PATCH // D.GRID
-    per_patch = F.cross_entropy(probe(feats).flatten(0, 1).float(), cells.flatten())
+    logits = probe(feats).float()  # (n, 64, PROBE_OUT)
+    cell_of = _patch_labels(torch.arange(D.GRID ** 2).reshape(1, D.GRID, D.GRID)).to(feats.device).expand(n, -1)
+    rows, cols = cell_of // D.GRID, cell_of % D.GRID
+    per_patch = F.cross_entropy(logits[..., :10].flatten(0, 1), cells.flatten())
+    row = F.cross_entropy(logits[..., 10:10 + D.GRID].flatten(0, 1), rows.flatten())
+    col = F.cross_entropy(logits[..., 10 + D.GRID:].flatten(0, 1), cols.flatten())
     cell_feats = feats.reshape(n, D.GRID, per, D.GRID, per, -1).mean((2, 4)).flatten(1, 2)  # (n, 16, d)
     cell_digit = cells.reshape(n, D.GRID, per, D.GRID, per)[:, :, 0, :, 0].flatten(1)
-    return per_patch + F.cross_entropy(probe(cell_feats).flatten(0, 1).float(), cell_digit.flatten())
+    per_cell = F.cross_entropy(probe(cell_feats)[..., :10].flatten(0, 1).float(), cell_digit.flatten())
+    return per_patch + per_cell + row + col
 
 
 def _vision_draw(bank, batch: int, seed: int):
@@ -161,7 +171,7 @@ def _probe_accuracy(task: _LlavaTask, pixels: torch.Tensor, grid: torch.Tensor, 
                 task.encode(pixels[i:i + chunk].to(device))
             feats = task.captured["feats"]
             cell_feats = feats.reshape(len(feats), D.GRID, per, D.GRID, per, -1).mean((2, 4)).flatten(1, 2)
-            preds.append(task.probe(cell_feats).argmax(-1).cpu())
+            preds.append(task.probe(cell_feats)[..., :10].argmax(-1).cpu())
     model.train(was_training)
     return (torch.cat(preds) == grid.flatten(1)).float().mean().item()
 
@@ -202,7 +212,7 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     # Real LLaVAs start from a pretrained vision encoder; here a linear probe on the projector's output
     # (64 tokens -> the digit of each token's cell) gives the vision side that signal. The probe is
     # dropped after training: the saved model is a plain LlavaForConditionalGeneration.
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, 10).to(dev)
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, PROBE_OUT).to(dev)
     warm, warm_v = min(WARMUP, max(1, steps // 10)), min(WARMUP, max(1, vision_steps // 10))
     common = {"lr": lr, "betas": (0.9, 0.98), "weight_decay": 0.05, "max_grad_norm": 1.0, "seed": seed,
               "cpu": dev.type == "cpu", "mixed_precision": "bf16" if dev.type == "cuda" else "no",

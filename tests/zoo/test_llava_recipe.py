@@ -120,12 +120,16 @@ def test_probe_loss_is_low_only_for_features_that_carry_each_cell_digit():
     grid = torch.randint(0, 10, (3, 4, 4), generator=torch.Generator().manual_seed(0))
     cells = llava._patch_labels(grid)
     assert cells.shape == (3, 64) and cells[0, 0] == cells[0, 9] == grid[0, 0, 0] and cells[0, 6] == grid[0, 0, 3]
-    probe = torch.nn.Linear(10, 10, bias=False)
+    probe = torch.nn.Linear(18, llava.PROBE_OUT, bias=False)  # features: one-hot digit, row, column
     with torch.no_grad():
-        probe.weight.copy_(20 * torch.eye(10))
-    right = torch.nn.functional.one_hot(cells, 10).float()
-    wrong = torch.nn.functional.one_hot((cells + 1) % 10, 10).float()
-    assert llava.probe_loss(probe, right, cells) < 1e-3 < 20 < llava.probe_loss(probe, wrong, cells)
+        probe.weight.copy_(20 * torch.eye(18))
+    where = llava._patch_labels(torch.arange(16).reshape(1, 4, 4)).expand(3, -1)
+    pos = torch.cat([torch.nn.functional.one_hot(where // 4, 4), torch.nn.functional.one_hot(where % 4, 4)], -1)
+    right = torch.cat([torch.nn.functional.one_hot(cells, 10), pos], -1).float()
+    wrong_digit = torch.cat([torch.nn.functional.one_hot((cells + 1) % 10, 10), pos], -1).float()
+    wrong_place = torch.cat([torch.nn.functional.one_hot(cells, 10), pos.flip(1)], -1).float()
+    assert llava.probe_loss(probe, right, cells) < 1e-3
+    assert llava.probe_loss(probe, wrong_digit, cells) > 20 and llava.probe_loss(probe, wrong_place, cells) > 10
 
 
 def test_base_config_has_enough_decoder_layers_for_mod_and_stays_small():
