@@ -52,6 +52,17 @@ class SkipStats:
         if skipped:
             self.skipped[name] += skipped
 
+    def record_each(self, names: list[str], units: Count) -> None:
+        """``units`` reached every item of ``names`` and none was skipped: :meth:`record` for each,
+        in one call (a hook that counts a whole stack of layers per forward)."""
+        if torch.compiler.is_compiling() or isinstance(units, torch.Tensor):
+            for name in names:
+                self.record(name, units)
+            return
+        seen = self.seen
+        for name in names:
+            seen[name] += units
+
     def record_fixed(self, units: Count, like: torch.Tensor | None = None) -> None:
         """``units`` reached the parts that never skip (for example rows through the LM head)."""
         if torch.compiler.is_compiling() or isinstance(units, torch.Tensor):

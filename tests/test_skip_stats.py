@@ -50,3 +50,16 @@ def test_an_item_recorded_with_nothing_skipped_is_listed_as_in_eager():
     eager.record("b", 3, 0)
     dev.record("b", torch.tensor(3), 0)
     assert dev.as_dict()["items"]["b"] == eager.as_dict()["items"]["b"]
+
+
+def test_record_each_counts_like_a_record_per_item():
+    names = ["layer.0", "layer.1", "layer.2"]
+    one, each, dev = SkipStats(), SkipStats(), SkipStats()
+    for s in (one, each, dev):
+        s.cost.update(dict.fromkeys(names, 2.0))
+    for n in names:
+        one.record(n, 5)
+    each.record_each(names, 5)
+    dev.record_each(names, torch.tensor(5))
+    assert each.as_dict() == one.as_dict() == dev.as_dict()
+    assert each.as_dict()["items"]["layer.2"] == {"executed": 5.0, "skipped": 0.0}

@@ -96,8 +96,7 @@ class DecoderHook(ArgumentsHook):
         B, q = int(x.shape[0]), int(x.shape[1])
         self._check_pin(B, q, past)
         out = self.fn_ref.original_forward(*args, **kwargs)
-        for name in self.names:
-            self.handle.counts.record(name, B * q)
+        self.handle.counts.record_each(self.names, B * q)
         if past == 0:
             st.decoder_dense, st.decoder_complete = 0, True
         elif not (st.decoder_complete and st.decoder_shape() == (B, past)):

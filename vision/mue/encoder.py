@@ -107,9 +107,7 @@ class EncoderHook(ArgumentsHook):
         st = self.state
         image, valid = self._masks(x, image, mask)
         out = self.fn_ref.original_forward(*args, **kwargs)
-        n = image.numel()
-        for name in self.names:
-            self.handle.counts.record(name, n)
+        self.handle.counts.record_each(self.names, image.numel())
         L = st.adapter.num_encoder_layers
         st.encoder_record = EncoderRecord(image=image, valid=valid, exit_layer=torch.where(valid, L, 0).long())
         return out

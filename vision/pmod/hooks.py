@@ -107,8 +107,7 @@ class InputHook(ArgumentsHook):
             else:
                 st.phase = "decode"
             st.past, st.q = past, q
-            for name in self.names:
-                self.handle.counts.record(name, B * q)
+            self.handle.counts.record_each(self.names, B * q)
             # generate(use_cache=False): each step recomputes the prompt; it replays the first forward's routing
             recompute = gen is not None and gen.forwards > 0 and no_cache
             st.replay = st.pinned if st.pinned is not None else gen.decisions if recompute else None
@@ -154,8 +153,7 @@ class InputHook(ArgumentsHook):
         if past == 0 or has_routed:
             self._prefill_chunk(past, B, q, has_routed)
         st.past, st.q = past, q
-        for name in self.names:
-            self.handle.counts.record(name, B * q)
+        self.handle.counts.record_each(self.names, B * q)
         return self.fn_ref.original_forward(*args, **kwargs)
 
     def _routed(self, bound: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
