@@ -4,6 +4,7 @@ computed once per session by conftest.py (a vLLM engine takes ~20-40 s to start 
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +123,58 @@ def wait_ready(proc: subprocess.Popen, port: int, log: Path) -> None:
         except OSError:
             time.sleep(1)
     raise AssertionError(f"server not ready after {START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
+
+
+SAMPLE_PROMPTS = 8  # seeded sampling: the first 8 held-out prompts, 40 seeds each, 4 tokens
+SAMPLE_SEEDS = 40
+SAMPLE_TOKENS = 4
+
+
+def seeded_samples(llm: Any, prompts: list[str], first_seed: int, temperature: float = 1.0,
+                   chunk: int = 64) -> list[tuple[list[int], list[float]]]:
+    """Sampled tokens and their logprobs (under the model at temperature 1) for every prompt with
+    seeds ``first_seed``.. (seed-major order), sent ``chunk`` requests at a time."""
+    from vllm import SamplingParams
+
+    reqs = [(p, first_seed + s) for s in range(SAMPLE_SEEDS) for p in prompts]
+    out = []
+    for i in range(0, len(reqs), chunk):
+        part = reqs[i:i + chunk]
+        params = [SamplingParams(temperature=temperature, seed=seed, max_tokens=SAMPLE_TOKENS, ignore_eos=True,
+                                 logprobs=0) for _, seed in part]
+        for o in llm.generate([p for p, _ in part], params, use_tqdm=False):
+            c = o.outputs[0]
+            out.append((list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]))
+    return out
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's test that ``a`` and ``b`` have the same mean (normal
+    approximation; both samples here are in the hundreds)."""
+    import statistics
+
+    z = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(
+        statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def homogeneity_p(groups_a: list[list[int]], groups_b: list[list[int]], min_expected: float = 5.0) -> float:
+    """p-value of Pearson's chi-square test that two samples of categories come from the same
+    distribution, summed over independent groups (one per prompt); categories expected fewer than
+    ``min_expected`` times are pooled."""
+    import torch
+
+    stat, dof = 0.0, 0
+    for a, b in zip(groups_a, groups_b):
+        ca, cb = Counter(a), Counter(b)
+        na, nb = len(a), len(b)
+        keep = [c for c in sorted(set(ca) | set(cb)) if (ca[c] + cb[c]) * min(na, nb) / (na + nb) >= min_expected]
+        cells = [(ca[c], cb[c]) for c in keep]
+        rest = (na - sum(x for x, _ in cells), nb - sum(y for _, y in cells))
+        cells += [rest] if sum(rest) else []
+        for x, y in cells:
+            ex, ey = (x + y) * na / (na + nb), (x + y) * nb / (na + nb)
+            stat += (x - ex) ** 2 / ex + (y - ey) ** 2 / ey
+        dof += len(cells) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))

@@ -1,15 +1,31 @@
 """Self-speculative decoding in vLLM (``custom_class`` proposer): greedy tokens equal plain vLLM's,
-token for token on 50 held-out prompts, and the drafts are really used (vLLM counts them)."""
+token for token on 50 held-out prompts, and the drafts are really used (vLLM counts them); seeded
+sampled requests repeat exactly and follow plain vLLM's distribution."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mmskip.swift import SelfSpeculativeConfig
-from tests_vllm.support import ENGINE, SKIP_LM, close, spec_counts, tokens_of
+from tests_vllm.support import (
+    ENGINE,
+    SAMPLE_PROMPTS,
+    SKIP_LM,
+    close,
+    homogeneity_p,
+    seeded_samples,
+    spec_counts,
+    tokens_of,
+    welch_p,
+)
 
 PROPOSER = {"method": "custom_class", "model": "mmskip_vllm.SelfSpeculativeProposer", "num_speculative_tokens": 4}
+SPEC_SEED = 1000  # plain vLLM's samples use seeds 0.. (conftest): the two samples are independent
+ALPHA = 1e-3
 
 
 def _spec_llm(draft: dict[str, Any]) -> Any:
@@ -18,21 +34,58 @@ def _spec_llm(draft: dict[str, Any]) -> Any:
     return LLM(model=SKIP_LM, hf_overrides={"mmskip_draft": draft}, speculative_config=PROPOSER, **ENGINE)
 
 
-def test_early_exit_draft_is_lossless(prompts: list[str], plain_tokens: list[list[int]]) -> None:
-    # drafting on for up to 64 concurrent requests, so all 50 prompts draft in one batch
+@pytest.fixture(scope="module")
+def early_exit() -> Iterator[Any]:
+    # drafting on for up to 64 concurrent requests, so that 50 prompts (or 64 samples) draft in one batch
     llm = _spec_llm({"exit_layer": 8, "max_drafting_requests": 64})
     try:
-        got = tokens_of(llm, prompts)
-        counts = spec_counts(llm)
-        # the default policy pauses drafting under load (50 > 4 requests) and is lossless too;
-        # a few requests at a time draft again
-        paused = tokens_of(llm, prompts[:6])
-        few = [t for i in range(0, 6, 3) for t in tokens_of(llm, prompts[i:i + 3])]
+        yield llm
     finally:
         close(llm)
+
+
+def test_early_exit_draft_is_lossless(early_exit: Any, prompts: list[str], plain_tokens: list[list[int]]) -> None:
+    before = spec_counts(early_exit)
+    got = tokens_of(early_exit, prompts)
+    counts = {k: v - before[k] for k, v in spec_counts(early_exit).items()}
+    # the default policy pauses drafting under load (more than 4 requests) and is lossless too;
+    # a few requests at a time draft again
+    paused = tokens_of(early_exit, prompts[:6])
     assert got == plain_tokens
-    assert paused == few == plain_tokens[:6]
     assert counts["draft_tokens"] > 0 and 0 < counts["accepted"] <= counts["draft_tokens"]
+    few = [t for i in range(0, 6, 3) for t in tokens_of(early_exit, prompts[i:i + 3])]
+    assert paused == few == plain_tokens[:6]
+
+
+def test_seeded_sampling_repeats_and_follows_plain_vllm(early_exit: Any, prompts: list[str],
+                                                        plain_runs: dict[str, Any]) -> None:
+    """Temperature 1, 8 prompts x 40 seeds, 4 tokens. The first token comes from the prompt's
+    forward (no draft); tokens 2-4 go through vLLM's rejection sampler, so they are compared."""
+    sample_prompts = prompts[:SAMPLE_PROMPTS]
+    before = spec_counts(early_exit)
+    spec = seeded_samples(early_exit, sample_prompts, SPEC_SEED)
+    counts = {k: v - before[k] for k, v in spec_counts(early_exit).items()}
+    # (a) the same seeded requests again give the same tokens
+    again = seeded_samples(early_exit, sample_prompts[:1], SPEC_SEED)
+    assert [t for t, _ in again] == [t for t, _ in spec[::SAMPLE_PROMPTS]]
+    # drafts were verified, and both accepted and rejected (recovered tokens sampled)
+    assert 0 < counts["accepted"] < counts["draft_tokens"]
+    # (b) the same distribution as plain vLLM: the mean logprob of tokens 2-4 (sensitive to the
+    # temperature the drafts are verified at) and each position's token frequencies per prompt
+    plain, cooler = plain_runs["sampled"], plain_runs["cooler"]
+
+    def surprise(samples: list[tuple[list[int], list[float]]]) -> list[float]:
+        return [sum(lp[1:]) / (len(lp) - 1) for _, lp in samples]
+
+    def position(samples: list[tuple[list[int], list[float]]], pos: int) -> list[list[int]]:
+        return [[t[pos] for t, _ in samples[p::SAMPLE_PROMPTS]] for p in range(SAMPLE_PROMPTS)]
+
+    assert welch_p(surprise(plain), surprise(spec)) > ALPHA
+    for pos in (1, 2, 3):
+        assert homogeneity_p(position(plain, pos), position(spec, pos)) > ALPHA
+    # the test has the power to see a change: plain vLLM at temperature 0.8 is told apart
+    assert welch_p(surprise(plain), surprise(cooler)) < ALPHA
+    assert len({tuple(t) for t, _ in spec}) > len(spec) // 2  # really sampled, not near-greedy
 
 
 def test_swift_set_draft_is_lossless(tmp_path: Path, prompts: list[str], plain_tokens: list[list[int]]) -> None:

@@ -8,21 +8,40 @@ Use::
                             "num_speculative_tokens": 4})
 
 vLLM verifies the drafts with its rejection sampler, so greedy output equals plain vLLM's token
-for token (sampled output follows the same distribution). Drafts are greedy.
+for token, and sampled output follows the model's distribution. Drafts are greedy.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from .cpu_expand_fix import repair_expand_kernel
 from .draft_spec import DRAFT_KEY, DraftSpec
 from .drafter import LayerDrafter, RowCache
 
 __all__ = ["SelfSpeculativeProposer"]
+
+
+@dataclass
+class _Track:
+    """One request's draft state: its draft KV cache, adapted draft length (``None``: the
+    configured one), context length at the last call, and tokens drafted then."""
+
+    cache: RowCache = field(default_factory=RowCache)
+    k: int | None = None
+    seen: int = -1
+    drafted: int = 0
+
+    def continued_by(self, context: np.ndarray, kept: int) -> bool:
+        """Whether ``context`` is this request's context grown by the ``kept`` tokens vLLM kept."""
+        if len(context) != self.seen + kept:
+            return False
+        return self.cache.common_prefix(context) >= min(self.cache.length, self.seen)
 
 
 class SelfSpeculativeProposer:
@@ -35,13 +54,12 @@ class SelfSpeculativeProposer:
         self.k = int(vllm_config.speculative_config.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.drafter: LayerDrafter | None = None
-        self.rows: dict[int, RowCache] = {}
-        self.row_k: dict[int, int] = {}
-        self.last_draft: dict[int, tuple[int, int]] = {}  # row -> (context length, drafted)
+        self.tracks: dict[int, _Track] = {}  # batch row -> the state of the request it holds
         self.drafted = 0
         self.accepted = 0
         self.paused_steps = 0
         self.seconds = 0.0
+        repair_expand_kernel()  # sampled requests are verified at their own temperature (vLLM issue #55005)
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         """vLLM hands over the served model after loading it: the draft runs its modules."""
@@ -63,42 +81,52 @@ class SelfSpeculativeProposer:
                  token_ids_cpu: np.ndarray) -> list[list[int]]:
         active = [i for i, s in enumerate(sampled_token_ids) if s and num_tokens_no_spec[i] < self.max_model_len]
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        for i in active:
-            self._observe(i, len(sampled_token_ids[i]), int(num_tokens_no_spec[i]))
+        self._follow(active, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         if len(active) > self.spec.max_drafting_requests:
             self.paused_steps += 1
-            self.last_draft.clear()
             return drafts
         with torch.inference_mode():
             for i in active:
                 n = int(num_tokens_no_spec[i])
-                k = min(self.row_k.get(i, self.k), self.max_model_len - n)
+                track = self.tracks[i]
+                k = min(track.k or self.k, self.max_model_len - n)
                 if k > 0:
-                    drafts[i] = self._draft_row(i, token_ids_cpu[i, :n], k)
-                    self.last_draft[i] = (n, len(drafts[i]))
-        for i in list(self.rows):
-            if i >= len(sampled_token_ids):
-                del self.rows[i]
+                    drafts[i] = self._draft_row(track.cache, token_ids_cpu[i, :n], k)
+                    track.drafted = len(drafts[i])
         return drafts
 
-    def _observe(self, i: int, num_sampled: int, n: int) -> None:
-        """Count the row's accepted drafts from how many tokens vLLM kept, and adapt its length."""
-        prev = self.last_draft.pop(i, None)
-        if prev is None or n != prev[0] + num_sampled:
-            return  # a new request in this row, or drafting was paused
-        drafted, accepted = prev[1], num_sampled - 1
-        self.drafted += drafted
-        self.accepted += accepted
-        if self.spec.adaptive:
-            k = self.row_k.get(i, self.k)
-            self.row_k[i] = min(self.k, k + 1) if accepted >= drafted else max(1, accepted + 1)
+    def _follow(self, active: list[int], sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray) -> None:
+        """Match each active row to the request state it continues, count accepted drafts from how
+        many tokens vLLM kept, and adapt the draft length.
 
-    def _draft_row(self, i: int, context: np.ndarray, k: int) -> list[int]:
+        vLLM moves requests between batch rows (it fills the holes finished requests leave), and
+        when depends on the timing of arrivals. A request is therefore followed by its tokens, not
+        its row: its state continues the one whose context its own extends by the tokens vLLM kept.
+        A request no state continues is new and starts afresh. A request's drafts thus depend only
+        on its own tokens and acceptances, so a seeded sampled request repeats exactly when it is
+        sent again (as long as drafting is not paused under load).
+        """
+        old, self.tracks = self.tracks, {}
+        for i in active:
+            n, kept = int(num_tokens_no_spec[i]), len(sampled_token_ids[i])
+            context = token_ids_cpu[i, :n]
+            src = i if i in old and old[i].continued_by(context, kept) else next(
+                (j for j, t in old.items() if t.continued_by(context, kept)), None)
+            track = old.pop(src) if src is not None else _Track()
+            if track.drafted:
+                accepted = kept - 1
+                self.drafted += track.drafted
+                self.accepted += accepted
+                if self.spec.adaptive:
+                    k = track.k or self.k
+                    track.k = min(self.k, k + 1) if accepted >= track.drafted else max(1, accepted + 1)
+            track.seen, track.drafted = n, 0
+            self.tracks[i] = track
+
+    def _draft_row(self, row: RowCache, context: np.ndarray, k: int) -> list[int]:
         assert self.drafter is not None
-        row = self.rows.setdefault(i, RowCache())
         start = min(row.common_prefix(context), len(context) - 1)
-        if start == 0:
-            self.row_k.pop(i, None)
         logits = self.drafter.run(row, context[start:], start)
         out: list[int] = []
         for j in range(k):
@@ -117,5 +145,5 @@ class SelfSpeculativeProposer:
             "acceptance": self.accepted / self.drafted if self.drafted else None,
             "paused_steps": self.paused_steps,
             "propose_seconds": self.seconds,
-            "draft_kv_bytes": sum(r.nbytes() for r in self.rows.values()),
+            "draft_kv_bytes": sum(t.cache.nbytes() for t in self.tracks.values()),
         }
