@@ -7,6 +7,11 @@ Runs in the vLLM environment (``bash run.sh test`` builds ``.venv-vllm``)::
 
     .venv-vllm/bin/python benchmarks/vllm_serving.py [--server] [--smoke] [--model stdlib-lm-skip]
 
+The plot (tokens/s per method and concurrency, ``.png`` beside the JSON) needs matplotlib, which
+the vLLM environment lacks; draw it from the saved JSON, running nothing, in mmskip's environment::
+
+    python benchmarks/vllm_serving.py --plot-only [--server] [--model stdlib-lm-skip]
+
 Every engine is loaded once, then the rounds interleave them (order rotated each round, one warm-up
 round dropped): each round times one batch per engine and concurrency, and the table gives the
 median speed ratio to plain vLLM of the same round with its quartiles. Concurrency c means c
@@ -17,6 +22,7 @@ vLLM's, position by position) is printed beside its speed with its FLOPs bound.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -43,8 +49,6 @@ def late(num_layers: int) -> tuple[int, ...]:
 
 
 def num_layers(model: str) -> int:
-    import json
-
     return int(json.loads((ZOO / model / "config.json").read_text())["num_hidden_layers"])
 
 
@@ -102,11 +106,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--server", action="store_true", help="measure vLLM's OpenAI server instead of LLM.generate")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw the .png beside the saved JSON (of --server, --model) and run nothing")
     args = p.parse_args(argv)
+    if args.plot_only:
+        path = results_path(args)
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+        return
     if args.server:
         from _vllm_server_bench import run_servers
 
         run_servers(args, methods(args.k, num_layers(args.model)))
+        if _has_matplotlib():
+            plot(json.loads(results_path(args).read_text()), results_path(args).with_suffix(".png"))
         return
     from vllm import LLM, SamplingParams
 
@@ -165,8 +178,51 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     for e in engines.values():
         e.llm_engine.engine_core.shutdown()
+    out = results_path(args)
+    harness.write(out, result, md, plot=(lambda png: plot(result, png)) if _has_matplotlib() else None)
+
+
+def results_path(args: Any) -> Path:
+    """Where a run with these arguments writes its JSON (the ``.md`` and ``.png`` go beside it)."""
+    if args.server:
+        return args.out.with_name("vllm_serving_server" + ("_smoke" if args.smoke else "") + ".json")
     out = args.out if args.model == "stdlib-lm-skip" else args.out.with_name(f"vllm_serving_{args.model}.json")
-    harness.write(out if not args.smoke else out.with_name(out.stem + "_smoke.json"), result, md)
+    return out if not args.smoke else out.with_name(out.stem + "_smoke.json")
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib missing here: draw the plot with --plot-only in mmskip's environment")
+        return False
+    return True
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    """One panel per concurrency: each method's tokens/s (median over rounds), labelled with its
+    median speed ratio to plain vLLM in the same rounds."""
+    names, conc = list(result["methods"]), result["concurrency"]
+    fig = harness.figure(figsize=(3.6 * len(conc) + 1.8, 0.42 * len(names) + 1.6))
+    axes = fig.subplots(1, len(conc), sharey=True, squeeze=False)[0]
+    colors = ["0.55" if n == "plain" else "C1" if n == "ngram" else "C2" if "layer skip" in n else "C0" for n in names]
+    for ax, c in zip(axes, conc):
+        cells = [result["methods"][n][f"c{c}"] for n in names]
+        tps = [cell["tokens_per_s"] for cell in cells]
+        ax.barh(range(len(names)), tps, color=colors)
+        for y, (t, cell) in enumerate(zip(tps, cells)):
+            ax.text(t, y, f" {cell['speedup_median']:.2f}x", va="center", fontsize=8)
+        ax.set_xlim(0, 1.3 * max(tps))
+        ax.set_title(f"{c} concurrent request{'s' if c > 1 else ''}", fontsize=10)
+        ax.set_xlabel("tokens/s")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names, fontsize=9)
+    axes[0].invert_yaxis()
+    where = "OpenAI server" if "ttft_p50" in result["methods"]["plain"][f"c{conc[0]}"] else "offline LLM.generate"
+    fig.suptitle(f"vLLM serving {result['model']}, {where}: {result['rounds']} paired rounds, "
+                 f"{result['tokens']} new tokens, {result['machine']}; labels: median speed ratio to plain vLLM", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
 
 def _drafter_stats(worker: Any) -> dict[str, Any]:
