@@ -111,18 +111,19 @@ class RootHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not serves(self.owner.thread):
             return self.fn_ref.original_forward(*args, **kwargs)
-        measure = self._enter(args, kwargs)
+        eager = not torch.compiler.is_compiling()  # eager: the bookkeeping without the compiler's wrappers
+        measure = self._begin(args, kwargs) if eager else self._enter(args, kwargs)
         try:
             if measure:
                 return self._measured(args, kwargs)
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            self._exit()
+            if eager:
+                self.owner.guard.exit()
+            else:
+                self._exit()
 
-    # The bookkeeping runs outside torch.compile: reading the timestep as a Python float would
-    # otherwise specialise the compiled graph on it and recompile on every step.
-    @torch.compiler.disable
-    def _enter(self, args: tuple, kwargs: dict) -> bool:
+    def _begin(self, args: tuple, kwargs: dict) -> bool:
         owner = self.owner
         t = owner.adapter.timestep(args, kwargs)
         key = owner.key(args, kwargs)
@@ -136,6 +137,10 @@ class RootHook(ModelHook):
         if owner.decision is not None:
             owner.record_targets(owner.decision)
         return not owner.costs_known and bool(owner.decision)
+
+    # Under torch.compile the bookkeeping runs outside the graph: reading the timestep as a Python
+    # float would otherwise specialise the compiled graph on it and recompile on every step.
+    _enter = torch.compiler.disable(_begin)
 
     @torch.compiler.disable
     def _exit(self) -> None:

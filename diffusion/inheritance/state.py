@@ -166,8 +166,11 @@ class InheritanceState(TechniqueState):
     def record_targets(self, compute: bool) -> None:
         """Count this call's decision for every target (in eager code: counters are not recorded
         inside torch.compile graphs). A target that must recompute anyway corrects its count."""
+        if compute:
+            self.counts.record_each(self.names, 1.0)
+            return
         for name in self.names:
-            self.counts.record(name, 1.0, 0.0 if compute else 1.0)
+            self.counts.record(name, 1.0, 1.0)
 
     def computes(self, who: str) -> bool:
         if self.decision is None:
