@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,7 +50,10 @@ def _own_code(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
 
     name = "forward_" + "".join(c if c.isalnum() else "_" for c in tag)
     code = call.__code__.replace(co_name=name)
-    return types.FunctionType(code, call.__globals__, name, call.__defaults__, call.__closure__)
+    own = types.FunctionType(code, call.__globals__, name, call.__defaults__, call.__closure__)
+    # ``generate`` checks its keyword arguments (``pixel_values``, ...) against the forward's signature
+    own.__signature__ = inspect.signature(fn)
+    return own
 
 
 def graphs_compiled() -> int:
