@@ -165,6 +165,13 @@ def accuracy(model, tok, data: D.Batch, per_frame: int, batch: int) -> tuple[dic
     return acc, preds
 
 
+def probe_rows(data: D.Batch, size: int) -> list[int]:
+    """The probe batch FLOPs are counted on: up to ``size`` two-clip videos, question types interleaved
+    (one clip count, so packed MoD rows share a length; left padding, like real batches)."""
+    two = [[j for j, q in enumerate(data.qtypes) if q == t and int(data.videos.n_clips[j]) == 2] for t in D.QTYPES]
+    return sorted([i for trip in itertools.zip_longest(*two) for i in trip if i is not None][:size])
+
+
 def _batches(data: D.Batch, size: int) -> list[list[int]]:
     """Row indices in batches of videos with the same number of clips: packed MoD rows must have one
     length, so a row with more frames in a mixed batch keeps extra tokens (see vision/README.md)."""
@@ -267,9 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     model, tok = build_model(args.model)
     data = questions(tok, args.n)
-    # probe batch: two-clip videos, question types interleaved (left padding, like real batches)
-    two = [[j for j, q in enumerate(data.qtypes) if q == t and int(data.videos.n_clips[j]) == 2] for t in D.QTYPES]
-    probe = sorted([i for trip in itertools.zip_longest(*two) for i in trip if i is not None][: args.batch])
+    probe = probe_rows(data, args.batch)
     plain_in = prompts(tok, data, probe, D.TOKENS_PER_FRAME)
     f_in, _, kv = layer_flops(model, plain_in)
     plain = {"inputs": plain_in, "tokens": plain_in["input_ids"].numel(), "flops": f_in, "kv": kv}

@@ -1,27 +1,35 @@
-"""benchmarks/vision_tokens_sweep.py --smoke: every method at every keep ratio on the same questions,
-the FLOPs each one leaves, the paired margins, and that the model comes back unchanged."""
+"""benchmarks/vision_tokens_sweep.py --smoke, image (p-MoD) and video (VideoLLM-MoD) families: every method
+at every keep ratio on the same questions, the FLOPs each one leaves, the paired margins, and that the
+model comes back unchanged."""
 
 import json
 
 import pytest
+import torch
 
 
-def test_vision_tokens_sweep_smoke(load_bench, tmp_path, threads):
+@pytest.mark.parametrize(("flags", "method", "family", "model"), [
+    ([], "p-MoD", "image", "tiny-random-llava"),
+    (["--family", "video"], "VideoLLM-MoD", "video", "tiny-random-video"),
+])
+def test_vision_tokens_sweep_smoke(load_bench, tmp_path, threads, flags, method, family, model):
     bench = load_bench("vision_tokens_sweep")
     out = tmp_path / "sweep.json"
-    res = bench.main(["--smoke", "--out", str(out)])
+    res = bench.main(["--smoke", *flags, "--out", str(out)])
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(res["summary"]))
+    assert (res["meta"]["family"], res["meta"]["method"], res["meta"]["model"]) == (family, method, model)
     rows = res["rows"]
     assert [(r["name"], r["ratio"]) for r in rows] == [
         ("unmodified", 1.0),
-        ("p-MoD attention", 0.5), ("p-MoD norm", 0.5), ("random", 0.5), ("pool 1x2", 0.5),
-        ("p-MoD attention", 0.25), ("p-MoD norm", 0.25), ("random", 0.25), ("pool 2x2", 0.25)]
+        (f"{method} attention", 0.5), (f"{method} norm", 0.5), ("random", 0.5), ("pool 1x2", 0.5),
+        (f"{method} attention", 0.25), (f"{method} norm", 0.25), ("random", 0.25), ("pool 2x2", 0.25)]
     by = {(r["name"], r["ratio"]): r for r in rows}
     assert by["unmodified", 1.0]["flops_fraction"] == 1.0 and by["unmodified", 1.0]["agree_unmodified"] == 1.0
     for r in (0.5, 0.25):
-        # random dropping keeps p-MoD's per-layer counts and costs no signal: the norm signal's FLOPs
-        assert by["random", r]["flops_fraction"] == pytest.approx(by["p-MoD norm", r]["flops_fraction"])
-        assert by["random", r]["flops_fraction"] < by["p-MoD attention", r]["flops_fraction"] < 1.0
+        # random dropping keeps the MoD config's per-layer counts and costs no signal: the norm signal's FLOPs
+        assert by["random", r]["flops_fraction"] == pytest.approx(by[f"{method} norm", r]["flops_fraction"])
+        assert by["random", r]["flops_fraction"] < by[f"{method} attention", r]["flops_fraction"] < 1.0
+    assert by["random", 0.25]["flops_fraction"] < by["random", 0.5]["flops_fraction"]
     assert by["pool 2x2", 0.25]["flops_fraction"] < by["pool 1x2", 0.5]["flops_fraction"] < 1.0
     for r in rows:
         assert 0 <= r["right"] <= res["meta"]["questions"]
@@ -42,3 +50,27 @@ def test_routers_need_a_ratio(load_bench):
     assert bench.router_folders(["0.25=runs/r"]) == {0.25: "runs/r"}
     with pytest.raises(SystemExit, match="RATIO=FOLDER"):
         bench.router_folders(["runs/r"])
+
+
+def test_family_follows_the_flag_else_the_model_name(load_bench):
+    load_bench("vision_tokens_sweep")  # puts benchmarks/ on sys.path
+    fam = load_bench("_sweep_families")
+    assert fam.family_for(None, "digits-video") is fam.VIDEO
+    assert fam.family_for(None, "tiny-random-video") is fam.VIDEO
+    assert fam.family_for(None, None) is fam.IMAGE and fam.family_for(None, "runs/zoo/x") is fam.IMAGE
+    assert fam.family_for("video", "runs/zoo/x") is fam.VIDEO
+
+
+def test_video_pooling_shrinks_each_frame_and_is_undone(load_bench, threads):
+    bench = load_bench("vision_tokens_sweep")
+    fam = bench.FAMILIES["video"]
+    model, tok = fam.build_model(fam.smoke_model)
+    data = fam.questions(tok, 4)
+    rows = fam.probe(data, 2)
+    plain = model(**fam.inputs(tok, data, rows, fam.n_tokens)).logits
+    att = bench.Applied(model, fam, "pool", 0.25)
+    assert att.n_tokens == fam.n_tokens // 4
+    pooled = model(**fam.inputs(tok, data, rows, att.n_tokens)).logits  # the placeholders match the pooled frames
+    att.remove()
+    assert pooled.shape[1] < plain.shape[1]
+    assert torch.equal(model(**fam.inputs(tok, data, rows, fam.n_tokens)).logits, plain)
