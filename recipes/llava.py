@@ -28,9 +28,9 @@ from ._vlm_stages import StageTask
 
 __all__ = ["STEPS", "VISION_STEPS", "BATCH", "evaluate", "probe_loss", "train_llava"]
 
-STEPS = {"cuda": 3000, "cpu": 3000}  # steps of the whole model
+STEPS = {"cuda": 4000, "cpu": 4000}  # steps of the whole model
 VISION_STEPS = {"cuda": 1000, "cpu": 1000}  # vision warm-up steps before them (see train_llava)
-BATCH = {"cuda": 512, "cpu": 32}  # grids a step (a vision warm-up step: 2 × BATCH grids, no text)
+BATCH = {"cuda": 512, "cpu": 16}  # grids a step (a vision warm-up step: 2 × BATCH grids, no text)
 LR = 1e-3
 AUX = 0.5  # weight of the probe's digit loss on the projector's output (a training-only linear probe)
 WARMUP = 200
@@ -244,7 +244,9 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     wall = max(time.time() - t0, train_s)  # a resumed run counts the runs before it
     out = Path(out)
     n_params, n_vision, n_text = (metrics[k] for k in ("parameters", "vision tower parameters", "language model parameters"))
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    n_threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"CPU ({n_threads} thread{'s' if n_threads > 1 else ''})"
     metrics.update({"vision warm-up steps": vision_steps, "steps": steps, "batch": batch, "device": where,
                     "training seconds": round(train_s, 1), "vision warm-up seconds": round(t_vision, 1),
                     "seconds per step (whole model)": round(t_whole / steps, 4),
@@ -274,8 +276,9 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
                f"(vision {n_vision / 1e6:.2f}M, text {n_text / 1e6:.2f}M), all trained from scratch. AdamW lr {lr} "
                "(β 0.9/0.98, wd 0.05 on matrices; a fresh AdamW per stage, each one `mmskip.train.fit`), grad clip 1. "
                "A training-only linear probe on the projector's output (not saved) stands in for the pretrained "
-               "vision encoder a real LLaVA starts from: its loss is a per-patch digit loss (each of the 64 vision "
-               "tokens -> its cell's digit) plus a cell loss (the mean of a cell's 2×2 tokens -> its digit). Stage 1, "
+               "vision encoder a real LLaVA starts from: its loss is a per-patch loss (each of the 64 vision tokens -> "
+               "its cell's digit, its cell's row and its cell's column) plus a cell loss (the mean of a cell's 2×2 "
+               "tokens -> its digit). Stage 1, "
                f"vision warm-up: {vision_steps} steps of the vision tower + projector alone on the probe's loss "
                f"({2 * batch} grids of any of the 10 classes a step, {warm_v} warm-up steps, then flat). Stage 2: "
                f"{steps} steps of the whole model, batch {batch}, loss on the answer token and `</s>` + {aux} × the "
