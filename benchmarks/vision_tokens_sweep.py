@@ -108,12 +108,11 @@ def run(model, tok, family: Family, data: Any, probe: list[int], setup: dict[str
         att.remove()
     vocab = tok.get_vocab()
     right = [p == vocab[a] for p, a in zip(preds, data.answers, strict=True)]
-    row = {**setup, "flops_fraction": flops / plain["flops"] if plain else 1.0, "right": right,
+    row = {**setup, "flops": flops, "flops_fraction": flops / plain["flops"] if plain else 1.0, "right": right,
            **{f"acc_{k}": v for k, v in acc.items()},
            "acc_all_se": math.sqrt(acc["all"] * (1 - acc["all"]) / len(preds)),
            "agree_unmodified": sum(a == b for a, b in zip(preds, plain["preds"], strict=True)) / len(preds)
-           if plain else 1.0}
-    row["preds"] = preds
+           if plain else 1.0, "preds": preds}
     return row
 
 
@@ -173,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for setup in tqdm(todo, desc="sweep"):
         row = run(model, tok, family, data, probe, setup, plain, args)
         if setup["kind"] == "plain":
-            plain = {"flops": layer_flops(model, family.inputs(tok, data, probe, family.n_tokens))[0],
-                     "preds": row["preds"]}
+            plain = {"flops": row["flops"], "preds": row["preds"]}  # counted by run(): not again
         rows.append(row)
         print(f"{setup['name']:>16} r={setup['ratio']:<7} acc {row['acc_all']:.3f} ± {row['acc_all_se']:.3f}  "
               f"FLOPs {row['flops_fraction']:.3f}", flush=True)
