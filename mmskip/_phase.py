@@ -160,8 +160,7 @@ class _PhaseHook(ModelHook):
         with self.guard.call(starts=phase == "prefill"):  # refuses a second thread before any state changes
             s.decode_step = 0 if phase == "prefill" else s.decode_step + (phase == "decode")
             self._classify(s, phase, x, bound)
-            for name in self.layer_names:
-                self.handle.counts.record(name, s.tokens)
+            self.handle.counts.record_each(self.layer_names, s.tokens)
             return self.fn_ref.original_forward(*args, **kwargs)
 
     @staticmethod

@@ -69,6 +69,23 @@ def test_threshold_above_one_never_skips_and_matches_baseline(llama, padded_batc
     assert torch.equal(base.sequences, out.sequences)
 
 
+@pytest.mark.parametrize("threshold, max_skip", [(1.01, 0.5), (0.9, 0.0)])
+def test_config_that_cannot_skip_hooks_no_ffn(llama, padded_batch, threshold, max_skip):
+    from ._ops import op_counts
+
+    ids, mask = padded_batch
+    base, base_ops = op_counts(lambda: generate(llama, ids, mask))
+    cfg = mmskip.FFNSkipConfig(schedule=schedules.adaptive(threshold, "cosine", warmup=0, max_skip=max_skip))
+    with mmskip.applied(llama, cfg) as handle:
+        hooked = [name for name, m in llama.named_modules() if hasattr(m, "_diffusers_hook")]
+        out, ops = op_counts(lambda: generate(llama, ids, mask))
+        stats = handle.stats()
+    assert not any("layers." in name for name in hooked), hooked
+    assert torch.equal(base.sequences, out.sequences)
+    assert ops == base_ops  # the plain model's ops, not one more
+    assert stats["skipped"] == 0 and stats["executed"] > 0 and stats["flops_fraction"] == 1.0
+
+
 def test_skipped_ffn_does_not_run():
     model = tiny_lm("llama", layers=10)
     calls = [0] * 10

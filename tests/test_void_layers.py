@@ -59,3 +59,24 @@ def test_bad_void_configs():
         mmskip.VoidLayerConfig(schedule=schedules.adaptive(1.5, "l2_change"))
     with pytest.raises(ValueError, match="min_void_fraction"):
         mmskip.VoidLayerConfig(min_void_fraction=0.0)
+
+
+@pytest.mark.parametrize("max_skip, skip_hooks", [(0.0, 0), (0.5, 7)])
+def test_one_hook_per_layer_and_no_skip_hook_when_the_cap_allows_none(padded_batch, max_skip, skip_hooks):
+    from mmskip.layer_skip.hooks import LayerSkipHook
+
+    ids, mask = padded_batch
+    model = tiny_lm("llama", layers=8)
+    with torch.no_grad():
+        base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    cfg = mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.5, "l2_change", max_skip=max_skip))
+    with mmskip.applied(model, cfg) as handle:
+        registries = [dict(layer._diffusers_hook.hooks) for layer in model.model.layers]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        records = list(handle.state.records)
+    assert [len(hooks) for hooks in registries] == [1] * 8  # LAC's trace and the skip test share one hook
+    assert sum(isinstance(h, LayerSkipHook) for hooks in registries for h in hooks.values()) == skip_hooks
+    assert [r.phase for r in records] == ["prefill"] and records[0].norms.shape[0] == 9  # every layer traced
+    if max_skip == 0.0:
+        assert torch.equal(out, base)

@@ -115,11 +115,15 @@ def attach_ffn_skip(config: FFNSkipConfig, model: torch.nn.Module, handle: SkipH
     costs = {f"attn.{i}": adapter.attn_flops(i) for i in range(L)}
     costs.update({f"mlp.{i}": adapter.mlp_flops(i) for i in range(L)})
     state = track_forwards(adapter, handle, costs)
-    # a cosine similarity never exceeds 1: above that threshold nothing can skip, so nothing is tracked
+    # a cosine similarity never exceeds 1: above that threshold nothing can skip
     tok = TokenState(budget=int(config.schedule.max_skip * L) if config.schedule.threshold <= 1.0 else 0)
+    handle.state = FFNSkipState(state, tok, hot)
+    if tok.budget_per_token == 0:  # nothing can ever skip: no FFN is hooked, the model runs as is
+        logger.debug("FFN skipping: max_skip %s / threshold %s can skip nothing; no FFN hooked",
+                     config.schedule.max_skip, config.schedule.threshold)
+        return
     state.listeners.append(lambda s: tok.reset(s, config.schedule.warmup))
     for i in hot:
         handle.add_hook(adapter.mlp_norm(i), _ResidualCapture(tok), ".residual")
         handle.add_hook(adapter.mlp(i), _FFNSkipHook(i, tok, config.schedule, config.span, handle), ".mlp")
-    handle.state = FFNSkipState(state, tok, hot)
     logger.debug("FFN skipping on hot layers %d..%d of %d", hot.start, hot.stop - 1, L)

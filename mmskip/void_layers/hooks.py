@@ -27,7 +27,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..inject import SkipHandle
-from ..layer_skip.hooks import attach_layer_skipping
+from ..layer_skip.hooks import LayerSkipHook, attach_layer_skipping
 from ..layer_skip.state import SkipPlan
 from ..registry import get_adapter
 from .lac import void_skip_set
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 
 class _NormHook(ModelHook):
+    """LAC's trace on a layer that never skips: the residual norm leaving it (and, on layer 0, entering it)."""
+
     def __init__(self, tracer: NormTracer, first: bool) -> None:
         super().__init__()
         self.tracer = tracer
@@ -59,16 +61,35 @@ class _NormHook(ModelHook):
         return output
 
 
+class _TracedSkipHook(LayerSkipHook):
+    """Layer skipping and LAC's trace in one hook, so a decode step pays one hook call per layer."""
+
+    def __init__(self, index: int, plan: SkipPlan, handle: SkipHandle, adapter: Any, tracer: NormTracer) -> None:
+        super().__init__(index, plan, handle, adapter)
+        self.tracer = tracer
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = super().new_forward(module, *args, **kwargs)
+        if self.tracer.tracing:
+            self.tracer.add(output[0] if isinstance(output, tuple) else output)
+        return output
+
+
 def attach_void_layers(config: VoidLayerConfig, model: torch.nn.Module, handle: SkipHandle) -> None:
-    """What :meth:`VoidLayerConfig._attach` does: skip hooks on layers 1..L-1 (none skipping yet),
-    LAC's norm tracing on every layer, and the prompt's decision of the skip set."""
+    """What :meth:`VoidLayerConfig._attach` does: LAC's norm tracing on every layer, skip hooks on
+    layers 1..L-1 (none skipping yet; no skip hook at all when the cap allows no layer), and the
+    prompt's decision of the skip set."""
     adapter = get_adapter(model, "decoder")
     L = adapter.num_layers
-    state, plan = attach_layer_skipping(adapter, handle, "decode", set(), hooked=range(1, L))
+    max_layers = int(config.schedule.max_skip * L)
+    state, plan = attach_layer_skipping(adapter, handle, "decode", set(), hooked=())
     tracer = NormTracer(L, state, config.trace_decode)
     for i in range(L):
-        handle.add_hook(adapter.layers[i], _NormHook(tracer, first=i == 0), ".lac")
-    max_layers = int(config.schedule.max_skip * L)
+        if i == 0 or max_layers == 0:
+            hook: ModelHook = _NormHook(tracer, first=i == 0)
+        else:
+            hook = _TracedSkipHook(i, plan, handle, adapter, tracer)
+        handle.add_hook(adapter.layers[i], hook, ".lac")
     alpha, lift, min_fraction = config.schedule.threshold, config.lift_layers, config.min_void_fraction
 
     def decide(rec: VoidRecord, plan: SkipPlan = plan) -> None:
