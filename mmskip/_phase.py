@@ -135,8 +135,11 @@ class _PhaseHook(ModelHook):
         self.guard = guard
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        extra = bound.get("kwargs", {})
+        if args:
+            bound = self.signature.bind_partial(*args, **kwargs).arguments
+            extra = bound.get("kwargs", {})
+        else:  # keywords only (how the task models and generate call a decoder): already by name
+            bound, extra = kwargs, {}
         x = bound.get("input_ids")
         if x is None:
             x = bound.get("inputs_embeds")
