@@ -21,7 +21,9 @@ p-MoD's schedules do) the same held-out questions are answered by:
   LLaVA-OneVision's pooling) average-pooled to ``r`` of its tokens (1x2, 2x2, 2x4, 4x4: 1/2 to
   1/16) in every layer, layer 0 included, with as many placeholder tokens in the prompt;
 * trained routers given with ``--routers RATIO=FOLDER`` (``signal="router"``, at the ratio they
-  were trained for; routers trained with a LoRA are used without it).
+  were trained for; repeat the flag's pairs for several folders). Routers trained with a LoRA
+  (``train --lora``: the folder holds ``lora.safetensors``) run on a copy of the model with that LoRA
+  merged (``merged_with_lora``), as they were trained; its agreement is still against the unmodified model.
 
 Reported per config: accuracy per question type and overall with its standard error, agreement
 with the unmodified model's answer, and the decoder's prefill FLOPs fraction (counted with
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -44,6 +47,7 @@ import torch
 from _sweep_families import FAMILIES, Family, family_for
 from _token_meters import layer_flops
 from _token_peers import random_ranking
+from mmskip.vision.pmod.lora import LORA_WEIGHTS, merged_with_lora
 from tqdm.auto import tqdm
 
 import mmskip
@@ -81,14 +85,17 @@ class Applied:
             self.handle.remove()
 
 
-def setups(ratios: list[float], routers: dict[float, str], method: str = "p-MoD") -> list[dict[str, Any]]:
+def setups(ratios: list[float], routers: list[tuple[float, str]], method: str = "p-MoD") -> list[dict[str, Any]]:
     """The configs in sweep order: the unmodified model, then per ratio ``method`` with each signal (and
     trained routers), random dropping and pooling."""
     out = [{"name": "unmodified", "kind": "plain", "ratio": 1.0}]
     for r in ratios:
         out += [{"name": f"{method} {s}", "kind": "mod", "ratio": r, "signal": s} for s in SIGNALS]
-        if r in routers:
-            out.append({"name": f"{method} router", "kind": "mod", "ratio": r, "routers": routers[r]})
+        for ratio, folder in routers:
+            if ratio == r:
+                lora = (Path(folder) / LORA_WEIGHTS).is_file()
+                out.append({"name": f"{method} router" + (" + LoRA" if lora else ""), "kind": "mod", "ratio": r,
+                            "routers": folder, "lora": lora})
         out.append({"name": "random", "kind": "random", "ratio": r, "signal": "attention"})  # ranking replaced
         if r in POOLS:
             kh, kw = POOLS[r]
@@ -99,6 +106,8 @@ def setups(ratios: list[float], routers: dict[float, str], method: str = "p-MoD"
 def run(model, tok, family: Family, data: Any, probe: list[int], setup: dict[str, Any], plain: dict[str, Any],
         args: Any) -> dict[str, Any]:
     """One config's row: accuracy per type, its per-question right/wrong, FLOPs fraction, agreement."""
+    if setup.get("lora"):  # routers trained with a LoRA: on the model with it merged, as trained
+        model = merged_with_lora(model, setup["routers"])
     att = Applied(model, family, setup["kind"], setup["ratio"], setup.get("signal", ""), setup.get("routers"),
                   args.seed)
     try:
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tok = family.build_model(args.model)
     ratios = [float(r) for r in args.ratios.split(",")]
     routers = router_folders(args.routers)
-    for r in routers:
+    for r, _ in routers:
         if r not in ratios:
             ratios.append(r)
     data = family.questions(tok, args.n)
@@ -194,14 +203,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return res
 
 
-def router_folders(specs: list[str]) -> dict[float, str]:
+def router_folders(specs: list[str]) -> list[tuple[float, str]]:
     """``RATIO=FOLDER`` pairs: routers trained (``python -m mmskip.vision.pmod.train``) with the
     schedule that keeps ``RATIO`` of the vision tokens in layers 1..L-1."""
-    out = {}
+    out = []
     for spec in specs:
         ratio, sep, folder = spec.partition("=")
         try:
-            out[float(ratio)] = folder
+            out.append((float(ratio), folder))
         except ValueError:
             sep = ""
         if not sep or not folder:

@@ -47,7 +47,7 @@ def test_paired_margin_is_the_mean_difference_and_its_standard_error(load_bench)
 
 def test_routers_need_a_ratio(load_bench):
     bench = load_bench("vision_tokens_sweep")
-    assert bench.router_folders(["0.25=runs/r"]) == {0.25: "runs/r"}
+    assert bench.router_folders(["0.25=runs/r", "0.25=runs/s"]) == [(0.25, "runs/r"), (0.25, "runs/s")]
     with pytest.raises(SystemExit, match="RATIO=FOLDER"):
         bench.router_folders(["runs/r"])
 
@@ -74,3 +74,31 @@ def test_video_pooling_shrinks_each_frame_and_is_undone(load_bench, threads):
     att.remove()
     assert pooled.shape[1] < plain.shape[1]
     assert torch.equal(model(**fam.inputs(tok, data, rows, fam.n_tokens)).logits, plain)
+
+
+def test_routers_trained_with_lora_run_on_the_merged_model(load_bench, tmp_path, threads):
+    from mmskip.vision.pmod import train as T
+
+    from mmskip.registry import get_adapter
+
+    bench = load_bench("vision_tokens_sweep")
+    fam = bench.FAMILIES["image"]
+    model, tok = fam.build_model(fam.smoke_model)
+    data = fam.questions(tok, 4)
+    L = get_adapter(model, "vlm").num_layers
+    batch = fam.inputs(tok, data, fam.probe(data, 4), fam.n_tokens)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -1] = batch["input_ids"][:, -1]
+    cfg = fam.config([1.0] + [0.25] * (L - 1), "attention", None)
+    for folder, lora in ((tmp_path / "plain", None), (tmp_path / "lora", True)):
+        T.train_mod_routers(model, cfg, [{**batch, "labels": labels}], steps=2, lr=1e-2, out=folder, lora=lora,
+                            progress=False)
+    todo = bench.setups([0.25], [(0.25, str(tmp_path / "plain")), (0.25, str(tmp_path / "lora"))])
+    assert [(s["name"], s.get("lora")) for s in todo if "routers" in s] == [("p-MoD router", False),
+                                                                          ("p-MoD router + LoRA", True)]
+    res = bench.main(["--smoke", "--routers", f"0.25={tmp_path / 'plain'}", f"0.25={tmp_path / 'lora'}",
+                      "--out", str(tmp_path / "sweep.json")])
+    rows = {r["name"]: r for r in res["rows"] if r["ratio"] == 0.25}
+    assert {"p-MoD router", "p-MoD router + LoRA"} <= set(rows)
+    # the LoRA row ran on a merged copy of the same shapes: the same FLOPs as the routers without LoRA
+    assert rows["p-MoD router + LoRA"]["flops_fraction"] == pytest.approx(rows["p-MoD router"]["flops_fraction"])
