@@ -24,7 +24,7 @@ from torch import nn
 
 from mmskip.registry import register, register_fallback
 
-from ..tracker import call_key
+from ..tracker import CallKeyMemo, call_key
 from .block_registry import registered_block_classes, registry_io
 from .residual_io import ResidualIO, arg_getter
 
@@ -123,10 +123,12 @@ class DiffusionAdapter:
             return self.time_sign * float(t.flatten()[0]) if t.numel() else None
         return self.time_sign * float(t)
 
-    def call_key(self, args: tuple, kwargs: dict) -> Any:
+    def call_key(self, args: tuple, kwargs: dict, memo: CallKeyMemo | None = None) -> Any:
         """The call's conditioning fingerprint: every input but the latent and the timestep
-        (:func:`~mmskip.diffusion.tracker.call_key`)."""
-        return call_key(args, kwargs, (0, self.timestep_index), (self.latent_name, self.timestep_name))
+        (:func:`~mmskip.diffusion.tracker.call_key`); with a ``memo``, reused while the calls pass
+        the same, unchanged conditioning tensors (:class:`~mmskip.diffusion.tracker.CallKeyMemo`)."""
+        skip = ((0, self.timestep_index), (self.latent_name, self.timestep_name))
+        return call_key(args, kwargs, *skip) if memo is None else memo.key(args, kwargs, *skip)
 
     # -- what each granularity can target --------------------------------------------------------
     def candidates(self, granularity: str) -> list[str]:

@@ -18,7 +18,7 @@ from mmskip.inject import CallGuard, SkipHandle, TechniqueState
 from mmskip.schedules import AdaptiveSchedule
 
 from ..adapters import DiffusionAdapter
-from ..tracker import DeferredKey, StepTracker, bound_thread
+from ..tracker import CallKeyMemo, DeferredKey, StepTracker, bound_thread
 from .config import FeatureInheritanceConfig, never_inherits, step_computes
 
 __all__ = ["InheritanceState", "MAX_SLOTS"]
@@ -48,10 +48,16 @@ class InheritanceState(TechniqueState):
         self.handle = handle
         self.counts = handle.counts
         self.tracker = StepTracker()
+        self.key_memo = CallKeyMemo()  # the conditioning's fingerprint, once per trajectory, not per call
         self.thread = bound_thread()  # set before any hook is attached: a call already in flight passes
         self.guard = CallGuard(config.technique)
         self.decision: bool | None = None
+        self._plan: dict[tuple[int, int | None], bool] = {}  # step_computes per (step, grid): the schedule is fixed
         self.cache: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
+        # the current call's entry of ``cache``, chosen in eager code: the hooks (traced into a compiled
+        # denoiser) read this dict, never the slot key, so graphs do not guard on the conditioning's
+        # fingerprint and a new prompt or label reuses them instead of compiling its own
+        self.features: dict[str, Any] = {}
         self.probe_ref: dict[Hashable, torch.Tensor] = {}
         self.computed_steps: list[int] = []
         self.skipped_steps = 0
@@ -89,11 +95,14 @@ class InheritanceState(TechniqueState):
         stays readable in ``stats()`` until the next trajectory starts (diffusers pipelines reset
         stateful hooks at the end of every call, before the caller reads the stats)."""
         self.tracker.reset()
+        self.key_memo.clear()
         self.cache.clear()
+        self.features = {}
         self.probe_ref.clear()
 
     def _clear(self) -> None:
         self.cache.clear()
+        self.features = {}
         self.probe_ref.clear()
         self.computed_steps = []
         self.skipped_steps = 0
@@ -102,7 +111,7 @@ class InheritanceState(TechniqueState):
     def key(self, args: tuple, kwargs: dict) -> Hashable:
         if self.recompute_only:  # no per-conditioning cache: the step tracker alone compares keys
             return DeferredKey(lambda: self.adapter.call_key(args, kwargs))
-        return self.adapter.call_key(args, kwargs)
+        return self.adapter.call_key(args, kwargs, self.key_memo)
 
     # -- decisions ---------------------------------------------------------------------------
     def on_call(self, t: float | None, key: Hashable) -> None:
@@ -126,14 +135,23 @@ class InheritanceState(TechniqueState):
             # every target's entry exists from the start (None until computed): the compiled denoiser then
             # sees the same dict keys on the first call of a trajectory as on later ones (no extra graph)
             self.cache[tr.slot] = dict.fromkeys(self.names)
-        if all(v is None for v in self.cache[tr.slot].values()):
+        self.features = self.cache[tr.slot]
+        if all(v is None for v in self.features.values()):
             self.decision = True  # nothing to inherit yet
         elif isinstance(self.config.schedule, AdaptiveSchedule):
             self.decision = None  # the probe decides
         else:
-            self.decision = step_computes(self.config.schedule, tr.step, tr.num_steps)
+            self.decision = self._computes(tr.step, tr.num_steps)
         if self.decision is not None:
             self._note(self.decision)
+
+    def _computes(self, step: int, num_steps: int | None) -> bool:
+        """:func:`step_computes` of the config's static schedule, worked out once per step and grid
+        (a schedule's ratios list every step of the grid: rebuilding it per call is O(steps))."""
+        key = (step, num_steps)
+        if key not in self._plan:
+            self._plan[key] = step_computes(self.config.schedule, step, num_steps)
+        return self._plan[key]
 
     def _note(self, compute: bool) -> None:
         if self.tracker.first_call_of_step:
@@ -181,7 +199,7 @@ class InheritanceState(TechniqueState):
 
     def slot_cache(self) -> dict[str, Any]:
         """This call's cached features by target name (``None``: not computed in this trajectory yet)."""
-        return self.cache[self.tracker.slot]
+        return self.features
 
     def flops_now(self) -> float:
         return float(self.fc.get_total_flops()) if self.fc is not None else 0.0

@@ -169,6 +169,37 @@ def test_recompute_every_step_still_tells_branches_and_restarts():
         assert h.state.tracker.trajectory == first + 1 and h.stats()["recomputed_steps"] == [0]
 
 
+def test_a_trajectory_fingerprints_its_conditioning_once(monkeypatch):
+    """A conditioning tensor passed unchanged to every step is fingerprinted on the first call only (the
+    fingerprint reads value sums on the host); the static schedule is worked out once per step and grid."""
+    from mmskip.diffusion import tracker
+    from mmskip.diffusion.inheritance import state as state_mod
+
+    m, labels = tiny_dit(), torch.tensor([1, 3])
+    keys, plans = Counter(), Counter()
+    real_key, real_plan = tracker.call_key, state_mod.step_computes
+    monkeypatch.setattr(tracker, "call_key", lambda *a: keys.update(["key"]) or real_key(*a))
+    monkeypatch.setattr(state_mod, "step_computes", lambda s, step, n: plans.update([step]) or real_plan(s, step, n))
+
+    def run(shared):
+        with applied(m, FeatureInheritanceConfig(schedule=interval(2))) as h, torch.no_grad():
+            outs = []
+            for _ in range(2):  # two trajectories
+                for t in TIMESTEPS:
+                    kw = dict(example_inputs(m, t), class_labels=labels if shared else labels.clone())
+                    outs.append(m(**kw)[0])
+            return outs, h.stats()
+
+    fresh, fresh_stats = run(shared=False)  # a new tensor per call: fingerprinted every call
+    assert keys["key"] == 2 * len(TIMESTEPS)
+    keys.clear()
+    plans.clear()
+    shared, stats = run(shared=True)
+    assert keys["key"] == 1 and all(n == 1 for n in plans.values())
+    assert all(torch.equal(a, b) for a, b in zip(shared, fresh, strict=True))
+    assert stats["recomputed_steps"] == fresh_stats["recomputed_steps"] == [0, 2]
+
+
 def test_new_trajectory_resets_cache():
     m = tiny_unet()
     ref = _run(m, TIMESTEPS[:2])

@@ -8,16 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 from mmskip.diffusion import FeatureInheritanceConfig, StepSkipConfig
-from mmskip.pipelines import SkipStableDiffusionPipeline
+from mmskip.pipelines import SkipDiTPipeline, SkipStableDiffusionPipeline
 
 from mmskip.schedules import interval
 
 from ..diffusion._tiny import tiny_pipeline_components
 
 
-def _pipe():
-    comps, kw = tiny_pipeline_components("sd")
-    pipe = SkipStableDiffusionPipeline(**comps)
+def _pipe(kind="sd"):
+    comps, kw = tiny_pipeline_components(kind)
+    pipe = (SkipStableDiffusionPipeline if kind == "sd" else SkipDiTPipeline)(**comps)
     pipe.set_progress_bar_config(disable=True)
     return pipe, kw
 
@@ -97,6 +97,27 @@ def test_usual_order_compile_enable_call_compiles_only_on_the_first_call(regiona
         _img(pipe, kw, num_inference_steps=12)
     assert backend.graphs == graphs and pipe.skip_stats()["recomputed_steps"] == [0, 2, 4, 6, 8, 10]
     assert pipe.skip_stats()["flops_fraction"] == ref_pipe.skip_stats()["flops_fraction"]
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])  # UNet blocks (whole outputs) and a DiT block range (residual)
+def test_a_new_prompt_reuses_the_compiled_graphs(kind):
+    """The hooks read the call's cached features from a dict chosen in eager code, never by the
+    conditioning's fingerprint, so no graph guards on it: another prompt / class compiles nothing."""
+    pipe, kw = _pipe(kind)
+    pipe.enable_skip(FeatureInheritanceConfig(interval(2)))
+    other = dict(kw, prompt_embeds=kw["prompt_embeds"] + 1.0) if kind == "sd" else dict(kw, class_labels=[5, 7])
+    eager = _img(pipe, other)
+    backend = _Counting()
+    pipe.transformer.compile(backend=backend) if kind == "dit" else pipe.unet.compile(backend=backend)
+    _img(pipe, kw)
+    graphs = backend.graphs
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert _same(_img(pipe, other), eager)
+    assert backend.graphs == graphs
+
+
+def _same(a, b):
+    return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def test_step_skipping_under_compile():
