@@ -1,0 +1,190 @@
+"""The LLM section of ``gpu_campaign.py``: decoding on a Llama-3-8B-shaped model with random weights.
+
+Llama-3-8B's widths (hidden 4096, 32 heads, 8 KV heads, intermediate 14336, vocab 128256) with
+``--llm-layers`` of its 32 layers (stated on every row), bf16 on CUDA. Per batch size, in this order
+(so a time limit cuts the least important rows): each hook technique eager against plain eager
+(``mmskip.timing.paired`` through ``llm_layer_skip.decode_call``: decode = ``generate(N) - generate(1)``),
+then plain and each technique with transformers' compiled decoding (static cache,
+``CompileConfig(fullgraph=True)``, CUDA graphs on CUDA; ``llm_compiled.run_config``: each config compiles
+its own graph, so compiled speedups are ratios of medians, not paired); at batch 1 also SWIFT (layer
+set searched in an untimed warm-up, then reused) and transformers' early-exit self-speculation
+(``assistant_early_exit``), both eager on the dynamic cache, which is what they run on. FLOPs bound
+= 1 / the decode FLOPs fraction from ``handle.stats()`` (early exit: none, it is not an mmskip handle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import harness
+import torch
+from _campaign_rows import Context, host_sync, timing_fields, unpaired_fields
+from device_check import _paired_on_copy
+from llm_compiled import compile_config, run_config
+from llm_layer_skip import decode_call
+
+import mmskip
+from mmskip import schedules
+
+__all__ = ["run"]
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2)
+
+
+def build(ctx: Context, layers: int) -> tuple[torch.nn.Module, str]:
+    """The model (random weights, built on the device in its dtype) and its shape in words."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = TINY if ctx.smoke else LLAMA3_8B
+    cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=2048, rope_theta=500000.0, pad_token_id=0,
+                      bos_token_id=None, eos_token_id=None, **dims)
+    torch.manual_seed(0)
+    with ctx.device:
+        model = LlamaForCausalLM._from_config(cfg, torch_dtype=ctx.dtype).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    name = "tiny Llama" if ctx.smoke else "Llama-3-8B-shaped"
+    return model, f"{name}, {layers} of {32 if not ctx.smoke else layers} layers, d={dims['hidden_size']}"
+
+
+def hook_configs() -> dict[str, mmskip.SkipConfig]:
+    """The techniques that run inside plain ``generate`` (eager and compiled), most important first."""
+    return {
+        "unified s=2": mmskip.LayerSkipConfig(schedule=schedules.unified(2.0)),
+        "unified s=1.5": mmskip.LayerSkipConfig(schedule=schedules.unified(1.5)),
+        "void layers": mmskip.VoidLayerConfig(),
+        "FFN-SkipLLM (default)": mmskip.FFNSkipConfig(),
+        "FFN-SkipLLM 25% (forced)": mmskip.FFNSkipConfig(schedule=schedules.adaptive(-1.0, "cosine", warmup=0,
+                                                                                      max_skip=0.25)),
+    }
+
+
+@torch.no_grad()
+def decode_fraction(model: torch.nn.Module, ids: torch.Tensor, config: mmskip.SkipConfig, n: int) -> float:
+    """Decode FLOPs fraction of one eager ``generate``: (n tokens - 1 token) counted by the handle."""
+    with mmskip.applied(model, config) as h:
+        kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        h.reset_stats()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        s1, f1 = h.counts.flops()
+        h.reset_stats()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        sn, fn = h.counts.flops()
+    return (sn - s1) / (fn - f1) if fn > f1 else 1.0
+
+
+def _sync(model: torch.nn.Module, ids: torch.Tensor, config: mmskip.SkipConfig | None, ctx: Context) -> str:
+    """Host syncs of one forward over the prompt with ``config`` applied (an untimed call)."""
+    if config is None:
+        return host_sync(lambda: model(input_ids=ids), ctx.device)
+    with mmskip.applied(model, config):
+        return host_sync(lambda: model(input_ids=ids), ctx.device)
+
+
+def _eager_rows(ctx: Context, model: torch.nn.Module, shape: str, ids: torch.Tensor, n: int) -> None:
+    mask, batch = torch.ones_like(ids), ids.shape[0]
+    ctx.attempt(shape, "plain", batch, "eager", lambda: {"host_sync": _sync(model, ids, None, ctx)})
+    for name, cfg in hook_configs().items():
+        def measure(cfg: mmskip.SkipConfig = cfg) -> dict[str, Any]:
+            t = harness.paired(decode_call(model, ids, mask, n, None), {"c": decode_call(model, ids, mask, n, cfg)},
+                               repeats=ctx.repeats)["c"]
+            frac = decode_fraction(model, ids, cfg, n)
+            return {**timing_fields(t), "flops_bound": 1 / frac, "bound_warning": t.bound_warning(frac),
+                    "host_sync": _sync(model, ids, cfg, ctx)}
+
+        ctx.attempt(shape, name, batch, "eager", measure, need_s=5.0)
+
+
+def _compiled_rows(ctx: Context, model: torch.nn.Module, shape: str, ids: torch.Tensor, n: int) -> None:
+    batch = ids.shape[0]
+    cc = compile_config(ctx.device, ctx.args.llm_backend)
+    ns = SimpleNamespace(new_tokens=n, repeats=ctx.repeats)
+    base: dict[str, Any] = {}
+
+    def plain() -> dict[str, Any]:
+        r = run_config(model, ids, ns, None, cc)
+        base.update(r)
+        return {"tokens_per_s": batch * (n - 1) / statistics.median(r["compiled_s"]), "compile_warmup_s": r["compile_warmup_s"],
+                "host_sync": "see the eager row (same model, untimed forward)"}
+
+    ctx.attempt(shape, "plain", batch, "compiled", plain, need_s=10.0)
+    if "compiled_s" not in base:
+        return
+    need = 1.2 * base["compile_warmup_s"]  # a config's compile costs about what the plain one did
+    for name, cfg in hook_configs().items():
+        def measure(cfg: mmskip.SkipConfig = cfg) -> dict[str, Any]:
+            r = run_config(model, ids, ns, cfg, cc)
+            out = unpaired_fields(base["compiled_s"], r["compiled_s"])
+            agree = float((r["compiled_tokens"] == base["compiled_tokens"]).float().mean())
+            return {**out, "flops_bound": 1 / r["flops_fraction"], "compile_warmup_s": r["compile_warmup_s"],
+                    "agreement_with_plain": agree, "host_sync": "see the eager row (same hooks, untimed forward)"}
+
+        ctx.attempt(shape, name, batch, "compiled", measure, need_s=need)
+
+
+def _speculative_rows(ctx: Context, model: torch.nn.Module, shape: str, ids: torch.Tensor, n: int) -> None:
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+
+    def gen(m: torch.nn.Module) -> torch.Tensor:
+        return m.generate(ids, **kw)[:, ids.shape[1]:]
+
+    def swift() -> dict[str, Any]:
+        config: mmskip.SkipConfig = mmskip.SelfSpeculativeConfig(skip_ratio=0.45)
+        with torch.no_grad(), mmskip.applied(model, config) as h:
+            gen(model)  # untimed warm-up: the layer-set search runs here
+            found = h.stats().get("layer_set")
+        if found:  # timed with the layer set it found (set reuse), not the search
+            config = dataclasses.replace(config, attn_skip=tuple(found["attn_skip"]),
+                                         mlp_skip=tuple(found["mlp_skip"]))
+        t, plain_out, out, stats = _paired_on_copy(model, config, torch.no_grad()(gen), ctx.repeats)
+        frac = stats.get("flops_fraction")
+        return {**timing_fields(t), "flops_bound": 1 / frac if frac else None, "identical": bool(torch.equal(plain_out, out)),
+                "acceptance": stats.get("acceptance_rate"), "layer_set": found,
+                "host_sync": "not checked (speculative decoding syncs once per draft round by design)"}
+
+    def early_exit() -> dict[str, Any]:
+        k = max(1, model.config.num_hidden_layers // 2)
+        got: dict[str, torch.Tensor] = {}
+
+        def plain() -> None:
+            got["p"] = gen(model)
+
+        def early() -> None:
+            got["e"] = torch.no_grad()(lambda: model.generate(ids, assistant_early_exit=k, **kw))()[:, ids.shape[1]:]
+
+        t = harness.paired(torch.no_grad()(plain), {"e": early}, repeats=ctx.repeats)["e"]
+        return {**timing_fields(t), "flops_bound": None, "exit_layer": k, "identical": bool(torch.equal(got["p"], got["e"])),
+                "host_sync": "not checked (speculative decoding syncs once per draft round by design)",
+                "note": "transformers' assistant_early_exit (no mmskip handle, no FLOPs count)"}
+
+    ctx.attempt(shape, "SWIFT r=0.45", ids.shape[0], "eager", swift, need_s=15.0)
+    ctx.attempt(shape, "early exit k=L/2", ids.shape[0], "eager", early_exit, need_s=10.0)
+
+
+def run(ctx: Context) -> None:
+    """Every row of the section, batch by batch (``--llm-batches``), most important first."""
+    a = ctx.args
+    t0 = time.time()
+    model, shape = build(ctx, a.llm_layers)
+    print(f"[llm] {shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, built in "
+          f"{time.time() - t0:.1f} s", flush=True)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    vocab = model.config.vocab_size
+    for i, batch in enumerate(a.llm_batches):
+        ids = torch.randint(3, vocab, (batch, a.llm_prompt), generator=torch.Generator().manual_seed(batch))
+        ids = ids.to(ctx.device)
+        _eager_rows(ctx, model, shape, ids, a.llm_new_tokens)
+        if not (ctx.smoke and i > 0):  # the smoke run compiles at its first batch only
+            _compiled_rows(ctx, model, shape, ids, a.llm_new_tokens)
+        if batch == 1:
+            _speculative_rows(ctx, model, shape, ids, a.llm_new_tokens)
+        else:
+            ctx.row(shape, "SWIFT / early exit", batch, "eager",
+                    skipped="speculative decoding is measured at batch 1 only (transformers' assisted generation "
+                            "is batch 1)")

@@ -1,0 +1,84 @@
+"""``gpu_campaign.py``'s report: one Markdown table per section and one figure (speedup beside FLOPs bound)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import harness
+
+__all__ = ["markdown", "plot"]
+
+TITLES = {"llm": "LLM decoding", "vision": "Vision-language prefill and generation", "diffusion": "Diffusion denoisers"}
+
+
+def _num(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _figure(r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return "error: " + r["error"][:120].replace("|", "/").replace("\n", " ")
+    if r.get("skipped"):
+        return "skipped: " + r["skipped"][:120].replace("|", "/")
+    if r.get("speedup") is None:
+        return "-"
+    lo, hi = r["spread"]
+    return f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}){'' if r.get('paired', True) else ' unpaired'}"
+
+
+def section_table(rows: list[dict[str, Any]]) -> str:
+    head = ("model / shape", "technique", "batch", "mode", "speedup (IQR)", "FLOPs bound", "of bound", "host sync")
+    body = []
+    for r in rows:
+        bound, speed = r.get("flops_bound"), r.get("speedup")
+        of = speed / bound if speed and bound else None
+        body.append((r.get("model", "-"), r.get("technique", "-"), _num(r.get("batch"), "d"), r.get("mode", "-"),
+                     _figure(r), _num(bound), _num(of), str(r.get("host_sync", "-")).replace("|", "/")[:90]))
+    return harness.table(head, body, "llrlrrrl")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = ["# benchmarks/gpu_campaign.py", "",
+             f"{meta['device']}, {meta['dtype']}; torch {meta['torch']}, transformers {meta['transformers']}, "
+             f"diffusers {meta['diffusers']}; {meta['date']}{' (smoke: numbers meaningless)' if meta['smoke'] else ''}.",
+             "", f"Weights: {meta['weights']}. Speedups are medians against the plain model run the same way (eager "
+             "against eager, compiled against compiled); IQR in brackets; 'unpaired' = ratio of medians of separately "
+             "repeated runs (each compiled config compiles its own graph).", ""]
+    for name in meta["sections"]:
+        rows = [r for r in result["rows"] if r.get("section") == name]
+        lines += [f"## {TITLES.get(name, name)}", "",
+                  f"{len(rows)} rows in {result.get('section_s', {}).get(name, 0):.0f} s.", ""]
+        lines += [section_table(rows) if rows else "(no rows)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], png: Path) -> None:
+    """One panel per section: each measured row's speedup (bar, IQR whisker) and FLOPs bound (dot)."""
+    names = result["meta"]["sections"]
+    panels = [(n, [r for r in result["rows"] if r.get("section") == n and r.get("speedup") is not None])
+              for n in names]
+    height = max(3.0, 0.22 * sum(max(len(rs), 1) for _, rs in panels) + 1.2 * len(panels))
+    fig = harness.figure(figsize=(9, height), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (name, rows) in zip(axes, panels):
+        ax.set_title(f"{TITLES.get(name, name)} ({result['meta']['device']})", fontsize=9)
+        if not rows:
+            ax.text(0.5, 0.5, "no measured rows", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        labels = [f"{r['technique']} b{r.get('batch')} {r.get('mode', '')} [{str(r.get('model', ''))[:18]}]" for r in rows]
+        y = list(range(len(rows)))
+        speed = [r["speedup"] for r in rows]
+        err = [[s - r["spread"][0] for s, r in zip(speed, rows)], [r["spread"][1] - s for s, r in zip(speed, rows)]]
+        ax.barh(y, speed, xerr=err, color="tab:blue", alpha=0.7, label="speedup (IQR)")
+        bounds = [(i, r["flops_bound"]) for i, r in enumerate(rows) if r.get("flops_bound")]
+        if bounds:
+            ax.scatter([b for _, b in bounds], [i for i, _ in bounds], color="tab:red", marker="|", s=120,
+                       label="FLOPs bound", zorder=3)
+        ax.axvline(1.0, color="k", lw=0.7)
+        ax.set_yticks(y, labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(png, dpi=110)

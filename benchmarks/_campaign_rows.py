@@ -1,0 +1,139 @@
+"""What every section of ``gpu_campaign.py`` shares: the row format, the time box, the host-sync check.
+
+A section gets a :class:`Context`: its device and dtype, its deadline, and ``emit`` (which records a
+row as soon as it exists, so a timeout still leaves every finished row on disk). :meth:`Context.attempt`
+runs one row's measurement: it skips the row when too little time is left and turns an exception into
+the row's ``error`` string, so one failing technique never stops the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import harness
+import torch
+
+__all__ = ["Context", "host_sync", "timing_fields", "unpaired_fields", "versions"]
+
+
+def versions(device: torch.device) -> dict[str, str | None]:
+    """Device name and library versions, written on every row."""
+    import transformers
+
+    try:
+        import diffusers
+
+        diff: str | None = diffusers.__version__
+    except ImportError:
+        diff = None
+    return {"device": harness.machine(device), "torch": torch.__version__, "transformers": transformers.__version__,
+            "diffusers": diff}
+
+
+def host_sync(fn: Callable[[], Any], device: torch.device) -> str:
+    """Run ``fn`` once (untimed) under ``torch.cuda.set_sync_debug_mode("error")``: ``"none"`` when it made no
+    host sync, else ``"synced: <error> at <innermost frame outside torch>"``. Not checked on CPU."""
+    if device.type != "cuda":
+        return "not checked (CPU)"
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            fn()
+        return "none"
+    except RuntimeError as err:
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+        where = f" at {frames[-1].filename.rsplit('/', 2)[-1]}:{frames[-1].lineno}" if frames else ""
+        return f"synced: {str(err).splitlines()[0][:160]}{where}"
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+        torch.cuda.synchronize()
+
+
+def timing_fields(t: harness.Timing) -> dict[str, Any]:
+    """A paired timing's speedup (median ratio), quartiles and IQR."""
+    lo, hi = t.spread
+    return {"speedup": t.speedup, "spread": [lo, hi], "iqr": hi - lo, "pairs": t.pairs, "paired": True}
+
+
+def unpaired_fields(base_s: Sequence[float], cand_s: Sequence[float]) -> dict[str, Any]:
+    """Speedup of two separately repeated figures: ratio of medians; spread = quartiles of all cross ratios
+    (configs that compile their own graph cannot be interleaved without recompiling in the timed rounds)."""
+    ratios = sorted(b / c for b in base_s for c in cand_s)
+    lo, hi = (statistics.quantiles(ratios, n=4)[0::2] if len(ratios) > 1 else (ratios[0], ratios[0]))
+    return {"speedup": statistics.median(base_s) / statistics.median(cand_s), "spread": [lo, hi], "iqr": hi - lo,
+            "pairs": len(ratios), "paired": False}
+
+
+@dataclass
+class Context:
+    """One section's run: where it runs, until when, and where its rows go."""
+
+    section: str
+    device: torch.device
+    dtype: torch.dtype
+    deadline: float  # time.time() after which no new row starts
+    args: argparse.Namespace
+    emit: Callable[[dict[str, Any]], None]
+    meta: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None  # the campaign's results JSON (sections write files of their own beside it)
+
+    @property
+    def smoke(self) -> bool:
+        return bool(self.args.smoke)
+
+    @property
+    def repeats(self) -> int:
+        return int(self.args.repeats)
+
+    def left(self) -> float:
+        """Seconds until the section's deadline."""
+        return self.deadline - time.time()
+
+    def row(self, model: str, technique: str, batch: int | None, mode: str, **fields: Any) -> dict[str, Any]:
+        """Record one row now (and print its progress line)."""
+        row = {"section": self.section, "model": model, "technique": technique, "batch": batch, "mode": mode,
+               "dtype": str(self.dtype).removeprefix("torch."), **self.meta, **fields}
+        self.emit(row)
+        print(f"[{self.section}] {model} | {technique} | batch {batch} | {mode}: {status(row)}", flush=True)
+        return row
+
+    def attempt(self, model: str, technique: str, batch: int | None, mode: str, measure: Callable[[], dict[str, Any]],
+                need_s: float = 0.0) -> dict[str, Any]:
+        """``measure()``'s fields as a row; a skipped row when under ``need_s`` seconds are left; an error row when
+        it raises (the section goes on)."""
+        if self.left() < need_s:
+            return self.row(model, technique, batch, mode,
+                            skipped=f"out of time: {self.left():.0f} s left of the section, ~{need_s:.0f} s needed")
+        t0 = time.time()
+        try:
+            fields = measure()
+        except Exception as err:  # one failing technique must not stop the section
+            traceback.print_exc(limit=6)
+            fields = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        fields["wall_s"] = time.time() - t0
+        return self.row(model, technique, batch, mode, **fields)
+
+
+def status(row: dict[str, Any]) -> str:
+    """A row's progress text: speedup (spread) and bound, or why it has none."""
+    if row.get("error"):
+        return f"error: {row['error'][:200]}"
+    if row.get("skipped"):
+        return f"skipped: {row['skipped']}"
+    if row.get("speedup") is None:
+        return "done"
+    lo, hi = row["spread"]
+    bound = row.get("flops_bound")
+    return (f"{row['speedup']:.2f}x ({lo:.2f}-{hi:.2f}), FLOPs bound "
+            f"{'-' if bound is None else format(bound, '.2f')}, host sync {row.get('host_sync', '-')}")

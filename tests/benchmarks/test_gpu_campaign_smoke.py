@@ -1,0 +1,115 @@
+"""``benchmarks/gpu_campaign.py --smoke``: every section's rows on CPU, a failing section recorded, the time boxes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import pytest
+import torch
+
+LLM_TECHNIQUES = {"plain", "unified s=2", "unified s=1.5", "void layers", "FFN-SkipLLM (default)",
+                  "FFN-SkipLLM 25% (forced)", "SWIFT r=0.45", "early exit k=L/2", "SWIFT / early exit"}
+META = ("device", "torch", "transformers", "diffusers")
+
+
+def _boom(ctx):
+    raise RuntimeError("boom: a section that fails")
+
+
+@pytest.mark.slow
+def test_smoke_rows_files_and_a_failing_section(tmp_path, load_bench, monkeypatch, threads):
+    bench = load_bench("gpu_campaign", "bench_gpu_campaign")
+    monkeypatch.setitem(bench.SECTIONS, "llm", _boom)  # the first section fails; the ones after it still run
+    out = tmp_path / "c.json"
+    res = bench.main(["--smoke", "--out", str(out)])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["c.json", "c.md", "c.png", "c_diffusion.json", "c_diffusion.md"]  # at most 8, no part files
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"], default=str))
+    rows = res["rows"]
+    for r in rows:
+        assert all(k in r for k in META), r
+    llm = [r for r in rows if r["section"] == "llm"]
+    assert len(llm) == 1 and "boom" in llm[0]["error"]
+    vision = {r["technique"]: r for r in rows if r["section"] == "vision"}
+    assert set(vision) == {"plain", "p-MoD (default: progressive, attention)", "VideoLLM-MoD (default: r=0.2)",
+                           "MuE (default thresholds)"}
+    for name, r in vision.items():
+        assert "error" not in r and r["host_sync"] == "not checked (CPU)", (name, r.get("error"))
+        if name != "plain":
+            assert r["speedup"] > 0 and r["flops_bound"] > 1.0 and r["pairs"] >= 1, name
+    assert vision["VideoLLM-MoD (default: r=0.2)"]["tokens"] == 16 + 2 * 4 + 1 + 8  # text, 2 frames, newline, text
+    diffusion = [r for r in rows if r["section"] == "diffusion"]
+    sync = [r for r in diffusion if "sync check" in r["model"]]
+    assert [r["technique"] for r in sync] == ["(build)", "baseline", "mmskip FI every 2"]
+    measured = {r["technique"]: r for r in diffusion if r.get("source") == "c_diffusion.json"}
+    assert {"baseline", "mmskip FI every 2", "diffusers FirstBlockCache 0.05"} <= set(measured)
+    assert measured["mmskip FI every 2"]["flops_bound"] > 1.0 and measured["mmskip FI every 2"]["speedup"] > 0
+    text = out.with_suffix(".md").read_text()
+    assert "## Vision-language" in text and "## Diffusion denoisers" in text and "boom" in text
+
+
+@pytest.mark.slow
+def test_smoke_llm_section(tmp_path, load_bench, threads):
+    bench = load_bench("gpu_campaign", "bench_gpu_campaign")
+    res = bench.main(["--smoke", "--sections", "llm", "--out", str(tmp_path / "c.json")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.md", "c.png"]
+    llm = res["rows"]
+    assert {r["technique"] for r in llm} == LLM_TECHNIQUES
+    assert {(r["batch"], r["mode"]) for r in llm} == {(1, "eager"), (1, "compiled"), (2, "eager")}
+    for r in llm:
+        assert "error" not in r, (r["technique"], r["mode"], r.get("error"))
+        if r["technique"] not in ("plain", "SWIFT / early exit"):
+            lo, hi = r["spread"]
+            assert r["speedup"] > 0 and lo <= hi and r["iqr"] == pytest.approx(hi - lo)
+        if r["mode"] == "eager" and r["technique"] in ("plain", "unified s=2", "void layers"):
+            assert r["host_sync"] == "not checked (CPU)"
+    unified = [r for r in llm if r["technique"] == "unified s=2"]
+    assert all(r["flops_bound"] > 1.0 for r in unified) and len(unified) == 3
+    compiled = [r for r in llm if r["mode"] == "compiled" and r["technique"] != "plain"]
+    assert compiled and not any(r["paired"] for r in compiled)  # each compiled config compiles its own graph
+
+
+def test_a_row_is_skipped_when_its_time_is_up_and_an_error_does_not_escape(load_bench):
+    load_bench("gpu_campaign", "bench_gpu_campaign")
+    from _campaign_rows import Context
+
+    rows: list[dict] = []
+    ctx = Context("llm", torch.device("cpu"), torch.float32, time.time() + 5, argparse.Namespace(smoke=True),
+                  rows.append, meta={"device": "cpu"})
+    ctx.attempt("m", "slow", 1, "eager", lambda: {"speedup": 1.0, "spread": [1.0, 1.0]}, need_s=60)
+    ctx.attempt("m", "broken", 1, "eager", lambda: 1 / 0)
+    ctx.attempt("m", "fine", 1, "eager", lambda: {"speedup": 2.0, "spread": [1.5, 2.5]})
+    assert "out of time" in rows[0]["skipped"] and "speedup" not in rows[0]
+    assert rows[1]["error"].startswith("ZeroDivisionError")
+    assert rows[2]["speedup"] == 2.0 and rows[2]["device"] == "cpu" and rows[2]["section"] == "llm"
+
+
+def test_a_section_process_is_killed_at_its_limit(load_bench):
+    bench = load_bench("gpu_campaign", "bench_gpu_campaign")
+    t0 = time.time()
+    err = bench.run_process([sys.executable, "-c", "import time; time.sleep(60)"], limit=1.0)
+    assert "killed at its time limit" in err["error"] and time.time() - t0 < 30
+    assert "status 3" in bench.run_process([sys.executable, "-c", "raise SystemExit(3)"], limit=30)["error"]
+    assert bench.run_process([sys.executable, "-c", "pass"], limit=30) is None
+
+
+def test_a_child_writes_its_rows_to_the_part_file(tmp_path, load_bench, monkeypatch):
+    bench = load_bench("gpu_campaign", "bench_gpu_campaign")
+    monkeypatch.setitem(bench.SECTIONS, "vision", lambda ctx: ctx.row("m", "t", 1, "eager", speedup=1.5,
+                                                                      spread=[1.0, 2.0]))
+    part = tmp_path / "c.vision.part.jsonl"
+    bench.main(["--smoke", "--out", str(tmp_path / "c.json"), "--section", "vision", "--part", str(part),
+                "--deadline", str(time.time() + 60)])
+    rows = bench._read_part(part)
+    assert [(r["section"], r["technique"], r["speedup"]) for r in rows] == [("vision", "t", 1.5)]
+    assert not part.exists()  # merged rows are not read twice
+
+
+def test_without_cuda_measures_nothing(tmp_path, load_bench, monkeypatch, capsys):
+    bench = load_bench("gpu_campaign", "bench_gpu_campaign")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--out", str(tmp_path / "c.json")]) == {}
+    assert not list(tmp_path.iterdir()) and "no CUDA device" in capsys.readouterr().out
