@@ -127,8 +127,8 @@ class Technique:
 LM, PIPES = ("stdlib-lm",), ("digits-dit", "digits-sd")
 TECHNIQUES = (
     Technique("layer_skip", LM, _layer_skip_zero, "explicit(skip=()): no layer skipped"),
-    Technique("ffn_skip", LM, _ffn_skip_zero, "cosine threshold 2.0: never reached"),
-    Technique("void_layers", LM, _void_zero, "skip cap 0: prompts traced, no layer skipped"),
+    Technique("ffn_skip", LM, _ffn_skip_zero, "cosine threshold 2.0: can skip nothing, so no FFN is hooked"),
+    Technique("void_layers", LM, _void_zero, "skip cap 0: prompts traced (one LAC hook a layer), no skip hook"),
     Technique("first_routers", LM, None, not_measured="no trained routers ship in the zoo"),
     Technique("self_speculative", ("stdlib-lm-skip",), None, "none (SWIFT always drafts)"),
     Technique("feature_inheritance", PIPES, _inheritance_zero, "interval(1): every step recomputes"),
