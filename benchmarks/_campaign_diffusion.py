@@ -23,8 +23,7 @@ from _campaign_rows import Context, host_sync
 __all__ = ["ONLY", "collect", "run"]
 
 # every mmskip inheritance config and one setting of each peer (diffusion_gpu.py --only substrings)
-ONLY = ("mmskip FI every 2,mmskip FI every 3,mmskip FI adaptive,FirstBlockCache 0.05,MagCache 0.06,"
-        "TaylorSeer,DBCache F1B0 0.08")
+ONLY = "mmskip FI every 2,mmskip FI every 3,mmskip FI adaptive,FirstBlockCache 0.05,MagCache 0.06,DBCache F1B0 0.08"
 SMOKE_ONLY = "mmskip FI every 2,FirstBlockCache 0.05"
 
 
@@ -37,7 +36,7 @@ def argv(ctx: Context) -> list[str]:
     """``diffusion_gpu.py``'s arguments for this campaign."""
     a = ctx.args
     only = a.diffusion_only or (SMOKE_ONLY if ctx.smoke else ONLY)
-    out = ["--models", a.diffusion_models, "--only", only, "--repeats", str(ctx.repeats), "--out", str(results_path(ctx))]
+    out = ["--models", a.diffusion_models, "--only", only, "--repeats", str(a.diffusion_repeats), "--out", str(results_path(ctx))]
     return [*out, "--smoke", "--no-compile"] if ctx.smoke else out
 
 

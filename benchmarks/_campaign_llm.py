@@ -1,15 +1,17 @@
 """The LLM section of ``gpu_campaign.py``: decoding on a Llama-3-8B-shaped model with random weights.
 
 Llama-3-8B's widths (hidden 4096, 32 heads, 8 KV heads, intermediate 14336, vocab 128256) with
-``--llm-layers`` of its 32 layers (stated on every row), bf16 on CUDA. Per batch size, in this order
-(so a time limit cuts the least important rows): each hook technique eager against plain eager
-(``mmskip.timing.paired`` through ``llm_layer_skip.decode_call``: decode = ``generate(N) - generate(1)``),
-then plain and each technique with transformers' compiled decoding (static cache,
-``CompileConfig(fullgraph=True)``, CUDA graphs on CUDA; ``llm_compiled.run_config``: each config compiles
-its own graph, so compiled speedups are ratios of medians, not paired); at batch 1 also SWIFT (layer
-set searched in an untimed warm-up, then reused) and transformers' early-exit self-speculation
+``--llm-layers`` of its 32 layers (stated on every row), bf16 on CUDA, batch sizes ``--llm-batches``.
+Rows: each hook technique (unified s=2 / 1.5, void layers, FFN-SkipLLM default and forced 25 %) eager
+against plain eager (``mmskip.timing.paired`` through ``llm_layer_skip.decode_call``: decode =
+``generate(N) - generate(1)``) and with transformers' compiled decoding against compiled plain (static
+cache, ``CompileConfig(fullgraph=True)``, CUDA graphs on CUDA; ``llm_compiled.run_config``: each config
+compiles its own graph, so compiled speedups are ratios of medians, not paired); at batch 1 also SWIFT
+(layer set searched in an untimed warm-up, then reused) and transformers' early-exit self-speculation
 (``assistant_early_exit``), both eager on the dynamic cache, which is what they run on. FLOPs bound
 = 1 / the decode FLOPs fraction from ``handle.stats()`` (early exit: none, it is not an mmskip handle).
+Compiles dominate the time (tens of seconds each at this width), so :func:`plan` runs first what the
+issue's goals need (compiled unified skipping at the first two batch sizes) and a time limit cuts the rest.
 """
 
 from __future__ import annotations
@@ -86,45 +88,89 @@ def _sync(model: torch.nn.Module, ids: torch.Tensor, config: mmskip.SkipConfig |
         return host_sync(lambda: model(input_ids=ids), ctx.device)
 
 
-def _eager_rows(ctx: Context, model: torch.nn.Module, shape: str, ids: torch.Tensor, n: int) -> None:
-    mask, batch = torch.ones_like(ids), ids.shape[0]
-    ctx.attempt(shape, "plain", batch, "eager", lambda: {"host_sync": _sync(model, ids, None, ctx)})
-    for name, cfg in hook_configs().items():
-        def measure(cfg: mmskip.SkipConfig = cfg) -> dict[str, Any]:
+class _Rows:
+    """One row at a time, in any order: prompts and compiled baselines are made once per batch size."""
+
+    def __init__(self, ctx: Context, model: torch.nn.Module, shape: str) -> None:
+        self.ctx, self.model, self.shape, self.n = ctx, model, shape, ctx.args.llm_new_tokens
+        self.ids: dict[int, torch.Tensor] = {}
+        self.base: dict[int, dict[str, Any]] = {}  # the compiled plain run per batch size
+        self.compile_s = 10.0  # what the next compile is expected to cost (the last plain compile's warm-up)
+
+    def prompt(self, batch: int) -> torch.Tensor:
+        if batch not in self.ids:
+            g = torch.Generator().manual_seed(batch)
+            ids = torch.randint(3, self.model.config.vocab_size, (batch, self.ctx.args.llm_prompt), generator=g)
+            self.ids[batch] = ids.to(self.ctx.device)
+        return self.ids[batch]
+
+    def eager(self, batch: int, name: str) -> None:
+        ctx, model, ids, n = self.ctx, self.model, self.prompt(batch), self.n
+        if name == "plain":
+            ctx.attempt(self.shape, "plain", batch, "eager", lambda: {"host_sync": _sync(model, ids, None, ctx)})
+            return
+        cfg, mask = hook_configs()[name], torch.ones_like(ids)
+
+        def measure() -> dict[str, Any]:
             t = harness.paired(decode_call(model, ids, mask, n, None), {"c": decode_call(model, ids, mask, n, cfg)},
                                repeats=ctx.repeats)["c"]
             frac = decode_fraction(model, ids, cfg, n)
             return {**timing_fields(t), "flops_bound": 1 / frac, "bound_warning": t.bound_warning(frac),
                     "host_sync": _sync(model, ids, cfg, ctx)}
 
-        ctx.attempt(shape, name, batch, "eager", measure, need_s=5.0)
+        ctx.attempt(self.shape, name, batch, "eager", measure, need_s=5.0)
 
+    def compiled(self, batch: int, name: str) -> None:
+        ctx, model, ids, n = self.ctx, self.model, self.prompt(batch), self.n
+        cc = compile_config(ctx.device, ctx.args.llm_backend)
+        ns = SimpleNamespace(new_tokens=n, repeats=ctx.repeats)
+        if name == "plain":
+            def plain() -> dict[str, Any]:
+                r = run_config(model, ids, ns, None, cc)
+                self.base[batch], self.compile_s = r, r["compile_warmup_s"]
+                return {"tokens_per_s": batch * (n - 1) / statistics.median(r["compiled_s"]),
+                        "compile_warmup_s": r["compile_warmup_s"],
+                        "host_sync": "see the eager row (same model, untimed forward)"}
 
-def _compiled_rows(ctx: Context, model: torch.nn.Module, shape: str, ids: torch.Tensor, n: int) -> None:
-    batch = ids.shape[0]
-    cc = compile_config(ctx.device, ctx.args.llm_backend)
-    ns = SimpleNamespace(new_tokens=n, repeats=ctx.repeats)
-    base: dict[str, Any] = {}
+            ctx.attempt(self.shape, "plain", batch, "compiled", plain, need_s=1.2 * self.compile_s)
+            return
+        base = self.base.get(batch)
+        if base is None:
+            ctx.row(self.shape, name, batch, "compiled", skipped="no compiled plain run at this batch size")
+            return
 
-    def plain() -> dict[str, Any]:
-        r = run_config(model, ids, ns, None, cc)
-        base.update(r)
-        return {"tokens_per_s": batch * (n - 1) / statistics.median(r["compiled_s"]), "compile_warmup_s": r["compile_warmup_s"],
-                "host_sync": "see the eager row (same model, untimed forward)"}
-
-    ctx.attempt(shape, "plain", batch, "compiled", plain, need_s=10.0)
-    if "compiled_s" not in base:
-        return
-    need = 1.2 * base["compile_warmup_s"]  # a config's compile costs about what the plain one did
-    for name, cfg in hook_configs().items():
-        def measure(cfg: mmskip.SkipConfig = cfg) -> dict[str, Any]:
-            r = run_config(model, ids, ns, cfg, cc)
-            out = unpaired_fields(base["compiled_s"], r["compiled_s"])
+        def measure() -> dict[str, Any]:
+            r = run_config(model, ids, ns, hook_configs()[name], cc)
             agree = float((r["compiled_tokens"] == base["compiled_tokens"]).float().mean())
-            return {**out, "flops_bound": 1 / r["flops_fraction"], "compile_warmup_s": r["compile_warmup_s"],
-                    "agreement_with_plain": agree, "host_sync": "see the eager row (same hooks, untimed forward)"}
+            return {**unpaired_fields(base["compiled_s"], r["compiled_s"]), "flops_bound": 1 / r["flops_fraction"],
+                    "compile_warmup_s": r["compile_warmup_s"], "agreement_with_plain": agree,
+                    "host_sync": "see the eager row (same hooks, untimed forward)"}
 
-        ctx.attempt(shape, name, batch, "compiled", measure, need_s=need)
+        ctx.attempt(self.shape, name, batch, "compiled", measure, need_s=1.2 * self.compile_s)
+
+    def speculative(self, batch: int, name: str = "") -> None:
+        if batch != 1:
+            self.ctx.row(self.shape, "SWIFT / early exit", batch, "eager",
+                         skipped="speculative decoding is measured at batch 1 only (transformers' assisted "
+                                 "generation is batch 1)")
+            return
+        _speculative_rows(self.ctx, self.model, self.shape, self.prompt(batch), self.n)
+
+
+def plan(batches: list[int], smoke: bool) -> list[tuple[str, int, str]]:
+    """(kind, batch, technique) in the order they run: what the issue's goals need first (compiled unified
+    skipping at the first two batch sizes), so a time limit cuts the rest."""
+    core = ("plain", "unified s=2", "unified s=1.5")
+    other = tuple(c for c in hook_configs() if c not in core)
+    comp = batches[:1] if smoke else batches  # the smoke run compiles at its first batch size only
+    steps = [("compiled", b, c) for b in comp[:2] for c in core]
+    steps += [("eager", b, c) for b in batches[:1] for c in ("plain", *hook_configs())]
+    steps += [("speculative", b, "") for b in batches[:1]]
+    steps += [("compiled", b, c) for b in comp[:1] for c in other]
+    steps += [("compiled", b, c) for b in comp[2:] for c in core]
+    steps += [("eager", b, c) for b in batches[1:] for c in ("plain", *hook_configs())]
+    steps += [("compiled", b, c) for b in comp[1:] for c in other]
+    return steps + [("speculative", b, "") for b in batches[1:]]
 
 
 def _speculative_rows(ctx: Context, model: torch.nn.Module, shape: str, ids: torch.Tensor, n: int) -> None:
@@ -168,23 +214,13 @@ def _speculative_rows(ctx: Context, model: torch.nn.Module, shape: str, ids: tor
 
 
 def run(ctx: Context) -> None:
-    """Every row of the section, batch by batch (``--llm-batches``), most important first."""
+    """Every row of :func:`plan` for ``--llm-batches``, as long as the section's time lasts."""
     a = ctx.args
     t0 = time.time()
     model, shape = build(ctx, a.llm_layers)
     print(f"[llm] {shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, built in "
           f"{time.time() - t0:.1f} s", flush=True)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    vocab = model.config.vocab_size
-    for i, batch in enumerate(a.llm_batches):
-        ids = torch.randint(3, vocab, (batch, a.llm_prompt), generator=torch.Generator().manual_seed(batch))
-        ids = ids.to(ctx.device)
-        _eager_rows(ctx, model, shape, ids, a.llm_new_tokens)
-        if not (ctx.smoke and i > 0):  # the smoke run compiles at its first batch only
-            _compiled_rows(ctx, model, shape, ids, a.llm_new_tokens)
-        if batch == 1:
-            _speculative_rows(ctx, model, shape, ids, a.llm_new_tokens)
-        else:
-            ctx.row(shape, "SWIFT / early exit", batch, "eager",
-                    skipped="speculative decoding is measured at batch 1 only (transformers' assisted generation "
-                            "is batch 1)")
+    rows = _Rows(ctx, model, shape)
+    for kind, batch, name in plan(list(a.llm_batches), ctx.smoke):
+        getattr(rows, kind)(batch, name)

@@ -71,13 +71,17 @@ def plot(result: dict[str, Any], png: Path) -> None:
         labels = [f"{r['technique']} b{r.get('batch')} {r.get('mode', '')} [{str(r.get('model', ''))[:18]}]" for r in rows]
         y = list(range(len(rows)))
         speed = [r["speedup"] for r in rows]
-        err = [[s - r["spread"][0] for s, r in zip(speed, rows)], [r["spread"][1] - s for s, r in zip(speed, rows)]]
+        # a ratio of medians (unpaired rows) can fall outside the quartiles of the cross ratios
+        err = [[max(s - r["spread"][0], 0.0) for s, r in zip(speed, rows)],
+               [max(r["spread"][1] - s, 0.0) for s, r in zip(speed, rows)]]
         ax.barh(y, speed, xerr=err, color="tab:blue", alpha=0.7, label="speedup (IQR)")
         bounds = [(i, r["flops_bound"]) for i, r in enumerate(rows) if r.get("flops_bound")]
         if bounds:
             ax.scatter([b for _, b in bounds], [i for i, _ in bounds], color="tab:red", marker="|", s=120,
                        label="FLOPs bound", zorder=3)
         ax.axvline(1.0, color="k", lw=0.7)
+        top = max([*speed, *(b for _, b in bounds), 1.0])
+        ax.set_xlim(0, 1.25 * top)  # whiskers of noisy rows are clipped, not the bars
         ax.set_yticks(y, labels, fontsize=6)
         ax.invert_yaxis()
         ax.legend(fontsize=7, loc="lower right")

@@ -387,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_row(b, m, compiled, args, ref)
                 results["rows"].append(row)
                 print(f"[{name}] {m.name}, compile {'on' if compiled else 'off'}: {_status(row)}", flush=True)
-                out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+                tmp = out.with_suffix(".json.tmp")  # a process killed while writing leaves the last whole file
+                tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+                tmp.replace(out)
             if compiled and args.compile_scope == "blocks":
                 set_compiled(b, False, args.compile_backend)
                 torch._dynamo.reset()

@@ -113,3 +113,20 @@ def test_without_cuda_measures_nothing(tmp_path, load_bench, monkeypatch, capsys
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--out", str(tmp_path / "c.json")]) == {}
     assert not list(tmp_path.iterdir()) and "no CUDA device" in capsys.readouterr().out
+
+
+def test_llm_plan_runs_the_goals_first_and_every_row_once(load_bench):
+    load_bench("gpu_campaign", "bench_gpu_campaign")
+    import _campaign_llm
+
+    steps = _campaign_llm.plan([1, 8, 32], smoke=False)
+    assert steps[:6] == [("compiled", b, c) for b in (1, 8) for c in ("plain", "unified s=2", "unified s=1.5")]
+    assert len(steps) == len(set(steps))
+    techniques = ("plain", *_campaign_llm.hook_configs())
+    for b in (1, 8, 32):
+        assert {("compiled", b, c) for c in techniques} | {("eager", b, c) for c in techniques} <= set(steps)
+        assert ("speculative", b, "") in steps
+    for kind, b, c in steps:  # a compiled technique comes after the compiled plain run it is compared with
+        if kind == "compiled" and c != "plain":
+            assert steps.index(("compiled", b, "plain")) < steps.index((kind, b, c))
+    assert {b for k, b, _ in _campaign_llm.plan([1, 2], smoke=True) if k == "compiled"} == {1}
