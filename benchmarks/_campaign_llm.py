@@ -48,7 +48,7 @@ def build(ctx: Context, layers: int) -> tuple[torch.nn.Module, str]:
                       bos_token_id=None, eos_token_id=None, **dims)
     torch.manual_seed(0)
     with ctx.device:
-        model = LlamaForCausalLM._from_config(cfg, torch_dtype=ctx.dtype).eval()
+        model = LlamaForCausalLM._from_config(cfg, dtype=ctx.dtype).eval()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     name = "tiny Llama" if ctx.smoke else "Llama-3-8B-shaped"
     return model, f"{name}, {layers} of {32 if not ctx.smoke else layers} layers, d={dims['hidden_size']}"

@@ -12,6 +12,7 @@ import argparse
 import statistics
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,35 @@ def versions(device: torch.device) -> dict[str, str | None]:
             "diffusers": diff}
 
 
+def _site(filename: str, lineno: int) -> str:
+    return f"{'/'.join(filename.rsplit('/', 2)[-2:])}:{lineno}"
+
+
+def _sync_sites(fn: Callable[[], Any]) -> dict[str, int]:
+    """Every host sync of one call of ``fn`` by the Python line that made it (``set_sync_debug_mode("warn")``
+    warns from C++, so each warning is attributed to the Python frame that called the syncing op)."""
+    sites: dict[str, int] = {}
+    prev = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.no_grad():
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            key = _site(w.filename, w.lineno)
+            sites[key] = sites.get(key, 0) + 1
+    return sites
+
+
 def host_sync(fn: Callable[[], Any], device: torch.device) -> str:
     """Run ``fn`` once (untimed) under ``torch.cuda.set_sync_debug_mode("error")``: ``"none"`` when it made no
-    host sync, else ``"synced: <error> at <innermost frame outside torch>"``. Not checked on CPU."""
+    host sync, else ``"synced: <error> at <frame>"`` (the innermost frame outside torch, preferring one outside
+    site-packages, i.e. this project's code), followed by every sync site of a second call in "warn" mode
+    (``file:line xN``). Not checked on CPU."""
     if device.type != "cuda":
         return "not checked (CPU)"
     torch.cuda.synchronize()
@@ -51,11 +78,18 @@ def host_sync(fn: Callable[[], Any], device: torch.device) -> str:
         return "none"
     except RuntimeError as err:
         frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
-        where = f" at {frames[-1].filename.rsplit('/', 2)[-1]}:{frames[-1].lineno}" if frames else ""
-        return f"synced: {str(err).splitlines()[0][:160]}{where}"
+        own = [f for f in frames if "site-packages" not in f.filename] or frames
+        where = f" at {_site(own[-1].filename, own[-1].lineno or 0)}" if own else ""
+        first = f"synced: {str(err).splitlines()[0][:120]}{where}"
     finally:
         torch.cuda.set_sync_debug_mode(prev)
         torch.cuda.synchronize()
+    try:
+        sites = _sync_sites(fn)
+    except Exception as err:  # the listing is extra; the first sync is already known
+        return f"{first}; sites not listed ({type(err).__name__})"
+    listed = ", ".join(f"{k} x{v}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:8])
+    return f"{first}; sites: {listed or '-'}"
 
 
 def timing_fields(t: harness.Timing) -> dict[str, Any]:

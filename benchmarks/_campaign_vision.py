@@ -57,7 +57,7 @@ def onevision(ctx: Context) -> tuple[torch.nn.Module, dict[str, int]]:
                                vision_feature_layer=-1, vision_feature_select_strategy="full")
     torch.manual_seed(0)
     with ctx.device:
-        model = LlavaOnevisionForConditionalGeneration._from_config(cfg, torch_dtype=ctx.dtype).eval()
+        model = LlavaOnevisionForConditionalGeneration._from_config(cfg, dtype=ctx.dtype).eval()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     return model, geo
 
@@ -134,7 +134,7 @@ def florence(ctx: Context) -> tuple[torch.nn.Module, dict[str, int]]:
     cfg = Florence2Config(vision_config=vision, text_config=text, image_token_id=geo["image_token"])
     torch.manual_seed(0)
     with ctx.device:
-        model = Florence2ForConditionalGeneration._from_config(cfg, torch_dtype=ctx.dtype).eval()
+        model = Florence2ForConditionalGeneration._from_config(cfg, dtype=ctx.dtype).eval()
     gc = model.generation_config
     gc.eos_token_id, gc.forced_eos_token_id, gc.pad_token_id = None, None, 1
     return model, geo

@@ -130,3 +130,33 @@ def test_llm_plan_runs_the_goals_first_and_every_row_once(load_bench):
         if kind == "compiled" and c != "plain":
             assert steps.index(("compiled", b, "plain")) < steps.index((kind, b, c))
     assert {b for k, b, _ in _campaign_llm.plan([1, 2], smoke=True) if k == "compiled"} == {1}
+
+
+def test_host_sync_reports_the_first_sync_and_every_site(load_bench, monkeypatch):
+    """The CUDA branch with torch.cuda's debug mode faked: an op that syncs raises in "error" mode, warns in "warn"."""
+    load_bench("gpu_campaign", "bench_gpu_campaign")
+    import warnings
+
+    from _campaign_rows import host_sync
+
+    mode = {"now": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.__setitem__("now", m))
+
+    def op() -> None:  # what torch does on a synchronizing op under each mode
+        if mode["now"] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+        if mode["now"] == "warn":
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=2)
+
+    def syncs_three_times() -> None:
+        for _ in range(3):
+            op()
+
+    cuda = torch.device("cuda")
+    got = host_sync(syncs_three_times, cuda)
+    assert got.startswith("synced: called a synchronizing CUDA operation at ")
+    assert "test_gpu_campaign_smoke.py" in got and got.endswith(" x3")
+    assert host_sync(lambda: None, cuda) == "none" and mode["now"] == 0  # the mode is put back
+    assert host_sync(syncs_three_times, torch.device("cpu")) == "not checked (CPU)"
