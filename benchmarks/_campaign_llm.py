@@ -151,8 +151,8 @@ class _Rows:
     def speculative(self, batch: int, name: str = "") -> None:
         if batch != 1:
             self.ctx.row(self.shape, "SWIFT / early exit", batch, "eager",
-                         skipped="speculative decoding is measured at batch 1 only (transformers' assisted "
-                                 "generation is batch 1)")
+                         skipped="batch 1 only: SWIFT serves batch size 1 (larger batches fall back to plain "
+                                 "decoding) and transformers' assisted generation is batch 1")
             return
         _speculative_rows(self.ctx, self.model, self.shape, self.prompt(batch), self.n)
 

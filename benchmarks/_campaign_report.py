@@ -27,15 +27,37 @@ def _figure(r: dict[str, Any]) -> str:
     return f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}){'' if r.get('paired', True) else ' unpaired'}"
 
 
+def _notes(r: dict[str, Any]) -> str:
+    """What the row says beside speed: fidelity to plain, tokens, compile time."""
+    out = []
+    if r.get("psnr") is not None:
+        out.append(f"PSNR {r['psnr']:.1f} dB")
+    if r.get("agreement_with_plain") is not None:
+        out.append(f"tokens = plain {r['agreement_with_plain']:.2f}")
+    if r.get("identical") is not None:
+        out.append("identical to plain" if r["identical"] else "not identical to plain")
+    if r.get("last_logits_cosine") is not None:
+        out.append(f"last-logit cos {r['last_logits_cosine']:.3f}")
+    if r.get("tokens") is not None:
+        out.append(f"{r['tokens']} tokens")
+    if r.get("compile_warmup_s") is not None or r.get("compile_s") is not None:
+        out.append(f"compile {r.get('compile_warmup_s') or r.get('compile_s'):.0f} s")
+    if r.get("note"):
+        out.append(str(r["note"]).replace("|", "/")[:100])
+    return ", ".join(out) or "-"
+
+
 def section_table(rows: list[dict[str, Any]]) -> str:
-    head = ("model / shape", "technique", "batch", "mode", "speedup (IQR)", "FLOPs bound", "of bound", "host sync")
+    head = ("model / shape", "technique", "batch", "mode", "speedup (IQR)", "FLOPs bound", "of bound", "host sync",
+            "notes")
     body = []
     for r in rows:
         bound, speed = r.get("flops_bound"), r.get("speedup")
         of = speed / bound if speed and bound else None
         body.append((r.get("model", "-"), r.get("technique", "-"), _num(r.get("batch"), "d"), r.get("mode", "-"),
-                     _figure(r), _num(bound), _num(of), str(r.get("host_sync", "-")).replace("|", "/")[:90]))
-    return harness.table(head, body, "llrlrrrl")
+                     _figure(r), _num(bound), _num(of), str(r.get("host_sync", "-")).replace("|", "/")[:160],
+                     _notes(r)))
+    return harness.table(head, body, "llrlrrrll")
 
 
 def markdown(result: dict[str, Any]) -> str:
