@@ -11,7 +11,8 @@ compiles its own graph, so compiled speedups are ratios of medians, not paired);
 (``assistant_early_exit``), both eager on the dynamic cache, which is what they run on. FLOPs bound
 = 1 / the decode FLOPs fraction from ``handle.stats()`` (early exit: none, it is not an mmskip handle).
 Compiles dominate the time (tens of seconds each at this width), so :func:`plan` runs first what the
-issue's goals need (compiled unified skipping at the first two batch sizes) and a time limit cuts the rest.
+issue's goals need (compiled unified skipping at batch 1, every technique eager at batch 1 with its
+host-sync check, compiled unified skipping at batch 8) and a time limit cuts the rest.
 """
 
 from __future__ import annotations
@@ -159,12 +160,14 @@ class _Rows:
 
 def plan(batches: list[int], smoke: bool) -> list[tuple[str, int, str]]:
     """(kind, batch, technique) in the order they run: what the issue's goals need first (compiled unified
-    skipping at the first two batch sizes), so a time limit cuts the rest."""
+    skipping at the first batch size, every technique eager there with its host-sync check, compiled
+    unified skipping at the second), so a time limit cuts the rest."""
     core = ("plain", "unified s=2", "unified s=1.5")
     other = tuple(c for c in hook_configs() if c not in core)
     comp = batches[:1] if smoke else batches  # the smoke run compiles at its first batch size only
-    steps = [("compiled", b, c) for b in comp[:2] for c in core]
-    steps += [("eager", b, c) for b in batches[:1] for c in ("plain", *hook_configs())]
+    steps = [("compiled", b, c) for b in comp[:1] for c in core]
+    steps += [("eager", b, c) for b in batches[:1] for c in ("plain", *hook_configs())]  # cheap: every sync check
+    steps += [("compiled", b, c) for b in comp[1:2] for c in core]
     steps += [("speculative", b, "") for b in batches[:1]]
     steps += [("compiled", b, c) for b in comp[:1] for c in other]
     steps += [("compiled", b, c) for b in comp[2:] for c in core]

@@ -120,7 +120,10 @@ def test_llm_plan_runs_the_goals_first_and_every_row_once(load_bench):
     import _campaign_llm
 
     steps = _campaign_llm.plan([1, 8, 32], smoke=False)
-    assert steps[:6] == [("compiled", b, c) for b in (1, 8) for c in ("plain", "unified s=2", "unified s=1.5")]
+    core = ("plain", "unified s=2", "unified s=1.5")
+    assert steps[:3] == [("compiled", 1, c) for c in core]
+    assert steps[3:9] == [("eager", 1, c) for c in ("plain", *_campaign_llm.hook_configs())]
+    assert steps[9:12] == [("compiled", 8, c) for c in core]
     assert len(steps) == len(set(steps))
     techniques = ("plain", *_campaign_llm.hook_configs())
     for b in (1, 8, 32):
