@@ -180,6 +180,9 @@ def child(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # the sections import their siblings when they run (`mmskip bench` drops the path)
+        sys.path.insert(0, here)
     args = defaults(parser().parse_args(argv))
     if args.section:
         child(args)
