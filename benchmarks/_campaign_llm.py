@@ -9,7 +9,8 @@ cache, ``CompileConfig(fullgraph=True)``, CUDA graphs on CUDA; ``llm_compiled.ru
 compiles its own graph, so compiled speedups are ratios of medians, not paired); at batch 1 also SWIFT
 (layer set searched in an untimed warm-up, then reused) and transformers' early-exit self-speculation
 (``assistant_early_exit``), both eager on the dynamic cache, which is what they run on. FLOPs bound
-= 1 / the decode FLOPs fraction from ``handle.stats()`` (early exit: none, it is not an mmskip handle).
+= 1 / the decode FLOPs fraction (``handle.counts.flops()`` of generate(N) - generate(1), as ``llm_compiled.py``;
+SWIFT: ``handle.stats()["flops_fraction"]`` of the whole call; early exit: none, it is not an mmskip handle).
 Compiles dominate the time (tens of seconds each at this width), so :func:`plan` runs first what the
 issue's goals need (compiled unified skipping at batch 1, every technique eager at batch 1 with its
 host-sync check, compiled unified skipping at batch 8) and a time limit cuts the rest.

@@ -29,6 +29,7 @@ own) and at most one part file while a section runs: at most 6.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -146,16 +147,40 @@ def section_command(name: str, argv: list[str], part: Path, deadline: float) -> 
             "--deadline", str(deadline)]
 
 
+_RUNNING: list[int] = []  # the section process now running (its process group), for the signal handler
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: die when the campaign dies (Linux ``PR_SET_PDEATHSIG``), so a campaign killed
+    from outside (a time limit on the whole command) never leaves a section holding the GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the signal handler in main() still covers SIGTERM / SIGINT
+        pass
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    for pid in _RUNNING:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
 def run_process(cmd: list[str], limit: float) -> dict[str, Any] | None:
     """Run ``cmd`` (its output goes to ours), killed with its process group after ``limit`` seconds;
     ``None`` when it exited with status 0, else the error for the section's row."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    _RUNNING.append(proc.pid)
     try:
         rc = proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return {"error": f"section killed at its time limit ({limit:.0f} s); rows finished before are kept"}
+    finally:
+        _RUNNING.remove(proc.pid)
     return None if rc == 0 else {"error": f"section process exited with status {rc} (see the log above)"}
 
 
@@ -194,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = paths(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     isolate = args.isolate == "process" or (args.isolate == "auto" and device.type == "cuda")
+    if isolate:  # a campaign stopped from outside stops its section too
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _on_signal)
     names = [s for s in args.sections.split(",") if s]
     meta = {**versions(device), "dtype": str(dtype).removeprefix("torch."), "smoke": args.smoke, "budget_s": args.budget,
             "sections": names, "isolated": isolate, "repeats": args.repeats, "llm_layers": args.llm_layers,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +165,40 @@ def test_host_sync_reports_the_first_sync_and_every_site(load_bench, monkeypatch
     assert "test_gpu_campaign_smoke.py" in got and got.endswith(" x3")
     assert host_sync(lambda: None, cuda) == "none" and mode["now"] == 0  # the mode is put back
     assert host_sync(syncs_three_times, torch.device("cpu")) == "not checked (CPU)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_section_process_dies_with_the_campaign(tmp_path):
+    """A campaign killed from outside (SIGKILL, no handler runs) takes its running section with it."""
+    import signal
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    pidfile = tmp_path / "pid"
+    section = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    campaign = (f"import sys; sys.path.insert(0, {str(bench)!r}); import gpu_campaign as g; "
+                f"g.run_process([sys.executable, '-c', {section!r}], 120)")
+    proc = subprocess.Popen([sys.executable, "-c", campaign])
+    deadline = time.time() + 120
+    while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    pid = int(pidfile.read_text())
+    try:
+        assert _alive(pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid)
+    finally:  # a failing run leaves no sleeper behind
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
