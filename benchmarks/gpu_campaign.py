@@ -150,15 +150,18 @@ def section_command(name: str, argv: list[str], part: Path, deadline: float) -> 
 _RUNNING: list[int] = []  # the section process now running (its process group), for the signal handler
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: die when the campaign dies (Linux ``PR_SET_PDEATHSIG``), so a campaign killed
-    from outside (a time limit on the whole command) never leaves a section holding the GPU."""
+def _die_with_parent() -> Callable[[], Any] | None:
+    """What the child runs before exec: die when the campaign dies (Linux ``PR_SET_PDEATHSIG``), so a campaign
+    killed from outside (a time limit on the whole command) never leaves a section holding the GPU. Resolved
+    here, in the parent: between fork and exec the child must not import anything. ``None`` off Linux (the
+    signal handler in main() still covers SIGTERM / SIGINT / SIGHUP)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except Exception:  # not Linux: the signal handler in main() still covers SIGTERM / SIGINT
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -171,7 +174,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 def run_process(cmd: list[str], limit: float) -> dict[str, Any] | None:
     """Run ``cmd`` (its output goes to ours), killed with its process group after ``limit`` seconds;
     ``None`` when it exited with status 0, else the error for the section's row."""
-    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent())
     _RUNNING.append(proc.pid)
     try:
         rc = proc.wait(timeout=limit)
