@@ -257,3 +257,16 @@ def test_decoder_threshold_table_is_the_configs(florence, cfg):
             want = torch.tensor([or_never(cfg.decoder_threshold_at(t)) for t in range(past, past + q)])
             assert torch.equal(thr, want)
             assert active == bool((want < 1.0).any())
+
+
+def test_one_token_exit_test_agrees_with_the_cosine():
+    from mmskip.vision.mue.state import cosine, one_token_exits
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        a = torch.randn(1, 1, 32, generator=g)
+        b = a + torch.randn(1, 1, 32, generator=g) * float(torch.rand(1, generator=g))  # cosines over (-1, 1)
+        c = float(cosine(a, b))
+        for thr in (c - 1e-3, c + 1e-3, 0.9, 2.0):
+            assert one_token_exits(a, b, thr) == (c > thr)
+    assert not one_token_exits(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), 0.0)  # no direction: no exit

@@ -16,7 +16,7 @@ from diffusers.hooks import ModelHook
 from mmskip._phase import ArgumentsHook, get_cache
 from mmskip.inject import CallGuard, SkipHandle
 
-from .state import DecoderPass, MuEState, cosine, guarded
+from .state import NEVER, DecoderPass, MuEState, cosine, guarded, one_token_exits
 
 __all__ = ["DecoderHook", "DecoderLayerHook"]
 
@@ -75,10 +75,12 @@ class DecoderHook(ArgumentsHook):
             self._check_pin(B, q, past)
             pinned = pinned[:, past: past + q].to(dev)
         thr, active = st.decoder_thresholds(past, q, dev)
+        single = B * q == 1 and pinned is None
         return DecoderPass(
             layers=L, batch=B, q=q, past=past, done=torch.zeros(B, q, dtype=torch.bool, device=dev),
             exit_layer=torch.full((B, q), L, dtype=torch.long, device=dev), thr=thr,
-            measure=L > 1 and active, pinned=pinned, measure_from=measure_from, single=B * q == 1 and pinned is None,
+            measure=L > 1 and active, pinned=pinned, measure_from=measure_from, single=single,
+            single_thr=st.thr_values[past] if single else NEVER,
         )
 
     def _check_pin(self, B: int, q: int, past: int) -> None:
@@ -178,6 +180,6 @@ class DecoderLayerHook(ModelHook):
         out = self.fn_ref.original_forward(*args, **kwargs)
         self.handle.counts.record(f"decoder.{i}", 1, 0)
         self.handle.counts.record(f"decoder.{i}.kv", 1, 0)
-        if p.measure and st.min_layers <= i + 1 < p.layers and bool((cosine(h, out) > p.thr).any()):
+        if p.measure and st.min_layers <= i + 1 < p.layers and one_token_exits(h, out, p.single_thr):
             p.exit_at = i + 1
         return out

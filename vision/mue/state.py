@@ -5,6 +5,7 @@ the layer hooks), the last encoder pass's exits per token, the current generatio
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,15 @@ def or_never(value: float | None) -> float:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity over the last dim in float32, clamped to [-1, 1]: the exit signal."""
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).clamp(-1.0, 1.0)
+
+
+def one_token_exits(a: torch.Tensor, b: torch.Tensor, threshold: float) -> bool:
+    """``cosine(a, b) > threshold`` for one token, with two tensor ops and one host read (the two
+    vectors' Gram matrix) instead of the dozen small ops of :func:`cosine` and its comparison."""
+    v = torch.stack([a.reshape(-1), b.reshape(-1)]).float()
+    (aa, ab), (_, bb) = (v @ v.T).tolist()
+    cos = ab / max(math.sqrt(aa * bb), 1e-8)
+    return min(max(cos, -1.0), 1.0) > threshold
 
 
 def guarded(guard: CallGuard, starts: bool) -> contextlib.AbstractContextManager:
@@ -80,6 +90,7 @@ class DecoderPass:
     measure_from: int = 0  # positions before this one replay ``pinned``; from here on they are measured
     dense: int = 0  # exited (layer, token) pairs computed anyway (mixed batch)
     single: bool = False  # one token, nothing pinned: the layers keep ``exit_at`` instead of the masks
+    single_thr: float = NEVER  # single: the token's threshold, as a Python float
     exit_at: int = 0  # single: the layer the token exited after (0: still running)
 
     def settle(self) -> None:
@@ -115,6 +126,7 @@ class MuEState(TechniqueState):
     generations: Generations = field(default_factory=Generations)  # generate calls in flight, per thread
     warned_no_image: bool = False
     thr_table: torch.Tensor | None = None  # the decoder threshold at positions 0..n-1 (float32, CPU)
+    thr_values: list[float] = field(default_factory=list)  # the same table as Python floats (one-token steps)
     first_exit: int = 0  # the first decoder position whose threshold is below 1 (table length: none)
 
     @property
@@ -164,6 +176,7 @@ class MuEState(TechniqueState):
             n = max(past + q, 512, 2 * (0 if self.thr_table is None else self.thr_table.numel()))
             values = [or_never(self.config.decoder_threshold_at(t)) for t in range(n)]
             self.thr_table = torch.tensor(values)
+            self.thr_values = self.thr_table.tolist()  # float32-rounded, as the masked path compares
             self.first_exit = next((t for t, v in enumerate(values) if v < 1.0), n)
         return self.thr_table[past: past + q].to(device), past + q - 1 >= self.first_exit
 
