@@ -4,9 +4,10 @@ Llama-3-8B's widths (hidden 4096, 32 heads, 8 KV heads, intermediate 14336, voca
 ``--llm-layers`` of its 32 layers (stated on every row), bf16 on CUDA, batch sizes ``--llm-batches``.
 Rows: each hook technique (unified s=2 / 1.5, void layers, FFN-SkipLLM default and forced 25 %) eager
 against plain eager (``mmskip.timing.paired`` through ``llm_layer_skip.decode_call``: decode =
-``generate(N) - generate(1)``) and with transformers' compiled decoding against compiled plain (static
-cache, ``CompileConfig(fullgraph=True)``, CUDA graphs on CUDA; ``llm_compiled.run_config``: each config
-compiles its own graph, so compiled speedups are ratios of medians, not paired); at batch 1 also SWIFT
+``generate(N) - generate(1)``) and compiled against compiled plain as ``overhead.py --compile`` times it (``_compiled_pairs``: static cache,
+plain and each config on a deep copy of its own with a compiled ``forward``, ``--llm-compile-mode`` on CUDA
+(default ``reduce-overhead``: CUDA graphs); every graph compiled before the paired, interleaved rounds, the
+graphs compiled inside them counted; one config copy at a time beside the plain one); at batch 1 also SWIFT
 (layer set searched in an untimed warm-up, then reused) and transformers' early-exit self-speculation
 (``assistant_early_exit``), both eager on the dynamic cache, which is what they run on. FLOPs bound
 = 1 / the decode FLOPs fraction (``handle.counts.flops()`` of generate(N) - generate(1), as ``llm_compiled.py``;
@@ -19,16 +20,16 @@ host-sync check, compiled unified skipping at batch 8) and a time limit cuts the
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import harness
 import torch
-from _campaign_rows import Context, host_sync, timing_fields, unpaired_fields
+from _campaign_rows import Context, host_sync, timing_fields
+from _compiled_pairs import compiled_copy, graphs_compiled, static_batch
 from device_check import _paired_on_copy
-from llm_compiled import compile_config, run_config
 from llm_layer_skip import decode_call
 
 import mmskip
@@ -54,6 +55,11 @@ def build(ctx: Context, layers: int) -> tuple[torch.nn.Module, str]:
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     name = "tiny Llama" if ctx.smoke else "Llama-3-8B-shaped"
     return model, f"{name}, {layers} of {32 if not ctx.smoke else layers} layers, d={dims['hidden_size']}"
+
+
+def compile_mode(ctx: Context) -> str | None:
+    """``torch.compile``'s mode: CUDA graphs on CUDA (what transformers' compiled decoding uses), default on CPU."""
+    return ctx.args.llm_compile_mode if ctx.device.type == "cuda" else None
 
 
 def hook_configs() -> dict[str, mmskip.SkipConfig]:
@@ -96,7 +102,8 @@ class _Rows:
     def __init__(self, ctx: Context, model: torch.nn.Module, shape: str) -> None:
         self.ctx, self.model, self.shape, self.n = ctx, model, shape, ctx.args.llm_new_tokens
         self.ids: dict[int, torch.Tensor] = {}
-        self.base: dict[int, dict[str, Any]] = {}  # the compiled plain run per batch size
+        self.plain: torch.nn.Module | None = None  # the compiled copy of the plain model, kept for every batch size
+        self.warmed: set[int] = set()  # batch sizes the plain copy is compiled for
         self.compile_s = 10.0  # what the next compile is expected to cost (the last plain compile's warm-up)
 
     def prompt(self, batch: int) -> torch.Tensor:
@@ -122,33 +129,66 @@ class _Rows:
 
         ctx.attempt(self.shape, name, batch, "eager", measure, need_s=5.0)
 
+    def _decode(self, model: torch.nn.Module, batch: int) -> harness.Candidate:
+        """Decode alone on a static cache: ``generate(N) - generate(1)``."""
+        ids, n = self.prompt(batch), self.n
+        return harness.Candidate(lambda: static_batch(model, ids, n), minus=lambda: static_batch(model, ids, 1))
+
+    def _warm(self, model: torch.nn.Module, batch: int) -> float:
+        """Compile every graph of ``model`` at this batch size (prefill, decode; CUDA graphs record on a later
+        call): seconds of the first call."""
+        first = harness.once(self._decode(model, batch))[0]
+        harness.once(self._decode(model, batch))
+        return first
+
     def compiled(self, batch: int, name: str) -> None:
-        ctx, model, ids, n = self.ctx, self.model, self.prompt(batch), self.n
-        cc = compile_config(ctx.device, ctx.args.llm_backend)
-        ns = SimpleNamespace(new_tokens=n, repeats=ctx.repeats)
+        """Compiled decoding (``_compiled_pairs``, as ``overhead.py --compile``): a compiled deep copy of the plain
+        model, kept, against one compiled deep copy per config (made, warmed, timed in paired interleaved rounds
+        with the warm-up round dropped, then freed)."""
+        ctx, n, mode = self.ctx, self.n, compile_mode(self.ctx)
         if name == "plain":
             def plain() -> dict[str, Any]:
-                r = run_config(model, ids, ns, None, cc)
-                self.base[batch], self.compile_s = r, r["compile_warmup_s"]
-                return {"tokens_per_s": batch * (n - 1) / statistics.median(r["compiled_s"]),
-                        "compile_warmup_s": r["compile_warmup_s"],
+                if self.plain is None:
+                    self.plain = compiled_copy(self.model, (), "plain", ctx.args.llm_backend, mode)[0]
+                self.compile_s = self._warm(self.plain, batch)
+                self.warmed.add(batch)
+                t = harness.repeated(self._decode(self.plain, batch), repeats=ctx.repeats, warmup=0)
+                return {"tokens_per_s": batch * (n - 1) / statistics.median(t), "compile_warmup_s": self.compile_s,
+                        "compile_mode": mode or "default", "cache": "static",
                         "host_sync": "see the eager row (same model, untimed forward)"}
 
             ctx.attempt(self.shape, "plain", batch, "compiled", plain, need_s=1.2 * self.compile_s)
             return
-        base = self.base.get(batch)
-        if base is None:
+        if self.plain is None or batch not in self.warmed:
             ctx.row(self.shape, name, batch, "compiled", skipped="no compiled plain run at this batch size")
             return
 
         def measure() -> dict[str, Any]:
-            r = run_config(model, ids, ns, hook_configs()[name], cc)
-            agree = float((r["compiled_tokens"] == base["compiled_tokens"]).float().mean())
-            return {**unpaired_fields(base["compiled_s"], r["compiled_s"]), "flops_bound": 1 / r["flops_fraction"],
-                    "compile_warmup_s": r["compile_warmup_s"], "agreement_with_plain": agree,
+            cfg = hook_configs()[name]
+            fast, handles = compiled_copy(self.model, (cfg,), name, ctx.args.llm_backend, mode)
+            try:
+                warm = self._warm(fast, batch)
+                self._warm(self.plain, batch)  # the plain copy's graphs are current again
+                graphs = graphs_compiled()
+                t = harness.paired(self._decode(self.plain, batch), {"c": self._decode(fast, batch)},
+                                   repeats=ctx.repeats, warmup=1)["c"]
+                in_rounds = graphs_compiled() - graphs
+                ids = self.prompt(batch)
+                agree = float((static_batch(fast, ids, n) == static_batch(self.plain, ids, n)).float().mean())
+            finally:
+                while handles:  # no name left bound to a handle: a handle refers to its model
+                    handles.pop().remove()
+                del fast
+                gc.collect()  # the compiled forward refers to its copy: a cycle
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            frac = decode_fraction(self.model, self.prompt(batch), cfg, n)
+            return {**timing_fields(t), "flops_bound": 1 / frac, "bound_warning": t.bound_warning(frac),
+                    "compile_warmup_s": warm, "compile_mode": mode or "default", "cache": "static",
+                    "graphs_in_timed_rounds": in_rounds, "agreement_with_plain": agree,
                     "host_sync": "see the eager row (same hooks, untimed forward)"}
 
-        ctx.attempt(self.shape, name, batch, "compiled", measure, need_s=1.2 * self.compile_s)
+        ctx.attempt(self.shape, name, batch, "compiled", measure, need_s=1.5 * self.compile_s)
 
     def speculative(self, batch: int, name: str = "") -> None:
         if batch != 1:

@@ -66,8 +66,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{meta['device']}, {meta['dtype']}; torch {meta['torch']}, transformers {meta['transformers']}, "
              f"diffusers {meta['diffusers']}; {meta['date']}{' (smoke: numbers meaningless)' if meta['smoke'] else ''}.",
              "", f"Weights: {meta['weights']}. Speedups are medians against the plain model run the same way (eager "
-             "against eager, compiled against compiled); IQR in brackets; 'unpaired' = ratio of medians of separately "
-             "repeated runs (each compiled config compiles its own graph).", ""]
+             "against eager, compiled against compiled), paired and interleaved, warm-up dropped; IQR in brackets; "
+             "'unpaired' = ratio of medians of separately repeated runs.", ""]
     for name in meta["sections"]:
         rows = [r for r in result["rows"] if r.get("section") == name]
         lines += [f"## {TITLES.get(name, name)}", "",

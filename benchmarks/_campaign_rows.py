@@ -21,7 +21,7 @@ from typing import Any
 import harness
 import torch
 
-__all__ = ["Context", "host_sync", "timing_fields", "unpaired_fields", "versions"]
+__all__ = ["Context", "host_sync", "timing_fields", "versions"]
 
 
 def versions(device: torch.device) -> dict[str, str | None]:
@@ -96,15 +96,6 @@ def timing_fields(t: harness.Timing) -> dict[str, Any]:
     """A paired timing's speedup (median ratio), quartiles and IQR."""
     lo, hi = t.spread
     return {"speedup": t.speedup, "spread": [lo, hi], "iqr": hi - lo, "pairs": t.pairs, "paired": True}
-
-
-def unpaired_fields(base_s: Sequence[float], cand_s: Sequence[float]) -> dict[str, Any]:
-    """Speedup of two separately repeated figures: ratio of medians; spread = quartiles of all cross ratios
-    (configs that compile their own graph cannot be interleaved without recompiling in the timed rounds)."""
-    ratios = sorted(b / c for b in base_s for c in cand_s)
-    lo, hi = (statistics.quantiles(ratios, n=4)[0::2] if len(ratios) > 1 else (ratios[0], ratios[0]))
-    return {"speedup": statistics.median(base_s) / statistics.median(cand_s), "spread": [lo, hi], "iqr": hi - lo,
-            "pairs": len(ratios), "paired": False}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,20 +25,24 @@ import torch
 
 from mmskip.tuning.space import Candidate
 
-__all__ = ["compile_in_place", "compiled_pair", "eager_stance", "graphs_compiled", "static_generate"]
+__all__ = ["compile_in_place", "compiled_copy", "compiled_pair", "eager_stance", "graphs_compiled", "static_batch",
+           "static_generate"]
+
+
+def static_batch(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuations of a batch of prompts (``[batch, len]``) with a static KV cache. transformers'
+    own auto-compile of the forward (on CUDA with a static cache) is off: the model's forward is already
+    compiled by :func:`compiled_copy`, under a code object of its own."""
+    with torch.no_grad():
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                           cache_implementation="static", disable_compile=True)
+    return g[:, ids.shape[1]:]
 
 
 def static_generate(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
     """Greedy continuations of each prompt with a static KV cache (what compiled decoding needs)."""
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = p.view(1, -1)
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                               cache_implementation="static")
-            out.append(g[0, ids.shape[1]:])
-    return out
+    return [static_batch(model, p.view(1, -1), new_tokens)[0] for p in prompts]
 
 
 def _own_code(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
@@ -68,6 +72,18 @@ def compile_in_place(target: Any, backend: str) -> None:
     target.denoiser.compile(backend=backend)
 
 
+def compiled_copy(model: torch.nn.Module, configs: Sequence[Any], tag: str, backend: str, mode: str | None = None
+                  ) -> tuple[torch.nn.Module, list[Any]]:
+    """A deep copy of ``model`` with ``configs`` applied and its ``forward`` compiled under a code object of
+    its own (``tag``), and the handles to remove. ``mode``: ``torch.compile``'s (``"reduce-overhead"``: CUDA graphs)."""
+    from mmskip import apply
+
+    copy_ = copy.deepcopy(model)
+    handles = [apply(copy_, c) for c in configs]
+    copy_.forward = torch.compile(_own_code(copy_.forward, tag), backend=backend, mode=mode)
+    return copy_, handles
+
+
 @contextmanager
 def eager_stance(target: Any) -> Iterator[None]:
     """Run a compiled pipeline's denoiser eagerly (FLOP counting and reference outputs stay eager)."""
@@ -86,12 +102,8 @@ def compiled_pair(target: Any, candidate: Candidate, inputs: list[Any], backend:
         with target.timing_pair(candidate, inputs) as pair:
             yield pair
         return
-    from mmskip import apply
-
-    base, fast = copy.deepcopy(target.model), copy.deepcopy(target.model)
-    handles = [apply(fast, c) for c in candidate.configs]
-    for m, tag in ((base, "base"), (fast, candidate.label)):
-        m.forward = torch.compile(_own_code(m.forward, tag), backend=backend)
+    base, _ = compiled_copy(target.model, (), "base", backend)
+    fast, handles = compiled_copy(target.model, candidate.configs, candidate.label, backend)
     try:
         if static:
             n = target.max_new_tokens

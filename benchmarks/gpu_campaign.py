@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-new-tokens", type=int, default=None, help="default 64")
     p.add_argument("--llm-prompt", type=int, default=None, help="prompt tokens, default 32")
     p.add_argument("--llm-backend", default=None, help="torch.compile backend (default inductor; smoke: eager)")
+    p.add_argument("--llm-compile-mode", default="reduce-overhead",
+                   help="torch.compile mode of compiled decoding on CUDA (CPU: default); 'default' = no CUDA graphs")
     p.add_argument("--vision-layers", type=int, default=None, help="decoder layers of the OneVision-shaped model")
     p.add_argument("--vision-frames", type=int, nargs="+", default=None, help="video frames, default 8 32")
     p.add_argument("--diffusion-models", default=None, help="diffusion_gpu.py --models (default flux,sd15,wan)")

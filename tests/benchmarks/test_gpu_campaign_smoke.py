@@ -71,7 +71,8 @@ def test_smoke_llm_section(tmp_path, load_bench, threads):
     unified = [r for r in llm if r["technique"] == "unified s=2"]
     assert all(r["flops_bound"] > 1.0 for r in unified) and len(unified) == 3
     compiled = [r for r in llm if r["mode"] == "compiled" and r["technique"] != "plain"]
-    assert compiled and not any(r["paired"] for r in compiled)  # each compiled config compiles its own graph
+    assert compiled and all(r["paired"] and r["pairs"] == 3 for r in compiled)  # paired, warm-up round dropped
+    assert all(r["graphs_in_timed_rounds"] == 0 and r["cache"] == "static" for r in compiled)
 
 
 def test_a_row_is_skipped_when_its_time_is_up_and_an_error_does_not_escape(load_bench):
