@@ -9,11 +9,10 @@ the row's ``error`` string, so one failing technique never stops the others.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
