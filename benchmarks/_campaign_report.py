@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+from _campaign_quality import cell
 
 __all__ = ["markdown", "plot"]
 
@@ -49,15 +50,15 @@ def _notes(r: dict[str, Any]) -> str:
 
 def section_table(rows: list[dict[str, Any]]) -> str:
     head = ("model / shape", "technique", "batch", "mode", "speedup (IQR)", "FLOPs bound", "of bound", "host sync",
-            "notes")
+            "notes", "zoo-model quality [config; source]")
     body = []
     for r in rows:
         bound, speed = r.get("flops_bound"), r.get("speedup")
         of = speed / bound if speed and bound else None
         body.append((r.get("model", "-"), r.get("technique", "-"), _num(r.get("batch"), "d"), r.get("mode", "-"),
                      _figure(r), _num(bound), _num(of), str(r.get("host_sync", "-")).replace("|", "/")[:160],
-                     _notes(r)))
-    return harness.table(head, body, "llrlrrrll")
+                     _notes(r), cell(r.get("quality"))))
+    return harness.table(head, body, "llrlrrrlll")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -67,7 +68,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"diffusers {meta['diffusers']}; {meta['date']}{' (smoke: numbers meaningless)' if meta['smoke'] else ''}.",
              "", f"Weights: {meta['weights']}. Speedups are medians against the plain model run the same way (eager "
              "against eager, compiled against compiled), paired and interleaved, warm-up dropped; IQR in brackets; "
-             "'unpaired' = ratio of medians of separately repeated runs.", ""]
+             "'unpaired' = ratio of medians of separately repeated runs. Random weights give speed only: the last column "
+             "is the zoo model's quality for the technique (trained weights), from the committed results file named.", ""]
     for name in meta["sections"]:
         rows = [r for r in result["rows"] if r.get("section") == name]
         lines += [f"## {TITLES.get(name, name)}", "",

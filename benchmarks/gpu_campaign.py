@@ -19,7 +19,8 @@ goes to the next):
 Each row: section, model and shape, technique, batch, eager / compiled, speedup (median) with its
 quartiles and IQR, FLOPs bound, host syncs (``torch.cuda.set_sync_debug_mode("error")`` around one
 untimed call; "not checked (CPU)" on CPU), device and torch / transformers / diffusers versions, and
-``error`` or ``skipped`` when it has no figure. On CUDA every section runs in its own process with a
+``error`` or ``skipped`` when it has no figure, and ``quality``: the zoo model's quality for the same technique,
+read at report time from the committed results (``_campaign_quality.py``; the file is named), or why there is none. On CUDA every section runs in its own process with a
 hard time limit; rows are appended to ``<out>.<section>.part.jsonl`` as they finish and merged into
 ``<out>`` after each section, so a crash or timeout loses at most the row in flight. Files: ``<out>``
 (JSON), ``.md`` (one table per section), ``.png``, ``<stem>_diffusion.json`` / ``.md`` (diffusion_gpu's
@@ -42,6 +43,7 @@ from typing import Any
 
 import harness
 import torch
+from _campaign_quality import annotate
 from _campaign_report import markdown, plot
 from _campaign_rows import Context, versions
 
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["section_s"][name] = time.time() - t0
         save()
     result["meta"]["total_s"] = time.time() - start
+    annotate(result["rows"])  # each row's zoo-model quality, read from benchmarks/results/ now
     harness.write(out, result, markdown(result), plot=lambda png: _plot(result, png))
     return result
 

@@ -49,7 +49,13 @@ def test_smoke_rows_files_and_a_failing_section(tmp_path, load_bench, monkeypatc
     measured = {r["technique"]: r for r in diffusion if r.get("source") == "c_diffusion.json"}
     assert {"baseline", "mmskip FI every 2", "diffusers FirstBlockCache 0.05"} <= set(measured)
     assert measured["mmskip FI every 2"]["flops_bound"] > 1.0 and measured["mmskip FI every 2"]["speedup"] > 0
+    for r in rows:  # every row says its zoo-model quality, or why it has none
+        assert r["quality"]["figure"] is not None or r["quality"]["note"], r
+    mue = vision["MuE (default thresholds)"]["quality"]
+    assert mue["zoo_model"] == "digits-florence" and mue["source"] == "benchmarks/results/overhead.json"
+    assert measured["mmskip FI every 2"]["quality"]["zoo_model"] == "digits-dit"
     text = out.with_suffix(".md").read_text()
+    assert "zoo-model quality" in text and "overhead.json" in text
     assert "## Vision-language" in text and "## Diffusion denoisers" in text and "boom" in text
 
 
@@ -73,6 +79,28 @@ def test_smoke_llm_section(tmp_path, load_bench, threads):
     compiled = [r for r in llm if r["mode"] == "compiled" and r["technique"] != "plain"]
     assert compiled and all(r["paired"] and r["pairs"] == 3 for r in compiled)  # paired, warm-up round dropped
     assert all(r["graphs_in_timed_rounds"] == 0 and r["cache"] == "static" for r in compiled)
+
+
+def test_quality_is_read_from_the_results_files(tmp_path, load_bench):
+    load_bench("gpu_campaign", "bench_gpu_campaign")
+    from _campaign_quality import SOURCES, annotate, describe
+
+    row = {"technique": "mue", "model": "digits-florence", "default_label": "seed: x",
+           "quality": {"answer_agreement": 0.5, "accuracy": 0.25}}
+    (tmp_path / "overhead.json").write_text(json.dumps({"rows": [row]}))
+    rows = [{"technique": "MuE (default thresholds)", "model": "Florence-2-large-shaped"},
+            {"technique": "unified s=2", "model": "Llama"}, {"technique": "plain", "model": "Llama"},
+            {"technique": "early exit k=L/2", "model": "Llama"}]
+    annotate(rows, tmp_path)
+    assert rows[0]["quality"] == {"zoo_model": "digits-florence", "figure": "answer_agreement 0.5, accuracy 0.25",
+                                  "config": "seed: x", "source": "benchmarks/results/overhead.json"}
+    assert rows[1]["quality"]["figure"] is None and "llm_layer_skip_stdlib-lm.json" in rows[1]["quality"]["note"]
+    assert "reference" in rows[2]["quality"]["note"] and "no zoo-model figure" in rows[3]["quality"]["note"]
+    # every listed source names a row that the committed results hold (a renamed row shows here)
+    for technique, sources in SOURCES.items():
+        for s in sources:
+            q = describe(technique, s.models[0] if s.models else "m")
+            assert q["figure"], (technique, s.file, q)
 
 
 def test_a_row_is_skipped_when_its_time_is_up_and_an_error_does_not_escape(load_bench):
