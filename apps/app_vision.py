@@ -26,7 +26,7 @@ from mmskip import schedules, zoo
 
 VISION_PER_TYPE, VISION_EXAMPLES = 12, 36  # held-out questions per type (3 types) on digits-llava
 MUE_PER_TYPE, MUE_EXAMPLES = 6, 24  # held-out tasks per type (4 types) on digits-florence
-VIDEO_PER_TYPE, VIDEO_EXAMPLES = 8, 9  # held-out questions per type; of them, videos with two clips
+VIDEO_PER_TYPE, VIDEO_EXAMPLES = 6, 9  # held-out questions per type (4 types); of them, videos with two clips
 
 
 def _check_keep(keep: float) -> float:

@@ -305,15 +305,16 @@ def _table(rows: list[dict], streams: list[dict], meta: dict) -> str:
         f"1 s.e. of acc all: ±{max(r['acc_all_se'] for r in rows):.3f} or less.",
         "",
         "| config | signal | vision compute skipped pred / meas | prefill FLOPs pred / meas | KV pred / meas "
-        "| prefill speedup | acc digit / count / first / all | agree |",
+        f"| prefill speedup | acc {' / '.join(D.QTYPES)} / all | agree |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['signal']} | {r['vision_skipped_predicted']:.3f} / {r['vision_skipped_measured']:.3f}"
             f" | {r['flops_predicted']:.3f} / {r['flops_measured']:.3f} | {r['kv_predicted']:.3f} / "
-            f"{r['kv_measured']:.3f} | {r['prefill_speedup']:.2f}x | {r['acc_digit']:.2f} / {r['acc_count']:.2f} / "
-            f"{r['acc_first']:.2f} / {r['acc_all']:.3f} | {r['agree_unmodified']:.2f} |")
+            f"{r['kv_measured']:.3f} | {r['prefill_speedup']:.2f}x | "
+            + " / ".join(f"{r['acc_' + t]:.2f}" for t in D.QTYPES)
+            + f" / {r['acc_all']:.3f} | {r['agree_unmodified']:.2f} |")
     lines += ["", f"Streaming ({streams[0]['videos']} two-clip videos, clip by clip, question at the end):", "",
               "| config | accuracy | KV bytes per frame | s per clip |", "|---|---:|---:|---:|"]
     for s in streams:

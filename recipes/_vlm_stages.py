@@ -33,7 +33,7 @@ class StageTask(TrainTask):
     answer-token loss plus ``aux`` × the probe's loss on the whole model.
 
     ``draw(step)`` gives the step's batch, a list of tensors: ``[pixels, patch_labels]`` in the vision
-    stage, ``[pixels, input_ids, attention_mask, labels, patch_labels]`` in the whole-model stage. A
+    stage, ``[pixels, input_ids, attention_mask, labels, patch_labels, *extra]`` in the whole-model stage. A
     ``draw`` seeded by the step makes the stage resumable (``fit(..., out, resume=True)``).
     ``evaluate_fn`` (optional) gives held-out numbers, printed and kept in the fit's history."""
 
@@ -53,9 +53,10 @@ class StageTask(TrainTask):
         """Run the vision tower and projector on ``pixels`` (the projector's hook captures the output)."""
 
     @abstractmethod
-    def answer_loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                    labels: torch.Tensor) -> torch.Tensor:
-        """The language-model loss of a question batch (the projector's hook captures its vision tokens)."""
+    def answer_loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                    *extra: torch.Tensor) -> torch.Tensor:
+        """The language-model loss of a question batch (the projector's hook captures its vision tokens);
+        ``extra``: the batch's tensors after its patch labels, if its ``draw`` gives any."""
 
     @abstractmethod
     def probe_loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -108,8 +109,8 @@ class StageTask(TrainTask):
             self.encode(pixels)
             terms = {"probe": self.probe_loss(self.captured["feats"], cells)}
         else:
-            pixels, ids, mask, labels, cells = b
-            terms = {"lm": self.answer_loss(pixels, ids, mask, labels)}
+            pixels, ids, mask, labels, cells, *extra = b
+            terms = {"lm": self.answer_loss(pixels, ids, mask, labels, *extra)}
             if self.aux:
                 terms["probe"] = self.aux * self.probe_loss(self.captured["feats"], cells)
         self.last = next(iter(terms.values())).detach()

@@ -1,15 +1,16 @@
 """Recipe for ``digits-video``: a tiny video LLaVA (``LlavaOnevisionForConditionalGeneration``) answering
-questions about 1-2-clip videos of digits (see :mod:`mmskip.zoo.video_data`), trained from scratch.
+questions about 1-2-clip videos of digits (see :mod:`mmskip.zoo.video_data`), trained from scratch or on
+from a saved folder (``init``). Training packs several questions about a video into one row
+(:mod:`recipes._video_pack`), and a training-only running tally (:mod:`recipes._video_tally`) gives the
+language model a dense signal for the aggregation over frames that the multi-frame questions need.
 
-``mmskip zoo digits-video --threads 2`` trains the shipped model on a 2-core CPU in about
-half an hour; ``--device cuda`` (bf16 autocast, a larger batch) trains a better one on a GPU in minutes.
+``mmskip zoo digits-video`` trains from scratch on a CPU; ``--device cuda`` (bf16 autocast, a larger
+batch) trains a better one on a GPU in minutes. The shipped model's card says how it was trained.
 """
 
 from __future__ import annotations
 
-import queue
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,11 @@ from mmskip.zoo.card import write_card
 from mmskip.zoo.video_model import make_model
 from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 
+from ._fit import step_generator
+from ._video_pack import PER_VIDEO, packed_batch, packed_questions
+from ._video_tally import LAYER as TALLY_LAYER
+from ._video_tally import OUTPUTS as TALLY_OUTPUTS
+from ._video_tally import frame_ends, tally_loss, tally_targets
 from ._vlm_stages import StageTask
 from .llava import _autocast, save_and_score
 
@@ -36,6 +42,7 @@ AUX = 0.5  # weight of the probe's digit losses on the projector's output (a tra
 WARMUP = 200
 COPIES = 8  # train digits: the originals + 7 augmented copies
 BACKGROUND = 10  # the probe's class for a patch without the digit
+TALLY = 0.5  # weight of the running-tally loss on the language model (recipes._video_tally; training only)
 
 
 @torch.no_grad()
@@ -118,42 +125,69 @@ def _threads() -> str:
     return f"{n} thread{'s' if n > 1 else ''}"
 
 
-def _batches(tok, bank, batch: int, steps: int, seed: int, pin: bool, palette: tuple[int, int] = PALETTE,
-             vision_steps: int = 0):
-    """Training batches (with their pixel values and patch labels) made by a background thread (fixed seed,
-    so the same stream on any device): first ``vision_steps`` batches of ``2 * batch`` one-clip videos (pixel
-    values and patch labels only), then ``steps`` question batches. All videos of a question batch have the
-    same number of clips (1 or 2, drawn per batch), so no step pays for padding a 1-clip prompt to a 2-clip one."""
-    q: queue.Queue = queue.Queue(maxsize=8)
+def _vision_draw(bank, batch: int, seed: int):
+    """Step-seeded vision warm-up batches: ``2 * batch`` one-clip videos of any of the 10 classes (pixel values,
+    patch labels)."""
+    def draw(step: int) -> list[torch.Tensor]:
+        videos = D.make_videos(bank, 2 * batch, step_generator(seed, step), palette=(10, 10), clips=(1, 1))
+        return [D.pixel_values_videos(videos), patch_labels(videos)]
+    return draw
 
-    def work():
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(vision_steps):
-            videos = D.make_videos(bank, 2 * batch, g, palette=(10, 10), clips=(1, 1))
-            t = [D.pixel_values_videos(videos), patch_labels(videos)]
-            q.put([x.pin_memory() for x in t] if pin else t)
-        for _ in range(steps):
-            c = int(torch.randint(1, D.MAX_CLIPS + 1, (), generator=g))
-            videos = D.make_videos(bank, batch, g, palette=palette, clips=(c, c))
-            b = D.make_batch(tok, videos, *D.sample_questions(videos, g))
-            t = [b.pixel_values_videos, b.input_ids, b.attention_mask, b.labels, patch_labels(videos)]
-            q.put([x.pin_memory() for x in t] if pin else t)
 
-    threading.Thread(target=work, daemon=True).start()
-    for _ in range(vision_steps + steps):
-        yield q.get()
+def _question_draw(tok, bank, batch: int, seed: int, palette: tuple[int, int], per_video: dict[str, int]):
+    """Step-seeded packed question batches (:mod:`recipes._video_pack`; so a resumed run draws what an
+    uninterrupted one would). All videos of a batch have the same number of clips (1 or 2, drawn per
+    batch), so no step pays for padding a 1-clip row to a 2-clip one."""
+    def draw(step: int) -> list[torch.Tensor]:
+        g = step_generator(seed + 1, step)
+        c = int(torch.randint(1, D.MAX_CLIPS + 1, (), generator=g))
+        videos = D.make_videos(bank, batch, g, palette=palette, clips=(c, c))
+        ids, mask, position_ids, labels = packed_batch(tok, videos, packed_questions(videos, g, per_video))
+        return [D.pixel_values_videos(videos), ids, mask, labels, patch_labels(videos), position_ids,
+                tally_targets(videos)]
+    return draw
 
 
 class _VideoTask(StageTask):
-    """A stage of the recipe (:class:`recipes._vlm_stages.StageTask`) on ``pixel_values_videos``. Batches come
-    in order from the recipe's background stream (its runs are not resumed)."""
+    """A stage of the recipe (:class:`recipes._vlm_stages.StageTask`) on ``pixel_values_videos``; question
+    batches are packed (a 4-D mask and their position ids, see :mod:`recipes._video_pack`). ``tally > 0``
+    adds ``tally`` × the running-tally loss of ``tally_head`` (:mod:`recipes._video_tally`; ``prefix``: the
+    prompt's tokens before the first clip)."""
+
+    def __init__(self, *args, tally: float = 0.0, tally_head: torch.nn.Module | None = None, prefix: int = 3,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tally, self.tally_head, self.prefix = tally, tally_head, prefix
+        self.extra_terms: dict[str, torch.Tensor] = {}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        extra = self.tally_head.named_parameters() if self.tally and not self.vision_only else ()
+        return super().weights() | {f"tally.{n}": p for n, p in extra}
+
+    def prepare(self, accelerator) -> None:
+        super().prepare(accelerator)
+        if self.tally_head is not None:
+            self.tally_head.to(self.device)
 
     def encode(self, pixels: torch.Tensor) -> None:
         self.model.model.get_video_features(pixel_values_videos=pixels)
 
-    def answer_loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                    labels: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, labels=labels).loss
+    def answer_loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                    *extra: torch.Tensor) -> torch.Tensor:
+        position_ids, targets = extra
+        out = self.model(input_ids=ids, attention_mask=mask.to(pixels.dtype), position_ids=position_ids,
+                         pixel_values_videos=pixels, labels=labels, output_hidden_states=bool(self.tally))
+        if self.tally:
+            ends = frame_ends(targets.shape[1] // D.FRAMES, self.prefix).to(ids.device)
+            self.extra_terms["tally"] = self.tally * tally_loss(  # (a smaller model: its last layer)
+                self.tally_head, out.hidden_states[min(TALLY_LAYER, len(out.hidden_states) - 1)], ends, targets)
+        return out.loss
+
+    def loss(self, b: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        terms = super().loss(b, step)
+        terms.update(self.extra_terms)
+        self.extra_terms = {}
+        return terms
 
     def probe_loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         return probe_loss(self.probe, feats, cells)
@@ -161,12 +195,21 @@ class _VideoTask(StageTask):
 
 def train_video(out: Path, steps: int | None = None, batch: int | None = None, device: str | None = None,
                 seed: int = 0, size: str = "base", n_eval: int = 500, lr: float = LR,
-                palette: tuple[int, int] = PALETTE, aux: float = AUX, vision_steps: int | None = None) -> dict:
+                palette: tuple[int, int] = PALETTE, aux: float = AUX, vision_steps: int | None = None,
+                tally: float = TALLY, per_video: dict[str, int] | None = None, init: str | Path | None = None, init_note: str = "",
+                save_every: int = 0, eval_every: int = 0) -> dict:
     """Train ``digits-video`` into ``out`` and write its model card; returns the metrics.
 
     Two stages: ``vision_steps`` steps of the vision tower and projector alone on the probe's digit losses
     (:func:`probe_loss`; standing in for the pretrained vision encoder a real video LLM starts from), then
-    ``steps`` steps of the whole model on the answers (+ ``aux`` × the probe's losses).
+    ``steps`` steps of the whole model on packed questions (``per_video`` of each type about each video,
+    :data:`recipes._video_pack.PER_VIDEO` by default; + ``aux`` × the probe's losses).
+
+    ``init``: a saved ``digits-video`` folder to start from instead of random weights (no vision warm-up
+    unless ``vision_steps`` is given; ``init_note`` says on the card what the folder was). ``save_every > 0``
+    checkpoints each stage under ``out/training`` every that many steps, and a rerun with the same arguments
+    continues from there. ``eval_every > 0`` prints held-out accuracy (100 questions a type) every that many
+    whole-model steps.
 
     ``device`` defaults to ``cpu``; ``steps``/``batch`` default to :data:`STEPS`/:data:`BATCH` of that
     device type; ``vision_steps`` to :data:`VISION_STEPS`, scaled by ``steps / STEPS`` when ``steps`` is
@@ -174,9 +217,11 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     dev = torch.device(device or "cpu")
     kind = dev.type if dev.type in STEPS else "cpu"
     if vision_steps is None:
-        vision_steps = VISION_STEPS[kind] if steps is None else round(steps * VISION_STEPS[kind] / STEPS[kind])
+        vision_steps = 0 if init else VISION_STEPS[kind] if steps is None else \
+            round(steps * VISION_STEPS[kind] / STEPS[kind])
     steps = steps if steps is not None else STEPS[kind]
     batch = batch if batch is not None else BATCH[kind]
+    per_video = dict(per_video or PER_VIDEO)
     torch.manual_seed(seed)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -186,36 +231,48 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     bank = D.digit_bank("train", copies=COPIES, seed=seed)
     heldout = D.heldout_set(tok, n_per_type=n_eval, seed=1234, split="test")
     train_probe = D.heldout_set(tok, n_per_type=max(1, n_eval // 2), seed=4321, split="train")
-    model = make_model(size).to(dev)
-    model.train()
+    model = make_model(size)
+    if init:
+        from transformers import LlavaOnevisionForConditionalGeneration
+        start = LlavaOnevisionForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        model.load_state_dict(start.state_dict())
+    model.to(dev).train()
     # Real video LLMs start from a pretrained vision encoder; here a linear probe on the projector's output
     # (64 tokens a frame -> the digit under each token, or background) gives the vision side that signal from
     # step one. The probe is dropped after training: the saved model is a plain LlavaOnevision model.
     probe = torch.nn.Linear(model.config.text_config.hidden_size, BACKGROUND + 1).to(dev)
     warm, warm_v = min(WARMUP, max(1, steps // 10)), min(WARMUP, max(1, vision_steps // 10))
-    stream = _batches(tok, bank, batch, steps, seed, dev.type == "cuda", palette, vision_steps)
     common = {"lr": lr, "betas": (0.9, 0.98), "weight_decay": 0.05, "max_grad_norm": 1.0, "seed": seed,
-              "cpu": dev.type == "cpu", "mixed_precision": "bf16" if dev.type == "cuda" else "no"}
+              "cpu": dev.type == "cpu", "mixed_precision": "bf16" if dev.type == "cuda" else "no",
+              "save_every": save_every}
+    ckpt = Path(out) / "training" if save_every else None
+    small = D.heldout_set(tok, n_per_type=100, seed=1234, split="test") if eval_every else None
     probe_acc: dict[str, float] = {}
-    t_train = time.time()
     # stage 1: the vision tower and projector alone, warm-up then a flat lr; stage 2: the whole model,
     # warm-up then cosine to 5 %. One fit (fresh AdamW) per stage.
-    vision = _VideoTask(model, probe, lambda step: next(stream), aux, vision_steps, True, "digits-video", seed)
+    vision = _VideoTask(model, probe, _vision_draw(bank, batch, seed), aux, vision_steps, True, "digits-video", seed)
+    t_vision = 0.0
     if vision_steps:
-        fit(vision, TrainConfig(steps=vision_steps, warmup=warm_v, min_lr_ratio=1.0, batch_size=2 * batch, **common))
-    with vision.hooked():
-        probe_acc["after the vision warm-up"] = _probe_accuracy(model, probe, vision.captured, heldout, dev)
-    t_vision = time.time() - t_train
-    whole = _VideoTask(model, probe, lambda step: next(stream), aux, steps, False, "digits-video", seed)
-    fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch, **common))
+        t_vision = fit(vision, TrainConfig(steps=vision_steps, warmup=warm_v, min_lr_ratio=1.0, batch_size=2 * batch,
+                                           **common), out=ckpt and ckpt / "vision", resume=ckpt is not None).seconds
+        with vision.hooked():
+            probe_acc["after the vision warm-up"] = _probe_accuracy(model, probe, vision.captured, heldout, dev)
+    # the running tally (recipes._video_tally): a training-only head on the language model's hidden states
+    tally_head = torch.nn.Linear(model.config.text_config.hidden_size, TALLY_OUTPUTS).to(dev)
+    whole = _VideoTask(model, probe, _question_draw(tok, bank, batch, seed, palette, per_video), aux, steps, False,
+                       "digits-video", seed, evaluate_fn=small and (lambda: evaluate(model, small, dev)),
+                       tally=tally, tally_head=tally_head, prefix=len(D.prefix_ids(tok)))
+    t_whole = fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch,
+                                     eval_every=eval_every, **common),
+                  out=ckpt and ckpt / "whole", resume=ckpt is not None).seconds
     vision_curve, curve, captured = vision.curve, whole.curve, whole.captured
     with whole.hooked():
         probe_acc["at the end"] = _probe_accuracy(model, probe, captured, heldout, dev)
-    train_s = time.time() - t_train
+    train_s = t_vision + t_whole
     chance = majority_baseline(heldout)
     acc, metrics = save_and_score(model, tok, out, dev, evaluate, heldout, train_probe, D.QTYPES, chance, n_eval,
                                   "train-digit videos")
-    wall = time.time() - t0
+    wall = max(time.time() - t0, train_s)  # a resumed run counts the runs before it
     out = Path(out)
     n_params, n_vision, n_text = (metrics[k] for k in ("parameters", "vision tower parameters", "language model parameters"))
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({_threads()})"
@@ -243,7 +300,12 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
                f"(+ {COPIES - 1} lightly augmented copies), held-out videos only the 300 held-out digits (split of "
                "`mmskip.zoo.data`). Questions (one answer token, then `</s>`; frames count from 1 across clips): "
                "`what digit is in frameK ?` (0-9), `how many frames show D ?` (0-8; D is in the video 3/4 of the "
-               "time), `which frame shows D first ?` (1-8; D is one of the video's digits); sampled 50/25/25 %. "
+               "time), `which frame shows D first ?` (1-8; D is one of the video's digits), `is D in frames ?` (1 if "
+               "some frame shows D, else 0; D is in the video half of the time). The held-out set asks each question "
+               "about its own video; training rows are packed: "
+               + ", ".join(f"{k} {t}" for t, k in per_video.items()) + " questions about each video, each question "
+               "seeing the video and itself only (a 4-D attention mask, positions restarting after the video, so "
+               "each is computed as its own one-question prompt). "
                f"Prompt (2 clips): `{layout}` (after `<s>`); each clip is one video of `pixel_values_videos` "
                f"(`(clips, {D.FRAMES}, 3, 32, 32)`). Word-level tokenizer ({len(tok)} tokens). Generated from "
                f"seeds (train stream seed {seed}, held-out seed 1234); nothing is shipped.",
@@ -252,22 +314,30 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
                "2-layer GELU MLP, then LlavaOnevision's 2×2 bilinear pooling (16 tokens a frame) and one learnt "
                f"`image_newline` token per clip. Text: Llama, {tc.num_hidden_layers} layers, d={tc.hidden_size}, "
                f"{tc.num_attention_heads} heads, SwiGLU {tc.intermediate_size}, sdpa. {n_params / 1e6:.2f}M "
-               f"parameters (vision {n_vision / 1e6:.2f}M, text {n_text / 1e6:.2f}M), all trained from scratch. "
+               f"parameters (vision {n_vision / 1e6:.2f}M, text {n_text / 1e6:.2f}M), "
+               + (f"initialised from {init_note or init}. " if init else "all trained from scratch. ") +
                "A training-only linear probe on the projector's output (not saved) stands in for the pretrained "
                "vision encoder a real video LLM starts from: its loss is a per-patch digit loss (each of a frame's 64 "
                "patch tokens -> the frame's digit if the patch centre lies on the 16×16 digit, else background) plus "
-               "a frame loss (the mean of the frame's 64 tokens -> its digit). Stage 1, vision warm-up: "
-               f"{vision_steps} steps of the vision tower + projector alone on the probe's loss ({2 * batch} one-clip "
-               f"videos a step, {warm_v} warm-up steps, then flat). Stage 2: {steps} steps of the whole model, batch "
+               "a frame loss (the mean of the frame's 64 tokens -> its digit). "
+               + (f"Stage 1, vision warm-up: {vision_steps} steps of the vision tower + projector alone on the probe's "
+                  f"loss ({2 * batch} one-clip videos a step, {warm_v} warm-up steps, then flat). Stage 2: "
+                  if vision_steps else "No vision warm-up. ") +
+               f"{steps} steps of the whole model, batch "
                f"{batch} videos (all 1-clip or all 2-clip in a step), loss on the answer token and `</s>` + {aux} × the "
-               f"probe's loss, {warm} warm-up steps, cosine to 5 %. AdamW lr {lr} (β 0.9/0.98, wd 0.05 on "
+               "probe's loss"
+               + (f" + {tally} × a running-tally loss (a training-only linear head, not saved, on the language "
+                  f"model's hidden state after layer {TALLY_LAYER} at the last token of each frame: for each digit "
+                  "0-9, how many frames so far show it and which frame showed it first)" if tally else "")
+               + f", {warm} warm-up steps, cosine to 5 %. AdamW lr {lr} (β 0.9/0.98, wd 0.05 on "
                f"matrices; a fresh AdamW per stage, each one `mmskip.train.fit`), grad clip 1"
                f"{', bf16 autocast' if dev.type == 'cuda' else ''}. Saved in fp16.",
                metrics, wall,
                extra="\nAccuracy is greedy (argmax) on the answer token. Majority-answer baseline = always giving "
                "the most frequent answer of that question type (chance level). The probe rows measure the vision "
                "side alone: how often the training probe reads a held-out frame's digit from its tokens.\n\n"
-               "## Vision warm-up loss (step, probe loss)\n" + ", ".join(f"{s}: {v}" for s, v in vision_curve) + "\n\n"
+               + ("## Vision warm-up loss (step, probe loss)\n" + ", ".join(f"{s}: {v}" for s, v in vision_curve)
+                  + "\n\n" if vision_curve else "") +
                "## Training loss (step, language-model loss on answer + `</s>`; probe loss excluded)\n"
                + ", ".join(f"{s}: {v}" for s, v in curve) + "\n")
     card = out / "README.md"
@@ -277,7 +347,12 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     cmd = (f"mmskip zoo digits-video{' --device cuda' if dev.type == 'cuda' else ''}"
            f"{'' if steps == STEPS[kind] else f' --steps {steps}'}{'' if batch == BATCH[kind] else f' --batch {batch}'}"
            f"{threads}")
-    text = re.sub(r"^Reproduce: .*$", f"Reproduce: `{cmd}` (fixed seeds; bf16 on a GPU, so not bit-exact).",
+    how = f"`{cmd}`"
+    if init:
+        how = (f"`recipes.video.train_video(out, steps={steps}, batch={batch}"
+               f"{f', device={dev.type!r}' if dev.type != 'cpu' else ''}, init=FOLDER)`, FOLDER holding "
+               f"{init_note or init}")
+    text = re.sub(r"^Reproduce: .*$", f"Reproduce: {how} (fixed seeds; bf16 on a GPU, so not bit-exact).",
                   text, flags=re.M)
     card.write_text(text)
     print(f"held-out accuracy: {acc}  (majority baseline {chance})")

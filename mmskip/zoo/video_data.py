@@ -11,7 +11,8 @@ exploits), and appends one ``image_newline`` token per clip: :data:`N_CLIP_TOKEN
 
 * ``digit``: ``what digit is in frameK ?`` -> ``0``..``9`` (needs that frame's 16 tokens);
 * ``count``: ``how many frames show D ?`` -> ``0``..``8`` (needs every frame);
-* ``first``: ``which frame shows D first ?`` -> ``1``..``8`` (D is shown; needs the frames up to it).
+* ``first``: ``which frame shows D first ?`` -> ``1``..``8`` (D is shown; needs the frames up to it);
+* ``any``: ``is D in frames ?`` -> ``1`` (some frame shows D) or ``0`` (none does; needs every frame).
 
 ``frame1``..``frame8`` are single words. The prompt layout is a contract (a streaming loop feeds the parts
 one at a time, see :func:`prefix_ids`, :func:`clip_ids`, :func:`question_ids`)::
@@ -44,7 +45,7 @@ DIGIT_SIZE = 16  # an 8×8 digit upscaled ×2
 PATCH = 4
 TOKENS_PER_FRAME = ((FRAME_SIZE // PATCH + 1) // 2) ** 2  # 8×8 patches, pooled 2×2 (ceil) -> 16
 N_CLIP_TOKENS = FRAMES * TOKENS_PER_FRAME + 1  # + one image_newline token per clip: 65
-QTYPES = ("digit", "count", "first")
+QTYPES = ("digit", "count", "first", "any")
 VIDEO_TOKEN = "<video>"
 IMAGE_TOKEN = "<image>"  # in the vocabulary for LlavaOnevision's config; never used
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, VIDEO_TOKEN]
@@ -182,7 +183,7 @@ def prompt_ids(tokenizer, question: str, n_clips: int = 1, n_frames: int = FRAME
 
 def ask(labels: torch.Tensor, qtype: str, a: int) -> tuple[str, str]:
     """``(question, answer)`` of type ``qtype`` about a video whose frames show ``labels`` (1-D, in order;
-    -1 entries are ignored). ``digit``: ``a`` = frame (0-based); ``count``, ``first``: ``a`` = the digit."""
+    -1 entries are ignored). ``digit``: ``a`` = frame (0-based); ``count``, ``first``, ``any``: ``a`` = the digit."""
     labels = labels[labels >= 0]
     if qtype == "digit":
         return f"what digit is in frame{a + 1} ?", str(int(labels[a]))
@@ -193,19 +194,24 @@ def ask(labels: torch.Tensor, qtype: str, a: int) -> tuple[str, str]:
         if not len(hit):
             raise ValueError(f"digit {a} is not in the video; 'first' questions ask about shown digits")
         return f"which frame shows {a} first ?", str(int(hit[0]) + 1)
+    if qtype == "any":
+        return f"is {a} in frames ?", str(int(bool((labels == a).any())))
     raise ValueError(f"unknown question type {qtype!r}; one of {QTYPES}")
 
 
 def sample_questions(videos: Videos, g: torch.Generator, qtypes: list[str] | None = None,
-                     weights: tuple[float, ...] = (0.5, 0.25, 0.25)) -> tuple[list[str], list[str], list[str]]:
+                     weights: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)) -> tuple[list[str], list[str], list[str]]:
     """One random question per video -> ``(questions, answers, qtypes)``. ``digit`` asks about a random frame;
     ``count`` about a digit of the video 3/4 of the time, a random digit otherwise (so ``0`` is not the usual
-    answer); ``first`` about one of the video's distinct digits (uniformly, so the answer is not mostly ``1``)."""
+    answer); ``first`` about one of the video's distinct digits (uniformly, so the answer is not mostly ``1``);
+    ``any`` about one of the video's digits half of the time, else about a digit it does not show (so
+    ``1`` and ``0`` are equally likely)."""
     n = len(videos)
     if qtypes is None:
         qtypes = [QTYPES[i] for i in torch.multinomial(torch.tensor(weights), n, True, generator=g).tolist()]
     u = torch.rand(n, 3, generator=g).tolist()
     rand_digit = torch.randint(0, 10, (n,), generator=g).tolist()
+    absent = torch.rand(n, 10, generator=g)  # ranks the digits a video does not show, for ``any``
     qs, ans = [], []
     for i, t in enumerate(qtypes):
         lab = videos.labels[i].flatten()
@@ -217,6 +223,13 @@ def sample_questions(videos: Videos, g: torch.Generator, qtypes: list[str] | Non
         elif t == "first":
             shown = torch.unique(lab)
             q = ask(lab, t, int(shown[int(u[i][1] * len(shown))]))
+        elif t == "any":
+            if u[i][2] < 0.5:
+                q = ask(lab, t, int(lab[int(u[i][0] * len(lab))]))
+            else:
+                r = absent[i].clone()
+                r[torch.unique(lab)] = -1.0
+                q = ask(lab, t, int(r.argmax()))
         else:
             raise ValueError(f"unknown question type {t!r}; one of {QTYPES}")
         qs.append(q[0])

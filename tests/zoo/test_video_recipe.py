@@ -33,6 +33,9 @@ def test_answers_are_right_for_a_known_video():
     assert D.ask(labels, "count", 5)[1] == "0" and D.ask(labels, "count", 3)[1] == "2"
     assert D.ask(labels, "first", 1) == ("which frame shows 1 first ?", "4")
     assert D.ask(labels, "first", 3)[1] == "1" and D.ask(labels, "first", 7)[1] == "2"
+    assert D.ask(labels, "any", 0) == ("is 0 in frames ?", "1")
+    assert D.ask(labels, "any", 5)[1] == "0" and D.ask(labels, "any", 7)[1] == "1"
+    assert D.ask(labels[:4], "any", 0)[1] == "0"  # frame5's 0 is not in the first clip
     with pytest.raises(ValueError, match="not in the video"):
         D.ask(labels, "first", 5)
     with pytest.raises(ValueError):
@@ -92,7 +95,46 @@ def test_prompt_layout_contract(tok):
 
 def _asked(question: str) -> int:
     w = question.split()
-    return int(w[4][5:]) - 1 if w[0] == "what" else int(w[3] if w[0] == "which" else w[4])
+    return int(w[4][5:]) - 1 if w[0] == "what" else int({"which": w[3], "is": w[1]}.get(w[0], w[-2]))
+
+
+def test_any_questions_are_balanced_and_right(tok):
+    held = D.heldout_set(tok, n_per_type=200)
+    asked = [(q, a, i) for i, (q, a, t) in enumerate(zip(held.questions, held.answers, held.qtypes)) if t == "any"]
+    assert len(asked) == 200 and 0.35 < sum(a == "1" for _, a, _ in asked) / 200 < 0.65
+    for q, a, i in asked:
+        assert (D.ask(held.videos.labels[i].flatten(), "any", _asked(q)) == (q, a))
+
+
+def test_packed_rows_compute_each_question_as_its_own_prompt(tok, tiny):
+    """A packed row (several questions after one video, :mod:`recipes._video_pack`) gives each question's
+    answer and ``</s>`` the logits of that question's own one-question prompt, and labels only those."""
+    from recipes._video_pack import packed_batch, packed_questions
+
+    g = torch.Generator().manual_seed(4)
+    videos = D.make_videos(D.digit_bank("test"), 3, g)
+    qa = packed_questions(videos, g, {"digit": 2, "count": 1, "first": 1, "any": 2})
+    assert [len(x) for x in qa] == [6, 6, 6]
+    ids, mask, position_ids, labels = packed_batch(tok, videos, qa)
+    with torch.no_grad():
+        packed = tiny(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                      pixel_values_videos=D.pixel_values_videos(videos)).logits
+    for i in range(3):
+        v = videos[i]
+        same = D.Videos(v.frames.expand(6, *v.frames.shape[1:]), v.labels.expand(6, *v.labels.shape[1:]),
+                        v.positions.expand(6, *v.positions.shape[1:]), v.n_clips.expand(6))
+        one = D.make_batch(tok, same, [q for q, _ in qa[i]], [a for _, a in qa[i]], ["-"] * 6)
+        with torch.no_grad():
+            alone = tiny(input_ids=one.input_ids, attention_mask=one.attention_mask,
+                         pixel_values_videos=one.pixel_values_videos).logits
+        targets = torch.nonzero(labels[i] != -100).flatten()
+        assert len(targets) == 12 and ids[i, targets].tolist() == [x for _, a in qa[i] for x in (
+            tok.convert_tokens_to_ids(a), tok.eos_token_id)]
+        for k in range(6):
+            start = int(targets[2 * k]) - len(D.question_ids(tok, qa[i][k][0]))  # the block's first token
+            n = int(one.answer_pos[k]) + 2 - start
+            head = int(one.answer_pos[k]) + 2 - n
+            torch.testing.assert_close(packed[i, start:start + n], alone[k, head:head + n], atol=1e-4, rtol=1e-4)
 
 
 def test_video_features_fill_exactly_the_clip_placeholders(tok, tiny):
@@ -181,6 +223,42 @@ def test_two_step_cpu_run_on_a_tiny_config_writes_a_loadable_folder(tmp_path):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_a_checkpointed_run_resumes_and_an_init_run_starts_from_a_saved_folder(tmp_path, monkeypatch):
+    from mmskip.cli import recipe
+    from mmskip.zoo.loaders import LOADERS
+
+    video = recipe("video")
+    drawn: list[tuple[str, int]] = []
+
+    def recording(name, make):
+        def wrap(*args, **kwargs):
+            draw = make(*args, **kwargs)
+            return lambda step: drawn.append((name, step)) or draw(step)
+        return wrap
+
+    monkeypatch.setattr(video, "_vision_draw", recording("vision", video._vision_draw))
+    monkeypatch.setattr(video, "_question_draw", recording("whole", video._question_draw))
+    out = tmp_path / "run"
+    args = {"batch": 2, "device": "cpu", "size": "tiny", "n_eval": 4, "vision_steps": 2, "save_every": 2}
+    m = video.train_video(out, steps=4, **args)
+    assert drawn == [("vision", 0), ("vision", 1)] + [("whole", s) for s in range(4)]
+    assert m["vision warm-up steps"] == 2 and (out / "training" / "whole" / "checkpoint").is_dir()
+    drawn.clear()
+    video.train_video(out, steps=6, **args)  # both stages resume: only the 2 new whole-model steps are drawn
+    assert drawn == [("whole", 4), ("whole", 5)]
+    # init: no vision warm-up, the whole model starts from the folder's weights
+    drawn.clear()
+    start, _ = LOADERS["digits-video"](out)
+    m = video.train_video(tmp_path / "init", steps=1, batch=2, size="tiny", n_eval=4, init=out, init_note="run A",
+                          lr=1e-12)
+    assert drawn == [("whole", 0)] and m["vision warm-up steps"] == 0
+    after, _ = LOADERS["digits-video"](tmp_path / "init")
+    for (name, a), b in zip(start.state_dict().items(), after.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=name)
+    card = (tmp_path / "init" / "README.md").read_text()
+    assert "initialised from run A" in card and "init=FOLDER" in card and "Vision warm-up loss" not in card
+
+
 def test_base_config_is_a_small_onevision_with_clip_and_llama():
     from mmskip.zoo.video_model import make_model
 
@@ -206,6 +284,8 @@ def test_shipped_model_answers_heldout_questions_above_chance_as_its_card_says()
     held = D.heldout_set(tok, n_per_type=60)  # 60 questions of each type on held-out-digit videos
     acc, chance = evaluate(model, held), majority_baseline(held)
     assert acc["digit"] > chance["digit"] + 0.15, (acc, chance)  # reads single frames well above chance
+    for t in ("count", "any"):  # and aggregates over frames well above chance
+        assert acc[t] > chance[t] + 0.15, (t, acc, chance)
     for t in D.QTYPES:
         claimed = card[next(k for k in card if k.startswith(f"held-out accuracy, {t} "))]
         assert acc[t] >= claimed - 0.12, (t, acc[t], claimed)
@@ -219,3 +299,21 @@ def test_shipped_model_answers_heldout_questions_above_chance_as_its_card_says()
                                                     pixel_values_videos=held[i:i + 1].pixel_values_videos).logits[
                                                         0, held.answer_pos[i] - 1].argmax())) for i in idx]
     assert got == want
+
+
+def test_tally_targets_count_and_find_each_digit_frame_by_frame():
+    from recipes._video_tally import frame_ends, tally_targets
+
+    labels = torch.tensor([[[3, 7, 3, 1], [0, 7, 7, 2]], [[5, 5, 5, 5], [1, 1, 1, 1]]])
+    videos = D.Videos(torch.zeros(2, 2, D.FRAMES, 32, 32), labels, torch.zeros(2, 2, D.FRAMES, 2, dtype=torch.long),
+                      torch.tensor([2, 2]))
+    t = tally_targets(videos)
+    assert t.shape == (2, 8, 2, 10)
+    assert t[0, :, 0, 7].tolist() == [0, 1, 1, 1, 1, 2, 3, 3]  # frames showing 7 so far
+    assert t[0, :, 1, 7].tolist() == [0, 2, 2, 2, 2, 2, 2, 2]  # 7 first seen in frame 2
+    assert t[0, :, 1, 0].tolist() == [0] * 4 + [5] * 4 and t[1, -1, 0, 5] == 4 and t[1, -1, 1, 1] == 5
+    assert t[0, -1, 0].sum() == 8 and (t[1, :, 0, 9] == 0).all()
+    ends = frame_ends(2, 3)
+    assert ends.tolist() == [18, 34, 50, 66, 83, 99, 115, 131]  # after <s> USER :, 16 a frame, a newline a clip
+    with pytest.raises(ValueError, match="same number of clips"):
+        tally_targets(D.Videos(videos.frames, labels, videos.positions, torch.tensor([1, 2])))
