@@ -90,10 +90,13 @@ def _sync_rows(ctx: Context) -> None:
 
 
 def run(ctx: Context) -> None:
-    """The host-sync rows, then ``diffusion_gpu.main`` (its rows are read by :func:`collect`)."""
+    """The host-sync rows, the attention-backend rows, then ``diffusion_gpu.main`` (its rows are read by :func:`collect`)."""
     import diffusion_gpu
 
     _sync_rows(ctx)
+    import _campaign_attention
+
+    _campaign_attention.run(ctx)  # small zoo pipelines: seconds, before the real shapes take the rest
     path = results_path(ctx)
     path.unlink(missing_ok=True)  # collect() must not read an earlier run's rows
     print(f"[diffusion] diffusion_gpu.py {' '.join(argv(ctx))}", flush=True)

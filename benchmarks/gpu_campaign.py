@@ -14,7 +14,8 @@ goes to the next):
   (Qwen2-7B width, ``--vision-layers`` decoder layers); MuE generation on a Florence-2-large-shaped model.
 * ``diffusion`` (``_campaign_diffusion.py``): ``diffusion_gpu.py`` (SD 1.5 UNet, Flux- and Wan-width
   transformers vs FirstBlockCache / MagCache / TaylorSeer / cache-dit, eager and regional compile)
-  with a reduced method list, plus a host-sync check of mmskip's inheritance.
+  with a reduced method list, plus a host-sync check of mmskip's inheritance and the attention-backend rows
+  (``_campaign_attention.py``: xformers and diffusers' backends on the zoo's Skip pipelines).
 
 Each row: section, model and shape, technique, batch, eager / compiled, speedup (median) with its
 quartiles and IQR, FLOPs bound, host syncs (``torch.cuda.set_sync_debug_mode("error")`` around one
@@ -97,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-frames", type=int, nargs="+", default=None, help="video frames, default 8 32")
     p.add_argument("--diffusion-models", default=None, help="diffusion_gpu.py --models (default flux,sd15,wan)")
     p.add_argument("--diffusion-only", default=None, help="diffusion_gpu.py --only (default: a reduced list)")
+    p.add_argument("--attention-models", default="digits-dit,scenes-flux",
+                   help="zoo pipelines whose Skip pipelines are checked under each attention backend ('' = none)")
     p.add_argument("--diffusion-repeats", type=int, default=3, help="diffusion_gpu.py --repeats (paired rounds)")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # a child process: run this section only
     p.add_argument("--part", type=Path, default=None, help=argparse.SUPPRESS)

@@ -49,6 +49,18 @@ def test_smoke_rows_files_and_a_failing_section(tmp_path, load_bench, monkeypatc
     measured = {r["technique"]: r for r in diffusion if r.get("source") == "c_diffusion.json"}
     assert {"baseline", "mmskip FI every 2", "diffusers FirstBlockCache 0.05"} <= set(measured)
     assert measured["mmskip FI every 2"]["flops_bound"] > 1.0 and measured["mmskip FI every 2"]["speedup"] > 0
+    attention = {(r["model"].split(" ")[0], r["technique"].removeprefix("attention backend ")): r
+                 for r in diffusion if "attention backends" in r["model"]}
+    for zoo in ("digits-dit", "scenes-flux"):  # skipping off: the parent's images, at the default backend
+        assert attention[zoo, "default"]["skip_off_equals_parent"] is True, attention[zoo, "default"]
+        xf = attention[zoo, "xformers (enable_xformers_memory_efficient_attention)"]["skipped"]
+        assert xf in ("xformers not installed", "CUDA only")
+    assert attention["digits-dit", "(build)"]["dispatches_to_backends"] is False  # AttnProcessor2_0 calls SDPA
+    assert "SDPA directly" in attention["digits-dit", "(diffusers' set_attention_backend)"]["skipped"]
+    for name in ("native", "_native_math"):  # diffusers' backends that run on CPU, through FluxAttnProcessor
+        r = attention["scenes-flux", name]
+        assert r["skip_off_equals_parent"] is True and r["skip_on_within_bf16_tol"] is True, r
+    assert attention["scenes-flux", "(the others)"]["skipped"].startswith("CUDA only: ")
     for r in rows:  # every row says its zoo-model quality, or why it has none
         assert r["quality"]["figure"] is not None or r["quality"]["note"], r
     mue = vision["MuE (default thresholds)"]["quality"]
