@@ -42,7 +42,7 @@ def _notes(r: dict[str, Any]) -> str:
     if r.get("skip_off_equals_parent") is not None:
         out.append(f"skip off {'=' if r['skip_off_equals_parent'] else '!='} parent")
     if r.get("skip_on_max_abs_diff_vs_default") is not None:
-        out.append(f"skip on vs default backend: max |diff| {r['skip_on_max_abs_diff_vs_default']:.2g} "
+        out.append(f"skip on vs default backend: max abs diff {r['skip_on_max_abs_diff_vs_default']:.2g} "
                    f"({'within' if r['skip_on_within_bf16_tol'] else 'outside'} {r['bf16_atol']}; parent "
                    f"{r['parent_max_abs_diff_vs_default']:.2g})")
     if r.get("tokens") is not None:
