@@ -10,6 +10,8 @@ import torch
 from mmskip import zoo
 from mmskip.zoo import llava_data as D
 
+from ._resume import assert_resumes, record_draws
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -93,24 +95,7 @@ def test_a_checkpointed_run_resumes_where_its_checkpoints_stop(tmp_path, monkeyp
     from mmskip.cli import recipe
 
     llava = recipe("llava")
-    drawn: list[tuple[str, int]] = []
-
-    def recording(name, make):
-        def wrap(*args, **kwargs):
-            draw = make(*args, **kwargs)
-            return lambda step: drawn.append((name, step)) or draw(step)
-        return wrap
-
-    monkeypatch.setattr(llava, "_vision_draw", recording("vision", llava._vision_draw))
-    monkeypatch.setattr(llava, "_question_draw", recording("whole", llava._question_draw))
-    out = tmp_path / "run"
-    args = {"batch": 2, "device": "cpu", "size": "tiny", "n_eval": 4, "vision_steps": 2, "save_every": 2}
-    m = llava.train_llava(out, steps=4, **args)
-    assert drawn == [("vision", 0), ("vision", 1)] + [("whole", s) for s in range(4)]
-    assert m["vision warm-up steps"] == 2 and (out / "training" / "whole" / "checkpoint").is_dir()
-    drawn.clear()
-    llava.train_llava(out, steps=6, **args)  # both stages resume: only the 2 new whole-model steps are drawn
-    assert drawn == [("whole", 4), ("whole", 5)]
+    assert_resumes(llava.train_llava, record_draws(llava, monkeypatch), tmp_path / "run")
 
 
 def test_probe_loss_is_low_only_for_features_that_carry_each_cell_digit():

@@ -11,6 +11,8 @@ import torch
 from mmskip import zoo
 from mmskip.zoo import video_data as D
 
+from ._resume import assert_resumes, record_draws
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -228,26 +230,10 @@ def test_a_checkpointed_run_resumes_and_an_init_run_starts_from_a_saved_folder(t
     from mmskip.zoo.loaders import LOADERS
 
     video = recipe("video")
-    drawn: list[tuple[str, int]] = []
-
-    def recording(name, make):
-        def wrap(*args, **kwargs):
-            draw = make(*args, **kwargs)
-            return lambda step: drawn.append((name, step)) or draw(step)
-        return wrap
-
-    monkeypatch.setattr(video, "_vision_draw", recording("vision", video._vision_draw))
-    monkeypatch.setattr(video, "_question_draw", recording("whole", video._question_draw))
+    drawn = record_draws(video, monkeypatch)
     out = tmp_path / "run"
-    args = {"batch": 2, "device": "cpu", "size": "tiny", "n_eval": 4, "vision_steps": 2, "save_every": 2}
-    m = video.train_video(out, steps=4, **args)
-    assert drawn == [("vision", 0), ("vision", 1)] + [("whole", s) for s in range(4)]
-    assert m["vision warm-up steps"] == 2 and (out / "training" / "whole" / "checkpoint").is_dir()
-    drawn.clear()
-    video.train_video(out, steps=6, **args)  # both stages resume: only the 2 new whole-model steps are drawn
-    assert drawn == [("whole", 4), ("whole", 5)]
+    assert_resumes(video.train_video, drawn, out)
     # init: no vision warm-up, the whole model starts from the folder's weights
-    drawn.clear()
     start, _ = LOADERS["digits-video"](out)
     m = video.train_video(tmp_path / "init", steps=1, batch=2, size="tiny", n_eval=4, init=out, init_note="run A",
                           lr=1e-12)
