@@ -157,8 +157,7 @@ class _PhaseHook(ModelHook):
             phase = "prefill" if _cache_empty(cache) else "decode"
         if torch.compiler.is_compiling():  # no thread ids: nothing a graph must guard on (counts stay on the device)
             self._classify(s, phase, x, bound)
-            for name in self.layer_names:
-                self.handle.counts.record(name, s.tokens, like=x)
+            self.handle.counts.record_each(self.layer_names, s.tokens, like=x)
             return self.fn_ref.original_forward(*args, **kwargs)
         with self.guard.call(starts=phase == "prefill"):  # refuses a second thread before any state changes
             s.decode_step = 0 if phase == "prefill" else s.decode_step + (phase == "decode")

@@ -35,6 +35,7 @@ class SkipStats:
         self.fixed_cost: float = 0.0
         self.fixed_units: float = 0.0
         self._pending: dict[str, torch.Tensor] = {}  # name -> [seen, skipped], not yet read
+        self._groups: dict[tuple[str, ...], torch.Tensor] = {}  # names -> [seen] of each, not yet read
 
     def record(self, name: str, units: Count = 1.0, skipped: Count = 0.0, like: torch.Tensor | None = None) -> None:
         """``units`` reached item ``name``; ``skipped`` of them were not computed. ``like`` is a
@@ -52,12 +53,22 @@ class SkipStats:
         if skipped:
             self.skipped[name] += skipped
 
-    def record_each(self, names: list[str], units: Count) -> None:
+    def record_each(self, names: list[str], units: Count, like: torch.Tensor | None = None) -> None:
         """``units`` reached every item of ``names`` and none was skipped: :meth:`record` for each,
-        in one call (a hook that counts a whole stack of layers per forward)."""
+        in one call (a hook that counts a whole stack of layers per forward). On the device (in a
+        compiled graph, or tensor ``units``) the stack shares one accumulator: one in-place add a
+        call instead of one per item."""
         if torch.compiler.is_compiling() or isinstance(units, torch.Tensor):
-            for name in names:
-                self.record(name, units)
+            key = tuple(names)
+            acc = self._groups.get(key)
+            if acc is not None and like is not None and acc.device != like.device and not torch.compiler.is_compiling():
+                acc = self._groups[key] = acc.to(like.device)  # the model moved after apply: follow it
+            if acc is None:
+                ref = units if isinstance(units, torch.Tensor) else like
+                acc = self._groups[key] = torch.zeros(1, dtype=_dtype(ref.device if ref is not None else
+                                                                      torch.device("cpu")),
+                                                      device=ref.device if ref is not None else None)
+            acc += units.to(acc.device) if isinstance(units, torch.Tensor) else units
             return
         seen = self.seen
         for name in names:
@@ -77,6 +88,8 @@ class SkipStats:
         for name in [*names, _FIXED]:
             if name not in self._pending:
                 self._pending[name] = torch.zeros(2, dtype=_dtype(device), device=device)
+        if tuple(names) not in self._groups:
+            self._groups[tuple(names)] = torch.zeros(1, dtype=_dtype(device), device=device)
 
     def _accumulator(self, name: str, units: Count, skipped: Count, like: torch.Tensor | None) -> torch.Tensor:
         acc = self._pending.get(name)
@@ -89,7 +102,16 @@ class SkipStats:
         return acc
 
     def _read_pending(self) -> None:
-        """Move the device-side counts into the Python totals (one read per item)."""
+        """Move the device-side counts into the Python totals (one read per item or stack)."""
+        if self._groups:
+            keys = list(self._groups)
+            totals = torch.stack([self._groups[k].to("cpu", torch.float64) for k in keys]).flatten().tolist()
+            for names, seen in zip(keys, totals):
+                if seen:
+                    for name in names:
+                        self.seen[name] += seen
+            for acc in self._groups.values():
+                acc.zero_()
         if not self._pending:
             return
         names = list(self._pending)
@@ -109,7 +131,7 @@ class SkipStats:
         self.seen.clear()
         self.skipped.clear()
         self.fixed_units = 0.0
-        for acc in self._pending.values():
+        for acc in [*self._pending.values(), *self._groups.values()]:
             acc.zero_()
 
     def flops(self) -> tuple[float, float]:

@@ -63,3 +63,23 @@ def test_record_each_counts_like_a_record_per_item():
     dev.record_each(names, torch.tensor(5))
     assert each.as_dict() == one.as_dict() == dev.as_dict()
     assert each.as_dict()["items"]["layer.2"] == {"executed": 5.0, "skipped": 0.0}
+
+
+def test_record_each_on_the_device_keeps_one_accumulator_per_stack():
+    from mmskip._skip_stats import SkipStats
+
+    stats = SkipStats()
+    names = ["layer.0", "layer.1", "layer.2"]
+    stats.cost.update({n: 1.0 for n in names})
+    stats.declare(names, torch.device("cpu"))
+    before = len(stats._pending)
+    stats.record_each(names, torch.tensor(4))  # a count held on the device, as in a compiled graph
+    stats.record_each(names, torch.tensor(2))
+    stats.record("layer.1", 6, 3)
+    assert len(stats._pending) == before and len(stats._groups) == 1  # no accumulator per item
+    items = stats.as_dict()["items"]
+    assert {n: items[n]["executed"] + items[n]["skipped"] for n in names} == {"layer.0": 6, "layer.1": 12, "layer.2": 6}
+    assert items["layer.1"]["skipped"] == 3
+    stats.record_each(names, torch.tensor(1))
+    stats.reset()
+    assert stats.as_dict()["items"] == {}
