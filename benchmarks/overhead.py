@@ -374,6 +374,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report(out, args.out)
 
 
+def pairs_note(out: dict[str, Any]) -> str:
+    """How many pairs each figure is the median of: one number, or per row where merged runs differ."""
+    counts = {(r["model"], r["technique"]): r["null_timing"]["pairs"] for r in out["rows"]
+              if isinstance(r.get("null_timing"), dict) and "pairs" in r["null_timing"]}
+    if len(set(counts.values())) <= 1:
+        return f"{next(iter(counts.values()), out['meta']['repeats'])} pairs per figure"
+    by_n: dict[int, list[str]] = {}
+    for (model, tech), n in counts.items():
+        by_n.setdefault(n, []).append(f"{model} / {tech}")
+    return "pairs per figure: " + "; ".join(f"{n} ({', '.join(rows)})" for n, rows in sorted(by_n.items()))
+
+
 def report(out: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """Print and write ``out``'s table (Markdown beside the JSON)."""
     head = ["technique", "model", "zero-skip overhead % (IQR)", "default config", "speedup (IQR)", "FLOPs bound",
@@ -383,7 +395,7 @@ def report(out: dict[str, Any], path: str | Path) -> dict[str, Any]:
              + (f", zero vs null {pct(r['zero_vs_null_overhead_pct'])}" if "zero_vs_null_overhead_pct" in r else "")
              for r in out["rows"] if "null_speedup" in r]
     notes = (f"{out['meta']['mode'].capitalize()}, paired against the unmodified model (median of the paired ratios, quartiles in brackets); "
-             f"{out['meta']['repeats']} pairs per figure; overhead % = 1 / speedup - 1. Null pairs (the baseline against "
+             f"{pairs_note(out)}; overhead % = 1 / speedup - 1. Null pairs (the baseline against "
              "itself, run as the target's timing_pair runs a candidate; LMs: a deep copy of the model), and the "
              "zero-skip overhead against that null candidate in the same rounds: " + ("; ".join(nulls) or "none") + ".")
     print(summary + "\n\n" + notes)

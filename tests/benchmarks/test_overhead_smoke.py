@@ -70,3 +70,12 @@ def test_overhead_compiled_mode_times_compiled_decoding(load_bench, tmp_path, th
     assert fi["graphs_in_timed_rounds"] == 0 and "compiled_cache" not in fi
     assert fi["compiled_vs_eager"]["psnr"] > 60  # the compiled denoiser computes the eager images
     assert out.with_suffix(".md").read_text().startswith("| technique")
+
+
+def test_pairs_note_names_each_rows_pair_count_when_merged_runs_differ(load_bench):
+    bench = load_bench("overhead")
+    row = lambda model, n: {"model": model, "technique": "t", "null_timing": {"pairs": n}}  # noqa: E731
+    assert bench.pairs_note({"meta": {"repeats": 9}, "rows": [row("a", 15), row("b", 15)]}) == "15 pairs per figure"
+    assert bench.pairs_note({"meta": {"repeats": 9}, "rows": [row("a", 9), row("b", 31), row("c", 9)]}) == (
+        "pairs per figure: 9 (a / t, c / t); 31 (b / t)")
+    assert bench.pairs_note({"meta": {"repeats": 7}, "rows": []}) == "7 pairs per figure"
