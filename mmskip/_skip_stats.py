@@ -59,15 +59,7 @@ class SkipStats:
         compiled graph, or tensor ``units``) the stack shares one accumulator: one in-place add a
         call instead of one per item."""
         if torch.compiler.is_compiling() or isinstance(units, torch.Tensor):
-            key = tuple(names)
-            acc = self._groups.get(key)
-            if acc is not None and like is not None and acc.device != like.device and not torch.compiler.is_compiling():
-                acc = self._groups[key] = acc.to(like.device)  # the model moved after apply: follow it
-            if acc is None:
-                ref = units if isinstance(units, torch.Tensor) else like
-                acc = self._groups[key] = torch.zeros(1, dtype=_dtype(ref.device if ref is not None else
-                                                                      torch.device("cpu")),
-                                                      device=ref.device if ref is not None else None)
+            acc = _device_acc(self._groups, tuple(names), 1, (units, like), like)
             acc += units.to(acc.device) if isinstance(units, torch.Tensor) else units
             return
         seen = self.seen
@@ -92,14 +84,7 @@ class SkipStats:
             self._groups[tuple(names)] = torch.zeros(1, dtype=_dtype(device), device=device)
 
     def _accumulator(self, name: str, units: Count, skipped: Count, like: torch.Tensor | None) -> torch.Tensor:
-        acc = self._pending.get(name)
-        if acc is not None and like is not None and acc.device != like.device and not torch.compiler.is_compiling():
-            acc = self._pending[name] = acc.to(like.device)  # the model moved after apply: follow it
-        if acc is None:
-            ref = next((v for v in (skipped, units, like) if isinstance(v, torch.Tensor)), None)
-            device = ref.device if ref is not None else torch.device("cpu")
-            acc = self._pending[name] = torch.zeros(2, dtype=_dtype(device), device=device)
-        return acc
+        return _device_acc(self._pending, name, 2, (skipped, units, like), like)
 
     def _read_pending(self) -> None:
         """Move the device-side counts into the Python totals (one read per item or stack)."""
@@ -163,6 +148,19 @@ class SkipStats:
             "flops_fraction": self.flops_fraction(),
             "flops": dict(zip(("spent", "full"), self.flops())),
         }
+
+
+def _device_acc(store: dict, key: Any, size: int, refs: tuple, like: torch.Tensor | None) -> torch.Tensor:
+    """``store[key]``, a zero accumulator of ``size`` made on the first tensor of ``refs`` (else the CPU)
+    if missing, and moved to ``like``'s device when the model moved after apply (eagerly only)."""
+    acc = store.get(key)
+    if acc is not None and like is not None and acc.device != like.device and not torch.compiler.is_compiling():
+        acc = store[key] = acc.to(like.device)  # the model moved after apply: follow it
+    if acc is None:
+        ref = next((v for v in refs if isinstance(v, torch.Tensor)), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        acc = store[key] = torch.zeros(size, dtype=_dtype(device), device=device)
+    return acc
 
 
 def _dtype(device: torch.device) -> torch.dtype:
