@@ -63,11 +63,23 @@ def methods(k: int, layers: int) -> dict[str, dict[str, Any]]:
                                          "prompt_lookup_min": 2}},
         "mmskip early exit 8": {"hf_overrides": {"mmskip_draft": {"exit_layer": 8}}, "speculative_config": spec},
         "mmskip early exit 12": {"hf_overrides": {"mmskip_draft": {"exit_layer": 12}}, "speculative_config": spec},
+        "mmskip lookup + early exit 12": {"hf_overrides": {"mmskip_draft": {"exit_layer": 12, "prompt_lookup": True}},
+                                          "speculative_config": spec},
         f"mmskip layer set {span}": {"hf_overrides": {"mmskip_draft": {"attn_skip": list(skip), "mlp_skip": list(skip)}},
                                      "speculative_config": spec},
         f"mmskip layer skip {span}": {"hf_overrides": {"architectures": ["MmskipLlamaForCausalLM"],
                                                        "mmskip_layer_skip": _layer_skip_dict(skip)}},
     }
+
+
+def chosen(all_methods: dict[str, dict[str, Any]], words: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``plain`` and the methods whose names contain one of ``words`` (every method without words)."""
+    if not words:
+        return all_methods
+    picked = {n: kw for n, kw in all_methods.items() if n == "plain" or any(w in n for w in words)}
+    if len(picked) == 1:
+        raise SystemExit(f"--methods {words} names no method; methods: {list(all_methods)}")
+    return picked
 
 
 def _layer_skip_dict(skip: tuple[int, ...]) -> dict[str, Any]:
@@ -106,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--server", action="store_true", help="measure vLLM's OpenAI server instead of LLM.generate")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="run only the methods whose names contain one of these words (plain always runs)")
+    p.add_argument("--concurrency", type=int, nargs="+", help="concurrency levels (default 1 8 32; smoke: 1 8)")
     p.add_argument("--plot-only", action="store_true",
                    help="redraw the .png beside the saved JSON (of --server, --model) and run nothing")
     args = p.parse_args(argv)
@@ -117,18 +132,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.server:
         from _vllm_server_bench import run_servers
 
-        run_servers(args, methods(args.k, num_layers(args.model)))
+        run_servers(args, chosen(methods(args.k, num_layers(args.model)), args.methods))
         if _has_matplotlib():
             plot(json.loads(results_path(args).read_text()), results_path(args).with_suffix(".png"))
         return
     from vllm import LLM, SamplingParams
 
-    conc = (1, 8) if args.smoke else (1, 8, 32)
+    conc = tuple(args.concurrency or ((1, 8) if args.smoke else (1, 8, 32)))
     rounds = 1 if args.smoke else args.repeats
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     prompts = {c: held_out_prompts(4 if c == 1 else c) for c in conc}
     engines = {}
-    for name, kw in methods(args.k, num_layers(args.model)).items():
+    for name, kw in chosen(methods(args.k, num_layers(args.model)), args.methods).items():
         t0 = time.perf_counter()
         engines[name] = LLM(model=str(ZOO / args.model), **ENGINE, **kw)
         print(f"loaded {name} in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -50,3 +50,14 @@ def test_swift_config_without_a_fixed_set_is_refused(tmp_path) -> None:
     SelfSpeculativeConfig().save_pretrained(tmp_path)
     with pytest.raises(DraftConfigError, match="no fixed layer set"):
         DraftSpec.from_settings({"swift_config": str(tmp_path)}, 24)
+
+
+def test_prompt_lookup_setting() -> None:
+    on = DraftSpec.from_settings({"exit_layer": 8, "prompt_lookup": True}, 24)
+    assert on.prompt_lookup == (2, 4)
+    assert on.describe() == "prompt lookup (2-4-grams), else early exit after layer 8 of 24"
+    assert DraftSpec.from_settings({"exit_layer": 8, "prompt_lookup": [1, 3]}, 24).prompt_lookup == (1, 3)
+    assert DraftSpec.from_settings({"exit_layer": 8, "prompt_lookup": False}, 24).prompt_lookup is None
+    for bad in ([3, 2], [0, 2], "yes", [2], [2.0, 3]):
+        with pytest.raises(DraftConfigError, match="prompt_lookup must be true, false or"):
+            DraftSpec.from_settings({"exit_layer": 8, "prompt_lookup": bad}, 24)

@@ -98,3 +98,24 @@ def test_swift_set_draft_is_lossless(tmp_path: Path, prompts: list[str], plain_t
         close(llm)
     assert got == plain_tokens[:20]
     assert counts["accepted"] > 0
+
+
+def _drafter_stats(worker: Any) -> dict[str, Any]:
+    return worker.model_runner.drafter.stats()
+
+
+def test_prompt_lookup_then_layers_is_lossless(monkeypatch: pytest.MonkeyPatch, prompts: list[str],
+                                               plain_tokens: list[list[int]]) -> None:
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the drafter's stats from the worker
+    llm = _spec_llm({"exit_layer": 8, "prompt_lookup": True, "max_drafting_requests": 64})
+    try:
+        got = tokens_of(llm, prompts)
+        stats = llm.collective_rpc(_drafter_stats)[0]
+    finally:
+        close(llm)
+    assert got == plain_tokens
+    lookup, layers = stats["by_source"]["lookup"], stats["by_source"]["layers"]
+    # both sources drafted, and vLLM accepted some of each
+    assert lookup["drafted"] > 0 and layers["drafted"] > 0
+    assert 0 < lookup["accepted"] <= lookup["drafted"] and 0 < layers["accepted"] <= layers["drafted"]
+    assert stats["drafted"] == lookup["drafted"] + layers["drafted"]

@@ -17,7 +17,9 @@ from .errors import DraftConfigError
 __all__ = ["DRAFT_KEY", "DraftSpec", "DraftConfigError"]
 
 DRAFT_KEY = "mmskip_draft"
-_FIELDS = ("exit_layer", "attn_skip", "mlp_skip", "swift_config", "max_drafting_requests", "adaptive")
+_FIELDS = ("exit_layer", "attn_skip", "mlp_skip", "swift_config", "max_drafting_requests", "adaptive",
+           "prompt_lookup")
+DEFAULT_LOOKUP = (2, 4)  # n-gram lengths tried by ``prompt_lookup: true`` (vLLM's ngram benchmark settings)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class DraftSpec:
             once (the draft runs request by request; under load plain decoding is faster); default 4.
         adaptive: adapt each request's draft length to its acceptance (grow after a fully accepted
             draft, shrink to one past the accepted prefix after a rejection); default True.
+        prompt_lookup: ``(min_n, max_n)``: first look the context's last n tokens up in the
+            context itself and draft what followed them (no forward pass); the kept layers draft
+            only rows without a match. ``None`` (default): the kept layers draft every row.
     """
 
     num_layers: int
@@ -39,6 +44,7 @@ class DraftSpec:
     mlp_skip: frozenset[int]
     max_drafting_requests: int = 4
     adaptive: bool = True
+    prompt_lookup: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         bad = sorted(i for i in self.attn_skip | self.mlp_skip if not 0 <= i < self.num_layers)
@@ -73,8 +79,12 @@ class DraftSpec:
     def describe(self) -> str:
         """One line for logs and reports."""
         if self.attn_skip == self.mlp_skip == frozenset(range(self.last_layer, self.num_layers)):
-            return f"early exit after layer {self.last_layer} of {self.num_layers}"
-        return f"SWIFT set: attention skipped {sorted(self.attn_skip)}, MLP skipped {sorted(self.mlp_skip)}"
+            kind = f"early exit after layer {self.last_layer} of {self.num_layers}"
+        else:
+            kind = f"SWIFT set: attention skipped {sorted(self.attn_skip)}, MLP skipped {sorted(self.mlp_skip)}"
+        if self.prompt_lookup is None:
+            return kind
+        return f"prompt lookup ({self.prompt_lookup[0]}-{self.prompt_lookup[1]}-grams), else {kind}"
 
     @classmethod
     def from_settings(cls, settings: Any, num_layers: int) -> DraftSpec:
@@ -98,6 +108,8 @@ class DraftSpec:
                 f"mmskip_draft takes exactly one of exit_layer, attn_skip/mlp_skip, swift_config; got {chosen or 'none'}"
             )
         policy = {k: settings[k] for k in ("max_drafting_requests", "adaptive") if k in settings}
+        if "prompt_lookup" in settings:
+            policy["prompt_lookup"] = _lookup(settings["prompt_lookup"])
         if "max_drafting_requests" in policy and not _is_int(policy["max_drafting_requests"]):
             raise DraftConfigError(
                 f"mmskip_draft.max_drafting_requests must be an int >= 1, got {policy['max_drafting_requests']!r}"
@@ -122,6 +134,18 @@ class DraftSpec:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _lookup(value: Any) -> tuple[int, int] | None:
+    """``true`` -> the default n-gram lengths, ``false`` -> off, ``[min_n, max_n]`` as given."""
+    if isinstance(value, bool):
+        return DEFAULT_LOOKUP if value else None
+    if (isinstance(value, list | tuple) and len(value) == 2 and all(_is_int(n) for n in value)
+            and 1 <= value[0] <= value[1]):
+        return int(value[0]), int(value[1])
+    raise DraftConfigError(
+        f"mmskip_draft.prompt_lookup must be true, false or [min_n, max_n] with 1 <= min_n <= max_n, got {value!r}"
+    )
 
 
 def _layer_set(value: Any, name: str) -> frozenset[int]:

@@ -8,7 +8,9 @@ Use::
                             "num_speculative_tokens": 4})
 
 vLLM verifies the drafts with its rejection sampler, so greedy output equals plain vLLM's token
-for token, and sampled output follows the model's distribution. Drafts are greedy.
+for token, and sampled output follows the model's distribution. Drafts are greedy. With
+``"prompt_lookup": true`` in ``mmskip_draft``, a row whose last tokens occurred earlier in its
+context drafts what followed them (no forward pass); only the other rows run the kept layers.
 """
 
 from __future__ import annotations
@@ -23,19 +25,22 @@ import torch
 from .cpu_expand_fix import repair_expand_kernel
 from .draft_spec import DRAFT_KEY, DraftSpec
 from .drafter import LayerDrafter, RowCache
+from .prompt_lookup import lookup_draft
 
 __all__ = ["SelfSpeculativeProposer"]
 
 
 @dataclass
 class _Track:
-    """One request's draft state: its draft KV cache, adapted draft length (``None``: the
-    configured one), context length at the last call, and tokens drafted then."""
+    """One request's draft state: its draft KV cache, adapted draft length per draft source
+    (absent: the configured one), context length at the last call, and the tokens drafted then
+    and by which source (``"lookup"`` or ``"layers"``)."""
 
     cache: RowCache = field(default_factory=RowCache)
-    k: int | None = None
+    k: dict[str, int] = field(default_factory=dict)
     seen: int = -1
     drafted: int = 0
+    source: str = "layers"
 
     def continued_by(self, context: np.ndarray, kept: int) -> bool:
         """Whether ``context`` is this request's context grown by the ``kept`` tokens vLLM kept."""
@@ -57,6 +62,7 @@ class SelfSpeculativeProposer:
         self.tracks: dict[int, _Track] = {}  # batch row -> the state of the request it holds
         self.drafted = 0
         self.accepted = 0
+        self.by_source = {"lookup": [0, 0], "layers": [0, 0]}  # drafted, accepted tokens
         self.paused_steps = 0
         self.seconds = 0.0
         repair_expand_kernel()  # sampled requests are verified at their own temperature (vLLM issue #55005)
@@ -89,11 +95,20 @@ class SelfSpeculativeProposer:
             for i in active:
                 n = int(num_tokens_no_spec[i])
                 track = self.tracks[i]
-                k = min(track.k or self.k, self.max_model_len - n)
-                if k > 0:
-                    drafts[i] = self._draft_row(track.cache, token_ids_cpu[i, :n], k)
-                    track.drafted = len(drafts[i])
+                drafts[i], track.source = self._draft(track, token_ids_cpu[i, :n], self.max_model_len - n)
+                track.drafted = len(drafts[i])
         return drafts
+
+    def _draft(self, track: _Track, context: np.ndarray, room: int) -> tuple[list[int], str]:
+        """A row's draft and its source: prompt lookup when configured and it finds a match, else
+        the kept layers; at most the source's adapted length and ``room`` tokens."""
+        if self.spec.prompt_lookup is not None:
+            k = min(track.k.get("lookup", self.k), room)
+            found = lookup_draft(context, *self.spec.prompt_lookup, k) if k > 0 else []
+            if found:
+                return found, "lookup"
+        k = min(track.k.get("layers", self.k), room)
+        return (self._draft_row(track.cache, context, k) if k > 0 else []), "layers"
 
     def _follow(self, active: list[int], sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray) -> None:
@@ -118,9 +133,12 @@ class SelfSpeculativeProposer:
                 accepted = kept - 1
                 self.drafted += track.drafted
                 self.accepted += accepted
+                counts = self.by_source[track.source]
+                counts[0] += track.drafted
+                counts[1] += accepted
                 if self.spec.adaptive:
-                    k = track.k or self.k
-                    track.k = min(self.k, k + 1) if accepted >= track.drafted else max(1, accepted + 1)
+                    k = track.k.get(track.source, self.k)
+                    track.k[track.source] = min(self.k, k + 1) if accepted >= track.drafted else max(1, accepted + 1)
             track.seen, track.drafted = n, 0
             self.tracks[i] = track
 
@@ -137,12 +155,14 @@ class SelfSpeculativeProposer:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Drafted and accepted tokens, acceptance rate, paused steps, draft KV bytes."""
+        """Drafted and accepted tokens (in all, and per source), acceptance rate, paused steps,
+        draft KV bytes."""
         return {
             "draft": self.spec.describe(),
             "drafted": self.drafted,
             "accepted": self.accepted,
             "acceptance": self.accepted / self.drafted if self.drafted else None,
+            "by_source": {s: {"drafted": d, "accepted": a} for s, (d, a) in self.by_source.items()},
             "paused_steps": self.paused_steps,
             "propose_seconds": self.seconds,
             "draft_kv_bytes": sum(t.cache.nbytes() for t in self.tracks.values()),
