@@ -15,6 +15,10 @@ config is untimed setup), with ``torch.set_num_threads(--threads)``:
   Applied afresh each round, so every round pays one on-the-fly layer-set search (in its first
   prompt) and reuses the found set for the other prompts, as SWIFT does across a task's inputs.
 - ``swift (found set)``: the layer set found by the first round, given explicitly (no search).
+- ``swift (found set) + lookup``: the same, with ``prompt_lookup=--prompt-lookup``: a round whose
+  context repeats its last n-gram drafts what followed it (no draft forward), the others draft
+  with the layer set.
+- ``transformers prompt lookup``: the peer, ``generate(prompt_lookup_num_tokens=--max-draft)``.
 - ``early-exit k``: transformers' ``generate(assistant_early_exit=k)`` (draft = first k layers +
   the LM head, verify with the full model; the same cache).
 - ``layer-skip ...``: the foundation's static ``LayerSkipConfig`` (lossy: compare equality).
@@ -77,12 +81,14 @@ def held_out_prompts(tok: Any, n: int, length: int, vocab: int) -> list[torch.Te
 
 
 class DraftCounter:
-    """Counts the candidates transformers' early-exit assistant proposes (wraps its get_candidates)."""
+    """Counts the candidates one of transformers' candidate generators proposes (wraps its
+    get_candidates); ``kind``: ``EarlyExit`` or ``PromptLookup``."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
         from transformers.generation import candidate_generator as cg
 
-        self.cls, self.original = cg.EarlyExitCandidateGenerator, cg.EarlyExitCandidateGenerator.get_candidates
+        self.cls = getattr(cg, f"{kind}CandidateGenerator")
+        self.original = self.cls.get_candidates
         self.rounds = self.drafted = 0
 
         def counted(gen_self, input_ids, **kwargs):
@@ -101,12 +107,13 @@ def generation(model, prompts, new_tokens, kind, arg, sink: list[dict[str, Any]]
     """One config's generate over every prompt as a timed call: applying the config (and the draft
     counter) is untimed setup; teardown reads the stats, removes them and appends outputs + counters to ``sink``."""
     state: dict[str, Any] = {}
-    extra = {"assistant_early_exit": arg} if kind == "early_exit" else {}
+    extra = {"early_exit": {"assistant_early_exit": arg}, "prompt_lookup": {"prompt_lookup_num_tokens": arg}}.get(kind, {})
+    counted = {"early_exit": "EarlyExit", "prompt_lookup": "PromptLookup"}.get(kind)
 
     def setup() -> None:
         state.clear()
         state["handle"] = mmskip.apply(model, arg) if kind == "apply" else None
-        state["calls"] = DraftCounter() if kind == "early_exit" else None
+        state["calls"] = DraftCounter(counted) if counted else None
 
     def call() -> None:
         with torch.no_grad():
@@ -139,7 +146,8 @@ def _result(outs: list[torch.Tensor], stats: dict[str, Any], calls: DraftCounter
     if "verify_forwards" in stats:
         res.update({k: stats[k] for k in ("acceptance_rate", "mean_accepted_length", "search_seconds", "search_evals",
                                           "layer_set", "matchness", "drafted_tokens", "verify_forwards",
-                                          "draft_forwards", "draft_seconds", "verify_seconds")})
+                                          "draft_forwards", "draft_seconds", "verify_seconds", "lookup_rounds",
+                                          "lookup_drafted_tokens", "lookup_accepted_tokens")})
         res["draft_ms"] = 1e3 * stats["draft_seconds"] / max(stats["draft_forwards"], 1)
         res["verify_ms"] = 1e3 * stats["verify_seconds"] / max(stats["verify_forwards"], 1)
     if calls:
@@ -163,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="SWIFT skip ratios to run (0.45: the paper's; lower suits a small model)")
     p.add_argument("--max-draft", type=int, default=6)
     p.add_argument("--confidence", type=float, default=0.6)
+    p.add_argument("--prompt-lookup", type=int, nargs=2, default=[2, 4], metavar=("MIN_N", "MAX_N"),
+                   help="n-gram lengths of the '+ lookup' rows (SelfSpeculativeConfig.prompt_lookup)")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.prompts, args.prompt_len, args.new_tokens, args.repeats = "random-4x64", 2, 12, 8, 3
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                    confidence=args.confidence))
     for k in ks:
         configs[f"early-exit k={k}"] = ("early_exit", k)
+    configs[f"transformers prompt lookup k={args.max_draft}"] = ("prompt_lookup", args.max_draft)
     configs["layer-skip unified 1.25x"] = ("apply", mmskip.LayerSkipConfig(schedule=schedules.unified(1.25)))
     if not args.smoke:
         configs["layer-skip unified 1.5x"] = ("apply", mmskip.LayerSkipConfig(schedule=schedules.unified(1.5)))
@@ -194,9 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name in [n for n in configs if n.startswith("swift r=")]:
         res = run(model, prompts, args.new_tokens, *configs[name])
         first[name] = res["layer_set"]
-        configs[name + " (found set)"] = ("apply", SelfSpeculativeConfig(
-            attn_skip=tuple(res["layer_set"]["attn_skip"]), mlp_skip=tuple(res["layer_set"]["mlp_skip"]),
-            max_draft=args.max_draft, confidence=args.confidence))
+        found = {"attn_skip": tuple(res["layer_set"]["attn_skip"]), "mlp_skip": tuple(res["layer_set"]["mlp_skip"]),
+                 "max_draft": args.max_draft, "confidence": args.confidence}
+        configs[name + " (found set)"] = ("apply", SelfSpeculativeConfig(**found))
+        configs[name + " (found set) + lookup"] = ("apply", SelfSpeculativeConfig(
+            **found, prompt_lookup=tuple(args.prompt_lookup)))
 
     sinks: dict[str, list[dict]] = {name: [] for name in configs}
     timed = {name: generation(model, prompts, args.new_tokens, kind, arg, sinks[name])
@@ -219,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
                "ratio_spread": list(tm.spread) if tm else [1.0, 1.0], "pairs": any_t.pairs,
                "equal_outputs": f"{equal}/{len(ref)}", "token_agreement": agree, "times_s": list(secs)}
         for key in ("acceptance_rate", "mean_accepted_length", "search_seconds", "search_evals", "layer_set",
-                    "matchness", "drafted_tokens", "verify_forwards", "draft_forwards", "draft_ms", "verify_ms"):
+                    "matchness", "drafted_tokens", "verify_forwards", "draft_forwards", "draft_ms", "verify_ms",
+                    "lookup_rounds", "lookup_drafted_tokens", "lookup_accepted_tokens"):
             if key in last:
                 vals = [r[key] for r in runs]
                 row[key] = statistics.mean(vals) if isinstance(vals[0], float) else last[key]
@@ -241,7 +255,7 @@ def _print(rows: list[dict], meta: dict) -> str:
         f"tokens, batch 1, CPU, torch.set_num_threads({meta['threads']}), median of {meta['repeats']} rounds; "
         f"plain generate {meta['plain_ms_per_token']:.1f} ms/token",
         "",
-        "| config | tokens/s | ratio vs plain | equal outputs | token agreement | acceptance rate | mean accepted "
+        "| config | tokens/s | ratio vs plain (IQR) | equal outputs | token agreement | acceptance rate | mean accepted "
         "length | draft / verify forward ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -249,7 +263,9 @@ def _print(rows: list[dict], meta: dict) -> str:
         acc = f"{r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "-"
         mal = f"{r['mean_accepted_length']:.2f}" if "mean_accepted_length" in r else "-"
         ms = f"{r['draft_ms']:.1f} / {r['verify_ms']:.1f}" if "draft_ms" in r else "-"
-        lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.2f}x | {r['equal_outputs']} | "
+        lo, hi = r["ratio_spread"]
+        lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_vs_plain']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                     f"{r['equal_outputs']} | "
                      f"{r['token_agreement']:.3f} | {acc} | {mal} | {ms} |")
     for r in rows:
         if r.get("layer_set"):
@@ -257,6 +273,12 @@ def _print(rows: list[dict], meta: dict) -> str:
             lines.append(f"\n{r['config']}: draft skips attention {ls['attn_skip']} and MLP {ls['mlp_skip']}"
                          + (f" (matchness {r['matchness']:.2f}, search {r['search_seconds']:.2f} s / round)"
                             if r.get("matchness") is not None else ""))
+    for r in rows:
+        if r.get("lookup_rounds"):
+            looked, hit = r["lookup_drafted_tokens"], r["lookup_accepted_tokens"]
+            lines.append(f"\n{r['config']}: prompt lookup drafted in {r['lookup_rounds']} of {r['verify_forwards']} "
+                         f"rounds, {looked} of {r['drafted_tokens']} drafted tokens, "
+                         f"acceptance {hit / max(looked, 1):.2f}")
     text = "\n".join(lines)
     print("\n" + text)
     return text

@@ -43,6 +43,11 @@ class SelfSpeculativeConfig(SkipConfig):
         reoptimize_below: forget the layer set after a call whose acceptance rate is below this,
             so the next call searches again (0: never); default 0.0.
         seed: seed of the search's random proposals; default 0.
+        prompt_lookup: ``(min_n, max_n)``: before each draft, look the context's last n tokens
+            (longest n first) up in the context itself and propose what followed their latest
+            earlier occurrence (prompt-lookup decoding, https://github.com/apoorvumang/prompt-lookup-decoding);
+            a match costs no draft forward, and the layer-skipping draft runs only when none is
+            found. Still lossless: the full model verifies either draft. ``None`` (default): off.
     """
 
     technique: ClassVar[str] = "self_speculative"
@@ -59,6 +64,7 @@ class SelfSpeculativeConfig(SkipConfig):
     reuse: bool = True
     reoptimize_below: float = 0.0
     seed: int = 0
+    prompt_lookup: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.skip_ratio < 1.0:
@@ -78,6 +84,11 @@ class SelfSpeculativeConfig(SkipConfig):
             raise ValueError(f"SelfSpeculativeConfig.reoptimize_below must lie in [0, 1], got {self.reoptimize_below}")
         if self.search_window < 2:
             raise ValueError(f"SelfSpeculativeConfig.search_window must be >= 2, got {self.search_window}")
+        if self.prompt_lookup is not None and not 1 <= self.prompt_lookup[0] <= self.prompt_lookup[1]:
+            raise ValueError(
+                "SelfSpeculativeConfig.prompt_lookup is (min_n, max_n), the n-gram lengths looked up, with "
+                f"1 <= min_n <= max_n, e.g. (2, 4); got {self.prompt_lookup}"
+            )
 
     @classmethod
     def search_space(cls, context: Any) -> Any:

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -20,6 +21,7 @@ from .._phase import cache_kwarg
 from . import cache as kv
 from .acceptance import greedy_accept, speculative_accept
 from .fallback import decode_reason
+from .lookup import lookup_draft
 from .search import LayerSetSearch
 
 if TYPE_CHECKING:
@@ -166,7 +168,13 @@ def _decode(state: SwiftState, model: torch.nn.Module, input_ids: torch.Tensor, 
         q_rows: list[torch.Tensor] = []
         cur = ids
         t0 = time.perf_counter()
-        while cur.shape[1] - T < budget:
+        looked = _look_up(cfg, ids, budget)
+        if looked:  # a point-mass proposal for each token: speculative sampling stays exact
+            cur = torch.cat([ids, ids.new_tensor([looked])], 1)
+            if gen.do_sample:
+                q_rows = list(F.one_hot(torch.tensor(looked, device=device), logits.shape[-1]).float())
+            c.lookup_rounds += 1
+        while not looked and cur.shape[1] - T < budget:
             k = cur.shape[1] - T
             lg = _forward(state, model, cur[:, -1:], cache, mask_to(T + k), positions(n + k, 1), 1, draft=True)
             row, tok = pick(cur, lg[-1])
@@ -195,6 +203,9 @@ def _decode(state: SwiftState, model: torch.nn.Module, input_ids: torch.Tensor, 
         c.rounds += 1
         c.drafted += k
         c.accepted += m
+        if looked:
+            c.lookup_drafted += k
+            c.lookup_accepted += m
         new = [*drafts[:m].tolist(), bonus]
         added = 0
         for t in new:
@@ -225,6 +236,13 @@ def _decode(state: SwiftState, model: torch.nn.Module, input_ids: torch.Tensor, 
             **{_OUTPUT_CACHE: cache},
         )
     return ids
+
+
+def _look_up(cfg: Any, ids: torch.Tensor, budget: int) -> list[int]:
+    """The prompt-lookup draft of this round (``[]``: none configured, no room, or no match)."""
+    if cfg.prompt_lookup is None or budget < 1:
+        return []
+    return lookup_draft(ids[0].cpu().numpy(), *cfg.prompt_lookup, budget)
 
 
 _OUTPUT_CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"

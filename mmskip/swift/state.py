@@ -33,6 +33,9 @@ class _Counters:
     search_evals: int = 0
     search_seconds: float = 0.0
     draft_forwards: int = 0
+    lookup_rounds: int = 0  # verifications of a prompt-lookup draft
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> calls served by transformers' generate
@@ -82,6 +85,10 @@ class SwiftState(TechniqueState):
             "search_evals": c.search_evals,
             "search_seconds": c.search_seconds,
             "draft_forwards": c.draft_forwards,
+            # of the drafted / accepted tokens, those proposed by prompt lookup (no draft forward)
+            "lookup_rounds": c.lookup_rounds,
+            "lookup_drafted_tokens": c.lookup_drafted,
+            "lookup_accepted_tokens": c.lookup_accepted,
             "draft_seconds": c.draft_seconds,  # wall time in draft forwards
             "verify_seconds": c.verify_seconds,  # wall time in verification forwards
             "fallback_calls": sum(c.fallbacks.values()),  # calls served by transformers' own generate

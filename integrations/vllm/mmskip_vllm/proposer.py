@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmskip.swift.lookup import lookup_draft
+
 from .cpu_expand_fix import repair_expand_kernel
 from .draft_spec import DRAFT_KEY, DraftSpec
 from .drafter import LayerDrafter, RowCache
-from .prompt_lookup import lookup_draft
 
 __all__ = ["SelfSpeculativeProposer"]
 

@@ -1,9 +1,10 @@
 """Prompt lookup: draft the tokens that followed the latest earlier occurrence of the context's last
 n tokens (Saxena's prompt-lookup decoding, the rule of vLLM's ``ngram`` method).
 
-mmskip's self-speculative drafter uses it first when ``mmskip_draft.prompt_lookup`` is set: a match
-costs no forward pass, and only the rows without one run the served model's kept layers. Code and
-other text that repeats itself (identifiers, argument lists) finds many matches.
+SWIFT (``SelfSpeculativeConfig(prompt_lookup=...)``) and the vLLM drafter
+(``mmskip_draft.prompt_lookup``) try it before the layer-skipping draft: a match costs no forward
+pass, so only rounds (or rows) without one run the draft. Code and other text that repeats itself
+(identifiers, argument lists) finds many matches.
 """
 
 from __future__ import annotations
