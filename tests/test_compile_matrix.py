@@ -101,17 +101,14 @@ CASES: dict[str, Case] = {
                                             cold=(1, 0), span=1), _lm_prompts),
     "void_layers": Case(
         _lm, lambda t: mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.9, "l2_change", max_skip=0.5),
-                                              min_void_fraction=0.1), _lm_prompts, slow=True,
+                                              min_void_fraction=0.1), _lm_prompts,
         xfail={"no_recompile": "the skip set is decided per prompt ({2} for one prompt, {3} for the other) and is "
-                               "Python control flow in the decode graph: each set compiles its own graph. A device-"
-                               "side branch (torch.cond per layer) is refused by dynamo around transformers' layers: "
-                               "HOP: Unsafe side effect (a mutated CompileableContextVar, transformers' output "
-                               "collector, around a whole layer; the kernels hub's _ACTIVE_KERNEL_FUNCS ContextVar "
-                               "reset around the MLP; reproduced without mmskip); first failing guard: "
-                               "kwargs['cache'].layers[0].is_initialized in a layer's frame resumed after the "
-                               ".tolist() break",
-               "fullgraph": "fullgraph: GuardOnDataDependentSymNode at void_layers/lac.py void_skip_set .tolist(): "
-                            "the prompt's skip set is read to the host (once per prompt) by design"}),
+                               "Python control flow in the decode graph: each set compiles its own step graph (the "
+                               "prompt graph, free of graph breaks, is shared). A device-side branch (torch.cond per "
+                               "layer) is refused by dynamo around transformers' layers: HOP: Unsafe side effect (a "
+                               "mutated CompileableContextVar, transformers' output collector, around a whole layer; "
+                               "the kernels hub's _ACTIVE_KERNEL_FUNCS ContextVar reset around the MLP; reproduced "
+                               "without mmskip); first failing guard: the skip set, read in SkipPlan.skips"}),
     "swift": Case(
         _lm, lambda t: mmskip.SelfSpeculativeConfig(attn_skip=(2,), mlp_skip=(1, 2), confidence=0.0, max_draft=4),
         _lm_prompts, static=False, slow=True),  # SWIFT takes the dynamic cache only

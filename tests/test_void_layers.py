@@ -80,3 +80,80 @@ def test_one_hook_per_layer_and_no_skip_hook_when_the_cap_allows_none(padded_bat
     assert [r.phase for r in records] == ["prefill"] and records[0].norms.shape[0] == 9  # every layer traced
     if max_skip == 0.0:
         assert torch.equal(out, base)
+
+
+class _CountGraphs:
+    """A dynamo backend that runs each captured graph eagerly and counts them."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs += 1
+        return gm.forward
+
+
+def _generate(model, prompts, compiled=False):
+    """Greedy static-cache continuations of each (1, T) prompt; compiled: ``model.forward`` under
+    ``torch.compile`` with a counting backend, and the graphs and graph breaks it took."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    backend = _CountGraphs()
+    if compiled:
+        model.forward = torch.compile(model.forward, backend=backend)
+    try:
+        with torch.no_grad():
+            out = [model.generate(p, max_new_tokens=4, do_sample=False, cache_implementation="static")
+                   for p in prompts]
+    finally:
+        if compiled:
+            del model.forward
+        breaks = sum(counters["graph_break"].values())
+        torch._dynamo.reset()
+    return out, backend.graphs, breaks
+
+
+def _prompts(n=3):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 128, (1, 8), generator=g) for _ in range(n)]
+
+
+def test_compiled_zero_skip_takes_the_plain_models_graphs_and_keeps_the_records():
+    """Issue 31: with a cap of 0 only LAC's trace is left, and under torch.compile it adds no graph
+    break and no recompile (the records leave the graph through one custom op), on a deep copy too."""
+    import copy
+
+    model, prompts = tiny_lm("llama", layers=4), _prompts()
+    plain, plain_graphs, plain_breaks = _generate(model, prompts, compiled=True)
+    cfg = mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.5, "l2_change", max_skip=0.0))
+    with mmskip.applied(model, cfg) as handle:
+        eager, _, _ = _generate(model, prompts)
+        eager_records = list(handle.state.records)
+        handle.state.reset()
+        clone = copy.deepcopy(model)  # a copy traces into its own state, not the original's
+        out, graphs, breaks = _generate(clone, prompts, compiled=True)
+        records = clone._mmskip_handle.state.records
+        assert handle.state.records == []
+    assert (graphs, breaks) == (plain_graphs, plain_breaks) == (2, 0)  # a prompt graph and a step graph
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(out, eager, plain))
+    assert [r.phase for r in records] == ["prefill"] * len(prompts)
+    for rec, ref in zip(records, eager_records):
+        assert torch.allclose(rec.norms, ref.norms) and torch.equal(rec.valid, ref.valid)
+
+
+def test_compiled_void_skipping_decides_as_eager_without_graph_breaks():
+    """The prompt's skip set is read on the host inside the op: no graph break; the prompt graph does
+    not guard on the skip set, each skip set compiles one step graph, and the tokens are eager's."""
+    model, prompts = tiny_lm("llama", layers=4), _prompts()
+    cfg = mmskip.VoidLayerConfig(schedule=schedules.adaptive(0.9, "l2_change", max_skip=0.5), min_void_fraction=0.1)
+    with mmskip.applied(model, cfg) as handle:
+        sets: list[list[int]] = []
+        handle.state.tracer.on_complete.append(lambda rec: sets.append(sorted(handle.state.plan.skip)))
+        eager, _, _ = _generate(model, prompts)
+        eager_sets, sets[:] = list(sets), []
+        out, graphs, breaks = _generate(model, prompts, compiled=True)
+    assert sets == eager_sets and len({tuple(s) for s in sets}) > 1 and all(sets)  # two skip sets, none empty
+    assert all(torch.equal(a, b) for a, b in zip(out, eager))
+    assert breaks == 0 and graphs == 1 + len({tuple(s) for s in sets})

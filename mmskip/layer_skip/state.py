@@ -24,9 +24,9 @@ class SkipPlan:
         self.cache_idx = [getattr(adapter.attention(i), "layer_idx", i) for i in range(adapter.num_layers)]
 
     def skips(self, i: int) -> bool:
-        if i not in self.skip:
-            return False
-        return self.phase == "all" or self.state.phase == "decode"
+        # the phase first: a compiled prompt forward of a decode-phase plan then never reads the skip
+        # set, so it does not guard on it (void layers change the set with every prompt)
+        return (self.phase == "all" or self.state.phase == "decode") and i in self.skip
 
     def splices(self, i: int) -> bool:
         """A ``generate(use_cache=False)`` step: layer ``i`` runs, but only for the prompt's tokens."""

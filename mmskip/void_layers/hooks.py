@@ -97,5 +97,6 @@ def attach_void_layers(config: VoidLayerConfig, model: torch.nn.Module, handle: 
             plan.skip = frozenset(void_skip_set(rec, alpha, lift, min_fraction, max_layers))
             logger.debug("void layers for this prompt: %s", sorted(plan.skip))
 
-    tracer.on_complete.append(decide)
+    if max_layers > 0:  # a cap of 0 skips nothing whatever the prompt: no decision to make
+        tracer.on_complete.append(decide)
     handle.state = VoidLayerState(state, plan, tracer)

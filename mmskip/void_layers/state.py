@@ -1,9 +1,19 @@
 """What an applied :class:`~mmskip.void_layers.VoidLayerConfig` remembers: the traced norms (typed
-records, one per traced forward) and the skip plan the prompt decided."""
+records, one per traced forward) and the skip plan the prompt decided.
+
+Under ``torch.compile`` a finished trace leaves the graph through one side-effecting custom op,
+``mmskip::void_record``: the graph only computes the norms, and the op, run when the compiled
+forward runs, appends the record and decides the skip set in plain Python. Appending to the
+list of records inside the graph would make its length a guard (a recompile per prompt), and
+the skip set's host read would break the graph deep in the layer loop (a compiled generate on
+the zoo's ``stdlib-lm`` took 11 graphs instead of the plain model's 2).
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +52,16 @@ class NormTracer:
         self.norms: list[torch.Tensor] = []
         self.records: list[VoidRecord] = []  # one per traced forward
         self.on_complete: list[Callable[[VoidRecord], None]] = []
+        self._register()
+
+    def _register(self) -> None:
+        self.key = next(_KEYS)  # how a compiled graph's ``mmskip::void_record`` finds this tracer
+        _TRACERS[self.key] = self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy`` of an applied model, or unpickled) gets a key of its own."""
+        self.__dict__.update(state)
+        self._register()
 
     @property
     def tracing(self) -> bool:
@@ -53,10 +73,17 @@ class NormTracer:
             norms = torch.stack(self.norms)
             self.norms = []
             mask = self.state.attention_mask if self.state.phase == "prefill" else None
-            rec = VoidRecord(phase=self.state.phase, norms=norms, valid=_valid(mask, norms))
-            self.records.append(rec)
-            for fn in self.on_complete:
-                fn(rec)
+            valid = _valid(mask, norms)
+            if _RECORD_OP is not None and torch.compiler.is_compiling():
+                _RECORD_OP(norms.detach(), valid, self.key, self.state.phase)  # runs with the graph, eagerly
+            else:
+                self.complete(VoidRecord(phase=self.state.phase, norms=norms, valid=valid))
+
+    def complete(self, rec: VoidRecord) -> None:
+        """Keep a finished trace and hand it to the listeners (the skip-set decision)."""
+        self.records.append(rec)
+        for fn in self.on_complete:
+            fn(rec)
 
 
 def _valid(mask: torch.Tensor | None, norms: torch.Tensor) -> torch.Tensor:
@@ -68,6 +95,36 @@ def _valid(mask: torch.Tensor | None, norms: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=norms.device)
     return mask.bool().to(norms.device)
+
+
+_KEYS = itertools.count()
+_TRACERS: weakref.WeakValueDictionary[int, NormTracer] = weakref.WeakValueDictionary()
+
+
+def _void_record(norms: torch.Tensor, valid: torch.Tensor, key: int, phase: str) -> None:
+    tracer = _TRACERS.get(key)
+    if tracer is not None:  # copies: a compiled graph may reuse its buffers once this op returns
+        tracer.complete(VoidRecord(phase=phase, norms=norms.clone(), valid=valid.clone()))
+
+
+def _define_record_op() -> Callable[..., None] | None:
+    """``mmskip::void_record``: a finished trace, handed from a compiled graph to :meth:`NormTracer.complete`.
+
+    Registered as effectful (never dead-code eliminated, never reordered) and CUDA-graph unsafe (a
+    replayed graph would skip it). ``None`` where this torch cannot: traces then complete inside the
+    graph, as in eager mode."""
+    tags = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+    try:
+        op = torch.library.custom_op("mmskip::void_record", _void_record, mutates_args=(), tags=tags)
+        op.register_fake(lambda norms, valid, key, phase: None)
+        torch.library._register_effectful_op(op._opoverload, torch.library.EffectType.ORDERED)
+    except (AttributeError, TypeError, RuntimeError) as err:  # an older torch; a reloaded module (defined twice)
+        logger.debug("void layers: no mmskip::void_record op (%s); compiled traces break the graph", err)
+        return None
+    return op._opoverload
+
+
+_RECORD_OP = _define_record_op()
 
 
 @dataclass
