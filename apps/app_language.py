@@ -27,7 +27,7 @@ import mmskip
 from mmskip import schedules, zoo
 
 LM_TECHNIQUES = ["Unified Layer Skipping s=1.5", "Unified Layer Skipping s=2", "FFN-SkipLLM", "void layers",
-                 "SWIFT (lossless)"]
+                 "SWIFT (lossless)", "SWIFT + prompt lookup (lossless)"]
 CHUNK_TOKENS = 64  # the Analysis tab's window
 
 
@@ -99,7 +99,7 @@ def lm_config(technique: str) -> mmskip.SkipConfig:
     if technique.startswith("SWIFT"):
         from mmskip.swift import SelfSpeculativeConfig
 
-        return SelfSpeculativeConfig()
+        return SelfSpeculativeConfig(prompt_lookup=(2, 4) if "lookup" in technique else None)
     raise AppError(f"unknown technique {technique!r}; choose one of {LM_TECHNIQUES}")
 
 

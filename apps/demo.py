@@ -152,9 +152,10 @@ def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: 
 
 @torch.no_grad()
 def speculative_demo(model_name: str, new_tokens: int = 48, repeats: int = 3) -> list[dict]:
-    """Lossless speculative decoding, one prompt at a time: SWIFT (``SelfSpeculativeConfig``) and
-    transformers' ``assistant_early_exit`` at half depth, against plain greedy ``generate``
-    (paired: ``repeats`` interleaved rounds after a warm-up round)."""
+    """Lossless speculative decoding, one prompt at a time: SWIFT (``SelfSpeculativeConfig``), alone
+    and with prompt lookup, and transformers' ``assistant_early_exit`` at half depth and
+    ``prompt_lookup_num_tokens``, against plain greedy ``generate`` (paired: ``repeats`` interleaved
+    rounds after a warm-up round)."""
     from mmskip.swift import SelfSpeculativeConfig
 
     model, tok = load_lm(model_name)
@@ -162,7 +163,9 @@ def speculative_demo(model_name: str, new_tokens: int = 48, repeats: int = 3) ->
     half = layers // 2
     prompts = [tok(p, return_tensors="pt").input_ids for p in _PROMPTS]
     configs = {"plain": ({}, None), "SWIFT (layer set searched on the fly)": ({}, SelfSpeculativeConfig()),
-               f"early exit at layer {half}": ({"assistant_early_exit": half}, None)}
+               "SWIFT + prompt lookup": ({}, SelfSpeculativeConfig(prompt_lookup=(2, 4))),
+               f"early exit at layer {half}": ({"assistant_early_exit": half}, None),
+               "transformers prompt lookup (peer)": ({"prompt_lookup_num_tokens": 6}, None)}
     outs: dict[str, list[torch.Tensor]] = {}
     accept: dict[str, float | None] = {}
 

@@ -92,16 +92,21 @@ class SelfSpeculativeConfig(SkipConfig):
 
     @classmethod
     def search_space(cls, context: Any) -> Any:
-        """Tunable on causal LMs: the draft's skip ratio, draft length and confidence cut-off
-        (lossless for greedy decoding: only speed changes)."""
+        """Tunable on causal LMs: the draft's skip ratio, draft length, confidence cut-off and
+        prompt lookup (``lookup_max_n``: 0 off, else ``prompt_lookup=(2, lookup_max_n)``); lossless
+        for greedy decoding: only speed changes."""
         if context.kind != "lm" or not context.num_layers or context.num_layers < 4:
             return None
-        from ..tuning.space import FloatRange, IntRange, Space
+        from ..tuning.space import Choice, FloatRange, IntRange, Space
+
+        def build(v: dict[str, Any]) -> SelfSpeculativeConfig:
+            lookup = (2, v["lookup_max_n"]) if v["lookup_max_n"] else None
+            return cls(skip_ratio=v["skip_ratio"], max_draft=v["max_draft"], confidence=v["confidence"],
+                       prompt_lookup=lookup)
 
         return Space(cls.technique, {"skip_ratio": FloatRange(0.2, 0.6), "max_draft": IntRange(2, 10),
-                                     "confidence": FloatRange(0.3, 0.9)},
-                     lambda v: cls(skip_ratio=v["skip_ratio"], max_draft=v["max_draft"], confidence=v["confidence"]),
-                     seeds=({"skip_ratio": 0.45, "max_draft": 10, "confidence": 0.6},))  # the defaults
+                                     "confidence": FloatRange(0.3, 0.9), "lookup_max_n": Choice((0, 3, 4))},
+                     build, seeds=({"skip_ratio": 0.45, "max_draft": 10, "confidence": 0.6, "lookup_max_n": 0},))  # the defaults
 
     @property
     def fixed(self) -> bool:

@@ -86,6 +86,13 @@ def test_language_tab_reports_paired_speed_and_a_lossless_badge(app):
     assert "3 pairs" in md and "median of 3 interleaved pairs" in md
 
 
+def test_language_tab_swift_with_prompt_lookup_is_lossless(app):
+    assert app.lm_config("SWIFT + prompt lookup (lossless)").prompt_lookup == (2, 4)
+    assert app.lm_config("SWIFT (lossless)").prompt_lookup is None
+    plain, fast, md = app.run_language("stdlib-lm", "def read(path):\n    path = path\n", "SWIFT + prompt lookup (lossless)", 8)
+    assert plain == fast and "identical output" in md
+
+
 def test_diffusion_tab_gives_three_images_and_a_paired_table(app):
     base, fast, fewer, md = app.run_diffusion("digits-dit", 4, app.DIFF_TECHNIQUES[2], steps=6, teleport=0.5, seed=1)
     assert base.size == fast.size == fewer.size == (256, 256)

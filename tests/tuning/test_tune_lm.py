@@ -41,7 +41,13 @@ def test_result_meets_the_floor_on_held_out_and_lists_the_baseline(tuned):
     assert len(r.measured) >= 2 and r.trials == 5
     best = r.best_measured
     assert best.quality[r.metric] >= r.floor
-    assert best.speedup == max(m.speedup for m in r.measured[1:]) or best.candidate.family == "baseline"
+    # the rule, whatever the timings: the fastest candidate faster in most paired rounds (lower
+    # quartile above 1), else the baseline
+    faster = [m for m in r.measured[1:] if m.spread[0] > 1.0 and m.quality[r.metric] >= r.floor]
+    if faster:
+        assert best.speedup == max(m.speedup for m in faster)
+    else:
+        assert best.candidate.family == "baseline"
     assert all(m.spread[0] <= m.speedup <= m.spread[1] for m in r.measured[1:])
     assert r.front and all(m in r.measured for m in r.front)
 
@@ -174,7 +180,7 @@ def test_a_fresh_search_tries_the_declared_seeds_first(tuned):
     assert set(first) == {"layer_skip speedup=1.5 phase=decode", "layer_skip speedup=2 phase=decode",
                           "ffn_skip threshold=0.95 max_skip=0.25 span=2",
                           "void_layers alpha=0.5 max_skip=0.25 min_void_fraction=0.5",
-                          "self_speculative skip_ratio=0.45 max_draft=10 confidence=0.6"}
+                          "self_speculative skip_ratio=0.45 max_draft=10 confidence=0.6 lookup_max_n=0"}
 
 
 def test_missing_optuna_names_the_extra(monkeypatch):
