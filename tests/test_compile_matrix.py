@@ -90,6 +90,10 @@ _REPLAY = ("fullgraph: Unsupported: threading.get_ident in vision/generation_rep
            "then in the CallGuard InputHook holds (mmskip/_guard.py enter), then InputHook's data-dependent "
            "bool(routed.any()): p-MoD's prefill / decode / replay decisions are host-side Python by design")
 
+_MUE_EAGER = ("fullgraph: Unsupported: skip calling the torch.compiler.disable'd run_eagerly (vision/mue/decoder.py): "
+              "MuE's measured encoder pass and decoder forward run eagerly, one graph break each, because whether a "
+              "layer runs is the exit decision (a host read, then Python control flow)")
+
 CASES: dict[str, Case] = {
     "plain-llama": Case(_lm, lambda t: None, _lm_prompts),
     "layer_skip-decode": Case(
@@ -134,16 +138,10 @@ CASES: dict[str, Case] = {
     "plain-florence": Case(tiny_florence, lambda t: None, lambda: (florence_prompts(), florence_prompts(seed=5))),
     "mue": Case(
         tiny_florence, lambda t: copy.deepcopy(EXITS), lambda: (florence_prompts(), florence_prompts(seed=5)),
-        xfail={"fullgraph": "fullgraph: data-dependent branch bool(p.done.any()) in vision/mue/decoder.py "
-                            "DecoderLayerHook.new_forward (whether a layer runs is the exit decision)"}),
+        xfail={"fullgraph": _MUE_EAGER}),
     "mue-t5gemma2": Case(
         tiny_t5gemma2, lambda t: copy.deepcopy(T5G_EXITS), lambda: (t5gemma2_prompts(), t5gemma2_prompts(seed=5)),
-        slow=True,
-        xfail={"no_recompile": "second call recompiles: DecoderLayerHook's resume frame after bool(p.done.any()) "
-                               "(vision/mue/decoder.py) is compiled per (layer, branch, cache state) and hits "
-                               "torch._dynamo recompile_limit 8 in the first call",
-               "fullgraph": "fullgraph: data-dependent branch bool(p.done.any()) in vision/mue/decoder.py "
-                            "DecoderLayerHook.new_forward (whether a layer runs is the exit decision)"}),
+        slow=True, xfail={"fullgraph": _MUE_EAGER}),
 }
 
 

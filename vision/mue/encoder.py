@@ -23,6 +23,7 @@ from mmskip._phase import ArgumentsHook
 from mmskip.inject import CallGuard, SkipHandle
 
 from ..adapters import EncDecVLMAdapter
+from .decoder import run_eagerly
 from .state import NEVER, EncoderPass, EncoderRecord, MuEState, cosine, guarded, or_never
 
 __all__ = ["PlaceholderHook", "EncoderHook", "EncoderKVHook", "EncoderLayerHook"]
@@ -82,6 +83,8 @@ class EncoderHook(ArgumentsHook):
         self.names = [n for i in range(L) for n in (f"encoder.{i}", f"encoder.{i}.kv")]
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.measures and torch.compiler.is_compiling():
+            return run_eagerly(self.new_forward, module, *args, **kwargs)  # one break: exits decided eagerly
         bound = self.arguments(args, kwargs)
         x = bound.get("inputs_embeds")
         x = bound.get("input_ids") if x is None else x

@@ -20,7 +20,7 @@ from mmskip.registry import get_adapter
 
 from ..adapters import EncDecVLMAdapter
 from ..generation_replay import bind_generations
-from .decoder import DecoderHook, DecoderLayerHook
+from .decoder import DecoderHook, DecoderLayerHook, own_wrapper_code
 from .encoder import EncoderHook, EncoderKVHook, EncoderLayerHook, PlaceholderHook
 from .state import MuEState
 
@@ -88,6 +88,18 @@ def attach_mue(config: MuEConfig, model: torch.nn.Module, handle: SkipHandle) ->
     if adapter.head is not None:
         counts.fixed_cost = adapter.head_flops()
         handle.add_hook(adapter.head, HeadCounter(handle), ".head")
+    # made now, outside any compiled graph (a graph that made one would be compiled again once it exists):
+    # the decoder's threshold table (its first read is a host read) and the device-side counters
+    state.decoder_thresholds(0, 1, torch.device("cpu"))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    for part, depth in (("encoder", adapter.num_encoder_layers), ("decoder", L)):
+        counts.declare([n for i in range(depth) for n in (f"{part}.{i}", f"{part}.{i}.kv")], device)
+    # the hooked modules on a compiled forward's call chain (the layers run inside the eager passes)
+    hooked = {"mm": adapter.mm_model, "encoder": adapter.encoder, "decoder": adapter.decoder, "head": adapter.head}
+    for tag, module in hooked.items():
+        if module is not None:
+            own_wrapper_code(module, "mue_" + tag)
     handle.state = state
     logger.debug("mue: %d encoder / %d decoder layers, decoder min_layers %d", adapter.num_encoder_layers, L,
                  min_layers)

@@ -5,8 +5,12 @@ the layer hooks), the last encoder pass's exits per token, the current generatio
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import math
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +24,10 @@ from ..generation_replay import Generations
 if TYPE_CHECKING:
     from .config import MuEConfig
 
-__all__ = ["MuEState", "EncoderRecord", "EncoderPass", "DecoderPass", "NEVER", "or_never", "cosine", "guarded"]
+__all__ = ["MuEState", "EncoderRecord", "EncoderPass", "DecoderPass", "NEVER", "or_never", "cosine", "guarded",
+           "decoder_done"]
+
+logger = logging.getLogger("mmskip.vision.mue")
 
 NEVER = 2.0  # a threshold the clamped cosine (<= 1) can never exceed
 
@@ -128,6 +135,19 @@ class MuEState(TechniqueState):
     thr_table: torch.Tensor | None = None  # the decoder threshold at positions 0..n-1 (float32, CPU)
     thr_values: list[float] = field(default_factory=list)  # the same table as Python floats (one-token steps)
     first_exit: int = 0  # the first decoder position whose threshold is below 1 (table length: none)
+    key: int = -1  # how a compiled graph's ``mmskip::mue_decoder_done`` finds this state
+
+    def __post_init__(self) -> None:
+        self._register()
+
+    def _register(self) -> None:
+        self.key = next(_KEYS)
+        _STATES[self.key] = self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy`` of an applied model) gets a key of its own."""
+        self.__dict__.update(state)
+        self._register()
 
     @property
     def decoder_exits(self) -> torch.Tensor | None:
@@ -180,6 +200,30 @@ class MuEState(TechniqueState):
             self.first_exit = next((t for t, v in enumerate(values) if v < 1.0), n)
         return self.thr_table[past: past + q].to(device), past + q - 1 >= self.first_exit
 
+    # -- what a decoder forward leaves ---------------------------------------------------------
+    def record_pass(self, exit_layer: torch.Tensor, past: int, dense: int) -> None:
+        """A measured decoder forward over positions ``past ..``: its (B, q) exit layers joined to the
+        generation's (a forward that continues a cache this state did not see makes it incomplete)."""
+        if past == 0:
+            self.decoder_exits, self.decoder_dense, self.decoder_complete = exit_layer, dense, True
+            return
+        prev = self.decoder_exits
+        self.decoder_dense += dense
+        if prev is not None and self.decoder_complete and tuple(prev.shape) == (exit_layer.shape[0], past):
+            self.decoder_exits = torch.cat([prev, exit_layer.to(prev.device)], dim=1)
+        else:
+            self.decoder_exits, self.decoder_complete = exit_layer, False
+
+    def record_counted(self, rows: int, past: int, q: int, device: torch.device) -> None:
+        """A decoder forward no exit could trigger in: every entry of its exits is the depth, kept as
+        a shape (:attr:`never_exited`) instead of a tensor per step."""
+        if past == 0:
+            self.decoder_dense, self.decoder_complete = 0, True
+        elif not (self.decoder_complete and self.decoder_shape() == (rows, past)):
+            self.decoder_complete, past = False, 0  # as record_pass: only this forward's exits are known
+        self.decoder_exits = None
+        self.never_exited = (rows, past + q, device)
+
     # -- exit replay -------------------------------------------------------------------------
     def pin_exits(self) -> None:
         """Make later calls reuse the recorded exits instead of measuring: the encoder replays the
@@ -224,6 +268,53 @@ class MuEState(TechniqueState):
                    **c.decoder_params()}
         return {"encoder": encoder, "decoder": decoder,
                 "pinned": self.pinned_encoder is not None or self.pinned_decoder is not None}
+
+
+_KEYS = itertools.count()
+_STATES: weakref.WeakValueDictionary[int, MuEState] = weakref.WeakValueDictionary()
+
+
+def _decoder_done(t: torch.Tensor, key: int, past: int, dense: int, measured: bool) -> None:
+    st = _STATES.get(key)
+    if st is None:
+        return
+    if measured:  # a copy: a compiled graph may reuse its buffers once this op returns
+        st.record_pass(t.clone(), past, dense)
+    else:
+        st.record_counted(int(t.shape[0]), past, int(t.shape[1]), t.device)
+
+
+def _define_done_op() -> Callable[..., None] | None:
+    """``mmskip::mue_decoder_done``: the end of a decoder forward, handed from a compiled graph to
+    :meth:`MuEState.record_pass` / :meth:`MuEState.record_counted` when the graph runs.
+
+    Recording inside the graph would make the generation's length (Python state that changes every
+    step) a guard: a recompile per decoder step until dynamo's recompile limit sends the forward back
+    to eager. Effectful (never dropped or reordered) and CUDA-graph unsafe (a replay would skip it);
+    ``None`` where this torch cannot (the recording then stays in the graph)."""
+    tags = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+    try:
+        op = torch.library.custom_op("mmskip::mue_decoder_done", _decoder_done, mutates_args=(), tags=tags)
+        op.register_fake(lambda t, key, past, dense, measured: None)
+        torch.library._register_effectful_op(op._opoverload, torch.library.EffectType.ORDERED)
+    except (AttributeError, TypeError, RuntimeError) as err:  # an older torch; a reloaded module
+        logger.debug("mue: no mmskip::mue_decoder_done op (%s); compiled steps record in the graph", err)
+        return None
+    return op._opoverload
+
+
+_DONE_OP = _define_done_op()
+
+
+def decoder_done(st: MuEState, t: torch.Tensor, past: int, dense: int, measured: bool) -> None:
+    """Record a decoder forward: ``t`` is its (B, q) exit layers (``measured``) or its input (B, q[, D]).
+    In a compiled graph through ``mmskip::mue_decoder_done``, which runs when the graph runs."""
+    if _DONE_OP is not None and torch.compiler.is_compiling():
+        _DONE_OP(t.detach(), st.key, past, dense, measured)
+    elif measured:
+        st.record_pass(t, past, dense)
+    else:
+        st.record_counted(int(t.shape[0]), past, int(t.shape[1]), t.device)
 
 
 def _tally(tokens: int, run: int, layers: int) -> dict[str, Any]:
