@@ -168,7 +168,9 @@ def test_demo_quick_language_only_option(demo, tiny_lm_folder, monkeypatch, caps
 
 def test_speculative_demo_is_lossless(demo, tiny_lm_folder, capsys):
     rows = demo.speculative_demo(str(tiny_lm_folder), new_tokens=6, repeats=3)
-    assert [r["identical"] for r in rows] == ["4/4", "4/4"] and all(r["speedup"] > 0 for r in rows)
+    assert [r["config"] for r in rows] == ["SWIFT (layer set searched on the fly)", "SWIFT + prompt lookup",
+                                           "early exit at layer 4", "transformers prompt lookup (peer)"]
+    assert all(r["identical"] == "4/4" and r["speedup"] > 0 for r in rows)
     assert "Lossless speculative decoding" in capsys.readouterr().out
 
 
