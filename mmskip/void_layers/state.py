@@ -11,15 +11,14 @@ the zoo's ``stdlib-lm`` took 11 graphs instead of the plain model's 2).
 
 from __future__ import annotations
 
-import itertools
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._graph_callback import Keyed, effectful_op
 from ..inject import TechniqueState
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ class VoidRecord:
     valid: torch.Tensor
 
 
-class NormTracer:
+class NormTracer(Keyed):
     """Collects per-token residual norms of one forward, layer by layer."""
 
     def __init__(self, num_layers: int, state: ForwardState, trace_decode: bool) -> None:
@@ -52,16 +51,7 @@ class NormTracer:
         self.norms: list[torch.Tensor] = []
         self.records: list[VoidRecord] = []  # one per traced forward
         self.on_complete: list[Callable[[VoidRecord], None]] = []
-        self._register()
-
-    def _register(self) -> None:
-        self.key = next(_KEYS)  # how a compiled graph's ``mmskip::void_record`` finds this tracer
-        _TRACERS[self.key] = self
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """A copy (``copy.deepcopy`` of an applied model, or unpickled) gets a key of its own."""
-        self.__dict__.update(state)
-        self._register()
+        self.register_key()  # how a compiled graph's ``mmskip::void_record`` finds this tracer
 
     @property
     def tracing(self) -> bool:
@@ -97,34 +87,14 @@ def _valid(mask: torch.Tensor | None, norms: torch.Tensor) -> torch.Tensor:
     return mask.bool().to(norms.device)
 
 
-_KEYS = itertools.count()
-_TRACERS: weakref.WeakValueDictionary[int, NormTracer] = weakref.WeakValueDictionary()
-
-
 def _void_record(norms: torch.Tensor, valid: torch.Tensor, key: int, phase: str) -> None:
-    tracer = _TRACERS.get(key)
+    """``mmskip::void_record``: a finished trace, handed from a compiled graph to :meth:`NormTracer.complete`."""
+    tracer = Keyed.find(key)
     if tracer is not None:  # copies: a compiled graph may reuse its buffers once this op returns
         tracer.complete(VoidRecord(phase=phase, norms=norms.clone(), valid=valid.clone()))
 
 
-def _define_record_op() -> Callable[..., None] | None:
-    """``mmskip::void_record``: a finished trace, handed from a compiled graph to :meth:`NormTracer.complete`.
-
-    Registered as effectful (never dead-code eliminated, never reordered) and CUDA-graph unsafe (a
-    replayed graph would skip it). ``None`` where this torch cannot: traces then complete inside the
-    graph, as in eager mode."""
-    tags = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
-    try:
-        op = torch.library.custom_op("mmskip::void_record", _void_record, mutates_args=(), tags=tags)
-        op.register_fake(lambda norms, valid, key, phase: None)
-        torch.library._register_effectful_op(op._opoverload, torch.library.EffectType.ORDERED)
-    except (AttributeError, TypeError, RuntimeError) as err:  # an older torch; a reloaded module (defined twice)
-        logger.debug("void layers: no mmskip::void_record op (%s); compiled traces break the graph", err)
-        return None
-    return op._opoverload
-
-
-_RECORD_OP = _define_record_op()
+_RECORD_OP = effectful_op("mmskip::void_record", _void_record, lambda norms, valid, key, phase: None)
 
 
 @dataclass

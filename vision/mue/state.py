@@ -5,17 +5,15 @@ the layer hooks), the last encoder pass's exits per token, the current generatio
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import threading
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmskip._graph_callback import Keyed, effectful_op
 from mmskip.inject import CallGuard, TechniqueState
 
 from ..adapters import EncDecVLMAdapter
@@ -108,7 +106,7 @@ class DecoderPass:
 
 
 @dataclass
-class MuEState(TechniqueState):
+class MuEState(Keyed, TechniqueState):
     """What an applied :class:`MuEConfig` remembers: the last encoder pass's exits per token, the
     current decoder generation's exit layer per (row, position), the pins that replay them, and
     the per-call passes the hooks share. ``stats()`` describes the last encoder pass and the last
@@ -138,16 +136,7 @@ class MuEState(TechniqueState):
     key: int = -1  # how a compiled graph's ``mmskip::mue_decoder_done`` finds this state
 
     def __post_init__(self) -> None:
-        self._register()
-
-    def _register(self) -> None:
-        self.key = next(_KEYS)
-        _STATES[self.key] = self
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """A copy (``copy.deepcopy`` of an applied model) gets a key of its own."""
-        self.__dict__.update(state)
-        self._register()
+        self.register_key()
 
     @property
     def decoder_exits(self) -> torch.Tensor | None:
@@ -270,12 +259,12 @@ class MuEState(TechniqueState):
                 "pinned": self.pinned_encoder is not None or self.pinned_decoder is not None}
 
 
-_KEYS = itertools.count()
-_STATES: weakref.WeakValueDictionary[int, MuEState] = weakref.WeakValueDictionary()
-
-
 def _decoder_done(t: torch.Tensor, key: int, past: int, dense: int, measured: bool) -> None:
-    st = _STATES.get(key)
+    """``mmskip::mue_decoder_done``: the end of a decoder forward, handed from a compiled graph to
+    :meth:`MuEState.record_pass` / :meth:`MuEState.record_counted` when the graph runs. Recording
+    inside the graph would make the generation's length (Python state that changes every step) a
+    guard: a recompile per decoder step until dynamo's recompile limit sends the forward to eager."""
+    st = Keyed.find(key)
     if st is None:
         return
     if measured:  # a copy: a compiled graph may reuse its buffers once this op returns
@@ -284,26 +273,7 @@ def _decoder_done(t: torch.Tensor, key: int, past: int, dense: int, measured: bo
         st.record_counted(int(t.shape[0]), past, int(t.shape[1]), t.device)
 
 
-def _define_done_op() -> Callable[..., None] | None:
-    """``mmskip::mue_decoder_done``: the end of a decoder forward, handed from a compiled graph to
-    :meth:`MuEState.record_pass` / :meth:`MuEState.record_counted` when the graph runs.
-
-    Recording inside the graph would make the generation's length (Python state that changes every
-    step) a guard: a recompile per decoder step until dynamo's recompile limit sends the forward back
-    to eager. Effectful (never dropped or reordered) and CUDA-graph unsafe (a replay would skip it);
-    ``None`` where this torch cannot (the recording then stays in the graph)."""
-    tags = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
-    try:
-        op = torch.library.custom_op("mmskip::mue_decoder_done", _decoder_done, mutates_args=(), tags=tags)
-        op.register_fake(lambda t, key, past, dense, measured: None)
-        torch.library._register_effectful_op(op._opoverload, torch.library.EffectType.ORDERED)
-    except (AttributeError, TypeError, RuntimeError) as err:  # an older torch; a reloaded module
-        logger.debug("mue: no mmskip::mue_decoder_done op (%s); compiled steps record in the graph", err)
-        return None
-    return op._opoverload
-
-
-_DONE_OP = _define_done_op()
+_DONE_OP = effectful_op("mmskip::mue_decoder_done", _decoder_done, lambda t, key, past, dense, measured: None)
 
 
 def decoder_done(st: MuEState, t: torch.Tensor, past: int, dense: int, measured: bool) -> None:
