@@ -35,6 +35,7 @@ import torch
 import mmskip
 from mmskip import schedules
 
+from ._ops import CountingBackend
 from .conftest import tiny_lm
 from .test_routers import fixed_routers
 from .vision._mue_common import EXITS
@@ -45,16 +46,6 @@ from .vision._tiny_t5gemma2 import t5gemma2_prompts, tiny_t5gemma2
 
 NEW = 4
 
-
-class _Counting:
-    """A dynamo backend that runs the captured graph eagerly and counts compilations."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        self.graphs += 1
-        return gm.forward
 
 
 def _lm() -> torch.nn.Module:
@@ -189,7 +180,7 @@ def _run(case: Case, tmp: Any, fullgraph: bool, model: torch.nn.Module, eager: R
     torch._dynamo.reset()
     first, other = case.prompts()
     run = Run(eager.eager, eager.eager_stats)
-    backend = _Counting()
+    backend = CountingBackend()
     with _applied(model, case.config(tmp)) as handle:
         model.forward = torch.compile(model.forward, backend=backend, fullgraph=fullgraph)
         try:

@@ -5,6 +5,7 @@ import mmskip
 from mmskip import registry, schedules
 from mmskip.void_layers import lac_voids
 
+from ._ops import CountingBackend
 from ._reference import assert_steps_match, recompute_logits
 from .conftest import tiny_lm
 
@@ -82,16 +83,6 @@ def test_one_hook_per_layer_and_no_skip_hook_when_the_cap_allows_none(padded_bat
         assert torch.equal(out, base)
 
 
-class _CountGraphs:
-    """A dynamo backend that runs each captured graph eagerly and counts them."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        self.graphs += 1
-        return gm.forward
-
 
 def _generate(model, prompts, compiled=False):
     """Greedy static-cache continuations of each (1, T) prompt; compiled: ``model.forward`` under
@@ -100,7 +91,7 @@ def _generate(model, prompts, compiled=False):
 
     torch._dynamo.reset()
     counters.clear()
-    backend = _CountGraphs()
+    backend = CountingBackend()
     if compiled:
         model.forward = torch.compile(model.forward, backend=backend)
     try:

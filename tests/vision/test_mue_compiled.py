@@ -19,21 +19,12 @@ from torch._dynamo.utils import counters
 
 import mmskip
 
+from .._ops import CountingBackend
 from ._mue_common import EXITS, NEVER
 from ._tiny_florence import florence_prompts, row, tiny_florence
 
 NEW = 12  # more decoder steps than dynamo's recompile limit (8): a per-step recompile cannot pass
 
-
-class _Counting:
-    """A dynamo backend that runs the captured graph eagerly and counts compilations."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        self.graphs += 1
-        return gm.forward
 
 
 def _prompts() -> tuple[dict, dict]:
@@ -65,7 +56,7 @@ def _run(config: MuEConfig | None) -> dict[str, Any]:
             h.reset_stats()
     torch._dynamo.reset()
     counters.clear()
-    backend = _Counting()
+    backend = CountingBackend()
     with mmskip.applied(model, config) if config is not None else contextlib.nullcontext() as h:
         model.forward = torch.compile(model.forward, backend=backend)
         try:
