@@ -61,8 +61,6 @@ class SelfSpeculativeProposer:
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.drafter: LayerDrafter | None = None
         self.tracks: dict[int, _Track] = {}  # batch row -> the state of the request it holds
-        self.drafted = 0
-        self.accepted = 0
         self.by_source = {"lookup": [0, 0], "layers": [0, 0]}  # drafted, accepted tokens
         self.paused_steps = 0
         self.seconds = 0.0
@@ -132,8 +130,6 @@ class SelfSpeculativeProposer:
             track = old.pop(src) if src is not None else _Track()
             if track.drafted:
                 accepted = kept - 1
-                self.drafted += track.drafted
-                self.accepted += accepted
                 counts = self.by_source[track.source]
                 counts[0] += track.drafted
                 counts[1] += accepted
@@ -158,11 +154,13 @@ class SelfSpeculativeProposer:
     def stats(self) -> dict[str, Any]:
         """Drafted and accepted tokens (in all, and per source), acceptance rate, paused steps,
         draft KV bytes."""
+        drafted = sum(d for d, _ in self.by_source.values())
+        accepted = sum(a for _, a in self.by_source.values())
         return {
             "draft": self.spec.describe(),
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "acceptance": self.accepted / self.drafted if self.drafted else None,
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance": accepted / drafted if drafted else None,
             "by_source": {s: {"drafted": d, "accepted": a} for s, (d, a) in self.by_source.items()},
             "paused_steps": self.paused_steps,
             "propose_seconds": self.seconds,
