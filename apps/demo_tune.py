@@ -8,6 +8,7 @@ or that nothing was faster than the baseline.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import mmskip
 from mmskip import zoo
 from mmskip.tuning import make_target
 from mmskip.tuning.cli import stock_inputs
+from mmskip.tuning.trial_log import TrialLogMismatch
 
 # model -> (metric floors, options for its tuning target)
 FLOORS = {"stdlib-lm": (0.95, 0.8), "stdlib-lm-skip": (0.95, 0.8), "digits-dit": (40.0, 30.0),
@@ -35,8 +37,12 @@ def tune_demo(models: list[str], budget: str, repeats: int, out_dir: Path, input
         calib, held = stock_inputs(name, target, inputs), stock_inputs(name, target, inputs, inputs)
         print(f"\n== Tuning {name} (budget {budget}; {inputs} calibration + {inputs} held-out inputs) ==")
         for floor in FLOORS[name]:
-            r = mmskip.tune(target, calib, held_out=held, floor=floor, budget=budget, out=out_dir / "tune" / name,
-                            repeats=repeats, finalists=3, progress=False)
+            folder = out_dir / "tune" / name
+            try:
+                r = _tune(target, calib, held, floor, budget, folder, repeats)
+            except TrialLogMismatch:  # the demo's own log, of other weights (a retrained zoo model): start afresh
+                shutil.rmtree(folder, ignore_errors=True)
+                r = _tune(target, calib, held, floor, budget, folder, repeats)
             best = r.best_measured
             rows.append({"model": name, "metric": r.metric, "floor": floor, "best": best.candidate.label,
                          "family": best.candidate.family, "speedup": best.speedup, "spread": list(best.spread),
@@ -44,6 +50,11 @@ def tune_demo(models: list[str], budget: str, repeats: int, out_dir: Path, input
                          "faster": best.candidate.family != "baseline", "message": r.message, "trials": r.trials})
             print(f"{name}, {r.metric} >= {floor:g}: {r.message}")
     return rows
+
+
+def _tune(target: Any, calib: list, held: list, floor: float, budget: str, folder: Path, repeats: int) -> Any:
+    return mmskip.tune(target, calib, held_out=held, floor=floor, budget=budget, out=folder, repeats=repeats,
+                       finalists=3, progress=False)
 
 
 def tuned_summary(rows: list[dict[str, Any]]) -> list[str]:

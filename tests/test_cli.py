@@ -213,6 +213,37 @@ def test_demo_summary_names_the_tuned_best_speedup_per_quality_level(demo):
     assert lines[2].startswith("p, psnr >= 35") and "2.50x" in lines[2] and "unipc-8" in lines[2]
 
 
+def test_demo_tuning_restarts_a_log_of_other_weights(demo, tmp_path, monkeypatch):
+    """The demo's own trial log, written before a zoo model was retrained, is refused by mmskip.tune
+    (other weights); the demo deletes it and searches afresh instead of failing or reusing it."""
+    from types import SimpleNamespace
+
+    from mmskip.tuning.trial_log import TrialLogMismatch
+
+    mod = demo._demo_tune()
+    stale = tmp_path / "tune" / "stdlib-lm"
+    stale.mkdir(parents=True)
+    (stale / "trials.jsonl").write_text("{}\n")
+    calls = []
+
+    def fake_tune(target, calib, held, floor, budget, folder, repeats):
+        calls.append(folder.exists())
+        if folder.exists():
+            raise TrialLogMismatch("logs another tuning run")
+        best = SimpleNamespace(candidate=SimpleNamespace(label="baseline", family="baseline"), speedup=1.0,
+                               spread=(1.0, 1.0), quality={"agreement": 1.0}, flops_bound=1.0)
+        return SimpleNamespace(best_measured=best, metric="agreement", message="ok", trials=1)
+
+    monkeypatch.setattr(mod, "_tune", fake_tune)
+    monkeypatch.setattr(mod.zoo, "load", lambda name: (SimpleNamespace(float=lambda: SimpleNamespace(eval=lambda: 0)),
+                                                       None))
+    monkeypatch.setattr(mod, "make_target", lambda model, **kw: None)
+    monkeypatch.setattr(mod, "stock_inputs", lambda *a, **kw: [])
+    monkeypatch.setitem(mod.FLOORS, "stdlib-lm", (0.8,))
+    rows = mod.tune_demo(["stdlib-lm"], "2", 3, tmp_path)
+    assert calls == [True, False] and not stale.exists() and rows[0]["best"] == "baseline"
+
+
 def test_analyze_json_prints_the_report(tiny_lm_folder, tmp_path, capsys):
     import json
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrialLog", "TrialLogMismatch", "LOG_NAME", "digest"]
+__all__ = ["TrialLog", "TrialLogMismatch", "LOG_NAME", "digest", "weights_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,37 @@ def digest(inputs: list[Any]) -> str:
     return h.hexdigest()[:16]
 
 
+_SAMPLE = 4096  # elements hashed per tensor: its first, its last and a strided sample between
+
+
+def weights_digest(model: Any) -> str:
+    """A short fingerprint of a model's weights (a ``torch.nn.Module``, or a pipeline's module
+    components), kept in the log's header so a search is never continued on retrained or other
+    weights of the same architecture. Per tensor: name, shape, dtype and a sample of its values
+    (the first, the last and a strided sample of :data:`_SAMPLE` elements), so a large model is
+    fingerprinted in a fraction of a second."""
+    if isinstance(model, torch.nn.Module):
+        modules = {"": model}
+    else:
+        parts = getattr(model, "components", None)
+        modules = {k: v for k, v in (parts.items() if isinstance(parts, dict) else ()) if isinstance(v, torch.nn.Module)}
+    h = hashlib.sha256()
+    for prefix in sorted(modules):
+        state = modules[prefix].state_dict(keep_vars=False)
+        for name in sorted(state):
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                continue
+            flat = t.detach().reshape(-1)
+            n = flat.numel()
+            if n > 3 * _SAMPLE:
+                step = max(1, n // _SAMPLE)
+                flat = torch.cat([flat[:_SAMPLE], flat[::step][:_SAMPLE], flat[-_SAMPLE:]])
+            h.update(f"{prefix}.{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class TrialLogMismatch(ValueError):
     """The out folder's trial log belongs to another tuning run."""
 
@@ -63,7 +94,7 @@ class TrialLog:
             lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             if not lines or lines[0].get("header") != self.header:
                 raise TrialLogMismatch(
-                    f"{self.path} logs another tuning run (other model, inputs, metric or seed); tune into "
+                    f"{self.path} logs another tuning run (other model or weights, inputs, metric or seed); tune into "
                     "another out folder, or delete the log to start over")
             self.records = lines[1:]
             logger.info("continuing %s: %d trials logged", self.path, len(self.records))

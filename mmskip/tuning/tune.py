@@ -17,7 +17,7 @@ from .result import Measured, TuneResult
 from .search import TuneError, _finalists, _run, _scorer, _Search, parse_budget
 from .space import Candidate
 from .target import make_target
-from .trial_log import TrialLog, digest
+from .trial_log import TrialLog, digest, weights_digest
 
 __all__ = ["tune"]
 
@@ -145,7 +145,8 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
                         f"give at least {math.ceil(2 * base_s)} s, or fewer inputs")
     # the floor only picks the finalists: runs at other floors share (and extend) one search
     header = {"target": type(t.model).__name__, "kind": t.kind, "metric": name, "seed": seed,
-              "inputs": len(calib), "held_out": len(held), "inputs_digest": digest(calib), "flops": base_flops}
+              "inputs": len(calib), "held_out": len(held), "inputs_digest": digest(calib), "flops": base_flops,
+              "weights": weights_digest(t.model)}  # retrained weights of the same shapes: a new search
     log = TrialLog(out, header)
     evaluator = make_evaluator(backend, t, calib, reference, score, metric, name, base_flops, base_s, workers,
                                ray_address)

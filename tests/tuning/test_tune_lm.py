@@ -87,6 +87,36 @@ def test_a_log_of_another_run_is_refused(tuned, tmp_path):
         mmskip.tune(model, other_prompts, held_out=PROMPTS[3:], floor=0.0, budget=5, out=folder, **FAST)
 
 
+def test_a_log_of_other_weights_of_the_same_shapes_is_refused(tuned):
+    """A model retrained at the same shapes (same header otherwise) must not continue the old
+    search: its logged trials measured the old weights."""
+    model, _, _, folder, _ = tuned
+    retrained = tiny_lm("llama", layers=6)
+    with torch.no_grad():
+        retrained.load_state_dict(model.state_dict())
+        retrained.lm_head.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="other model or weights"):
+        mmskip.tune(retrained, PROMPTS[:3], held_out=PROMPTS[3:], floor=0.0, budget=5, out=folder, **FAST)
+
+
+def test_weights_digest_sees_any_changed_tensor_and_pipeline_components():
+    from types import SimpleNamespace
+
+    from mmskip.tuning.trial_log import weights_digest
+
+    a, b = torch.nn.Linear(300, 300), torch.nn.Linear(2, 2)
+    before = weights_digest(a)
+    assert weights_digest(a) == before and len(before) == 16
+    with torch.no_grad():
+        a.weight[-1, -1] += 1.0  # in the tail every large tensor's sample keeps
+    assert weights_digest(a) != before
+    pipe = SimpleNamespace(components={"unet": a, "vae": b, "scheduler": object()})
+    digest = weights_digest(pipe)
+    with torch.no_grad():
+        b.bias.zero_()
+    assert weights_digest(pipe) != digest
+
+
 def test_another_floor_reuses_the_logged_search(tuned):
     model, _, _, folder, r = tuned
     n = len((folder / LOG_NAME).read_text().splitlines())
