@@ -114,7 +114,7 @@ def build_app() -> Any:
         # one run at a time across all tabs: runs share cached models, and two at once spoil each other's timing
         button.click(handler(fn, len(inputs)), inputs, outputs, concurrency_limit=1, concurrency_id="mmskip-run")
 
-    example = "import os\n\n\ndef read_lines(path):\n"
+    example = "import os\n\n\ndef read_lines(path):"  # no trailing newline: see _PROMPTS in apps/demo.py
     lms = language_models()
     with gr.Blocks(title="mmskip") as app:
         gr.Markdown("# mmskip — skip what does not matter\nEvery number below is measured in this run, on this "

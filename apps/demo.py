@@ -46,10 +46,12 @@ from mmskip.eval.lm import load_lm
 from mmskip.timing import Timing, paired
 from mmskip.zoo.data import caption
 
+# no trailing whitespace: the tokenizer learned a newline and the next line's indent as one token,
+# so a prompt ending in "\n" or " " asks for a continuation the model never saw in training
 _PROMPTS = [
-    "import os\n\n\ndef read_lines(path):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "def parse_args(argv=None):\n    parser = ",
+    "import os\n\n\ndef read_lines(path):",
+    "class Stack:\n    def __init__(self):",
+    "def parse_args(argv=None):\n    parser =",
     "    for key, value in sorted(",
 ]
 
@@ -145,7 +147,7 @@ def language_demo(model_name: str = "stdlib-lm", new_tokens: int = 48, repeats: 
         if r["speedup"] < 1.0:
             print(f"{'':4s}^ slower than the full model: it removes {1 - 1 / r['flops_bound']:.0%} of the FLOPs, but "
                   f"its per-layer hooks and decisions cost more than that at d={d}, batch {len(_PROMPTS)}, on a CPU")
-    print(f"\nprompt:\n{_PROMPTS[0]}full model continues:\n{base_text}\n")
+    print(f"\nprompt:\n{_PROMPTS[0]}\nfull model continues:\n{base_text}\n")
     print(f"Unified s=1.5 continues:\n{rows[1]['sample']}")
     return rows
 

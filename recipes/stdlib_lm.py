@@ -96,7 +96,7 @@ def train_stdlib_lm(out: Path, steps: int | None = None, seed: int = 0, start_st
     wall = prev_wall + max(time.time() - t0, train_s)  # a resumed stage counts the runs before this one
     ppl = perplexity(model, test_ids)
     train_ppl = perplexity(model, train_ids[: len(test_ids)])
-    prompt = "def read_file(path):\n"
+    prompt = "def read_file(path):"  # no trailing newline: newline + indent is one token in this tokenizer
     ids = tok(prompt, return_tensors="pt").input_ids
     sample = tok.decode(model.generate(ids, max_new_tokens=80, do_sample=False)[0])
     out.mkdir(parents=True, exist_ok=True)
