@@ -59,21 +59,17 @@ def weights_digest(model: Any) -> str:
     else:
         parts = getattr(model, "components", None)
         modules = {k: v for k, v in (parts.items() if isinstance(parts, dict) else ()) if isinstance(v, torch.nn.Module)}
-    h = hashlib.sha256()
+    sampled: dict[str, Any] = {}
     for prefix in sorted(modules):
-        state = modules[prefix].state_dict(keep_vars=False)
-        for name in sorted(state):
-            t = state[name]
+        for name, t in modules[prefix].state_dict(keep_vars=False).items():
             if not isinstance(t, torch.Tensor) or t.is_meta:
                 continue
             flat = t.detach().reshape(-1)
-            n = flat.numel()
-            if n > 3 * _SAMPLE:
-                step = max(1, n // _SAMPLE)
+            if flat.numel() > 3 * _SAMPLE:
+                step = flat.numel() // _SAMPLE
                 flat = torch.cat([flat[:_SAMPLE], flat[::step][:_SAMPLE], flat[-_SAMPLE:]])
-            h.update(f"{prefix}.{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+            sampled[f"{prefix}.{name}"] = (tuple(t.shape), flat)
+    return digest([sampled])
 
 
 class TrialLogMismatch(ValueError):
