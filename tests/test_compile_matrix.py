@@ -47,7 +47,6 @@ from .vision._tiny_t5gemma2 import t5gemma2_prompts, tiny_t5gemma2
 NEW = 4
 
 
-
 def _lm() -> torch.nn.Module:
     return tiny_lm("llama", layers=4)
 

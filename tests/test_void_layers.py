@@ -83,7 +83,6 @@ def test_one_hook_per_layer_and_no_skip_hook_when_the_cap_allows_none(padded_bat
         assert torch.equal(out, base)
 
 
-
 def _generate(model, prompts, compiled=False):
     """Greedy static-cache continuations of each (1, T) prompt; compiled: ``model.forward`` under
     ``torch.compile`` with a counting backend, and the graphs and graph breaks it took."""

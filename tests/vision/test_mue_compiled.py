@@ -26,7 +26,6 @@ from ._tiny_florence import florence_prompts, row, tiny_florence
 NEW = 12  # more decoder steps than dynamo's recompile limit (8): a per-step recompile cannot pass
 
 
-
 def _prompts() -> tuple[dict, dict]:
     """Two single-row prompts of different lengths."""
     b = florence_prompts()
