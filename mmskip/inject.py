@@ -251,6 +251,11 @@ class TechniqueState:
         """Use costs an earlier application to the same model measured (:meth:`measured_costs`),
         so this one need not measure them again. Default: ignored."""
 
+    def forward_cost(self) -> float | None:
+        """Decoding's sequential cost so far relative to plain decoding (one full forward per token),
+        for a technique that saves forwards rather than FLOPs (speculative decoding); None: use FLOPs."""
+        return None
+
 
 class SkipHandle:
     """What :func:`apply` returns: ``stats()``, ``remove()``, the config it applied and its state.

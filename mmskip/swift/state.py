@@ -95,6 +95,27 @@ class SwiftState(TechniqueState):
             "fallbacks": dict(c.fallbacks),
         }
 
+    def forward_cost(self) -> float | None:
+        """Sequential forwards per decoded token, relative to plain greedy decoding's one each: every
+        verification counts as one full forward and every draft forward as the share of the model's
+        FLOPs the draft runs (the layer-set search is left out: it runs once per model). Speculation
+        saves forwards, not FLOPs, so this, not the FLOPs count, is what ``mmskip.tune`` ranks SWIFT by;
+        it models a forward's time as independent of its token count (batch-1 decoding, bound by
+        weight traffic or per-call overhead). None before a decoded token or when every call fell back."""
+        c = self.counters
+        tokens = c.generated - c.calls  # the prefill's token costs plain decoding a forward too
+        if c.rounds == 0 or tokens <= 0:
+            return None
+        return (c.rounds + c.draft_forwards * self._draft_share()) / tokens
+
+    def _draft_share(self) -> float:
+        """The draft's FLOPs per token as a share of the full model's (layers and the head)."""
+        cost, fixed = self.handle.counts.cost, self.handle.counts.fixed_cost
+        attn, mlp = self.layer_set or (frozenset(), frozenset())
+        full = sum(cost.values()) + fixed
+        skipped = sum(cost.get(f"attn.{i}", 0.0) for i in attn) + sum(cost.get(f"mlp.{i}", 0.0) for i in mlp)
+        return (full - skipped) / full if full else 1.0
+
     def fell_back(self, fallback: Fallback) -> None:
         """Count a call served by transformers' ``generate``; warn once per reason per handle."""
         self.counters.fallbacks[fallback.key] = self.counters.fallbacks.get(fallback.key, 0) + 1

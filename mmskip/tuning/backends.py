@@ -36,14 +36,16 @@ def measure(target: Any, candidate: Candidate, calib: list[Any], reference: Any,
     from .search import TuneError, _run
 
     try:
-        out, flops, secs = _run(target, candidate, calib)
+        out, flops, secs, forwards = _run(target, candidate, calib)
         quality = score(out, reference)
     except TuneError as e:
         return {"fatal": str(e)}
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:  # a setting that does not fit
         return {"q": None, "error": f"{type(e).__name__}: {e}"}
-    cost = flops / base_flops if base_flops else secs / base_s
-    return {"q": quality[metric], "quality": quality, "cost": cost, "seconds": secs}
+    # speculative decoding saves forwards, not FLOPs: it is ranked by its forwards
+    cost = forwards if forwards is not None else flops / base_flops if base_flops else secs / base_s
+    return {"q": quality[metric], "quality": quality, "cost": cost, "seconds": secs,
+            **({"forward_cost": forwards} if forwards is not None else {})}
 
 
 class Evaluator:

@@ -6,7 +6,10 @@ Two stages, with calibration and held-out inputs kept apart:
    technique and its declared fields (``SkipConfig.search_space``) plus the target's settings
    (diffusion: steps, sampler); each trial runs once under ``torch.utils.flop_counter`` and is
    scored on two objectives: quality against the baseline (higher is better) and the measured
-   FLOPs fraction (lower is better). FLOPs rank candidates cheaply and deterministically. The
+   FLOPs fraction (lower is better). FLOPs rank candidates cheaply and deterministically.
+   Speculative decoding saves sequential forwards, not FLOPs (its verifications recompute what
+   plain decoding computes, plus the drafts), so its cost is its forwards per token instead
+   (:meth:`~mmskip.inject.TechniqueState.forward_cost`, also deterministic). The
    target's fixed candidates (fewer steps, peers) are always measured too. TPE rather than NSGA-II:
    a budget of tens of trials is smaller than one NSGA-II population, and the space is
    conditional (each technique has its own fields), which TPE's ``group`` mode models.
@@ -96,18 +99,20 @@ def _scorer(target: TuneTarget, metric: str | Callable[[Any, Any], float] | None
     return name, score_fn
 
 
-def _run(target: TuneTarget, candidate: Candidate, inputs: list[Any]) -> tuple[Any, float, float]:
-    """Outputs and seconds of ``candidate`` on ``inputs``, and the FLOPs of a second run of the first
-    input under ``torch.utils.flop_counter`` (counting every op costs ~4x, so only that one run pays it)."""
+def _run(target: TuneTarget, candidate: Candidate, inputs: list[Any]) -> tuple[Any, float, float, float | None]:
+    """Outputs and seconds of ``candidate`` on ``inputs``, the FLOPs of a second run of the first
+    input under ``torch.utils.flop_counter`` (counting every op costs ~4x, so only that one run pays
+    it), and the target's :meth:`~TuneTarget.forward_cost` after both (None for FLOPs-saving techniques)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with target.applied(candidate):
+    with target.applied(candidate) as applied:
         t0 = time.perf_counter()
         out = target.run(inputs)
         secs = time.perf_counter() - t0
         with FlopCounterMode(display=False) as counter:
             target.run(inputs[:1])
-    return out, float(counter.get_total_flops()), secs
+        forwards = target.forward_cost(applied)
+    return out, float(counter.get_total_flops()), secs, forwards
 
 
 def _dominated(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -294,7 +299,7 @@ class _Search:
     def _postfix(self, left: float | None) -> str:
         ok = [r for r in self.records if r.get("q") is not None and r["q"] >= self.floor]
         best = min(ok, key=lambda r: r["cost"], default=None)
-        text = f"best FLOPs {best['cost']:.2f} at {self.metric} {best['q']:.3g}" if best else "none meets the floor yet"
+        text = f"best cost {best['cost']:.2f} at {self.metric} {best['q']:.3g}" if best else "none meets the floor yet"
         return text + (f", {max(0.0, left):.0f} s left" if left is not None else "")
 
 

@@ -15,9 +15,12 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .space import Candidate, Param, Space
+
+if TYPE_CHECKING:
+    from ..inject import SkipHandle
 
 __all__ = ["TuneTarget", "ModelTarget", "register_target", "make_target", "UnsupportedTargetError"]
 
@@ -74,7 +77,14 @@ class TuneTarget(ABC):
 
     @abstractmethod
     def applied(self, candidate: Candidate) -> AbstractContextManager[Any]:
-        """A context in which the model runs ``candidate`` (applied on enter, removed exactly on exit)."""
+        """A context in which the model runs ``candidate`` (applied on enter, removed exactly on exit);
+        what it yields is what :meth:`forward_cost` reads."""
+
+    def forward_cost(self, applied: Any) -> float | None:
+        """The candidate's sequential cost relative to the baseline, read inside :meth:`applied` (given
+        what it yielded) after runs, for techniques that save forwards rather than FLOPs (speculative
+        decoding); None (default): the tuner ranks the candidate by its FLOPs."""
+        return None
 
     @abstractmethod
     def run(self, inputs: list[Any]) -> Any:
@@ -121,13 +131,16 @@ class ModelTarget(TuneTarget):
         return self.generate(self.model, inputs)
 
     @contextmanager
-    def applied(self, candidate: Candidate) -> Iterator[None]:
+    def applied(self, candidate: Candidate) -> Iterator[list[SkipHandle]]:
         from ..inject import applied
 
         with ExitStack() as stack:
-            for config in candidate.configs:
-                stack.enter_context(applied(self.model, config))
-            yield
+            yield [stack.enter_context(applied(self.model, config)) for config in candidate.configs]
+
+    def forward_cost(self, applied: list[SkipHandle]) -> float | None:
+        """The first applied technique's :meth:`~mmskip.inject.TechniqueState.forward_cost` that has one."""
+        costs = [h.state.forward_cost() for h in applied]
+        return next((c for c in costs if c is not None), None)
 
     @contextmanager
     def timing_pair(self, candidate: Candidate, inputs: list[Any]

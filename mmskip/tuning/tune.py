@@ -35,7 +35,7 @@ def _held_out_baseline(target: Any, held: list[Any], score: Callable) -> tuple[M
     """The baseline on the held-out inputs, measured once: its entry, its outputs (the reference every
     finalist is scored against) and its FLOPs."""
     base = target.baseline()
-    ref, base_flops, _ = _run(target, base, held)
+    ref, base_flops, _, _ = _run(target, base, held)
     with target.applied(base):
         base_extra = target.extra_metrics(held)
     return Measured(base, {**score(ref, ref), **base_extra}, flops_fraction=1.0 if base_flops else None), ref, base_flops
@@ -53,17 +53,19 @@ def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], base: 
     for rec in bar:
         cand = Candidate.from_dict(rec["candidate"])
         bar.set_postfix_str(cand.label[:40])
-        out, flops, _ = _run(target, cand, held)
+        out, flops, _, _ = _run(target, cand, held)
         with target.applied(cand):
             extra = target.extra_metrics(held)
         with target.timing_pair(cand, held[:timed]) as (run_base, run_cand):
             t = paired(run_base, {"c": run_cand}, repeats=repeats, warmup=1)["c"]
         measured.append(Measured(cand, {**score(out, ref), **extra}, t.speedup, t.spread,
                                  flops / base_flops if base_flops else None, t.seconds, t.baseline_seconds,
-                                 {metric: rec["q"], "flops_fraction": rec["cost"]}))
+                                 {metric: rec["q"], "cost": rec["cost"]}))
         base.seconds = base.baseline_seconds = t.baseline_seconds
     return measured
 
+
+COST_MODEL = "flops; forwards for speculative decoding"  # what a trial's "cost" is (the trial log's header)
 
 ESCALATIONS = 2  # rounds of re-confirming a safer candidate per group that missed the floor held-out
 
@@ -138,7 +140,7 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     if not isinstance(floor, (int, float)) or math.isnan(floor):
         raise TuneError(f"floor must be a number on {name!r}, got {floor!r}")
 
-    reference, base_flops, base_s = _run(t, t.baseline(), calib)
+    reference, base_flops, base_s, _ = _run(t, t.baseline(), calib)
     score(reference, reference)  # a metric that raises fails here, before any search
     if seconds is not None and seconds < 2 * base_s:
         raise TuneError(f"budget {budget!r} is too small: one run of the calibration inputs takes {base_s:.1f} s; "
@@ -146,7 +148,8 @@ def tune(target: Any, inputs: Sequence[Any], floor: float | None = None, budget:
     # the floor only picks the finalists: runs at other floors share (and extend) one search
     header = {"target": type(t.model).__name__, "kind": t.kind, "metric": name, "seed": seed,
               "inputs": len(calib), "held_out": len(held), "inputs_digest": digest(calib), "flops": base_flops,
-              "weights": weights_digest(t.model)}  # retrained weights of the same shapes: a new search
+              "weights": weights_digest(t.model),  # retrained weights of the same shapes: a new search
+              "cost": COST_MODEL}  # logs whose costs were measured otherwise are not continued
     log = TrialLog(out, header)
     evaluator = make_evaluator(backend, t, calib, reference, score, metric, name, base_flops, base_s, workers,
                                ray_address)
