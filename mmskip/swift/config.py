@@ -106,7 +106,9 @@ class SelfSpeculativeConfig(SkipConfig):
 
         return Space(cls.technique, {"skip_ratio": FloatRange(0.2, 0.6), "max_draft": IntRange(2, 10),
                                      "confidence": FloatRange(0.3, 0.9), "lookup_max_n": Choice((0, 3, 4))},
-                     build, seeds=({"skip_ratio": 0.45, "max_draft": 10, "confidence": 0.6, "lookup_max_n": 0},))  # the defaults
+                     build, seeds=({"skip_ratio": 0.45, "max_draft": 10, "confidence": 0.6, "lookup_max_n": 0},  # the defaults
+                                   # and the docs' recommendation for text that repeats itself (code)
+                                   {"skip_ratio": 0.2, "max_draft": 10, "confidence": 0.6, "lookup_max_n": 4}))
 
     @property
     def fixed(self) -> bool:
