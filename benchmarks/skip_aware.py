@@ -150,10 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--speed-prompts", type=int, default=8)
     p.add_argument("--speed-tokens", type=int, default=128)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other models' entries of the existing results (rerun one retrained model)")
     args = p.parse_args(argv)
     if args.smoke:
         args.prompts, args.new_tokens, args.speed_prompts, args.speed_tokens = 2, 6, 2, 8
-        args.models = ["stdlib-lm", "stdlib-lm-skip"]
+        args.models = ["stdlib-lm", "stdlib-lm-skip"] if args.models == list(MODELS) else args.models
     harness.setup(args)
     results = []
     for name in args.models:
@@ -179,16 +181,38 @@ def main(argv: list[str] | None = None) -> dict:
             "speed_prompts": args.speed_prompts, "speed_tokens": args.speed_tokens, "smoke": args.smoke,
             "torch": torch.__version__, "machine": harness.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
+    out = args.out or harness.RESULTS / "skip_aware.json"
+    if args.merge:
+        results = _merged(out, results, meta)
     text = render(results, meta)
-    harness.write(args.out or harness.RESULTS / "skip_aware.json", {"meta": meta, "models": results}, text,
-                  lambda png: plot(results, png))
+    harness.write(out, {"meta": meta, "models": results}, text, lambda png: plot(results, png))
     return {"meta": meta, "models": results}
+
+
+def _merged(out: Path, results: list[dict], meta: dict) -> list[dict]:
+    """This run's entries with the other models' from ``out`` (same settings required), in MODELS' order;
+    each entry keeps the date of the run that measured it."""
+    import json
+
+    old = json.loads(Path(out).read_text()) if Path(out).exists() else {"meta": meta, "models": []}
+    keys = ("threads", "prompts", "new_tokens", "speed_prompts", "speed_tokens", "smoke")
+    if any(old["meta"].get(k) != meta[k] for k in keys):
+        raise SystemExit(f"--merge: {out} was measured with other settings ({ {k: old['meta'].get(k) for k in keys} })")
+    for m in old["models"]:
+        m.setdefault("date", old["meta"]["date"])
+    for m in results:
+        m["date"] = meta["date"]
+    new = {m["model"]: m for m in results}
+    merged = [new.get(m["model"], m) for m in old["models"]] + [m for m in results if m["model"] not in
+                                                                 {o["model"] for o in old["models"]}]
+    meta["date"] = ", ".join(f"{m['model']} {m['date']}" for m in merged)
+    return merged
 
 
 def render(results: list[dict], meta: dict) -> str:
     lines = [f"{meta['prompts']} held-out prompts x {meta['new_tokens']} greedy tokens (lossy rows); "
              f"{meta['speed_prompts']} x {meta['speed_tokens']} (speed rows); batch 1, CPU, "
-             f"torch.set_num_threads({meta['threads']}); one run, {meta['date']}", "",
+             f"torch.set_num_threads({meta['threads']}); one run{' per model' if ',' in meta['date'] else ''}, {meta['date']}", "",
              "| model | full-model perplexity | config | kept FLOPs | teacher-forced agreement | exact / prefix match "
              "| perplexity, every token skipping | speed vs plain | acceptance | identical outputs |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
