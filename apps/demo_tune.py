@@ -47,6 +47,7 @@ def tune_demo(models: list[str], budget: str, repeats: int, out_dir: Path, input
             rows.append({"model": name, "metric": r.metric, "floor": floor, "best": best.candidate.label,
                          "family": best.candidate.family, "speedup": best.speedup, "spread": list(best.spread),
                          "quality": best.quality[r.metric], "flops_bound": best.flops_bound,
+                         "forward_bound": best.forward_bound,
                          "faster": best.candidate.family != "baseline", "message": r.message, "trials": r.trials})
             print(f"{name}, {r.metric} >= {floor:g}: {r.message}")
     return rows

@@ -28,6 +28,9 @@ class Measured:
         speedup: median paired ratio baseline / candidate seconds (1.0 for the baseline itself).
         spread: lower and upper quartile of the paired ratios.
         flops_fraction: measured FLOPs of the candidate / the baseline's on the held-out inputs.
+        forward_fraction: for speculative decoding, its forwards per token relative to the
+            baseline's on the held-out inputs (``TechniqueState.forward_cost``); its bound is
+            ``1 / forward_fraction`` (its FLOPs bound is below 1: speculation adds FLOPs).
         seconds: the candidate's median seconds per held-out call; ``baseline_seconds`` the baseline's.
         calibration: the calibration figures the search ranked it by.
     """
@@ -40,21 +43,26 @@ class Measured:
     seconds: float | None = None
     baseline_seconds: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    forward_fraction: float | None = None
 
     @property
     def flops_bound(self) -> float | None:
         return 1.0 / self.flops_fraction if self.flops_fraction else None
 
+    @property
+    def forward_bound(self) -> float | None:
+        return 1.0 / self.forward_fraction if self.forward_fraction else None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["candidate"] = self.candidate.to_dict()
-        d["flops_bound"] = self.flops_bound
+        d["flops_bound"], d["forward_bound"] = self.flops_bound, self.forward_bound
         return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Measured:
         d = dict(d)
-        d.pop("flops_bound", None)
+        d.pop("flops_bound", None), d.pop("forward_bound", None)
         return Measured(Candidate.from_dict(d.pop("candidate")), **{**d, "spread": tuple(d["spread"])})
 
 
@@ -137,16 +145,16 @@ class TuneResult:
         front = {m.candidate.key for m in self.front}
         extra = sorted({k for m in self.measured for k in m.quality} - {self.metric})
         head = ["", "candidate", "family", f"{self.metric} (held-out)", *extra, "speedup (median, IQR)",
-                "FLOPs bound"]
+                "FLOPs bound", "forward bound"]
         rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in sorted(self.measured, key=lambda m: -m.speedup):
             mark = "**best**" if m.candidate.key == self.best.key else ("front" if m.candidate.key in front else "")
             q = m.quality.get(self.metric)
             ok = "" if q is None or q >= self.floor else " (below floor)"
-            bound = f"{m.flops_bound:.2f}x" if m.flops_bound else "-"
+            bounds = [f"{b:.2f}x" if b else "-" for b in (m.flops_bound, m.forward_bound)]
             cells = [mark, m.candidate.label, m.candidate.family, f"{_num(q)}{ok}",
                      *[_num(m.quality.get(k)) for k in extra],
-                     f"{m.speedup:.2f}x ({m.spread[0]:.2f}-{m.spread[1]:.2f})", bound]
+                     f"{m.speedup:.2f}x ({m.spread[0]:.2f}-{m.spread[1]:.2f})", *bounds]
             rows.append("| " + " | ".join(cells) + " |")
         return "\n".join(rows)
 

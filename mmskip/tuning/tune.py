@@ -53,14 +53,14 @@ def _confirm(target: Any, records: list[dict[str, Any]], held: list[Any], base: 
     for rec in bar:
         cand = Candidate.from_dict(rec["candidate"])
         bar.set_postfix_str(cand.label[:40])
-        out, flops, _, _ = _run(target, cand, held)
+        out, flops, _, forwards = _run(target, cand, held)
         with target.applied(cand):
             extra = target.extra_metrics(held)
         with target.timing_pair(cand, held[:timed]) as (run_base, run_cand):
             t = paired(run_base, {"c": run_cand}, repeats=repeats, warmup=1)["c"]
         measured.append(Measured(cand, {**score(out, ref), **extra}, t.speedup, t.spread,
                                  flops / base_flops if base_flops else None, t.seconds, t.baseline_seconds,
-                                 {metric: rec["q"], "cost": rec["cost"]}))
+                                 {metric: rec["q"], "cost": rec["cost"]}, forwards))
         base.seconds = base.baseline_seconds = t.baseline_seconds
     return measured
 

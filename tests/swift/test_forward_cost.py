@@ -73,3 +73,16 @@ def test_the_tuner_ranks_swift_by_its_forwards_and_layer_skipping_by_flops() -> 
     rec = measure(target, skip, PROMPTS, ref, target.quality, "agreement",
                   base_flops=float(counter.get_total_flops()), base_s=1.0)
     assert "forward_cost" not in rec and 0.5 < rec["cost"] < 1.0  # two of eight layers skipped while decoding
+
+
+def test_a_measured_finalist_reports_its_forward_bound_beside_its_flops_bound() -> None:
+    from mmskip.tuning import TuneResult
+    from mmskip.tuning.result import Measured
+
+    swift = Candidate(configs=(FIXED,), label="swift")
+    m = Measured(swift, {"agreement": 1.0}, 1.3, (1.2, 1.4), flops_fraction=1.1, forward_fraction=0.8)
+    assert m.forward_bound == pytest.approx(1.25) and m.flops_bound == pytest.approx(1 / 1.1)
+    assert Measured.from_dict(m.to_dict()) == m
+    base = Measured(Candidate(family="baseline", label="baseline"), {"agreement": 1.0}, flops_fraction=1.0)
+    table = TuneResult(swift, "agreement", 1.0, [base, m]).table()
+    assert "forward bound" in table and "| 0.91x | 1.25x |" in table and "| 1.00x | - |" in table
