@@ -1,7 +1,7 @@
 """Recipe for ``stdlib-lm-skip``: a deep, narrow Llama trained with LayerSkip's layer dropout and
-early-exit loss on the same data and tokenizer as ``stdlib-lm``, for the same training compute.
+early-exit loss on the same data and tokenizer as ``stdlib-lm``.
 
-    mmskip zoo stdlib-lm-skip            # CPU (about 40 min on one thread)
+    mmskip zoo stdlib-lm-skip --threads 2   # CPU (about 95 min)
     mmskip zoo stdlib-lm-skip --device cuda
 
 The first version matched ``stdlib-lm``'s compute (800 steps of 12 x 256 tokens through 4.72M
@@ -120,5 +120,13 @@ def _card(out: Path, r: dict[str, Any], objectives: list, steps: int, metrics: d
                f"{steps} steps ({steps * BATCH * SEQ / 1e6:.1f}M tokens; the multiply-adds of `stdlib-lm`'s {LONG_STEPS} "
                f"would take {matched_steps(r['layers'], r['d'], 4096, r['rotation'], LONG_STEPS)}, see `matched_steps`). "
                "Saved in fp16.",
-               metrics, wall)
+               metrics, wall, **_where())
     skip_agreement(out)
+
+
+def _where() -> dict[str, str]:
+    """The card's hardware line and reproduce arguments, for a CPU run on more than one thread."""
+    n = torch.get_num_threads()
+    if torch.cuda.is_available() or n == 1:
+        return {}
+    return {"hardware": f"{n} threads of a 2-core Xeon CPU (no GPU)", "reproduce": f" --threads {n}"}
