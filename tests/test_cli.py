@@ -231,7 +231,7 @@ def test_demo_tuning_restarts_a_log_of_other_weights(demo, tmp_path, monkeypatch
         if folder.exists():
             raise TrialLogMismatch("logs another tuning run")
         best = SimpleNamespace(candidate=SimpleNamespace(label="baseline", family="baseline"), speedup=1.0,
-                               spread=(1.0, 1.0), quality={"agreement": 1.0}, flops_bound=1.0)
+                               spread=(1.0, 1.0), quality={"agreement": 1.0}, flops_bound=1.0, forward_bound=None)
         return SimpleNamespace(best_measured=best, metric="agreement", message="ok", trials=1)
 
     monkeypatch.setattr(mod, "_tune", fake_tune)
