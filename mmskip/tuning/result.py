@@ -62,7 +62,8 @@ class Measured:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Measured:
         d = dict(d)
-        d.pop("flops_bound", None), d.pop("forward_bound", None)
+        for derived in ("flops_bound", "forward_bound"):
+            d.pop(derived, None)
         return Measured(Candidate.from_dict(d.pop("candidate")), **{**d, "spread": tuple(d["spread"])})
 
 
