@@ -227,9 +227,21 @@ def evaluate(model: torch.nn.Module, stages: int, val: torch.Tensor, spec: Train
 def run_worker(cfg: SkipPipeConfig, spec: TrainSpec, costs: StageCosts | None = None) -> dict[str, Any] | None:
     """Train as this process's rank (``torch.distributed`` must be initialised, or torchrun's environment
     set); rank 0 returns the run's record and writes ``spec.out/result.json``."""
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         # the runtime keeps stages and buffers on the CPU (gloo); a CUDA/nccl runtime is not built
         dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("SKIPPIPE_TIMEOUT", "300"))))
+    record = _train(cfg, spec, costs)
+    if owned:
+        # leave together and tear gloo down explicitly: a rank that exits with its process group alive
+        # can die of SIGABRT in gloo's destructors at interpreter shutdown ("terminate called without
+        # an active exception"), intermittently, after its work is done
+        dist.barrier()
+        dist.destroy_process_group()
+    return record
+
+
+def _train(cfg: SkipPipeConfig, spec: TrainSpec, costs: StageCosts | None) -> dict[str, Any] | None:
     if dist.get_world_size() != cfg.world_size:
         raise ValueError(f"the config needs {cfg.world_size} processes ({cfg.stages} stages x {cfg.replicas} replicas), "
                          f"the job has {dist.get_world_size()}; launch with --nproc-per-node {cfg.world_size}")
