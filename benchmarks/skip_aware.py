@@ -1,7 +1,7 @@
-"""Does skip-aware training pay? ``stdlib-lm`` (trained without skipping), its schedule-aware
-fine-tune, and ``stdlib-lm-skip`` (LayerSkip recipe) under every LLM technique, CPU, batch 1.
+"""Does skip-aware training pay? ``stdlib-lm`` (trained without skipping), ``stdlib-lm-skip``
+(LayerSkip recipe) and a schedule-aware fine-tune of each, under every LLM technique, CPU, batch 1.
 
-    python benchmarks/skip_aware.py              # the three models (about 15 min on 2 cores)
+    python benchmarks/skip_aware.py              # the four models (about 20 min on 2 cores)
     python benchmarks/skip_aware.py --smoke      # seconds: tiny random models (CI check)
 
 Per model:
@@ -18,10 +18,10 @@ Per model:
   3L/4): tokens/s against plain ``generate`` in the same run, acceptance rate, identical outputs
   (``benchmarks/llm_speculative.py``'s runner; ``--speed-prompts`` x ``--speed-tokens``).
 
-The schedule-aware fine-tune is ``stdlib-lm`` with the LoRA adapter in
-``benchmarks/results/skip_aware_unified1.5_lora`` merged in (trained by ``python -m mmskip.train
---model stdlib-lm --objective schedule-aware lm --speedup 1.5 --lora --steps 300``; the adapter
-is re-trained there if missing). Writes ``results/skip_aware.json`` / ``.md`` / ``.png``.
+A schedule-aware fine-tune is its base model with a LoRA adapter merged in (the Unified paper's
+fine-tune: 300 steps with ``unified(1.5)`` applied; :data:`FINE_TUNES` holds each adapter's folder
+under ``benchmarks/results`` and its ``python -m mmskip.train`` arguments; an adapter is re-trained
+there if missing). ``stdlib-lm-skip``'s keeps its layer dropout and early-exit loss on. Writes ``results/skip_aware.json`` / ``.md`` / ``.png``.
 """
 
 from __future__ import annotations
@@ -41,31 +41,41 @@ from mmskip.eval.decode_agreement import decode_agreement
 from mmskip.eval.language import agreement, greedy_generate, perplexity
 from mmskip.registry import get_adapter
 
-LORA = harness.RESULTS / "skip_aware_unified1.5_lora"
-FT_ARGS = ["--model", "stdlib-lm", "--objective", "schedule-aware", "lm", "--speedup", "1.5", "--lora",
-           "--steps", "300", "--batch", "8", "--threads", "1"]
+_LORA_ARGS = ["--speedup", "1.5", "--lora", "--steps", "300", "--batch", "8", "--threads", "1"]
+# name -> (base zoo model, adapter folder, ``mmskip.train`` arguments that trained it)
+FINE_TUNES: dict[str, tuple[str, Path, list[str]]] = {
+    "stdlib-lm + unified-1.5 FT": ("stdlib-lm", harness.RESULTS / "skip_aware_unified1.5_lora",
+                                   ["--model", "stdlib-lm", "--objective", "schedule-aware", "lm", *_LORA_ARGS]),
+    "stdlib-lm-skip + unified-1.5 FT": (
+        "stdlib-lm-skip", harness.RESULTS / "skip_aware_skip_unified1.5_lora",
+        ["--model", "stdlib-lm-skip", "--objective", "schedule-aware", "early-exit", "layer-dropout", "--rotation", "8",
+         "--dropout-curriculum", "exponential", "--p-max", "0.2", "--e-scale", "1.0", *_LORA_ARGS]),
+}
 MODELS = {"stdlib-lm": "trained without skipping", "stdlib-lm + unified-1.5 FT": "schedule-aware LoRA fine-tune",
-          "stdlib-lm-skip": "layer dropout + early-exit loss"}
+          "stdlib-lm-skip": "layer dropout + early-exit loss",
+          "stdlib-lm-skip + unified-1.5 FT": "schedule-aware LoRA fine-tune, LayerSkip objectives kept"}
 
 
 def load(name: str, smoke: bool) -> tuple[torch.nn.Module, Any]:
     if smoke:
-        model, _ = spec.build({"stdlib-lm": "random-4x64", "stdlib-lm-skip": "random-6x64"}.get(name, "random-4x64"))
+        base = FINE_TUNES[name][0] if name in FINE_TUNES else name
+        model, _ = spec.build({"stdlib-lm": "random-4x64", "stdlib-lm-skip": "random-6x64"}.get(base, "random-4x64"))
         return model, None
     from mmskip.eval.lm import load_lm
 
-    if name != "stdlib-lm + unified-1.5 FT":
+    if name not in FINE_TUNES:
         return load_lm(name)
-    model, tok = load_lm("stdlib-lm")
-    if not (LORA / "adapter_model.safetensors").exists():
-        _train_adapter()
+    base, folder, args = FINE_TUNES[name]
+    model, tok = load_lm(base)
+    if not (folder / "adapter_model.safetensors").exists():
+        _train_adapter(folder, args)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(LORA)).merge_and_unload().float().eval(), tok
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().float().eval(), tok
 
 
-def _train_adapter() -> None:
-    """Re-create the committed adapter (about 6 min on one thread), stored in fp16."""
+def _train_adapter(folder: Path, args: list[str]) -> None:
+    """Re-create a committed adapter (minutes on one thread), stored in fp16."""
     import tempfile
 
     from safetensors.torch import load_file, save_file
@@ -73,12 +83,12 @@ def _train_adapter() -> None:
     from mmskip.train.__main__ import main as train_main
 
     tmp = Path(tempfile.mkdtemp(prefix="mmskip-ft-"))
-    train_main([*FT_ARGS, "--out", str(tmp)])
-    LORA.mkdir(parents=True, exist_ok=True)
-    (LORA / "adapter_config.json").write_text((tmp / "lora" / "adapter_config.json").read_text())
+    train_main([*args, "--out", str(tmp)])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text((tmp / "lora" / "adapter_config.json").read_text())
     state = load_file(str(tmp / "lora" / "adapter_model.safetensors"))
-    save_file({k: v.half() for k, v in state.items()}, str(LORA / "adapter_model.safetensors"))
-    (LORA / "train_info.json").write_text((tmp / "train_info.json").read_text())
+    save_file({k: v.half() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
+    (folder / "train_info.json").write_text((tmp / "train_info.json").read_text())
 
 
 def prompts_for(tok: Any, vocab: int, n: int, length: int) -> list[torch.Tensor]:

@@ -10,9 +10,11 @@ enables, and :func:`matched_steps` gives the step count with the same total mult
 to the retrained ``stdlib-lm`` (12,000 steps) that is 21,880 steps, 5.6 h on two CPU threads; the
 shipped model trains :data:`CPU_STEPS` steps (18.4M tokens, 5.7 epochs), which fit one session.
 
-A second, short stage (:data:`SCHEDULE_AWARE`) fine-tunes with Unified Layer Skipping's s=1.5 schedule
-applied while the LayerSkip objectives stay on, so the model agrees with itself when that schedule
-skips a third of its layers (0.81 -> 0.89 teacher-forced) at a small cost in full-model perplexity.
+An optional second stage (``schedule_aware_steps``, :data:`SCHEDULE_AWARE`; off by default)
+fine-tunes all weights with Unified Layer Skipping's s=1.5 schedule applied while the LayerSkip
+objectives stay on: agreement at s=1.5 rises from 0.81 to 0.88, but the model's continuations
+copy their context less, so prompt-lookup speculation on it fell from 1.18x to 0.92x. The shipped
+model is stage 1 only; ``docs/training.md`` has the comparison.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ __all__ = ["train_stdlib_lm_skip", "matched_steps", "RECIPE"]
 
 # chosen by a sweep of 9 variants on a GPU (README "Skip-aware training"), every one compute-matched
 RECIPE: dict[str, Any] = {"layers": 24, "d": 64, "p_max": 0.2, "e_scale": 1.0, "rotation": 8,
-                          "dropout_curriculum": "exponential", "schedule_aware_steps": 300}
+                          "dropout_curriculum": "exponential", "schedule_aware_steps": 0}
 REF_STEPS, REF_MACS = 800, 4.72e6  # the first stdlib-lm: steps, weight multiply-adds per token (layers + head)
 LONG_STEPS = 12_000  # stdlib-lm's recipe now (recipes/stdlib_lm.py STAGES): steps are matched to this
 CPU_STEPS = 6_000  # the default run: what two CPU threads train in about 100 min (0.93 s a step)
@@ -70,7 +72,7 @@ def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, dev
     ``rotation`` (``None``: no early-exit loss), ``dropout_curriculum``; ``p_max=0``: no dropout).
     ``texts``: (train, test) source texts (default: this Python's stdlib split, as for ``stdlib-lm``).
     ``init``: a folder holding stage 1's saved (fp16) weights and ``train_info.json``; stage 1 is
-    then not run, and stage 2 (:data:`SCHEDULE_AWARE`; ``schedule_aware_steps=0`` turns it off)
+    then not run, and stage 2 (:data:`SCHEDULE_AWARE`, turned on by ``schedule_aware_steps=300``)
     starts from those weights, exactly as it does after stage 1 (which is rounded to fp16 first).
     """
     from transformers import AutoTokenizer
@@ -105,8 +107,8 @@ def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, dev
         model = AutoModelForCausalLM.from_pretrained(init).float()
         stage1 = {k: v for k, v in json.loads((Path(init) / "train_info.json").read_text()).items()
                   if k in ("config", "history", "wall_time_s")}
-    stage1_ppl = perplexity(model.eval(), test_ids)
     sa_steps = r["schedule_aware_steps"]
+    stage1_ppl = perplexity(model.eval(), test_ids) if sa_steps else None
     stage2: dict[str, Any] = {}
     if sa_steps:
         t1 = time.time()
@@ -124,9 +126,10 @@ def train_stdlib_lm_skip(out: Path, steps: int | None = None, seed: int = 0, dev
     metrics = {"held-out perplexity (stdlib modules)": perplexity(model, test_ids),
                "train-sample perplexity": perplexity(model, train_ids[: len(test_ids)]),
                "held-out tokens": len(test_ids), "train tokens": len(train_ids),
-               "parameters": sum(p.numel() for p in model.parameters()), "steps": n_steps,
-               "held-out perplexity after stage 1 (before the schedule-aware stage)": stage1_ppl,
-               "schedule-aware steps": sa_steps}
+               "parameters": sum(p.numel() for p in model.parameters()), "steps": n_steps}
+    if sa_steps:
+        metrics.update({"held-out perplexity after stage 1 (before the schedule-aware stage)": stage1_ppl,
+                        "schedule-aware steps": sa_steps})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
@@ -165,8 +168,8 @@ def _card(out: Path, r: dict[str, Any], objectives: list, steps: int, metrics: d
               if r["schedule_aware_steps"] else "")
     write_model_card(out, "stdlib-lm-skip",
                "Deep, narrow Llama trained to survive layer skipping (LayerSkip's layer dropout and early-exit "
-               "loss, then a schedule-aware stage) on Python's own standard library source; the skip-aware "
-               "sibling of `stdlib-lm`.",
+               f"loss{', then a schedule-aware stage' if r['schedule_aware_steps'] else ''}) on Python's own "
+               "standard library source; the skip-aware sibling of `stdlib-lm`.",
                "The same split and tokenizer as `stdlib-lm` (its byte-level BPE, 4096 tokens).",
                f"`LlamaForCausalLM`, {r['layers']} layers, d={r['d']}, SwiGLU {4 * r['d']}, tied embeddings, "
                f"{metrics['parameters'] / 1e6:.2f}M parameters. Stage 1: "

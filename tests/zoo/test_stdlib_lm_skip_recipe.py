@@ -26,6 +26,8 @@ def test_recipe_runs_and_saves_a_loadable_model(tmp_path):
                                    schedule_aware_steps=2)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.config.num_hidden_layers == 4 and metrics["steps"] == 2 and metrics["schedule-aware steps"] == 2
+    assert "schedule-aware steps" not in train_stdlib_lm_skip(tmp_path / "s1", steps=1, device="cpu", texts=texts,
+                                                             write_card=False, layers=4, d=32)
     info = json.loads((tmp_path / "train_info.json").read_text())
     assert [o.split("(")[0] for o in info["objectives"]] == ["ScheduleAware", "LayerDropout", "EarlyExitLoss"]
     assert len(info["history"]) >= 1 and info["stage2"]["config"]["steps"] == 2
