@@ -82,8 +82,9 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def run_servers(args: Any, methods: dict[str, dict[str, Any]]) -> None:
-    """Start every method's server, run the interleaved rounds, write JSON and Markdown."""
+def run_servers(args: Any, methods: dict[str, dict[str, Any]], out: Path) -> None:
+    """Start every method's server, run the interleaved rounds, write JSON and Markdown to ``out``
+    (``.json``; the ``.md`` beside it)."""
     conc = (1, 8) if args.smoke else (1, 8, 32)
     rounds = 1 if args.smoke else args.repeats
     prompts = {c: held_out_prompts(4 if c == 1 else c) for c in conc}
@@ -137,5 +138,4 @@ def run_servers(args: Any, methods: dict[str, dict[str, Any]]) -> None:
           + "\n\nRSS: resident memory summed over the server's processes (API server, engine core, worker; "
           "shared pages counted in each).\n")
     print(md)
-    out = args.out.with_name("vllm_serving_server" + ("_smoke" if args.smoke else "") + ".json")
     harness.write(out, result, md)

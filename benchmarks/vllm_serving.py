@@ -52,6 +52,9 @@ def num_layers(model: str) -> int:
     return int(json.loads((ZOO / model / "config.json").read_text())["num_hidden_layers"])
 
 
+DEFAULT_OUT = harness.RESULTS / "vllm_serving.json"
+
+
 def methods(k: int, layers: int) -> dict[str, dict[str, Any]]:
     """Engine keyword arguments per method for a model of ``layers`` layers."""
     skip = late(layers)
@@ -112,8 +115,7 @@ def run_batch(llm: Any, prompts: list[str], c: int, params: Any) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = harness.arguments(__doc__, repeats=5, threads=None,
-                          out=harness.RESULTS / "vllm_serving.json", full_doc=True)
+    p = harness.arguments(__doc__, repeats=5, threads=None, out=DEFAULT_OUT, full_doc=True)
     p.add_argument("--model", default="stdlib-lm-skip")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
@@ -126,13 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.plot_only:
         path = results_path(args)
+        if not path.is_file():
+            raise SystemExit(f"--plot-only: no results at {path}; run the benchmark first (without --plot-only)")
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         print(f"wrote {path.with_suffix('.png')}")
         return
     if args.server:
         from _vllm_server_bench import run_servers
 
-        run_servers(args, chosen(methods(args.k, num_layers(args.model)), args.methods))
+        run_servers(args, chosen(methods(args.k, num_layers(args.model)), args.methods), results_path(args))
         if _has_matplotlib():
             plot(json.loads(results_path(args).read_text()), results_path(args).with_suffix(".png"))
         return
@@ -198,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def results_path(args: Any) -> Path:
-    """Where a run with these arguments writes its JSON (the ``.md`` and ``.png`` go beside it)."""
+    """Where a run with these arguments writes its JSON (the ``.md`` and ``.png`` go beside it): an
+    ``--out`` given on the command line as is, else a name from the mode and the model."""
+    if args.out != DEFAULT_OUT:
+        return args.out
     if args.server:
         return args.out.with_name("vllm_serving_server" + ("_smoke" if args.smoke else "") + ".json")
     out = args.out if args.model == "stdlib-lm-skip" else args.out.with_name(f"vllm_serving_{args.model}.json")
