@@ -9,11 +9,13 @@ quartiles), held-out quality and FLOPs bounds, and ``tuned / fewer``, the ratio 
 
     python benchmarks/tune.py --models digits-dit --floors 30,35 --budget 5m
     python benchmarks/tune.py --models stdlib-lm,stdlib-lm-skip --floors 0.8,0.9,1.0
+    python benchmarks/tune.py --models stdlib-lm-skip --fresh   # retrained weights: start the search over
     python benchmarks/tune.py --smoke
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,6 +52,18 @@ def headline_target(name: str, steps: int | None = None, max_new_tokens: int | N
 
 
 def tune_model(name: str, floors: list[float], args: Any) -> dict[str, Any]:
+    from mmskip.tuning.trial_log import TrialLogMismatch
+
+    if args.fresh and (args.runs / name).is_dir():
+        shutil.rmtree(args.runs / name)
+        print(f"{name}: --fresh, the earlier trial log is deleted")
+    try:
+        return _tune_floors(name, floors, args)
+    except TrialLogMismatch as e:
+        raise SystemExit(f"{name}: {e}; or rerun with --fresh") from e
+
+
+def _tune_floors(name: str, floors: list[float], args: Any) -> dict[str, Any]:
     target = headline_target(name, args.steps, args.max_new_tokens)
     calib, held = stock_inputs(name, target, args.inputs), stock_inputs(name, target, args.held_out, offset=args.inputs)
     rows, results = [], {}
@@ -83,6 +97,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="pipelines: baseline steps (default: the model's headline)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--runs", type=Path, default=harness.RESULTS / "tune_runs", help="trial logs (one per model)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start each model's search over (its trial log is deleted first); without it a search "
+                        "continues its log, and a log of other weights or settings stops the run")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
