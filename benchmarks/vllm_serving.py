@@ -68,6 +68,11 @@ def methods(k: int, layers: int) -> dict[str, dict[str, Any]]:
         "mmskip early exit 12": {"hf_overrides": {"mmskip_draft": {"exit_layer": 12}}, "speculative_config": spec},
         "mmskip lookup + early exit 12": {"hf_overrides": {"mmskip_draft": {"exit_layer": 12, "prompt_lookup": True}},
                                           "speculative_config": spec},
+        # vLLM's dynamic speculative decoding turns speculation off above 4 requests (mmskip's drafter
+        # pauses there anyway), so larger batches take plain decoding's path
+        "mmskip lookup + early exit 12, dynamic": {
+            "hf_overrides": {"mmskip_draft": {"exit_layer": 12, "prompt_lookup": True}},
+            "speculative_config": {**spec, "num_speculative_tokens_per_batch_size": [[1, 4, k], [5, 1024, 0]]}},
         f"mmskip layer set {span}": {"hf_overrides": {"mmskip_draft": {"attn_skip": list(skip), "mlp_skip": list(skip)}},
                                      "speculative_config": spec},
         f"mmskip layer skip {span}": {"hf_overrides": {"architectures": ["MmskipLlamaForCausalLM"],

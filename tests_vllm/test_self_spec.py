@@ -119,3 +119,21 @@ def test_prompt_lookup_then_layers_is_lossless(monkeypatch: pytest.MonkeyPatch, 
     assert lookup["drafted"] > 0 and layers["drafted"] > 0
     assert 0 < lookup["accepted"] <= lookup["drafted"] and 0 < layers["accepted"] <= layers["drafted"]
     assert stats["drafted"] == lookup["drafted"] + layers["drafted"]
+
+
+def test_paused_drafting_follows_nobody_and_resumes_lossless(monkeypatch: pytest.MonkeyPatch, prompts: list[str],
+                                                             plain_tokens: list[list[int]]) -> None:
+    """Above ``max_drafting_requests`` the proposer drafts nothing and keeps no request state; two
+    requests at a time draft again afresh; every token equals plain vLLM's."""
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the drafter's stats from the worker
+    llm = _spec_llm({"exit_layer": 8, "max_drafting_requests": 2})
+    try:
+        paused = tokens_of(llm, prompts[:6])
+        during = llm.collective_rpc(_drafter_stats)[0]
+        few = [t for i in range(0, 6, 2) for t in tokens_of(llm, prompts[i:i + 2])]
+        after = llm.collective_rpc(_drafter_stats)[0]
+    finally:
+        close(llm)
+    assert paused == few == plain_tokens[:6]
+    assert during["paused_steps"] > 0 and during["followed_requests"] == 0  # nobody followed while paused
+    assert after["drafted"] > during["drafted"] and after["accepted"] > during["accepted"]

@@ -86,10 +86,16 @@ class SelfSpeculativeProposer:
                  token_ids_cpu: np.ndarray) -> list[list[int]]:
         active = [i for i, s in enumerate(sampled_token_ids) if s and num_tokens_no_spec[i] < self.max_model_len]
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        self._follow(active, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         if len(active) > self.spec.max_drafting_requests:
+            # paused: count the last drafts' acceptance once, then follow nobody (matching every row
+            # to its request each step cost about 6 % of a 32-request step); requests drafting
+            # resumes for start afresh
+            if self.tracks:
+                self._follow(active, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+                self.tracks = {}
             self.paused_steps += 1
             return drafts
+        self._follow(active, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         with torch.inference_mode():
             for i in active:
                 n = int(num_tokens_no_spec[i])
@@ -153,7 +159,7 @@ class SelfSpeculativeProposer:
 
     def stats(self) -> dict[str, Any]:
         """Drafted and accepted tokens (in all, and per source), acceptance rate, paused steps,
-        draft KV bytes."""
+        requests followed now, draft KV bytes."""
         drafted = sum(d for d, _ in self.by_source.values())
         accepted = sum(a for _, a in self.by_source.values())
         return {
@@ -163,6 +169,7 @@ class SelfSpeculativeProposer:
             "acceptance": accepted / drafted if drafted else None,
             "by_source": {s: {"drafted": d, "accepted": a} for s, (d, a) in self.by_source.items()},
             "paused_steps": self.paused_steps,
+            "followed_requests": len(self.tracks),
             "propose_seconds": self.seconds,
             "draft_kv_bytes": sum(t.cache.nbytes() for t in self.tracks.values()),
         }
