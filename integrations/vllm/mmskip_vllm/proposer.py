@@ -88,8 +88,8 @@ class SelfSpeculativeProposer:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         if len(active) > self.spec.max_drafting_requests:
             # paused: count the last drafts' acceptance once, then follow nobody (matching every row
-            # to its request each step cost about 6 % of a 32-request step); requests drafting
-            # resumes for start afresh
+            # to its request each step is work for nothing while no row drafts); a request whose
+            # drafting resumes starts afresh
             if self.tracks:
                 self._follow(active, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
                 self.tracks = {}
