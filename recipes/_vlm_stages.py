@@ -35,7 +35,8 @@ class StageTask(TrainTask):
     ``draw(step)`` gives the step's batch, a list of tensors: ``[pixels, patch_labels]`` in the vision
     stage, ``[pixels, input_ids, attention_mask, labels, patch_labels, *extra]`` in the whole-model stage. A
     ``draw`` seeded by the step makes the stage resumable (``fit(..., out, resume=True)``).
-    ``evaluate_fn`` (optional) gives held-out numbers, printed and kept in the fit's history."""
+    ``evaluate_fn`` (optional) gives held-out numbers, printed and kept in the fit's history. An
+    ``answer_loss`` may put further training-only terms in ``extra_terms``; the step adds them."""
 
     def __init__(self, model: torch.nn.Module, probe: torch.nn.Module, draw: Callable[[int], list[torch.Tensor]],
                  aux: float, steps: int, vision_only: bool, name: str, seed: int = 0,
@@ -45,6 +46,7 @@ class StageTask(TrainTask):
         self.every = max(1, steps // (10 if vision_only else 20))
         self.desc = f"{name} vision warm-up" if vision_only else name
         self.captured: dict[str, torch.Tensor] = {}
+        self.extra_terms: dict[str, torch.Tensor] = {}
         self.curve: list[tuple[int, float]] = []
         self.hook: Any = None
 
@@ -113,6 +115,8 @@ class StageTask(TrainTask):
             terms = {"lm": self.answer_loss(pixels, ids, mask, labels, *extra)}
             if self.aux:
                 terms["probe"] = self.aux * self.probe_loss(self.captured["feats"], cells)
+            terms.update(self.extra_terms)
+            self.extra_terms = {}
         self.last = next(iter(terms.values())).detach()
         return terms
 

@@ -26,14 +26,16 @@ from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 from ._fit import step_generator
 from ._vlm_stages import StageTask
 
-__all__ = ["STEPS", "VISION_STEPS", "BATCH", "evaluate", "probe_loss", "train_llava"]
+__all__ = ["STEPS", "VISION_STEPS", "BATCH", "attention_loss", "evaluate", "probe_loss", "train_llava"]
 
-STEPS = {"cuda": 4000, "cpu": 4000}  # steps of the whole model
+STEPS = {"cuda": 4000, "cpu": 8000}  # steps of the whole model
 VISION_STEPS = {"cuda": 1000, "cpu": 1000}  # vision warm-up steps before them (see train_llava)
 BATCH = {"cuda": 512, "cpu": 16}  # grids a step (a vision warm-up step: 2 × BATCH grids, no text)
 LR = 1e-3
 AUX = 0.5  # weight of the probe's digit loss on the projector's output (a training-only linear probe)
 WARMUP = 200
+ATTN = 1.0  # weight of the training-only attention loss (see attention_loss)
+ATTN_LAYER, ATTN_HEADS = 3, 2  # the decoder layer whose first ATTN_HEADS heads it supervises
 
 
 def _autocast(device: torch.device):
@@ -124,6 +126,31 @@ def probe_loss(probe: torch.nn.Module, feats: torch.Tensor, cells: torch.Tensor)
     return per_patch + per_cell + row + col
 
 
+def attention_targets(questions: list[str]) -> torch.Tensor:
+    """``(n, 64)`` booleans: the patches of the cells each question names (:func:`D.question_cells`); none
+    for a question about every cell (``count``), which :func:`attention_loss` leaves out."""
+    cells = torch.stack([D.question_cells(q) for q in questions]).long()
+    cells[cells.flatten(1).all(1)] = 0
+    return _patch_labels(cells).bool()
+
+
+def attention_loss(attn: torch.Tensor, answer_pos: torch.Tensor, image: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """Where the answer is read: ``-log`` of the attention mass that the position predicting the answer
+    (``answer_pos - 1``) puts on the patches of the cells its question names, averaged over the heads of
+    ``attn`` ``(n, H, L, L)`` and over the questions that name cells (``targets`` ``(n, 64)``, :func:
+    `attention_targets`; ``image`` ``(n, L)`` marks the 64 image tokens of each row). The training-only
+    signal that teaches the lookup: without it the model answers the grid's most frequent digit."""
+    n = len(attn)
+    named = targets.any(1)
+    if not named.any():
+        return attn.sum() * 0
+    rows = attn[torch.arange(n, device=attn.device), :, answer_pos - 1].float()  # (n, H, L)
+    on_image = rows.masked_select(image[:, None, :]).view(n, rows.shape[1], D.N_IMAGE_TOKENS)
+    mass = (on_image * targets[:, None].to(on_image.dtype)).sum(-1).clamp_min(1e-6)
+    return -mass.log().mean(1)[named].mean()
+
+
 def _vision_draw(bank, batch: int, seed: int):
     """Step-seeded vision warm-up batches: ``2 * batch`` grids of any of the 10 classes (pixels, patch labels)."""
     def draw(step: int) -> list[torch.Tensor]:
@@ -137,20 +164,37 @@ def _question_draw(tok, bank, batch: int, seed: int, palette: tuple[int, int] = 
     def draw(step: int) -> list[torch.Tensor]:
         g = step_generator(seed + 1, step)
         images, labels = D.make_grids(bank, batch, g, palette=palette)
-        b = D.make_batch(tok, images, *D.sample_questions(labels, g))
-        return [b.pixel_values, b.input_ids, b.attention_mask, b.labels, _patch_labels(labels)]
+        qs, answers, qtypes = D.sample_questions(labels, g)
+        b = D.make_batch(tok, images, qs, answers, qtypes)
+        return [b.pixel_values, b.input_ids, b.attention_mask, b.labels, _patch_labels(labels),
+                attention_targets(qs)]
     return draw
 
 
 class _LlavaTask(StageTask):
-    """A stage of the recipe (:class:`recipes._vlm_stages.StageTask`) on LLaVA's ``pixel_values``."""
+    """A stage of the recipe (:class:`recipes._vlm_stages.StageTask`) on LLaVA's ``pixel_values``; ``attn > 0``
+    adds ``attn`` × :func:`attention_loss` on decoder layer ``ATTN_LAYER``'s first ``ATTN_HEADS`` heads."""
+
+    def __init__(self, *args, attn: float = 0.0, image_token: int = -1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attn, self.image_token = attn, image_token
+
+    def fingerprint(self) -> dict:
+        return super().fingerprint() | ({"attn": self.attn} if self.attn else {})
 
     def encode(self, pixels: torch.Tensor) -> None:
         self.model.model.get_image_features(pixel_values=pixels)
 
     def answer_loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                    labels: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+                    labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels,
+                         output_attentions=bool(self.attn))
+        if self.attn:
+            layer = min(ATTN_LAYER, len(out.attentions) - 1)
+            answer_pos = (labels != -100).int().argmax(1)  # the answer token: the first labelled one
+            self.extra_terms["attention"] = self.attn * attention_loss(
+                out.attentions[layer][:, :ATTN_HEADS], answer_pos, ids == self.image_token, targets)
+        return out.loss
 
     def probe_loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         return probe_loss(self.probe, feats, cells)
@@ -179,12 +223,12 @@ def _probe_accuracy(task: _LlavaTask, pixels: torch.Tensor, grid: torch.Tensor, 
 def train_llava(out: Path, steps: int | None = None, batch: int | None = None, device: str | None = None,
                 seed: int = 0, size: str = "base", n_eval: int = 500, lr: float = LR,
                 palette: tuple[int, int] = PALETTE, aux: float = AUX, vision_steps: int | None = None,
-                save_every: int = 0, eval_every: int = 0) -> dict:
+                attn: float = ATTN, save_every: int = 0, eval_every: int = 0) -> dict:
     """Train ``digits-llava`` into ``out`` and write its model card; returns the metrics.
 
     Two stages (:mod:`recipes._vlm_stages`): ``vision_steps`` steps of the vision tower and projector alone
     on the probe's digit loss (:func:`probe_loss`), then ``steps`` steps of the whole model on the answers
-    (+ ``aux`` × the probe's loss). ``save_every > 0`` checkpoints each stage under ``out/training`` every
+    (+ ``aux`` × the probe's loss + ``attn`` × :func:`attention_loss`). ``save_every > 0`` checkpoints each stage under ``out/training`` every
     that many steps, and a rerun with the same arguments continues from there. ``eval_every > 0`` prints
     held-out accuracy (100 questions a type) every that many whole-model steps.
 
@@ -231,10 +275,14 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     print(f"probe: held-out cell digit accuracy after the vision warm-up {probe_acc['after the vision warm-up']:.3f}",
           flush=True)
     whole = _LlavaTask(model, probe, _question_draw(tok, bank, batch, seed, palette), aux, steps, False,
-                       "digits-llava", seed, evaluate_fn=small and (lambda: evaluate(model, small, dev)))
+                       "digits-llava", seed, evaluate_fn=small and (lambda: evaluate(model, small, dev)),
+                       attn=attn, image_token=model.config.image_token_index)
+    if attn:  # the attention loss reads attention weights, which only the eager kernel returns
+        model.set_attn_implementation("eager")
     t_whole = fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch,
                                      eval_every=eval_every, **common),
                   out=ckpt and ckpt / "whole", resume=ckpt is not None).seconds
+    model.set_attn_implementation("sdpa")
     vision_curve, curve = vision.curve, whole.curve
     probe_acc["at the end"] = _probe_accuracy(whole, D.pixel_values(probe_images), probe_grid, dev)
     train_s = t_vision + t_whole
@@ -282,7 +330,11 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
                f"vision warm-up: {vision_steps} steps of the vision tower + projector alone on the probe's loss "
                f"({2 * batch} grids of any of the 10 classes a step, {warm_v} warm-up steps, then flat). Stage 2: "
                f"{steps} steps of the whole model, batch {batch}, loss on the answer token and `</s>` + {aux} × the "
-               f"probe's loss, {warm} warm-up steps, cosine to 5 %"
+               f"probe's loss"
+               + (f" + {attn} × a training-only attention loss (decoder layer {ATTN_LAYER}, heads 0-{ATTN_HEADS - 1}: "
+                  "the position that predicts the answer is taught to attend to the cells its question names, "
+                  "the -log of its attention mass on their tokens; digit and sum questions)" if attn else "")
+               + f", {warm} warm-up steps, cosine to 5 %"
                f"{'; bf16 autocast' if dev.type == 'cuda' else ''}. Saved in fp16.",
                metrics, wall,
                extra="\nAccuracy is greedy (argmax) on the answer token. Majority-answer baseline = always giving "

@@ -158,7 +158,6 @@ class _VideoTask(StageTask):
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.tally, self.tally_head, self.prefix = tally, tally_head, prefix
-        self.extra_terms: dict[str, torch.Tensor] = {}
 
     def weights(self) -> dict[str, torch.Tensor]:
         extra = self.tally_head.named_parameters() if self.tally and not self.vision_only else ()
@@ -182,12 +181,6 @@ class _VideoTask(StageTask):
             self.extra_terms["tally"] = self.tally * tally_loss(  # (a smaller model: its last layer)
                 self.tally_head, out.hidden_states[min(TALLY_LAYER, len(out.hidden_states) - 1)], ends, targets)
         return out.loss
-
-    def loss(self, b: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        terms = super().loss(b, step)
-        terms.update(self.extra_terms)
-        self.extra_terms = {}
-        return terms
 
     def probe_loss(self, feats: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         return probe_loss(self.probe, feats, cells)

@@ -28,7 +28,7 @@ from .word_tokenizer import answer_batch, word_tokenizer
 
 __all__ = ["GRID", "CELL", "IMAGE_SIZE", "PATCH", "N_IMAGE_TOKENS", "QTYPES", "IMAGE_TOKEN", "PALETTE", "COPIES", "Batch",
            "build_tokenizer", "digit_bank", "make_grids", "render", "pixel_values", "prompt_text", "ask",
-           "sample_questions", "make_batch", "heldout_set", "encode", "answer"]
+           "question_cells", "sample_questions", "make_batch", "heldout_set", "encode", "answer"]
 
 GRID = 4
 CELL = 8
@@ -125,6 +125,24 @@ def ask(labels: torch.Tensor, qtype: str, a: int, b: int = 0) -> tuple[str, str]
         line = labels[a, :] if b == 0 else labels[:, a]
         return f"what is the sum of {'row' if b == 0 else 'column'}{a + 1} ?", str(int(line.sum()))
     raise ValueError(f"unknown question type {qtype!r}; one of {QTYPES}")
+
+
+def question_cells(question: str) -> torch.Tensor:
+    """The cells a question's answer depends on, ``(4, 4)`` booleans: one cell for ``digit``, a row or a
+    column for ``sum``, every cell for ``count`` (and for a question this module did not ask)."""
+    cells = torch.zeros(GRID, GRID, dtype=torch.bool)
+    names = [w for w in question.split() if w.startswith(("row", "column"))]
+    rows = [int(w[3:]) - 1 for w in names if w.startswith("row")]
+    cols = [int(w[6:]) - 1 for w in names if w.startswith("column")]
+    if rows and cols:
+        cells[rows[0], cols[0]] = True
+    elif rows:
+        cells[rows[0]] = True
+    elif cols:
+        cells[:, cols[0]] = True
+    else:
+        cells[:] = True
+    return cells
 
 
 def sample_questions(labels: torch.Tensor, g: torch.Generator, qtypes: list[str] | None = None,

@@ -174,3 +174,40 @@ def test_shipped_model_answers_heldout_questions_as_its_card_says():
                                                        pixel_values=held.pixel_values[i:i + 1]).logits[
                                                            0, held.answer_pos[i] - 1].argmax())) for i in idx]
     assert got == logits_pred
+
+
+def test_question_cells_name_the_cells_each_answer_reads():
+    cells = D.question_cells("what digit is in row2 column3 ?")
+    assert cells.sum() == 1 and cells[1, 2]
+    assert D.question_cells("what is the sum of row4 ?")[3].all() and D.question_cells("what is the sum of row4 ?").sum() == 4
+    assert D.question_cells("what is the sum of column1 ?")[:, 0].all() and D.question_cells("what is the sum of column1 ?").sum() == 4
+    assert D.question_cells("how many 7 are there ?").all()
+    grid = torch.arange(16).reshape(4, 4)
+    for t in D.QTYPES:  # every sampled question names cells its answer is computed from
+        (q,), (a,), _ = D.sample_questions(grid[None] % 10, torch.Generator().manual_seed(3), [t])
+        assert D.question_cells(q).any()
+
+
+def test_attention_loss_is_low_only_when_the_answer_position_reads_the_named_cells():
+    from mmskip.cli import recipe
+
+    llava = recipe("llava")
+    qs = ["what digit is in row1 column2 ?", "what is the sum of column4 ?", "how many 3 are there ?"]
+    targets = llava.attention_targets(qs)
+    assert targets.shape == (3, 64) and targets[0].sum() == 4 and targets[1].sum() == 16 and not targets[2].any()
+    L, start, answer_pos = 80, 3, torch.tensor([75, 75, 75])
+    image = torch.zeros(3, L, dtype=torch.bool)
+    image[:, start:start + 64] = True
+
+    def attn_on(patches: torch.Tensor) -> torch.Tensor:  # (3, 64) bools -> (3, 2 heads, L, L), rows sum to 1
+        a = torch.full((3, 2, L, L), 1e-9)
+        a[:, :, 74, start:start + 64] = patches[:, None].float()
+        a[~patches.any(1), :, 74, 0] = 1.0
+        return a / a.sum(-1, keepdim=True)
+
+    right = llava.attention_loss(attn_on(targets), answer_pos, image, targets)
+    wrong = llava.attention_loss(attn_on(targets.roll(2, dims=1)), answer_pos, image, targets)
+    uniform = llava.attention_loss(attn_on(torch.ones(3, 64, dtype=torch.bool)), answer_pos, image, targets)
+    assert right < 1e-3 < uniform < wrong and wrong > 10
+    none = llava.attention_targets(["how many 3 are there ?"])
+    assert llava.attention_loss(attn_on(targets)[2:], answer_pos[2:], image[2:], none) == 0
