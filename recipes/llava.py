@@ -127,28 +127,26 @@ def probe_loss(probe: torch.nn.Module, feats: torch.Tensor, cells: torch.Tensor)
 
 
 def attention_targets(questions: list[str]) -> torch.Tensor:
-    """``(n, 64)`` booleans: the patches of the cells each question names (:func:`D.question_cells`); none
-    for a question about every cell (``count``), which :func:`attention_loss` leaves out."""
-    cells = torch.stack([D.question_cells(q) for q in questions]).long()
-    cells[cells.flatten(1).all(1)] = 0
-    return _patch_labels(cells).bool()
+    """``(n, 64)`` booleans: the patches of the cells each question names (:func:`D.question_cells`: one
+    cell, a row or column, or every cell for ``count``)."""
+    return _patch_labels(torch.stack([D.question_cells(q) for q in questions]).long()).bool()
 
 
 def attention_loss(attn: torch.Tensor, answer_pos: torch.Tensor, image: torch.Tensor,
                    targets: torch.Tensor) -> torch.Tensor:
-    """Where the answer is read: ``-log`` of the attention mass that the position predicting the answer
-    (``answer_pos - 1``) puts on the patches of the cells its question names, averaged over the heads of
-    ``attn`` ``(n, H, L, L)`` and over the questions that name cells (``targets`` ``(n, 64)``, :func:
-    `attention_targets`; ``image`` ``(n, L)`` marks the 64 image tokens of each row). The training-only
-    signal that teaches the lookup: without it the model answers the grid's most frequent digit."""
+    """Where the answer is read: how far the attention of the position predicting the answer
+    (``answer_pos - 1``) over the 64 image tokens is from an even spread over the patches of the cells its
+    question names (``targets`` ``(n, 64)``, :func:`attention_targets`), ``KL(uniform on the targets ||
+    attention)``, 0 only at that spread; averaged over the heads of ``attn`` ``(n, H, L, L)`` and the
+    questions. ``image`` ``(n, L)`` marks each row's 64 image tokens. The training-only signal that teaches
+    the reading: a cell's digit, a row's or column's four digits evenly (their sum), every cell evenly
+    (a count). Without it the model answers the grid's most frequent digit."""
     n = len(attn)
-    named = targets.any(1)
-    if not named.any():
-        return attn.sum() * 0
     rows = attn[torch.arange(n, device=attn.device), :, answer_pos - 1].float()  # (n, H, L)
     on_image = rows.masked_select(image[:, None, :]).view(n, rows.shape[1], D.N_IMAGE_TOKENS)
-    mass = (on_image * targets[:, None].to(on_image.dtype)).sum(-1).clamp_min(1e-6)
-    return -mass.log().mean(1)[named].mean()
+    t = targets[:, None].to(on_image.dtype)
+    k = t.sum(-1).clamp_min(1)
+    return (-(on_image.clamp_min(1e-6).log() * t).sum(-1) / k - k.log()).mean()
 
 
 def _vision_draw(bank, batch: int, seed: int):
