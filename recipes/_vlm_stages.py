@@ -18,7 +18,7 @@ import torch
 
 from mmskip.train import TrainConfig, TrainTask
 
-__all__ = ["StageTask", "decay_groups"]
+__all__ = ["StageTask", "decay_groups", "spread_loss"]
 
 
 def decay_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
@@ -26,6 +26,15 @@ def decay_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> 
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def spread_loss(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The VLM recipes' training-only attention loss: ``KL(even spread over the targets || attention)``,
+    0 only when the attention ``weights`` ``(..., H, T)`` (over ``T`` vision tokens) spread evenly over the
+    ``targets`` ``(..., T)`` (booleans; a row with none adds 0), averaged over every row and head."""
+    t = targets[..., None, :].to(weights.dtype)
+    k = t.sum(-1).clamp_min(1)
+    return (-(weights.float().clamp_min(1e-6).log() * t).sum(-1) / k - k.log()).mean()
 
 
 class StageTask(TrainTask):

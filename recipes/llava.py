@@ -24,7 +24,7 @@ from mmskip.zoo.llava_model import make_model
 from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 
 from ._fit import step_generator
-from ._vlm_stages import StageTask
+from ._vlm_stages import StageTask, spread_loss
 
 __all__ = ["STEPS", "VISION_STEPS", "BATCH", "attention_loss", "evaluate", "probe_loss", "train_llava"]
 
@@ -143,10 +143,7 @@ def attention_loss(attn: torch.Tensor, answer_pos: torch.Tensor, image: torch.Te
     (a count). Without it the model answers the grid's most frequent digit."""
     n = len(attn)
     rows = attn[torch.arange(n, device=attn.device), :, answer_pos - 1].float()  # (n, H, L)
-    on_image = rows.masked_select(image[:, None, :]).view(n, rows.shape[1], D.N_IMAGE_TOKENS)
-    t = targets[:, None].to(on_image.dtype)
-    k = t.sum(-1).clamp_min(1)
-    return (-(on_image.clamp_min(1e-6).log() * t).sum(-1) / k - k.log()).mean()
+    return spread_loss(rows.masked_select(image[:, None, :]).view(n, rows.shape[1], D.N_IMAGE_TOKENS), targets)
 
 
 def _vision_draw(bank, batch: int, seed: int):

@@ -28,7 +28,7 @@ from ._video_pack import PER_VIDEO, packed_batch, packed_questions
 from ._video_tally import LAYER as TALLY_LAYER
 from ._video_tally import OUTPUTS as TALLY_OUTPUTS
 from ._video_tally import frame_ends, tally_loss, tally_targets
-from ._vlm_stages import StageTask
+from ._vlm_stages import StageTask, spread_loss
 from .llava import _autocast, save_and_score
 
 __all__ = ["STEPS", "VISION_STEPS", "BATCH", "evaluate", "majority_baseline", "patch_labels", "train_video"]
@@ -42,6 +42,8 @@ AUX = 0.5  # weight of the probe's digit losses on the projector's output (a tra
 WARMUP = 200
 COPIES = 8  # train digits: the originals + 7 augmented copies
 BACKGROUND = 10  # the probe's class for a patch without the digit
+ATTN = 1.0  # weight of the training-only attention loss (see attention_loss)
+ATTN_LAYER, ATTN_HEADS = 3, 2  # the decoder layer whose first ATTN_HEADS heads it supervises
 TALLY = 0.5  # weight of the running-tally loss on the language model (recipes._video_tally; training only)
 
 
@@ -125,6 +127,36 @@ def _threads() -> str:
     return f"{n} thread{'s' if n > 1 else ''}"
 
 
+def attention_targets(videos: D.Videos, questions: list[list[tuple[str, str]]]) -> torch.Tensor:
+    """``(n, Q, frames × 16)`` booleans: for each of a video's ``Q`` packed questions, the vision tokens (after
+    pooling, clips' newline tokens left out) that show a digit in the frames the question names
+    (:func:`mmskip.zoo.video_data.question_frames`). All videos have the same number of clips and questions."""
+    n, frames = len(videos), int(videos.n_clips[0]) * D.FRAMES
+    side = D.FRAME_SIZE // D.PATCH  # 8 patches a side, pooled 2×2 (the mean of 2×2 patches, row-major)
+    digit = (patch_labels(videos) != BACKGROUND).view(n, frames, side // 2, 2, side // 2, 2).any(5).any(3)
+    named = torch.stack([torch.stack([D.question_frames(q, frames) for q, _ in qa]) for qa in questions])
+    return (named[..., None] & digit.flatten(2)[:, None]).flatten(2)
+
+
+def vision_positions(n_clips: int, prefix: int) -> torch.Tensor:
+    """Positions of the frames' vision tokens (not the clips' newline tokens) in a prompt whose clips start
+    after ``prefix`` tokens, in :func:`attention_targets`' order."""
+    clip = torch.arange(n_clips)[:, None] * D.N_CLIP_TOKENS
+    return (prefix + clip + torch.arange(D.FRAMES * D.TOKENS_PER_FRAME)[None]).flatten()
+
+
+def attention_loss(attn: torch.Tensor, labels: torch.Tensor, vision: torch.Tensor, targets: torch.Tensor
+                   ) -> torch.Tensor:
+    """:func:`recipes._vlm_stages.spread_loss` of the attention ``attn`` ``(n, H, L, L)`` that each packed
+    question's answer-predicting position pays the vision tokens at ``vision``, against ``targets`` (:func:
+    `attention_targets`). A question's answer is its block's first labelled token (``labels``: answer,
+    ``</s>``)."""
+    n, q = targets.shape[:2]
+    labelled = (labels != -100).nonzero()[:, 1].view(n, 2 * q)[:, 0::2]  # (n, Q) answer positions
+    rows = attn[torch.arange(n, device=attn.device)[:, None], :, labelled - 1]  # (n, Q, H, L)
+    return spread_loss(rows[..., vision], targets)
+
+
 def _vision_draw(bank, batch: int, seed: int):
     """Step-seeded vision warm-up batches: ``2 * batch`` one-clip videos of any of the 10 classes (pixel values,
     patch labels)."""
@@ -142,9 +174,10 @@ def _question_draw(tok, bank, batch: int, seed: int, palette: tuple[int, int], p
         g = step_generator(seed + 1, step)
         c = int(torch.randint(1, D.MAX_CLIPS + 1, (), generator=g))
         videos = D.make_videos(bank, batch, g, palette=palette, clips=(c, c))
-        ids, mask, position_ids, labels = packed_batch(tok, videos, packed_questions(videos, g, per_video))
+        questions = packed_questions(videos, g, per_video)
+        ids, mask, position_ids, labels = packed_batch(tok, videos, questions)
         return [D.pixel_values_videos(videos), ids, mask, labels, patch_labels(videos), position_ids,
-                tally_targets(videos)]
+                tally_targets(videos), attention_targets(videos, questions)]
     return draw
 
 
@@ -155,9 +188,12 @@ class _VideoTask(StageTask):
     prompt's tokens before the first clip)."""
 
     def __init__(self, *args, tally: float = 0.0, tally_head: torch.nn.Module | None = None, prefix: int = 3,
-                 **kwargs) -> None:
+                 attn: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.tally, self.tally_head, self.prefix = tally, tally_head, prefix
+        self.tally, self.tally_head, self.prefix, self.attn = tally, tally_head, prefix, attn
+
+    def fingerprint(self) -> dict:
+        return super().fingerprint() | ({"attn": self.attn} if self.attn else {})
 
     def weights(self) -> dict[str, torch.Tensor]:
         extra = self.tally_head.named_parameters() if self.tally and not self.vision_only else ()
@@ -173,9 +209,14 @@ class _VideoTask(StageTask):
 
     def answer_loss(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                     *extra: torch.Tensor) -> torch.Tensor:
-        position_ids, targets = extra
+        position_ids, targets, attn_targets = extra
         out = self.model(input_ids=ids, attention_mask=mask.to(pixels.dtype), position_ids=position_ids,
-                         pixel_values_videos=pixels, labels=labels, output_hidden_states=bool(self.tally))
+                         pixel_values_videos=pixels, labels=labels, output_hidden_states=bool(self.tally),
+                         output_attentions=bool(self.attn))
+        if self.attn:
+            vision = vision_positions(targets.shape[1] // D.FRAMES, self.prefix).to(ids.device)
+            layer = out.attentions[min(ATTN_LAYER, len(out.attentions) - 1)][:, :ATTN_HEADS]
+            self.extra_terms["attention"] = self.attn * attention_loss(layer, labels, vision, attn_targets)
         if self.tally:
             ends = frame_ends(targets.shape[1] // D.FRAMES, self.prefix).to(ids.device)
             self.extra_terms["tally"] = self.tally * tally_loss(  # (a smaller model: its last layer)
@@ -189,14 +230,16 @@ class _VideoTask(StageTask):
 def train_video(out: Path, steps: int | None = None, batch: int | None = None, device: str | None = None,
                 seed: int = 0, size: str = "base", n_eval: int = 500, lr: float = LR,
                 palette: tuple[int, int] = PALETTE, aux: float = AUX, vision_steps: int | None = None,
-                tally: float = TALLY, per_video: dict[str, int] | None = None, init: str | Path | None = None, init_note: str = "",
+                tally: float = TALLY, attn: float = ATTN, per_video: dict[str, int] | None = None,
+                init: str | Path | None = None, init_note: str = "",
                 save_every: int = 0, eval_every: int = 0) -> dict:
     """Train ``digits-video`` into ``out`` and write its model card; returns the metrics.
 
     Two stages: ``vision_steps`` steps of the vision tower and projector alone on the probe's digit losses
     (:func:`probe_loss`; standing in for the pretrained vision encoder a real video LLM starts from), then
     ``steps`` steps of the whole model on packed questions (``per_video`` of each type about each video,
-    :data:`recipes._video_pack.PER_VIDEO` by default; + ``aux`` × the probe's losses).
+    :data:`recipes._video_pack.PER_VIDEO` by default; + ``aux`` × the probe's losses, ``tally`` × the running
+    tally's and ``attn`` × :func:`attention_loss`).
 
     ``init``: a saved ``digits-video`` folder to start from instead of random weights (no vision warm-up
     unless ``vision_steps`` is given; ``init_note`` says on the card what the folder was). ``save_every > 0``
@@ -254,10 +297,13 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     tally_head = torch.nn.Linear(model.config.text_config.hidden_size, TALLY_OUTPUTS).to(dev)
     whole = _VideoTask(model, probe, _question_draw(tok, bank, batch, seed, palette, per_video), aux, steps, False,
                        "digits-video", seed, evaluate_fn=small and (lambda: evaluate(model, small, dev)),
-                       tally=tally, tally_head=tally_head, prefix=len(D.prefix_ids(tok)))
+                       tally=tally, tally_head=tally_head, prefix=len(D.prefix_ids(tok)), attn=attn)
+    if attn:  # the attention loss reads attention weights, which only the eager kernel returns
+        model.set_attn_implementation("eager")
     t_whole = fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch,
                                      eval_every=eval_every, **common),
                   out=ckpt and ckpt / "whole", resume=ckpt is not None).seconds
+    model.set_attn_implementation("sdpa")
     vision_curve, curve, captured = vision.curve, whole.curve, whole.captured
     with whole.hooked():
         probe_acc["at the end"] = _probe_accuracy(model, probe, captured, heldout, dev)
@@ -322,6 +368,10 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
                + (f" + {tally} × a running-tally loss (a training-only linear head, not saved, on the language "
                   f"model's hidden state after layer {TALLY_LAYER} at the last token of each frame: for each digit "
                   "0-9, how many frames so far show it and which frame showed it first)" if tally else "")
+               + (f" + {attn} × a training-only attention loss (decoder layer {ATTN_LAYER}, heads 0-{ATTN_HEADS - 1}: "
+                  "the position that predicts each answer is taught to spread its attention evenly over the vision "
+                  "tokens that show a digit in the frames its question names: the named frame, or every frame)"
+                  if attn else "")
                + f", {warm} warm-up steps, cosine to 5 %. AdamW lr {lr} (β 0.9/0.98, wd 0.05 on "
                f"matrices; a fresh AdamW per stage, each one `mmskip.train.fit`), grad clip 1"
                f"{', bf16 autocast' if dev.type == 'cuda' else ''}. Saved in fp16.",

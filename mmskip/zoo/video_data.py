@@ -36,7 +36,7 @@ from .word_tokenizer import answer_batch, word_tokenizer
 __all__ = ["FRAMES", "MAX_CLIPS", "FRAME_SIZE", "DIGIT_SIZE", "PATCH", "TOKENS_PER_FRAME", "N_CLIP_TOKENS",
            "QTYPES", "VIDEO_TOKEN", "IMAGE_TOKEN", "Videos", "Batch", "build_tokenizer", "digit_bank", "make_videos",
            "render", "pixel_values_videos", "n_video_tokens", "prompt_text", "prefix_ids", "clip_ids", "question_ids",
-           "prompt_ids", "ask", "sample_questions", "make_batch", "heldout_set", "encode", "answer"]
+           "prompt_ids", "ask", "question_frames", "sample_questions", "make_batch", "heldout_set", "encode", "answer"]
 
 FRAMES = 4  # frames per clip
 MAX_CLIPS = 2
@@ -197,6 +197,18 @@ def ask(labels: torch.Tensor, qtype: str, a: int) -> tuple[str, str]:
     if qtype == "any":
         return f"is {a} in frames ?", str(int(bool((labels == a).any())))
     raise ValueError(f"unknown question type {qtype!r}; one of {QTYPES}")
+
+
+def question_frames(question: str, n_frames: int) -> torch.Tensor:
+    """The frames of an ``n_frames``-frame video a question's answer depends on, ``(n_frames,)`` booleans: the
+    frame a ``digit`` question names, every frame for the others."""
+    frames = torch.zeros(n_frames, dtype=torch.bool)
+    named = [int(w[5:]) - 1 for w in question.split() if w.startswith("frame") and w[5:].isdigit()]
+    if named:
+        frames[named[0]] = True
+    else:
+        frames[:] = True
+    return frames
 
 
 def sample_questions(videos: Videos, g: torch.Generator, qtypes: list[str] | None = None,

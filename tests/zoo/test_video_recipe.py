@@ -303,3 +303,36 @@ def test_tally_targets_count_and_find_each_digit_frame_by_frame():
     assert ends.tolist() == [18, 34, 50, 66, 83, 99, 115, 131]  # after <s> USER :, 16 a frame, a newline a clip
     with pytest.raises(ValueError, match="same number of clips"):
         tally_targets(D.Videos(videos.frames, labels, videos.positions, torch.tensor([1, 2])))
+
+
+def test_attention_targets_mark_the_digit_tokens_of_the_named_frames_at_their_prompt_positions(tok):
+    from mmskip.cli import recipe
+    from recipes._video_pack import packed_batch, packed_questions
+
+    video = recipe("video")
+    g = torch.Generator().manual_seed(6)
+    videos = D.make_videos(D.digit_bank("test"), 2, g, clips=(2, 2))
+    videos.positions[0, 1, 2] = torch.tensor([0, 16])  # frame 7 of video 0: the digit in the top right corner
+    qa = packed_questions(videos, g, {"digit": 1, "count": 1})
+    qa[0][0] = ("what digit is in frame7 ?", str(int(videos.labels[0, 1, 2])))
+    ids, _, _, labels = packed_batch(tok, videos, qa)
+    targets = video.attention_targets(videos, qa)
+    assert targets.shape == (2, 2, 8 * 16)
+    frame7 = targets[0, 0].view(8, 4, 4)
+    assert not frame7[[0, 1, 2, 3, 4, 5, 7]].any() and frame7[6].tolist() == [[False, False, True, True]] * 2 + \
+        [[False] * 4] * 2  # the pooled 2×2 tokens under a 16×16 digit in the top right corner
+    assert targets[:, 1].view(2, 8, 16).any(2).all()  # a count question reads every frame's digit
+    positions = video.vision_positions(2, len(D.prefix_ids(tok)))
+    assert (ids[:, positions] == tok.convert_tokens_to_ids(D.VIDEO_TOKEN)).all()
+    assert len(positions) == 2 * D.N_CLIP_TOKENS - 2  # every <video> token but the clips' newlines
+    # the loss is 0 only for attention spread evenly over the targets, from each answer-predicting position
+    n, L = ids.shape
+    attn = torch.full((n, 2, L, L), 1e-9)
+    answers = torch.nonzero(labels != -100)[:, 1].view(2, 4)[:, 0::2]
+    for i in range(n):
+        for k in range(2):
+            attn[i, :, answers[i, k] - 1, positions] = targets[i, k].float()
+    attn = attn / attn.sum(-1, keepdim=True)
+    assert video.attention_loss(attn, labels, positions, targets) < 1e-4
+    moved = attn.roll(1, dims=-1)  # one token over
+    assert video.attention_loss(moved, labels, positions, targets) > 5
