@@ -223,8 +223,8 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
 
     Two stages (:mod:`recipes._vlm_stages`): ``vision_steps`` steps of the vision tower and projector alone
     on the probe's digit loss (:func:`probe_loss`), then ``steps`` steps of the whole model on the answers
-    (+ ``aux`` × the probe's loss + ``attn`` × :func:`attention_loss`). ``save_every > 0`` checkpoints each stage under ``out/training`` every
-    that many steps, and a rerun with the same arguments continues from there. ``eval_every > 0`` prints
+    (+ ``aux`` × the probe's loss + ``attn`` × :func:`attention_loss`). ``save_every > 0`` checkpoints each
+    stage under ``out/training`` every that many steps, and a rerun with the same arguments continues from there. ``eval_every > 0`` prints
     held-out accuracy (100 questions a type) every that many whole-model steps.
 
     ``device`` defaults to ``cpu``; ``steps``/``batch`` default to :data:`STEPS`/:data:`BATCH` of that
@@ -327,8 +327,9 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
                f"{steps} steps of the whole model, batch {batch}, loss on the answer token and `</s>` + {aux} × the "
                f"probe's loss"
                + (f" + {attn} × a training-only attention loss (decoder layer {ATTN_LAYER}, heads 0-{ATTN_HEADS - 1}: "
-                  "the position that predicts the answer is taught to attend to the cells its question names, "
-                  "the -log of its attention mass on their tokens; digit and sum questions)" if attn else "")
+                  "the position that predicts the answer is taught to spread its attention evenly over the tokens of "
+                  "the cells its question names: KL(even spread || attention); one cell, a row or column, every cell "
+                  "for count)" if attn else "")
                + f", {warm} warm-up steps, cosine to 5 %"
                f"{'; bf16 autocast' if dev.type == 'cuda' else ''}. Saved in fp16.",
                metrics, wall,
