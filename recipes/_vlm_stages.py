@@ -45,12 +45,14 @@ class StageTask(TrainTask):
     stage, ``[pixels, input_ids, attention_mask, labels, patch_labels, *extra]`` in the whole-model stage. A
     ``draw`` seeded by the step makes the stage resumable (``fit(..., out, resume=True)``).
     ``evaluate_fn`` (optional) gives held-out numbers, printed and kept in the fit's history. An
-    ``answer_loss`` may put further training-only terms in ``extra_terms``; the step adds them."""
+    ``answer_loss`` may put further training-only terms in ``extra_terms``; the step adds them.
+    ``attn > 0``: the weight of the recipe's attention loss, which reads attention weights, so the model
+    runs the eager attention kernel during the stage (its own kernel is back afterwards)."""
 
     def __init__(self, model: torch.nn.Module, probe: torch.nn.Module, draw: Callable[[int], list[torch.Tensor]],
                  aux: float, steps: int, vision_only: bool, name: str, seed: int = 0,
-                 evaluate_fn: Callable[[], dict[str, float]] | None = None) -> None:
-        self.model, self.probe, self.draw, self.aux = model, probe, draw, aux
+                 evaluate_fn: Callable[[], dict[str, float]] | None = None, attn: float = 0.0) -> None:
+        self.model, self.probe, self.draw, self.aux, self.attn = model, probe, draw, aux, attn
         self.steps, self.vision_only, self.seed, self.evaluate_fn = steps, vision_only, seed, evaluate_fn
         self.every = max(1, steps // (10 if vision_only else 20))
         self.desc = f"{name} vision warm-up" if vision_only else name
@@ -58,6 +60,7 @@ class StageTask(TrainTask):
         self.extra_terms: dict[str, torch.Tensor] = {}
         self.curve: list[tuple[int, float]] = []
         self.hook: Any = None
+        self.attn_implementation: str | None = None  # the model's kernel before an ``attn`` stage switched it
 
     @abstractmethod
     def encode(self, pixels: torch.Tensor) -> None:
@@ -85,7 +88,8 @@ class StageTask(TrainTask):
         return decay_groups(list(self.weights().items()), config.weight_decay)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"recipe": self.desc, "seed": self.seed, "vision_only": self.vision_only}
+        return {"recipe": self.desc, "seed": self.seed, "vision_only": self.vision_only} | (
+            {"attn": self.attn} if self.attn else {})
 
     def state(self) -> dict[str, Any]:
         return {"curve": self.curve}
@@ -107,6 +111,9 @@ class StageTask(TrainTask):
         self.device = accelerator.device
         self.model.to(self.device).train()
         self.probe.to(self.device)
+        if self.attn:  # only the eager kernel returns attention weights
+            self.attn_implementation = self.model.config._attn_implementation
+            self.model.set_attn_implementation("eager")
         self.hook = self.hooked()
         self.hook.__enter__()
 
@@ -144,3 +151,6 @@ class StageTask(TrainTask):
         if self.hook is not None:
             self.hook.__exit__(None, None, None)
             self.hook = None
+        if self.attn_implementation is not None:
+            self.model.set_attn_implementation(self.attn_implementation)
+            self.attn_implementation = None

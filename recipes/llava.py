@@ -170,12 +170,9 @@ class _LlavaTask(StageTask):
     """A stage of the recipe (:class:`recipes._vlm_stages.StageTask`) on LLaVA's ``pixel_values``; ``attn > 0``
     adds ``attn`` × :func:`attention_loss` on decoder layer ``ATTN_LAYER``'s first ``ATTN_HEADS`` heads."""
 
-    def __init__(self, *args, attn: float = 0.0, image_token: int = -1, **kwargs) -> None:
+    def __init__(self, *args, image_token: int = -1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.attn, self.image_token = attn, image_token
-
-    def fingerprint(self) -> dict:
-        return super().fingerprint() | ({"attn": self.attn} if self.attn else {})
+        self.image_token = image_token
 
     def encode(self, pixels: torch.Tensor) -> None:
         self.model.model.get_image_features(pixel_values=pixels)
@@ -272,12 +269,9 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     whole = _LlavaTask(model, probe, _question_draw(tok, bank, batch, seed, palette), aux, steps, False,
                        "digits-llava", seed, evaluate_fn=small and (lambda: evaluate(model, small, dev)),
                        attn=attn, image_token=model.config.image_token_index)
-    if attn:  # the attention loss reads attention weights, which only the eager kernel returns
-        model.set_attn_implementation("eager")
     t_whole = fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch,
                                      eval_every=eval_every, **common),
                   out=ckpt and ckpt / "whole", resume=ckpt is not None).seconds
-    model.set_attn_implementation("sdpa")
     vision_curve, curve = vision.curve, whole.curve
     probe_acc["at the end"] = _probe_accuracy(whole, D.pixel_values(probe_images), probe_grid, dev)
     train_s = t_vision + t_whole

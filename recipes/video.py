@@ -188,12 +188,9 @@ class _VideoTask(StageTask):
     prompt's tokens before the first clip)."""
 
     def __init__(self, *args, tally: float = 0.0, tally_head: torch.nn.Module | None = None, prefix: int = 3,
-                 attn: float = 0.0, **kwargs) -> None:
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.tally, self.tally_head, self.prefix, self.attn = tally, tally_head, prefix, attn
-
-    def fingerprint(self) -> dict:
-        return super().fingerprint() | ({"attn": self.attn} if self.attn else {})
+        self.tally, self.tally_head, self.prefix = tally, tally_head, prefix
 
     def weights(self) -> dict[str, torch.Tensor]:
         extra = self.tally_head.named_parameters() if self.tally and not self.vision_only else ()
@@ -298,12 +295,9 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
     whole = _VideoTask(model, probe, _question_draw(tok, bank, batch, seed, palette, per_video), aux, steps, False,
                        "digits-video", seed, evaluate_fn=small and (lambda: evaluate(model, small, dev)),
                        tally=tally, tally_head=tally_head, prefix=len(D.prefix_ids(tok)), attn=attn)
-    if attn:  # the attention loss reads attention weights, which only the eager kernel returns
-        model.set_attn_implementation("eager")
     t_whole = fit(whole, TrainConfig(steps=steps, warmup=warm, min_lr_ratio=0.05, batch_size=batch,
                                      eval_every=eval_every, **common),
                   out=ckpt and ckpt / "whole", resume=ckpt is not None).seconds
-    model.set_attn_implementation("sdpa")
     vision_curve, curve, captured = vision.curve, whole.curve, whole.captured
     with whole.hooked():
         probe_acc["at the end"] = _probe_accuracy(model, probe, captured, heldout, dev)

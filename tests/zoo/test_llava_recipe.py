@@ -212,3 +212,25 @@ def test_attention_loss_is_zero_only_for_an_even_spread_over_the_named_cells():
     # the digit and the sum question read one cell to the right of the named ones
     off = llava.attention_loss(attn_on(targets.roll(2, dims=1))[:2], answer_pos[:2], image[:2], targets[:2])
     assert off > 10 > uneven
+
+
+def test_an_attention_loss_stage_runs_the_eager_kernel_and_gives_the_model_back_as_it_was():
+    import types
+
+    from mmskip.cli import recipe
+    from mmskip.zoo.llava_model import make_model
+
+    llava = recipe("llava")
+    model = make_model("tiny")
+    before = model.config._attn_implementation
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, llava.PROBE_OUT)
+    stage = llava._LlavaTask(model, probe, lambda step: [], 0.5, 2, False, "t", attn=1.0, image_token=4)
+    assert stage.fingerprint()["attn"] == 1.0
+    stage.prepare(types.SimpleNamespace(device=torch.device("cpu")))
+    assert model.config._attn_implementation == "eager"  # only it returns attention weights
+    stage.finish()
+    assert model.config._attn_implementation == before != "eager"
+    plain = llava._LlavaTask(model, probe, lambda step: [], 0.5, 2, False, "t")
+    plain.prepare(types.SimpleNamespace(device=torch.device("cpu")))
+    assert model.config._attn_implementation == before and "attn" not in plain.fingerprint()
+    plain.finish()
