@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         for row in (row for r in runs for row in r["rows"]):  # a later file's row replaces an earlier one's
             rows[row["technique"], row["model"]] = row
-        out = {"meta": {**runs[0]["meta"], "merged": [str(f) for f in args.merge]}, "rows": list(rows.values())}
+        merged = [m for f, r in zip(args.merge, runs, strict=True) for m in r["meta"].get("merged") or [str(f)]]
+        out = {"meta": {**runs[0]["meta"], "merged": merged}, "rows": list(rows.values())}  # every run, merges kept
         return report(out, args.out)
     if args.smoke:
         args.models = args.models or "stdlib-lm,digits-dit"

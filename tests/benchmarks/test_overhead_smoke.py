@@ -52,6 +52,9 @@ def test_overhead_merges_runs_into_one_table(load_bench, tmp_path, threads):
     # a's rows (first_routers on stdlib-lm) come again in b: b's replaces it, in a's place
     assert [(r["technique"], r["model"]) for r in res["rows"]] == [("first_routers", "stdlib-lm")]
     assert joined.with_suffix(".md").read_text().count("no trained routers ship") == 1
+    # merging a merged table lists every run behind it, not the merged file
+    again = bench.main(["--merge", str(joined), str(a), "--out", str(tmp_path / "again.json")])
+    assert again["meta"]["merged"] == [str(a), str(b), str(a)]
 
 
 def test_overhead_compiled_mode_times_compiled_decoding(load_bench, tmp_path, threads):
