@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mmskip.zoo import video_data as D
 
-__all__ = ["LAYER", "CLASSES", "OUTPUTS", "tally_targets", "frame_ends", "tally_loss"]
+__all__ = ["LAYER", "CLASSES", "OUTPUTS", "tally_targets", "vision_positions", "frame_ends", "tally_loss"]
 
 LAYER = 3  # hidden_states[LAYER]: the output of the language model's 3rd layer (of 6)
 CLASSES = D.MAX_CLIPS * D.FRAMES + 1  # counts 0-8; first frame 0 (none yet) or 1-8
@@ -37,11 +37,16 @@ def tally_targets(videos: D.Videos) -> torch.Tensor:
     return torch.stack([count, first], dim=2)
 
 
+def vision_positions(n_clips: int, prefix: int) -> torch.Tensor:
+    """Positions of the frames' vision tokens (not the clips' newline tokens) in a prompt whose clips start
+    after ``prefix`` tokens, frame by frame."""
+    clip = torch.arange(n_clips)[:, None] * D.N_CLIP_TOKENS
+    return (prefix + clip + torch.arange(D.FRAMES * D.TOKENS_PER_FRAME)[None]).flatten()
+
+
 def frame_ends(n_clips: int, prefix: int) -> torch.Tensor:
     """Positions, in a prompt whose clips start after ``prefix`` tokens, of each frame's last vision token."""
-    clip = torch.arange(n_clips)[:, None] * D.N_CLIP_TOKENS
-    frame = torch.arange(D.FRAMES)[None] * D.TOKENS_PER_FRAME + D.TOKENS_PER_FRAME - 1
-    return (prefix + clip + frame).flatten()
+    return vision_positions(n_clips, prefix)[D.TOKENS_PER_FRAME - 1::D.TOKENS_PER_FRAME]
 
 
 def tally_loss(head: torch.nn.Module, hidden: torch.Tensor, ends: torch.Tensor, targets: torch.Tensor

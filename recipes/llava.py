@@ -221,8 +221,8 @@ def train_llava(out: Path, steps: int | None = None, batch: int | None = None, d
     Two stages (:mod:`recipes._vlm_stages`): ``vision_steps`` steps of the vision tower and projector alone
     on the probe's digit loss (:func:`probe_loss`), then ``steps`` steps of the whole model on the answers
     (+ ``aux`` × the probe's loss + ``attn`` × :func:`attention_loss`). ``save_every > 0`` checkpoints each
-    stage under ``out/training`` every that many steps, and a rerun with the same arguments continues from there. ``eval_every > 0`` prints
-    held-out accuracy (100 questions a type) every that many whole-model steps.
+    stage under ``out/training`` every that many steps, and a rerun with the same arguments continues from
+    there. ``eval_every > 0`` prints held-out accuracy (100 questions a type) every that many whole-model steps.
 
     ``device`` defaults to ``cpu``; ``steps``/``batch`` default to :data:`STEPS`/:data:`BATCH` of that
     device type; ``vision_steps`` to :data:`VISION_STEPS`, scaled by ``steps / STEPS`` when ``steps`` is

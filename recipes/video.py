@@ -27,7 +27,7 @@ from ._fit import step_generator
 from ._video_pack import PER_VIDEO, packed_batch, packed_questions
 from ._video_tally import LAYER as TALLY_LAYER
 from ._video_tally import OUTPUTS as TALLY_OUTPUTS
-from ._video_tally import frame_ends, tally_loss, tally_targets
+from ._video_tally import frame_ends, tally_loss, tally_targets, vision_positions
 from ._vlm_stages import StageTask, spread_loss
 from .llava import _autocast, save_and_score
 
@@ -129,20 +129,14 @@ def _threads() -> str:
 
 def attention_targets(videos: D.Videos, questions: list[list[tuple[str, str]]]) -> torch.Tensor:
     """``(n, Q, frames × 16)`` booleans: for each of a video's ``Q`` packed questions, the vision tokens (after
-    pooling, clips' newline tokens left out) that show a digit in the frames the question names
-    (:func:`mmskip.zoo.video_data.question_frames`). All videos have the same number of clips and questions."""
+    pooling, clips' newline tokens left out, in :func:`recipes._video_tally.vision_positions`' order) that show
+    a digit in the frames the question names (:func:`mmskip.zoo.video_data.question_frames`). All videos have
+    the same number of clips and questions."""
     n, frames = len(videos), int(videos.n_clips[0]) * D.FRAMES
     side = D.FRAME_SIZE // D.PATCH  # 8 patches a side, pooled 2×2 (the mean of 2×2 patches, row-major)
     digit = (patch_labels(videos) != BACKGROUND).view(n, frames, side // 2, 2, side // 2, 2).any(5).any(3)
     named = torch.stack([torch.stack([D.question_frames(q, frames) for q, _ in qa]) for qa in questions])
     return (named[..., None] & digit.flatten(2)[:, None]).flatten(2)
-
-
-def vision_positions(n_clips: int, prefix: int) -> torch.Tensor:
-    """Positions of the frames' vision tokens (not the clips' newline tokens) in a prompt whose clips start
-    after ``prefix`` tokens, in :func:`attention_targets`' order."""
-    clip = torch.arange(n_clips)[:, None] * D.N_CLIP_TOKENS
-    return (prefix + clip + torch.arange(D.FRAMES * D.TOKENS_PER_FRAME)[None]).flatten()
 
 
 def attention_loss(attn: torch.Tensor, labels: torch.Tensor, vision: torch.Tensor, targets: torch.Tensor
@@ -210,12 +204,13 @@ class _VideoTask(StageTask):
         out = self.model(input_ids=ids, attention_mask=mask.to(pixels.dtype), position_ids=position_ids,
                          pixel_values_videos=pixels, labels=labels, output_hidden_states=bool(self.tally),
                          output_attentions=bool(self.attn))
+        clips = targets.shape[1] // D.FRAMES
         if self.attn:
-            vision = vision_positions(targets.shape[1] // D.FRAMES, self.prefix).to(ids.device)
+            vision = vision_positions(clips, self.prefix).to(ids.device)
             layer = out.attentions[min(ATTN_LAYER, len(out.attentions) - 1)][:, :ATTN_HEADS]
             self.extra_terms["attention"] = self.attn * attention_loss(layer, labels, vision, attn_targets)
         if self.tally:
-            ends = frame_ends(targets.shape[1] // D.FRAMES, self.prefix).to(ids.device)
+            ends = frame_ends(clips, self.prefix).to(ids.device)
             self.extra_terms["tally"] = self.tally * tally_loss(  # (a smaller model: its last layer)
                 self.tally_head, out.hidden_states[min(TALLY_LAYER, len(out.hidden_states) - 1)], ends, targets)
         return out.loss
