@@ -130,13 +130,25 @@ def _threads() -> str:
 def attention_targets(videos: D.Videos, questions: list[list[tuple[str, str]]]) -> torch.Tensor:
     """``(n, Q, frames × 16)`` booleans: for each of a video's ``Q`` packed questions, the vision tokens (after
     pooling, clips' newline tokens left out, in :func:`recipes._video_tally.vision_positions`' order) that show
-    a digit in the frames the question names (:func:`mmskip.zoo.video_data.question_frames`). All videos have
-    the same number of clips and questions."""
+    a digit in the frames it attends to (:func:`attended_frames`). All videos have the same number of clips and
+    questions."""
     n, frames = len(videos), int(videos.n_clips[0]) * D.FRAMES
     side = D.FRAME_SIZE // D.PATCH  # 8 patches a side, pooled 2×2 (the mean of 2×2 patches, row-major)
     digit = (patch_labels(videos) != BACKGROUND).view(n, frames, side // 2, 2, side // 2, 2).any(5).any(3)
-    named = torch.stack([torch.stack([D.question_frames(q, frames) for q, _ in qa]) for qa in questions])
+    named = torch.stack([torch.stack([attended_frames(q, a, frames) for q, a in qa]) for qa in questions])
     return (named[..., None] & digit.flatten(2)[:, None]).flatten(2)
+
+
+def attended_frames(question: str, answer: str, n_frames: int) -> torch.Tensor:
+    """The frames whose digit tokens a question's answer position is taught to attend to, ``(n_frames,)``
+    booleans: for ``which frame shows D first ?`` the frame its answer names (the earliest frame showing D;
+    an even spread over every frame, which the answer also depends on, averages away which frame came
+    first), for the others :func:`mmskip.zoo.video_data.question_frames`."""
+    if question.startswith("which frame shows"):
+        frames = torch.zeros(n_frames, dtype=torch.bool)
+        frames[int(answer) - 1] = True
+        return frames
+    return D.question_frames(question, n_frames)
 
 
 def attention_loss(attn: torch.Tensor, labels: torch.Tensor, vision: torch.Tensor, targets: torch.Tensor
@@ -359,7 +371,8 @@ def train_video(out: Path, steps: int | None = None, batch: int | None = None, d
                   "0-9, how many frames so far show it and which frame showed it first)" if tally else "")
                + (f" + {attn} × a training-only attention loss (decoder layer {ATTN_LAYER}, heads 0-{ATTN_HEADS - 1}: "
                   "the position that predicts each answer is taught to spread its attention evenly over the vision "
-                  "tokens that show a digit in the frames its question names: the named frame, or every frame)"
+                  "tokens that show a digit in the frames its answer reads: the frame a digit question names, the "
+                  "earliest frame showing the digit for a first-frame question, every frame for count and any)"
                   if attn else "")
                + f", {warm} warm-up steps, cosine to 5 %. AdamW lr {lr} (β 0.9/0.98, wd 0.05 on "
                f"matrices; a fresh AdamW per stage, each one `mmskip.train.fit`), grad clip 1"

@@ -336,3 +336,16 @@ def test_attention_targets_mark_the_digit_tokens_of_the_named_frames_at_their_pr
     assert video.attention_loss(attn, labels, positions, targets) < 1e-4
     moved = attn.roll(1, dims=-1)  # one token over
     assert video.attention_loss(moved, labels, positions, targets) > 5
+
+
+def test_a_first_frame_question_attends_to_the_frame_its_answer_names():
+    from mmskip.cli import recipe
+
+    video = recipe("video")
+    labels = torch.tensor([3, 5, 3, 5, 7, 5, 1, 2])
+    q, a = D.ask(labels, "first", 5)
+    assert video.attended_frames(q, a, 8).tolist() == [False, True] + [False] * 6  # frame 2, not every frame
+    q, a = D.ask(labels, "count", 5)
+    assert video.attended_frames(q, a, 8).all()  # a count reads every frame
+    q, a = D.ask(labels, "digit", 6)
+    assert video.attended_frames(q, a, 8).tolist() == [False] * 6 + [True, False]
