@@ -196,3 +196,28 @@ def test_any_mod_config_with_router_fields(tmp_path):
     with mmskip.applied(model, vision.VideoMoDConfig(schedule=schedules.constant(0.5), signal="router",
                                                      routers=str(tmp_path))), torch.no_grad():
         assert torch.isfinite(model(**b).logits).all()
+
+
+@pytest.mark.skipif("digits-video" not in zoo.available(), reason="zoo model digits-video not present")
+def test_cli_trains_videollm_mod_routers_on_digits_video(tmp_path, capsys):
+    from mmskip.vision.pmod.eval import heldout, load_model, video_batches
+
+    from mmskip.zoo import video_data as D
+
+    model, tok = load_model("digits-video")
+    b = next(video_batches(tok, 3, seed=1))
+    assert set(b) == {"input_ids", "attention_mask", "pixel_values_videos", "labels"}
+    assert ((b["labels"] != -100).sum(1) == 2).all()  # the answer and </s>
+    assert (b["input_ids"] == tok.convert_tokens_to_ids(D.VIDEO_TOKEN)).sum() == \
+        b["pixel_values_videos"].shape[0] * D.N_CLIP_TOKENS  # 65 video tokens a clip
+    data = heldout(tok, 2, video=True)
+    assert data.qtypes == [t for t in D.QTYPES for _ in range(2)]
+    out = tmp_path / "v"
+    assert T.main(["--model", "digits-video", "--out", str(out), "--steps", "1", "--batch", "2", "--eval-n", "2",
+                   "--no-progress"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert [r["signal"] for r in res["rows"]] == ["-", "router", "attention", "norm"]
+    assert json.loads((out / "mod_routers.json").read_text())["meta"]["technique"] == "videomod"
+    assert all(r["prefill_flops_fraction"] < 1.0 for r in res["rows"][1:])
+    printed = capsys.readouterr().out
+    assert "| VideoLLM-MoD progressive | router |" in printed and "acc digit / count / first / any / all" in printed

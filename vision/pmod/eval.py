@@ -1,6 +1,7 @@
 """Held-out evaluation and data for ``python -m mmskip.vision.pmod.train`` on the zoo's
-``digits-llava``: accuracy and prefill FLOPs of the unmodified model, trained routers and the
-training-free signals at one schedule; the schedule parser and training batches the CLI uses."""
+``digits-llava`` (p-MoD, images) or ``digits-video`` (VideoLLM-MoD): accuracy and prefill FLOPs of
+the unmodified model, trained routers and the training-free signals at one schedule; the schedule
+parser and training batches the CLI uses."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from torch import nn
 
 from mmskip.inject import SkipConfig, apply
 
-__all__ = ["evaluate_configs", "results_table", "steep", "parse_schedule", "load_model", "digit_batches", "heldout"]
+__all__ = ["evaluate_configs", "results_table", "steep", "parse_schedule", "load_model", "takes_video", "digit_batches",
+           "video_batches", "heldout"]
 
 
-# -- evaluation on digits-llava ------------------------------------------------------------------
+# -- evaluation on digits-llava / digits-video ---------------------------------------------------
 
 
 @torch.no_grad()
@@ -28,31 +30,29 @@ def evaluate_configs(
     configs: Sequence[tuple[str, SkipConfig | None, nn.Module | None]],
     batch: int = 50,
 ) -> list[dict[str, Any]]:
-    """Held-out accuracy of ``digits-llava``-style one-token answers under each config.
+    """Held-out accuracy of ``digits-llava``- or ``digits-video``-style one-token answers under each config.
 
-    ``data`` is a :class:`mmskip.zoo.llava_data.Batch`; each config is ``(name, config or None for the
-    unmodified model, model to use instead of ``model`` or None)``. Prompts are left-padded and the
-    answer is the argmax of the prefill's last logits (the first generated token). Per row: accuracy
-    per question type and ``all``, agreement with the first config, and the token-weighted mean of
-    ``handle.stats()``'s ``prefill_flops_fraction`` and ``kv_fraction`` over the prefills."""
-    from mmskip.zoo import llava_data as D
-
+    ``data`` is a :class:`mmskip.zoo.llava_data.Batch` or :class:`mmskip.zoo.video_data.Batch`; each config
+    is ``(name, config or None for the unmodified model, model to use instead of ``model`` or None)``.
+    Prompts are left-padded (videos batched by clip count) and the answer is the argmax of the
+    prefill's last logits (the first generated token). Per row: accuracy per question type and
+    ``all``, agreement with the first config, and the token-weighted mean of ``handle.stats()``'s
+    ``prefill_flops_fraction`` and ``kv_fraction`` over the prefills."""
+    D = _data_module(data)
     vocab = tokenizer.get_vocab()
     target = [vocab[a] for a in data.answers]
     rows, first = [], None
     for name, cfg, other in configs:
         m = other if other is not None else model
-        dev = next(m.parameters()).device
+        p = next(m.parameters())
         handle = apply(m, cfg) if cfg is not None else None
-        preds, flops, kv, tokens = [], 0.0, 0.0, 0
+        preds, flops, kv, tokens = [0] * len(target), 0.0, 0.0, 0
         try:
-            for s in range(0, len(data.questions), batch):
-                enc = tokenizer([D.prompt_text(q) for q in data.questions[s:s + batch]], padding=True,
-                                return_tensors="pt")
-                inp = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev),
-                       "pixel_values": data.pixel_values[s:s + batch].to(dev, next(m.parameters()).dtype)}
+            for idx, inp in _prompt_batches(D, tokenizer, data, batch):
+                inp = {k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype) for k, v in inp.items()}
                 logits = m(**inp, logits_to_keep=1, use_cache=False).logits[:, -1]
-                preds += logits.argmax(-1).tolist()
+                for i, pred in zip(idx, logits.argmax(-1).tolist(), strict=True):
+                    preds[i] = pred
                 n = inp["input_ids"].numel()
                 tokens += n
                 st = handle.stats() if handle is not None else {}
@@ -77,13 +77,38 @@ def evaluate_configs(
     return rows
 
 
-def results_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| config | signal | prefill FLOPs | KV | acc digit / count / sum / all | agree w/ unmodified |",
+def _data_module(data: Any) -> Any:
+    """The zoo data module ``data`` (a held-out ``Batch``) comes from: ``video_data`` or ``llava_data``."""
+    from mmskip.zoo import llava_data, video_data
+
+    return video_data if isinstance(data, video_data.Batch) else llava_data
+
+
+def _prompt_batches(D: Any, tokenizer: Any, data: Any, batch: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """``(rows, left-padded prefill inputs)`` per batch of ``data``'s questions; videos are batched by clip
+    count (packed MoD rows of one batch must have the same vision tokens)."""
+    n = len(data.questions)
+    if D.__name__.endswith("video_data"):
+        clips = data.videos.clips()
+        for c in sorted({int(k) for k in data.videos.n_clips}):
+            rows = [i for i in range(n) if int(data.videos.n_clips[i]) == c]
+            for s in range(0, len(rows), batch):
+                idx = rows[s:s + batch]
+                yield idx, D.encode(tokenizer, [clips[i] for i in idx], [data.questions[i] for i in idx])
+        return
+    for s in range(0, n, batch):
+        enc = tokenizer([D.prompt_text(q) for q in data.questions[s:s + batch]], padding=True, return_tensors="pt")
+        yield list(range(s, min(n, s + batch))), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                                  "pixel_values": data.pixel_values[s:s + batch]}
+
+
+def results_table(rows: list[dict[str, Any]], qtypes: Sequence[str] = ("digit", "count", "sum")) -> str:
+    lines = [f"| config | signal | prefill FLOPs | KV | acc {' / '.join(qtypes)} / all | agree w/ unmodified |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
+        accs = " / ".join(f"{r.get(f'acc_{t}', 0):.3f}" for t in qtypes)
         lines.append(f"| {r['config']} | {r['signal']} | {r['prefill_flops_fraction']:.3f} | {r['kv_fraction']:.3f} | "
-                     f"{r.get('acc_digit', 0):.3f} / {r.get('acc_count', 0):.3f} / {r.get('acc_sum', 0):.3f} / "
-                     f"{r['acc_all']:.3f} | {r['agree_first']:.3f} |")
+                     f"{accs} / {r['acc_all']:.3f} | {r['agree_first']:.3f} |")
     return "\n".join(lines)
 
 
@@ -112,27 +137,48 @@ def parse_schedule(text: str, num_layers: int) -> Any:
 
 
 def load_model(name: str) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a zoo name (``digits-llava``) or a ``from_pretrained`` folder of a
-    model made by the digits-llava recipe; ``ValueError`` / ``FileNotFoundError`` saying what is wrong."""
+    """``(model, tokenizer)`` from a zoo name (``digits-llava``, ``digits-video``) or a ``from_pretrained``
+    folder of a model made by either recipe; ``ValueError`` / ``FileNotFoundError`` saying what is wrong."""
     from mmskip import zoo
-    from mmskip.zoo import llava_data as D
-    from mmskip.zoo.loaders import load_llava
+    from mmskip.zoo import llava_data, video_data
+    from mmskip.zoo.loaders import load_llava, load_video
 
     if Path(name).is_dir():
+        kind = _folder_kind(Path(name))
         try:
-            model, tok = load_llava(Path(name))
+            model, tok = (load_video if kind == "video" else load_llava)(Path(name))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{name} is not a from_pretrained folder of a LLaVA model and its tokenizer ({e})") from None
+            raise ValueError(f"{name} is not a from_pretrained folder of a LLaVA / LLaVA-OneVision model and its "
+                             f"tokenizer ({e})") from None
     else:
         zoo.path(name)  # UnknownModelError (ValueError) / FileNotFoundError with what to do
-        if name != "digits-llava":
-            raise ValueError(f"zoo model {name!r} is not a vision-language model; routers train on digits-llava "
-                             "(or a folder with a model trained by its recipe)")
+        if name not in ("digits-llava", "digits-video"):
+            raise ValueError(f"zoo model {name!r} is not a vision-language model; routers train on digits-llava or "
+                             "digits-video (or a folder with a model trained by their recipes)")
         model, tok = zoo.load(name)
-    if tok.convert_tokens_to_ids(D.IMAGE_TOKEN) != getattr(model.config, "image_token_id", None):
-        raise ValueError(f"{name}: its tokenizer's {D.IMAGE_TOKEN} is not the model's image token; this trainer "
-                         "uses digits-llava's data and needs a model made by its recipe")
+    D = video_data if takes_video(model) else llava_data
+    token, field = (D.VIDEO_TOKEN, "video_token_id") if takes_video(model) else (D.IMAGE_TOKEN, "image_token_id")
+    if tok.convert_tokens_to_ids(token) != getattr(model.config, field, None):
+        raise ValueError(f"{name}: its tokenizer's {token} is not the model's {field}; this trainer uses the "
+                         "digits-llava / digits-video recipes' data and needs a model made by one of them")
     return model.eval(), tok
+
+
+def _folder_kind(folder: Path) -> str:
+    import json
+
+    try:
+        arch = json.loads((folder / "config.json").read_text()).get("architectures") or [""]
+    except (OSError, ValueError):
+        return "image"
+    return "video" if "Onevision" in arch[0] else "image"
+
+
+def takes_video(model: nn.Module) -> bool:
+    """Whether ``model`` answers about videos (``digits-video``: VideoLLM-MoD) rather than images (p-MoD)."""
+    from mmskip.registry import get_adapter
+
+    return bool(get_adapter(model, "vlm").takes_video)
 
 
 def digit_batches(tokenizer: Any, batch: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -150,13 +196,31 @@ def digit_batches(tokenizer: Any, batch: int, seed: int) -> Iterator[dict[str, t
                "labels": b.labels}
 
 
-def heldout(tokenizer: Any, n_per_type: int) -> Any:
-    """The first ``n_per_type`` questions of each type of the recipe's held-out set (seed 1234, held-out
-    digits; the same questions ``benchmarks/vision_tokens.py`` uses)."""
-    from mmskip.zoo import llava_data as D
+def video_batches(tokenizer: Any, batch: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches of the digits-video recipe's data (train digits + augmented copies, 1-5
+    class palettes, 1 or 2 clips a batch), one question per video, teacher-forced with labels on the
+    answer and ``</s>``."""
+    from mmskip.zoo import video_data as D
 
+    bank = D.digit_bank("train", copies=8, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        c = int(torch.randint(1, D.MAX_CLIPS + 1, (), generator=g))
+        videos = D.make_videos(bank, batch, g, palette=(1, 5), clips=(c, c))
+        b = D.make_batch(tokenizer, videos, *D.sample_questions(videos, g))
+        yield {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
+               "pixel_values_videos": b.pixel_values_videos, "labels": b.labels}
+
+
+def heldout(tokenizer: Any, n_per_type: int, video: bool = False) -> Any:
+    """The first ``n_per_type`` questions of each type of the recipe's held-out set (seed 1234, held-out
+    digits; the questions ``benchmarks/vision_tokens.py`` / ``video_tokens.py`` use)."""
+    from mmskip.zoo import llava_data, video_data
+
+    D = video_data if video else llava_data
     full = D.heldout_set(tokenizer, max(n_per_type, 500))
     pick = [i for t in D.QTYPES for i in [j for j, q in enumerate(full.qtypes) if q == t][:n_per_type]]
-    return D.Batch(full.pixel_values[pick], full.input_ids[pick], full.attention_mask[pick], full.labels[pick],
-                   full.answer_pos[pick], [full.qtypes[i] for i in pick], [full.questions[i] for i in pick],
-                   [full.answers[i] for i in pick])
+    rest = (full.input_ids[pick], full.attention_mask[pick], full.labels[pick], full.answer_pos[pick],
+            [full.qtypes[i] for i in pick], [full.questions[i] for i in pick], [full.answers[i] for i in pick])
+    first = full.videos[torch.tensor(pick)] if video else full.pixel_values[pick]
+    return D.Batch(first, *rest)

@@ -2,6 +2,7 @@
 held-out accuracy and prefill FLOPs with the unmodified model and the training-free signals.
 
     python -m mmskip.vision.pmod.train --model digits-llava --out runs/pmod-routers --steps 300
+    python -m mmskip.vision.pmod.train --model digits-video --out runs/v --schedule 1,0.125,0.125,0.125,0.125,0.125
     python -m mmskip.vision.pmod.train --model digits-llava --out runs/r --lora          # routers + LoRA (peft)
     python -m mmskip.vision.pmod.train --model digits-llava --out runs/r --steps 600 --resume
 
@@ -42,7 +43,16 @@ from mmskip.train.checkpoint import STATE_PATH, legacy_note
 from mmskip.train.config import TrainConfig
 from mmskip.train.loop import TrainTask, fit
 
-from .eval import digit_batches, evaluate_configs, heldout, load_model, parse_schedule, results_table
+from .eval import (
+    digit_batches,
+    evaluate_configs,
+    heldout,
+    load_model,
+    parse_schedule,
+    results_table,
+    takes_video,
+    video_batches,
+)
 from .lora import (
     LORA_META,
     LORA_WEIGHTS,
@@ -291,7 +301,8 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="digits-llava", help="zoo name (digits-llava) or from_pretrained folder")
+    ap.add_argument("--model", default="digits-llava",
+                    help="zoo name (digits-llava: p-MoD; digits-video: VideoLLM-MoD) or from_pretrained folder")
     ap.add_argument("--out", required=True, help="folder for the routers, the checkpoint, any LoRA and eval.json")
     ap.add_argument("--steps", type=int, default=300, help="training steps in all (a resumed run counts the earlier ones)")
     ap.add_argument("--batch", type=int, default=16)
@@ -325,15 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from mmskip.vision import MoDConfig
+    from mmskip.vision import MoDConfig, VideoMoDConfig
 
     try:
         model, tok = load_model(args.model)
-    except (FileNotFoundError, ValueError) as e:  # unknown name, untrained zoo model, not digits-llava
+    except (FileNotFoundError, ValueError) as e:  # unknown name, untrained zoo model, not a recipe's VLM
         return _error(f"--model {args.model}: {e}")
     num_layers = get_adapter(model, "vlm").num_layers
+    video = takes_video(model)
+    cls, method = (VideoMoDConfig, "VideoLLM-MoD") if video else (MoDConfig, "p-MoD")
     try:
-        config = MoDConfig(schedule=parse_schedule(args.schedule, num_layers), tanh_scale=args.tanh_scale)
+        config = cls(schedule=parse_schedule(args.schedule, num_layers), tanh_scale=args.tanh_scale)
         ratios = config.schedule.ratios(num_layers)
         MoDRouters.for_model(model, config)  # validates the schedule against the model
     except ValueError as e:
@@ -341,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         routers = train_mod_routers(
-            model, config, digit_batches(tok, args.batch, args.seed), steps=args.steps, lr=args.lr, out=out,
+            model, config, (video_batches if video else digit_batches)(tok, args.batch, args.seed), steps=args.steps,
+            lr=args.lr, out=out,
             resume=args.resume, lora=args.lora, checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress,
             meta={"model": args.model, "batch": args.batch, "seed": args.seed, "schedule_arg": args.schedule,
@@ -355,19 +369,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_n == 0:
         return 0
 
-    data = heldout(tok, args.eval_n)
+    data = heldout(tok, args.eval_n, video)
     schedule = config.schedule
     rows_cfg: list[tuple[str, SkipConfig | None, nn.Module | None]] = [("unmodified", None, None)]
     lora_model = merged_with_lora(model, out) if args.lora else None
     if lora_model is not None:
         rows_cfg.append(("LoRA merged, no MoD", None, lora_model))
-    rows_cfg.append((f"p-MoD {args.schedule}{' + LoRA' if args.lora else ''}",
-                     MoDConfig(schedule=schedule, signal="router", routers=str(out), tanh_scale=args.tanh_scale),
+    rows_cfg.append((f"{method} {args.schedule}{' + LoRA' if args.lora else ''}",
+                     cls(schedule=schedule, signal="router", routers=str(out), tanh_scale=args.tanh_scale),
                      lora_model))
-    rows_cfg += [(f"p-MoD {args.schedule}", MoDConfig(schedule=schedule, signal=s), None) for s in ("attention", "norm")]
+    rows_cfg += [(f"{method} {args.schedule}", cls(schedule=schedule, signal=s), None) for s in ("attention", "norm")]
     t0 = time.perf_counter()
     rows = evaluate_configs(model, tok, data, rows_cfg, batch=args.eval_batch)
-    table = results_table(rows)
+    table = results_table(rows, sorted(set(data.qtypes), key=data.qtypes.index))
     result = {
         "model": args.model,
         "n_per_type": args.eval_n,
