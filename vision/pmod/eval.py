@@ -44,12 +44,12 @@ def evaluate_configs(
     rows, first = [], None
     for name, cfg, other in configs:
         m = other if other is not None else model
-        p = next(m.parameters())
+        param = next(m.parameters())
         handle = apply(m, cfg) if cfg is not None else None
         preds, flops, kv, tokens = [0] * len(target), 0.0, 0.0, 0
         try:
             for idx, inp in _prompt_batches(D, tokenizer, data, batch):
-                inp = {k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype) for k, v in inp.items()}
+                inp = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inp.items()}
                 logits = m(**inp, logits_to_keep=1, use_cache=False).logits[:, -1]
                 for i, pred in zip(idx, logits.argmax(-1).tolist(), strict=True):
                     preds[i] = pred
@@ -87,8 +87,10 @@ def _data_module(data: Any) -> Any:
 def _prompt_batches(D: Any, tokenizer: Any, data: Any, batch: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """``(rows, left-padded prefill inputs)`` per batch of ``data``'s questions; videos are batched by clip
     count (packed MoD rows of one batch must have the same vision tokens)."""
+    from mmskip.zoo import video_data
+
     n = len(data.questions)
-    if D.__name__.endswith("video_data"):
+    if D is video_data:
         clips = data.videos.clips()
         for c in sorted({int(k) for k in data.videos.n_clips}):
             rows = [i for i in range(n) if int(data.videos.n_clips[i]) == c]
