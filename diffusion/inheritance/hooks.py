@@ -220,14 +220,13 @@ class RangeHook(ModelHook):
         owner, rng = self.owner, self.rng
         if not serves(owner.thread):
             return self.fn_ref.original_forward(*args, **kwargs)
+        ins = rng.io.inputs(args, kwargs)
         if self.index == 0:
-            ins = rng.io.inputs(args, kwargs)
-            residual = owner.slot_cache().get(rng.name)
-            usable = residual is not None and all(
-                (r is None) or (i is not None and i.shape == r.shape) for i, r in zip(ins, residual, strict=True)
-            )
             rng.computing = owner.computes(rng.name)
-            if not rng.computing and not usable:
+            if not rng.computing:
+                residual = owner.slot_cache().get(rng.name)
+                if _fits(residual, ins):
+                    return rng.io.build(tuple(None if r is None else i + r for i, r in zip(ins, residual)), args, kwargs)
                 logger.warning(
                     "feature inheritance: %s has no cached residual matching input shapes %s in this trajectory; "
                     "recomputing it on step %d", rng.name, [None if i is None else tuple(i.shape) for i in ins],
@@ -235,34 +234,50 @@ class RangeHook(ModelHook):
                 )
                 owner.counts.record(rng.name, 0.0, -1.0)  # counted as inherited when the step decided
                 rng.computing = True
-            if rng.computing:
-                rng.acc = None
-                rng.flops0 = owner.flops_now()
-            else:
-                out = tuple(None if r is None else i + r for i, r in zip(ins, residual, strict=True))
-                return rng.io.build(out, args, kwargs)
+            rng.acc = None
+            rng.flops0 = owner.flops_now()
         elif not rng.computing:
-            return rng.io.build(rng.io.inputs(args, kwargs), args, kwargs)
-        ins = rng.io.inputs(args, kwargs)
+            return rng.io.build(ins, args, kwargs)
         out = self.fn_ref.original_forward(*args, **kwargs)
-        outs = rng.io.outputs(out)
-        for o, i in zip(outs, ins, strict=True):
-            if o is not None and i is not None and o.shape != i.shape:
-                raise ValueError(
-                    f"feature inheritance: {rng.name} changes a stream's shape ({tuple(i.shape)} -> "
-                    f"{tuple(o.shape)}), so it is not a residual unit; target the blocks after the change"
-                )
         # the range's residual is the sum of its members' own contributions, so what the model adds
         # between members (ControlNet block samples) is recomputed, never frozen into the cache
-        mine = tuple(None if (o is None or i is None) else (o - i).detach() for o, i in zip(outs, ins, strict=True))
+        mine = _contributions(rng.name, rng.io.outputs(out), ins)
         rng.acc = mine if rng.acc is None else tuple(
-            None if (a is None or m is None) else a + m for a, m in zip(rng.acc, mine, strict=True)
+            None if (a is None or m is None) else a + m for a, m in zip(rng.acc, mine)
         )
         if self.last:
             owner.add_cost(rng.name, owner.flops_now() - rng.flops0)
             owner.slot_cache()[rng.name] = rng.acc
             rng.acc = None
         return out
+
+
+def _fits(residual: tuple[torch.Tensor | None, ...] | None, ins: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether a cached residual can be added to this call's stream tensors (each present one's shape)."""
+    if residual is None:
+        return False
+    for i, r in zip(ins, residual, strict=True):
+        if r is not None and (i is None or i.shape != r.shape):
+            return False
+    return True
+
+
+def _contributions(name: str, outs: tuple[torch.Tensor | None, ...], ins: tuple[torch.Tensor | None, ...]
+                   ) -> tuple[torch.Tensor | None, ...]:
+    """A member's own contribution to each stream, ``out - in`` (``None`` where a stream is absent);
+    ``ValueError`` when it changes a stream's shape (then it is not a residual unit)."""
+    mine: list[torch.Tensor | None] = []
+    for o, i in zip(outs, ins, strict=True):
+        if o is None or i is None:
+            mine.append(None)
+            continue
+        if o.shape != i.shape:
+            raise ValueError(
+                f"feature inheritance: {name} changes a stream's shape ({tuple(i.shape)} -> "
+                f"{tuple(o.shape)}), so it is not a residual unit; target the blocks after the change"
+            )
+        mine.append((o - i).detach())
+    return tuple(mine)
 
 
 # -- attach ------------------------------------------------------------------------------------
