@@ -146,9 +146,11 @@ def load_model(name: str) -> tuple[nn.Module, Any]:
     from mmskip.zoo.loaders import load_llava, load_video
 
     if Path(name).is_dir():
-        kind = _folder_kind(Path(name))
+        from transformers import AutoConfig
+
         try:
-            model, tok = (load_video if kind == "video" else load_llava)(Path(name))
+            video = AutoConfig.from_pretrained(name).model_type == "llava_onevision"
+            model, tok = (load_video if video else load_llava)(Path(name))
         except (OSError, ValueError) as e:
             raise ValueError(f"{name} is not a from_pretrained folder of a LLaVA / LLaVA-OneVision model and its "
                              f"tokenizer ({e})") from None
@@ -164,16 +166,6 @@ def load_model(name: str) -> tuple[nn.Module, Any]:
         raise ValueError(f"{name}: its tokenizer's {token} is not the model's {field}; this trainer uses the "
                          "digits-llava / digits-video recipes' data and needs a model made by one of them")
     return model.eval(), tok
-
-
-def _folder_kind(folder: Path) -> str:
-    import json
-
-    try:
-        arch = json.loads((folder / "config.json").read_text()).get("architectures") or [""]
-    except (OSError, ValueError):
-        return "image"
-    return "video" if "Onevision" in arch[0] else "image"
 
 
 def takes_video(model: nn.Module) -> bool:
