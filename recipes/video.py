@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from mmskip.train import TrainConfig, fit
 from mmskip.zoo import video_data as D
 from mmskip.zoo.card import write_card
+from mmskip.zoo.video_data import COPIES, PALETTE
 from mmskip.zoo.video_model import make_model
 from mmskip.zoo.word_tokenizer import majority_baseline as _majority
 
@@ -37,10 +38,8 @@ STEPS = {"cuda": 4000, "cpu": 1500}  # steps of the whole model
 VISION_STEPS = {"cuda": 2000, "cpu": 1500}  # vision warm-up steps before them (see train_video)
 BATCH = {"cuda": 256, "cpu": 16}  # videos a step (a vision warm-up step: 2 × BATCH one-clip videos)
 LR = 1e-3
-PALETTE = (1, 5)  # training videos use 1-5 digit classes: 1-class videos teach recognition before lookup
 AUX = 0.5  # weight of the probe's digit losses on the projector's output (a training-only linear probe)
 WARMUP = 200
-COPIES = 8  # train digits: the originals + 7 augmented copies
 BACKGROUND = 10  # the probe's class for a patch without the digit
 ATTN = 1.0  # weight of the training-only attention loss (see attention_loss)
 ATTN_LAYER, ATTN_HEADS = 3, 2  # the decoder layer whose first ATTN_HEADS heads it supervises

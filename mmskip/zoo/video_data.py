@@ -34,7 +34,7 @@ from .llava_data import digit_bank
 from .word_tokenizer import answer_batch, word_tokenizer
 
 __all__ = ["FRAMES", "MAX_CLIPS", "FRAME_SIZE", "DIGIT_SIZE", "PATCH", "TOKENS_PER_FRAME", "N_CLIP_TOKENS",
-           "QTYPES", "VIDEO_TOKEN", "IMAGE_TOKEN", "Videos", "Batch", "build_tokenizer", "digit_bank", "make_videos",
+           "QTYPES", "PALETTE", "COPIES", "VIDEO_TOKEN", "IMAGE_TOKEN", "Videos", "Batch", "build_tokenizer", "digit_bank", "make_videos",
            "render", "pixel_values_videos", "n_video_tokens", "prompt_text", "prefix_ids", "clip_ids", "question_ids",
            "prompt_ids", "ask", "question_frames", "sample_questions", "make_batch", "heldout_set", "encode", "answer"]
 
@@ -52,6 +52,8 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, VIDEO_TOKEN]
 WORDS = (["USER", "ASSISTANT", ":", "?", "what", "digit", "is", "in", "how", "many", "frames", "show", "which",
           "frame", "shows", "first"] + [f"frame{i}" for i in range(1, MAX_CLIPS * FRAMES + 1)])
 NUMBERS = [str(i) for i in range(10)]  # digits 0-9, counts 0-8, frame numbers 1-8
+PALETTE = (1, 5)  # training videos use 1-5 digit classes: 1-class videos teach recognition before lookup
+COPIES = 8  # train digits: the originals + 7 augmented copies
 
 
 def build_tokenizer():

@@ -48,7 +48,7 @@ def evaluate_configs(
         handle = apply(m, cfg) if cfg is not None else None
         preds, flops, kv, tokens = [0] * len(target), 0.0, 0.0, 0
         try:
-            for idx, inp in _prompt_batches(D, tokenizer, data, batch):
+            for idx, inp in _prompt_batches(tokenizer, data, batch):
                 inp = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inp.items()}
                 logits = m(**inp, logits_to_keep=1, use_cache=False).logits[:, -1]
                 for i, pred in zip(idx, logits.argmax(-1).tolist(), strict=True):
@@ -84,22 +84,23 @@ def _data_module(data: Any) -> Any:
     return video_data if isinstance(data, video_data.Batch) else llava_data
 
 
-def _prompt_batches(D: Any, tokenizer: Any, data: Any, batch: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+def _prompt_batches(tokenizer: Any, data: Any, batch: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """``(rows, left-padded prefill inputs)`` per batch of ``data``'s questions; videos are batched by clip
     count (packed MoD rows of one batch must have the same vision tokens)."""
-    from mmskip.zoo import video_data
+    from mmskip.zoo import llava_data, video_data
 
     n = len(data.questions)
-    if D is video_data:
+    if isinstance(data, video_data.Batch):
         clips = data.videos.clips()
         for c in sorted({int(k) for k in data.videos.n_clips}):
             rows = [i for i in range(n) if int(data.videos.n_clips[i]) == c]
             for s in range(0, len(rows), batch):
                 idx = rows[s:s + batch]
-                yield idx, D.encode(tokenizer, [clips[i] for i in idx], [data.questions[i] for i in idx])
+                yield idx, video_data.encode(tokenizer, [clips[i] for i in idx], [data.questions[i] for i in idx])
         return
     for s in range(0, n, batch):
-        enc = tokenizer([D.prompt_text(q) for q in data.questions[s:s + batch]], padding=True, return_tensors="pt")
+        enc = tokenizer([llava_data.prompt_text(q) for q in data.questions[s:s + batch]], padding=True,
+                        return_tensors="pt")
         yield list(range(s, min(n, s + batch))), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                                                   "pixel_values": data.pixel_values[s:s + batch]}
 
@@ -160,8 +161,8 @@ def load_model(name: str) -> tuple[nn.Module, Any]:
             raise ValueError(f"zoo model {name!r} is not a vision-language model; routers train on digits-llava or "
                              "digits-video (or a folder with a model trained by their recipes)")
         model, tok = zoo.load(name)
-    D = video_data if takes_video(model) else llava_data
-    token, field = (D.VIDEO_TOKEN, "video_token_id") if takes_video(model) else (D.IMAGE_TOKEN, "image_token_id")
+    token, field = ((video_data.VIDEO_TOKEN, "video_token_id") if takes_video(model)
+                    else (llava_data.IMAGE_TOKEN, "image_token_id"))
     if tok.convert_tokens_to_ids(token) != getattr(model.config, field, None):
         raise ValueError(f"{name}: its tokenizer's {token} is not the model's {field}; this trainer uses the "
                          "digits-llava / digits-video recipes' data and needs a model made by one of them")
@@ -196,11 +197,11 @@ def video_batches(tokenizer: Any, batch: int, seed: int) -> Iterator[dict[str, t
     answer and ``</s>``."""
     from mmskip.zoo import video_data as D
 
-    bank = D.digit_bank("train", copies=8, seed=seed)
+    bank = D.digit_bank("train", copies=D.COPIES, seed=seed)
     g = torch.Generator().manual_seed(seed)
     while True:
         c = int(torch.randint(1, D.MAX_CLIPS + 1, (), generator=g))
-        videos = D.make_videos(bank, batch, g, palette=(1, 5), clips=(c, c))
+        videos = D.make_videos(bank, batch, g, palette=D.PALETTE, clips=(c, c))
         b = D.make_batch(tokenizer, videos, *D.sample_questions(videos, g))
         yield {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
                "pixel_values_videos": b.pixel_values_videos, "labels": b.labels}

@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_cfg += [(f"{method} {args.schedule}", cls(schedule=schedule, signal=s), None) for s in ("attention", "norm")]
     t0 = time.perf_counter()
     rows = evaluate_configs(model, tok, data, rows_cfg, batch=args.eval_batch)
-    table = results_table(rows, sorted(set(data.qtypes), key=data.qtypes.index))
+    table = results_table(rows, tuple(dict.fromkeys(data.qtypes)))  # the question types, in the data's order
     result = {
         "model": args.model,
         "n_per_type": args.eval_n,
